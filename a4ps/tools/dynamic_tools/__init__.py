@@ -1,0 +1,1 @@
+"""Forged tools' source files, mirrored from the tool registry (git-ignored)."""
