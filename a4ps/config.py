@@ -36,6 +36,8 @@ class EmbeddedModelSettings(_Section):
     do_sample: bool = False
     top_p: float = Field(0.95, gt=0, le=1)
     threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
+    cache_dir: Path | None = Field(
+        None, description="dequantized-weights cache; None = <data_dir>/model_cache")
 
 
 class OllamaSettings(_Section):
@@ -216,7 +218,7 @@ class Settings(BaseSettings):
 
     @property
     def model_cache_dir(self) -> Path:
-        return self.data_dir / "model_cache"
+        return self.models.embedded.cache_dir or (self.data_dir / "model_cache")
 
     @property
     def token_path(self) -> Path:
