@@ -48,7 +48,8 @@ class OllamaSettings(_Section):
 
 
 class ModelSettings(_Section):
-    backend: Literal["embedded", "ollama"] = "embedded"
+    # "scripted" is a deterministic stand-in for tests and demos (a4ps/models/scripted.py)
+    backend: Literal["embedded", "ollama", "scripted"] = "embedded"
     embedded_personas: dict[str, str] = Field(
         default_factory=lambda: {p: "smollm2-135m" for p in PERSONAS})
     ollama_personas: dict[str, str] = Field(default_factory=lambda: {
@@ -56,11 +57,12 @@ class ModelSettings(_Section):
     memory_budget_gb: float = Field(8.0, gt=0)
     embedded: EmbeddedModelSettings = EmbeddedModelSettings()
     ollama: OllamaSettings = OllamaSettings()
-    embedding_backend: Literal["minilm", "ollama"] = "minilm"
+    # "hash" is a cheap deterministic stand-in embedder for tests
+    embedding_backend: Literal["minilm", "ollama", "hash"] = "minilm"
     embedding_batch_size: int = Field(64, ge=1)
 
     def persona_model(self, persona: str) -> str:
-        table = self.embedded_personas if self.backend == "embedded" else self.ollama_personas
+        table = self.ollama_personas if self.backend == "ollama" else self.embedded_personas
         try:
             return table[persona]
         except KeyError:
