@@ -27,6 +27,156 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# -- ask / memory (the cognitive core) ----------------------------------------------
+
+def _say(out, who: str, text: str) -> None:
+    import textwrap
+    lines = textwrap.wrap(text, 100) or [""]
+    print(f"{who:<18}{lines[0]}", file=out)
+    for line in lines[1:]:
+        print(f"{'':<18}{line}", file=out)
+
+
+def _print_step(p: dict, out=None) -> None:
+    """One ``task.step`` as a transcript line: persona, round, dissonance, text."""
+    out = out or sys.stdout
+    node, rnd, d = p.get("node"), p.get("round"), p.get("dissonance")
+    if node == "alfred_route":
+        _say(out, "ALFRED", f"route: {p.get('text')} ({p.get('reason') or ''})")
+    elif node == "recall":
+        _say(out, "memory", f"{p.get('memories', 0) or 0} memories recalled")
+    elif node in ("brick", "robin"):
+        _say(out, f"{p.get('persona')} [round {rnd}]", p.get("text") or "(no usable reply)")
+    elif node == "measure":
+        _say(out, f"dissonance [{rnd}]", f"{d:.3f}" + (f"  -> {p['stop']}" if p.get("stop") else ""))
+    elif node == "forge":
+        _say(out, "forge", p.get("text") or "")
+    elif node == "remember" and p.get("memory_id"):
+        _say(out, "memory", f"remembered as {p['memory_id']}")
+    if p.get("problem"):
+        _say(out, "  ! problem", p["problem"])
+
+
+def _print_result(result: dict, out=None) -> int:
+    out = out or sys.stdout
+    rounds = result.get("rounds") or []
+    if result.get("status") != "ok" or result.get("error"):
+        print(f"\ntask {result.get('task_id')} failed: {result.get('error')}", file=out)
+        return 1
+    fd = result.get("final_dissonance")
+    how = (f"{len(rounds)} round(s), final dissonance {fd:.3f}" if rounds
+           else f"route {result.get('route')}")
+    print(f"\nALFRED's answer ({how}):\n{result.get('answer', '')}", file=out)
+    return 0
+
+
+def _ask_local(text: str, args: argparse.Namespace, settings: Settings) -> int:
+    import uuid
+    from .system import System
+    system = System(settings)
+    system.start(services=False)
+    try:
+        if not args.json:
+            system.bus.subscribe("task.step", lambda e: _print_step(e.payload))
+        result = system.graph.run(f"ask-{uuid.uuid4().hex[:12]}", text, route=args.route)
+    finally:
+        system.stop()
+    if args.json:
+        import json
+        print(json.dumps(result, indent=2, default=str))
+        return 0 if result.get("status") == "ok" else 1
+    return _print_result(result)
+
+
+def _ask_daemon(client, text: str, args: argparse.Namespace, settings: Settings) -> int:
+    import time
+    from .client import DaemonError
+    if args.route:
+        print("a4ps: --route is ignored by the daemon (ALFRED decides)", file=sys.stderr)
+    with client.subscriber(topics=["task.step", "task.done", "task.failed"]) as events:
+        time.sleep(0.3)  # let the SUB socket join before the first step is published
+        reply = client.request("task.submit", {"text": text})
+        task_id = reply.get("id") if isinstance(reply, dict) else reply
+        print(f"submitted task {task_id} to the daemon", file=sys.stderr)
+        deadline, next_check = time.monotonic() + args.timeout, time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            for ev in events.poll(timeout_ms=200):
+                if ev.payload.get("task_id") != task_id:
+                    continue
+                if ev.topic == "task.step" and not args.json:
+                    _print_step(ev.payload)
+                elif ev.topic in ("task.done", "task.failed"):
+                    result = ev.payload.get("result") or {
+                        "task_id": task_id, "status": "failed", "error": ev.payload.get("error")}
+                    return _finish_daemon(result, args)
+            if time.monotonic() >= next_check:  # events can be missed; the queue cannot
+                next_check = time.monotonic() + 2.0
+                try:
+                    task = client.request("task.get", {"id": task_id})
+                except DaemonError:
+                    continue
+                if task.get("status") in ("done", "failed", "cancelled"):
+                    result = task.get("result") or {
+                        "task_id": task_id, "status": "failed",
+                        "error": task.get("error") or task.get("status")}
+                    return _finish_daemon(result, args)
+    print(f"a4ps: task {task_id} still running after {args.timeout:g}s; it continues in the "
+          f"daemon (see `a4ps status`)", file=sys.stderr)
+    return 1
+
+
+def _finish_daemon(result: dict, args: argparse.Namespace) -> int:
+    if args.json:
+        import json
+        print(json.dumps(result, indent=2, default=str))
+        return 0 if result.get("status") == "ok" else 1
+    return _print_result(result)
+
+
+def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one task: through the daemon if one answers, else in this process."""
+    text = " ".join(args.text).strip()
+    if not text:
+        print("a4ps ask: say what you want, e.g. a4ps ask \"why is the sky blue?\"", file=sys.stderr)
+        return 2
+    if not args.local:
+        from .client import DaemonClient, DaemonUnavailable
+        try:
+            client = DaemonClient.from_settings(settings, timeout=10.0)
+        except DaemonUnavailable:
+            client = None
+        if client is not None:
+            with client:
+                if client.ping(timeout=1.0):
+                    return _ask_daemon(client, text, args, settings)
+    return _ask_local(text, args, settings)
+
+
+def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
+    import datetime as dt
+    from .memory import MemoryManager
+    from .models.embeddings import make_embedder
+    query = " ".join(args.query).strip()
+    if not query:
+        print("a4ps memory search: give a query", file=sys.stderr)
+        return 2
+    memory = MemoryManager(settings, make_embedder(settings))
+    hits = memory.search(query, k=args.k, kind=args.kind)
+    if not hits:
+        print(f"nothing remembered about {query!r} (memory at {settings.memory_dir})")
+        return 0
+    for i, h in enumerate(hits, 1):
+        ts = getattr(h, "ts", None)
+        when = dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "?"
+        d = getattr(h, "dissonance", None)
+        head = (f"{i}. {when}  {getattr(h, 'persona', '') or '-'}  task {getattr(h, 'task_id', '') or '-'}"
+                + (f"  dissonance {d:.2f}" if isinstance(d, (int, float)) else ""))
+        print(head)
+        for line in (h.text or "").splitlines():
+            print(f"   {line}")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -48,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
 
     # -- more commands are registered below by each part --------------------------
+
+    p = add("ask", _cmd_ask, "run one task and print the dialogue and ALFRED's answer")
+    p.add_argument("text", nargs="+", help="the task")
+    p.add_argument("--local", action="store_true", help="run in this process even if a daemon runs")
+    p.add_argument("--route", choices=["contrapunto", "direct", "tool"],
+                   help="skip ALFRED's routing (local runs only)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the daemon")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser("memory", help="what the system remembers")
+    msub = p.add_subparsers(dest="memory_command", metavar="SUBCOMMAND", required=True)
+    p = msub.add_parser("search", help="search long-term memory")
+    p.set_defaults(func=_cmd_memory_search)
+    p.add_argument("query", nargs="+")
+    p.add_argument("-k", type=int, default=5, help="how many results")
+    p.add_argument("--kind", help="only this kind (interaction, note, reflection)")
 
     return parser
 
