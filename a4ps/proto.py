@@ -221,6 +221,9 @@ class ProtoManager:
         self._bus = bus
         self._services: dict[str, Any] = {}
         self._dirty = False
+        # name -> plain state, replaced (never mutated) on every change, so that
+        # image_state() is a cheap shallow copy taken under the lock
+        self._image: dict[str, dict[str, Any]] = {}
 
     # -- runtime services (never in the image) -----------------------------------
     def provide(self, name: str, part: Any) -> None:
@@ -357,21 +360,28 @@ class ProtoManager:
 
     def _changed(self, proto: Proto, change: str, keys: list[str]) -> None:
         self._dirty = True
+        if change == "removed":
+            self._image.pop(proto._name, None)
+        else:
+            self._image[proto._name] = self._state_of(proto)
         if self._bus is not None:
             self._bus.publish("proto.changed", {"name": proto._name, "change": change,
                                                 "keys": keys, "version": proto._version})
 
     # -- image -------------------------------------------------------------------
-    def image_state(self) -> dict[str, Any]:
-        """A consistent copy, taken under the lock in O(protos) without serialising.
+    @staticmethod
+    def _state_of(p: Proto) -> dict[str, Any]:
+        return {"slots": p._slots, "methods": p._methods, "version": p._version,
+                "parent": p._parent._name if p._parent else None}
 
-        Slot and method dicts are replaced (never mutated) by :meth:`update`, so
-        holding references to them is a stable snapshot.
+    def image_state(self) -> dict[str, Any]:
+        """A consistent copy: one shallow dict copy under the lock, no serialising.
+
+        Slot and method dicts are replaced (never mutated) by :meth:`update`, and so
+        are the per-proto state entries, so holding references is a stable snapshot.
         """
         with self._lock:
-            return {p._name: {"slots": p._slots, "methods": p._methods, "version": p._version,
-                              "parent": p._parent._name if p._parent else None}
-                    for p in self._protos.values()}
+            return dict(self._image)
 
     def restore_image(self, state: dict[str, Any]) -> None:
         """Replace every proto with those in ``state`` (parents resolved by name)."""
@@ -390,6 +400,7 @@ class ProtoManager:
                         raise ProtoError(f"image: proto {name!r} names missing parent {parent!r}")
                     object.__setattr__(protos[name], "_parent", protos[parent])
             self._protos = protos
+            self._image = {n: self._state_of(p) for n, p in protos.items()}
             self._dirty = False
 
     def __getstate__(self) -> dict[str, Any]:
