@@ -1,0 +1,311 @@
+"""System: builds and owns every part from Settings, and starts/stops them in order.
+
+There are no module-level singletons: a test builds ``System(settings)`` on a temp
+data directory, a daemon builds one for real. Construction is cheap (models load on
+first use); ``start()`` loads the living image (or seeds the personas from the codex)
+and starts the background threads; ``stop()`` stops them and saves the image.
+
+Lifecycle: CREATED -> STARTED -> STOPPED. Calling out of order raises SystemStateError
+naming the next step.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .codex import Codex
+from .config import PERSONAS, PROJECT_ROOT, Settings
+from .events import Event, EventBus
+from .image import ImageStore, LoadInfo
+from .proto import ProtoManager
+
+if TYPE_CHECKING:
+    from .tasks import Task
+
+log = logging.getLogger(__name__)
+
+CODEX_PATH = PROJECT_ROOT / "config" / "codex.toml"
+
+# The live method every persona inherits from the "persona" proto. Kept as source so
+# it can be edited in the inspector while the system runs.
+INVOKE_LLM = '''\
+def invoke_llm(self, prompt, **kw):
+    """Ask this persona's model; prompt is text or a list of chat messages."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if not messages or messages[0].get("role") != "system":
+        messages.insert(0, {"role": "system", "content": self.system_prompt})
+    kw.setdefault("temperature", self.temperature)
+    return self.service("models").chat(self.model_name, messages, **kw)
+'''
+
+MORPH_POSITIONS = {"ALFRED": [360, 420], "BRICK": [120, 200], "ROBIN": [600, 200]}
+
+
+class SystemState(enum.Enum):
+    CREATED = "created"
+    STARTED = "started"
+    STOPPED = "stopped"
+
+
+class SystemStateError(RuntimeError):
+    pass
+
+
+class System:
+    """Owns: bus, protos, image, codex, models, memory, tasks, tools, forge, graph,
+    curator, motivator, philosopher. Parts get what they need passed in explicitly."""
+
+    def __init__(self, settings: Settings, *, chat_backend: Any = None, embedder: Any = None,
+                 sandbox: Any = None) -> None:
+        self.settings = settings
+        self.state = SystemState.CREATED
+        self.started_at: float | None = None
+        self.last_load: LoadInfo | None = None
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+        self.bus = EventBus()
+        self.protos = ProtoManager(self.bus)
+        self.image = ImageStore(settings.image_path, settings.snapshot_dir, settings.image.snapshot_ring)
+        self.codex = Codex.from_toml(CODEX_PATH, self.bus)
+        self._codex_dirty = False
+
+        from .models.embeddings import make_embedder
+        from .models.manager import ModelManager
+        self.embedder = embedder or make_embedder(settings)
+        if chat_backend is None and settings.models.backend == "scripted":
+            from .models.scripted import ScriptedBackend
+            chat_backend = ScriptedBackend.demo()
+        self.models = ModelManager(settings, self.bus, backend=chat_backend, embedder=self.embedder) \
+            if chat_backend is not None else ModelManager.from_settings(settings, self.bus, embedder=self.embedder)
+
+        from .memory import MemoryManager
+        from .tasks import TaskQueue
+        self.memory = MemoryManager(settings, self.embedder, bus=self.bus)
+        self.tasks = TaskQueue(settings.tasks_path, bus=self.bus)
+
+        from .tools.registry import ToolRegistry
+        from .tools.sandbox import make_sandbox
+        from .tools.tool_forge import ToolForge
+        self.sandbox = sandbox or make_sandbox(settings)
+        self.tools = ToolRegistry(self.protos, settings, self.bus, embedder=self.embedder,
+                                  sandbox=self.sandbox)
+        self.forge = ToolForge(self.tools, self.sandbox, self._brick_writes_tool, settings, self.bus)
+
+        from .cognition.graph import CognitiveGraph
+        self.graph = CognitiveGraph(self.protos, self.models, self.memory, self.bus, settings,
+                                    forge=self.forge, registry=self.tools)
+
+        from .fine_tuning.unsloth_forge import PersonaFinetuner
+        from .services.curator_service import Curator
+        from .services.motivator_service import Motivator
+        from .services.philosopher import Philosopher
+        self.finetuner = PersonaFinetuner(settings, self.bus, self.protos, self.models)
+        self.curator = Curator(settings, self.bus, self.protos, self.memory, finetuner=self.finetuner)
+        self.motivator = Motivator(settings, self.bus, self.protos, self.memory, self.tasks, self.codex)
+        self.philosopher = Philosopher(settings, self.bus, self.protos, self.memory, self.codex,
+                                       self.embedder)
+
+        for name, part in (("models", self.models), ("memory", self.memory), ("bus", self.bus),
+                           ("tasks", self.tasks), ("tools", self.tools), ("codex", self.codex)):
+            self.protos.provide(name, part)
+
+        self.bus.subscribe("codex.decided", self._on_codex_decided)
+        self.bus.subscribe("codex.proposed", self._mark_codex_dirty)
+        self._stop = threading.Event()
+        self._autosave: threading.Thread | None = None
+        self._save_lock = threading.Lock()
+
+    # -- the tool forge's writer: BRICK ---------------------------------------------
+    def _brick_writes_tool(self, spec: Any, feedback: str | None) -> str:
+        from .tools.tool_forge import build_prompt
+        return self.protos.get("BRICK").invoke_llm(build_prompt(spec, feedback))
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self, *, services: bool = True) -> System:
+        """Load the image (or seed it), then start autosave and the service threads."""
+        if self.state is not SystemState.CREATED:
+            raise SystemStateError(f"System.start() needs a new System; this one is {self.state.value}")
+        self.image.sweep_temp()
+        loaded = self.image.load()
+        if loaded is None:
+            log.info("no image in %s: seeding personas from %s", self.settings.data_dir, CODEX_PATH)
+            self._seed()
+            self.save()
+        else:
+            parts, self.last_load = loaded
+            self.protos.restore_image(parts["protos"])
+            if "codex" in parts:
+                self.codex.restore_image(parts["codex"])
+            self._ensure_personas()
+            log.info("loaded image %s (%d protos, codex v%d)", self.last_load.path,
+                     len(self.protos), self.codex.version)
+        self.state = SystemState.STARTED
+        self.started_at = time.time()
+        self._autosave = threading.Thread(target=self._autosave_loop, name="a4ps-autosave", daemon=True)
+        self._autosave.start()
+        if services:
+            self.start_services()
+        return self
+
+    def start_services(self) -> None:
+        s = self.settings
+        if s.curator.enabled:
+            self.curator.start()
+        if s.motivator.enabled:
+            self.motivator.start()
+        if s.philosopher.enabled:
+            self.philosopher.start()
+
+    def stop(self) -> None:
+        """Stop the threads and save the image. Safe to call twice."""
+        if self.state is SystemState.STOPPED:
+            return
+        if self.state is SystemState.CREATED:
+            self.state = SystemState.STOPPED
+            return
+        self._stop.set()
+        for part in (self.philosopher, self.motivator, self.curator):
+            try:
+                part.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(part).__name__)
+        if self._autosave is not None:
+            self._autosave.join(timeout=5)
+        self.save()
+        self.graph.close()
+        self.state = SystemState.STOPPED
+
+    def __enter__(self) -> System:
+        return self.start() if self.state is SystemState.CREATED else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- image ------------------------------------------------------------------------
+    def image_parts(self) -> dict[str, Any]:
+        return {"protos": self.protos.image_state(), "codex": self.codex.image_state()}
+
+    def save(self) -> dict[str, Any]:
+        with self._save_lock:
+            self.protos.mark_clean()
+            self._codex_dirty = False
+            info = self.image.save(self.image_parts())
+        return {"path": str(info.path), "bytes": info.bytes, "at": info.at,
+                "seconds": round(info.serialize_s + info.write_s, 4)}
+
+    @property
+    def dirty(self) -> bool:
+        return self.protos.dirty or self._codex_dirty
+
+    def _autosave_loop(self) -> None:
+        while not self._stop.wait(self.settings.image.autosave_interval_s):
+            if self.dirty:
+                try:
+                    self.save()
+                except Exception:
+                    log.exception("autosave failed; the previous image is intact")
+
+    def _mark_codex_dirty(self, _event: Event) -> None:
+        self._codex_dirty = True
+
+    # -- personas -----------------------------------------------------------------------
+    def _seed(self) -> None:
+        self.protos.create("persona", {"temperature": 0.7, "status": "idle", "last_utterance": "",
+                                       "dissonance": None},
+                           methods={"invoke_llm": INVOKE_LLM})
+        self.protos.create("tool", {"kind": "tool"})
+        self._ensure_personas()
+
+    def _ensure_personas(self) -> None:
+        """Every codex persona has a proto whose prompt and model match the settings."""
+        if "persona" not in self.protos:
+            self.protos.create("persona", {"temperature": 0.7, "status": "idle",
+                                           "last_utterance": "", "dissonance": None},
+                               methods={"invoke_llm": INVOKE_LLM})
+        if "tool" not in self.protos:
+            self.protos.create("tool", {"kind": "tool"})
+        backend = self.settings.models.backend
+        for name in self.codex.personas:
+            pc = self.codex.persona(name)
+            model = self.settings.models.persona_model(name) if name in PERSONAS else \
+                self.settings.models.persona_model("ALFRED")
+            if name not in self.protos:
+                self.protos.clone("persona", name, role=pc.role, model_name=model,
+                                  model_backend=backend, system_prompt=self.codex.system_prompt(name),
+                                  morph_pos=MORPH_POSITIONS.get(name, [200, 200]), model_lineage=[])
+                continue
+            proto = self.protos.get(name)
+            changes: dict[str, Any] = {}
+            if proto.get("model_backend") != backend:
+                # the user switched backends in settings: follow them
+                changes.update(model_name=model, model_backend=backend)
+            prompt = self.codex.system_prompt(name)
+            if proto.get("system_prompt") != prompt:
+                changes["system_prompt"] = prompt
+            if proto.get("status") not in (None, "idle"):
+                changes["status"] = "idle"
+            if changes:
+                self.protos.update(name, changes)
+
+    def _on_codex_decided(self, event: Event) -> None:
+        self._codex_dirty = True
+        if event.payload.get("approved"):
+            persona = event.payload.get("persona")
+            if persona in self.protos:
+                self.protos.update(persona, {"system_prompt": self.codex.system_prompt(persona)})
+
+    # -- tasks ------------------------------------------------------------------------------
+    def run_task(self, task: Task) -> dict[str, Any] | None:
+        """Run one claimed task through the graph and record the outcome in the queue."""
+        resume = self.graph.has_checkpoint(task.id)
+        try:
+            result = self.graph.run(task.id, task.text, resume=resume, meta=task.meta)
+        except Exception as e:  # a task's failure must never take the worker down
+            log.exception("task %s failed", task.id)
+            self.tasks.fail(task.id, f"{type(e).__name__}: {e}")
+            self.bus.publish("task.failed", {"task_id": task.id, "origin": task.origin,
+                                             "error": f"{type(e).__name__}: {e}"})
+            return None
+        if result.get("error"):
+            self.tasks.fail(task.id, result["error"])
+            self.bus.publish("task.failed", {"task_id": task.id, "origin": task.origin,
+                                             "error": result["error"], "result": result})
+            return result
+        self.tasks.finish(task.id, result)
+        self.bus.publish("task.done", {"task_id": task.id, "origin": task.origin, "text": task.text,
+                                       "meta": task.meta, "answer": result.get("answer", ""),
+                                       "result": result})
+        return result
+
+    # -- views for the wire ----------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        last = self.image.last_save
+        return {
+            "state": self.state.value,
+            "started_at": self.started_at,
+            "data_dir": str(self.settings.data_dir),
+            "backend": self.settings.models.backend,
+            "models": self.models.stats(),
+            "queue": {"pending": self.tasks.pending_count(),
+                      "running": [t.id for t in self.tasks.list(status="running")]},
+            "last_save": None if last is None else {"at": last.at, "bytes": last.bytes},
+            "protos": len(self.protos),
+            "codex_version": self.codex.version,
+            "forge": {"enabled": self.forge.disabled_reason is None,
+                      "disabled_reason": self.forge.disabled_reason},
+            "motivator": self.motivator.status(),
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a freshly connected UI needs."""
+        return {
+            "protos": [p.to_dict() for p in self.protos],
+            "tools": self.tools.list(),
+            "codex": self.codex.to_dict(),
+            "pending_amendments": [a.to_dict() for a in self.codex.pending()],
+            "tasks": [t.to_dict() for t in self.tasks.list(limit=50)],
+            "status": self.status(),
+        }
