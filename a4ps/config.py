@@ -79,6 +79,7 @@ class CognitionSettings(_Section):
 
 class MemorySettings(_Section):
     index_min_rows: int = Field(20_000, ge=256)
+    index_type: Literal["ivf_hnsw_sq", "ivf_pq"] = "ivf_hnsw_sq"
     nprobes: int = Field(20, ge=1)
     refine_factor: int = Field(10, ge=1)
 
