@@ -27,6 +27,26 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
+    from .daemon import Daemon, DaemonError, DaemonLock, LOCK_NAME
+    try:
+        lock = DaemonLock(settings.data_dir / LOCK_NAME).acquire()  # refuse fast
+    except DaemonError as e:
+        print(f"a4ps daemon: {e}", file=sys.stderr)
+        return 1
+    try:
+        from .system import System
+        system = System(settings)
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        return Daemon(system, lock=lock, shutdown_grace_s=args.grace).run()
+    except DaemonError as e:
+        print(f"a4ps daemon: {e}", file=sys.stderr)
+        return 1
+
+
 # -- ask / memory (the cognitive core) ----------------------------------------------
 
 def _say(out, who: str, text: str) -> None:
@@ -198,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
 
     # -- more commands are registered below by each part --------------------------
+
+    p = add("daemon", _cmd_daemon, "run the backend: the living image, tasks, ZeroMQ server")
+    p.add_argument("--grace", type=float, default=20.0,
+                   help="seconds SIGTERM waits for the running task before checkpointing it")
 
     p = add("ask", _cmd_ask, "run one task and print the dialogue and ALFRED's answer")
     p.add_argument("text", nargs="+", help="the task")

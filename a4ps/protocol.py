@@ -142,9 +142,9 @@ class CodexDecideArgs(Args):
 
 class CodexProposeArgs(Args):
     persona: str = Field(min_length=1, max_length=64)
+    principle_id: str = Field(min_length=1, max_length=64)
     proposed_text: str = Field(min_length=1, max_length=20_000)
-    rationale: str = Field("", max_length=20_000)
-    current_text: str | None = Field(None, max_length=20_000)
+    rationale: str = Field(min_length=1, max_length=20_000)
 
 
 class PauseArgs(Args):

@@ -1,0 +1,665 @@
+"""The single backend process: owns a System, runs tasks, and serves ZeroMQ.
+
+Threads, and what each one touches:
+
+* **bus** (``a4ps-bus``): the only thread that touches the ROUTER and PUB sockets.
+  It waits on the ROUTER and on a wake-up pipe; decodes, authenticates and validates
+  each command, then hands it to the handler pool; sends replies and events that
+  other threads queued; sends a heartbeat every ``bus.heartbeat_interval_s``.
+* **handlers** (a small pool): run the command handlers against the System, so a
+  slow command never delays heartbeats or events.
+* **worker** (``a4ps-worker``): claims tasks from the durable queue one at a time and
+  runs them with ``system.run_task``.
+* the System's own threads (autosave, curator, motivator, philosopher).
+
+Every EventBus topic is forwarded to PUB through a thread-safe queue. Each event
+gets a sequence number when it is queued; if the queue overflows the oldest events
+are dropped, and the gap in ``seq`` tells the client to ask ``system.snapshot``.
+
+Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop claiming tasks, wait up to
+``shutdown_grace_s`` for the running task to finish, then ``system.stop()`` (which
+saves the image). A task still running after the grace period is left ``running``
+in the queue with its graph checkpointed after the last finished node; the image is
+saved and the process exits 0, and the next start resumes the task from that
+checkpoint (``TaskQueue.recover``).
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import hmac
+import logging
+import os
+import secrets
+import signal
+import stat
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import BaseModel
+
+from . import protocol as P
+from .protocol import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    import zmq
+
+    from .events import Event
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], Any]
+LOCK_NAME = "daemon.lock"
+EVENT_QUEUE_MAX = 200_000
+PUB_HWM = 100_000
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start (lock held, address in use...); the message says why."""
+
+
+class DaemonLockError(DaemonError):
+    """Another daemon holds the data directory."""
+
+
+class CommandError(Exception):
+    """Raised by a handler to answer with a specific error code."""
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        super().__init__(message)
+        self.code = str(code)
+        self.message = message
+
+
+# -- lock and token ------------------------------------------------------------------
+
+class DaemonLock:
+    """An exclusive ``flock`` on ``<data_dir>/daemon.lock`` holding our pid.
+
+    The kernel drops the flock when the process dies (even by SIGKILL), so a stale
+    lock file from a dead daemon is simply taken over.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> DaemonLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            pid = self.holder()
+            raise DaemonLockError(
+                f"another a4ps daemon (pid {pid or 'unknown'}) is running on "
+                f"{self.path.parent}: stop it first (`kill {pid or '<pid>'}`) or use "
+                "another data directory (--data-dir / A4PS_DATA_DIR)") from None
+        stale = self.holder()
+        if stale and stale != os.getpid():
+            log.info("taking over the stale lock of dead daemon pid %s", stale)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def ensure_token(path: Path) -> str:
+    """Read the daemon token, creating it (mode 0600) on first start."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("token file %s had mode %o; tightening to 600", path, mode)
+            os.chmod(path, 0o600)
+        token = path.read_text(encoding="utf-8").strip()
+        if token:
+            return token
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC, 0o600)
+    token = secrets.token_urlsafe(32)
+    try:
+        os.write(fd, (token + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(path, 0o600)  # whatever the umask was
+    return token
+
+
+# -- the daemon ----------------------------------------------------------------------
+
+@dataclass
+class _Command:
+    handler: Handler
+    args_model: type[BaseModel]
+    inline: bool = False   # cheap and side-effect free: run on the bus thread
+
+
+class Daemon:
+    """Serve ``system`` over ZeroMQ and run its tasks. See the module docstring."""
+
+    def __init__(self, system: Any, *, lock: DaemonLock | None = None,
+                 shutdown_grace_s: float = 20.0, handler_threads: int = 4) -> None:
+        self.system = system
+        self.settings = system.settings
+        self.bus_settings = self.settings.bus
+        self.shutdown_grace_s = shutdown_grace_s
+        self.lock = lock or DaemonLock(self.settings.data_dir / LOCK_NAME)
+        self.boot_id = uuid.uuid4().hex[:12]
+        self.token = ""
+        self._commands: dict[str, _Command] = {}
+        self._register_defaults()
+        # bus-thread state
+        self._events: collections.deque = collections.deque(maxlen=EVENT_QUEUE_MAX)
+        self._replies: collections.deque = collections.deque()
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._wake_r, self._wake_w = -1, -1
+        self._wake_pending = False
+        self._ctx: zmq.Context | None = None
+        self._bus_thread: threading.Thread | None = None
+        self._bus_ready = threading.Event()
+        self._bus_error: BaseException | None = None
+        self._bus_stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=handler_threads,
+                                        thread_name_prefix="a4ps-handler")
+        self._unsubscribe: Callable[[], None] | None = None
+        # worker state
+        self._worker: threading.Thread | None = None
+        self._worker_stop = threading.Event()
+        self.current_task: Any = None
+        self.tasks_run = 0
+        # lifecycle
+        self.started_at: float | None = None
+        self.stopping = False
+        self._stop_requested = threading.Event()
+        self._stopped = False
+        self.stats = collections.Counter()
+
+    # -- command table -------------------------------------------------------------
+    def register(self, cmd: str, handler: Handler,
+                 args_model: type[BaseModel] | None = None, *, inline: bool = False) -> None:
+        """Add or replace a command. ``handler(args)`` gets the validated args model."""
+        if args_model is None:
+            args_model = P.COMMANDS.get(cmd, P.NoArgs)
+        if "." not in cmd:
+            raise ValueError(f"command name {cmd!r} must look like 'part.verb'")
+        self._commands[cmd] = _Command(handler, args_model, inline)
+
+    @property
+    def commands(self) -> list[str]:
+        return sorted(self._commands)
+
+    def _register_defaults(self) -> None:
+        s = self.system
+        reg = self.register
+        reg("system.ping", lambda a: {"pong": True, "boot_id": self.boot_id,
+                                      "pid": os.getpid()}, inline=True)
+        reg("system.status", lambda a: {**s.status(), "daemon": self.daemon_status()})
+        reg("system.snapshot", self._snapshot)
+        reg("system.save", lambda a: s.save())
+        reg("task.submit", self._task_submit)
+        reg("task.cancel", self._task_cancel)
+        reg("task.get", lambda a: self._task(a.id).to_dict())
+        reg("task.list", lambda a: [t.to_dict() for t in s.tasks.list(a.status, limit=a.limit)])
+        reg("proto.list", lambda a: [p.to_dict() for p in s.protos])
+        reg("proto.get", lambda a: self._proto(a.name).to_dict())
+        reg("proto.update", self._proto_update)
+        reg("tool.list", lambda a: s.tools.list())
+        reg("codex.get", lambda a: s.codex.to_dict())
+        reg("codex.decide", self._codex_decide)
+        reg("codex.propose", self._codex_propose)
+
+    # -- handlers ------------------------------------------------------------------
+    def daemon_status(self) -> dict[str, Any]:
+        task = self.current_task
+        threads = {t.name: t.is_alive() for t in (self._bus_thread, self._worker) if t}
+        threads.update({t.name: t.is_alive() for t in threading.enumerate()
+                        if t.name.startswith("a4ps-") and t.name not in threads})
+        return {
+            "pid": os.getpid(), "boot_id": self.boot_id, "started_at": self.started_at,
+            "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0,
+            "stopping": self.stopping, "current_task": getattr(task, "id", None),
+            "tasks_run": self.tasks_run, "threads": threads,
+            "event_seq": self._seq, "event_queue": len(self._events),
+            "commands": dict(self.stats), "command_addr": self.bus_settings.command_addr,
+            "event_addr": self.bus_settings.event_addr,
+        }
+
+    def _snapshot(self, _a: Any) -> dict[str, Any]:
+        seq = self._seq  # events after this one are newer than the snapshot
+        snap = self.system.snapshot()
+        return {**snap, "daemon": {"boot_id": self.boot_id, "seq": seq, "pid": os.getpid()}}
+
+    def _task(self, task_id: Any) -> Any:
+        from .tasks import TaskNotFound
+        try:
+            return self.system.tasks.get(str(task_id))
+        except TaskNotFound:
+            raise CommandError(ErrorCode.NOT_FOUND, f"no task with id {task_id!r}") from None
+
+    def _task_submit(self, a: P.TaskSubmitArgs) -> dict[str, Any]:
+        try:
+            task = self.system.tasks.submit(a.text, priority=a.priority, origin="user")
+        except ValueError as e:
+            raise CommandError(ErrorCode.INVALID_ARGS, str(e)) from None
+        return task.to_dict()
+
+    def _task_cancel(self, a: P.TaskIdArgs) -> dict[str, Any]:
+        task = self._task(a.id)
+        if not self.system.tasks.cancel(task.id):
+            raise CommandError(ErrorCode.CONFLICT,
+                               f"task {task.id} already finished ({task.status})")
+        return self.system.tasks.get(task.id).to_dict()
+
+    def _proto(self, name: str) -> Any:
+        proto = self.system.protos.find(name)
+        if proto is None:
+            raise CommandError(ErrorCode.NOT_FOUND, f"no proto named {name!r}; "
+                               "proto.list shows the names")
+        return proto
+
+    def _proto_update(self, a: P.ProtoUpdateArgs) -> dict[str, Any]:
+        from .proto import ProtoError
+        proto = self._proto(a.name)
+        if a.expected_version is not None and a.expected_version != proto.version:
+            raise CommandError(ErrorCode.CONFLICT,
+                               f"proto {a.name!r} is at version {proto.version}, not "
+                               f"{a.expected_version}: reload it and try again")
+        try:
+            updated = self.system.protos.update(a.name, a.slots, methods=a.methods,
+                                                delete=a.delete,
+                                                expected_version=a.expected_version)
+        except ProtoError as e:
+            code = ErrorCode.CONFLICT if "reload it" in str(e) else ErrorCode.INVALID_ARGS
+            raise CommandError(code, str(e)) from None
+        return updated.to_dict()
+
+    def _codex_error(self, e: Exception) -> CommandError:
+        msg = str(e)
+        if msg.startswith("no amendment"):
+            return CommandError(ErrorCode.NOT_FOUND, msg)
+        if "stale" in msg or "already" in msg or "rejected before" in msg or "changed since" in msg:
+            return CommandError(ErrorCode.CONFLICT, msg)
+        return CommandError(ErrorCode.INVALID_ARGS, msg)
+
+    def _codex_decide(self, a: P.CodexDecideArgs) -> dict[str, Any]:
+        from .codex import CodexError
+        try:
+            amendment = self.system.codex.decide(a.proposal_id, a.version, a.approve,
+                                                 by="user", reason=a.reason or "")
+        except CodexError as e:
+            raise self._codex_error(e) from None
+        return {**amendment.to_dict(), "codex_version": self.system.codex.version}
+
+    def _codex_propose(self, a: P.CodexProposeArgs) -> dict[str, Any]:
+        from .codex import CodexError
+        try:
+            amendment = self.system.codex.propose(a.persona, a.principle_id, a.proposed_text,
+                                                  a.rationale, origin="user")
+        except CodexError as e:
+            raise self._codex_error(e) from None
+        return amendment.to_dict()
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> Daemon:
+        """Lock the data dir, start the System, bind the sockets, start the worker."""
+        if not self.lock.held:
+            self.lock.acquire()
+        try:
+            self.token = ensure_token(self.settings.token_path)
+            state = getattr(getattr(self.system, "state", None), "value", None)
+            if state in (None, "created"):
+                self.system.start()
+            recovered = self.system.tasks.recover()
+            if recovered:
+                log.info("recovered %d interrupted task(s): %s", len(recovered),
+                         [t.id for t in recovered])
+            self._unsubscribe = self.system.bus.subscribe("*", self._on_event)
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+            self._bus_thread = threading.Thread(target=self._bus_loop, name="a4ps-bus",
+                                                daemon=True)
+            self._bus_thread.start()
+            self._bus_ready.wait(10)
+            if self._bus_error is not None:
+                raise self._bus_error
+            self.started_at = time.time()
+            self._worker = threading.Thread(target=self._work_loop, name="a4ps-worker",
+                                            daemon=True)
+            self._worker.start()
+        except BaseException:
+            self._teardown_bus()
+            try:
+                self.system.stop()
+            except Exception:
+                log.exception("stopping the system after a failed start")
+            self.lock.release()
+            raise
+        log.info("daemon %s (pid %d) serving commands on %s, events on %s",
+                 self.boot_id, os.getpid(), self.bus_settings.command_addr,
+                 self.bus_settings.event_addr)
+        self.system.bus.publish("log", {"level": "info", "message": "daemon started",
+                                        "pid": os.getpid(), "boot_id": self.boot_id})
+        return self
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to shut down (safe from a signal handler)."""
+        self._stop_requested.set()
+
+    def stop(self) -> bool:
+        """Graceful shutdown; True when the running task (if any) finished in time."""
+        if self._stopped:
+            return True
+        self.stopping = True
+        self._worker_stop.set()
+        finished = True
+        if self._worker is not None:
+            self._worker.join(self.shutdown_grace_s)
+            finished = not self._worker.is_alive()
+        if finished:
+            self.system.stop()   # stops services, saves the image
+        else:
+            task = self.current_task
+            log.warning("task %s still running after %.0fs; saving the image and leaving it "
+                        "to resume from its checkpoint on the next start",
+                        getattr(task, "id", "?"), self.shutdown_grace_s)
+            try:
+                self.system.save()
+            except Exception:
+                log.exception("saving the image at shutdown failed")
+        self._pool.shutdown(wait=finished, cancel_futures=True)
+        self._teardown_bus()
+        self.lock.release()
+        self._stopped = True
+        log.info("daemon %s stopped", self.boot_id)
+        return finished
+
+    def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop. Returns the exit code."""
+        def on_signal(signum: int, _frame: Any) -> None:
+            if self._stop_requested.is_set():
+                log.warning("second %s: exiting now", signal.Signals(signum).name)
+                os._exit(1)
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            self._stop_requested.set()
+
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not self._stop_requested.wait(1.0):
+                pass
+            finished = self.stop()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        if not finished:
+            # the worker thread is inside a model call we cannot interrupt; everything
+            # is saved and checkpointed, so leave without waiting for it
+            logging.shutdown()
+            os._exit(0)
+        return 0
+
+    # -- worker --------------------------------------------------------------------------
+    def _work_loop(self) -> None:
+        tasks = self.system.tasks
+        while not self._worker_stop.is_set():
+            try:
+                paused = bool(getattr(getattr(self.system, "motivator", None), "paused", False))
+                task = tasks.claim(allow_self_generated=not paused, timeout=0.5)
+            except Exception:
+                if self._worker_stop.is_set():
+                    return
+                log.exception("claiming a task failed; retrying")
+                self._worker_stop.wait(1.0)
+                continue
+            if task is None:
+                continue
+            self.current_task = task
+            try:
+                self.system.run_task(task)
+            except Exception:  # run_task records failures itself; this is a bug guard
+                log.exception("running task %s failed", task.id)
+            finally:
+                self.current_task = None
+                self.tasks_run += 1
+
+    # -- events (any thread) -> bus thread ---------------------------------------------
+    def _on_event(self, event: Event) -> None:
+        self.enqueue_event(event.topic, event.payload, event.ts)
+
+    def enqueue_event(self, topic: str, payload: dict[str, Any], ts: float | None = None) -> int:
+        """Queue an event for PUB; returns its sequence number."""
+        with self._seq_lock:
+            self._seq += 1
+            seq = self._seq
+            self._events.append((topic, seq, ts or time.time(), payload))
+        self._wake()
+        return seq
+
+    def _wake(self) -> None:
+        if not self._wake_pending and self._wake_w >= 0:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+    # -- bus thread ------------------------------------------------------------------------
+    def _bind(self) -> tuple[Any, Any]:
+        import zmq
+        ctx = self._ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        pub = ctx.socket(zmq.PUB)
+        limit = self.bus_settings.max_message_bytes
+        for sock in (router, pub):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 1500)
+        # bigger than the limit, so a slightly-too-big message gets a too_large reply;
+        # a huge one is cut off by zmq (the peer is disconnected) before it costs memory
+        router.setsockopt(zmq.MAXMSGSIZE, 2 * limit + 65536)
+        router.setsockopt(zmq.SNDHWM, 10_000)
+        pub.setsockopt(zmq.SNDHWM, PUB_HWM)
+        for sock, addr, key in ((router, self.bus_settings.command_addr, "bus.command_addr"),
+                                (pub, self.bus_settings.event_addr, "bus.event_addr")):
+            try:
+                sock.bind(addr)
+            except zmq.ZMQError as e:
+                ctx.destroy(linger=0)
+                self._ctx = None
+                raise DaemonError(f"cannot bind {addr} ({e}): another program uses it; set "
+                                  f"{key} (A4PS_{key.upper().replace('.', '__')})") from None
+        return router, pub
+
+    def _bus_loop(self) -> None:
+        import zmq
+        try:
+            router, pub = self._bind()
+        except BaseException as e:
+            self._bus_error = e
+            self._bus_ready.set()
+            return
+        self._bus_ready.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        interval = self.bus_settings.heartbeat_interval_s
+        next_beat = time.monotonic()
+        limit = self.bus_settings.max_message_bytes
+        try:
+            while not self._bus_stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._heartbeat(interval)
+                    next_beat = now + interval
+                self._flush(router, pub)
+                timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000)) + 1
+                ready = dict(poller.poll(timeout_ms))
+                if self._wake_r in ready:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    self._wake_pending = False
+                if router in ready:
+                    for _ in range(1000):  # fairness: then events and heartbeats again
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
+                        except zmq.Again:
+                            break
+                        self._on_frames(router, frames, limit)
+            self._flush(router, pub)  # last events (e.g. "daemon stopping")
+        except Exception:
+            log.exception("the bus thread failed; the daemon stops serving")
+            self._stop_requested.set()
+        finally:
+            router.close(linger=0)
+            pub.close(linger=0)
+
+    def _heartbeat(self, interval: float) -> None:
+        self.enqueue_event(P.HEARTBEAT, {
+            "boot_id": self.boot_id, "pid": os.getpid(), "interval_s": interval,
+            "uptime_s": round(time.time() - (self.started_at or time.time()), 3),
+            "busy": getattr(self.current_task, "id", None), "stopping": self.stopping})
+
+    def _flush(self, router: Any, pub: Any) -> None:
+        import zmq
+        replies, events = self._replies, self._events
+        while replies:
+            envelope, body = replies.popleft()
+            try:
+                router.send_multipart([*envelope, body], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the client left or is not reading: nothing to do
+        while events:
+            topic, seq, ts, payload = events.popleft()
+            try:
+                pub.send_multipart(P.encode_event(topic, seq, ts, payload), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # HWM: counted by the client as a seq gap
+            except Exception:
+                log.exception("could not publish %s event", topic)
+
+    def _reply(self, envelope: list[bytes], reply: P.Reply) -> None:
+        """Queue a reply (any thread)."""
+        self.stats["ok" if reply.ok else (reply.error.code if reply.error else "error")] += 1
+        try:
+            body = P.encode_reply(reply)
+        except Exception as e:
+            log.exception("cannot encode the reply to %s", reply.id)
+            body = P.encode_reply(P.Reply.failure(reply.id, ErrorCode.INTERNAL,
+                                                  f"reply not encodable: {e}"))
+        self._replies.append((envelope, body))
+        if threading.current_thread() is not self._bus_thread:
+            self._wake()
+
+    def _on_frames(self, router: Any, frames: list[bytes], limit: int) -> None:
+        """Bus thread: every path here ends in exactly one reply or a logged drop."""
+        if len(frames) == 3 and frames[1] == b"":
+            envelope, body = frames[:2], frames[2]
+        elif len(frames) == 2 and frames[1] != b"":
+            envelope, body = frames[:1], frames[1]   # plain DEALER without a delimiter
+        else:
+            envelope = frames[:2] if len(frames) > 1 and frames[1] == b"" else frames[:1]
+            self._reply(envelope, P.Reply.failure(
+                "", ErrorCode.BAD_FRAME,
+                f"expected [empty delimiter, body] frames, got {len(frames) - 1} frame(s)"))
+            return
+        req = None
+        try:
+            req = P.decode_request(body, max_bytes=limit)
+            cmd = self._commands.get(req.cmd)
+            if not hmac.compare_digest(req.token.encode(), self.token.encode()):
+                raise ProtocolError(ErrorCode.UNAUTHORIZED,
+                                    "missing or wrong token: read it from "
+                                    f"{self.settings.token_path}", req.id)
+            if cmd is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
+                                    f"unknown command {req.cmd!r}; known: "
+                                    f"{', '.join(self.commands)}", req.id)
+            args = P.validate_args(req.cmd, req.args, {req.cmd: cmd.args_model})
+        except ProtocolError as e:
+            rid = e.request_id or (req.id if req is not None else "")
+            self._reply(envelope, P.Reply.failure(rid, e.code, e.message))
+            return
+        if self.stopping and req.cmd not in ("system.ping", "system.status"):
+            self._reply(envelope, P.Reply.failure(req.id, ErrorCode.UNAVAILABLE,
+                                                  "the daemon is shutting down; retry when "
+                                                  "it is back"))
+            return
+        if cmd.inline:
+            self._run_handler(envelope, req, cmd, args)
+        else:
+            try:
+                self._pool.submit(self._run_handler, envelope, req, cmd, args)
+            except RuntimeError:  # pool shut down
+                self._reply(envelope, P.Reply.failure(req.id, ErrorCode.UNAVAILABLE,
+                                                      "the daemon is shutting down"))
+
+    def _run_handler(self, envelope: list[bytes], req: P.Request, cmd: _Command,
+                     args: Any) -> None:
+        try:
+            result = cmd.handler(args)
+            reply = P.Reply.success(req.id, result)
+        except CommandError as e:
+            reply = P.Reply.failure(req.id, e.code, e.message)
+        except ProtocolError as e:
+            reply = P.Reply.failure(req.id, e.code, e.message)
+        except Exception as e:
+            log.exception("command %s failed", req.cmd)
+            reply = P.Reply.failure(req.id, ErrorCode.INTERNAL,
+                                    f"{req.cmd} failed: {type(e).__name__}: {e}")
+        self._reply(envelope, reply)
+
+    def _teardown_bus(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self._bus_stop.set()
+        self._wake_pending = False
+        self._wake()
+        if self._bus_thread is not None:
+            self._bus_thread.join(5)
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
