@@ -197,6 +197,128 @@ def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# -- codex: show, history, propose (through the daemon when one runs, else the image) ----
+
+def _codex_daemon(settings: Settings, cmd: str, args: dict, timeout: float):
+    """The daemon's reply to ``cmd``, or None when no daemon answers (then work in-process)."""
+    from .client import DaemonClient, DaemonUnavailable
+    try:
+        with DaemonClient.from_settings(settings, timeout=timeout) as client:
+            if not client.ping(timeout=min(timeout, 2.0)):
+                return None
+            return client.request(cmd, args, timeout=timeout)
+    except DaemonUnavailable:
+        return None
+
+
+def _codex_local(settings: Settings):
+    """(codex, parts, store) from the image on disk; the seed codex when there is none."""
+    from .codex import Codex
+    from .image import ImageStore
+    from .system import CODEX_PATH
+    store = ImageStore(settings.image_path, settings.snapshot_dir, settings.image.snapshot_ring)
+    loaded = store.load()
+    codex = Codex.from_toml(CODEX_PATH)
+    parts: dict = {"protos": {}}
+    if loaded is not None:
+        parts = loaded[0]
+        if "codex" in parts:
+            codex.restore_image(parts["codex"])
+    return codex, parts, store
+
+
+def _codex_view(args: argparse.Namespace, settings: Settings) -> dict:
+    from .client import DaemonError
+    try:
+        view = _codex_daemon(settings, "codex.get", {}, args.timeout)
+    except DaemonError as e:
+        raise SystemExit(f"a4ps codex: the daemon refused: {e}")
+    if view is None:
+        view = _codex_local(settings)[0].to_dict()
+    return view
+
+
+def _diff(old: str | None, new: str | None) -> str:
+    import difflib
+    return "\n".join(difflib.unified_diff((old or "").splitlines(), (new or "").splitlines(),
+                                          "before", "after", lineterm=""))
+
+
+def _cmd_codex_show(args: argparse.Namespace, settings: Settings) -> int:
+    view = _codex_view(args, settings)
+    if args.json:
+        import json
+        print(json.dumps(view, indent=2, default=str))
+        return 0
+    print(f"codex version {view['version']}")
+    for name, p in view["personas"].items():
+        print(f"\n{name} ({p.get('role', '')}): {p.get('description', '')}")
+        for pid, text in p.get("principles", {}).items():
+            print(f"  {pid}: {text}")
+    pending = view.get("pending") or []
+    print(f"\n{len(pending)} pending amendment(s)" + (":" if pending else ""))
+    for a in pending:
+        print(f"\n  {a['id']}  {a['persona']}.{a['principle_id']}  (origin {a['origin']}, "
+              f"drafted at v{a['base_version']})")
+        print(f"  rationale: {a['rationale']}")
+        for line in (a.get("diff") or _diff(a.get("current_text"), a.get("proposed_text"))).splitlines():
+            print(f"    {line}")
+    if pending:
+        print(f"\napprove or reject in the UI (codex.decide with the proposal id and version "
+              f"{view['version']})")
+    return 0
+
+
+def _cmd_codex_history(args: argparse.Namespace, settings: Settings) -> int:
+    import datetime as dt
+    view = _codex_view(args, settings)
+    rows = [{**h, "diff": h.get("diff") or (_diff(h.get("old_text"), h.get("new_text"))
+                                           if h.get("new_text") is not None else "")}
+            for h in view.get("history", [])]
+    if args.json:
+        import json
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for h in rows:
+        when = dt.datetime.fromtimestamp(h["at"]).strftime("%Y-%m-%d %H:%M:%S") if h.get("at") else "?"
+        what = f"  {h['persona']}.{h['principle_id']}" if h.get("persona") else ""
+        print(f"v{h['version']}  {when}  by {h.get('by')}{what}: {h.get('reason', '')}")
+        for line in h["diff"].splitlines():
+            print(f"    {line}")
+    return 0
+
+
+def _cmd_codex_propose(args: argparse.Namespace, settings: Settings) -> int:
+    from .client import DaemonError
+    from .codex import CodexError
+    text = " ".join(args.text).strip()
+    wire = {"persona": args.persona, "principle_id": args.principle_id,
+            "proposed_text": text, "rationale": args.rationale}
+    try:
+        a = _codex_daemon(settings, "codex.propose", wire, args.timeout)
+    except DaemonError as e:
+        print(f"a4ps codex propose: refused: {e.message}", file=sys.stderr)
+        return 1
+    where = "daemon"
+    if a is None:
+        where = "image"
+        codex, parts, store = _codex_local(settings)
+        try:
+            a = codex.propose(args.persona, args.principle_id, text, args.rationale,
+                              origin="user").to_dict()
+        except CodexError as e:
+            print(f"a4ps codex propose: refused: {e}", file=sys.stderr)
+            return 1
+        store.save({**parts, "codex": codex.image_state()})
+    if isinstance(a, dict) and "amendment" in a and "id" not in a:
+        a = a["amendment"]
+    print(f"proposed {a['id']} ({where}): {a['persona']}.{a['principle_id']}")
+    for line in (a.get("diff") or _diff(a.get("current_text"), a.get("proposed_text"))).splitlines():
+        print(f"    {line}")
+    print("pending: it takes effect only when a human approves it in the UI")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -237,6 +359,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="+")
     p.add_argument("-k", type=int, default=5, help="how many results")
     p.add_argument("--kind", help="only this kind (interaction, note, reflection)")
+
+    p = sub.add_parser("codex", help="the characterological codex: show, history, propose")
+    csub = p.add_subparsers(dest="codex_command", metavar="SUBCOMMAND", required=True)
+    p = csub.add_parser("show", help="principles and pending amendments")
+    p.set_defaults(func=_cmd_codex_show)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p = csub.add_parser("history", help="codex versions and their diffs")
+    p.set_defaults(func=_cmd_codex_history)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p = csub.add_parser("propose", help="propose an amendment (pending until a human approves)")
+    p.set_defaults(func=_cmd_codex_propose)
+    p.add_argument("persona", help="ALFRED, BRICK or ROBIN")
+    p.add_argument("principle_id", help="the principle to change, or a new id (letters, digits, _)")
+    p.add_argument("text", nargs="+", help="the proposed principle text")
+    p.add_argument("--rationale", "-r", required=True, help="why the codex should change")
+    p.add_argument("--timeout", type=float, default=5.0)
 
     return parser
 

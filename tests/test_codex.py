@@ -1,0 +1,182 @@
+"""The codex's approval rules: only a valid, current, first decision changes it.
+
+Approve -> new version with history, prompts rebuilt, survives a restart (dill round
+trip of the image state); reject -> unchanged, closed, never proposed again; unknown
+id, stale version, repeated decision -> refused and nothing changes. Also the CLI
+(`a4ps codex propose/show/history`) working in-process on the image.
+"""
+from __future__ import annotations
+
+import copy
+
+import dill
+import pytest
+
+from a4ps.codex import Codex, CodexError
+from a4ps.events import EventRecorder
+from a4ps.system import CODEX_PATH
+
+NEW_CARE = "Name the feeling first, then offer one kind and honest step."
+
+
+@pytest.fixture
+def codex(bus):
+    from a4ps.system import CODEX_PATH
+    return Codex.from_toml(CODEX_PATH, bus)
+
+
+def frozen(codex: Codex) -> dict:
+    state = copy.deepcopy(codex.image_state())
+    for a in state["proposals"].values():   # only the decision fields may differ
+        a.pop("created_at", None)
+    return state
+
+
+def test_approve_bumps_the_version_records_history_and_changes_the_prompt(codex, bus):
+    rec = EventRecorder(bus)
+    a = codex.propose("ROBIN", "care", NEW_CARE, "ROBIN keeps hedging", origin="user",
+                      sources=["t1"])
+    assert rec.of("codex.proposed")[0].payload["id"] == a.id
+    assert codex.version == 1 and NEW_CARE not in codex.system_prompt("ROBIN")
+    out = codex.decide(a.id, 1, True, by="user", reason="agreed")
+    assert out.status == "approved" and codex.version == 2
+    assert codex.personas["ROBIN"].principles["care"] == NEW_CARE
+    assert NEW_CARE in codex.system_prompt("ROBIN")
+    last = codex.history[-1]
+    assert (last.version, last.by, last.reason, last.proposal_id) == (2, "user", "agreed", a.id)
+    assert last.at > 0 and last.old_text.startswith("Notice how")
+    decided = rec.of("codex.decided")[0].payload
+    assert decided["approved"] is True and decided["codex_version"] == 2
+    assert decided["persona"] == "ROBIN"
+    diffs = codex.history_diffs()
+    assert f"+{NEW_CARE}" in diffs[-1]["diff"] and diffs[0]["diff"] == ""
+    assert codex.pending() == []
+
+
+def test_approval_survives_a_restart(codex):
+    a = codex.propose("BRICK", "brevity", "Prefer three short steps to one long one.",
+                      "answers run long", origin="user")
+    codex.decide(a.id, 1, True, by="user", reason="yes")
+    blob = dill.dumps({"codex": codex.image_state()})          # what the image stores
+    restored = Codex.from_toml(CODEX_PATH)
+    restored.restore_image(dill.loads(blob)["codex"])
+    assert restored.version == 2
+    assert restored.personas["BRICK"].principles["brevity"] == "Prefer three short steps to one long one."
+    assert "three short steps" in restored.system_prompt("BRICK")
+    assert restored.proposals[a.id].status == "approved"
+    assert [h.version for h in restored.history] == [1, 2]
+    # a whole Codex pickles too (locks and the bus stay behind)
+    again = dill.loads(dill.dumps(codex))
+    assert again.version == 2 and again.system_prompt("BRICK") == codex.system_prompt("BRICK")
+    with pytest.raises(CodexError, match="already approved"):
+        again.decide(a.id, 2, True, by="user")
+
+
+def test_reject_leaves_the_codex_unchanged_and_is_not_proposed_again(codex, bus):
+    rec = EventRecorder(bus, "codex.decided")
+    before = codex.system_prompt("ROBIN")
+    a = codex.propose("ROBIN", "care", NEW_CARE, "why not")
+    out = codex.decide(a.id, 1, False, by="user", reason="no")
+    assert out.status == "rejected" and out.decided_by == "user"
+    assert codex.version == 1 and codex.system_prompt("ROBIN") == before
+    assert len(codex.history) == 1 and codex.pending() == []
+    assert rec.events[0].payload["approved"] is False
+    assert codex.was_rejected("ROBIN", "care", NEW_CARE)
+    with pytest.raises(CodexError, match="rejected before"):
+        codex.propose("ROBIN", "care", "  " + NEW_CARE.upper() + " ", "again")  # same, re-spaced
+    # and it stays remembered across a restart
+    restored = dill.loads(dill.dumps(codex))
+    with pytest.raises(CodexError, match="rejected before"):
+        restored.propose("ROBIN", "care", NEW_CARE, "again")
+
+
+def test_wrong_id_stale_version_and_repeated_decisions_are_refused_and_change_nothing(codex, bus):
+    a = codex.propose("ROBIN", "care", NEW_CARE, "r")
+    b = codex.propose("ALFRED", "candour", "Say 'I do not know' when you do not know.", "r")
+    rec = EventRecorder(bus, "codex.decided")
+    state = frozen(codex)
+    with pytest.raises(CodexError, match="no amendment"):
+        codex.decide("nope", 1, True, by="user")
+    with pytest.raises(CodexError, match="stale"):
+        codex.decide(a.id, 0, True, by="user")
+    with pytest.raises(CodexError, match="stale"):
+        codex.decide(a.id, 2, True, by="user")
+    assert frozen(codex) == state and rec.events == []
+    codex.decide(a.id, 1, True, by="user")
+    state = frozen(codex)
+    with pytest.raises(CodexError, match="already approved"):
+        codex.decide(a.id, 2, True, by="user")                 # repeated
+    with pytest.raises(CodexError, match="already approved"):
+        codex.decide(a.id, 2, False, by="user")
+    with pytest.raises(CodexError, match="stale"):
+        codex.decide(b.id, 1, True, by="user")                 # the human saw v1; it is v2 now
+    assert frozen(codex) == state and len(rec.events) == 1
+    codex.decide(b.id, 2, True, by="user")                     # reloaded: accepted
+    assert codex.version == 3
+
+
+def test_an_amendment_whose_principle_changed_since_it_was_drafted_is_refused(codex):
+    a = codex.propose("ROBIN", "care", NEW_CARE, "r")
+    b = codex.propose("ROBIN", "care", "Be warm, and brief.", "r")
+    codex.decide(a.id, 1, True, by="user")
+    with pytest.raises(CodexError, match="changed since"):
+        codex.decide(b.id, 2, True, by="user")
+    assert codex.personas["ROBIN"].principles["care"] == NEW_CARE
+    codex.decide(b.id, 2, False, by="user")                    # it can still be closed
+
+
+@pytest.mark.parametrize("args, match", [
+    (("NOBODY", "care", "text here", "r"), "no persona"),
+    (("ROBIN", "care", "", "r"), "non-empty"),
+    (("ROBIN", "care", "text here", " "), "rationale"),
+    (("ROBIN", "bad id!", "text here", "r"), "principle id"),
+    (("ROBIN", "care", "Notice how the question touches the people involved and speak to "
+      "that with warmth.", "r"), "already says"),
+])
+def test_bad_proposals_are_refused(codex, args, match):
+    with pytest.raises(CodexError, match=match):
+        codex.propose(*args)
+    assert codex.proposals == {}
+
+
+def test_duplicate_pending_proposal_is_refused(codex):
+    a = codex.propose("ROBIN", "care", NEW_CARE, "r")
+    with pytest.raises(CodexError, match=a.id):
+        codex.propose("ROBIN", "care", NEW_CARE, "r2")
+
+
+# -- the CLI, in-process on the image (no daemon running) ------------------------------
+
+def test_cli_propose_show_history_on_the_image(settings, capsys):
+    from a4ps.cli import main
+    from a4ps.image import ImageStore
+    d = ["--data-dir", str(settings.data_dir)]
+    assert main(d + ["codex", "propose", "ROBIN", "care", *NEW_CARE.split(),
+                     "-r", "my own idea"]) == 0
+    out = capsys.readouterr().out
+    assert "proposed" in out and f"+{NEW_CARE}" in out and "pending" in out
+    # stored in the image as pending, origin user
+    parts, _ = ImageStore(settings.image_path, settings.snapshot_dir).load()
+    [a] = parts["codex"]["proposals"].values()
+    assert (a["persona"], a["origin"], a["status"]) == ("ROBIN", "user", "pending")
+    # the same again is refused with a reason, exit 1
+    assert main(d + ["codex", "propose", "ROBIN", "care", NEW_CARE, "-r", "x"]) == 1
+    assert "already pending" in capsys.readouterr().err
+    assert main(d + ["codex", "propose", "NOBODY", "care", "x y z", "-r", "x"]) == 1
+    assert "no persona" in capsys.readouterr().err
+    assert main(d + ["codex", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "codex version 1" in out and a["id"] in out and "1 pending" in out
+    # a human approves (as the daemon's codex.decide would), then history shows the diff
+    codex = Codex.from_toml(CODEX_PATH)
+    codex.restore_image(parts["codex"])
+    codex.decide(a["id"], 1, True, by="user", reason="good idea")
+    ImageStore(settings.image_path, settings.snapshot_dir).save({**parts, "codex": codex.image_state()})
+    assert main(d + ["codex", "history"]) == 0
+    out = capsys.readouterr().out
+    assert "v1" in out and "v2" in out and "ROBIN.care" in out and "good idea" in out
+    assert f"+{NEW_CARE}" in out and "-Notice how" in out
+    assert main(d + ["codex", "history", "--json"]) == 0
+    import json
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["version"] for r in rows] == [1, 2]
