@@ -526,3 +526,18 @@ def test_real_daemon_restart_lock_sigkill_and_sigterm(procs):
         assert c.request("proto.get", {"name": "BRICK"})["slots"]["mood"] == "mellow"
     fourth.proc.send_signal(signal.SIGINT)
     assert fourth.proc.wait(60) == 0
+
+
+def test_cli_status_talks_to_the_daemon(env, capsys):
+    from a4ps.cli import main
+    settings, system, daemon, client, sub = env
+    assert main(["--data-dir", str(settings.data_dir), "status", "--timeout", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["daemon"]["boot_id"] == daemon.boot_id
+
+
+def test_cli_status_without_a_daemon(tmp_path, monkeypatch, capsys):
+    from a4ps.cli import main
+    monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", free_addr())
+    assert main(["--data-dir", str(tmp_path), "status", "--timeout", "0.3"]) == 1
+    assert "not running" in capsys.readouterr().out

@@ -1,0 +1,220 @@
+"""Bus benchmarks: PUB event throughput, command round trip, daemon idle CPU.
+
+    .venv/bin/python bench/bench_bus.py [--events 200000] [--requests 3000] [--idle 10]
+
+Throughput goes through the daemon's real path (EventBus.publish -> event queue ->
+bus thread -> PUB -> SUB -> protocol.decode_event via EventSubscriber.poll), with a
+raw pyzmq+msgpack baseline on the same machine. Round trip and idle CPU use a real
+`a4ps daemon` subprocess on a temp data dir with the scripted chat backend and the
+background services on (their idle cost is part of the daemon's).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import msgpack  # noqa: E402
+import zmq  # noqa: E402
+
+from a4ps.client import DaemonClient, EventSubscriber  # noqa: E402
+from a4ps.config import load_settings  # noqa: E402
+
+PAYLOAD = {"text": "x" * 170, "round": 1, "node": "brick"}   # ~200 bytes packed
+
+
+def free_addr() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def raw_baseline(n: int) -> float:
+    ctx = zmq.Context()
+    addr = free_addr()
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    pub.bind(addr)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(addr)
+    while True:  # slow joiner
+        pub.send_multipart([b"warm", b""])
+        if sub.poll(50):
+            break
+    while sub.poll(50):
+        sub.recv_multipart()
+
+    def send():
+        for i in range(n):
+            pub.send_multipart([b"task.step", msgpack.packb({"seq": i, "ts": 0.0,
+                                                             "payload": PAYLOAD})])
+    t = threading.Thread(target=send)
+    t0 = time.perf_counter()
+    t.start()
+    got = 0
+    while got < n and sub.poll(2000):
+        msgpack.unpackb(sub.recv_multipart()[1])
+        got += 1
+    dt = time.perf_counter() - t0
+    t.join()
+    ctx.destroy(linger=0)
+    return got / dt
+
+
+class _Tasks:
+    def recover(self):
+        return []
+
+    def claim(self, allow_self_generated=True, timeout=None):
+        time.sleep(timeout or 0.5)
+
+
+class _BusOnlySystem:
+    """Just enough System for the daemon's event path."""
+
+    def __init__(self, settings):
+        from a4ps.events import EventBus
+        from a4ps.proto import ProtoManager
+        self.settings, self.bus = settings, EventBus()
+        self.protos, self.tasks = ProtoManager(self.bus), _Tasks()
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def save(self):
+        return {}
+
+
+def daemon_throughput(n: int, data_dir: Path) -> tuple[float, int]:
+    from a4ps.daemon import Daemon
+    os.environ["A4PS_BUS__COMMAND_ADDR"] = free_addr()
+    os.environ["A4PS_BUS__EVENT_ADDR"] = free_addr()
+    settings = load_settings(data_dir=data_dir)
+    system = _BusOnlySystem(settings)
+    daemon = Daemon(system).start()
+    sub = EventSubscriber.from_settings(settings, topics=["task.step"], rcvhwm=0)
+    try:
+        while True:  # slow joiner: wait until events arrive
+            system.bus.publish("task.step", {"warm": True})
+            if sub.poll(10, timeout_ms=50):
+                break
+        while sub.poll(1000, timeout_ms=50):
+            pass
+
+        def send():
+            for _ in range(n):
+                system.bus.publish("task.step", PAYLOAD)
+        t = threading.Thread(target=send)
+        t0 = time.perf_counter()
+        t.start()
+        got, idle_since = 0, time.monotonic()
+        while got < n and time.monotonic() - idle_since < 3:
+            evs = sub.poll(5000, timeout_ms=100)
+            if evs:
+                got += len(evs)
+                idle_since = time.monotonic()
+        dt = time.perf_counter() - t0
+        t.join()
+        return got / dt, n - got
+    finally:
+        sub.close()
+        daemon.stop()
+
+
+def start_daemon(data_dir: Path) -> tuple[subprocess.Popen, object]:
+    env = {**os.environ, "A4PS_DATA_DIR": str(data_dir), "A4PS_MODELS__BACKEND": "scripted",
+           "A4PS_BUS__COMMAND_ADDR": free_addr(), "A4PS_BUS__EVENT_ADDR": free_addr(),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    settings = load_settings(data_dir=data_dir)
+    settings.bus.command_addr = env["A4PS_BUS__COMMAND_ADDR"]
+    settings.bus.event_addr = env["A4PS_BUS__EVENT_ADDR"]
+    log = open(data_dir.parent / "daemon.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "a4ps", "daemon"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"daemon exited {proc.returncode}; see {log.name}")
+        if settings.token_path.exists():
+            try:
+                with DaemonClient.from_settings(settings, timeout=1) as c:
+                    c.request("system.ping")
+                    return proc, settings
+            except Exception:
+                pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("daemon did not start in 180 s")
+
+
+def rtt(settings, cmd: str, args: dict, n: int) -> tuple[float, float]:
+    with DaemonClient.from_settings(settings, timeout=5) as c:
+        for _ in range(100):
+            c.request(cmd, args)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            c.request(cmd, args)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return statistics.median(times) * 1e3, times[int(0.99 * (n - 1))] * 1e3
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--idle", type=float, default=10.0)
+    a = ap.parse_args()
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = raw_baseline(a.events)
+        rows.append(("PUB->SUB raw pyzmq+msgpack (baseline)", f"{raw:,.0f} msg/s", "-"))
+        rate, lost = daemon_throughput(a.events, Path(tmp) / "tp")
+        rows.append((f"PUB events via daemon, 200 B ({a.events:,}; lost {lost})",
+                     f"{rate:,.0f} msg/s", ">= 50,000"))
+        data = Path(tmp) / "data"
+        data.mkdir()
+        proc, settings = start_daemon(data)
+        try:
+            p50, p99 = rtt(settings, "system.ping", {}, a.requests)
+            rows.append(("RTT system.ping p50 / p99", f"{p50:.3f} / {p99:.3f} ms", "p99 < 2 ms"))
+            p50, p99 = rtt(settings, "proto.get", {"name": "BRICK"}, a.requests)
+            rows.append(("RTT proto.get p50 / p99", f"{p50:.3f} / {p99:.3f} ms", "p99 < 2 ms"))
+            time.sleep(2.0)  # let start-up work settle
+            c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+            time.sleep(a.idle)
+            cpu = (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0) * 100
+            rows.append((f"daemon idle CPU ({a.idle:.0f} s)", f"{cpu:.2f} %", "< 1 %"))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+        rows.append(("daemon SIGTERM exit code", str(code), "0"))
+    w = max(len(r[0]) for r in rows)
+    print(f"{'metric':<{w}}  {'value':>24}  target")
+    for name, value, target in rows:
+        print(f"{name:<{w}}  {value:>24}  {target}")
+
+
+if __name__ == "__main__":
+    main()
