@@ -180,3 +180,93 @@ def test_cli_propose_show_history_on_the_image(settings, capsys):
     import json
     rows = json.loads(capsys.readouterr().out)
     assert [r["version"] for r in rows] == [1, 2]
+
+
+# -- through the daemon: the token guards codex.decide; the CLI talks to it --------------
+
+class _Started:
+    value = "started"
+
+
+class DaemonSystem:
+    """The parts the daemon's codex commands touch (real Codex, bus, queue)."""
+
+    def __init__(self, settings) -> None:
+        from a4ps.events import EventBus
+        from a4ps.proto import ProtoManager
+        from a4ps.tasks import TaskQueue
+        self.settings = settings
+        self.bus = EventBus()
+        self.protos = ProtoManager(self.bus)
+        self.tasks = TaskQueue(settings.tasks_path, bus=self.bus)
+        self.codex = Codex.from_toml(CODEX_PATH, self.bus)
+        self.state = _Started()
+
+    def stop(self) -> None:
+        self.tasks.close()
+
+    def save(self) -> dict:
+        return {}
+
+    def status(self) -> dict:
+        return {"state": "started"}
+
+    def run_task(self, task) -> None:
+        self.tasks.finish(task.id, {"answer": ""})
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    import socket
+
+    def free() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    from a4ps.config import load_settings
+    from a4ps.daemon import Daemon
+    monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", free())
+    monkeypatch.setenv("A4PS_BUS__EVENT_ADDR", free())
+    settings = load_settings(data_dir=tmp_path / "data")
+    system = DaemonSystem(settings)
+    daemon = Daemon(system, shutdown_grace_s=5).start()
+    yield settings, system
+    daemon.stop()
+
+
+def test_decide_without_or_with_a_wrong_token_is_refused_and_changes_nothing(served, capsys):
+    from a4ps.cli import main
+    from a4ps.client import DaemonClient, DaemonError
+    settings, system = served
+    d = ["--data-dir", str(settings.data_dir)]
+    # the CLI proposes through the running daemon (not the image)
+    assert main(d + ["codex", "propose", "ROBIN", "care", NEW_CARE, "-r", "via daemon"]) == 0
+    assert "(daemon)" in capsys.readouterr().out
+    [a] = system.codex.pending()
+    assert a.origin == "user" and not settings.image_path.exists()
+    assert main(d + ["codex", "show"]) == 0
+    assert a.id in capsys.readouterr().out
+    state = frozen(system.codex)
+    decide = {"proposal_id": a.id, "version": 1, "approve": True}
+    for token in ("", "not-the-token"):
+        with DaemonClient(settings.bus.command_addr, token=token, timeout=5) as c:
+            with pytest.raises(DaemonError) as e:
+                c.request("codex.decide", decide)
+            assert e.value.code == "unauthorized"
+    assert frozen(system.codex) == state and system.codex.version == 1
+    with DaemonClient.from_settings(settings, timeout=5) as c:
+        with pytest.raises(DaemonError) as e:
+            c.request("codex.decide", {**decide, "proposal_id": "nope"})
+        assert e.value.code == "not_found"
+        with pytest.raises(DaemonError) as e:
+            c.request("codex.decide", {**decide, "version": 7})
+        assert e.value.code == "conflict"
+        assert frozen(system.codex) == state
+        out = c.request("codex.decide", decide)                 # the human's approval
+        assert out["status"] == "approved" and out["codex_version"] == 2
+        with pytest.raises(DaemonError) as e:                   # repeated
+            c.request("codex.decide", decide)
+        assert e.value.code == "conflict"
+    assert system.codex.version == 2
+    assert main(d + ["codex", "history"]) == 0
+    assert f"+{NEW_CARE}" in capsys.readouterr().out

@@ -241,3 +241,30 @@ def test_parse_draft_reads_key_lines_markdown_and_json():
     assert parse_draft(js)["principle"] == "synthesis"
     assert parse_draft("nothing useful") == {}
     assert parse_draft(None) == {}
+
+
+def test_evidence_is_recalled_from_memory_after_a_restart(phil_settings, bus, protos, codex,
+                                                          embedder, backend):
+    from a4ps.memory import MemoryManager
+    memory = MemoryManager(phil_settings, embedder, bus=bus)
+    for i, t in enumerate(SIMILAR[:3]):      # what the graph's remember node stores
+        memory.add(f"Task: {t}\nAnswer: it depends", kind="interaction", persona="ALFRED",
+                   task_id=f"old{i}", dissonance=0.9,
+                   meta={"brick": "Say it.", "robin": "Spare them."})
+    memory.add(f"Task: {SIMILAR[3]}\nAnswer: yes", kind="interaction", persona="ALFRED",
+               task_id="calm", dissonance=0.1)
+    p = make(phil_settings, bus, protos, codex, embedder, memory=memory).start()
+    try:
+        assert p.flush(10)
+        [a] = codex.pending()
+        assert sorted(a.sources) == ["old0", "old1", "old2"]
+        assert "Say it." in backend.calls[0][1][-1]["content"]
+    finally:
+        p.stop()
+    # another restart: those tasks are cited by an amendment already, so nothing new
+    p2 = make(phil_settings, bus, protos, codex, embedder, memory=memory).start()
+    try:
+        assert p2.flush(10)
+        assert len(codex.pending()) == 1 and p2.status()["tracked"] == 0
+    finally:
+        p2.stop()

@@ -165,6 +165,7 @@ class Philosopher:
         if self._unsub is None:
             self._thread.start()
             self._unsub = self.bus.subscribe("dissonance.high", self._on_dissonance)
+            self._thread.submit(self.recall_evidence)
         return self
 
     def stop(self) -> None:
@@ -216,6 +217,50 @@ class Philosopher:
             cluster = self._similar_to(rec)
         if len(cluster) >= self.settings.philosopher.recurrence_count:
             return self.draft_from(cluster, trigger="recurrence")
+        return None
+
+    def recall_evidence(self, limit: int = 200) -> Amendment | None:
+        """Rebuild the evidence from remembered high-dissonance interactions (after a
+        restart); tasks already cited by an amendment count as spent. Drafts if the
+        recalled evidence already holds a recurrence."""
+        if self.memory is None:
+            return None
+        try:
+            remembered = self.memory.recent(limit, kind="interaction")
+        except Exception as e:
+            log.warning("philosopher: cannot read memory to recall evidence (%s)", e)
+            return None
+        high = self.settings.cognition.dissonance_high
+        spent = {t for a in list(self.codex.proposals.values()) for t in a.sources}
+        added = 0
+        for m in reversed(remembered):  # oldest first, like live events
+            meta = getattr(m, "meta", None) or {}
+            d = getattr(m, "dissonance", None)
+            task_id = str(getattr(m, "task_id", "") or "")
+            if (not task_id or not isinstance(d, (int, float)) or d <= high
+                    or meta.get("kind") in ("reflection", "goal")):
+                continue
+            with self._lock:
+                if task_id in self._seen:
+                    continue
+                self._seen.add(task_id)
+            text = text_of(m)
+            mt = re.match(r"\s*Task:\s*(.*?)(?:\nAnswer:|$)", text, re.DOTALL)
+            text = (mt.group(1) if mt else text).strip()
+            if not text:
+                continue
+            rec = DissonanceRecord(task_id, text, float(d), str(meta.get("brick") or ""),
+                                   str(meta.get("robin") or ""), self._embed(text),
+                                   float(getattr(m, "ts", 0.0) or self.clock()),
+                                   used=task_id in spent)
+            with self._lock:
+                self.records.append(rec)
+            added += 1
+        if added:
+            log.info("philosopher: recalled %d high-dissonance task(s) from memory", added)
+        groups = self.clusters()
+        if groups and len(groups[0]) >= self.settings.philosopher.recurrence_count:
+            return self.draft_from(groups[0], trigger="recurrence")
         return None
 
     def _similar_to(self, rec: DissonanceRecord) -> list[DissonanceRecord]:
