@@ -1,0 +1,99 @@
+"""The real embedded backend (SmolLM2-135M via transformers), shared per session."""
+from __future__ import annotations
+
+import pytest
+
+from a4ps.events import EventRecorder
+from a4ps.models.embedded import (BASE_ID, adapter_model_id, checkpoint_dir,
+                                  ensure_base_checkpoint, parse_model_id)
+from a4ps.models.errors import InvalidRequest, ModelNotFound
+
+pytestmark = pytest.mark.slow
+
+
+def test_answers_a_factual_question_and_streams(embedded_models):
+    pieces: list[str] = []
+    reply = embedded_models.chat(BASE_ID, [
+        {"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        max_tokens=24, on_token=pieces.append)
+    assert "Paris" in reply
+    assert len(pieces) >= 3 and "".join(pieces).strip() == reply
+    s = embedded_models.stats()
+    assert s["resident"] == BASE_ID and s["tokens"] > 0 and s["tokens_per_s"] > 0
+    assert s["last_ttft_s"] is not None and s["last_ttft_s"] > 0
+
+
+def test_stop_strings_and_max_tokens(embedded_models):
+    msgs = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    reply = embedded_models.chat(BASE_ID, msgs, max_tokens=20, stop=["5"])
+    assert "5" not in reply and "4" in reply
+    before = embedded_models.stats()["tokens"]
+    embedded_models.chat(BASE_ID, msgs, max_tokens=3)
+    assert embedded_models.stats()["tokens"] - before <= 3
+
+
+def test_cache_is_reused(embedded_models):
+    s = embedded_models.settings
+    d = ensure_base_checkpoint(s)
+    assert d == checkpoint_dir(s) and (d / "model.safetensors").is_file()
+    assert (d / "tokenizer.json").is_file() and (d / "config.json").is_file()
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained(str(d)).model_type == "llama"
+
+
+@pytest.fixture(scope="module")
+def random_adapter(embedded_models, tmp_path_factory):
+    """A tiny LoRA adapter with random (non-zero) weights, saved like the fine-tuner does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(
+        str(ensure_base_checkpoint(embedded_models.settings)), dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(base, cfg)
+    out = tmp_path_factory.mktemp("adapter") / "brick" / "v1"
+    peft_model.save_pretrained(str(out))
+    del peft_model, base
+    return out
+
+
+def test_adapter_changes_output_and_unload_restores_it(embedded_models, random_adapter):
+    mm = embedded_models
+    rec = EventRecorder(mm.bus)
+    msgs = [{"role": "user", "content": "Name three colours."}]
+    base_reply = mm.chat(BASE_ID, msgs, max_tokens=6)
+    loads0, unloads0 = mm.stats()["loads"], mm.stats()["unloads"]
+    tuned = adapter_model_id(random_adapter)
+    tuned_reply = mm.chat(tuned, msgs, max_tokens=6)
+    assert tuned_reply != base_reply
+    assert mm.resident() == tuned
+    loaded = rec.wait_for("model.loaded", where=lambda e: e.payload["model"] == tuned)
+    assert loaded.payload["reused_base"] is True        # base weights stayed resident
+    assert rec.of("model.unloaded")[0].payload["model"] == BASE_ID
+    assert mm.chat(BASE_ID, msgs, max_tokens=6) == base_reply
+    s = mm.stats()
+    assert s["loads"] - loads0 == 2 and s["unloads"] - unloads0 == 2
+    assert s["loads"] - s["unloads"] == 1
+    # release drops everything; the next call reloads the base from the cache
+    mm.release()
+    assert mm.resident() is None
+    assert mm.chat(BASE_ID, msgs, max_tokens=6) == base_reply
+
+
+def test_bad_model_ids_fail_clearly(embedded_models, tmp_path):
+    with pytest.raises(ModelNotFound, match='models.backend = "ollama"'):
+        embedded_models.chat("llama3:8b", "hi")
+    with pytest.raises(ModelNotFound, match="no PEFT adapter"):
+        embedded_models.chat(adapter_model_id(tmp_path), "hi", max_tokens=2)
+    with pytest.raises(InvalidRequest, match="absolute"):
+        parse_model_id(BASE_ID + "+lora:relative/dir")
+    # the manager still works after the failures
+    assert embedded_models.chat(BASE_ID, "Say hi.", max_tokens=4)
+
+
+def test_embed_through_manager(embedded_models):
+    v = embedded_models.embed(["The cat sleeps.", "A kitten is napping.", "Stock prices fell."])
+    assert v.shape == (3, 384) and embedded_models.embedding_dim == 384
+    assert v[0] @ v[1] > v[0] @ v[2]
