@@ -28,3 +28,45 @@ def settings(data_dir: Path):
 def bus():
     from a4ps.events import EventBus
     return EventBus()
+
+
+# --- models (issue 3): one real embedded model per test session -------------------
+
+def _shared_model_cache() -> Path:
+    """Dequantized SmolLM2 cache shared by test sessions (dequantizing takes ~20 s).
+
+    Order: A4PS_MODELS__EMBEDDED__CACHE_DIR, A4PS_TEST_MODEL_CACHE, then
+    <repo>/.pytest_cache/a4ps-model-cache. Daemon subprocesses in tests reuse it by
+    setting A4PS_MODELS__EMBEDDED__CACHE_DIR to the ``model_cache_dir`` fixture.
+    """
+    env = os.environ.get("A4PS_MODELS__EMBEDDED__CACHE_DIR") or os.environ.get("A4PS_TEST_MODEL_CACHE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / ".pytest_cache" / "a4ps-model-cache"
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir() -> Path:
+    d = _shared_model_cache()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def embedded_models(tmp_path_factory, model_cache_dir):
+    """A ModelManager on the real embedded backend (SmolLM2-135M) + MiniLM embedder.
+
+    Session-scoped: load it once, share it. Its own bus is ``embedded_models.bus``.
+    """
+    from a4ps.config import load_settings
+    from a4ps.events import EventBus
+    from a4ps.models.embeddings import MiniLMEmbedder
+    from a4ps.models.embedded import EmbeddedBackend
+    from a4ps.models.manager import ModelManager
+    s = load_settings(data_dir=tmp_path_factory.mktemp("models-data"))
+    s.models = s.models.model_copy(update={"embedded": s.models.embedded.model_copy(
+        update={"cache_dir": model_cache_dir})})
+    mm = ModelManager(s, EventBus(), backend=EmbeddedBackend(s),
+                      embedder=MiniLMEmbedder(batch_size=s.models.embedding_batch_size))
+    yield mm
+    mm.release()
