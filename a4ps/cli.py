@@ -27,6 +27,12 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
+    from .ui.launch import run_ui
+    return run_ui(settings, stop_daemon_on_exit=args.stop_daemon_on_exit,
+                  start=not args.no_start, config_path=args.config)
+
+
 def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     from .daemon import Daemon, DaemonError, DaemonLock, LOCK_NAME
     try:
@@ -340,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
 
     # -- more commands are registered below by each part --------------------------
+
+    p = add("ui", _cmd_ui, "the Kivy Morphic client (starts a daemon if none runs)")
+    p.add_argument("--stop-daemon-on-exit", action="store_true",
+                   help="closing the UI also stops the daemon it started")
+    p.add_argument("--no-start", action="store_true",
+                   help="don't start a daemon; wait for one to appear")
 
     p = add("daemon", _cmd_daemon, "run the backend: the living image, tasks, ZeroMQ server")
     p.add_argument("--grace", type=float, default=20.0,

@@ -1,0 +1,173 @@
+"""Plain helpers for the inspector and dialogs: typed slot editing, drilling, diffs.
+
+No Kivy here, so these rules are tested without a window. A slot value edited as text
+is parsed back to the type it had (a number stays a number), and a nested value is
+changed by rebuilding the top-level slot with the one item replaced.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import json
+from typing import Any
+
+Path = tuple  # a path into a nested value: keys (dict) or indexes (list)
+
+
+class EditError(ValueError):
+    """The typed text cannot become a value of the slot's type."""
+
+
+def kind_of(value: Any) -> str:
+    """The editor a value gets: bool, int, float, text, list, dict, none, ref."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        if set(value) in ({"$proto"}, {"$repr"}):
+            return "ref"  # a reference the wire could only describe; read-only
+        return "dict"
+    if value is None:
+        return "none"
+    return "ref"
+
+
+def format_value(value: Any) -> str:
+    """Text shown in an editor for ``value`` (JSON for containers, readable for refs)."""
+    kind = kind_of(value)
+    if kind == "text":
+        return value
+    if kind == "bool":
+        return "true" if value else "false"
+    if kind in ("int", "float"):
+        return repr(value)
+    if kind == "none":
+        return ""
+    if kind == "ref":
+        if isinstance(value, dict) and "$proto" in value:
+            return f"<proto {value['$proto']}>"
+        if isinstance(value, dict) and "$repr" in value:
+            return str(value["$repr"])
+        return repr(value)
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """A one-line preview of a value for lists and morph labels."""
+    text = format_value(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def parse_value(text: str, like: Any) -> Any:
+    """Parse editor ``text`` into the type of ``like``; raises EditError saying what to type."""
+    kind = kind_of(like)
+    stripped = text.strip()
+    if kind == "text":
+        return text
+    if kind == "bool":
+        low = stripped.lower()
+        if low in ("true", "yes", "1", "on"):
+            return True
+        if low in ("false", "no", "0", "off"):
+            return False
+        raise EditError(f"{text!r} is not a boolean: type true or false")
+    if kind == "int":
+        try:
+            return int(stripped)
+        except ValueError:
+            raise EditError(f"{text!r} is not a whole number: type digits like 3") from None
+    if kind == "float":
+        try:
+            value = float(stripped)
+        except ValueError:
+            raise EditError(f"{text!r} is not a number: type a number like 0.7") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise EditError(f"{text!r} is not a finite number")
+        return value
+    if kind in ("list", "dict"):
+        value = _literal(stripped)
+        want = list if kind == "list" else dict
+        if isinstance(value, tuple) and want is list:
+            value = list(value)
+        if not isinstance(value, want):
+            example = "[1, 2]" if want is list else '{"k": 1}'
+            raise EditError(f"expected a {want.__name__} written as JSON, e.g. {example}")
+        return value
+    if kind == "none":
+        if not stripped:
+            return None
+        try:
+            return _literal(stripped)
+        except EditError:
+            return text  # an empty slot takes free text
+    raise EditError("this value is a reference to a live object and cannot be edited as text")
+
+
+def _literal(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise EditError(f"cannot read {text[:40]!r}: write JSON like [1, 2] or "
+                        '{"key": "value"}') from None
+
+
+def value_at(value: Any, path: Path) -> Any:
+    for key in path:
+        value = value[key]
+    return value
+
+
+def replace_at(value: Any, path: Path, new: Any) -> Any:
+    """A deep copy of ``value`` with the item at ``path`` replaced by ``new``."""
+    if not path:
+        return new
+    root = copy.deepcopy(value)
+    parent = value_at(root, path[:-1])
+    parent[path[-1]] = new
+    return root
+
+
+def children(value: Any) -> list[tuple[Any, Any]]:
+    """(key, item) pairs of a list or dict; empty for leaves."""
+    if kind_of(value) == "dict":
+        return list(value.items())
+    if kind_of(value) == "list":
+        return list(enumerate(value))
+    return []
+
+
+def path_label(name: str, slot: str, path: Path) -> str:
+    return name + "." + slot + "".join(f"[{k!r}]" for k in path)
+
+
+def diff_markup(current: str, proposed: str) -> str:
+    """A line diff of two texts as Kivy markup: removed lines red, added lines green."""
+    out = []
+    for line in difflib.ndiff((current or "").splitlines(), (proposed or "").splitlines()):
+        tag, body = line[:2], _escape(line[2:])
+        if tag == "- ":
+            out.append(f"[color=ff7a7a]- {body}[/color]")
+        elif tag == "+ ":
+            out.append(f"[color=7aff8a]+ {body}[/color]")
+        elif tag == "  ":
+            out.append(f"  {body}")
+    return "\n".join(out)
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("[", "&bl;").replace("]", "&br;")
