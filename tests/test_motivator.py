@@ -355,3 +355,87 @@ def test_subscriber_returns_immediately_while_the_model_is_slow(parts, backend):
         assert threading.current_thread().name != "a4ps-motivator"
     finally:
         m.stop()
+
+
+# -- end to end with the real cognitive graph -----------------------------------------------
+
+@pytest.mark.slow
+def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(settings, bus):
+    """Three similar user tasks on which BRICK and ROBIN disagree, run by the real graph:
+    the motivator queues reflections (run after the user work, through the graph, and
+    stored as notes) and the philosopher proposes one amendment; nothing is applied."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from graph_parts import build, persona_of
+
+    from a4ps.services.philosopher import Philosopher
+    from a4ps.system import CODEX_PATH
+    from a4ps.tasks import TaskQueue
+
+    draft = ("PERSONA: ROBIN\nPRINCIPLE: honest_care\n"
+             "TEXT: Be kind in how you say a hard truth, never by hiding it.\n"
+             "RATIONALE: they split between honesty and kindness.")
+
+    def reply(messages):
+        who, last = persona_of(messages), messages[-1]["content"]
+        if "Draft ONE amendment" in last:
+            return draft
+        if "The system is idle" in last:
+            return f"GOAL: {GOAL}"
+        if who == "ALFRED":
+            return "DIALOGUE" if "Reply with one word" in last else "Be honest, and be kind."
+        if who == "BRICK":
+            return "Logically, withholding facts distorts decisions; state the truth."
+        return "Feelings first: protect the friendship, maybe wait for a gentler moment."
+
+    settings.philosopher.similarity = 0.5
+    settings.philosopher.recurrence_count = 3
+    parts = build(settings, bus, reply, max_rounds=1)
+    codex = Codex.from_toml(CODEX_PATH, bus)
+    tasks = TaskQueue(settings.tasks_path, bus=bus)
+    m = Motivator(settings, bus, parts.protos, parts.memory, tasks, codex).start()
+    p = Philosopher(settings, bus, parts.protos, parts.memory, codex, parts.models.embedder).start()
+    rec = EventRecorder(bus)
+
+    def run_one():
+        t = tasks.claim(allow_self_generated=m.allow_self_generated)
+        if t is None:
+            return None
+        result = parts.graph.run(t.id, t.text, meta=t.meta)
+        finish(tasks, bus, t, result["answer"])
+        return t
+
+    try:
+        texts = ["Should I tell my friend a hard truth about their failing business?",
+                 "Should I tell my colleague a hard truth about their failing project?",
+                 "Should I tell my brother a hard truth about his failing marriage?"]
+        users = [tasks.submit(x) for x in texts]
+        ran = [run_one() for _ in users]
+        assert [t.id for t in ran] == [u.id for u in users]
+        assert len(rec.of("dissonance.high")) == 3
+        assert m.flush(20) and p.flush(20)
+        # philosopher: one pending amendment citing the three tasks, nothing applied
+        [a] = codex.pending()
+        assert sorted(a.sources) == sorted(u.id for u in users)
+        assert codex.version == 1 and rec.of("codex.proposed")
+        # motivator: three reflections queued behind the user work; a new user task first
+        refl = tasks.list(status="queued")
+        assert len(refl) == 3 and {t.origin for t in refl} == {REFLECTION_ORIGIN}
+        urgent = tasks.submit("A quick user question?")
+        assert run_one().id == urgent.id
+        while run_one() is not None:
+            pass
+        assert m.flush(20) and p.flush(20)
+        # (BRICK and ROBIN diverged on the urgent task too: it got its reflection)
+        notes = parts.memory.recent(10, kind="reflection")
+        assert len(notes) == 4
+        assert {n.meta["about_task_id"] for n in notes} == {u.id for u in users} | {urgent.id}
+        assert all("Be honest, and be kind." in n.text for n in notes)
+        # the reflections' own dissonance made no reflections on reflections
+        assert tasks.pending_count() == 0
+    finally:
+        m.stop()
+        p.stop()
+        tasks.close()
+        parts.graph.close()

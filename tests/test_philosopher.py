@@ -268,3 +268,12 @@ def test_evidence_is_recalled_from_memory_after_a_restart(phil_settings, bus, pr
         assert len(codex.pending()) == 1 and p2.status()["tracked"] == 0
     finally:
         p2.stop()
+
+
+def test_dissonance_on_a_reflection_task_is_not_evidence(phil_settings, bus, protos, codex,
+                                                         embedder):
+    p = make(phil_settings, bus, protos, codex, embedder)
+    for i, t in enumerate(SIMILAR[:3]):
+        assert p.observe({**event(i, t), "origin": "reflection"}) is None
+    assert p.observe({**event(9, SIMILAR[0]), "meta": {"kind": "reflection"}}) is None
+    assert codex.pending() == [] and p.status()["tracked"] == 0

@@ -202,6 +202,9 @@ class Philosopher:
         if not task_id or not text:
             self._note_skip("evidence_without_task_or_text")
             return None
+        if payload.get("origin") == "reflection" or (payload.get("meta") or {}).get("kind") == "reflection":
+            self._note_skip("reflection_task")   # dissonance about a reflection is not new evidence
+            return None
         with self._lock:
             if task_id in self._seen:
                 return None
