@@ -186,8 +186,12 @@ def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
     if not query:
         print("a4ps memory search: give a query", file=sys.stderr)
         return 2
-    memory = MemoryManager(settings, make_embedder(settings))
-    hits = memory.search(query, k=args.k, kind=args.kind)
+    try:
+        memory = MemoryManager(settings, make_embedder(settings))
+        hits = memory.search(query, k=args.k, kind=args.kind)
+    except (ValueError, RuntimeError) as e:
+        print(f"a4ps memory search: {e}", file=sys.stderr)
+        return 2
     if not hits:
         print(f"nothing remembered about {query!r} (memory at {settings.memory_dir})")
         return 0

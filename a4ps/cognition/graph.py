@@ -22,16 +22,16 @@ either recovers (ALFRED's answer is assembled from the dialogue) or ends with
 from __future__ import annotations
 
 import logging
-import operator
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 # absolute imports: langgraph.json loads this file by path
 from a4ps.cognition import prompts
 from a4ps.cognition.prompts import DEFAULT_ROUTE, ROUTES
+from a4ps.cognition.state import CognitiveState
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
@@ -41,30 +41,6 @@ log = logging.getLogger(__name__)
 
 NODES = ("alfred_route", "recall", "brick", "robin", "measure", "forge",
          "alfred_synthesize", "remember")
-
-
-class CognitiveState(TypedDict, total=False):
-    """The graph's state. List keys with ``operator.add`` are appended to by nodes."""
-
-    task_id: str
-    task: str
-    meta: dict[str, Any]            # the task's origin data (motivator goal, ...)
-    route: str                      # contrapunto | direct | tool
-    route_reason: str
-    memories: list[dict[str, Any]]
-    turns: Annotated[list[dict[str, Any]], operator.add]    # every utterance, in order
-    rounds: Annotated[list[dict[str, Any]], operator.add]   # {round, brick, robin, dissonance}
-    problems: Annotated[list[str], operator.add]
-    brick_text: str                 # BRICK's latest usable words
-    robin_text: str
-    dissonance: float | None
-    stop: str | None                # why the dialogue ended
-    tool_request: dict[str, Any] | None
-    tool_result: dict[str, Any] | None
-    answer: str
-    status: str                     # ok | failed
-    error: str | None
-    memory_id: str | None
 
 
 class CognitiveGraph:

@@ -121,18 +121,19 @@ def retry_nudge(messages: list[Message], problem: str) -> list[Message]:
 # -- parsing replies ---------------------------------------------------------------
 
 def parse_route(reply: Any) -> tuple[str, str]:
-    """(route, why). Leading keyword wins; otherwise one unambiguous keyword; else the
-    contrapunto, which is always a safe way to handle a task."""
+    """(route, why). A short reply naming a route, or a reply naming exactly one route,
+    decides; anything else (empty, unrecognised, several routes as when a tiny model
+    echoes the options) gives the contrapunto, which is always a safe way to handle a
+    task."""
     if not isinstance(reply, str) or not reply.strip():
         return DEFAULT_ROUTE, "empty route reply; defaulting to the contrapunto"
     words = re.findall(r"[a-z]+", reply.lower())
-    for w in words[:3]:
-        if w in _ROUTE_WORDS:
-            return _ROUTE_WORDS[w], f"ALFRED said {w!r}"
+    if words and words[0] in _ROUTE_WORDS and len(words) <= 3:
+        return _ROUTE_WORDS[words[0]], f"ALFRED said {words[0]!r}"
     hits = {_ROUTE_WORDS[w] for w in words if w in _ROUTE_WORDS}
     if len(hits) == 1:
         route = hits.pop()
-        return route, f"ALFRED's reply mentions only {route}"
+        return route, f"ALFRED's reply names only {route}"
     why = "ambiguous" if hits else "unrecognised"
     return DEFAULT_ROUTE, f"{why} route reply {reply.strip()[:60]!r}; defaulting to the contrapunto"
 
@@ -148,8 +149,8 @@ class ToolRequest:
 
 
 _TOOL_LINE = re.compile(r"^\s*TOOL\s*:\s*([A-Za-z_][A-Za-z0-9_]{1,63})\s*(?:[-:\u2013\u2014]\s*(.*))?$",
-                        re.MULTILINE)
-_ARGS_LINE = re.compile(r"^\s*ARGS\s*:\s*(\{.*\})\s*$", re.MULTILINE)
+                        re.MULTILINE | re.IGNORECASE)
+_ARGS_LINE = re.compile(r"^\s*ARGS\s*:\s*(\{.*\})\s*$", re.MULTILINE | re.IGNORECASE)
 
 
 def parse_tool_request(reply: str) -> ToolRequest | None:

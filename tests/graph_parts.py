@@ -1,0 +1,94 @@
+"""Builds a CognitiveGraph on scripted models for tests, the kill/resume worker and
+the benchmark: real ProtoManager personas (with the System's live ``invoke_llm``),
+real ModelManager over the ScriptedBackend, HashEmbedder, real LanceDB memory."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+PROMPTS = {
+    "ALFRED": "You are ALFRED, the steward: you route tasks and give the final answer.",
+    "BRICK": "You are BRICK, the logical channel: analyse precisely.",
+    "ROBIN": "You are ROBIN, the empathetic channel: care for the people involved.",
+}
+
+
+def persona_of(messages: list[dict[str, str]]) -> str:
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    for name in PROMPTS:
+        if system.startswith(f"You are {name}"):
+            return name
+    return "?"
+
+
+def is_route(messages: list[dict[str, str]]) -> bool:
+    return "Reply with one word" in messages[-1]["content"]
+
+
+Say = str | Callable[[int], str]
+
+
+def script(*, route: str = "DIALOGUE", brick: Say = "BRICK analysis.",
+           robin: Say = "ROBIN view.", answer: str = "ALFRED's final answer.",
+           log: list[str] | None = None) -> Callable[[list[dict[str, str]]], str]:
+    """A reply function: ``brick``/``robin`` may be functions of their call number (1..)."""
+    counts = {"BRICK": itertools.count(1), "ROBIN": itertools.count(1)}
+
+    def reply(messages: list[dict[str, str]]) -> str:
+        who = persona_of(messages)
+        if log is not None:
+            log.append("ALFRED/route" if who == "ALFRED" and is_route(messages) else who)
+        if who == "ALFRED":
+            return route if is_route(messages) else answer
+        if who in counts:
+            say = brick if who == "BRICK" else robin
+            return say(next(counts[who])) if callable(say) else say
+        return "?"
+    return reply
+
+
+def seed_personas(bus: Any, models: Any, model_name: str = "scripted-m") -> Any:
+    from a4ps.proto import ProtoManager
+    from a4ps.system import INVOKE_LLM
+    protos = ProtoManager(bus)
+    protos.provide("models", models)
+    protos.create("persona", {"temperature": 0.0, "status": "idle", "last_utterance": ""},
+                  methods={"invoke_llm": INVOKE_LLM})
+    for name, prompt in PROMPTS.items():
+        protos.clone("persona", name, role=name.lower(), model_name=model_name,
+                     system_prompt=prompt)
+    return protos
+
+
+@dataclass
+class Parts:
+    graph: Any
+    backend: Any
+    protos: Any
+    models: Any
+    memory: Any
+    settings: Any
+
+
+def build(settings: Any, bus: Any, replies: Any, *, latency_s: float = 0.0,
+          memory: bool = True, checkpoints: bool = True, forge: Any = None,
+          registry: Any = None, **cognition: Any) -> Parts:
+    from a4ps.cognition.graph import CognitiveGraph
+    from a4ps.models.embeddings import HashEmbedder
+    from a4ps.models.manager import ModelManager
+    from a4ps.models.scripted import ScriptedBackend
+    if cognition:
+        settings = settings.model_copy(
+            update={"cognition": settings.cognition.model_copy(update=cognition)})
+    embedder = HashEmbedder()
+    backend = ScriptedBackend(replies, latency_s=latency_s)
+    models = ModelManager(settings, bus, backend=backend, embedder=embedder)
+    protos = seed_personas(bus, models)
+    mem = None
+    if memory:
+        from a4ps.memory import MemoryManager
+        mem = MemoryManager(settings, embedder, bus=bus)
+    graph = CognitiveGraph(protos, models, mem, bus, settings, forge=forge, registry=registry,
+                           checkpointer_path=None if checkpoints else False)
+    return Parts(graph, backend, protos, models, mem, settings)

@@ -1,0 +1,225 @@
+"""`a4ps ask` in-process and through a daemon, and `a4ps memory search`."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+import graph_parts
+from a4ps import cli
+
+LOGIC = ["apples divide into equal integer shares by arithmetic",
+         "two each and one apple left, cut the last apple in three"]
+FEEL = ["friendship matters more than fairness between people",
+        "two each and one apple left, cut the last apple in three"]
+
+
+@pytest.fixture
+def local_system(monkeypatch, bus):
+    """Stands in for System in `ask --local`: the real graph on scripted models."""
+    import a4ps.system
+    made = {}
+
+    class ScriptedSystem:
+        def __init__(self, settings, **kw):
+            self.bus = bus
+            self.parts = graph_parts.build(settings, bus, made["replies"], memory=False,
+                                           dissonance_threshold=0.2)
+            self.graph = self.parts.graph
+            made["system"] = self
+
+        def start(self, services=True):
+            made["services"] = services
+            return self
+
+        def stop(self):
+            made["stopped"] = True
+            self.graph.close()
+    monkeypatch.setattr(a4ps.system, "System", ScriptedSystem)
+    return made
+
+
+def test_ask_local_prints_the_dialogue_and_the_answer(local_system, data_dir, capsys):
+    local_system["replies"] = graph_parts.script(
+        brick=lambda n: LOGIC[n - 1], robin=lambda n: FEEL[n - 1],
+        answer="Give two apples each and share the last one.")
+    rc = cli.main(["--data-dir", str(data_dir), "ask", "--local",
+                   "How", "should", "three", "friends", "share", "seven", "apples?"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert local_system["services"] is False and local_system["stopped"]
+    assert "route: contrapunto" in out
+    assert "BRICK [round 1]" in out and "ROBIN [round 1]" in out and "BRICK [round 2]" in out
+    assert LOGIC[0] in out and FEEL[0] in out
+    assert "dissonance [1]" in out and "dissonance [2]" in out and "converged" in out
+    assert "ALFRED's answer (2 round(s), final dissonance 0.000)" in out
+    assert out.rstrip().endswith("Give two apples each and share the last one.")
+
+
+def test_ask_local_json_and_route(local_system, data_dir, capsys):
+    local_system["replies"] = graph_parts.script(route="DIALOGUE", answer="Hi there.")
+    rc = cli.main(["--data-dir", str(data_dir), "ask", "--local", "--json",
+                   "--route", "direct", "hello"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert result["route"] == "direct" and result["answer"] == "Hi there."
+    assert result["rounds"] == []
+
+
+def test_ask_local_failure_is_reported_with_its_reason(local_system, data_dir, capsys):
+    local_system["replies"] = lambda m: "DIALOGUE" if graph_parts.is_route(m) else ""
+    rc = cli.main(["--data-dir", str(data_dir), "ask", "--local", "anything"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "! problem" in out and "BRICK: empty reply (after one retry)" in out
+    assert "failed: no usable reply from BRICK or ROBIN" in out
+
+
+def test_ask_with_empty_text_says_what_to_do(data_dir, capsys):
+    assert cli.main(["--data-dir", str(data_dir), "ask", "  "]) == 2
+    assert "say what you want" in capsys.readouterr().err
+
+
+# -- through a daemon ----------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeDaemon:
+    """Just enough of the daemon's wire behaviour: ping, task.submit, task.get, events."""
+
+    def __init__(self, cmd_addr: str, ev_addr: str, token: str) -> None:
+        import zmq
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.bind(cmd_addr)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.bind(ev_addr)
+        self.token = token
+        self.submitted: list[dict] = []
+        self._stop = threading.Event()
+        self._seq = 0
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _event(self, topic: str, payload: dict) -> None:
+        from a4ps.protocol import encode_event
+        self._seq += 1
+        self.pub.send_multipart(encode_event(topic, self._seq, time.time(), payload))
+
+    def _loop(self) -> None:
+        import zmq
+        from a4ps.protocol import Reply, decode_request, encode_reply
+        while not self._stop.is_set():
+            if not self.router.poll(50, zmq.POLLIN):
+                continue
+            ident, empty, body = self.router.recv_multipart()
+            req = decode_request(body)
+            if req.token != self.token:
+                reply = Reply.failure(req.id, "unauthorized", "bad token")
+            elif req.cmd == "system.ping":
+                reply = Reply.success(req.id, {"pong": True})
+            elif req.cmd == "task.submit":
+                self.submitted.append(req.args)
+                reply = Reply.success(req.id, {"id": "t-d1", "status": "queued"})
+            elif req.cmd == "task.get":
+                reply = Reply.success(req.id, {"id": req.args["id"], "status": "running"})
+            else:
+                reply = Reply.failure(req.id, "unknown_command", req.cmd)
+            self.router.send_multipart([ident, b"", encode_reply(reply)])
+            if req.cmd == "task.submit":
+                self._event("task.step", {"task_id": "other", "node": "brick", "persona": "BRICK",
+                                          "text": "NOT MINE", "round": 1, "dissonance": None})
+                for step in ({"node": "brick", "persona": "BRICK", "text": "Logic.", "round": 1},
+                             {"node": "robin", "persona": "ROBIN", "text": "Feeling.", "round": 1},
+                             {"node": "measure", "persona": None, "text": "", "round": 1,
+                              "dissonance": 0.123, "stop": "converged"}):
+                    self._event("task.step", {"task_id": "t-d1", "dissonance": None, **step})
+                self._event("task.done", {"task_id": "t-d1", "result": {
+                    "task_id": "t-d1", "status": "ok", "error": None, "answer": "Daemon answer.",
+                    "rounds": [{"round": 1, "dissonance": 0.123}], "final_dissonance": 0.123}})
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+        self.router.close(0)
+        self.pub.close(0)
+        self.ctx.term()
+
+
+def test_ask_submits_to_a_running_daemon_and_prints_its_steps(monkeypatch, data_dir, capsys):
+    cmd_addr = f"tcp://127.0.0.1:{_free_port()}"
+    ev_addr = f"tcp://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", cmd_addr)
+    monkeypatch.setenv("A4PS_BUS__EVENT_ADDR", ev_addr)
+    (data_dir / "daemon.token").write_text("sekrit")
+    import a4ps.system
+
+    def no_local(*a, **k):
+        raise AssertionError("a daemon answered: ask must not run in-process")
+    monkeypatch.setattr(a4ps.system, "System", no_local)
+    daemon = FakeDaemon(cmd_addr, ev_addr, "sekrit")
+    try:
+        rc = cli.main(["--data-dir", str(data_dir), "ask", "--timeout", "20", "what", "now?"])
+    finally:
+        daemon.close()
+    captured = capsys.readouterr()
+    assert rc == 0, captured
+    assert daemon.submitted == [{"text": "what now?"}]
+    assert "submitted task t-d1" in captured.err
+    assert "BRICK [round 1]   Logic." in captured.out and "ROBIN [round 1]   Feeling." in captured.out
+    assert "0.123  -> converged" in captured.out
+    assert "NOT MINE" not in captured.out
+    assert captured.out.rstrip().endswith("Daemon answer.")
+
+
+def test_ask_without_daemon_runs_in_process(local_system, monkeypatch, data_dir, capsys):
+    monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", f"tcp://127.0.0.1:{_free_port()}")
+    (data_dir / "daemon.token").write_text("stale")        # a token but nobody listening
+    local_system["replies"] = graph_parts.script(brick="Same.", robin="Same.", answer="Local.")
+    t0 = time.monotonic()
+    rc = cli.main(["--data-dir", str(data_dir), "ask", "hi", "there"])
+    assert rc == 0 and "system" in local_system
+    assert capsys.readouterr().out.rstrip().endswith("Local.")
+    assert time.monotonic() - t0 < 15
+
+
+# -- memory search ------------------------------------------------------------------------
+
+@pytest.fixture
+def hash_embedder(monkeypatch):
+    """The CLI's embedder is the cheap hashing one (MiniLM takes seconds to load)."""
+    from a4ps.models import embeddings
+    monkeypatch.setattr(embeddings, "make_embedder",
+                        lambda settings, backend=None: embeddings.HashEmbedder())
+
+
+def test_memory_search_shows_what_is_remembered(hash_embedder, settings, data_dir, capsys):
+    from a4ps.memory import MemoryManager
+    from a4ps.models.embeddings import HashEmbedder
+    mem = MemoryManager(settings, HashEmbedder())
+    mem.add("Task: share seven apples\nAnswer: two each, cut the last one", persona="ALFRED",
+            task_id="t-apples", dissonance=0.25)
+    mem.add("Task: why is the sky blue\nAnswer: Rayleigh scattering", persona="ALFRED",
+            task_id="t-sky", dissonance=0.1)
+    mem.close()
+    rc = cli.main(["--data-dir", str(data_dir), "memory", "search", "-k", "1", "share", "apples"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "task t-apples" in out and "dissonance 0.25" in out and "cut the last one" in out
+    assert "Rayleigh" not in out
+
+    assert cli.main(["--data-dir", str(data_dir), "memory", "search", "--kind", "dreams",
+                     "apples"]) == 2
+    assert "kind must be one of" in capsys.readouterr().err
+
+
+def test_memory_search_on_an_empty_memory(hash_embedder, data_dir, capsys):
+    assert cli.main(["--data-dir", str(data_dir), "memory", "search", "anything"]) == 0
+    assert "nothing remembered about 'anything'" in capsys.readouterr().out
