@@ -439,3 +439,22 @@ def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(s
         p.stop()
         tasks.close()
         parts.graph.close()
+
+
+def test_service_thread_runs_jobs_in_order_survives_errors_and_ticks_under_load():
+    from a4ps.services.motivator_service import ServiceThread
+    ticks, done = [], []
+    t = ServiceThread("a4ps-test", tick=lambda: ticks.append(1), tick_s=0.05)
+    t.start()
+    try:
+        t.submit(lambda: 1 / 0)                     # logged, the thread goes on
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:          # a steady stream of jobs
+            t.submit(lambda: (done.append(len(done)), time.sleep(0.005)))
+            time.sleep(0.004)
+        assert t.flush(10)
+        assert done == list(range(len(done))) and len(done) > 20
+        assert len(ticks) >= 3                      # the schedule was not starved
+    finally:
+        t.stop()
+    assert not t.running

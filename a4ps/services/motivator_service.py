@@ -116,21 +116,25 @@ class ServiceThread:
         return True
 
     def _loop(self) -> None:
+        last_tick = time.monotonic()
         while True:
             try:
                 job = self._q.get(timeout=self._tick_s)
             except queue.Empty:
-                if self._tick is not None:
-                    self._run(self._tick)
-                continue
+                job = False
             if job is None:
                 return
-            try:
-                self._run(job)
-            finally:
-                with self._cond:
-                    self._outstanding -= 1
-                    self._cond.notify_all()
+            if job is not False:
+                try:
+                    self._run(job)
+                finally:
+                    with self._cond:
+                        self._outstanding -= 1
+                        self._cond.notify_all()
+            # tick on schedule even while a steady stream of jobs keeps the queue busy
+            if self._tick is not None and time.monotonic() - last_tick >= self._tick_s:
+                last_tick = time.monotonic()
+                self._run(self._tick)
 
     def _run(self, job: Callable[[], None]) -> None:
         try:
