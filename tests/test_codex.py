@@ -270,3 +270,42 @@ def test_decide_without_or_with_a_wrong_token_is_refused_and_changes_nothing(ser
     assert system.codex.version == 2
     assert main(d + ["codex", "history"]) == 0
     assert f"+{NEW_CARE}" in capsys.readouterr().out
+
+
+# -- approval rebuilds the persona prompt live, and the change survives a restart -----------
+
+def test_approval_rebuilds_the_persona_prompt_live_and_survives_a_restart(settings, bus, codex):
+    """The System's own codex.decided handler on real protos; then an image round trip."""
+    from a4ps.image import ImageStore
+    from a4ps.proto import ProtoManager
+    from a4ps.system import System
+    protos = ProtoManager(bus)
+    protos.create("persona", {"temperature": 0.7})
+    for name in codex.personas:
+        protos.clone("persona", name, system_prompt=codex.system_prompt(name))
+    host = System.__new__(System)              # only the parts its handler touches
+    host.protos, host.codex, host._codex_dirty = protos, codex, False
+    bus.subscribe("codex.decided", host._on_codex_decided)
+
+    a = codex.propose("ROBIN", "care", NEW_CARE, "r")
+    b = codex.propose("BRICK", "rigour", "Reason step by step and name your assumptions.", "r")
+    codex.decide(b.id, 1, False, by="user")
+    assert protos.get("BRICK").system_prompt == codex.system_prompt("BRICK")
+    assert "name your assumptions" not in protos.get("BRICK").system_prompt
+    v = protos.get("ROBIN").version
+    codex.decide(a.id, 1, True, by="user")
+    robin = protos.get("ROBIN")
+    assert NEW_CARE in robin.system_prompt and robin.version == v + 1     # live
+    assert NEW_CARE not in protos.get("ALFRED").system_prompt
+
+    store = ImageStore(settings.image_path, settings.snapshot_dir)
+    store.save({"protos": protos.image_state(), "codex": codex.image_state()})
+    parts, _ = ImageStore(settings.image_path, settings.snapshot_dir).load()   # restart
+    protos2 = ProtoManager()
+    protos2.restore_image(parts["protos"])
+    codex2 = Codex.from_toml(CODEX_PATH)
+    codex2.restore_image(parts["codex"])
+    assert codex2.version == 2 and NEW_CARE in protos2.get("ROBIN").system_prompt
+    assert codex2.system_prompt("ROBIN") == protos2.get("ROBIN").system_prompt
+    with pytest.raises(CodexError, match="rejected before"):
+        codex2.propose("BRICK", "rigour", "Reason step by step and name your assumptions.", "r")
