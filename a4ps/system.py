@@ -75,9 +75,6 @@ class System:
         from .models.embeddings import make_embedder
         from .models.manager import ModelManager
         self.embedder = embedder or make_embedder(settings)
-        if chat_backend is None and settings.models.backend == "scripted":
-            from .models.scripted import ScriptedBackend
-            chat_backend = ScriptedBackend.demo()
         self.models = ModelManager(settings, self.bus, backend=chat_backend, embedder=self.embedder) \
             if chat_backend is not None else ModelManager.from_settings(settings, self.bus, embedder=self.embedder)
 

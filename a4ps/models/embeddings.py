@@ -137,6 +137,8 @@ def make_embedder(settings, backend=None):
     m = settings.models
     if m.embedding_backend == "minilm":
         return MiniLMEmbedder(batch_size=m.embedding_batch_size)
+    if m.embedding_backend == "hash":
+        return HashEmbedder()
     if m.embedding_backend == "ollama":
         if not m.ollama.embed_model:
             raise InvalidRequest('models.embedding_backend = "ollama" needs '

@@ -67,9 +67,9 @@ class ModelManager:
         }
 
     @classmethod
-    def from_settings(cls, settings, bus) -> "ModelManager":
+    def from_settings(cls, settings, bus, embedder=None) -> "ModelManager":
         """The manager on the backend ``settings.models.backend`` names."""
-        return cls(settings, bus, backend=_backend_for(settings))
+        return cls(settings, bus, backend=_backend_for(settings), embedder=embedder)
 
     # -- chat ---------------------------------------------------------------
 
@@ -240,6 +240,9 @@ def _backend_for(settings):
     if kind == "ollama":
         from a4ps.models.ollama_backend import OllamaBackend
         return OllamaBackend(settings)
+    if kind == "scripted":
+        from a4ps.models.scripted import demo_backend
+        return demo_backend()
     raise InvalidRequest(f"unknown models.backend {kind!r}; use 'embedded' or 'ollama'")
 
 

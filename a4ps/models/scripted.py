@@ -116,3 +116,26 @@ class ScriptedBackend:
         seconds = max(time.perf_counter() - t0, 1e-6)
         return Generation(text.strip(), len(pieces), seconds, seconds if pieces else None)
 
+
+
+def demo_reply(messages: list[dict[str, str]]) -> str:
+    """A deterministic stand-in persona: it names itself and restates the task.
+
+    Used by ``models.backend = "scripted"`` so daemon and UI tests (and a demo with no
+    model at all) exercise every part except the model. Route prompts get DIALOGUE.
+    """
+    system = messages[0]["content"] if messages and messages[0].get("role") == "system" else ""
+    last = messages[-1]["content"] if messages else ""
+    if "Reply with one word" in last:
+        return "DIALOGUE"
+    m = re.search(r"You are (\w+)", system)
+    persona = m.group(1) if m else "ASSISTANT"
+    t = re.search(r"Task:\s*(.+)", last)
+    task = (t.group(1) if t else last).strip().splitlines()[0][:120] if last else ""
+    if persona == "ALFRED":
+        return f"In sum: {task} — considered by logic and by care alike."
+    return f"{persona.title()} reflects on the task: {task}"
+
+
+def demo_backend() -> ScriptedBackend:
+    return ScriptedBackend(demo_reply, models=None)
