@@ -1,0 +1,530 @@
+"""Long-term memory on LanceDB (``settings.memory_dir``).
+
+One table, ``memories``, with a ``kind`` column ("interaction" | "note" |
+"reflection"), the text, its embedding (``vector``, the embedder's dim), persona, task
+id, timestamp, the task's dissonance, a ``curated`` flag the curator sets, and ``meta``
+(a JSON string, so the schema never changes when callers add fields).
+
+Design notes (lancedb 0.40):
+- We embed with our own embedder and store plain vectors. LanceDB's embedding registry
+  would write the model's absolute path into the table schema, which breaks the moment
+  the venv moves.
+- The connection uses ``read_consistency_interval=timedelta(0)``, so a second process
+  (``a4ps memory search`` next to a running daemon) sees the daemon's writes at once.
+- Writes from this process are serialised by a lock; reads never take it. LanceDB
+  reads a consistent table version, so searches run safely while rows are appended.
+- Small tables are searched exactly (brute force is a few ms for thousands of rows).
+  Once ``memory.index_min_rows`` rows exist, :meth:`MemoryManager.ensure_index` builds an
+  ANN index (IVF-HNSW-SQ by default, or IVF-PQ) with cosine distance, then measures
+  recall@10 against brute force and picks the cheapest query settings (HNSW ``ef``,
+  ``refine_factor``, ``nprobes``) that reach it; they are saved beside the table.
+  IVF-PQ alone loses recall badly, so its queries always re-rank (``refine_factor``). Rows added after the index is built are still found (LanceDB
+  scans unindexed rows exactly); :meth:`maintain` folds them in and compacts the many
+  small fragments single-row appends create. ``add`` schedules it in the background.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+KINDS = ("interaction", "note", "reflection")
+TABLE = "memories"
+_RECALL_TARGET = 0.95
+_RECALL_QUERIES = 100
+# Tune to a margin above the target: 100 probe queries measure recall to about +-0.02.
+_TUNE_TARGET = 0.97
+# Probe queries are stored vectors nudged by a vector of this norm (cos ~0.95).
+_PROBE_NOISE = 0.3
+_MAX_NPROBES = 512
+# add() runs maintain() in the background after this many appends (compaction keeps
+# single-row appends from piling up thousands of tiny fragments).
+_MAINTAIN_EVERY = 256
+_COLUMNS = ["id", "kind", "text", "persona", "task_id", "ts", "dissonance", "curated", "meta"]
+
+
+class MemoryStoreError(RuntimeError):
+    """Memory store problem with a message that says what to do next."""
+
+
+@dataclass
+class MemoryRecord:
+    id: str
+    kind: str
+    text: str
+    persona: str = ""
+    task_id: str = ""
+    ts: float = 0.0
+    dissonance: float = 0.0
+    curated: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+    # search() only: cosine distance to the query and 1 - distance (cosine similarity).
+    distance: float | None = None
+    score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class IndexReport:
+    """What :meth:`MemoryManager.ensure_index` did."""
+
+    rows: int
+    indexed: bool
+    built: bool = False
+    index_type: str | None = None
+    recall_at_10: float | None = None
+    nprobes: int | None = None
+    refine_factor: int | None = None   # None: no re-ranking needed
+    ef: int | None = None              # HNSW beam width (None: LanceDB default)
+    seconds: float = 0.0
+    note: str = ""
+
+
+def _quote(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _record(row: dict[str, Any]) -> MemoryRecord:
+    meta = row.get("meta") or "{}"
+    try:
+        meta = json.loads(meta)
+    except ValueError:
+        meta = {"raw": meta}
+    dist = row.get("_distance")
+    return MemoryRecord(
+        id=row["id"], kind=row["kind"], text=row["text"], persona=row.get("persona") or "",
+        task_id=row.get("task_id") or "", ts=float(row.get("ts") or 0.0),
+        dissonance=float(row.get("dissonance") or 0.0), curated=bool(row.get("curated")),
+        meta=meta if isinstance(meta, dict) else {"value": meta},
+        distance=None if dist is None else float(dist),
+        score=None if dist is None else 1.0 - float(dist))
+
+
+class MemoryManager:
+    """The system's long-term memory. Build one per process: ``MemoryManager(settings,
+    embedder, bus)``; it opens (or creates) the table at ``settings.memory_dir``."""
+
+    def __init__(self, settings: Any, embedder: Any, bus: Any = None, *,
+                 auto_maintain: bool = True) -> None:
+        import lancedb
+        import pyarrow as pa
+
+        self.settings = settings
+        self.embedder = embedder
+        self.bus = bus
+        self.dim = int(embedder.dim)
+        self.path = settings.memory_dir
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.auto_maintain = auto_maintain
+        mem = settings.memory
+        self.index_min_rows = int(mem.index_min_rows)
+        self.index_type = str(getattr(mem, "index_type", "ivf_hnsw_sq"))
+        self.nprobes = int(mem.nprobes)
+        # None = no re-ranking; ensure_index() picks the cheapest setting that
+        # reaches the recall target.
+        self.refine_factor: int | None = int(mem.refine_factor)
+        self.ef: int | None = None   # HNSW beam width; None = LanceDB's default
+        self._wlock = threading.Lock()       # this process's writes, one at a time
+        self._mlock = threading.Lock()       # one maintain()/ensure_index() at a time
+        self._maint_thread: threading.Thread | None = None
+        self._adds = 0
+        self._closed = False
+        self.last_index_report: IndexReport | None = None
+        self.schema = pa.schema([
+            ("id", pa.string()), ("kind", pa.string()), ("text", pa.string()),
+            ("vector", pa.list_(pa.float32(), self.dim)), ("persona", pa.string()),
+            ("task_id", pa.string()), ("ts", pa.float64()), ("dissonance", pa.float32()),
+            ("curated", pa.bool_()), ("meta", pa.string()),
+        ])
+        self._db = lancedb.connect(str(self.path), read_consistency_interval=timedelta(0))
+        try:
+            self.table = self._db.open_table(TABLE)
+        except (ValueError, FileNotFoundError):
+            try:
+                self.table = self._db.create_table(TABLE, schema=self.schema)
+            except (ValueError, OSError):  # another process created it meanwhile
+                self.table = self._db.open_table(TABLE)
+        vtype = self.table.schema.field("vector").type
+        have = getattr(vtype, "list_size", None)
+        if have != self.dim:
+            raise MemoryStoreError(
+                f"memory table at {self.path} stores {have}-d vectors but the embedder "
+                f"gives {self.dim}-d; use the embedder it was built with, or move "
+                f"{self.path} aside to start a new memory")
+        self._indexed = self._has_index()
+        if self._indexed:
+            self._load_tuning()
+
+    # -- helpers ----------------------------------------------------------------------
+    @property
+    def _tuning_path(self):
+        return self.path / "index_tuning.json"
+
+    def _load_tuning(self) -> None:
+        """Query settings ensure_index() chose, so a restart keeps the fast ones."""
+        try:
+            t = json.loads(self._tuning_path.read_text())
+            if t.get("index_type") == self.index_type:
+                self.nprobes = int(t["nprobes"])
+                self.refine_factor = t["refine_factor"] and int(t["refine_factor"])
+                self.ef = t.get("ef") and int(t["ef"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no (valid) file: the configured settings are the safe default
+
+    def _save_tuning(self, recall: float) -> None:
+        tmp = self._tuning_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"index_type": self.index_type, "nprobes": self.nprobes,
+                                   "refine_factor": self.refine_factor,
+                                   "ef": self.ef, "recall_at_10": recall}))
+        tmp.replace(self._tuning_path)
+
+    def _has_index(self) -> bool:
+        try:
+            return any("vector" in i.columns for i in self.table.list_indices())
+        except Exception:  # pragma: no cover - listing indices never matters for correctness
+            return False
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        vecs = np.asarray(self.embedder.embed(texts), dtype=np.float32)
+        if vecs.shape != (len(texts), self.dim):
+            raise MemoryStoreError(f"embedder returned shape {vecs.shape} for {len(texts)} "
+                               f"texts; expected ({len(texts)}, {self.dim})")
+        return vecs
+
+    def _vector(self, v: Any) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float32).reshape(-1)
+        if v.size != self.dim:
+            raise ValueError(f"query vector has {v.size} values; memory uses {self.dim}")
+        return v
+
+    @staticmethod
+    def _check_kind(kind: str) -> str:
+        if kind not in KINDS:
+            raise ValueError(f"memory kind must be one of {KINDS}, got {kind!r}")
+        return kind
+
+    def _publish_log(self, level: str, message: str) -> None:
+        if self.bus is not None:
+            self.bus.log(level, message, source="memory")
+        else:
+            log.log(logging.WARNING if level == "warning" else logging.INFO, message)
+
+    # -- writes -----------------------------------------------------------------------
+    def add(self, text: str, *, kind: str = "interaction", persona: str = "",
+            task_id: str = "", dissonance: float = 0.0,
+            meta: dict[str, Any] | None = None) -> str:
+        """Embed ``text`` and store it; returns the new record's id."""
+        return self.add_many([dict(text=text, kind=kind, persona=persona, task_id=task_id,
+                                   dissonance=dissonance, meta=meta)])[0]
+
+    def add_many(self, entries: Sequence[dict[str, Any]],
+                 vectors: np.ndarray | None = None) -> list[str]:
+        """Store several records in one write (one LanceDB version, one fragment).
+
+        Each entry has ``text`` and optionally kind/persona/task_id/dissonance/meta/ts.
+        ``vectors`` (n, dim) skips embedding (benchmarks, re-imports).
+        """
+        import pyarrow as pa
+
+        entries = list(entries)
+        if not entries:
+            return []
+        for e in entries:
+            if not isinstance(e.get("text"), str) or not e["text"].strip():
+                raise ValueError("memory text must be a non-empty string")
+            self._check_kind(e.get("kind", "interaction"))
+            if e.get("meta") is not None and not isinstance(e["meta"], dict):
+                raise ValueError("memory meta must be a dict")
+        if vectors is None:
+            vecs = self._embed([e["text"] for e in entries])
+        else:
+            vecs = np.asarray(vectors, dtype=np.float32)
+            if vecs.shape != (len(entries), self.dim):
+                raise ValueError(f"vectors shape {vecs.shape}; expected ({len(entries)}, {self.dim})")
+        if not np.all(np.isfinite(vecs)):
+            raise MemoryStoreError("embedder returned non-finite values; not storing them")
+        now = time.time()
+        ids = [uuid.uuid4().hex for _ in entries]
+        data = pa.table({
+            "id": ids,
+            "kind": [e.get("kind", "interaction") for e in entries],
+            "text": [e["text"] for e in entries],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), self.dim),
+            "persona": [str(e.get("persona") or "") for e in entries],
+            "task_id": [str(e.get("task_id") or "") for e in entries],
+            "ts": [float(e.get("ts") or now) for e in entries],
+            "dissonance": [float(e.get("dissonance") or 0.0) for e in entries],
+            "curated": [bool(e.get("curated", False)) for e in entries],
+            "meta": [json.dumps(e.get("meta") or {}, default=str, ensure_ascii=False)
+                     for e in entries],
+        }, schema=self.schema)
+        with self._wlock:
+            self.table.add(data)
+            self._adds += 1
+            due = self.auto_maintain and self._adds % _MAINTAIN_EVERY == 0
+        if due or (self.auto_maintain and not self._indexed and len(entries) > 1
+                   and self.table.count_rows() >= self.index_min_rows):
+            self.maintain_in_background()
+        return ids
+
+    def mark_curated(self, ids: Iterable[str]) -> int:
+        """Flag records as seen by the curator; returns how many rows changed."""
+        ids = [str(i) for i in ids]
+        if not ids:
+            return 0
+        where = f"id IN ({', '.join(_quote(i) for i in ids)})"
+        with self._wlock:
+            res = self.table.update(where=where, values={"curated": True})
+        return int(getattr(res, "rows_updated", len(ids)))
+
+    # -- reads ------------------------------------------------------------------------
+    def search(self, query: str | Sequence[float] | np.ndarray, k: int = 5, *,
+               kind: str | None = None, filters: str | None = None) -> list[MemoryRecord]:
+        """Nearest ``k`` memories to ``query`` (text, or a vector), closest first.
+
+        ``filters`` is a LanceDB SQL predicate over the columns, e.g.
+        ``"persona = 'BRICK' AND dissonance < 0.3"``; it is applied before the vector
+        search, so ``k`` results come back whenever that many rows match.
+        """
+        if k <= 0:
+            return []
+        if isinstance(query, str):
+            if not query.strip():
+                return []
+            vec = self._embed([query])[0]
+        else:
+            vec = self._vector(query)
+        where = self._where(kind, filters)
+        q = (self.table.search(vec, vector_column_name="vector")
+             .distance_type("cosine").limit(int(k)))
+        if where:
+            q = q.where(where, prefilter=True)
+        if self._indexed:
+            q = self._ann(q)
+        try:
+            rows = q.select(_COLUMNS + ["_distance"]).to_list()
+        except Exception as e:
+            if filters:
+                raise ValueError(f"memory search filter {filters!r} failed: {e}") from e
+            raise
+        return [_record(r) for r in rows]
+
+    def _ann(self, q):
+        q = q.nprobes(self.nprobes)
+        if self.ef:
+            q = q.ef(self.ef)
+        return q.refine_factor(self.refine_factor) if self.refine_factor else q
+
+    def _where(self, kind: str | None, filters: str | None,
+               extra: str | None = None) -> str | None:
+        parts = []
+        if kind is not None:
+            parts.append(f"kind = {_quote(self._check_kind(kind))}")
+        if filters:
+            parts.append(f"({filters})")
+        if extra:
+            parts.append(extra)
+        return " AND ".join(parts) or None
+
+    def recent(self, n: int = 10, *, uncurated_only: bool = False,
+               kind: str | None = None) -> list[MemoryRecord]:
+        """The ``n`` newest records (by ts, newest first)."""
+        import pyarrow.compute as pc
+
+        if n <= 0:
+            return []
+        where = self._where(kind, None, "curated = false" if uncurated_only else None)
+        q = self.table.search()
+        if where:
+            q = q.where(where)
+        # Two passes: find the newest ids from (id, ts) only, then fetch those rows.
+        keys = q.select(["id", "ts"]).limit(None).to_arrow()
+        if keys.num_rows == 0:
+            return []
+        order = pc.sort_indices(keys, sort_keys=[("ts", "descending")])[:n]
+        ids = keys["id"].take(order).to_pylist()
+        rows = {r["id"]: r for r in self._fetch(ids)}
+        return [_record(rows[i]) for i in ids if i in rows]
+
+    def _fetch(self, ids: list[str]) -> list[dict[str, Any]]:
+        where = f"id IN ({', '.join(_quote(i) for i in ids)})"
+        return self.table.search().where(where).select(_COLUMNS).limit(len(ids)).to_list()
+
+    def get(self, memory_id: str) -> MemoryRecord:
+        rows = self._fetch([str(memory_id)])
+        if not rows:
+            raise KeyError(f"no memory with id {memory_id!r}")
+        return _record(rows[0])
+
+    def count(self, kind: str | None = None) -> int:
+        if kind is None:
+            return self.table.count_rows()
+        return self.table.count_rows(f"kind = {_quote(self._check_kind(kind))}")
+
+    # -- index and maintenance -------------------------------------------------------
+    def _index_config(self):
+        from lancedb.index import IvfHnswSq, IvfPq
+
+        if self.index_type == "ivf_pq":
+            # 8 dims per sub-vector: small codes; refine_factor restores the recall.
+            return IvfPq(distance_type="cosine", num_sub_vectors=max(1, self.dim // 8))
+        if self.index_type == "ivf_hnsw_sq":
+            return IvfHnswSq(distance_type="cosine")
+        raise MemoryStoreError(f"memory.index_type {self.index_type!r} is not supported; "
+                           "use 'ivf_hnsw_sq' or 'ivf_pq'")
+
+    def ensure_index(self, *, force: bool = False) -> IndexReport:
+        """Build the ANN index once the table has ``index_min_rows`` rows (or ``force``),
+        then tune ``nprobes`` until recall@10 against brute force reaches 0.95."""
+        with self._mlock:
+            rows = self.count()
+            if self._indexed or self._has_index():
+                self._indexed = True
+                rep = IndexReport(rows=rows, indexed=True, index_type=self.index_type,
+                                  nprobes=self.nprobes, refine_factor=self.refine_factor,
+                                  ef=self.ef, note="index exists")
+                if self.last_index_report and self.last_index_report.recall_at_10 is not None:
+                    rep.recall_at_10 = self.last_index_report.recall_at_10
+                return rep
+            if rows < self.index_min_rows and not force:
+                return IndexReport(rows=rows, indexed=False,
+                                   note=f"{rows} rows < memory.index_min_rows="
+                                        f"{self.index_min_rows}; exact search is used")
+            if rows < 256:
+                return IndexReport(rows=rows, indexed=False,
+                                   note="an ANN index needs at least 256 rows to train")
+            t0 = time.perf_counter()
+            self._publish_log("info", f"memory: building {self.index_type} index over {rows} rows")
+            # No write lock: LanceDB commits appends made meanwhile; they stay searchable
+            # as unindexed rows until the next maintain().
+            self.table.create_index("vector", config=self._index_config(), replace=True)
+            self._indexed = True
+            recall = self._tune_recall()
+            self._save_tuning(recall)
+            rep = IndexReport(rows=rows, indexed=True, built=True, index_type=self.index_type,
+                              recall_at_10=recall, nprobes=self.nprobes,
+                              refine_factor=self.refine_factor, ef=self.ef,
+                              seconds=time.perf_counter() - t0)
+            if recall < _RECALL_TARGET:
+                rep.note = (f"recall@10 {recall:.2f} < {_RECALL_TARGET} even at nprobes="
+                            f"{self.nprobes}; raise memory.refine_factor or use "
+                            "memory.index_type='ivf_hnsw_sq'")
+                self._publish_log("warning", "memory: " + rep.note)
+            else:
+                self._publish_log("info", f"memory: index ready in {rep.seconds:.1f}s, "
+                                          f"recall@10 {recall:.3f} at nprobes={self.nprobes}")
+            self.last_index_report = rep
+            return rep
+
+    def _recall_probe(self, n_queries: int, k: int, seed: int):
+        """Queries near stored vectors (a paraphrase-sized nudge) and their exact top-k."""
+        keys = self.table.search().select(["id"]).limit(None).to_arrow()["id"].to_pylist()
+        if not keys:
+            return []
+        rng = np.random.default_rng(seed)
+        pick = [keys[int(i)] for i in rng.choice(len(keys), min(n_queries, len(keys)),
+                                                  replace=False)]
+        rows = (self.table.search().where(f"id IN ({', '.join(map(_quote, pick))})")
+                .select(["vector"]).limit(len(pick)).to_arrow())
+        vecs = np.asarray(rows["vector"].to_pylist(), dtype=np.float32)
+        vecs += (_PROBE_NOISE / np.sqrt(self.dim)) * rng.standard_normal(vecs.shape).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        probe = []
+        for v in vecs:
+            exact = (self.table.search(v, vector_column_name="vector").distance_type("cosine")
+                     .limit(k).bypass_vector_index().select(["id", "_distance"]).to_arrow())
+            probe.append((v, set(exact["id"].to_pylist())))
+        return probe
+
+    def _recall(self, probe, k: int) -> float:
+        if not probe:
+            return 1.0
+        hits = 0
+        for v, exact in probe:
+            ann = self._ann(self.table.search(v, vector_column_name="vector")
+                            .distance_type("cosine").limit(k)).select(["id", "_distance"])
+            hits += len(exact & set(ann.to_arrow()["id"].to_pylist()))
+        return hits / (k * len(probe))
+
+    def measure_recall(self, n_queries: int = _RECALL_QUERIES, k: int = 10,
+                       seed: int = 0) -> float:
+        """recall@k of the current query settings against brute force."""
+        return self._recall(self._recall_probe(n_queries, k, seed), k)
+
+    def _tune_recall(self) -> float:
+        """Cheapest query settings whose recall@10 reaches the tuning target.
+
+        A ladder from cheap to dear: IVF-HNSW-SQ first widens the HNSW beam (``ef``,
+        nearly free), then re-ranks with full vectors (``refine_factor``, ~+3 ms);
+        IVF-PQ always re-ranks. Then ``nprobes`` doubles up to a cap. The probe (and its
+        exact answers) is computed once and reused for every rung.
+        """
+        probe = self._recall_probe(_RECALL_QUERIES, 10, 0)
+        rf, base = int(self.settings.memory.refine_factor), self.nprobes
+        ladder: list[tuple[int, int | None, int | None]] = []
+        if self.index_type == "ivf_hnsw_sq":
+            ladder += [(base, None, None), (base, 64, None), (base, 128, None),
+                       (base, 256, None), (base, 128, rf)]
+        else:
+            ladder += [(base, None, rf)]
+        npb = base
+        while npb < _MAX_NPROBES:
+            npb = min(_MAX_NPROBES, npb * 2)
+            ladder.append((npb, 256 if self.index_type == "ivf_hnsw_sq" else None, rf))
+        recall = 0.0
+        for self.nprobes, self.ef, self.refine_factor in ladder:
+            recall = self._recall(probe, 10)
+            if recall >= _TUNE_TARGET:
+                break
+        return recall
+
+    def maintain(self) -> IndexReport:
+        """Compact fragments, fold new rows into the index, build it when due."""
+        with self._wlock:   # compaction rewrites fragments; keep our own writes out
+            try:
+                self.table.optimize()
+            except Exception as e:  # a conflicting writer in another process: try later
+                log.warning("memory optimize skipped: %s", e)
+        return self.ensure_index()
+
+    def maintain_in_background(self) -> bool:
+        """Start :meth:`maintain` on a daemon thread unless one is running."""
+        with self._mlock:
+            t = self._maint_thread
+            if self._closed or (t is not None and t.is_alive()):
+                return False
+
+            def run() -> None:
+                try:
+                    self.maintain()
+                except Exception:
+                    log.exception("memory maintenance failed (search still works, exact)")
+
+            self._maint_thread = threading.Thread(target=run, name="memory-maintain",
+                                                  daemon=True)
+            self._maint_thread.start()
+            return True
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Wait for background maintenance (so a stop never interrupts an index write)."""
+        self._closed = True
+        t = self._maint_thread
+        if t is not None:
+            t.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        return {"rows": self.count(), "indexed": self._indexed, "index_type": self.index_type,
+                "nprobes": self.nprobes, "refine_factor": self.refine_factor, "ef": self.ef,
+                "recall_at_10": (self.last_index_report.recall_at_10
+                                 if self.last_index_report else None)}

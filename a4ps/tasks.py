@@ -1,0 +1,364 @@
+"""Durable priority task queue on SQLite.
+
+Why SQLite: a task the user submitted must survive a crash. ``submit()`` returns only
+after the row is committed (WAL, ``synchronous=FULL``), so a SIGKILL or power loss after
+that point cannot lose it. After a restart the daemon calls :meth:`TaskQueue.recover`,
+which puts tasks that were ``running`` when the process died back in the queue (or fails
+them once they have been interrupted ``max_attempts`` times, so a task that kills the
+daemon cannot crash-loop it forever).
+
+Ordering: user tasks always run before self-generated ones (motivator goals,
+reflections), whatever their priority; within each group lower ``priority`` runs first,
+then submission order. So a self-generated task is never handed out while a user task
+is queued.
+
+States: queued -> running -> done | failed; queued -> cancelled; running ->
+(cancel_requested) -> cancelled when the worker acknowledges with ``cancel(id,
+force=True)``, or done/failed if it finishes first.
+
+Thread-safe: one connection guarded by a lock; ``claim`` runs in a ``BEGIN IMMEDIATE``
+transaction, so it is also atomic across processes sharing the file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+TERMINAL = ("done", "failed", "cancelled")
+USER = "user"
+DEFAULT_USER_PRIORITY = 0
+DEFAULT_SELF_PRIORITY = 10
+DEFAULT_MAX_ATTEMPTS = 3
+# A blocking claim() also re-checks the database this often, to see tasks that another
+# process (e.g. `a4ps ask` writing the same file) submitted.
+_POLL_S = 0.25
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    text TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    result TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    meta TEXT NOT NULL DEFAULT '{}',
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    -- generated, so "user tasks first" is part of the index order
+    is_self INTEGER GENERATED ALWAYS AS (origin != 'user') VIRTUAL
+);
+CREATE INDEX IF NOT EXISTS tasks_pick ON tasks (status, is_self, priority, seq);
+"""
+
+
+class TaskNotFound(KeyError):
+    """No task with that id."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "task not found"
+
+
+@dataclass
+class Task:
+    id: str
+    text: str
+    origin: str
+    priority: int
+    status: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    attempts: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    cancel_requested: bool = False
+
+    @property
+    def self_generated(self) -> bool:
+        return self.origin != USER
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _loads(s: str | None) -> Any:
+    if s is None:
+        return None
+    try:
+        return json.loads(s)
+    except ValueError:  # a row written by something else; show it rather than crash
+        return {"raw": s}
+
+
+def _dumps(obj: Any) -> str:
+    # default=str: a result holding e.g. a Path or numpy float must not fail finish().
+    return json.dumps(obj, default=str, ensure_ascii=False)
+
+
+_COLS = ("id, text, origin, priority, status, created, started, finished, result, error, "
+         "attempts, meta, cancel_requested")
+
+
+def _row(r: tuple) -> Task:
+    return Task(id=r[0], text=r[1], origin=r[2], priority=r[3], status=r[4], created=r[5],
+                started=r[6], finished=r[7], result=_loads(r[8]), error=r[9],
+                attempts=r[10], meta=_loads(r[11]) or {}, cancel_requested=bool(r[12]))
+
+
+class TaskQueue:
+    """Durable queue of tasks in one SQLite file (``settings.tasks_path``)."""
+
+    def __init__(self, path: Path | str, bus: Any = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.bus = bus
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._closed = False
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            with self._lock:
+                self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise RuntimeError(
+                f"task queue {self.path} cannot be opened ({e}); if the file is corrupt, "
+                "move it aside and restart (queued tasks in it would be lost)") from e
+
+    # -- plumbing -------------------------------------------------------------------
+    class _Tx:
+        def __init__(self, q: "TaskQueue", immediate: bool) -> None:
+            self.q, self.immediate = q, immediate
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.q._lock.acquire()
+            try:
+                self.q._check_open()
+                self.q._db.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+            except BaseException:
+                self.q._lock.release()
+                raise
+            return self.q._db
+
+        def __exit__(self, et, ev, tb) -> None:
+            try:
+                self.q._db.execute("COMMIT" if et is None else "ROLLBACK")
+            finally:
+                self.q._lock.release()
+
+    def _tx(self, immediate: bool = True) -> "TaskQueue._Tx":
+        return TaskQueue._Tx(self, immediate)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"task queue {self.path} is closed")
+
+    def _get(self, db: sqlite3.Connection, task_id: str) -> Task:
+        r = db.execute(f"SELECT {_COLS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if r is None:
+            raise TaskNotFound(f"no task with id {task_id!r} (see `a4ps tasks` / list())")
+        return _row(r)
+
+    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
+        if self.bus is not None:
+            self.bus.publish(topic, payload)
+
+    # -- API ------------------------------------------------------------------------
+    def submit(self, text: str, *, origin: str = USER, priority: int | None = None,
+               meta: dict[str, Any] | None = None) -> Task:
+        """Queue a task; once this returns the task is on disk and survives a crash."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("task text must be a non-empty string")
+        if not isinstance(origin, str) or not origin.strip():
+            raise ValueError("task origin must be a non-empty string such as 'user' or 'motivator'")
+        if priority is None:
+            priority = DEFAULT_USER_PRIORITY if origin == USER else DEFAULT_SELF_PRIORITY
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"task priority must be an int (lower runs first), got {priority!r}")
+        if meta is not None and not isinstance(meta, dict):
+            raise ValueError(f"task meta must be a dict, got {type(meta).__name__}")
+        task = Task(id=uuid.uuid4().hex, text=text, origin=origin, priority=priority,
+                    status="queued", created=time.time(), meta=dict(meta or {}))
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tasks (id, text, origin, priority, status, created, meta) "
+                "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+                (task.id, task.text, task.origin, task.priority, task.created, _dumps(task.meta)))
+        with self._cond:
+            self._cond.notify_all()
+        self._publish("task.queued", {"task_id": task.id, "text": task.text,
+                                      "origin": task.origin, "priority": task.priority})
+        return task
+
+    def _claim_once(self, allow_self_generated: bool) -> Task | None:
+        with self._tx() as db:
+            where = "status = 'queued'" + ("" if allow_self_generated else " AND is_self = 0")
+            r = db.execute(f"SELECT id FROM tasks WHERE {where} "
+                           "ORDER BY is_self, priority, seq LIMIT 1").fetchone()
+            if r is None:
+                return None
+            db.execute("UPDATE tasks SET status = 'running', started = ? WHERE id = ?",
+                       (time.time(), r[0]))
+            return self._get(db, r[0])
+
+    def claim(self, *, allow_self_generated: bool = True,
+              timeout: float | None = None) -> Task | None:
+        """Take the next task and mark it running, or return None.
+
+        ``timeout`` None or 0: do not wait. Otherwise wait up to that many seconds for
+        a task to arrive (from this process or another). ``allow_self_generated=False``
+        only hands out user tasks (e.g. while the motivator is paused).
+        """
+        deadline = None if not timeout else time.monotonic() + timeout
+        while True:
+            task = self._claim_once(allow_self_generated)
+            if task is not None or deadline is None:
+                return task
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            with self._cond:
+                if self._closed:
+                    return None
+                self._cond.wait(min(left, _POLL_S))
+
+    def _terminal(self, task_id: str, status: str, *, result: Any = None,
+                  error: str | None = None, allowed: Iterable[str] = ("running",)) -> bool:
+        with self._tx() as db:
+            t = self._get(db, task_id)
+            if t.status not in allowed:
+                log.warning("task %s is %s; not marking it %s", task_id, t.status, status)
+                return False
+            db.execute("UPDATE tasks SET status = ?, finished = ?, result = ?, error = ? "
+                       "WHERE id = ?",
+                       (status, time.time(), None if result is None else _dumps(result),
+                        error, task_id))
+            return True
+
+    def finish(self, task_id: str, result: dict[str, Any]) -> bool:
+        """Mark a running task done with its result. False if it was no longer running."""
+        return self._terminal(task_id, "done", result=result)
+
+    def fail(self, task_id: str, error: str) -> bool:
+        """Mark a task failed with a readable reason. False if already finished."""
+        return self._terminal(task_id, "failed", error=str(error),
+                              allowed=("running", "queued"))
+
+    def cancel(self, task_id: str, *, force: bool = False) -> bool:
+        """Cancel a task. Queued: cancelled at once. Running: flagged ``cancel_requested``
+        for the worker, which stops and confirms with ``cancel(id, force=True)``.
+        Returns False if the task had already finished."""
+        with self._tx() as db:
+            t = self._get(db, task_id)
+            if t.status in TERMINAL:
+                return False
+            if t.status == "queued" or force:
+                db.execute("UPDATE tasks SET status = 'cancelled', finished = ?, "
+                           "cancel_requested = 1, error = COALESCE(error, 'cancelled') "
+                           "WHERE id = ?", (time.time(), task_id))
+            else:
+                db.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ?", (task_id,))
+            return True
+
+    def cancel_requested(self, task_id: str) -> bool:
+        """Cheap check a worker makes between graph steps."""
+        return self.get(task_id).cancel_requested
+
+    def get(self, task_id: str) -> Task:
+        with self._lock:
+            self._check_open()
+            return self._get(self._db, task_id)
+
+    def list(self, status: str | Iterable[str] | None = None, limit: int = 50) -> list[Task]:
+        """Newest first, optionally only some statuses."""
+        statuses = [status] if isinstance(status, str) else (list(status) if status else [])
+        bad = [s for s in statuses if s not in STATUSES]
+        if bad:
+            raise ValueError(f"unknown task status {bad}; use one of {STATUSES}")
+        sql = f"SELECT {_COLS} FROM tasks"
+        if statuses:
+            sql += f" WHERE status IN ({','.join('?' * len(statuses))})"
+        sql += " ORDER BY seq DESC LIMIT ?"
+        with self._lock:
+            self._check_open()
+            return [_row(r) for r in self._db.execute(sql, (*statuses, int(limit)))]
+
+    def pending_count(self, origin: str | None = None) -> int:
+        """Queued tasks, optionally of one origin."""
+        sql, args = "SELECT COUNT(*) FROM tasks WHERE status = 'queued'", ()
+        if origin is not None:
+            sql, args = sql + " AND origin = ?", (origin,)
+        with self._lock:
+            self._check_open()
+            return self._db.execute(sql, args).fetchone()[0]
+
+    def recover(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]:
+        """Call once at daemon start, before any worker claims.
+
+        Tasks left ``running`` by a crash go back to ``queued`` with ``attempts + 1``;
+        a task interrupted ``max_attempts`` times fails with a clear error instead.
+        A running task whose cancel was requested is cancelled. Returns the tasks
+        touched, in their new state.
+        """
+        touched: list[str] = []
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute(f"SELECT {_COLS} FROM tasks WHERE status = 'running' "
+                              "ORDER BY seq").fetchall()
+            for t in map(_row, rows):
+                attempts = t.attempts + 1
+                if t.cancel_requested:
+                    db.execute("UPDATE tasks SET status='cancelled', finished=?, attempts=?, "
+                               "error='cancelled (daemon stopped while it ran)' WHERE id=?",
+                               (now, attempts, t.id))
+                elif attempts >= max_attempts:
+                    db.execute(
+                        "UPDATE tasks SET status='failed', finished=?, attempts=?, error=? "
+                        "WHERE id=?",
+                        (now, attempts,
+                         f"interrupted by a daemon crash {attempts} times "
+                         f"(max_attempts={max_attempts}); not retried again. It may be what "
+                         "crashes the daemon; resubmit it if you are sure it is safe.", t.id))
+                else:
+                    db.execute("UPDATE tasks SET status='queued', started=NULL, attempts=? "
+                               "WHERE id=?", (attempts, t.id))
+                touched.append(t.id)
+        if touched:
+            log.info("recovered %d interrupted task(s)", len(touched))
+            with self._cond:
+                self._cond.notify_all()
+        return [self.get(i) for i in touched]
+
+    def close(self) -> None:
+        """Close the file; blocked claim() calls return None."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            self._db.close()
+
+    def __enter__(self) -> "TaskQueue":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
