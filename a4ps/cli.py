@@ -394,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rationale", "-r", required=True, help="why the codex should change")
     p.add_argument("--timeout", type=float, default=5.0)
 
+    from .tools.commands import add_commands as add_tool_commands
+    add_tool_commands(sub)     # sandbox run FILE.py, tools list, tools show NAME
+
     return parser
 
 

@@ -1,0 +1,381 @@
+"""The live tool registry: forged tools are protos in the image.
+
+A tool ``mean`` is the proto ``tool.mean`` (parent proto ``tool``) with slots name,
+description, signature, spec, source, tests, version, created_by, test_results and
+created_at. Forging an existing name keeps the old proto as ``tool.mean.v1`` and moves
+``tool.mean`` to version 2. The source is mirrored to ``dynamic_tools/<name>.py`` for
+people to read; the image is the source of truth. Calling a tool runs it in the same
+sandbox the forge tests in: a forged tool never runs on the host.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import keyword
+import logging
+import math
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from a4ps.config import Settings
+    from a4ps.events import EventBus
+    from a4ps.proto import Proto, ProtoManager
+    from a4ps.tools.sandbox import Sandbox
+
+log = logging.getLogger(__name__)
+
+TOOL_PARENT = "tool"
+TOOL_MODULE = "tool"                 # the tool's file inside the sandbox: tool.py
+DEFAULT_TOOLS_DIR = Path(__file__).resolve().parent / "dynamic_tools"
+_CURRENT = re.compile(r"^tool\.([A-Za-z_][A-Za-z0-9_]*)$")
+_OLD = re.compile(r"^tool\.([A-Za-z_][A-Za-z0-9_]*)\.v(\d+)$")
+
+
+class ToolError(RuntimeError):
+    """Base of the registry's errors."""
+
+
+class ToolNotFound(ToolError, LookupError):
+    """No tool by that name."""
+
+
+class ToolCallError(ToolError):
+    """A tool call failed; ``stderr`` holds the sandbox's traceback, if any."""
+
+    def __init__(self, message: str, stderr: str = "", result: Any = None) -> None:
+        super().__init__(message + (f"\n{stderr.strip()[-2000:]}" if stderr.strip() else ""))
+        self.stderr = stderr
+        self.result = result
+
+
+def tool_name(raw: str) -> str:
+    """A Python identifier for a requested tool name ("Mean Calc" -> "mean_calc")."""
+    name = re.sub(r"[^0-9a-zA-Z_]+", "_", str(raw or "").strip()).strip("_").lower()
+    if not name:
+        raise ValueError(f"tool name {raw!r} has no letters or digits")
+    if name[0].isdigit():
+        name = "t_" + name
+    if keyword.iskeyword(name) or name in (TOOL_MODULE, "test_" + TOOL_MODULE):
+        name += "_tool"
+    return name
+
+
+class ToolInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str = "any"
+    description: str = ""
+
+
+class ToolExample(BaseModel):
+    """One call: ``args`` and (if known) the expected ``result``."""
+
+    model_config = ConfigDict(extra="ignore")
+    args: dict[str, Any] = Field(default_factory=dict)
+    result: Any = None
+
+    @property
+    def has_result(self) -> bool:
+        return "result" in self.model_fields_set
+
+
+class ToolSpec(BaseModel):
+    """What a tool should do, as BRICK (or a person) asks for it."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    description: str
+    inputs: dict[str, ToolInput] = Field(default_factory=dict)
+    output_type: str = "any"
+    examples: list[ToolExample] = Field(default_factory=list)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _identifier(cls, v: Any) -> str:
+        return tool_name(v)
+
+    @field_validator("description")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v or not v.strip():
+            raise ValueError("a tool needs a description of what it does")
+        return v.strip()
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, v: Any) -> Any:
+        if isinstance(v, dict):   # {"x": "float"} is short for {"x": {"type": "float"}}
+            return {k: ({"type": t} if isinstance(t, str) else t) for k, t in v.items()}
+        return v
+
+
+def signature_of(source: str, name: str) -> str:
+    """``name(a: float, b: int = 2) -> float`` from the source's top-level def."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return f"{name}(...)"
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            ret = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+            return f"{name}({ast.unparse(node.args)}){ret}"
+    return f"{name}(...)"
+
+
+# Runs inside the sandbox: call tool.<name>(**args.json), write result.json.
+CALL_HARNESS = """\
+import json, sys
+from tool import {name} as _fn
+with open("args.json", encoding="utf-8") as f:
+    _args = json.load(f)
+_result = _fn(**_args)
+try:
+    _text = json.dumps({{"result": _result}})
+except (TypeError, ValueError) as e:
+    print("the tool returned a value JSON cannot hold: " + type(_result).__name__ + ": " + str(e),
+          file=sys.stderr)
+    sys.exit(3)
+with open("result.json", "w", encoding="utf-8") as f:
+    f.write(_text)
+"""
+
+
+class ToolRegistry:
+    """Forged tools as protos; :meth:`call` runs one in the sandbox."""
+
+    def __init__(self, protos: ProtoManager, settings: Settings, bus: EventBus | None = None,
+                 embedder: Any = None, sandbox: Sandbox | None = None, *,
+                 tools_dir: str | Path | None = None) -> None:
+        self.protos = protos
+        self.settings = settings
+        self.bus = bus
+        self.embedder = embedder
+        self.sandbox = sandbox
+        self.tools_dir = Path(tools_dir) if tools_dir else DEFAULT_TOOLS_DIR
+        self._lock = threading.RLock()
+        self._vectors: dict[tuple[str, int, str], Any] = {}
+
+    # -- reading ----------------------------------------------------------------------
+    def _current(self) -> list[Proto]:
+        return sorted((p for p in self.protos if _CURRENT.match(p.name)), key=lambda p: p.name)
+
+    def get(self, name: str) -> Proto:
+        """The current version of tool ``name`` (raises ToolNotFound)."""
+        try:
+            key = tool_name(name)
+        except ValueError:
+            raise ToolNotFound(f"no tool named {name!r}") from None
+        proto = self.protos.find(f"tool.{key}")
+        if proto is None:
+            known = ", ".join(p.name[5:] for p in self._current()) or "none yet"
+            raise ToolNotFound(f"no tool named {name!r} (tools: {known}); forge it first")
+        return proto
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.get(name)
+            return True
+        except ToolNotFound:
+            return False
+
+    def versions(self, name: str) -> list[int]:
+        key = tool_name(name)
+        old = [int(m.group(2)) for p in self.protos
+               if (m := _OLD.match(p.name)) and m.group(1) == key]
+        cur = self.protos.find(f"tool.{key}")
+        return sorted(old + ([int(_s(cur, "version", 1))] if cur is not None else []))
+
+    def get_version(self, name: str, version: int) -> Proto:
+        key = tool_name(name)
+        cur = self.protos.find(f"tool.{key}")
+        if cur is not None and int(_s(cur, "version", 1)) == version:
+            return cur
+        old = self.protos.find(f"tool.{key}.v{version}")
+        if old is None:
+            raise ToolNotFound(f"tool {key!r} has no version {version} (has {self.versions(key)})")
+        return old
+
+    def describe(self, proto: Proto) -> dict[str, Any]:
+        results = _s(proto, "test_results") or {}
+        return {"name": _s(proto, "name"), "description": _s(proto, "description"),
+                "signature": _s(proto, "signature"), "version": _s(proto, "version"),
+                "created_by": _s(proto, "created_by"), "created_at": _s(proto, "created_at"),
+                "tests_passed": results.get("passed"), "tests_total": results.get("total"),
+                "versions": self.versions(_s(proto, "name"))}
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every tool's current version, as plain data (wire, UI, CLI)."""
+        return [self.describe(p) for p in self._current()]
+
+    def find(self, query: str, k: int = 3) -> list[dict[str, Any]]:
+        """The ``k`` tools whose descriptions are nearest ``query`` (best first).
+
+        A query that is a tool's exact name ranks that tool first.
+        """
+        tools = self._current()
+        if not tools or k <= 0:
+            return []
+        texts = [f"{_s(p, 'name')}: {_s(p, 'description')}" for p in tools]
+        scores = self._similarities(str(query), tools, texts)
+        try:
+            exact = f"tool.{tool_name(query)}"
+        except ValueError:
+            exact = None
+        ranked = sorted(zip(tools, scores), key=lambda ps: (ps[0].name != exact, -ps[1]))
+        return [{**self.describe(p), "score": 1.0 if p.name == exact else round(float(s), 4)}
+                for p, s in ranked[:k]]
+
+    def _similarities(self, query: str, tools: list[Proto], texts: list[str]) -> list[float]:
+        if self.embedder is None:
+            return [_overlap(query, t) for t in texts]
+        try:
+            import numpy as np
+            with self._lock:
+                missing = [(p, t) for p, t in zip(tools, texts)
+                           if (p.name, p.version, t) not in self._vectors]
+                if missing:
+                    vecs = _embed(self.embedder, [t for _, t in missing])
+                    for (p, t), vec in zip(missing, vecs):
+                        self._vectors[(p.name, p.version, t)] = vec
+                mat = np.stack([self._vectors[(p.name, p.version, t)] for p, t in zip(tools, texts)])
+            q = _embed(self.embedder, [query])[0]
+            mat = mat / (np.linalg.norm(mat, axis=1, keepdims=True) + 1e-12)
+            q = q / (np.linalg.norm(q) + 1e-12)
+            return [float(x) for x in mat @ q]
+        except Exception:
+            log.warning("tool search: embedding failed; using word overlap", exc_info=True)
+            return [_overlap(query, t) for t in texts]
+
+    # -- writing ----------------------------------------------------------------------
+    def register(self, spec: Any, source: str, tests: str, created_by: str,
+                 test_results: dict[str, Any] | None = None) -> Proto:
+        """Add tool ``spec.name`` (a new version when it exists; the old one is kept)."""
+        spec = spec if isinstance(spec, ToolSpec) else ToolSpec.model_validate(spec)
+        name = spec.name
+        slots = {"name": name, "description": spec.description,
+                 "signature": signature_of(source, name),
+                 "spec": spec.model_dump(mode="json"), "source": source, "tests": tests,
+                 "created_by": created_by, "test_results": _plain(test_results or {}),
+                 "created_at": time.time()}
+        with self._lock:
+            if TOOL_PARENT not in self.protos:
+                self.protos.create(TOOL_PARENT, {"kind": "tool"})
+            current = self.protos.find(f"tool.{name}")
+            if current is None:
+                proto = self.protos.create(f"tool.{name}", {**slots, "version": 1}, parent=TOOL_PARENT)
+            else:
+                old_version = int(_s(current, "version", 1))
+                keep = f"tool.{name}.v{old_version}"
+                if keep not in self.protos:
+                    self.protos.copy(current.name, keep)
+                proto = self.protos.update(current.name, {**slots, "version": old_version + 1})
+            self._mirror(name, source, proto)
+        return proto
+
+    def _mirror(self, name: str, source: str, proto: Proto) -> None:
+        try:
+            self.tools_dir.mkdir(parents=True, exist_ok=True)
+            path = self.tools_dir / f"{name}.py"
+            header = (f"# Forged tool {name} v{_s(proto, 'version')} by {_s(proto, 'created_by')}."
+                      f" The live image holds the source of truth; this copy is for reading.\n")
+            tmp = path.with_suffix(".py.tmp")
+            tmp.write_text(header + source if not source.startswith("# Forged tool") else source,
+                           encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            log.warning("could not mirror tool %s to %s", name, self.tools_dir, exc_info=True)
+
+    def sync_files(self) -> int:
+        """Rewrite every tool's mirror from the image (after a load); returns the count."""
+        tools = self._current()
+        for p in tools:
+            self._mirror(_s(p, "name"), _s(p, "source") or "", p)
+        return len(tools)
+
+    # -- calling ----------------------------------------------------------------------
+    def call(self, name: str, args: dict[str, Any] | None = None, *,
+             timeout: float | None = None) -> Any:
+        """Run tool ``name`` with ``args`` in the sandbox; its JSON-decoded result."""
+        proto = self.get(name)
+        key = _s(proto, "name")
+        args = dict(args or {})
+        self._check_args(proto, args)
+        if self.sandbox is None:
+            raise ToolCallError(f"cannot call tool {key!r}: no sandbox configured")
+        if not self.sandbox.available:
+            raise ToolCallError(f"cannot call tool {key!r}: sandbox unavailable: {self.sandbox.reason}")
+        try:
+            args_text = json.dumps(args)
+        except (TypeError, ValueError) as e:
+            raise ToolCallError(f"arguments for {key!r} must be JSON data: {e}") from None
+        from a4ps.tools.sandbox import SandboxError
+        try:
+            res = self.sandbox.run(CALL_HARNESS.format(name=key),
+                                   files={f"{TOOL_MODULE}.py": _s(proto, "source") or "",
+                                          "args.json": args_text},
+                                   timeout=timeout, collect=["result.json"])
+        except SandboxError as e:
+            raise ToolCallError(f"tool {key!r}: {e}") from e
+        if not res.ok:
+            why = f"limit hit: {res.limit_hit}" if res.limit_hit else f"exit {res.exit_code}"
+            raise ToolCallError(f"tool {key!r} failed ({why})", res.stderr)
+        try:
+            return json.loads(res.files["result.json"])["result"]
+        except (KeyError, ValueError) as e:
+            raise ToolCallError(f"tool {key!r} wrote no readable result ({e})", res.stderr) from None
+
+    @staticmethod
+    def _check_args(proto: Proto, args: dict[str, Any]) -> None:
+        if not isinstance(args, dict):
+            raise ToolCallError("tool arguments must be a mapping of name to value")
+        inputs = (_s(proto, "spec") or {}).get("inputs") or {}
+        if not inputs:
+            return
+        unknown = sorted(set(args) - set(inputs))
+        if unknown:
+            raise ToolCallError(f"tool {_s(proto, 'name')!r} takes {sorted(inputs)}; "
+                                f"unknown argument(s) {unknown}")
+
+
+def _s(proto: Proto, key: str, default: Any = None) -> Any:
+    """A slot's value ("name" and "version" are also Proto properties: read the slot)."""
+    try:
+        return proto.lookup(key)[1]
+    except AttributeError:
+        return default
+
+
+def _embed(embedder: Any, texts: list[str]) -> Any:
+    import numpy as np
+    if hasattr(embedder, "embed"):
+        out = embedder.embed(texts)
+    elif hasattr(embedder, "encode"):
+        out = embedder.encode(texts)
+    else:
+        out = embedder(texts)
+    return np.asarray(out, dtype=np.float32)
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 1}
+
+
+def _overlap(a: str, b: str) -> float:
+    wa, wb = _words(a), _words(b)
+    return len(wa & wb) / math.sqrt(len(wa) * len(wb)) if wa and wb else 0.0
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
