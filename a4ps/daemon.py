@@ -34,6 +34,7 @@ import os
 import secrets
 import signal
 import stat
+import sys
 import threading
 import time
 import uuid
@@ -409,8 +410,13 @@ class Daemon:
         log.info("daemon %s stopped", self.boot_id)
         return finished
 
-    def run(self) -> int:
-        """Start, serve until SIGTERM/SIGINT, stop. Returns the exit code."""
+    def run(self, *, hard_exit: bool = True) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop. Returns the exit code.
+
+        ``hard_exit``: once everything is saved, leave with ``os._exit`` instead of
+        returning: native finalizers (LanceDB's loop, torch) took 6-10 s at
+        interpreter exit here, which would make shutdown time unbounded in practice.
+        """
         def on_signal(signum: int, _frame: Any) -> None:
             if self._stop_requested.is_set():
                 log.warning("second %s: exiting now", signal.Signals(signum).name)
@@ -427,9 +433,14 @@ class Daemon:
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-        if not finished:
-            # the worker thread is inside a model call we cannot interrupt; everything
-            # is saved and checkpointed, so leave without waiting for it
+        if hard_exit or not finished:
+            # (not finished: the worker is inside a model call we cannot interrupt)
+            # everything is saved and checkpointed, so leave without waiting
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
             logging.shutdown()
             os._exit(0)
         return 0
