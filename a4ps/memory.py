@@ -163,6 +163,7 @@ class MemoryManager:
                 f"gives {self.dim}-d; use the embedder it was built with, or move "
                 f"{self.path} aside to start a new memory")
         self._indexed = self._has_index()
+        self._fts = False
         if self._indexed:
             self._load_tuning()
 
@@ -191,7 +192,8 @@ class MemoryManager:
 
     def _has_index(self) -> bool:
         try:
-            return any("vector" in i.columns for i in self.table.list_indices())
+            return any("vector" in i.columns and i.index_type != "FTS"
+                       for i in self.table.list_indices())
         except Exception:  # pragma: no cover - listing indices never matters for correctness
             return False
 
@@ -290,35 +292,65 @@ class MemoryManager:
 
     # -- reads ------------------------------------------------------------------------
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 5, *,
-               kind: str | None = None, filters: str | None = None) -> list[MemoryRecord]:
+               kind: str | None = None, filters: str | None = None,
+               hybrid: bool = False) -> list[MemoryRecord]:
         """Nearest ``k`` memories to ``query`` (text, or a vector), closest first.
 
         ``filters`` is a LanceDB SQL predicate over the columns, e.g.
         ``"persona = 'BRICK' AND dissonance < 0.3"``; it is applied before the vector
         search, so ``k`` results come back whenever that many rows match.
+        ``hybrid=True`` (text queries) fuses the vector ranking with BM25 full-text
+        ranking (reciprocal rank fusion): exact names, codes and rare words that an
+        embedding blurs are still found. ``score`` is then the fused relevance.
         """
         if k <= 0:
             return []
+        text = None
         if isinstance(query, str):
             if not query.strip():
                 return []
+            text = query
             vec = self._embed([query])[0]
         else:
             vec = self._vector(query)
         where = self._where(kind, filters)
-        q = (self.table.search(vec, vector_column_name="vector")
-             .distance_type("cosine").limit(int(k)))
+        if hybrid and text is not None:
+            self._ensure_fts()
+            q = (self.table.search(query_type="hybrid", vector_column_name="vector")
+                 .vector(vec).text(text).distance_type("cosine").limit(int(k)))
+        else:
+            q = (self.table.search(vec, vector_column_name="vector")
+                 .distance_type("cosine").limit(int(k)))
         if where:
             q = q.where(where, prefilter=True)
         if self._indexed:
             q = self._ann(q)
         try:
-            rows = q.select(_COLUMNS + ["_distance"]).to_list()
+            if hybrid and text is not None:
+                rows = q.to_list()
+            else:
+                rows = q.select(_COLUMNS + ["_distance"]).to_list()
         except Exception as e:
             if filters:
                 raise ValueError(f"memory search filter {filters!r} failed: {e}") from e
             raise
-        return [_record(r) for r in rows]
+        out = [_record(r) for r in rows]
+        if hybrid and text is not None:
+            for rec, row in zip(out, rows):
+                rec.score = float(row.get("_relevance_score") or 0.0)
+        return out
+
+    def _ensure_fts(self) -> None:
+        """Full-text (BM25) index on ``text``, built on first hybrid search; rows added
+        later are folded in by :meth:`maintain` (and searched unindexed meanwhile)."""
+        if self._fts:
+            return
+        from lancedb.index import FTS
+
+        with self._mlock:
+            if not any("text" in i.columns for i in self.table.list_indices()):
+                self.table.create_index("text", config=FTS(), replace=True)
+            self._fts = True
 
     def _ann(self, q):
         q = q.nprobes(self.nprobes)

@@ -246,3 +246,29 @@ def test_real_minilm_semantic_recall(settings):
     assert mem.search("bank loans getting more expensive", k=1)[0].id == ids["finance"]
     top = mem.search("playing a string instrument", k=4)
     assert top[0].id == ids["music"] and top[0].score > top[-1].score
+
+
+def test_hybrid_search_finds_exact_codes_the_embedding_blurs(settings):
+    class Blurry:
+        """A 2-d embedder: every text lands in one of 2 directions."""
+
+        dim = 2
+
+        def embed(self, texts):
+            v = np.array([[1.0, 0.1] if len(t) % 2 else [0.1, 1.0] for t in texts],
+                         dtype=np.float32)
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    mem = MemoryManager(settings, Blurry(), auto_maintain=False)
+    mem.add_many([{"text": f"routine log line {i} nothing to see"} for i in range(200)])
+    target = mem.add("the vault codeword is ORCHID77 for tonight", persona="ALFRED")
+    assert target not in [r.id for r in mem.search("codeword ORCHID77", k=3)]
+    hits = mem.search("codeword ORCHID77", k=3, hybrid=True)
+    # Reciprocal rank fusion: FTS rank 1 ties the vector rank 1, so top-2, not top-1.
+    assert target in [h.id for h in hits[:2]]
+    assert all(h.score is not None and h.score > 0 for h in hits)
+    assert target not in [r.id for r in mem.search("ORCHID77", k=3, hybrid=True,
+                                                   filters="persona = 'BRICK'")]
+    later = mem.add("a second secret: PELICAN42")       # added after the FTS index
+    assert later in [h.id for h in mem.search("PELICAN42", k=2, hybrid=True)]
+    assert not mem.stats()["indexed"]                    # FTS is not the vector index
