@@ -138,6 +138,7 @@ def daemon_throughput(n: int, data_dir: Path) -> tuple[float, int]:
 
 def start_daemon(data_dir: Path) -> tuple[subprocess.Popen, object]:
     env = {**os.environ, "A4PS_DATA_DIR": str(data_dir), "A4PS_MODELS__BACKEND": "scripted",
+           "A4PS_MODELS__EMBEDDING_BACKEND": "hash",
            "A4PS_BUS__COMMAND_ADDR": free_addr(), "A4PS_BUS__EVENT_ADDR": free_addr(),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     settings = load_settings(data_dir=data_dir)

@@ -402,7 +402,7 @@ class DaemonProc:
         self.env = {**os.environ, "A4PS_DATA_DIR": str(data_dir),
                     "A4PS_BUS__COMMAND_ADDR": cmd_addr, "A4PS_BUS__EVENT_ADDR": ev_addr,
                     "A4PS_BUS__HEARTBEAT_INTERVAL_S": "0.5",
-                    "A4PS_MODELS__BACKEND": "scripted",
+                    "A4PS_MODELS__BACKEND": "scripted", "A4PS_MODELS__EMBEDDING_BACKEND": "hash",
                     "A4PS_CURATOR__ENABLED": "false", "A4PS_MOTIVATOR__ENABLED": "false",
                     "A4PS_PHILOSOPHER__ENABLED": "false",
                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -460,6 +460,7 @@ def procs(tmp_path):
         d.log.close()
 
 
+@pytest.mark.slow
 def test_real_daemon_task_events_over_the_socket(procs):
     d = procs()
     d.wait_ready()
@@ -485,6 +486,7 @@ def test_real_daemon_task_events_over_the_socket(procs):
     assert d.proc.wait(60) == 0, d.output()[-3000:]
 
 
+@pytest.mark.slow
 def test_real_daemon_restart_lock_sigkill_and_sigterm(procs):
     d = procs()
     d.wait_ready()
