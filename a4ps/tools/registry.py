@@ -332,15 +332,38 @@ class ToolRegistry:
 
     @staticmethod
     def _check_args(proto: Proto, args: dict[str, Any]) -> None:
+        """Refuse arguments the tool's function cannot take, before starting a sandbox."""
         if not isinstance(args, dict):
             raise ToolCallError("tool arguments must be a mapping of name to value")
-        inputs = (_s(proto, "spec") or {}).get("inputs") or {}
-        if not inputs:
+        params = parameters_of(_s(proto, "source") or "", _s(proto, "name"))
+        if params is None:
             return
-        unknown = sorted(set(args) - set(inputs))
-        if unknown:
-            raise ToolCallError(f"tool {_s(proto, 'name')!r} takes {sorted(inputs)}; "
-                                f"unknown argument(s) {unknown}")
+        names, required, var_kw = params
+        unknown = sorted(set(args) - set(names)) if not var_kw else []
+        missing = [n for n in required if n not in args]
+        if unknown or missing:
+            raise ToolCallError(
+                f"tool {_s(proto, 'name')!r} is {_s(proto, 'signature')}: "
+                + "; ".join(x for x in (f"unknown argument(s) {unknown}" if unknown else "",
+                                        f"missing argument(s) {missing}" if missing else "") if x))
+
+
+def parameters_of(source: str, name: str) -> tuple[list[str], list[str], bool] | None:
+    """(keyword-passable names, required names, takes **kwargs) of ``def name``."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            a = node.args
+            pos = a.posonlyargs + a.args
+            names = [x.arg for x in a.args + a.kwonlyargs]
+            n_req = len(pos) - len(a.defaults)
+            required = [x.arg for x in pos[:n_req] if x not in a.posonlyargs]
+            required += [x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
+            return names, required, a.kwarg is not None
+    return None
 
 
 def _s(proto: Proto, key: str, default: Any = None) -> Any:

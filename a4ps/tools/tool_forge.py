@@ -132,6 +132,7 @@ def parse_reply(reply: str, name: str) -> tuple[str, str]:
         raise ReplyError("the reply was empty: reply with a ```python block defining the tool")
     blocks = [b.strip("\n") for lang, b in _FENCE.findall(reply)
               if lang.lower() in ("", "python", "py", "python3")]
+    fenced = bool(blocks)
     if not blocks:
         blocks = [reply.strip()]
     source = tests = None
@@ -150,7 +151,7 @@ def parse_reply(reply: str, name: str) -> tuple[str, str]:
             tests = tests or split_tests
     if source is None:
         broken = [b for b in blocks if _top_defs(b) is None]
-        if broken:
+        if broken and fenced:
             try:
                 ast.parse(broken[0])
             except SyntaxError as e:
