@@ -243,6 +243,9 @@ class Daemon:
         reg("codex.get", lambda a: s.codex.to_dict())
         reg("codex.decide", self._codex_decide)
         reg("codex.propose", self._codex_propose)
+        motivator = getattr(s, "motivator", None)
+        if callable(getattr(motivator, "set_paused", None)):
+            reg("motivator.pause", self._motivator_pause)
 
     # -- handlers ------------------------------------------------------------------
     def daemon_status(self) -> dict[str, Any]:
@@ -334,6 +337,12 @@ class Daemon:
         except CodexError as e:
             raise self._codex_error(e) from None
         return amendment.to_dict()
+
+    def _motivator_pause(self, a: P.PauseArgs) -> dict[str, Any]:
+        motivator = self.system.motivator
+        motivator.set_paused(a.paused)
+        status = getattr(motivator, "status", None)
+        return {"paused": a.paused, **(status() if callable(status) else {})}
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> Daemon:

@@ -167,6 +167,7 @@ COMMANDS: dict[str, type[BaseModel]] = {
     "system.status": NoArgs,
     "system.save": NoArgs,
     "system.ping": NoArgs,
+    "motivator.pause": PauseArgs,
 }
 
 

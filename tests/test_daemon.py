@@ -480,6 +480,8 @@ def test_real_daemon_task_events_over_the_socket(procs):
             assert c.request("task.get", {"id": task["id"]})["status"] == "done"
             snap = c.request("system.snapshot")
             assert {"ALFRED", "BRICK", "ROBIN"} <= {p["name"] for p in snap["protos"]}
+            assert c.request("motivator.pause", {"paused": True})["paused"] is True
+            assert c.request("system.status")["motivator"]["paused"] is True
     finally:
         sub.close()
     d.proc.send_signal(signal.SIGTERM)
