@@ -12,8 +12,8 @@ import pytest
 
 from a4ps.codex import Codex
 from a4ps.events import EventRecorder
-from a4ps.services.motivator_service import (GOAL_ORIGIN, REFLECTION_ORIGIN, IdleWatch,
-                                             Motivator, parse_goal)
+from a4ps.services.motivator_service import (GOAL_MAX_TOKENS, GOAL_ORIGIN, REFLECTION_ORIGIN,
+                                             IdleWatch, Motivator, parse_goal)
 
 GOAL = "Explore how to explain recursion to a beginner with one small example."
 
@@ -128,6 +128,7 @@ def test_idle_for_the_configured_time_queues_exactly_one_low_priority_goal(parts
         assert events[0].payload["task_id"] == goal.id and events[0].payload["goal"] == GOAL
         # the model call ran on the motivator's thread, never the publisher's
         assert len(backend.calls) == 1
+        assert backend.calls[0][2]["max_tokens"] == GOAL_MAX_TOKENS   # short: the model is shared
         prompt = backend.calls[0][1][-1]["content"]
         assert "Principles:" in prompt and "stewardship" in prompt
     finally:
@@ -263,6 +264,9 @@ def test_parse_goal_reads_lenient_replies():
     assert parse_goal(None) is None
     assert parse_goal("<the goal, one sentence>") is None
     assert parse_goal("short") is None
+    # what SmolLM2-135M really answered to the goal prompt: an echo of the instruction
+    assert parse_goal("The goal is to explore, practise, and consolidate, grounded in our "
+                      "principles and recent memories.") is None
 
 
 # -- reflections --------------------------------------------------------------------------

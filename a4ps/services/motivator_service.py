@@ -40,6 +40,9 @@ SELF_ORIGINS = (GOAL_ORIGIN, REFLECTION_ORIGIN)
 HOUR = 3600.0
 DAY = 86400.0
 MAX_GOAL_CHARS = 300
+# short generations: while ALFRED drafts, the single resident model is busy, and a user
+# task that arrives meanwhile waits for it
+GOAL_MAX_TOKENS = 64
 _RECENT_MEMORIES = 5
 
 
@@ -209,6 +212,25 @@ _GOAL_PREFIX = re.compile(r"^\s*(?:[-*#>\d.)\s]+)?\**\s*(?:goal|new goal|propose
 _PLACEHOLDER = re.compile(r"<[^>]*>|\bone sentence\b", re.IGNORECASE)
 
 
+GOAL_INSTRUCTION = ("Propose ONE concrete goal for the team to work on now: something to "
+                    "explore, practise or consolidate, grounded in our principles and recent "
+                    "memories.")
+_FILLER = set("the a an to of and or in on for our is be we this that it as with".split())
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]{3,}", text.lower()) if w not in _FILLER}
+
+
+def is_echo(goal: str, instruction: str = GOAL_INSTRUCTION, threshold: float = 0.6) -> bool:
+    """True when most of the goal's words come from the instruction (a tiny model's
+    favourite non-answer: "The goal is to explore, practise and consolidate...")."""
+    words = _content_words(goal)
+    if not words:
+        return True
+    return len(words & _content_words(instruction)) / len(words) >= threshold
+
+
 def parse_goal(reply: Any) -> str | None:
     """The goal in a model's reply, or None when there is no usable one.
 
@@ -227,6 +249,8 @@ def parse_goal(reply: Any) -> str | None:
     sentences = re.split(r"(?<=[.!?])\s+", goal)
     goal = " ".join(sentences[:2]).strip()
     if _PLACEHOLDER.search(goal) or len(goal.split()) < 4 or not re.search(r"[A-Za-z]", goal):
+        return None
+    if is_echo(goal):
         return None
     return clip(goal, MAX_GOAL_CHARS)
 
@@ -403,7 +427,7 @@ class Motivator:
         prompt = self.goal_prompt(memories)
         reply, source = None, "alfred"
         try:
-            reply = self.protos.get("ALFRED").invoke_llm(prompt)
+            reply = self.protos.get("ALFRED").invoke_llm(prompt, max_tokens=GOAL_MAX_TOKENS)
         except Exception as e:  # model unavailable: a templated goal still helps
             log.warning("motivator: ALFRED could not propose a goal (%s); using a template", e)
         goal = parse_goal(reply)
@@ -435,9 +459,7 @@ class Motivator:
             for pid, text in pc.principles.items():
                 principles.append(f"- {name}.{pid}: {text}")
         mem = "\n".join(f"- {clip(text_of(m), 200)}" for m in memories) or "- (nothing yet)"
-        return ("The system is idle. Propose ONE concrete goal for the team to work on now: "
-                "something to explore, practise or consolidate, grounded in our principles "
-                "and recent memories.\n\n"
+        return (f"The system is idle. {GOAL_INSTRUCTION}\n\n"
                 f"Principles:\n{chr(10).join(principles)}\n\n"
                 f"Recent memories:\n{mem}\n\n"
                 "Answer with one line:\nGOAL: <the goal, one sentence>")

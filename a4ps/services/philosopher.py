@@ -43,6 +43,7 @@ MAX_PENDING_OWN = 3        # the philosopher's own pending proposals before it w
 SCHEDULE_MIN_TASKS = 2     # a scheduled review needs at least this many similar tasks
 MAX_PRINCIPLE_CHARS = 400
 TEMPLATE_MARK = "[templated]"
+DRAFT_MAX_TOKENS = 160     # four short lines; keeps the shared model free for user tasks
 
 _STOP = set("""a an and are as at be but by can could did do does for from has have how i if
 in into is it its me my no not of on or our so than that the their them then there these
@@ -321,7 +322,7 @@ class Philosopher:
         prompt = self.draft_prompt(cluster)
         reply = None
         try:
-            reply = self.protos.get("ALFRED").invoke_llm(prompt)
+            reply = self.protos.get("ALFRED").invoke_llm(prompt, max_tokens=DRAFT_MAX_TOKENS)
         except Exception as e:
             self.last_error = f"ALFRED could not draft: {type(e).__name__}: {e}"
             log.warning("philosopher: %s; using a templated proposal", self.last_error)
