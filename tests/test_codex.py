@@ -274,38 +274,44 @@ def test_decide_without_or_with_a_wrong_token_is_refused_and_changes_nothing(ser
 
 # -- approval rebuilds the persona prompt live, and the change survives a restart -----------
 
-def test_approval_rebuilds_the_persona_prompt_live_and_survives_a_restart(settings, bus, codex):
-    """The System's own codex.decided handler on real protos; then an image round trip."""
-    from a4ps.image import ImageStore
-    from a4ps.proto import ProtoManager
+def _system(settings, backend):
+    from a4ps.models.embeddings import HashEmbedder
     from a4ps.system import System
-    protos = ProtoManager(bus)
-    protos.create("persona", {"temperature": 0.7})
-    for name in codex.personas:
-        protos.clone("persona", name, system_prompt=codex.system_prompt(name))
-    host = System.__new__(System)              # only the parts its handler touches
-    host.protos, host.codex, host._codex_dirty = protos, codex, False
-    bus.subscribe("codex.decided", host._on_codex_decided)
+    return System(settings, chat_backend=backend, embedder=HashEmbedder())
 
-    a = codex.propose("ROBIN", "care", NEW_CARE, "r")
-    b = codex.propose("BRICK", "rigour", "Reason step by step and name your assumptions.", "r")
-    codex.decide(b.id, 1, False, by="user")
-    assert protos.get("BRICK").system_prompt == codex.system_prompt("BRICK")
-    assert "name your assumptions" not in protos.get("BRICK").system_prompt
-    v = protos.get("ROBIN").version
-    codex.decide(a.id, 1, True, by="user")
-    robin = protos.get("ROBIN")
-    assert NEW_CARE in robin.system_prompt and robin.version == v + 1     # live
-    assert NEW_CARE not in protos.get("ALFRED").system_prompt
 
-    store = ImageStore(settings.image_path, settings.snapshot_dir)
-    store.save({"protos": protos.image_state(), "codex": codex.image_state()})
-    parts, _ = ImageStore(settings.image_path, settings.snapshot_dir).load()   # restart
-    protos2 = ProtoManager()
-    protos2.restore_image(parts["protos"])
-    codex2 = Codex.from_toml(CODEX_PATH)
-    codex2.restore_image(parts["codex"])
-    assert codex2.version == 2 and NEW_CARE in protos2.get("ROBIN").system_prompt
-    assert codex2.system_prompt("ROBIN") == protos2.get("ROBIN").system_prompt
-    with pytest.raises(CodexError, match="rejected before"):
-        codex2.propose("BRICK", "rigour", "Reason step by step and name your assumptions.", "r")
+def test_approval_changes_the_persona_prompt_live_and_survives_a_restart(settings):
+    """The real System: its codex.decided handler rebuilds the proto's prompt, the next
+    model call carries it, and a restarted System loads the approved codex."""
+    from a4ps.models.scripted import ScriptedBackend
+    settings.motivator.enabled = settings.philosopher.enabled = False
+    settings.curator.enabled = False
+    backend = ScriptedBackend(["ok"])
+    system = _system(settings, backend).start()
+    try:
+        codex, protos = system.codex, system.protos
+        a = codex.propose("ROBIN", "care", NEW_CARE, "r", origin="user")
+        b = codex.propose("BRICK", "rigour", "Reason step by step and name your assumptions.", "r")
+        codex.decide(b.id, 1, False, by="user")
+        assert "name your assumptions" not in protos.get("BRICK").system_prompt
+        v = protos.get("ROBIN").version
+        assert NEW_CARE not in protos.get("ROBIN").system_prompt
+        codex.decide(a.id, 1, True, by="user", reason="kinder")
+        robin = protos.get("ROBIN")
+        assert NEW_CARE in robin.system_prompt and robin.version > v          # live
+        assert NEW_CARE not in protos.get("ALFRED").system_prompt
+        robin.invoke_llm("hello")
+        assert NEW_CARE in backend.calls[-1][1][0]["content"]                 # the model sees it
+    finally:
+        system.stop()
+    again = _system(settings, ScriptedBackend(["ok"])).start()               # restart
+    try:
+        assert again.codex.version == 2
+        assert NEW_CARE in again.protos.get("ROBIN").system_prompt
+        assert again.codex.history[-1].reason == "kinder"
+        assert [x.status for x in again.codex.proposals.values()].count("rejected") == 1
+        with pytest.raises(CodexError, match="rejected before"):
+            again.codex.propose("BRICK", "rigour",
+                                "Reason step by step and name your assumptions.", "r")
+    finally:
+        again.stop()
