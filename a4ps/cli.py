@@ -311,15 +311,26 @@ def _cmd_codex_propose(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     where = "daemon"
     if a is None:
+        from .daemon import LOCK_NAME, DaemonLock, DaemonLockError
         where = "image"
-        codex, parts, store = _codex_local(settings)
+        lock = DaemonLock(settings.data_dir / LOCK_NAME)   # no daemon may start meanwhile
         try:
-            a = codex.propose(args.persona, args.principle_id, text, args.rationale,
-                              origin="user").to_dict()
-        except CodexError as e:
-            print(f"a4ps codex propose: refused: {e}", file=sys.stderr)
+            lock.acquire()
+        except DaemonLockError as e:
+            print(f"a4ps codex propose: a daemon holds the image but did not answer: {e}",
+                  file=sys.stderr)
             return 1
-        store.save({**parts, "codex": codex.image_state()})
+        try:
+            codex, parts, store = _codex_local(settings)
+            try:
+                a = codex.propose(args.persona, args.principle_id, text, args.rationale,
+                                  origin="user").to_dict()
+            except CodexError as e:
+                print(f"a4ps codex propose: refused: {e}", file=sys.stderr)
+                return 1
+            store.save({**parts, "codex": codex.image_state()})
+        finally:
+            lock.release()
     if isinstance(a, dict) and "amendment" in a and "id" not in a:
         a = a["amendment"]
     print(f"proposed {a['id']} ({where}): {a['persona']}.{a['principle_id']}")

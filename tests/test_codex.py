@@ -315,3 +315,29 @@ def test_approval_changes_the_persona_prompt_live_and_survives_a_restart(setting
                                 "Reason step by step and name your assumptions.", "r")
     finally:
         again.stop()
+
+
+def test_cli_propose_refuses_to_write_the_image_under_a_silent_daemon(settings, capsys):
+    """A process holds the daemon lock but answers nothing: never write its image."""
+    import subprocess
+    import sys
+    import time as _t
+
+    from a4ps.cli import main
+    from a4ps.daemon import LOCK_NAME
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from a4ps.daemon import DaemonLock; "
+        f"DaemonLock(Path({str(settings.data_dir / LOCK_NAME)!r})).acquire(); "
+        "print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc = main(["--data-dir", str(settings.data_dir), "codex", "propose", "ROBIN", "care",
+                   NEW_CARE, "-r", "x"])
+        assert rc == 1 and "did not answer" in capsys.readouterr().err
+        assert not settings.image_path.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    _t.sleep(0.05)
+    assert main(["--data-dir", str(settings.data_dir), "codex", "propose", "ROBIN", "care",
+                 NEW_CARE, "-r", "x"]) == 0
