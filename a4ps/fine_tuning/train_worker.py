@@ -1,0 +1,380 @@
+"""The training child: `python -m a4ps.fine_tuning.train_worker JOB.json`.
+
+Training runs in its own process because importing Unsloth patches TRL and
+transformers globally, a crash or out-of-memory must not take the daemon down, and
+the memory of a training run is only truly returned when its process ends. The
+parent (:class:`a4ps.fine_tuning.unsloth_forge.PersonaFinetuner`) reads one JSON
+object per line from this process's stdout; everything else the libraries print is
+sent to stderr, which the parent keeps as ``train.log``.
+
+Lines written (``event`` key):
+  start     {backend, device, why, base_dir, train_size, heldout_size, max_steps}
+  eval      {which: "current"|"new", loss, ppl, tokens}
+  progress  {step, max_steps, loss}
+  done      {adapter_dir, backend, steps, first_loss, last_loss, current_loss,
+             new_loss, seconds, peak_rss_mb, adapter_bytes}
+  error     {message}           (then exit code 1)
+
+The backend is chosen here: Unsloth when it imports and finds CUDA, else TRL+PEFT on
+the CPU with the same recipe (LoRA r=16 on the seven projections, warmup + linear
+schedule, lr 2e-4, 8-bit AdamW where bitsandbytes and CUDA are present).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, TextIO
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+_out: TextIO = sys.stdout
+
+
+def emit(event: str, **payload: Any) -> None:
+    _out.write(json.dumps({"event": event, **payload}, default=str) + "\n")
+    _out.flush()
+
+
+def _claim_stdout() -> None:
+    """Keep the real stdout for our JSON lines; send all other output to stderr."""
+    global _out
+    fd = os.dup(1)
+    _out = os.fdopen(fd, "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+
+def _idle_cores() -> int:
+    """CPU threads to train with: the cores not already busy.
+
+    On a shared, loaded machine OpenMP threads fighting for the same cores made a
+    training step 10x slower than one thread; on an idle machine this is every core.
+    """
+    n = os.cpu_count() or 1
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:
+        busy = 0
+    return max(1, min(n, n - busy))
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+# -- data ------------------------------------------------------------------------------
+
+def read_samples(path: str | Path) -> list[dict[str, Any]]:
+    """Golden-set lines -> [{system, user, assistant}]; bad lines are skipped."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        msgs = row.get("messages") or []
+        user = next((m.get("content", "") for m in msgs if m.get("role") == "user"), "")
+        answer = next((m.get("content", "") for m in reversed(msgs)
+                       if m.get("role") == "assistant"), "")
+        if user and answer:
+            out.append({"user": user, "assistant": answer})
+    return out
+
+
+def _messages(sample: dict[str, Any], system_prompt: str | None, with_answer: bool):
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    msgs.append({"role": "user", "content": sample["user"]})
+    if with_answer:
+        msgs.append({"role": "assistant", "content": sample["assistant"]})
+    return msgs
+
+
+def render(tokenizer, sample, system_prompt, eos: str | None) -> str:
+    text = tokenizer.apply_chat_template(_messages(sample, system_prompt, True), tokenize=False)
+    text = text.rstrip("\n")
+    if eos and not text.endswith(eos):
+        text += eos
+    return text
+
+
+# -- evaluation --------------------------------------------------------------------------
+
+def answer_loss(model, tokenizer, samples, system_prompt, eos, max_length, device) -> tuple[float, int]:
+    """Mean NLL over the answer tokens only (prompt tokens are masked out)."""
+    import torch
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for s in samples:
+            prompt = tokenizer.apply_chat_template(_messages(s, system_prompt, False),
+                                                   tokenize=False, add_generation_prompt=True)
+            full = render(tokenizer, s, system_prompt, eos)
+            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            f_ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+            if len(f_ids) <= len(p_ids):
+                continue
+            ids = torch.tensor([f_ids], device=device)
+            labels = ids.clone()
+            labels[0, :len(p_ids)] = -100
+            out = model(input_ids=ids, labels=labels)
+            n = int((labels[0, 1:] != -100).sum())
+            total += float(out.loss) * n
+            count += n
+    if was_training:
+        model.train()
+    if count == 0:
+        return float("nan"), 0
+    return total / count, count
+
+
+# -- backend choice ------------------------------------------------------------------------
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """('unsloth'|'trl', why). Unsloth is imported only when CUDA is there."""
+    if requested == "trl":
+        return "trl", "TRL+PEFT requested"
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except Exception as e:  # pragma: no cover - torch is a hard dependency
+        return "trl", f"torch unusable: {e}"
+    if not cuda:
+        if requested == "unsloth":
+            raise RuntimeError("backend 'unsloth' requested but no CUDA device is visible")
+        return "trl", "no CUDA device: TRL+PEFT on the CPU"
+    # Unsloth falls back to CPU by itself on CPU-only machines; we only want it on CUDA.
+    os.environ.setdefault("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
+    try:
+        import unsloth  # noqa: F401  (must come before trl/transformers/peft)
+    except Exception as e:
+        if requested == "unsloth":
+            raise RuntimeError(f"backend 'unsloth' requested but it did not import: {e}")
+        return "trl", f"CUDA present but Unsloth unavailable ({type(e).__name__}: {e})"
+    if getattr(unsloth, "DEVICE_TYPE", "cuda") == "cpu":
+        return "trl", "Unsloth imported but chose the CPU"
+    return "unsloth", f"Unsloth {getattr(unsloth, '__version__', '?')} on {torch.cuda.get_device_name(0)}"
+
+
+# -- training ------------------------------------------------------------------------------
+
+def _progress_callback(max_steps: int):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def __init__(self):
+            self.losses: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                loss = float(logs["loss"])
+                self.losses.append(loss)
+                emit("progress", step=state.global_step, max_steps=max_steps, loss=loss)
+
+    return Progress()
+
+
+def _trainer_class(cuda: bool):
+    """SFTTrainer, or on the CPU a subclass computing the model's own cross-entropy.
+
+    TRL 1.15 computes the SFT loss with Triton kernels (a fused LM head), which need
+    Triton and CUDA tensors; a CPU-only torch has neither, so there we fall back to
+    ``transformers.Trainer.compute_loss`` (TRL's suggested extension point).
+    """
+    from trl import SFTTrainer
+    if cuda:
+        import importlib.util
+        if importlib.util.find_spec("triton") is not None:
+            return SFTTrainer
+    from transformers import Trainer
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return PlainLossSFTTrainer
+
+
+def _sft_config(job: dict[str, Any], out_dir: Path, *, cuda: bool, bf16: bool, optim: str,
+                eos: str | None):
+    from trl import SFTConfig
+    kw = dict(
+        output_dir=str(out_dir / "trainer"),
+        max_steps=int(job["steps"]),
+        per_device_train_batch_size=int(job["batch_size"]),
+        gradient_accumulation_steps=int(job["grad_accum"]),
+        learning_rate=float(job["learning_rate"]),
+        warmup_steps=int(job["warmup_steps"]),
+        lr_scheduler_type="linear",
+        weight_decay=0.01,
+        optim=optim,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=int(job.get("seed", 3407)),
+        max_length=int(job["max_length"]),
+        dataset_text_field="text",
+        packing=False,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    if eos:
+        kw["eos_token"] = eos
+    return SFTConfig(**kw)
+
+
+def train(job: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.monotonic()
+    backend, why = choose_backend(job.get("backend", "auto"))
+    import torch
+    from datasets import Dataset
+
+    random.seed(int(job.get("seed", 3407)))
+    torch.manual_seed(int(job.get("seed", 3407)))
+    threads = int(job.get("threads") or 0) or _idle_cores()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+
+    base_dir = str(job["base_dir"])
+    out_dir = Path(job["out_dir"])
+    adapter_out = out_dir / "adapter"
+    train_samples = read_samples(job["train_path"])
+    heldout = read_samples(job["heldout_path"]) if job.get("heldout_path") else []
+    if not train_samples:
+        raise ValueError(f"no usable samples in {job['train_path']}")
+    system_prompt = job.get("system_prompt") or None
+    current_adapter = job.get("current_adapter") or None
+    max_length = int(job["max_length"])
+    cuda = backend == "unsloth" or torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel, is_bfloat16_supported
+        bf16 = bool(is_bfloat16_supported())
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=base_dir, max_seq_length=max_length, dtype=None, load_in_4bit=False)
+        if current_adapter:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, current_adapter, is_trainable=True)
+        else:
+            model = FastLanguageModel.get_peft_model(
+                model, r=int(job["lora_r"]), lora_alpha=int(job["lora_alpha"]),
+                target_modules=TARGET_MODULES, lora_dropout=0, bias="none",
+                use_gradient_checkpointing="unsloth", random_state=int(job.get("seed", 3407)))
+        optim = "adamw_8bit"
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from peft import LoraConfig, PeftModel, get_peft_model
+        bf16 = bool(cuda and torch.cuda.is_bf16_supported())
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+        if cuda:
+            model = model.to("cuda")
+        if current_adapter:
+            model = PeftModel.from_pretrained(model, current_adapter, is_trainable=True)
+        else:
+            model = get_peft_model(model, LoraConfig(
+                r=int(job["lora_r"]), lora_alpha=int(job["lora_alpha"]),
+                target_modules=TARGET_MODULES, lora_dropout=0.0, bias="none",
+                task_type="CAUSAL_LM"))
+        optim = "adamw_torch"
+        if cuda:
+            try:
+                import bitsandbytes  # noqa: F401
+                optim = "adamw_8bit"
+            except Exception:
+                pass
+
+    vocab = tokenizer.get_vocab()
+    eos = "<|im_end|>" if "<|im_end|>" in vocab else None
+    pad = next((t for t in ("<|endoftext|>", "<pad>") if t in vocab), None)
+    if tokenizer.pad_token is None and pad:
+        tokenizer.pad_token = pad
+
+    emit("start", backend=backend, why=why, device=device, base_dir=base_dir,
+         train_size=len(train_samples), heldout_size=len(heldout), max_steps=int(job["steps"]),
+         optim=optim, bf16=bf16, current_adapter=current_adapter, threads=threads)
+
+    # Before training the model IS the current one: a fresh LoRA starts with B=0 (the
+    # base exactly), a continued one starts from the live adapter.
+    current_loss, n_tok = (answer_loss(model, tokenizer, heldout, system_prompt, eos,
+                                       max_length, device) if heldout else (float("nan"), 0))
+    if heldout:
+        emit("eval", which="current", loss=current_loss, ppl=_ppl(current_loss), tokens=n_tok)
+
+    texts = [render(tokenizer, s, system_prompt, eos) for s in train_samples]
+    dataset = Dataset.from_list([{"text": t} for t in texts])
+    trainer_cls = _trainer_class(cuda) if backend == "trl" else None
+    if trainer_cls is None:
+        from trl import SFTTrainer as trainer_cls
+    args = _sft_config(job, out_dir, cuda=cuda, bf16=bf16, optim=optim, eos=eos)
+    progress = _progress_callback(int(job["steps"]))
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset,
+                         processing_class=tokenizer, callbacks=[progress])
+    trainer.train()
+    model = trainer.model
+
+    new_loss, n_tok = (answer_loss(model, tokenizer, heldout, system_prompt, eos,
+                                   max_length, device) if heldout else (float("nan"), 0))
+    if heldout:
+        emit("eval", which="new", loss=new_loss, ppl=_ppl(new_loss), tokens=n_tok)
+
+    model.save_pretrained(str(adapter_out))
+    # The adapter must name a base by a stable path, not the temp trainer dir.
+    cfg_path = adapter_out / "adapter_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = base_dir
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    adapter_bytes = sum(p.stat().st_size for p in adapter_out.rglob("*") if p.is_file())
+    losses = progress.losses
+    return {"adapter_dir": str(adapter_out), "backend": backend, "why": why,
+            "steps": int(trainer.state.global_step),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "current_loss": current_loss, "new_loss": new_loss,
+            "seconds": round(time.monotonic() - t0, 2), "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None),
+            "adapter_bytes": adapter_bytes}
+
+
+def _ppl(loss: float) -> float | None:
+    if loss is None or math.isnan(loss):
+        return None
+    return math.exp(min(loss, 50.0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m a4ps.fine_tuning.train_worker JOB.json", file=sys.stderr)
+        return 2
+    _claim_stdout()
+    try:
+        job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+        result = train(job)
+    except BaseException as e:  # report anything, then exit non-zero
+        traceback.print_exc()
+        emit("error", message=f"{type(e).__name__}: {e}")
+        return 1
+    emit("done", **result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

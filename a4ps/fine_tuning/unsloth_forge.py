@@ -1,0 +1,586 @@
+"""The persona forge: LoRA fine-tune, evaluation gate, cognitive atomic swap.
+
+``PersonaFinetuner.finetune(persona, dataset)``:
+
+1. splits the golden set into train and held-out parts (deterministic);
+2. asks the ModelManager to release the resident model (one model in memory: the
+   seed's 8 GB rule), then trains a LoRA adapter in a **child process**
+   (:mod:`a4ps.fine_tuning.train_worker`) supervised from here: a reader thread turns
+   its JSON lines into ``finetune.progress`` events, this thread enforces the timeout.
+   The child picks Unsloth when it imports and finds CUDA, else TRL+PEFT on the CPU.
+   A crash or kill of the child is reported; the live persona is untouched;
+3. stages the candidate: on the embedded backend the model id
+   ``smollm2-135m+lora:<adapter dir>``; on Ollama, ``create`` with the adapter blobs
+   over the persona's base tag;
+4. runs the gate (:mod:`a4ps.fine_tuning.evaluation`): held-out answer loss, and
+   ALFRED judging both models' answers on a few held-out tasks;
+5. swaps only if the candidate is not worse: one ``protos.update`` sets the persona's
+   ``model_name`` and appends to ``model_lineage``, so a task already running keeps
+   the old model and the next one uses the new. A refused candidate is recorded in
+   the lineage too (``status: "rejected"``).
+
+``rollback(persona)`` makes the previous live version live again.
+Files: ``<adapter_dir>/<PERSONA>/v<N>/`` holds ``train.jsonl``, ``heldout.jsonl``,
+``job.json``, ``train.log``, ``adapter/`` and ``comparison.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import PROJECT_ROOT
+from .evaluation import Comparison, decide, judge_answers
+
+log = logging.getLogger(__name__)
+
+TRAINABLE = ("ALFRED", "BRICK", "ROBIN")
+WORKER_MODULE = "a4ps.fine_tuning.train_worker"
+
+
+class FinetuneError(RuntimeError):
+    """A fine-tune request that cannot run as asked; the message says what to do."""
+
+
+@dataclass
+class FinetuneReport:
+    """What one fine-tune did. ``swapped`` tells whether the persona now uses it."""
+
+    persona: str
+    version: int | None = None
+    ok: bool = False                  # training finished and produced an adapter
+    swapped: bool = False
+    reason: str = ""
+    backend: str | None = None        # "unsloth" | "trl"
+    backend_why: str | None = None
+    steps: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    train_size: int = 0
+    heldout_size: int = 0
+    adapter_dir: str | None = None
+    adapter_bytes: int | None = None
+    previous_model: str | None = None
+    model_name: str | None = None     # the candidate's model id/tag
+    comparison: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    train_seconds: float | None = None
+    peak_rss_mb: float | None = None
+    peak_gpu_mb: float | None = None
+    exit_code: int | None = None
+    log_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _ChildResult:
+    events: list[dict[str, Any]]
+    exit_code: int | None
+    timed_out: bool
+
+    def last(self, name: str) -> dict[str, Any] | None:
+        for e in reversed(self.events):
+            if e.get("event") == name:
+                return e
+        return None
+
+
+def read_golden(path: str | Path) -> list[dict[str, Any]]:
+    """Usable golden-set rows (chat format with a user and an assistant turn)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(msgs, list):
+            continue
+        user = next((m.get("content") for m in msgs if isinstance(m, dict) and m.get("role") == "user"), None)
+        ans = next((m.get("content") for m in reversed(msgs)
+                    if isinstance(m, dict) and m.get("role") == "assistant"), None)
+        if user and ans:
+            rows.append(row)
+    return rows
+
+
+def split_holdout(rows: list[dict[str, Any]], fraction: float, seed: int = 3407
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out): a seeded shuffle, at least one row in each part."""
+    if len(rows) < 2:
+        raise FinetuneError(f"the golden set has {len(rows)} usable sample(s); at least 2 are "
+                            f"needed (one to train on, one held out)")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_hold = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
+    hold = sorted(order[:n_hold])
+    train = sorted(order[n_hold:])
+    return [rows[i] for i in train], [rows[i] for i in hold]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _user_answer(row: dict[str, Any]) -> dict[str, str]:
+    msgs = row["messages"]
+    return {"user": next(m["content"] for m in msgs if m.get("role") == "user"),
+            "assistant": next(m["content"] for m in reversed(msgs) if m.get("role") == "assistant")}
+
+
+class PersonaFinetuner:
+    """Fine-tunes a persona's model and swaps it in when it passes the gate.
+
+    ``backend``: "auto" (Unsloth on CUDA, else TRL+PEFT), "trl" or "unsloth" (fail if
+    unavailable). ``python``: the interpreter for the training child. ``ollama``: an
+    object with ``create_with_adapter(tag, base, dir)`` (default: the ModelManager's
+    backend when it has one, else an :class:`OllamaBackend` on demand).
+    """
+
+    def __init__(self, settings, bus, protos, models, *, backend: str = "auto",
+                 python: str | None = None, ollama: Any = None,
+                 base_checkpoint: Path | str | None = None) -> None:
+        if backend not in ("auto", "trl", "unsloth"):
+            raise ValueError(f"backend must be 'auto', 'trl' or 'unsloth', not {backend!r}")
+        self.settings = settings
+        self.bus = bus
+        self.protos = protos
+        self.models = models
+        self.backend = backend
+        self.python = python or sys.executable
+        self._ollama = ollama
+        self._base_checkpoint = Path(base_checkpoint) if base_checkpoint else None
+        self._busy = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+
+    # -- public ------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._busy.locked()
+
+    def finetune(self, persona: str, dataset_path: str | Path, *, steps: int | None = None,
+                 heldout_path: str | Path | None = None) -> FinetuneReport:
+        """Train, gate and (maybe) swap. Never raises for a failed run: read the report.
+
+        ``heldout_path``: evaluate on this file instead of a split of the dataset
+        (then every dataset row is trained on).
+        """
+        t0 = time.monotonic()
+        report = FinetuneReport(persona=persona)
+        if not self._busy.acquire(blocking=False):
+            report.reason = "another fine-tune is running; try again when it has finished"
+            return report
+        try:
+            self._run(report, persona, Path(dataset_path), steps,
+                      Path(heldout_path) if heldout_path else None)
+        except FinetuneError as e:
+            report.reason = str(e)
+        except Exception as e:  # a bug here must not take the daemon down
+            log.exception("fine-tune of %s failed", persona)
+            report.reason = f"fine-tune failed: {type(e).__name__}: {e}"
+        finally:
+            self._proc = None
+            self._busy.release()
+            report.seconds = round(time.monotonic() - t0, 2)
+        if not report.swapped:
+            self.bus.log("warning" if not report.ok else "info",
+                         f"fine-tune of {persona}: {'kept the live model' if report.ok else 'failed'}"
+                         f" - {report.reason}", persona=persona, version=report.version)
+        return report
+
+    def cancel(self) -> bool:
+        """Stop a running training child (the report will say it was killed)."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return False
+        proc.kill()
+        return True
+
+    def lineage(self, persona: str) -> list[dict[str, Any]]:
+        proto = self._persona(persona)
+        return [dict(e) for e in (proto.get("model_lineage") or [])]
+
+    def rollback(self, persona: str) -> dict[str, Any]:
+        """Make the previous live version live again; returns {from, to, version}."""
+        proto = self._persona(persona)
+        lineage = [dict(e) for e in (proto.get("model_lineage") or [])]
+        live_idx = next((i for i in range(len(lineage) - 1, -1, -1)
+                         if lineage[i].get("status") == "live"), None)
+        if live_idx is None:
+            raise FinetuneError(f"{persona} has no fine-tuned version to roll back from "
+                                f"(model_lineage is empty)")
+        prev_idx = next((i for i in range(live_idx - 1, -1, -1)
+                         if lineage[i].get("status") == "superseded"), None)
+        if prev_idx is None:
+            raise FinetuneError(f"{persona} is on its first version; there is nothing to roll back to")
+        prev, cur = lineage[prev_idx], lineage[live_idx]
+        adir = prev.get("adapter_dir")
+        if adir and prev.get("backend", "embedded") == "embedded" and \
+                not (Path(adir) / "adapter_config.json").is_file():
+            raise FinetuneError(f"version {prev['version']}'s adapter is gone ({adir}); "
+                                f"cannot roll back to it")
+        if proto.get("model_name") != cur.get("model_name"):
+            raise FinetuneError(
+                f"{persona}'s model_name ({proto.get('model_name')}) is not its live lineage "
+                f"version ({cur.get('model_name')}); it was changed by hand, so set it by hand")
+        cur["status"] = "rolled_back"
+        cur["rolled_back_at"] = time.time()
+        prev["status"] = "live"
+        self.protos.update(persona, {"model_name": prev["model_name"], "model_lineage": lineage},
+                           expected_version=proto.version)
+        out = {"persona": persona, "from": cur["model_name"], "to": prev["model_name"],
+               "version": prev["version"]}
+        self.bus.publish("model.swapped", {**out, "old": cur["model_name"],
+                                           "new": prev["model_name"], "rollback": True})
+        return out
+
+    # -- the run -------------------------------------------------------------------------
+    def _persona(self, persona: str):
+        proto = self.protos.find(persona)
+        if proto is None:
+            raise FinetuneError(f"no persona proto named {persona!r}; personas are "
+                                f"{[n for n in TRAINABLE if n in self.protos]}")
+        return proto
+
+    def _run(self, report: FinetuneReport, persona: str, dataset: Path, steps: int | None,
+             heldout_path: Path | None) -> None:
+        cfg = self.settings.finetune
+        proto = self._persona(persona)
+        if not dataset.is_file():
+            raise FinetuneError(f"dataset {dataset} does not exist")
+        rows = read_golden(dataset)
+        if heldout_path is not None:
+            if not heldout_path.is_file():
+                raise FinetuneError(f"held-out file {heldout_path} does not exist")
+            train_rows, hold_rows = rows, read_golden(heldout_path)
+            if not train_rows or not hold_rows:
+                raise FinetuneError("both the dataset and the held-out file need usable samples")
+        else:
+            train_rows, hold_rows = split_holdout(rows, cfg.holdout_fraction)
+        report.train_size, report.heldout_size = len(train_rows), len(hold_rows)
+        steps = int(steps or cfg.max_steps)
+        if steps < 1:
+            raise FinetuneError(f"steps must be >= 1, got {steps}")
+
+        current_model = str(proto.get("model_name"))
+        report.previous_model = current_model
+        backend_kind = self._model_backend(proto)
+        lineage = [dict(e) for e in (proto.get("model_lineage") or [])]
+        current_adapter = self._current_adapter(current_model, lineage, backend_kind)
+
+        version = self._next_version(persona, lineage)
+        vdir = (Path(self.settings.adapter_dir) / persona / f"v{version}").resolve()
+        vdir.mkdir(parents=True, exist_ok=False)
+        report.version = version
+        _write_jsonl(vdir / "train.jsonl", train_rows)
+        _write_jsonl(vdir / "heldout.jsonl", hold_rows)
+
+        base_dir = self._base_dir()
+        job = {
+            "base_dir": str(base_dir), "train_path": str(vdir / "train.jsonl"),
+            "heldout_path": str(vdir / "heldout.jsonl"), "out_dir": str(vdir),
+            "current_adapter": str(current_adapter) if current_adapter else None,
+            "system_prompt": proto.get("system_prompt") or "",
+            "steps": steps, "learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
+            "lora_alpha": cfg.lora_alpha, "warmup_steps": min(cfg.warmup_steps, max(0, steps - 1)),
+            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "max_length": cfg.max_length, "backend": self.backend, "seed": 3407,
+            "threads": int(self.settings.models.embedded.threads or 0),
+        }
+        (vdir / "job.json").write_text(json.dumps(job, indent=2), encoding="utf-8")
+
+        # One model in memory: the live model leaves before training starts.
+        self.models.release()
+        result = self._train(persona, vdir, steps, float(cfg.timeout_s))
+        report.log_path = str(vdir / "train.log")
+        report.exit_code = result.exit_code
+        start = result.last("start") or {}
+        report.backend, report.backend_why = start.get("backend"), start.get("why")
+        done = result.last("done")
+        if done is None or result.exit_code != 0:
+            report.reason = self._failure_reason(result, vdir)
+            (vdir / "FAILED").write_text(report.reason + "\n", encoding="utf-8")
+            return
+        report.ok = True
+        for k in ("steps", "first_loss", "last_loss", "adapter_bytes", "peak_rss_mb", "peak_gpu_mb"):
+            setattr(report, k, done.get(k))
+        report.train_seconds = done.get("seconds")
+        report.adapter_dir = done["adapter_dir"]
+        self.bus.publish("model.tuned", {
+            "persona": persona, "version": version, "adapter_dir": report.adapter_dir,
+            "backend": report.backend, "steps": report.steps, "first_loss": report.first_loss,
+            "last_loss": report.last_loss, "train_size": report.train_size,
+            "seconds": report.train_seconds})
+
+        # Stage the candidate where the persona's backend can run it.
+        try:
+            candidate = self._stage(persona, version, Path(report.adapter_dir), current_model,
+                                    lineage, backend_kind)
+        except Exception as e:
+            report.reason = (f"the adapter was trained but could not be staged on the "
+                             f"{backend_kind} backend: {type(e).__name__}: {e}; "
+                             f"{persona} keeps {current_model}")
+            self._record(persona, proto, lineage, version, current_model, None, report,
+                         backend_kind, status="failed", swap=False)
+            return
+        report.model_name = candidate
+
+        cmp = Comparison(current_model=current_model, candidate_model=candidate,
+                         current_loss=done.get("current_loss"), new_loss=done.get("new_loss"),
+                         heldout_size=len(hold_rows))
+        cmp.current_ppl, cmp.new_ppl = _ppl(cmp.current_loss), _ppl(cmp.new_loss)
+        if cfg.judge_samples > 0 and "ALFRED" in self.protos:
+            samples = [_user_answer(r) for r in hold_rows[: cfg.judge_samples]]
+            cmp.judge_current, cmp.judge_new, cmp.judge_samples = judge_answers(
+                self._judge, self._answer_with(proto), samples, current_model, candidate,
+                proto.get("system_prompt") or None)
+        decide(cmp, cfg.max_loss_regression)
+        report.comparison = cmp.to_dict()
+        (vdir / "comparison.json").write_text(json.dumps(report.comparison, indent=2, default=str),
+                                              encoding="utf-8")
+        if not cmp.passed:
+            report.reason = f"the gate refused v{version}: {cmp.reason}"
+            self._record(persona, proto, lineage, version, current_model, candidate, report,
+                         backend_kind, status="rejected", swap=False)
+            return
+        swapped = self._record(persona, proto, lineage, version, current_model, candidate,
+                               report, backend_kind, status="live", swap=True)
+        report.swapped = swapped
+        report.reason = (f"v{version} passed the gate and is live: {cmp.reason}" if swapped else
+                         f"v{version} passed the gate but {persona}'s model changed during "
+                         f"training; kept the new one ({self.protos.get(persona).get('model_name')})")
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _model_backend(self, proto) -> str:
+        return str(proto.get("model_backend") or self.settings.models.backend)
+
+    def _base_dir(self) -> Path:
+        if self._base_checkpoint is not None:
+            return self._base_checkpoint
+        from ..models.embedded import ensure_base_checkpoint
+        return Path(ensure_base_checkpoint(self.settings))
+
+    @staticmethod
+    def _current_adapter(current_model: str, lineage: list[dict[str, Any]], backend_kind: str
+                         ) -> Path | None:
+        """The live adapter to continue from (training resumes from what is live)."""
+        if backend_kind == "embedded":
+            from ..models.embedded import LORA_TAG
+            _, sep, adir = current_model.partition(LORA_TAG)
+            if sep and (Path(adir) / "adapter_config.json").is_file():
+                return Path(adir)
+            return None
+        live = next((e for e in reversed(lineage) if e.get("status") == "live"
+                     and e.get("model_name") == current_model), None)
+        adir = live.get("adapter_dir") if live else None
+        return Path(adir) if adir and (Path(adir) / "adapter_config.json").is_file() else None
+
+    @staticmethod
+    def _next_version(persona: str, lineage: list[dict[str, Any]]) -> int:
+        return max([int(e.get("version", 0)) for e in lineage] + [0]) + 1
+
+    def _ollama_backend(self):
+        if self._ollama is not None:
+            return self._ollama
+        be = getattr(self.models, "backend", None)
+        if be is not None and hasattr(be, "create_with_adapter"):
+            return be
+        from ..models.ollama_backend import OllamaBackend
+        self._ollama = OllamaBackend(self.settings)
+        return self._ollama
+
+    def _stage(self, persona: str, version: int, adapter: Path, current_model: str,
+               lineage: list[dict[str, Any]], backend_kind: str) -> str:
+        if backend_kind == "ollama":
+            base = next((e["model_name"] for e in reversed(lineage) if e.get("is_base")
+                         and e.get("backend") == "ollama"), current_model)
+            tag = f"a4ps-{persona.lower()}:v{version}"
+            return self._ollama_backend().create_with_adapter(tag, base, adapter)
+        from ..models.embedded import adapter_model_id
+        return adapter_model_id(adapter)
+
+    def _judge(self, prompt: str) -> str:
+        return self.protos.get("ALFRED").invoke_llm(prompt, temperature=0.0, max_tokens=24)
+
+    def _answer_with(self, proto):  # noqa: ARG002 - per-persona options may come later
+        def chat(model: str, messages: list[dict[str, str]]) -> str:
+            # greedy, so the two models are compared on their most likely answers
+            return self.models.chat(model, messages, temperature=0.0, max_tokens=64)
+        return chat
+
+    def _record(self, persona: str, proto, lineage: list[dict[str, Any]], version: int,
+                current_model: str, candidate: str | None, report: FinetuneReport,
+                backend_kind: str, *, status: str, swap: bool) -> bool:
+        """Append the version to the lineage; on ``swap`` also switch the model (atomic)."""
+        entry = {"version": version, "model_name": candidate, "adapter_dir": report.adapter_dir,
+                 "backend": backend_kind, "train_backend": report.backend,
+                 "dataset_size": report.train_size + report.heldout_size,
+                 "train_size": report.train_size, "heldout_size": report.heldout_size,
+                 "steps": report.steps, "first_loss": report.first_loss,
+                 "last_loss": report.last_loss,
+                 "scores": {k: report.comparison.get(k) for k in (
+                     "current_loss", "new_loss", "current_ppl", "new_ppl", "judge_current",
+                     "judge_new", "passed", "reason")} if report.comparison else {},
+                 "parent_model": current_model, "status": status, "created_at": time.time()}
+        for _ in range(3):
+            proto = self.protos.get(persona)
+            lin = [dict(e) for e in (proto.get("model_lineage") or [])]
+            lin = _with_live_base(lin, current_model, backend_kind)
+            changed_under_us = proto.get("model_name") != current_model
+            slots: dict[str, Any] = {}
+            if swap and not changed_under_us:
+                for e in lin:
+                    if e.get("status") == "live":
+                        e["status"] = "superseded"
+                slots["model_name"] = candidate
+            elif swap:
+                entry["status"] = "passed_not_swapped"
+            slots["model_lineage"] = lin + [entry]
+            try:
+                self.protos.update(persona, slots, expected_version=proto.version)
+            except Exception as e:   # a concurrent edit: re-read and try again
+                from ..proto import ProtoError
+                if isinstance(e, ProtoError) and "version" in str(e):
+                    continue
+                raise
+            if "model_name" in slots:
+                self.bus.publish("model.swapped", {
+                    "persona": persona, "old": current_model, "new": candidate,
+                    "version": version, "adapter_dir": report.adapter_dir,
+                    "comparison": {k: report.comparison.get(k) for k in (
+                        "current_loss", "new_loss", "judge_current", "judge_new")}})
+                return True
+            return False
+        raise FinetuneError(f"{persona} kept changing while the swap was tried; try again")
+
+    # -- the child ---------------------------------------------------------------------------
+    def _train(self, persona: str, vdir: Path, steps: int, timeout_s: float) -> _ChildResult:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env["PYTHONUNBUFFERED"] = "1"
+        events: list[dict[str, Any]] = []
+        with open(vdir / "train.log", "wb") as errlog:
+            proc = subprocess.Popen(
+                [self.python, "-m", WORKER_MODULE, str(vdir / "job.json")],
+                stdout=subprocess.PIPE, stderr=errlog, stdin=subprocess.DEVNULL,
+                cwd=str(PROJECT_ROOT), env=env, start_new_session=True)
+            self._proc = proc
+            reader = threading.Thread(target=self._read_child, args=(proc, persona, steps, events),
+                                      name=f"finetune-{persona}-reader", daemon=True)
+            reader.start()
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                self._kill(proc)
+            except BaseException:
+                self._kill(proc)
+                raise
+            reader.join(timeout=10)
+        return _ChildResult(events, proc.returncode, timed_out)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait(timeout=30)
+
+    def _read_child(self, proc: subprocess.Popen, persona: str, steps: int,
+                    events: list[dict[str, Any]]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            try:
+                ev = json.loads(raw.decode("utf-8", "replace"))
+            except ValueError:
+                continue
+            if not isinstance(ev, dict):
+                continue
+            events.append(ev)
+            kind = ev.get("event")
+            if kind == "progress":
+                self.bus.publish("finetune.progress", {
+                    "persona": persona, "step": ev.get("step"),
+                    "max_steps": ev.get("max_steps", steps), "loss": ev.get("loss"),
+                    "pid": proc.pid})
+            elif kind == "start":
+                self.bus.publish("finetune.progress", {
+                    "persona": persona, "step": 0, "max_steps": steps, "loss": None,
+                    "stage": "training", "backend": ev.get("backend"), "why": ev.get("why"),
+                    "pid": proc.pid})
+            elif kind == "eval":
+                self.bus.publish("finetune.progress", {
+                    "persona": persona, "stage": f"eval_{ev.get('which')}", "loss": ev.get("loss"),
+                    "step": steps if ev.get("which") == "new" else 0, "max_steps": steps})
+
+    @staticmethod
+    def _failure_reason(result: _ChildResult, vdir: Path) -> str:
+        err = result.last("error")
+        code = result.exit_code
+        if result.timed_out:
+            what = "training timed out (finetune.timeout_s) and was stopped"
+        elif code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = str(-code)
+            what = f"the training process was killed by {name}"
+        elif err is not None:
+            what = f"training failed: {err.get('message')}"
+        else:
+            what = f"the training process exited with code {code} without finishing"
+        tail = ""
+        try:
+            lines = (vdir / "train.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            tail = " | ".join(lines[-3:])
+        except OSError:
+            pass
+        msg = f"{what}; the live persona is unchanged. Log: {vdir / 'train.log'}"
+        if tail and err is None:
+            msg += f" (last lines: {tail[-400:]})"
+        return msg
+
+
+def _with_live_base(lineage: list[dict[str, Any]], current_model: str, backend_kind: str
+                    ) -> list[dict[str, Any]]:
+    """Make sure the lineage's live entry is the persona's current model.
+
+    The first tuning records the model it started from (version 0, ``is_base``). If
+    the model was changed outside the forge (by hand, or a backend switch in the
+    settings), the old live entry is marked ``detached`` and the current model
+    becomes a new base, so a rollback never jumps to a model of another backend.
+    """
+    lin = [dict(e) for e in lineage]
+    if any(e.get("status") == "live" and e.get("model_name") == current_model for e in lin):
+        return lin
+    for e in lin:
+        if e.get("status") == "live":
+            e["status"] = "detached"
+    lin.append({"version": 0, "model_name": current_model, "adapter_dir": None,
+                "backend": backend_kind, "status": "live", "is_base": True,
+                "created_at": time.time()})
+    return lin
+
+
+def _ppl(loss: Any) -> float | None:
+    import math
+    if not isinstance(loss, (int, float)) or math.isnan(loss):
+        return None
+    return round(math.exp(min(float(loss), 50.0)), 4)
