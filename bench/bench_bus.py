@@ -40,7 +40,7 @@ def free_addr() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def raw_baseline(n: int) -> float:
+def raw_baseline(n: int) -> tuple[float, float]:
     ctx = zmq.Context()
     addr = free_addr()
     pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
@@ -61,16 +61,16 @@ def raw_baseline(n: int) -> float:
             pub.send_multipart([b"task.step", msgpack.packb({"seq": i, "ts": 0.0,
                                                              "payload": PAYLOAD})])
     t = threading.Thread(target=send)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     t.start()
     got = 0
     while got < n and sub.poll(2000):
         msgpack.unpackb(sub.recv_multipart()[1])
         got += 1
-    dt = time.perf_counter() - t0
     t.join()
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     ctx.destroy(linger=0)
-    return got / dt
+    return got / dt, cpu / max(got, 1) * 1e6
 
 
 class _Tasks:
@@ -100,7 +100,7 @@ class _BusOnlySystem:
         return {}
 
 
-def daemon_throughput(n: int, data_dir: Path) -> tuple[float, int]:
+def daemon_throughput(n: int, data_dir: Path) -> tuple[float, int, float]:
     from a4ps.daemon import Daemon
     os.environ["A4PS_BUS__COMMAND_ADDR"] = free_addr()
     os.environ["A4PS_BUS__EVENT_ADDR"] = free_addr()
@@ -120,7 +120,7 @@ def daemon_throughput(n: int, data_dir: Path) -> tuple[float, int]:
             for _ in range(n):
                 system.bus.publish("task.step", PAYLOAD)
         t = threading.Thread(target=send)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         t.start()
         got, idle_since = 0, time.monotonic()
         while got < n and time.monotonic() - idle_since < 3:
@@ -128,9 +128,9 @@ def daemon_throughput(n: int, data_dir: Path) -> tuple[float, int]:
             if evs:
                 got += len(evs)
                 idle_since = time.monotonic()
-        dt = time.perf_counter() - t0
         t.join()
-        return got / dt, n - got
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return got / dt, n - got, cpu / max(got, 1) * 1e6
     finally:
         sub.close()
         daemon.stop()
@@ -189,11 +189,15 @@ def main() -> None:
     a = ap.parse_args()
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        raw = raw_baseline(a.events)
+        raw, raw_cpu = raw_baseline(a.events)
         rows.append(("PUB->SUB raw pyzmq+msgpack (baseline)", f"{raw:,.0f} msg/s", "-"))
-        rate, lost = daemon_throughput(a.events, Path(tmp) / "tp")
+        rate, lost, cpu_us = daemon_throughput(a.events, Path(tmp) / "tp")
         rows.append((f"PUB events via daemon, 200 B ({a.events:,}; lost {lost})",
                      f"{rate:,.0f} msg/s", ">= 50,000"))
+        # CPU time per event (both sides, one process): what the wall rate would be
+        # on idle cores, independent of how loaded this machine is
+        rows.append(("  CPU per event: raw / daemon path",
+                     f"{raw_cpu:.1f} / {cpu_us:.1f} us", "-"))
         data = Path(tmp) / "data"
         data.mkdir()
         proc, settings = start_daemon(data)

@@ -113,3 +113,22 @@ def test_random_bytes_never_raise_anything_but_protocol_error():
             p.decode_request(body, max_bytes=4096)
         except p.ProtocolError as e:
             assert e.code in {c.value for c in p.ErrorCode}
+
+
+def test_decoded_event_is_a_normal_model():
+    ev = p.decode_event(p.encode_event("log", 3, 1.5, {"message": "hi"}))
+    assert ev == p.EventMessage(topic="log", seq=3, ts=1.5, payload={"message": "hi"})
+    assert ev.model_dump() == {"topic": "log", "seq": 3, "ts": 1.5, "payload": {"message": "hi"}}
+
+
+@pytest.mark.parametrize("frames", [
+    [b"log"],
+    [b"log", b"\xc1"],
+    [b"\xff", msgpack.packb({"seq": 1, "ts": 1.0, "payload": {}})],
+    [b"log", msgpack.packb({"seq": "1", "ts": 1.0, "payload": {}})],
+    [b"log", msgpack.packb({"seq": 1, "ts": 1.0, "payload": [1]})],
+    [b"log", msgpack.packb([1, 2])],
+])
+def test_bad_events_raise_protocol_error(frames):
+    with pytest.raises(p.ProtocolError):
+        p.decode_event(frames)
