@@ -492,18 +492,18 @@ def test_real_daemon_task_events_over_the_socket(procs):
 def test_real_daemon_restart_lock_sigkill_and_sigterm(procs):
     d = procs()
     d.wait_ready()
-    sub = EventSubscriber.from_settings(d.settings)
-    try:
-        wait_alive(sub)
-        with d.client() as c:
-            c.request("proto.update", {"name": "BRICK", "slots": {"mood": "stern"}})
-            evs = collect(sub, lambda es: any(e.topic == "proto.changed"
-                                              and e.payload.get("name") == "BRICK" for e in es))
-            assert any("mood" in e.payload["keys"] for e in evs if e.topic == "proto.changed")
-            assert stat.S_IMODE(d.settings.token_path.stat().st_mode) == 0o600
-            c.request("system.save")
-    finally:
-        sub.close()
+    # this subscriber lives across the SIGKILL and the restart below
+    sub = EventSubscriber(d.settings.bus.event_addr, heartbeat_interval_s=0.5, dead_after_s=2)
+    wait_alive(sub)
+    sub.mark_synced()
+    first_boot = sub.last_heartbeat["boot_id"]
+    with d.client() as c:
+        c.request("proto.update", {"name": "BRICK", "slots": {"mood": "stern"}})
+        evs = collect(sub, lambda es: any(e.topic == "proto.changed"
+                                          and e.payload.get("name") == "BRICK" for e in es))
+        assert any("mood" in e.payload["keys"] for e in evs if e.topic == "proto.changed")
+        assert stat.S_IMODE(d.settings.token_path.stat().st_mode) == 0o600
+        c.request("system.save")
 
     # a second daemon on the same data dir refuses, naming the first one's pid
     second = procs()
@@ -513,8 +513,17 @@ def test_real_daemon_restart_lock_sigkill_and_sigterm(procs):
     # SIGKILL the first: the lock is stale, a new daemon takes over and loads the image
     d.proc.kill()
     d.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while sub.alive and time.monotonic() < deadline:
+        sub.poll(100, timeout_ms=100)
+    assert not sub.alive  # missing heartbeats: the daemon is gone
     third = procs()
     third.wait_ready()
+    try:  # the same subscriber reconnects to the new daemon and asks for a resync
+        wait_alive(sub, timeout=20)
+        assert sub.last_heartbeat["boot_id"] != first_boot and sub.resync_needed
+    finally:
+        sub.close()
     with third.client() as c:
         assert c.request("proto.get", {"name": "BRICK"})["slots"]["mood"] == "stern"
         c.request("proto.update", {"name": "BRICK", "slots": {"mood": "mellow"}})
