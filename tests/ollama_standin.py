@@ -62,10 +62,11 @@ class OllamaStandIn:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> "OllamaStandIn":
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        srv = _QuietServer(("127.0.0.1", 0), _handler_for(self))
         srv.daemon_threads = True
         self._server = srv
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -88,6 +89,13 @@ class OllamaStandIn:
     def embedding(self, text: str) -> list[float]:
         h = hashlib.sha256(text.encode()).digest()
         return [(b - 127.5) / 127.5 for b in h[: self.embed_dim]]
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        import sys
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)   # a client that timed out is fine
 
 
 def _handler_for(state: OllamaStandIn):
