@@ -457,10 +457,15 @@ class Daemon:
     # -- worker --------------------------------------------------------------------------
     def _work_loop(self) -> None:
         tasks = self.system.tasks
+        motivator = getattr(self.system, "motivator", None)
+        idle = None
+        if motivator is not None:
+            from .services.motivator_service import IdleWatch
+            idle = IdleWatch(self.system.bus, self.system.settings.motivator.idle_after_s)
         while not self._worker_stop.is_set():
             try:
-                paused = bool(getattr(getattr(self.system, "motivator", None), "paused", False))
-                task = tasks.claim(allow_self_generated=not paused, timeout=0.5)
+                allow = True if motivator is None else bool(motivator.allow_self_generated)
+                task = tasks.claim(allow_self_generated=allow, timeout=0.5)
             except Exception:
                 if self._worker_stop.is_set():
                     return
@@ -468,7 +473,11 @@ class Daemon:
                 self._worker_stop.wait(1.0)
                 continue
             if task is None:
+                if idle is not None:
+                    idle.tick()  # publishes system.idle once per idle period
                 continue
+            if idle is not None:
+                idle.touch()
             self.current_task = task
             try:
                 self.system.run_task(task)

@@ -554,3 +554,30 @@ def test_cli_status_without_a_daemon(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", free_addr())
     assert main(["--data-dir", str(tmp_path), "status", "--timeout", "0.3"]) == 1
     assert "not running" in capsys.readouterr().out
+
+
+class _MotivatorStandIn:
+    """Only what the worker asks of the motivator: may it claim self-generated work?"""
+
+    def __init__(self, allow: bool) -> None:
+        self.allow_self_generated = allow
+
+
+def test_idle_worker_publishes_system_idle_and_honours_the_motivator(tmp_path, monkeypatch):
+    monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", free_addr())
+    monkeypatch.setenv("A4PS_BUS__EVENT_ADDR", free_addr())
+    settings = load_settings(data_dir=tmp_path / "data", motivator={"idle_after_s": 0.3})
+    system = StandInSystem(settings)
+    system.motivator = _MotivatorStandIn(allow=False)
+    from a4ps.events import EventRecorder
+    rec = EventRecorder(system.bus)
+    goal = system.tasks.submit("self-set goal", origin="motivator")
+    daemon = Daemon(system, shutdown_grace_s=5).start()
+    try:
+        rec.wait_for("system.idle", timeout=10)
+        assert system.tasks.get(goal.id).status == "queued"   # paused: not claimed
+        system.motivator.allow_self_generated = True
+        rec.wait_for("task.done", timeout=10, where=lambda e: e.payload["task_id"] == goal.id)
+        assert system.tasks.get(goal.id).status == "done"
+    finally:
+        daemon.stop()
