@@ -294,6 +294,8 @@ class System:
             "forge": {"enabled": self.forge.disabled_reason is None,
                       "disabled_reason": self.forge.disabled_reason},
             "motivator": self.motivator.status(),
+            "philosopher": self.philosopher.status(),
+            "curator": self.curator.status() if hasattr(self.curator, "status") else None,
         }
 
     def snapshot(self) -> dict[str, Any]:
