@@ -144,7 +144,7 @@ class MemoryManager:
         self.schema = pa.schema([
             ("id", pa.string()), ("kind", pa.string()), ("text", pa.string()),
             ("vector", pa.list_(pa.float32(), self.dim)), ("persona", pa.string()),
-            ("task_id", pa.string()), ("ts", pa.float64()), ("dissonance", pa.float32()),
+            ("task_id", pa.string()), ("ts", pa.float64()), ("dissonance", pa.float64()),
             ("curated", pa.bool_()), ("meta", pa.string()),
         ])
         self._db = lancedb.connect(str(self.path), read_consistency_interval=timedelta(0))
@@ -410,7 +410,9 @@ class MemoryManager:
 
         if self.index_type == "ivf_pq":
             # 8 dims per sub-vector: small codes; refine_factor restores the recall.
-            return IvfPq(distance_type="cosine", num_sub_vectors=max(1, self.dim // 8))
+            # PQ needs sub-vectors that divide dim exactly.
+            subs = next(n for n in range(max(1, self.dim // 8), 0, -1) if self.dim % n == 0)
+            return IvfPq(distance_type="cosine", num_sub_vectors=subs)
         if self.index_type == "ivf_hnsw_sq":
             return IvfHnswSq(distance_type="cosine")
         raise MemoryStoreError(f"memory.index_type {self.index_type!r} is not supported; "
