@@ -248,13 +248,13 @@ def test_end_to_end_with_the_embedded_model(embedded_models, settings, sandbox, 
     bus = EventBus()
     rec = EventRecorder(bus)
     registry = ToolRegistry(ProtoManager(bus), settings, bus, sandbox=sandbox, tools_dir=tmp_path / "d")
-    s = settings.model_copy(update={"forge": settings.forge.model_copy(update={"max_attempts": 2})})
+    s = settings.model_copy(update={"forge": settings.forge.model_copy(update={"max_attempts": 1})})
     spec = ToolSpec(name="square", description="The square of a number",
                     inputs={"x": {"type": "float", "description": "the number"}},
                     output_type="float", examples=[{"args": {"x": 3}, "result": 9}])
 
     def writer(spec, feedback):
-        return embedded_models.chat("smollm2-135m", build_prompt(spec, feedback), max_tokens=160)
+        return embedded_models.chat("smollm2-135m", build_prompt(spec, feedback), max_tokens=96)
 
     outcome = ToolForge(registry, sandbox, writer, s, bus).forge(spec)
     assert rec.of("tool.forging") and rec.of("tool.forging")[0].payload["attempt"] == 1
@@ -264,4 +264,4 @@ def test_end_to_end_with_the_embedded_model(embedded_models, settings, sandbox, 
     else:
         rejected = rec.wait_for("tool.rejected", timeout=1).payload
         assert rejected["reason"] == outcome.reason and outcome.reason
-        assert outcome.attempts == 2 and registry.list() == []
+        assert outcome.attempts == 1 and registry.list() == []

@@ -295,6 +295,7 @@ class RunscSandbox(Sandbox):
         self._prlimit = shutil.which("prlimit")
         self._python, py_reason = _real_interpreter(python)
         self._lock = threading.Lock()
+        self._base_lock = threading.Lock()
         self._probed: str | None = None if probe else ""
         self._base: Path | None = None
         self._base_arg = Path(base_dir) if base_dir else None
@@ -330,8 +331,12 @@ class RunscSandbox(Sandbox):
         return self._python
 
     def _ensure_base(self) -> Path:
-        if self._base is not None:
+        with self._base_lock:
+            if self._base is None:
+                self._base = self._make_base()
             return self._base
+
+    def _make_base(self) -> Path:
         if self._base_arg is not None:
             self._base_arg.mkdir(parents=True, exist_ok=True)
             base = Path(tempfile.mkdtemp(prefix="a4ps-sandbox-", dir=self._base_arg))
@@ -350,7 +355,6 @@ class RunscSandbox(Sandbox):
         (base / "state").mkdir()
         (base / "runs").mkdir()
         os.chmod(rootfs, 0o755)
-        self._base = base
         return base
 
     def _binds(self) -> list[tuple[str, bool]]:
@@ -500,9 +504,10 @@ class RunscSandbox(Sandbox):
             pass
 
     def close(self) -> None:
-        if self._base is not None:
-            shutil.rmtree(self._base, ignore_errors=True)
-            self._base = None
+        with self._base_lock:
+            if self._base is not None:
+                shutil.rmtree(self._base, ignore_errors=True)
+                self._base = None
 
     def __del__(self) -> None:  # best effort: the temp root holds no secrets
         try:
