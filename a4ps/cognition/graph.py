@@ -49,12 +49,13 @@ class CognitiveGraph:
     ``checkpointer_path=None`` uses ``settings.checkpoint_dir / "graph.sqlite"``;
     ``False`` compiles without a checkpointer (LangGraph Studio, benchmarks).
     ``dissonance`` is a ``DissonanceMeter``; by default one over ``models.embed``.
+    ``turn_max_tokens`` caps each persona turn (None: the backend's default).
     """
 
     def __init__(self, protos: Any, models: Any, memory: Any, bus: EventBus,
                  settings: Settings, *, forge: Any = None, registry: Any = None,
                  dissonance: Any = None, checkpointer_path: Path | str | None | bool = None,
-                 ) -> None:
+                 turn_max_tokens: int | None = None) -> None:
         self.protos = protos
         self.models = models
         self.memory = memory
@@ -63,6 +64,7 @@ class CognitiveGraph:
         self.forge = forge
         self.registry = registry
         self._meter = dissonance
+        self.turn_max_tokens = turn_max_tokens
         if checkpointer_path is None or checkpointer_path is True:
             checkpointer_path = Path(settings.checkpoint_dir) / "graph.sqlite"
         self.checkpointer_path = Path(checkpointer_path) if checkpointer_path else None
@@ -237,6 +239,7 @@ class CognitiveGraph:
         return "", f"{persona}: {problem} (after one retry)", spent
 
     def _invoke(self, proto: Any, messages: list[dict[str, str]], max_tokens: int | None) -> Any:
+        max_tokens = max_tokens or self.turn_max_tokens
         kw = {"max_tokens": max_tokens} if max_tokens else {}
         if proto.has("invoke_llm"):
             return proto.invoke_llm(messages, **kw)
@@ -386,8 +389,8 @@ class CognitiveGraph:
                 if not getattr(outcome, "ok", False):
                     return {**base, "version": version, "attempts": attempts,
                             "reason": f"forge failed: {getattr(outcome, 'reason', None) or 'no reason given'}"}
-                tool = getattr(outcome, "tool", None)
-                tool_name = getattr(tool, "name", None) or _get(tool, "name") or name
+                tool = getattr(outcome, "tool", None)     # the registered name
+                tool_name = tool if isinstance(tool, str) and tool else (_get(tool, "name") or name)
             result = {**base, "ok": True, "name": tool_name, "version": version,
                       "attempts": attempts, "reason": None}
             args = request.get("args")
@@ -520,16 +523,14 @@ def _registered(registry: Any, name: str) -> str | None:
 
 def _tool_spec(request: dict[str, Any], state: CognitiveState) -> Any:
     """A ToolSpec for the forge from BRICK's request (or ALFRED's tool route)."""
-    from a4ps.tools.tool_forge import ToolSpec
-    name = request.get("name") or "task_tool"
-    fields = getattr(ToolSpec, "model_fields", {})
-    data: dict[str, Any] = {"name": name,
-                            "description": request.get("description") or state["task"]}
-    if "task_id" in fields:
-        data["task_id"] = state.get("task_id")
-    if "examples" in fields and request.get("args") is not None:
-        data["examples"] = [{"args": request["args"]}]
-    return ToolSpec(**{k: v for k, v in data.items() if not fields or k in fields})
+    from a4ps.tools.tool_forge import spec_from_request
+    args = request.get("args")
+    extra: dict[str, Any] = {}
+    if isinstance(args, dict) and args:
+        extra["inputs"] = {k: {"type": type(v).__name__} for k, v in args.items()}
+        extra["examples"] = [{"args": args}]
+    return spec_from_request(request.get("name") or "task_tool",
+                             request.get("description") or state["task"], **extra)
 
 
 def _result(values: dict[str, Any]) -> dict[str, Any]:
