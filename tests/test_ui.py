@@ -334,6 +334,7 @@ def test_task_box_submits_and_transcript_streams(ui, app, daemon, sub):
     assert "staying with what matters" in tr.answer
     assert tr.ids.plot.points == [0.6, 0.2]
     brick = app.controller.canvas.get("BRICK")
+    ui.wait_until(lambda: app.controller.settled, 5, "the morphs to refresh")
     assert brick.dissonance == pytest.approx(0.2) and brick.utterance == "Agreed: persistence."
     assert brick.status == "idle"
     assert app.controller.canvas.get("ALFRED").utterance.startswith("Courage is staying")
@@ -407,26 +408,37 @@ def test_pending_proposals_in_snapshot_open_on_connect(ui, app):
 # -- tools, status, log, polling ------------------------------------------------------------
 
 def test_tool_created_adds_tool_morph(ui, app, sub):
-    sub.push("tool.forging", {"name": "primes", "attempt": 2})
-    ui.pump(2)
-    assert app.controller.status_bar.progress_text == "forging primes (attempt 2)"
-    sub.push("tool.created", {"name": "primes", "description": "lists primes", "version": 1,
-                              "tests_passed": 3, "tests_total": 3})
+    # payloads as a4ps/tools/tool_forge.py publishes them
+    sub.push("tool.forging", {"tool": "primes", "attempt": 2, "max_attempts": 3,
+                              "stage": "testing"})
+    ui.wait_until(lambda: app.controller.status_bar.progress_text ==
+                  "forging primes (attempt 2/3): testing", 5, "forging progress")
+    sub.push("tool.created", {"tool": "primes", "version": 1, "attempts": 2,
+                              "description": "lists primes", "signature": "primes(n)",
+                              "passed": 3, "total": 3, "seconds": 1.2})
     morph = ui.wait_until(lambda: app.controller.canvas.get("tool:primes"), 5, "a ToolMorph")
     assert (morph.description, morph.version, morph.test_status) == \
         ("lists primes", "1", "passed 3/3")
     assert morph in app.controller.canvas.children
+    sub.push("tool.rejected", {"tool": "evil", "reason": "imports os", "attempts": 3})
+    ui.wait_until(lambda: app.controller.status_bar.progress_text == "tool evil rejected", 5,
+                  "the rejection")
+    # the tool's own proto gets no ProtoMorph
+    sub.push("proto.changed", {"name": "tool.primes", "change": "created", "keys": [],
+                               "version": 1})
+    ui.pump(5)
+    assert app.controller.canvas.get("tool.primes") is None
 
 
 def test_status_bar_follows_long_work_and_log(ui, app, sub):
     sb = app.controller.status_bar
     sub.push("model.loading", {"model": "phi3", "progress": 0.5, "stage": "weights"})
-    ui.pump(2)
-    assert sb.progress == 0.5 and "loading phi3" in sb.progress_text
+    ui.wait_until(lambda: sb.progress == 0.5, 5, "loading progress")
+    assert "loading phi3" in sb.progress_text
     sub.push("model.loaded", {"model": "phi3", "seconds": 1.5})
     sub.push("finetune.progress", {"persona": "BRICK", "step": 3, "max_steps": 10, "loss": 1.25})
     sub.push("log", {"level": "warning", "message": "disk nearly full"})
-    ui.pump(3)
+    ui.wait_until(lambda: sb.progress == 0.3 and app.root.ids.log_panel.data, 5, "fine-tuning")
     assert sb.model == "phi3"
     assert sb.progress_text == "fine-tuning BRICK step 3/10 loss 1.2500" and sb.progress == 0.3
     assert app.controller.canvas.get("BRICK").status == "fine-tuning"
@@ -441,8 +453,8 @@ def test_poll_is_bounded_per_tick(ui, app, sub):
     sub.polls.clear()
     c.tick()
     assert sub.polls == [100] and len(sub.queue) == 250
-    ui.pump(6)
-    assert not sub.queue and app.root.ids.log_panel.data[-1]["text"].endswith("line 349")
+    ui.wait_until(lambda: not sub.queue and app.root.ids.log_panel.data[-1]["text"]
+                  .endswith("line 349"), 5, "the rest of the burst")
 
 
 def test_connection_lost_and_regained(ui, app, daemon, sub):
@@ -466,5 +478,5 @@ def test_bad_events_do_not_break_the_stream(ui, app, sub):
     sub.push("proto.changed", {"name": None})
     sub.push("tool.created", {"description": "no name"})
     sub.push("log", {"message": "still alive"})
-    ui.pump(3)
-    assert app.root.ids.log_panel.data[-1]["text"].endswith("still alive")
+    ui.wait_until(lambda: app.root.ids.log_panel.data and
+                  app.root.ids.log_panel.data[-1]["text"].endswith("still alive"), 5, "the log")

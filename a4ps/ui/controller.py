@@ -39,7 +39,8 @@ class MorphicController:
 
     def __init__(self, root: Any, runner: CommandRunner | None,
                  subscriber_factory: Callable[[], Any] | None = None, *,
-                 max_events_per_tick: int = 500, retry_s: float = 2.0) -> None:
+                 max_events_per_tick: int = 500, retry_s: float = 2.0,
+                 morph_refresh_hz: float = 10.0, log_refresh_hz: float = 5.0) -> None:
         self.root = root
         self.runner = runner
         self._sub_factory = subscriber_factory
@@ -53,6 +54,16 @@ class MorphicController:
         self.inspector: Inspector | None = None
         self.log_lines: deque[dict] = deque(maxlen=LOG_LINES)
         self._log_dirty = False
+        # display changes from events are staged and applied at most morph_refresh_hz
+        # times a second: each application re-renders the morph canvas once, however
+        # many events arrived in between (the latest value wins)
+        self._staged: dict[Any, dict[str, Any]] = {}
+        self.morph_refresh_s = 1.0 / morph_refresh_hz
+        self.log_refresh_s = 1.0 / log_refresh_hz
+        self._last_flush = 0.0
+        self._last_log = 0.0
+        self._flushed_last_tick = False
+        self.flush_cost_s = 0.0   # how long a frame that re-renders the canvas takes
         self._fetching: set[str] = set()          # proto.get in flight
         self._refetch: set[str] = set()           # changed again while in flight
         self._snapshot_in_flight = False
@@ -62,6 +73,7 @@ class MorphicController:
         self.ticks = 0
         self._queue_len: int | None = None
         self.codex_version = 0
+        self.boot_id: str | None = None           # the daemon run the view was built from
 
     # -- widgets -------------------------------------------------------------------
     @property
@@ -75,6 +87,11 @@ class MorphicController:
     @property
     def status_bar(self):
         return self.root.ids.status_bar
+
+    @property
+    def bar(self) -> _Staged:
+        """The status bar through the display refresh (writes are staged)."""
+        return _Staged(self, self.root.ids.status_bar)
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -117,10 +134,50 @@ class MorphicController:
             if not self.connected and not self._snapshot_in_flight \
                     and time.monotonic() - self._last_retry > self.retry_s:
                 self.resync()
-        if self._log_dirty:
+        now = time.monotonic()
+        if self._flushed_last_tick:
+            # dt spans the frame that re-rendered the canvas: learn what that costs
+            dt = float(dt or 0.0)   # rises at once, decays slowly
+            self.flush_cost_s = dt if dt > self.flush_cost_s else \
+                0.8 * self.flush_cost_s + 0.2 * dt
+            self._flushed_last_tick = False
+        # re-render the canvas at most morph_refresh_hz, and never spend more than a
+        # quarter of the time doing it (slow software GL keeps a usable frame rate)
+        interval = max(self.morph_refresh_s, 4 * self.flush_cost_s)
+        if self._staged and now - self._last_flush >= interval:
+            self.flush_morphs()
+            self._last_flush = now
+            self._flushed_last_tick = True
+        if self._log_dirty and now - self._last_log >= max(self.log_refresh_s, interval):
             self.root.ids.log_panel.lines = list(self.log_lines)
             self._log_dirty = False
+            self._last_log = now
         return n
+
+    @property
+    def settled(self) -> bool:
+        """True when every staged display change has been applied."""
+        return not self._staged and not self._log_dirty
+
+    def stage(self, morph: Any, **props: Any) -> None:
+        """Set display properties on ``morph`` at the next morph refresh."""
+        pending = self._staged.get(morph)
+        for key, value in props.items():
+            if pending is not None and key in pending:
+                pending[key] = value
+            elif getattr(morph, key) != value:
+                self._staged.setdefault(morph, {})[key] = value
+                pending = self._staged[morph]
+
+    def staged(self, morph: Any, prop: str) -> Any:
+        """The value ``prop`` will have after the next refresh."""
+        return self._staged.get(morph, {}).get(prop, getattr(morph, prop))
+
+    def flush_morphs(self) -> None:
+        staged, self._staged = self._staged, {}
+        for morph, props in staged.items():
+            for key, value in props.items():
+                setattr(morph, key, value)
 
     def _set_connected(self, ok: bool, text: str | None = None) -> None:
         self.connected = ok
@@ -161,12 +218,15 @@ class MorphicController:
     # -- snapshot --------------------------------------------------------------------
     def apply_snapshot(self, snap: dict[str, Any]) -> None:
         """Rebuild morphs, tools, proposals, tasks and status from ``system.snapshot``."""
+        daemon = snap.get("daemon") if isinstance(snap.get("daemon"), dict) else {}
+        if daemon.get("boot_id"):
+            self.boot_id = str(daemon["boot_id"])
         protos = snap.get("protos") or {}
         if isinstance(protos, dict):
             protos = [dict(v, name=v.get("name", k)) for k, v in protos.items()]
         names = set()
         for data in protos:
-            if isinstance(data, dict) and data.get("name"):
+            if isinstance(data, dict) and data.get("name") and not _is_tool_proto(data):
                 names.add(data["name"])
                 self.apply_proto(data)
         for name in list(self.canvas.morphs):
@@ -204,7 +264,7 @@ class MorphicController:
         """Resident model and queue length from a status or heartbeat payload."""
         models = status.get("models") if isinstance(status.get("models"), dict) else {}
         if "resident" in models or "resident_model" in status:
-            self.status_bar.model = str(status.get("resident_model", models.get("resident"))
+            self.bar.model = str(status.get("resident_model", models.get("resident"))
                                         or "none")
         queue = status.get("queue") if isinstance(status.get("queue"), dict) else {}
         q = status.get("queue_length", queue.get("pending"))
@@ -212,7 +272,7 @@ class MorphicController:
             self.codex_version = status["codex_version"]
         if isinstance(q, int):
             self._queue_len = q
-            self.status_bar.queue = q
+            self.bar.queue = q
 
     # -- protos --------------------------------------------------------------------
     def apply_proto(self, data: dict) -> ProtoMorph:
@@ -445,9 +505,10 @@ class MorphicController:
 
     def _on_proto_changed(self, p: dict) -> None:
         name = p.get("name")
-        if not name:
-            return
+        if not name or str(name).startswith("tool."):
+            return   # tool protos are shown by tool.created / the snapshot's tool list
         if p.get("change") == "removed":
+            self._staged.pop(self.canvas.get(name), None)
             self.canvas.remove_morph(name)
             return
         morph = self.canvas.get(name)
@@ -485,16 +546,17 @@ class MorphicController:
             for other in DISSONANCE_PERSONAS:
                 m = self.canvas.get(other)
                 if isinstance(m, ProtoMorph):
-                    m.dissonance = turn.dissonance
+                    self.stage(m, dissonance=turn.dissonance)
         morph = self.canvas.get(p.get("persona") or "")
         if isinstance(morph, ProtoMorph):
             for other in PERSONAS:
                 m = self.canvas.get(other)
-                if isinstance(m, ProtoMorph) and m is not morph and m.status == "thinking":
-                    m.status = "idle"
-            morph.status = "thinking"
+                if isinstance(m, ProtoMorph) and m is not morph \
+                        and self.staged(m, "status") == "thinking":
+                    self.stage(m, status="idle")
+            self.stage(morph, status="thinking")
             if turn.text and p.get("node") != "alfred_route":
-                morph.utterance = turn.text
+                self.stage(morph, utterance=turn.text)
 
     def _on_task_end(self, p: dict, status: str) -> None:
         tid = str(p.get("task_id", p.get("id", "")))
@@ -509,13 +571,13 @@ class MorphicController:
             rec.answer = str(answer or rec.answer)
             alfred = self.canvas.get("ALFRED")
             if isinstance(alfred, ProtoMorph) and rec.answer:
-                alfred.utterance = rec.answer
+                self.stage(alfred, utterance=rec.answer)
         else:
             rec.error = str(p.get("error") or p.get("message") or "failed")
         for name in PERSONAS:
             m = self.canvas.get(name)
-            if isinstance(m, ProtoMorph) and m.status == "thinking":
-                m.status = "idle"
+            if isinstance(m, ProtoMorph) and self.staged(m, "status") == "thinking":
+                self.stage(m, status="idle")
         self.transcript.update(rec)
         self._refresh_history()
 
@@ -527,7 +589,7 @@ class MorphicController:
             self._queue_len = max(0, self._queue_len + delta)
         else:
             self._queue_len = max(0, delta)
-        self.status_bar.queue = self._queue_len
+        self.bar.queue = self._queue_len
 
     def _persona_morphs_for_model(self, p: dict) -> list[ProtoMorph]:
         persona = p.get("persona")
@@ -543,27 +605,27 @@ class MorphicController:
         model = p.get("model") or p.get("model_name") or "?"
         frac = p.get("progress")
         stage = p.get("stage")
-        self.status_bar.progress_text = f"loading {model}" + (f": {stage}" if stage else "…")
-        self.status_bar.progress = float(frac) if isinstance(frac, (int, float)) and frac > 0 \
+        self.bar.progress_text = f"loading {model}" + (f": {stage}" if stage else "…")
+        self.bar.progress = float(frac) if isinstance(frac, (int, float)) and frac > 0 \
             else -1
         for m in self._persona_morphs_for_model(p):
-            m.status = "loading model"
+            self.stage(m, status="loading model")
 
     def _on_model_loaded(self, p: dict) -> None:
         model = p.get("model") or p.get("model_name") or "?"
-        self.status_bar.model = str(model)
+        self.bar.model = str(model)
         secs = p.get("seconds") or p.get("load_s")
-        self.status_bar.progress_text = f"loaded {model}" + (
+        self.bar.progress_text = f"loaded {model}" + (
             f" in {secs:.1f}s" if isinstance(secs, (int, float)) else "")
-        self.status_bar.progress = 0
+        self.bar.progress = 0
         for m in self._persona_morphs_for_model(p):
-            if m.status == "loading model":
-                m.status = "idle"
+            if self.staged(m, "status") == "loading model":
+                self.stage(m, status="idle")
 
     def _on_model_unloaded(self, p: dict) -> None:
         model = p.get("model") or p.get("model_name")
-        if not model or self.status_bar.model == model:
-            self.status_bar.model = "none"
+        if not model or self.bar.model == model:
+            self.bar.model = "none"
 
     def _on_finetune(self, p: dict) -> None:
         step, loss = p.get("step"), p.get("loss")
@@ -573,37 +635,44 @@ class MorphicController:
         if isinstance(total, int) and total:
             text += f"/{total}"
             if isinstance(step, (int, float)):
-                self.status_bar.progress = min(1.0, step / total)
+                self.bar.progress = min(1.0, step / total)
         if isinstance(loss, (int, float)):
             text += f" loss {loss:.4f}"
-        self.status_bar.progress_text = text
+        self.bar.progress_text = text
         m = self.canvas.get(persona)
         if isinstance(m, ProtoMorph):
-            m.status = "fine-tuning"
+            self.stage(m, status="fine-tuning")
 
     def _on_model_tuned(self, p: dict) -> None:
         persona = p.get("persona", "")
-        self.status_bar.progress_text = f"fine-tune of {persona} finished"
-        self.status_bar.progress = 0
+        self.bar.progress_text = f"fine-tune of {persona} finished"
+        self.bar.progress = 0
         m = self.canvas.get(persona)
-        if isinstance(m, ProtoMorph) and m.status == "fine-tuning":
-            m.status = "idle"
+        if isinstance(m, ProtoMorph) and self.staged(m, "status") == "fine-tuning":
+            self.stage(m, status="idle")
 
     def _on_tool_forging(self, p: dict) -> None:
-        name = p.get("name") or p.get("tool") or "?"
-        attempt = p.get("attempt")
-        self.status_bar.progress_text = f"forging {name}" + (
-            f" (attempt {attempt})" if attempt is not None else "")
+        name = _tool_name(p) or "?"
+        attempt, most = p.get("attempt"), p.get("max_attempts")
+        text = f"forging {name}"
+        if attempt is not None:
+            text += f" (attempt {attempt}" + (f"/{most}" if most else "") + ")"
+        if p.get("stage"):
+            text += f": {p['stage']}"
+        self.bar.progress_text = text
 
     def _on_tool_created(self, p: dict) -> None:
-        data = p.get("tool") if isinstance(p.get("tool"), dict) else p
-        if data.get("name"):
+        """The forge's payload: {tool: name, version, description, passed, total, ...}."""
+        data = dict(p["tool"]) if isinstance(p.get("tool"), dict) else dict(p)
+        name = _tool_name(p)
+        if name:
+            data["name"] = name
             self.add_tool(data)
-            self.status_bar.progress_text = f"tool {data['name']} created"
+            self.bar.progress_text = f"tool {name} created"
 
     def _on_tool_rejected(self, p: dict) -> None:
-        name = p.get("name") or "?"
-        self.status_bar.progress_text = f"tool {name} rejected"
+        name = _tool_name(p) or "?"
+        self.bar.progress_text = f"tool {name} rejected"
         self.add_log("warning", f"tool {name} rejected: {p.get('reason') or p.get('error') or ''}",
                      "forge")
 
@@ -643,6 +712,32 @@ class MorphicController:
         "codex.decided": _on_codex_decided,
         "log": _on_log,
     }
+
+
+class _Staged:
+    """Attribute access to a widget whose writes wait for the next display refresh."""
+
+    def __init__(self, controller: MorphicController, widget: Any) -> None:
+        object.__setattr__(self, "_c", controller)
+        object.__setattr__(self, "_w", widget)
+
+    def __getattr__(self, key: str) -> Any:
+        return self._c.staged(self._w, key)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self._c.stage(self._w, **{key: value})
+
+
+def _tool_name(p: dict) -> str:
+    tool = p.get("tool")
+    if isinstance(tool, dict):
+        tool = tool.get("name")
+    return str(p.get("name") or tool or "")
+
+
+def _is_tool_proto(data: dict) -> bool:
+    """Forged tools are protos too (tool.NAME, tool.NAME.vN); they get ToolMorphs."""
+    return str(data.get("name", "")).startswith("tool.")
 
 
 def _pos(value: Any) -> tuple[float, float] | None:

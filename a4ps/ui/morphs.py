@@ -8,6 +8,7 @@ a saved ``morph_pos``.
 """
 from __future__ import annotations
 
+from kivy.graphics import Canvas, ClearBuffers, ClearColor, Color, Fbo, Rectangle
 from kivy.properties import (BooleanProperty, ListProperty, NumericProperty,
                              ObjectProperty, StringProperty)
 from kivy.uix.relativelayout import RelativeLayout
@@ -30,6 +31,7 @@ class Morph(Widget):
     dragging = BooleanProperty(False)
     bg_color = ListProperty(STATUS_COLORS["idle"])
     controller = ObjectProperty(None, allownone=True)
+    display_text = StringProperty("")   # all of the morph's text, one label texture
 
     __events__ = ("on_moved", "on_inspect")
 
@@ -84,6 +86,28 @@ class ProtoMorph(Morph):
     version = NumericProperty(0)
     parent_name = StringProperty("")
 
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.bind(name=self._text, role=self._text, model_name=self._text,
+                  status=self._text, dissonance=self._text, show_dissonance=self._text,
+                  utterance=self._text)
+        self._text()
+
+    def _text(self, *_):
+        title = f"[b][size=14sp]{_esc(self.name)}[/size][/b]"
+        if self.role:
+            title += f"  [color=aaaaaa]{_esc(self.role)}[/color]"
+        lines = [title]
+        if self.model_name:
+            lines.append("model: " + _esc(self.model_name))
+        lines.append("status: [b]" + _esc(self.status) + "[/b]")
+        if self.show_dissonance:
+            lines.append("dissonance: " + (f"{self.dissonance:.2f}" if self.dissonance >= 0
+                                           else "\u2014"))
+        if self.utterance:
+            lines.append(f"[size=11sp][color=d8d8d8]{_esc(self.utterance[:140])}[/color][/size]")
+        self.display_text = "\n".join(lines)
+
     def on_utterance(self, _inst, value):
         flat = " ".join(value.split())[:300]
         if flat != value:
@@ -117,6 +141,17 @@ class ToolMorph(Morph):
     version = StringProperty("")
     test_status = StringProperty("")
 
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.bind(tool_name=self._text, description=self._text, version=self._text,
+                  test_status=self._text)
+        self._text()
+
+    def _text(self, *_):
+        self.display_text = (
+            f"[b][size=14sp]tool {_esc(self.tool_name or self.name)}[/size][/b]  v{_esc(self.version)}"
+            f"\ntests: {_esc(self.test_status)}\n[size=11sp]{_esc(self.description[:140])}[/size]")
+
     def apply_tool(self, data: dict) -> None:
         self.description = " ".join(str(data.get("description") or "").split())[:300]
         version = data.get("version")
@@ -126,6 +161,10 @@ class ToolMorph(Morph):
             else (0.30, 0.30, 0.30, 1)
 
 
+def _esc(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("[", "&bl;").replace("]", "&br;")
+
+
 def _test_status(data: dict) -> str:
     for key in ("test_status", "tests_status", "status"):
         if isinstance(data.get(key), str) and data[key]:
@@ -133,7 +172,7 @@ def _test_status(data: dict) -> str:
     for key in ("tests_passed", "passed"):
         if key in data:
             passed = data[key]
-            total = data.get("tests_total") or data.get("tests")
+            total = data.get("tests_total", data.get("total"))
             if isinstance(passed, bool):
                 return "passed" if passed else "failed"
             if isinstance(total, int):
@@ -143,14 +182,52 @@ def _test_status(data: dict) -> str:
 
 
 class MorphCanvas(RelativeLayout):
-    """The world: holds morphs by name and finds a free spot for new ones."""
+    """The world: holds morphs by name and finds a free spot for new ones.
+
+    The morphs draw into an offscreen framebuffer (Fbo) whose texture is one quad in
+    the window. A window redraw caused by anything else (status bar, log, transcript)
+    then costs one textured quad instead of hundreds of morph instructions; the Fbo
+    re-renders only when a morph changes, and the controller batches those changes.
+    """
 
     morph_count = NumericProperty(0)
     cell = ListProperty([240, 150])
+    background = ListProperty([0.09, 0.10, 0.12, 1])
 
     def __init__(self, **kw):
+        self.canvas = Canvas()
+        with self.canvas:
+            self.fbo = Fbo(size=(100, 100), with_stencilbuffer=False)
+            Color(1, 1, 1, 1)
+            self.fbo_rect = Rectangle(pos=(0, 0), size=(100, 100), texture=self.fbo.texture)
+        with self.fbo:
+            self._clear = ClearColor(*self.background)
+            ClearBuffers()
         super().__init__(**kw)
         self.morphs: dict[str, Morph] = {}
+
+    def add_widget(self, widget, *args, **kw):
+        canvas, self.canvas = self.canvas, self.fbo   # children draw into the Fbo
+        try:
+            return super().add_widget(widget, *args, **kw)
+        finally:
+            self.canvas = canvas
+
+    def remove_widget(self, widget, *args, **kw):
+        canvas, self.canvas = self.canvas, self.fbo
+        try:
+            return super().remove_widget(widget, *args, **kw)
+        finally:
+            self.canvas = canvas
+
+    def on_size(self, _inst, size):
+        w, h = max(int(size[0]), 1), max(int(size[1]), 1)
+        self.fbo.size = (w, h)
+        self.fbo_rect.size = (w, h)
+        self.fbo_rect.texture = self.fbo.texture
+
+    def on_background(self, _inst, value):
+        self._clear.rgba = value
 
     def get(self, name: str) -> Morph | None:
         return self.morphs.get(name)

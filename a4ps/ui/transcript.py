@@ -171,7 +171,7 @@ class TranscriptPanel(BoxLayout):
             self._update(rec)
 
     def _update(self, rec: TaskRecord) -> None:
-        self.header = f"task #{rec.task_id} — {rec.status}: {rec.text}"
+        self.header = f"task #{rec.task_id[:8]} ({rec.status}): {rec.text}"
         if rec.answer:
             self.answer = f"[b][color={PERSONA_COLORS['ALFRED']}]ALFRED's answer[/color][/b]\n" \
                           + _escape(rec.answer)
