@@ -223,3 +223,28 @@ def test_memory_search_shows_what_is_remembered(hash_embedder, settings, data_di
 def test_memory_search_on_an_empty_memory(hash_embedder, data_dir, capsys):
     assert cli.main(["--data-dir", str(data_dir), "memory", "search", "anything"]) == 0
     assert "nothing remembered about 'anything'" in capsys.readouterr().out
+
+
+# -- the real thing: System(settings) in a subprocess ------------------------------------------
+
+@pytest.mark.slow   # two fresh interpreters building a whole System
+def test_ask_then_memory_search_through_the_real_system(data_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "A4PS_MODELS__BACKEND": "scripted",
+           "A4PS_MODELS__EMBEDDING_BACKEND": "hash",
+           "A4PS_BUS__COMMAND_ADDR": f"tcp://127.0.0.1:{_free_port()}"}
+    base = [sys.executable, "-m", "a4ps", "--data-dir", str(data_dir)]
+    ask = subprocess.run(base + ["ask", "How should three friends share seven apples?"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert ask.returncode == 0, ask.stdout + ask.stderr
+    out = ask.stdout
+    assert "BRICK [round 1]" in out and "ROBIN [round 1]" in out and "dissonance [1]" in out
+    assert "ALFRED's answer" in out and "seven apples" in out.split("ALFRED's answer")[1]
+    search = subprocess.run(base + ["memory", "search", "friends share apples"], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=root)
+    assert search.returncode == 0, search.stdout + search.stderr
+    assert "ALFRED  task ask-" in search.stdout and "seven apples" in search.stdout
