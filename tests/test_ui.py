@@ -276,6 +276,17 @@ def test_inspector_edits_and_refusals(ui, app, daemon):
     assert daemon.protos.get("BRICK").version == version
     assert "hello" not in daemon.protos.get("BRICK").own_methods()
 
+    # another slot changing in the daemon doesn't wipe an edit being typed
+    row = insp.rows["system_prompt"]
+    row.editor.focus = True
+    row.editor.text = "half-typed"
+    daemon.protos.update("BRICK", {"last_utterance": "new words"})
+    app.controller.fetch_proto("BRICK")
+    ui.wait_until(lambda: insp.rows["last_utterance"].editor.text == "new words", 5, "refresh")
+    assert insp.rows["system_prompt"].editor.text == "half-typed"
+    row.editor.focus = False
+    version = daemon.protos.get("BRICK").version
+
     # booleans toggle with a check box
     insp.rows["verbose"].editor.active = True
     settle(ui, app, daemon)

@@ -185,3 +185,45 @@ def test_forged_tool_appears_as_tool_morph(ui, app, daemon):
     assert c.canvas.get("tool.fib") is None   # the tool's proto is not a ProtoMorph too
     ui.wait_until(lambda: c.settled, 10, "the display")
     print("canvas screenshot:", ui.screenshot("ui-daemon-tools"))
+
+
+RUN_UI = r"""
+import sys
+from kivy.app import App
+from kivy.clock import Clock
+from a4ps.config import load_settings
+from a4ps.ui.launch import run_ui
+
+def check(dt):
+    c = App.get_running_app().controller
+    if c.connected and c.canvas.get("BRICK"):
+        print("UI connected; morphs:", sorted(c.canvas.morphs), flush=True)
+        App.get_running_app().stop()
+    else:
+        Clock.schedule_once(check, 0.2)
+
+Clock.schedule_once(check, 0.5)
+sys.exit(run_ui(load_settings(), stop_daemon_on_exit=True))
+"""
+
+
+def test_a4ps_ui_starts_a_daemon_and_stops_it_on_exit(tmp_path):
+    """`a4ps ui --stop-daemon-on-exit` with no daemon running: start one, connect, stop it."""
+    import os
+    import subprocess
+    import sys
+    from a4ps.ui.launch import daemon_alive
+    d = ui_harness.DaemonProcess(tmp_path / "data")      # env and free ports only
+    env = dict(d.env, KIVY_HOME=str(tmp_path / "kivy"), KIVY_NO_ARGS="1",
+               SDL_AUDIODRIVER="dummy")
+    if not env.get("DISPLAY"):
+        env["SDL_VIDEODRIVER"] = "offscreen"
+    assert not daemon_alive(d.settings(), timeout=0.5)
+    out = subprocess.run([sys.executable, "-c", RUN_UI], env=env, capture_output=True,
+                         text=True, timeout=240, cwd=os.getcwd())
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "starting one" in text and "UI connected" in text and "'BRICK'" in text
+    assert "stopping the daemon it started" in text
+    assert not daemon_alive(d.settings(), timeout=0.5)
+    assert (tmp_path / "data" / "live_image.dill").exists()   # it saved on the way out

@@ -102,13 +102,56 @@ class Inspector(ModalView):
 
     # -- showing -------------------------------------------------------------------
     def show_proto(self, data: dict) -> None:
+        same = data.get("name", "") == self.proto_name and bool(self.rows)
         self.data = dict(data)
         self.proto_name = data.get("name", "")
         self.proto_version = int(data.get("version") or 0)
         self.parent_name = data.get("parent") or ""
         if self.path and self.path[0] not in self._all_slots():
             self.path = []
-        self.rebuild()
+        if not (same and self._refresh_in_place()):
+            self.rebuild()
+
+    def _refresh_in_place(self) -> bool:
+        """Update changed values without rebuilding, so an edit being typed survives
+        another slot changing (a persona's last_utterance changes every turn)."""
+        fresh = self._row_values()
+        if set(fresh) != set(self.rows):
+            return False
+        for key, (value, _owner) in fresh.items():
+            row = self.rows[key]
+            if row.kind != "method" and (V.kind_of(value) != row.kind
+                                         or row.drillable != bool(value)
+                                         and row.kind in ("list", "dict")):
+                return False   # a different editor is needed
+        for key, (value, owner) in fresh.items():
+            row = self.rows[key]
+            if row.value == value and row.inherited_from == owner:
+                continue
+            row.value, row.inherited_from = value, owner
+            if not getattr(row.editor, "focus", False):
+                row.reset()
+        return True
+
+    def _row_values(self) -> dict[str, tuple[Any, str]]:
+        """What rebuild() would show: row key -> (value, inherited from)."""
+        slots = self._all_slots()
+        if not self.path:
+            out = {k: v for k, v in slots.items()}
+            methods = self.data.get("methods") or {}
+            for k in methods:
+                out[f"{k}()"] = (methods[k], "")
+            for k, owner in (self.data.get("inherited_methods") or {}).items():
+                if k not in methods:
+                    out[f"{k}()"] = (self.rows[f"{k}()"].value if f"{k}()" in self.rows
+                                     else None, str(owner))
+            return out
+        top, owner = slots.get(self.path[0], (None, ""))
+        try:
+            value = V.value_at(top, tuple(self.path[1:]))
+        except (KeyError, IndexError, TypeError):
+            return {}
+        return {repr(k): (item, owner) for k, item in V.children(value)}
 
     def _all_slots(self) -> dict[str, tuple[Any, str]]:
         out: dict[str, tuple[Any, str]] = {}

@@ -69,16 +69,16 @@ def run_ui(settings: Any, *, stop_daemon_on_exit: bool = False, start: bool = Tr
     started: subprocess.Popen | None = None
     if start and not daemon_alive(settings):
         print(f"a4ps ui: no daemon answers at {settings.bus.command_addr}; starting one "
-              f"(log: {settings.data_dir / 'daemon.log'})", file=sys.stderr)
+              f"(log: {settings.data_dir / 'daemon.log'})", file=sys.__stderr__)
         try:
             started = start_daemon(settings, config_path)
         except RuntimeError as e:
-            print(f"a4ps ui: {e}", file=sys.stderr)
+            print(f"a4ps ui: {e}", file=sys.__stderr__)
             return 1
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY") \
             and not os.environ.get("SDL_VIDEODRIVER"):
         print("a4ps ui: no display (DISPLAY is empty); run under X, `xvfb-run a4ps ui`, "
-              "or use `a4ps daemon` alone", file=sys.stderr)
+              "or use `a4ps daemon` alone", file=sys.__stderr__)
         if started is not None and stop_daemon_on_exit:
             stop_daemon(started)
         return 2
@@ -88,9 +88,9 @@ def run_ui(settings: Any, *, stop_daemon_on_exit: bool = False, start: bool = Tr
     finally:
         if started is not None:
             if stop_daemon_on_exit:
-                print("a4ps ui: stopping the daemon it started", file=sys.stderr)
+                print("a4ps ui: stopping the daemon it started", file=sys.__stderr__)
                 stop_daemon(started)
             else:
                 print(f"a4ps ui: the daemon keeps running (pid {started.pid}); "
-                      f"stop it with `kill {started.pid}`", file=sys.stderr)
+                      f"stop it with `kill {started.pid}`", file=sys.__stderr__)
     return 0
