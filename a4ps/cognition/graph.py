@@ -3,11 +3,15 @@ answers, and the exchange becomes memory.
 
 ::
 
-    START -> alfred_route -> recall -+-> brick -+-> robin -> measure -+-> alfred_synthesize -> remember -> END
-                                     |    ^     |                     |          ^
-                                     |    |     +-> forge -> brick    +-> brick  |
-                                     |    +--------- forge <-(tool)              |
-                                     +--(direct)---------------------------------+
+    START -> alfred_route -> recall --contrapunto--> brick
+                                    --direct-------> alfred_synthesize
+                                    --tool---------> forge -> brick
+    brick --TOOL: request--> forge -> brick      (once per task)
+    brick -> robin -> measure --above threshold, rounds left--> brick
+                              --converged / round limit-----> alfred_synthesize
+    alfred_synthesize -> remember -> END
+
+(``CognitiveGraph.mermaid()`` draws it; tests/test_graph.py pins its edges.)
 
 The graph is a LangGraph ``StateGraph`` with a SQLite checkpointer (thread id = task
 id) written with ``durability="sync"``, so a process killed mid-task resumes from the
