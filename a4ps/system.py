@@ -141,6 +141,7 @@ class System:
                      len(self.protos), self.codex.version)
         self.state = SystemState.STARTED
         self.started_at = time.time()
+        self.memory.maintain_in_background()
         self._autosave = threading.Thread(target=self._autosave_loop, name="a4ps-autosave", daemon=True)
         self._autosave.start()
         if services:
@@ -172,7 +173,11 @@ class System:
         if self._autosave is not None:
             self._autosave.join(timeout=5)
         self.save()
-        self.graph.close()
+        for close in (self.graph.close, self.memory.close, self.tasks.close):
+            try:
+                close()
+            except Exception:
+                log.exception("closing %s failed", close)
         self.state = SystemState.STOPPED
 
     def __enter__(self) -> System:
