@@ -212,7 +212,7 @@ def test_a4ps_ui_starts_a_daemon_and_stops_it_on_exit(tmp_path):
     import os
     import subprocess
     import sys
-    from a4ps.ui.launch import daemon_alive
+    from a4ps.ui.launch import daemon_alive, daemon_starting
     d = ui_harness.DaemonProcess(tmp_path / "data")      # env and free ports only
     env = dict(d.env, KIVY_HOME=str(tmp_path / "kivy"), KIVY_NO_ARGS="1",
                SDL_AUDIODRIVER="dummy")
@@ -226,4 +226,10 @@ def test_a4ps_ui_starts_a_daemon_and_stops_it_on_exit(tmp_path):
     assert "starting one" in text and "UI connected" in text and "'BRICK'" in text
     assert "stopping the daemon it started" in text
     assert not daemon_alive(d.settings(), timeout=0.5)
+    assert not daemon_starting(d.settings())    # the lock names a process that is gone
     assert (tmp_path / "data" / "live_image.dill").exists()   # it saved on the way out
+
+
+def test_launcher_sees_a_running_daemon(daemon):
+    from a4ps.ui.launch import daemon_alive, daemon_starting
+    assert daemon_alive(daemon.settings()) and daemon_starting(daemon.settings())

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PERSONAS = ("ALFRED", "BRICK", "ROBIN")
 DISSONANCE_PERSONAS = ("BRICK", "ROBIN")
 LOG_LINES = 500
 
@@ -63,6 +62,7 @@ class MorphicController:
         self._last_flush = 0.0
         self._last_log = 0.0
         self._flushed_last_tick = False
+        self._thinking: set = set()
         self.flush_cost_s = 0.0   # how long a frame that re-renders the canvas takes
         self._fetching: set[str] = set()          # proto.get in flight
         self._refetch: set[str] = set()           # changed again while in flight
@@ -549,11 +549,8 @@ class MorphicController:
                     self.stage(m, dissonance=turn.dissonance)
         morph = self.canvas.get(p.get("persona") or "")
         if isinstance(morph, ProtoMorph):
-            for other in PERSONAS:
-                m = self.canvas.get(other)
-                if isinstance(m, ProtoMorph) and m is not morph \
-                        and self.staged(m, "status") == "thinking":
-                    self.stage(m, status="idle")
+            self._stop_thinking(keep=morph)
+            self._thinking.add(morph)
             self.stage(morph, status="thinking")
             if turn.text and p.get("node") != "alfred_route":
                 self.stage(morph, utterance=turn.text)
@@ -574,12 +571,17 @@ class MorphicController:
                 self.stage(alfred, utterance=rec.answer)
         else:
             rec.error = str(p.get("error") or p.get("message") or "failed")
-        for name in PERSONAS:
-            m = self.canvas.get(name)
-            if isinstance(m, ProtoMorph) and self.staged(m, "status") == "thinking":
-                self.stage(m, status="idle")
+        self._stop_thinking()
         self.transcript.update(rec)
         self._refresh_history()
+
+    def _stop_thinking(self, keep: Any = None) -> None:
+        """The persona that spoke last is thinking; the others go back to idle."""
+        for m in list(self._thinking):
+            if m is not keep:
+                self._thinking.discard(m)
+                if self.staged(m, "status") == "thinking":
+                    self.stage(m, status="idle")
 
     def _bump_queue(self, delta: int, p: dict) -> None:
         q = p.get("queue_length")

@@ -26,6 +26,37 @@ def daemon_alive(settings: Any, timeout: float = 2.0) -> bool:
         return False
 
 
+def daemon_starting(settings: Any) -> bool:
+    """True when the daemon lock names a live process (a daemon is starting up, e.g.
+    run.sh launched one a moment ago): wait for it rather than start a second.
+
+    Reads the pid the daemon writes into its lock file; it never takes the lock itself,
+    so it cannot make a starting daemon fail.
+    """
+    try:
+        pid = int((settings.data_dir / "daemon.lock").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_for_daemon(settings: Any, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if daemon_alive(settings, timeout=1.0):
+            return True
+        time.sleep(0.3)
+    return False
+
+
 def start_daemon(settings: Any, config_path: str | None = None,
                  wait_s: float = 120.0) -> subprocess.Popen:
     """Start `python -m a4ps daemon` in its own session; wait until it answers a ping."""
@@ -67,6 +98,9 @@ def run_ui(settings: Any, *, stop_daemon_on_exit: bool = False, start: bool = Tr
     """Run the client until its window closes; returns an exit code."""
     os.environ.setdefault("KIVY_NO_ARGS", "1")
     started: subprocess.Popen | None = None
+    if start and not daemon_alive(settings) and daemon_starting(settings):
+        print("a4ps ui: a daemon is starting; waiting for it", file=sys.__stderr__)
+        wait_for_daemon(settings, 120.0)
     if start and not daemon_alive(settings):
         print(f"a4ps ui: no daemon answers at {settings.bus.command_addr}; starting one "
               f"(log: {settings.data_dir / 'daemon.log'})", file=sys.__stderr__)
