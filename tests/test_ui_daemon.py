@@ -219,8 +219,13 @@ def test_a4ps_ui_starts_a_daemon_and_stops_it_on_exit(tmp_path):
     if not env.get("DISPLAY"):
         env["SDL_VIDEODRIVER"] = "offscreen"
     assert not daemon_alive(d.settings(), timeout=0.5)
-    out = subprocess.run([sys.executable, "-c", RUN_UI], env=env, capture_output=True,
-                         text=True, timeout=240, cwd=os.getcwd())
+    try:
+        out = subprocess.run([sys.executable, "-c", RUN_UI], env=env, capture_output=True,
+                             text=True, timeout=240, cwd=os.getcwd())
+    finally:   # never leave a daemon behind, whatever happened
+        if daemon_starting(d.settings()):
+            import signal
+            os.kill(int((tmp_path / "data" / "daemon.lock").read_text()), signal.SIGTERM)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
     assert "starting one" in text and "UI connected" in text and "'BRICK'" in text

@@ -107,6 +107,9 @@ class MorphicApp(App):
                                             max_events_per_tick=self.max_events_per_tick)
         root.controller = self.controller
         root.ids.transcript.controller = self.controller
+        cognition = getattr(self.settings, "cognition", None)
+        if cognition is not None:
+            root.ids.transcript.ids.plot.threshold = cognition.dissonance_threshold
         return root
 
     def on_start(self):
