@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -334,6 +335,8 @@ class RunscSandbox(Sandbox):
         with self._base_lock:
             if self._base is None:
                 self._base = self._make_base()
+                # removed on close(), on garbage collection, or at interpreter exit
+                self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._base), True)
             return self._base
 
     def _make_base(self) -> Path:
@@ -506,14 +509,8 @@ class RunscSandbox(Sandbox):
     def close(self) -> None:
         with self._base_lock:
             if self._base is not None:
-                shutil.rmtree(self._base, ignore_errors=True)
+                self._cleanup()
                 self._base = None
-
-    def __del__(self) -> None:  # best effort: the temp root holds no secrets
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class _Capture:
