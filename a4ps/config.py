@@ -100,6 +100,9 @@ class BusSettings(_Section):
 class SandboxSettings(_Section):
     backend: Literal["runsc", "docker"] = "runsc"
     runsc_path: str = "runsc"
+    python: str | None = Field(
+        None, description="interpreter run inside the sandbox; None = /usr/bin/python3, "
+                          "else this Python's real binary")
     docker_image: str = "a4ps-sandbox:latest"
     wall_time_s: float = Field(10.0, gt=0)
     cpu_time_s: int = Field(5, ge=1)
