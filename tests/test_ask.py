@@ -248,3 +248,41 @@ def test_ask_then_memory_search_through_the_real_system(data_dir):
                             capture_output=True, text=True, timeout=300, cwd=root)
     assert search.returncode == 0, search.stdout + search.stderr
     assert "ALFRED  task ask-" in search.stdout and "seven apples" in search.stdout
+
+
+@pytest.mark.slow   # a real daemon process (scripted model) and a CLI process
+def test_ask_through_a_real_daemon(data_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "A4PS_MODELS__BACKEND": "scripted",
+           "A4PS_MODELS__EMBEDDING_BACKEND": "hash", "A4PS_MOTIVATOR__ENABLED": "false",
+           "A4PS_BUS__COMMAND_ADDR": f"tcp://127.0.0.1:{_free_port()}",
+           "A4PS_BUS__EVENT_ADDR": f"tcp://127.0.0.1:{_free_port()}"}
+    base = [sys.executable, "-m", "a4ps", "--data-dir", str(data_dir)]
+    daemon = subprocess.Popen(base + ["daemon"], env=env, cwd=root, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (data_dir / "daemon.token").exists() and subprocess.run(
+                    base + ["status", "--timeout", "1"], env=env, cwd=root,
+                    capture_output=True).returncode == 0:
+                break
+            assert daemon.poll() is None, "the daemon exited during start-up"
+            time.sleep(0.5)
+        ask = subprocess.run(base + ["ask", "Why is the sky blue?"], env=env, cwd=root,
+                             capture_output=True, text=True, timeout=180)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+    assert ask.returncode == 0, ask.stdout + ask.stderr
+    assert "submitted task" in ask.stderr
+    assert "BRICK [round 1]" in ask.stdout and "dissonance [1]" in ask.stdout
+    assert "Why is the sky blue?" in ask.stdout.split("ALFRED's answer")[1]
