@@ -64,6 +64,15 @@ def _idle_cores() -> int:
     return max(1, min(n, n - busy))
 
 
+def _has_bnb() -> bool:
+    """8-bit AdamW needs bitsandbytes with a working native library."""
+    try:
+        import bitsandbytes.functional  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
 def _peak_rss_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
@@ -275,7 +284,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
                 model, r=int(job["lora_r"]), lora_alpha=int(job["lora_alpha"]),
                 target_modules=TARGET_MODULES, lora_dropout=0, bias="none",
                 use_gradient_checkpointing="unsloth", random_state=int(job.get("seed", 3407)))
-        optim = "adamw_8bit"
+        optim = "adamw_8bit" if _has_bnb() else "adamw_torch"
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -292,13 +301,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
                 r=int(job["lora_r"]), lora_alpha=int(job["lora_alpha"]),
                 target_modules=TARGET_MODULES, lora_dropout=0.0, bias="none",
                 task_type="CAUSAL_LM"))
-        optim = "adamw_torch"
-        if cuda:
-            try:
-                import bitsandbytes  # noqa: F401
-                optim = "adamw_8bit"
-            except Exception:
-                pass
+        optim = "adamw_8bit" if cuda and _has_bnb() else "adamw_torch"
 
     vocab = tokenizer.get_vocab()
     eos = "<|im_end|>" if "<|im_end|>" in vocab else None

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 TRAINABLE = ("ALFRED", "BRICK", "ROBIN")
 WORKER_MODULE = "a4ps.fine_tuning.train_worker"
+JUDGE_ANSWER_TOKENS = 48     # each model's answer to a held-out task, for ALFRED to judge
 
 
 class FinetuneError(RuntimeError):
@@ -223,6 +224,11 @@ class PersonaFinetuner:
         if live_idx is None:
             raise FinetuneError(f"{persona} has no fine-tuned version to roll back from "
                                 f"(model_lineage is empty)")
+        if proto.get("model_name") != lineage[live_idx].get("model_name"):
+            raise FinetuneError(
+                f"{persona}'s model_name ({proto.get('model_name')}) is not its live lineage "
+                f"version ({lineage[live_idx].get('model_name')}); it was changed by hand, "
+                f"so set it by hand")
         prev_idx = next((i for i in range(live_idx - 1, -1, -1)
                          if lineage[i].get("status") == "superseded"), None)
         if prev_idx is None:
@@ -233,10 +239,6 @@ class PersonaFinetuner:
                 not (Path(adir) / "adapter_config.json").is_file():
             raise FinetuneError(f"version {prev['version']}'s adapter is gone ({adir}); "
                                 f"cannot roll back to it")
-        if proto.get("model_name") != cur.get("model_name"):
-            raise FinetuneError(
-                f"{persona}'s model_name ({proto.get('model_name')}) is not its live lineage "
-                f"version ({cur.get('model_name')}); it was changed by hand, so set it by hand")
         cur["status"] = "rolled_back"
         cur["rolled_back_at"] = time.time()
         prev["status"] = "live"
@@ -283,8 +285,11 @@ class PersonaFinetuner:
         current_adapter = self._current_adapter(current_model, lineage, backend_kind)
 
         version = self._next_version(persona, lineage)
-        vdir = (Path(self.settings.adapter_dir) / persona / f"v{version}").resolve()
-        vdir.mkdir(parents=True, exist_ok=False)
+        root = Path(self.settings.adapter_dir).resolve() / persona
+        while (root / f"v{version}").exists():   # a failed or reset run kept its folder
+            version += 1
+        vdir = root / f"v{version}"
+        vdir.mkdir(parents=True)
         report.version = version
         _write_jsonl(vdir / "train.jsonl", train_rows)
         _write_jsonl(vdir / "heldout.jsonl", hold_rows)
@@ -406,8 +411,10 @@ class PersonaFinetuner:
     def _stage(self, persona: str, version: int, adapter: Path, current_model: str,
                lineage: list[dict[str, Any]], backend_kind: str) -> str:
         if backend_kind == "ollama":
-            base = next((e["model_name"] for e in reversed(lineage) if e.get("is_base")
-                         and e.get("backend") == "ollama"), current_model)
+            # the tag the current chain of versions started from (adapters are not stacked
+            # in Ollama: each version is base + one adapter, trained from the live one)
+            chain = _with_live_base(lineage, current_model, backend_kind)
+            base = next((e["model_name"] for e in reversed(chain) if e.get("is_base")), current_model)
             tag = f"a4ps-{persona.lower()}:v{version}"
             return self._ollama_backend().create_with_adapter(tag, base, adapter)
         from ..models.embedded import adapter_model_id
@@ -419,7 +426,8 @@ class PersonaFinetuner:
     def _answer_with(self, proto):  # noqa: ARG002 - per-persona options may come later
         def chat(model: str, messages: list[dict[str, str]]) -> str:
             # greedy, so the two models are compared on their most likely answers
-            return self.models.chat(model, messages, temperature=0.0, max_tokens=64)
+            return self.models.chat(model, messages, temperature=0.0,
+                                    max_tokens=JUDGE_ANSWER_TOKENS)
         return chat
 
     def _record(self, persona: str, proto, lineage: list[dict[str, Any]], version: int,
