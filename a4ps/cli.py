@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tools.commands import add_commands as add_tool_commands
     add_tool_commands(sub)     # sandbox run FILE.py, tools list, tools show NAME
 
+    from .fine_tuning.commands import add_commands as add_finetune_commands
+    add_finetune_commands(sub)  # curate, finetune PERSONA, models lineage|rollback PERSONA
+
     return parser
 
 

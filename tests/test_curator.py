@@ -204,3 +204,26 @@ def test_thread_runs_passes_and_stops(parts):
         cur.stop()
     assert not cur.running
     assert cur.votes()["BRICK"] == 1
+
+
+def test_cli_curate_lineage_rollback(tmp_path, monkeypatch, capsys):
+    """`a4ps curate` scores through the real System (scripted models, hash embedder)."""
+    from a4ps.cli import main
+    from a4ps.config import load_settings
+    from a4ps.system import System
+    monkeypatch.setenv("A4PS_MODELS__BACKEND", "scripted")
+    monkeypatch.setenv("A4PS_MODELS__EMBEDDING_BACKEND", "hash")
+    data = tmp_path / "data"
+    settings = load_settings(data_dir=data)
+    with System(settings) as system:
+        system.curator.stop()
+        _remember(system.memory, 2)
+    assert main(["--data-dir", str(data), "curate"]) == 0
+    out = capsys.readouterr().out
+    assert "task t1" in out and "task t0" in out and "golden set 0/" in out
+    assert main(["--data-dir", str(data), "curate"]) == 0          # nothing new the 2nd time
+    assert "nothing new" in capsys.readouterr().out
+    assert main(["--data-dir", str(data), "models", "lineage", "brick"]) == 0
+    assert "no fine-tuned versions yet" in capsys.readouterr().out
+    assert main(["--data-dir", str(data), "models", "rollback", "BRICK"]) == 1
+    assert "empty" in capsys.readouterr().err

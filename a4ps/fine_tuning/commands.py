@@ -1,0 +1,177 @@
+"""CLI commands of self-improvement: ``a4ps curate``, ``a4ps finetune PERSONA``,
+``a4ps models lineage PERSONA``, ``a4ps models rollback PERSONA``.
+
+They work on the living image directly, so they take the daemon's lock first (a
+running daemon owns the image and would overwrite what they change): stop the daemon,
+run the command, start it again. Registered by :func:`add_commands` from
+:func:`a4ps.cli.build_parser`; heavy imports stay inside the commands.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def _offline_system(settings: Any, what: str) -> Iterator[Any]:
+    """A System on the image, with no service threads, under the daemon lock."""
+    from ..daemon import LOCK_NAME, DaemonLock, DaemonLockError
+    lock = DaemonLock(settings.data_dir / LOCK_NAME)
+    try:
+        lock.acquire()
+    except DaemonLockError as e:
+        raise SystemExit(f"a4ps {what}: {e}\n(this command edits the living image; run it "
+                         f"while the daemon is stopped)")
+    try:
+        from ..system import System
+        system = System(settings)
+        system.start(services=False)
+        try:
+            yield system
+        finally:
+            system.stop()       # saves the image
+    finally:
+        lock.release()
+
+
+def _fmt(x: Any, nd: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _print_comparison(r: dict[str, Any]) -> None:
+    c = r.get("comparison") or {}
+    print(f"persona {r['persona']}  version v{r.get('version')}  backend {r.get('backend') or '-'}"
+          f"  steps {r.get('steps')}  {r.get('seconds')}s")
+    if r.get("ok"):
+        print(f"train loss {_fmt(r.get('first_loss'))} -> {_fmt(r.get('last_loss'))}   "
+              f"adapter {r.get('adapter_dir')} ({(r.get('adapter_bytes') or 0) / 1e6:.1f} MB)")
+    if c:
+        print(f"{'':22}{'current':>12}{'candidate':>12}")
+        print(f"{'held-out loss':22}{_fmt(c.get('current_loss')):>12}{_fmt(c.get('new_loss')):>12}")
+        print(f"{'held-out perplexity':22}{_fmt(c.get('current_ppl'), 2):>12}{_fmt(c.get('new_ppl'), 2):>12}")
+        print(f"{'ALFRED score':22}{_fmt(c.get('judge_current'), 2):>12}{_fmt(c.get('judge_new'), 2):>12}")
+        print(f"models: {c.get('current_model')}  vs  {c.get('candidate_model')}")
+    print(("SWAPPED: " if r.get("swapped") else "NOT SWAPPED: ") + str(r.get("reason")))
+
+
+def _cmd_curate(args: argparse.Namespace, settings: Any) -> int:
+    with _offline_system(settings, "curate") as system:
+        report = system.curator.run_once(finetune=not args.no_finetune)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+        return 0
+    if not report.scored:
+        print(report.note or "nothing to curate")
+    for s in report.scored:
+        mark = "kept" if s.kept else ("error" if s.error else "below threshold")
+        print(f"{s.memory_id[:12]:12}  task {s.task_id[:14]:14}  score {_fmt(s.score, 1):>4}  "
+              f"vote {s.vote or '-':5}  {mark}{': ' + s.error if s.error else ''}")
+    print(f"added {report.added}; golden set {report.dataset_size}/"
+          f"{settings.curator.trigger_size}; votes {report.votes}")
+    if report.triggered:
+        print(f"fine-tune triggered for {report.persona}; dataset archived to {report.archived_to}")
+        if report.finetune:
+            _print_comparison(report.finetune)
+    elif report.note and report.scored:
+        print(report.note)
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace, settings: Any) -> int:
+    from pathlib import Path
+    persona = args.persona.upper()
+    with _offline_system(settings, "finetune") as system:
+        dataset = Path(args.dataset) if args.dataset else system.curator.golden_path
+        if not dataset.exists():
+            print(f"a4ps finetune: no dataset at {dataset}; run `a4ps curate` until the golden "
+                  f"set has samples, or pass --dataset FILE.jsonl", file=sys.stderr)
+            return 2
+        unsub = system.bus.subscribe("finetune.progress", lambda e: _progress(e.payload))
+        try:
+            report = system.finetuner.finetune(persona, dataset, steps=args.steps)
+        finally:
+            unsub()
+    print()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        _print_comparison(report.to_dict())
+    return 0 if report.ok else 1
+
+
+def _progress(p: dict[str, Any]) -> None:
+    if p.get("stage") == "training":
+        print(f"training with {p.get('backend')} ({p.get('why')})", flush=True)
+    elif p.get("loss") is not None and not p.get("stage"):
+        print(f"\rstep {p.get('step')}/{p.get('max_steps')}  loss {p['loss']:.4f}", end="", flush=True)
+
+
+def _cmd_lineage(args: argparse.Namespace, settings: Any) -> int:
+    persona = args.persona.upper()
+    with _offline_system(settings, "models lineage") as system:
+        if persona not in system.protos:
+            print(f"a4ps models lineage: no persona {persona!r}", file=sys.stderr)
+            return 2
+        current = system.protos.get(persona).get("model_name")
+        lineage = system.finetuner.lineage(persona)
+    if args.json:
+        print(json.dumps({"persona": persona, "model_name": current, "lineage": lineage},
+                         indent=2, default=str))
+        return 0
+    print(f"{persona} uses {current}")
+    if not lineage:
+        print("no fine-tuned versions yet")
+    for e in lineage:
+        s = e.get("scores") or {}
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.get("created_at") or 0))
+        print(f"  v{e.get('version'):<3} {e.get('status', '?'):12} {when}  data {e.get('dataset_size', '-'):>4}"
+              f"  loss {_fmt(s.get('current_loss'))} -> {_fmt(s.get('new_loss'))}"
+              f"  judge {_fmt(s.get('judge_current'), 2)} -> {_fmt(s.get('judge_new'), 2)}"
+              f"  {e.get('model_name')}")
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace, settings: Any) -> int:
+    from .unsloth_forge import FinetuneError
+    persona = args.persona.upper()
+    with _offline_system(settings, "models rollback") as system:
+        try:
+            out = system.finetuner.rollback(persona)
+        except FinetuneError as e:
+            print(f"a4ps models rollback: {e}", file=sys.stderr)
+            return 1
+    print(f"{persona}: {out['from']} -> {out['to']} (v{out['version']})")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("curate", help="one curation pass now: ALFRED scores new interactions")
+    p.set_defaults(func=_cmd_curate)
+    p.add_argument("--no-finetune", action="store_true",
+                   help="don't start a fine-tune even if the golden set reached the trigger size")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("finetune", help="fine-tune a persona now: train, gate, swap")
+    p.set_defaults(func=_cmd_finetune)
+    p.add_argument("persona", help="ALFRED, BRICK or ROBIN")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default finetune.max_steps)")
+    p.add_argument("--dataset", help="a golden-set JSONL (default: the current golden set)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("models", help="persona model versions: lineage, rollback")
+    msub = p.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+    q = msub.add_parser("lineage", help="a persona's model versions and their scores")
+    q.set_defaults(func=_cmd_lineage)
+    q.add_argument("persona")
+    q.add_argument("--json", action="store_true")
+    q = msub.add_parser("rollback", help="make the previous version live again")
+    q.set_defaults(func=_cmd_rollback)
+    q.add_argument("persona")
