@@ -125,6 +125,8 @@ def test_divergence_stops_at_round_limit_and_publishes_dissonance_high(built, bu
     assert high.payload["task_id"] == "t-div"
     assert high.payload["dissonance"] == pytest.approx(r["final_dissonance"])
     assert "apples" in high.payload["text"]
+    # the motivator's reflection quotes both channels' last words
+    assert high.payload["brick"] == LOGIC[-1] and high.payload["robin"] == FEEL[-1]
     measures = [s for s in steps(rec) if s["node"] == "measure"]
     assert [m["round"] for m in measures] == [1, 2, 3]
     # BRICK's later rounds answer what ROBIN said

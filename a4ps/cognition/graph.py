@@ -441,9 +441,13 @@ class CognitiveGraph:
                    problem=problem)
         high = self.settings.cognition.dissonance_high
         if dialogue and final_d is not None and final_d > high:
-            self.bus.publish("dissonance.high", {"task_id": state.get("task_id"),
-                                                 "text": state["task"], "dissonance": final_d,
-                                                 "rounds": len(state.get("rounds") or [])})
+            meta = state.get("meta") or {}
+            self.bus.publish("dissonance.high", {
+                "task_id": state.get("task_id"), "text": state["task"], "dissonance": final_d,
+                "rounds": len(state.get("rounds") or []),
+                "brick": state.get("brick_text") or "", "robin": state.get("robin_text") or "",
+                "origin": meta.get("origin") or ("reflection" if meta.get("kind") == "reflection" else None),
+                "meta": _plain(meta)})
         return {**update, "answer": text, "status": "ok", "error": None}
 
     def _remember(self, state: CognitiveState) -> dict[str, Any]:
