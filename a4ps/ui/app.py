@@ -51,8 +51,9 @@ class LogPanel(RecycleView):
     lines = ListProperty([])
 
     def on_lines(self, _inst, lines):
+        # scroll_y == 0 (the newest line) stays at the bottom as lines arrive; a user
+        # who scrolled up to read stays where they are
         self.data = [{"text": line["text"]} for line in lines]
-        self.scroll_y = 0
 
 
 class MorphicRoot(BoxLayout):
