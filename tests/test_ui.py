@@ -464,8 +464,9 @@ def test_poll_is_bounded_per_tick(ui, app, sub):
     sub.polls.clear()
     c.tick()
     assert sub.polls == [100] and len(sub.queue) == 250
-    ui.wait_until(lambda: not sub.queue and app.root.ids.log_panel.data[-1]["text"]
-                  .endswith("line 349"), 5, "the rest of the burst")
+    log = app.root.ids.log_panel
+    ui.wait_until(lambda: not sub.queue and log.data and
+                  log.data[-1]["text"].endswith("line 349"), 5, "the rest of the burst")
 
 
 def test_connection_lost_and_regained(ui, app, daemon, sub):
