@@ -35,7 +35,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mb(field: str = "VmHWM") -> float:
+    """VmHWM (peak) or VmRSS (now) of this process; ru_maxrss would carry the
+    parent's peak across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -65,7 +70,7 @@ def ensure_peer(log=print) -> Path | None:
 
 
 PEER_SCRIPT = r"""
-import json, sys, time, resource
+import json, sys, time
 gguf, n_tokens, threads, messages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 t0 = time.perf_counter()
 from llama_cpp import Llama
@@ -90,7 +95,8 @@ t2 = time.perf_counter()
 ntok = out["usage"]["completion_tokens"]
 print(json.dumps({"load_s": load, "ttft_s": first, "tokens": ntok, "seconds": t2 - t1,
                   "tok_s": ntok / (t2 - t1),
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss_mb": [int(l.split()[1]) / 1024 for l in open("/proc/self/status")
+                             if l.startswith("VmHWM:")][0]}))
 """
 
 
@@ -142,11 +148,13 @@ def bench_ours(settings, dtype: str, n_tokens: int) -> dict:
     mm.load(BASE_ID)
     load = time.perf_counter() - t0
     mm.chat(BASE_ID, PROMPT, max_tokens=8)                     # warm-up
+    before = mm.stats()["tokens"]
     mm.chat(BASE_ID, PROMPT, max_tokens=n_tokens, on_token=lambda piece: None)
     st = mm.stats()
+    rss = peak_rss_mb("VmRSS")
     wb = weight_bytes(backend._model)
     mm.release()
-    return {"load_s": load, "ttft_s": st["last_ttft_s"],
+    return {"load_s": load, "ttft_s": st["last_ttft_s"], "tokens": st["tokens"] - before, "rss_mb": rss,
             "tok_s": st["last_tokens_per_s"], "weight_bytes": wb}
 
 
@@ -164,6 +172,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from a4ps.config import load_settings
     from a4ps.models.embedded import ensure_base_checkpoint, gguf_path
+    load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="a4ps-bench-"))
     settings = load_settings(data_dir=tmp)
     settings.models.embedded.threads = args.threads
@@ -187,12 +196,13 @@ def main() -> None:
         r = bench_ours(settings, dtype, args.tokens)
         ours[dtype] = r
         bound = bw * 1e9 / r["weight_bytes"]
-        row(f"embedded {dtype}: load from cache", f"{r['load_s']:.2f} s")
+        row(f"embedded {dtype}: load from cache", f"{r['load_s']:.2f} s",
+            f"process RSS with it resident {r['rss_mb']:.0f} MB")
         row(f"embedded {dtype}: time to first token", f"{r['ttft_s'] * 1000:.0f} ms")
-        row(f"embedded {dtype}: decode {args.tokens} tokens", f"{r['tok_s']:.1f} tok/s",
+        row(f"embedded {dtype}: generate {r['tokens']} tokens", f"{r['tok_s']:.1f} tok/s",
             f"{r['tok_s'] / bound:.0%} of bandwidth bound {bound:.0f} tok/s "
             f"({r['weight_bytes'] / 1e6:.0f} MB weights/token)")
-    row("embedded: peak RSS (both dtypes, this process)", f"{peak_rss_mb():.0f} MB")
+    row("embedded: peak RSS (fp32 + bf16 runs, incl. dequantize)", f"{peak_rss_mb():.0f} MB")
 
     from a4ps.models.embeddings import MiniLMEmbedder
     emb = MiniLMEmbedder(batch_size=64)
@@ -210,7 +220,7 @@ def main() -> None:
             pbound = bw * 1e9 / q4_bytes
             row("llama.cpp (Q4_1 GGUF): load", f"{peer['load_s']:.2f} s")
             row("llama.cpp: time to first token", f"{peer['ttft_s'] * 1000:.0f} ms")
-            row(f"llama.cpp: decode {args.tokens} tokens", f"{peer['tok_s']:.1f} tok/s",
+            row(f"llama.cpp: generate {peer['tokens']} tokens", f"{peer['tok_s']:.1f} tok/s",
                 f"{peer['tok_s'] / pbound:.0%} of bound {pbound:.0f} tok/s "
                 f"({q4_bytes / 1e6:.0f} MB/token)")
             row("llama.cpp: peak RSS", f"{peer['rss_mb']:.0f} MB")
@@ -223,7 +233,9 @@ def main() -> None:
     w = max(len(r[0]) for r in rows)
     v = max(len(r[1]) for r in rows)
     print(f"\nModels benchmark ({args.threads} torch/llama threads, {args.tokens} tokens, "
-          f"greedy; torch {torch.__version__})")
+          f"greedy; torch {torch.__version__}; {os.cpu_count()} CPUs, load average "
+          f"{load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end: other work on the "
+          f"machine slows every row)")
     print(f"{'measure'.ljust(w)}  {'value'.rjust(v)}  note")
     print(f"{'-' * w}  {'-' * v}  ----")
     for a, b, c in rows:
