@@ -156,22 +156,16 @@ def tiny_recipe(settings, model_cache_dir):
 
 @pytest.fixture
 def embedded_parts(tiny_recipe, bus, embedded_models):
-    """Personas on the real embedded backend; ALFRED's judging is a live method that
-    scores an answer carrying the training data's mark higher (a deterministic judge)."""
+    """Personas on the real embedded backend (ALFRED's judging is covered by the Ollama
+    test, where answers are instant; here the gate compares held-out loss)."""
     from a4ps.proto import ProtoManager
     from a4ps.system import INVOKE_LLM
     protos = ProtoManager(bus)
     protos.provide("models", embedded_models)
     protos.create("persona", {"temperature": 0.0}, methods={"invoke_llm": INVOKE_LLM})
-    for name in ("BRICK", "ROBIN"):
+    for name in ("ALFRED", "BRICK", "ROBIN"):
         protos.clone("persona", name, model_name="smollm2-135m", model_backend="embedded",
                      system_prompt=f"You are {name}.", model_lineage=[])
-    protos.clone("persona", "ALFRED", model_name="smollm2-135m", model_backend="embedded",
-                 system_prompt="You are ALFRED.", model_lineage=[])
-    protos.update("ALFRED", methods={"invoke_llm": (
-        "def invoke_llm(self, prompt, **kw):\n"
-        "    answer = prompt.rsplit('ANSWER:', 1)[-1]\n"
-        f"    return 'SCORE: 4.5' if {MARK.split()[0]!r}.lower() in answer.lower() else 'SCORE: 2'\n")})
     return tiny_recipe, bus, protos, embedded_models
 
 

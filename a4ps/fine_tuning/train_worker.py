@@ -180,9 +180,16 @@ def choose_backend(requested: str) -> tuple[str, str]:
 def _progress_callback(max_steps: int):
     from transformers import TrainerCallback
 
+    parent = os.getppid()
+
     class Progress(TrainerCallback):
         def __init__(self):
             self.losses: list[float] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            # the daemon died (we run in our own session): don't train on as an orphan
+            if os.getppid() != parent:
+                raise SystemExit("the parent process is gone; training stopped")
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
