@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DISSONANCE_PERSONAS = ("BRICK", "ROBIN")
 LOG_LINES = 500
+MAX_REFRESH_S = 1.5   # the display is never staler than this, however slow repainting is
 
 
 class MorphicController:
@@ -143,7 +144,7 @@ class MorphicController:
         # one display refresh (morphs, status bar, log) at most refresh_hz times a
         # second, and never more than a quarter of the time spent repainting: slow
         # software GL (llvmpipe) keeps a usable frame rate under event bursts
-        interval = max(self.refresh_s, 4 * self.flush_cost_s)
+        interval = min(max(self.refresh_s, 4 * self.flush_cost_s), MAX_REFRESH_S)
         if (self._staged or self._log_dirty) and now - self._last_flush >= interval:
             self.flush_morphs()
             if self._log_dirty:
