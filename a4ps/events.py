@@ -36,6 +36,17 @@ class Event:
 Subscriber = Callable[[Event], None]
 
 
+def json_safe(value: Any) -> Any:
+    """Plain data for payloads and checkpoints: unknown objects become their repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    return repr(value)
+
+
 class EventBus:
     """Thread-safe topic bus. ``subscribe("*", fn)`` receives every topic."""
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from a4ps.cognition import prompts
 from a4ps.cognition.prompts import DEFAULT_ROUTE, ROUTES
 from a4ps.cognition.state import CognitiveState
+from a4ps.events import json_safe
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
@@ -500,15 +501,7 @@ def _get(obj: Any, key: str) -> Any:
     return getattr(obj, key, None)
 
 
-def _plain(value: Any) -> Any:
-    """Checkpoint-safe plain data (the serializer refuses arbitrary objects)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return repr(value)
+_plain = json_safe  # checkpoint/payload-safe plain data
 
 
 def _memory_dict(rec: Any) -> dict[str, Any]:

@@ -80,9 +80,15 @@ def _peak_rss_mb() -> float:
 
 # -- data ------------------------------------------------------------------------------
 
-def read_samples(path: str | Path) -> list[dict[str, Any]]:
-    """Golden-set lines -> [{system, user, assistant}]; bad lines are skipped."""
-    out = []
+def _turn(msgs: list[Any], role: str, last: bool = False) -> str | None:
+    seq = reversed(msgs) if last else msgs
+    return next((m.get("content") for m in seq if isinstance(m, dict) and m.get("role") == role), None)
+
+
+def read_golden(path: str | Path) -> list[dict[str, Any]]:
+    """Usable golden-set rows (chat format with a user and an assistant turn); bad
+    lines are skipped. Shared with the supervisor, so both read the file alike."""
+    rows = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if not line:
@@ -91,13 +97,16 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        msgs = row.get("messages") or []
-        user = next((m.get("content", "") for m in msgs if m.get("role") == "user"), "")
-        answer = next((m.get("content", "") for m in reversed(msgs)
-                       if m.get("role") == "assistant"), "")
-        if user and answer:
-            out.append({"user": user, "assistant": answer})
-    return out
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if isinstance(msgs, list) and _turn(msgs, "user") and _turn(msgs, "assistant", last=True):
+            rows.append(row)
+    return rows
+
+
+def read_samples(path: str | Path) -> list[dict[str, Any]]:
+    """Golden-set rows -> [{user, assistant}] for training and evaluation."""
+    return [{"user": _turn(r["messages"], "user"), "assistant": _turn(r["messages"], "assistant", last=True)}
+            for r in read_golden(path)]
 
 
 def _messages(sample: dict[str, Any], system_prompt: str | None, with_answer: bool):

@@ -40,6 +40,7 @@ from typing import Any
 
 from ..config import PROJECT_ROOT
 from .evaluation import Comparison, decide, judge_answers
+from .train_worker import read_golden
 
 log = logging.getLogger(__name__)
 
@@ -95,28 +96,6 @@ class _ChildResult:
             if e.get("event") == name:
                 return e
         return None
-
-
-def read_golden(path: str | Path) -> list[dict[str, Any]]:
-    """Usable golden-set rows (chat format with a user and an assistant turn)."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        msgs = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(msgs, list):
-            continue
-        user = next((m.get("content") for m in msgs if isinstance(m, dict) and m.get("role") == "user"), None)
-        ans = next((m.get("content") for m in reversed(msgs)
-                    if isinstance(m, dict) and m.get("role") == "assistant"), None)
-        if user and ans:
-            rows.append(row)
-    return rows
 
 
 def split_holdout(rows: list[dict[str, Any]], fraction: float, seed: int = 3407

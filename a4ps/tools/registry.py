@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..events import json_safe
+
 if TYPE_CHECKING:
     from a4ps.config import Settings
     from a4ps.events import EventBus
@@ -394,11 +396,4 @@ def _overlap(a: str, b: str) -> float:
     return len(wa & wb) / math.sqrt(len(wa) * len(wb)) if wa and wb else 0.0
 
 
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return repr(value)
+_plain = json_safe  # checkpoint/payload-safe plain data
