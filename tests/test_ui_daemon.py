@@ -177,8 +177,10 @@ def test_forged_tool_appears_as_tool_morph(ui, app, daemon):
     c = app.controller
     assert c.canvas.get("tool:fib") is None
     daemon.stop()
-    seed_tool(daemon)
-    daemon.start()
+    try:
+        seed_tool(daemon)
+    finally:   # the module's other tests need the daemon back either way
+        daemon.start()
     morph = ui.wait_until(lambda: c.canvas.get("tool:fib"), 30, "the ToolMorph after resync")
     assert (morph.tool_name, morph.version, morph.test_status) == ("fib", "1", "passed 2/2")
     assert "Fibonacci" in morph.description
