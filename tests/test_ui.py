@@ -453,7 +453,17 @@ def test_status_bar_follows_long_work_and_log(ui, app, sub):
     assert sb.model == "phi3"
     assert sb.progress_text == "fine-tuning BRICK step 3/10 loss 1.2500" and sb.progress == 0.3
     assert app.controller.canvas.get("BRICK").status == "fine-tuning"
-    assert app.root.ids.log_panel.data[-1]["text"].endswith("daemon: disk nearly full")
+    sub.push("model.swapped", {"persona": "BRICK", "old": "smollm2-135m",
+                               "new": "smollm2-135m+brick-v1", "version": 1})
+    sub.push("dissonance.high", {"task_id": "t9", "dissonance": 0.81})
+    sub.push("goal.generated", {"task_id": "t10", "goal": "learn haiku", "trigger": "idle"})
+    ui.wait_until(lambda: app.controller.canvas.get("BRICK").status == "idle", 5, "swap")
+    assert sb.progress_text == "BRICK swapped: smollm2-135m -> smollm2-135m+brick-v1"
+    ui.wait_until(lambda: app.controller.settled, 5, "the log")
+    lines = [d["text"] for d in app.root.ids.log_panel.data[-3:]]
+    assert "high dissonance 0.81 on task t9" in lines[1] and "learn haiku" in lines[2]
+    assert any(d["text"].endswith("daemon: disk nearly full")
+               for d in app.root.ids.log_panel.data)
 
 
 def test_poll_is_bounded_per_tick(ui, app, sub):

@@ -635,6 +635,8 @@ class MorphicController:
         total = p.get("max_steps") or p.get("total_steps")
         persona = p.get("persona", "")
         text = f"fine-tuning {persona} step {step}"
+        if p.get("stage") and p["stage"] != "training":
+            text = f"fine-tuning {persona}: {p['stage']}"
         if isinstance(total, int) and total:
             text += f"/{total}"
             if isinstance(step, (int, float)):
@@ -653,6 +655,25 @@ class MorphicController:
         m = self.canvas.get(persona)
         if isinstance(m, ProtoMorph) and self.staged(m, "status") == "fine-tuning":
             self.stage(m, status="idle")
+
+    def _on_model_swapped(self, p: dict) -> None:
+        persona = p.get("persona", "")
+        what = "rolled back" if p.get("rollback") else "swapped"
+        text = f"{persona} {what}: {p.get('old')} -> {p.get('new')}"
+        self.bar.progress_text = text
+        self.add_log("info", text, "finetune")
+        m = self.canvas.get(persona)
+        if isinstance(m, ProtoMorph) and self.staged(m, "status") == "fine-tuning":
+            self.stage(m, status="idle")
+
+    def _on_dissonance_high(self, p: dict) -> None:
+        d = p.get("dissonance")
+        self.add_log("warning", f"high dissonance {d:.2f} on task {p.get('task_id')}"
+                     if isinstance(d, (int, float)) else "high dissonance", "cognition")
+
+    def _on_goal_generated(self, p: dict) -> None:
+        self.add_log("info", f"new goal ({p.get('trigger') or 'idle'}): {p.get('goal')}",
+                     "motivator")
 
     def _on_tool_forging(self, p: dict) -> None:
         name = _tool_name(p) or "?"
@@ -708,6 +729,9 @@ class MorphicController:
         "model.unloaded": _on_model_unloaded,
         "finetune.progress": _on_finetune,
         "model.tuned": _on_model_tuned,
+        "model.swapped": _on_model_swapped,
+        "dissonance.high": _on_dissonance_high,
+        "goal.generated": _on_goal_generated,
         "tool.forging": _on_tool_forging,
         "tool.created": _on_tool_created,
         "tool.rejected": _on_tool_rejected,
