@@ -178,7 +178,7 @@ class Proto:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for the wire and the inspector): own and inherited slots."""
         inherited: dict[str, Any] = {}
-        inherited_methods: dict[str, str] = {}
+        inherited_methods: dict[str, dict[str, str]] = {}
         p = self._parent
         while p is not None:
             for k, v in p._slots.items():
@@ -186,7 +186,7 @@ class Proto:
                     inherited[k] = {"value": plain(v), "from": p._name}
             for k, v in p._methods.items():
                 if k not in self._methods and k not in inherited_methods:
-                    inherited_methods[k] = p._name
+                    inherited_methods[k] = {"from": p._name, "source": v}
             p = p._parent
         return {
             "name": self._name,

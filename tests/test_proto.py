@@ -18,7 +18,10 @@ def test_delegation_clone_and_receiver_binding(pm):
     brick = pm.clone("persona", "BRICK", greeting="greetings")
     assert brick.temperature == 0.5                 # inherited slot
     assert brick.hello() == "greetings from BRICK"  # inherited method, self = receiver
-    assert brick.to_dict()["inherited"]["temperature"] == {"value": 0.5, "from": "persona"}
+    d = brick.to_dict()
+    assert d["inherited"]["temperature"] == {"value": 0.5, "from": "persona"}
+    assert d["inherited_methods"]["hello"]["from"] == "persona"
+    assert "def hello(self)" in d["inherited_methods"]["hello"]["source"]
     pm.update("persona", {"temperature": 0.9})
     assert brick.temperature == 0.9                 # delegation is live
 

@@ -243,6 +243,7 @@ def test_right_click_opens_inspector_with_typed_rows(ui, app):
     assert rows["status"].inherited_from == "persona"          # inherited, marked
     assert rows["role"].inherited_from == ""
     assert rows["hello()"].kind == "method" and rows["hello()"].inherited_from == "persona"
+    assert "def hello(self" in rows["hello()"].value   # the inherited source, ready to override
     assert rows["temperature"].editor.text == "0.7"
     path = ui.screenshot("ui-inspector")
     print("inspector screenshot:", path)

@@ -141,10 +141,9 @@ class Inspector(ModalView):
             methods = self.data.get("methods") or {}
             for k in methods:
                 out[f"{k}()"] = (methods[k], "")
-            for k, owner in (self.data.get("inherited_methods") or {}).items():
+            for k, info in (self.data.get("inherited_methods") or {}).items():
                 if k not in methods:
-                    out[f"{k}()"] = (self.rows[f"{k}()"].value if f"{k}()" in self.rows
-                                     else None, str(owner))
+                    out[f"{k}()"] = (info.get("source"), str(info.get("from") or "parent"))
             return out
         top, owner = slots.get(self.path[0], (None, ""))
         try:
@@ -177,9 +176,10 @@ class Inspector(ModalView):
             for key in sorted(methods):
                 self._add_row(f"{key}()", f"{key}()", methods[key], (key,), "", kind="method")
             for key in sorted(k for k in inherited_m if k not in methods):
-                self._add_row(f"{key}()", f"{key}()", f"# inherited from {inherited_m[key]};"
-                              f" paste its source here to override\ndef {key}(self):\n    ...",
-                              (key,), str(inherited_m[key]), kind="method")
+                # editing an inherited method defines it on this proto (Self-style override)
+                info = inherited_m[key]
+                self._add_row(f"{key}()", f"{key}()", info.get("source", ""), (key,),
+                              str(info.get("from") or "parent"), kind="method")
         else:
             slot = self.path[0]
             top, owner = slots.get(slot, (None, ""))
