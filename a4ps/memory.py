@@ -48,7 +48,7 @@ _PROBE_NOISE = 0.3
 _MAX_NPROBES = 512
 # add() runs maintain() in the background after this many appends (compaction keeps
 # single-row appends from piling up thousands of tiny fragments).
-_MAINTAIN_EVERY = 256
+_MAINTAIN_EVERY = 32
 _COLUMNS = ["id", "kind", "text", "persona", "task_id", "ts", "dissonance", "curated", "meta"]
 
 
