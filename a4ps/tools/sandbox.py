@@ -23,6 +23,7 @@ generated code never runs on the host.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import json
 import logging
 import os
@@ -228,7 +229,7 @@ def _real_interpreter(settings_python: str | None) -> tuple[str | None, str]:
 
 # -- the interface -------------------------------------------------------------------
 
-class Sandbox:
+class Sandbox(ABC):
     """A place to run untrusted Python. Subclasses implement :meth:`_run`."""
 
     backend = "none"
@@ -260,8 +261,9 @@ class Sandbox:
             raise ValueError("sandbox timeout must be positive")
         return self._run(all_files, wall, collect)
 
+    @abstractmethod
     def _run(self, files: dict[str, str], wall: float, collect: list[str] | None) -> SandboxResult:
-        raise NotImplementedError
+        """Run ``files`` (main.py first) inside the backend's sandbox."""
 
     def close(self) -> None:
         """Release backend resources (temporary directories, clients)."""
@@ -277,6 +279,9 @@ class UnavailableSandbox(Sandbox):
     def __init__(self, limits: Limits, reason: str, backend: str = "none") -> None:
         super().__init__(limits, reason or "no sandbox backend")
         self.backend = backend
+
+    def _run(self, files: dict[str, str], wall: float, collect: list[str] | None) -> SandboxResult:
+        raise SandboxUnavailable(f"sandbox unavailable: {self.reason}")
 
 
 # -- runsc direct ----------------------------------------------------------------------
