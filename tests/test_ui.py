@@ -409,6 +409,7 @@ def test_proposal_decided_elsewhere_closes_dialog(ui, app, sub):
     ui.wait_until(lambda: app.controller.dialog, 5, "the dialog")
     sub.push("codex.decided", {**PROPOSAL, "id": "am-9", "approved": False, "codex_version": 4})
     ui.wait_until(lambda: app.controller.dialog is None, 5, "the dialog to close")
+    assert app.controller.dialog is None
 
 
 def test_pending_proposals_in_snapshot_open_on_connect(ui, app):
@@ -503,3 +504,4 @@ def test_bad_events_do_not_break_the_stream(ui, app, sub):
     sub.push("log", {"message": "still alive"})
     ui.wait_until(lambda: app.root.ids.log_panel.data and
                   app.root.ids.log_panel.data[-1]["text"].endswith("still alive"), 5, "the log")
+    assert app.root.ids.log_panel.data[-1]["text"].endswith("still alive")
