@@ -240,3 +240,17 @@ def test_a4ps_ui_starts_a_daemon_and_stops_it_on_exit(tmp_path):
 def test_launcher_sees_a_running_daemon(daemon):
     from a4ps.ui.launch import daemon_alive, daemon_starting
     assert daemon_alive(daemon.settings()) and daemon_starting(daemon.settings())
+
+
+def test_goals_toggle_pauses_the_daemons_motivator(ui, app, daemon):
+    toggle = app.root.ids.status_bar.ids.goals_toggle
+    ui.click(toggle)
+    ui.wait_until(lambda: app.root.ids.status_bar.goals_paused, 10, "the toggle to show paused")
+    with daemon.client() as c:
+        ui.wait_until(lambda: c.request("system.status")["motivator"]["paused"], 10,
+                      "the daemon's motivator to pause")
+    ui.click(toggle)
+    with daemon.client() as c:
+        ui.wait_until(lambda: not c.request("system.status")["motivator"]["paused"], 10,
+                      "the daemon's motivator to resume")
+    assert not app.root.ids.status_bar.goals_paused

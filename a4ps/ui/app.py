@@ -43,6 +43,7 @@ class StatusBar(BoxLayout):
     queue = NumericProperty(0)
     progress = NumericProperty(0)    # 0..1, or -1 for "busy, no known fraction"
     progress_text = StringProperty("")
+    goals_paused = BooleanProperty(False)   # the motivator's self-generated work
 
 
 class LogPanel(RecycleView):

@@ -274,6 +274,22 @@ class MorphicController:
         if isinstance(q, int):
             self._queue_len = q
             self.bar.queue = q
+        motivator = status.get("motivator")
+        if isinstance(motivator, dict) and isinstance(motivator.get("paused"), bool):
+            self.status_bar.goals_paused = motivator["paused"]
+
+    def set_goals_paused(self, paused: bool) -> None:
+        """Pause or resume self-generated goals (the daemon's motivator)."""
+        def done(reply: Reply) -> None:
+            if reply.ok and isinstance(reply.result, dict):
+                self.status_bar.goals_paused = bool(reply.result.get("paused", paused))
+                self.add_log("info", "self-generated goals " +
+                             ("paused" if self.status_bar.goals_paused else "resumed"), "motivator")
+            else:
+                self.status_bar.goals_paused = not paused   # refused: show the real state
+                self.add_log("error", f"pausing goals refused: {reply.message}", "motivator")
+        self.status_bar.goals_paused = paused
+        self.call("motivator.pause", {"paused": paused}, done)
 
     # -- protos --------------------------------------------------------------------
     def apply_proto(self, data: dict) -> ProtoMorph:
