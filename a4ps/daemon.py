@@ -246,6 +246,11 @@ class Daemon:
         motivator = getattr(s, "motivator", None)
         if callable(getattr(motivator, "set_paused", None)):
             reg("motivator.pause", self._motivator_pause)
+        if getattr(s, "curator", None) is not None and getattr(s, "finetuner", None) is not None:
+            reg("curator.run", lambda a: s.curator.run_once(finetune=a.finetune).to_dict())
+            reg("finetune.run", self._finetune_run)
+            reg("models.lineage", self._models_lineage)
+            reg("models.rollback", self._models_rollback)
 
     # -- handlers ------------------------------------------------------------------
     def daemon_status(self) -> dict[str, Any]:
@@ -337,6 +342,35 @@ class Daemon:
         except CodexError as e:
             raise self._codex_error(e) from None
         return amendment.to_dict()
+
+    def _persona_name(self, persona: str) -> str:
+        name = persona.upper()
+        if name not in self.system.protos:
+            raise CommandError(ErrorCode.NOT_FOUND, f"no persona {persona!r}")
+        return name
+
+    def _finetune_run(self, a: P.FinetuneArgs) -> dict[str, Any]:
+        """Train, gate and swap now (long: minutes). Progress goes out as events."""
+        persona = self._persona_name(a.persona)
+        dataset = Path(a.dataset) if a.dataset else self.system.curator.golden_path
+        if not dataset.exists():
+            raise CommandError(ErrorCode.NOT_FOUND, f"no dataset at {dataset}: run `a4ps curate` "
+                               "until the golden set has samples, or pass a dataset file")
+        if self.system.finetuner.running:
+            raise CommandError(ErrorCode.CONFLICT, "a fine-tune is already running")
+        return self.system.finetuner.finetune(persona, dataset, steps=a.steps).to_dict()
+
+    def _models_lineage(self, a: P.PersonaArgs) -> dict[str, Any]:
+        persona = self._persona_name(a.persona)
+        return {"persona": persona, "model_name": self.system.protos.get(persona).get("model_name"),
+                "lineage": self.system.finetuner.lineage(persona)}
+
+    def _models_rollback(self, a: P.PersonaArgs) -> dict[str, Any]:
+        from .fine_tuning.unsloth_forge import FinetuneError
+        try:
+            return self.system.finetuner.rollback(self._persona_name(a.persona))
+        except FinetuneError as e:
+            raise CommandError(ErrorCode.CONFLICT, str(e)) from None
 
     def _motivator_pause(self, a: P.PauseArgs) -> dict[str, Any]:
         motivator = self.system.motivator

@@ -151,6 +151,20 @@ class PauseArgs(Args):
     paused: bool = True
 
 
+class CurateArgs(Args):
+    finetune: bool = True
+
+
+class FinetuneArgs(Args):
+    persona: str = Field(min_length=1, max_length=64)
+    steps: int | None = Field(None, ge=1, le=100_000)
+    dataset: str | None = Field(None, min_length=1, max_length=4096)
+
+
+class PersonaArgs(Args):
+    persona: str = Field(min_length=1, max_length=64)
+
+
 COMMANDS: dict[str, type[BaseModel]] = {
     "task.submit": TaskSubmitArgs,
     "task.cancel": TaskIdArgs,
@@ -168,6 +182,10 @@ COMMANDS: dict[str, type[BaseModel]] = {
     "system.save": NoArgs,
     "system.ping": NoArgs,
     "motivator.pause": PauseArgs,
+    "curator.run": CurateArgs,
+    "finetune.run": FinetuneArgs,
+    "models.lineage": PersonaArgs,
+    "models.rollback": PersonaArgs,
 }
 
 

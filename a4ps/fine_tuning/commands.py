@@ -1,10 +1,11 @@
 """CLI commands of self-improvement: ``a4ps curate``, ``a4ps finetune PERSONA``,
 ``a4ps models lineage PERSONA``, ``a4ps models rollback PERSONA``.
 
-They work on the living image directly, so they take the daemon's lock first (a
-running daemon owns the image and would overwrite what they change): stop the daemon,
-run the command, start it again. Registered by :func:`add_commands` from
-:func:`a4ps.cli.build_parser`; heavy imports stay inside the commands.
+With a daemon running they ask it (``curator.run``, ``finetune.run``,
+``models.lineage``, ``models.rollback``) and print its progress events; otherwise they
+work on the living image directly under the daemon's lock. Registered by
+:func:`add_commands` from :func:`a4ps.cli.build_parser`; heavy imports stay inside the
+commands.
 """
 from __future__ import annotations
 
@@ -12,8 +13,52 @@ import argparse
 import contextlib
 import json
 import sys
+import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+_NO_DAEMON = object()
+
+
+def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], *, timeout: float,
+                on_event: Callable[[str, dict[str, Any]], None] | None = None) -> Any:
+    """The daemon's result for ``cmd``, or ``_NO_DAEMON`` when none answers.
+
+    While a long command runs, ``on_event`` gets the daemon's events (progress)."""
+    from ..client import DaemonClient, DaemonError, DaemonUnavailable, EventSubscriber
+    try:
+        client = DaemonClient.from_settings(settings, timeout=timeout)
+    except DaemonUnavailable:
+        return _NO_DAEMON
+    with client:
+        try:
+            if not client.ping(timeout=2.0):
+                return _NO_DAEMON
+        except DaemonUnavailable:
+            return _NO_DAEMON
+        sub = EventSubscriber.from_settings(settings) if on_event else None
+        box: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                box["result"] = client.request(cmd, args, timeout=timeout)
+            except (DaemonError, DaemonUnavailable) as e:
+                box["error"] = e
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                if sub is None:
+                    worker.join(0.2)
+                    continue
+                for ev in sub.poll(200, timeout_ms=200):
+                    on_event(ev.topic, ev.payload)
+        finally:
+            if sub is not None:
+                sub.close()
+        if "error" in box:
+            raise SystemExit(f"a4ps: the daemon refused {cmd}: {box['error']}")
+        return box["result"]
 
 
 @contextlib.contextmanager
@@ -24,8 +69,8 @@ def _offline_system(settings: Any, what: str) -> Iterator[Any]:
     try:
         lock.acquire()
     except DaemonLockError as e:
-        raise SystemExit(f"a4ps {what}: {e}\n(this command edits the living image; run it "
-                         f"while the daemon is stopped)")
+        raise SystemExit(f"a4ps {what}: {e}\n(a daemon holds the data directory but did not "
+                         f"answer; wait for it or stop it, then try again)")
     try:
         from ..system import System
         system = System(settings)
@@ -63,31 +108,48 @@ def _print_comparison(r: dict[str, Any]) -> None:
 
 
 def _cmd_curate(args: argparse.Namespace, settings: Any) -> int:
-    with _offline_system(settings, "curate") as system:
-        report = system.curator.run_once(finetune=not args.no_finetune)
+    report = _via_daemon(settings, "curator.run", {"finetune": not args.no_finetune},
+                         timeout=settings.finetune.timeout_s, on_event=_progress_event)
+    if report is _NO_DAEMON:
+        with _offline_system(settings, "curate") as system:
+            report = system.curator.run_once(finetune=not args.no_finetune).to_dict()
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, default=str))
+        print(json.dumps(report, indent=2, default=str))
         return 0
-    if not report.scored:
-        print(report.note or "nothing to curate")
-    for s in report.scored:
-        mark = "kept" if s.kept else ("error" if s.error else "below threshold")
-        print(f"{s.memory_id[:12]:12}  task {s.task_id[:14]:14}  score {_fmt(s.score, 1):>4}  "
-              f"vote {s.vote or '-':5}  {mark}{': ' + s.error if s.error else ''}")
-    print(f"added {report.added}; golden set {report.dataset_size}/"
-          f"{settings.curator.trigger_size}; votes {report.votes}")
-    if report.triggered:
-        print(f"fine-tune triggered for {report.persona}; dataset archived to {report.archived_to}")
-        if report.finetune:
-            _print_comparison(report.finetune)
-    elif report.note and report.scored:
-        print(report.note)
+    scored = report.get("scored") or []
+    if not scored:
+        print(report.get("note") or "nothing to curate")
+    for s in scored:
+        mark = "kept" if s.get("kept") else ("error" if s.get("error") else "below threshold")
+        err = f": {s['error']}" if s.get("error") else ""
+        print(f"{str(s.get('memory_id'))[:12]:12}  task {str(s.get('task_id'))[:14]:14}  "
+              f"score {_fmt(s.get('score'), 1):>4}  vote {s.get('vote') or '-':5}  {mark}{err}")
+    print(f"added {report.get('added')}; golden set {report.get('dataset_size')}/"
+          f"{settings.curator.trigger_size}; votes {report.get('votes')}")
+    if report.get("triggered"):
+        print(f"fine-tune triggered for {report.get('persona')}; dataset archived to "
+              f"{report.get('archived_to')}")
+        if report.get("finetune"):
+            _print_comparison(report["finetune"])
+    elif report.get("note") and scored:
+        print(report["note"])
     return 0
 
 
 def _cmd_finetune(args: argparse.Namespace, settings: Any) -> int:
     from pathlib import Path
     persona = args.persona.upper()
+    request = {"persona": persona, "steps": args.steps,
+               "dataset": str(Path(args.dataset).resolve()) if args.dataset else None}
+    result = _via_daemon(settings, "finetune.run", request,
+                         timeout=settings.finetune.timeout_s + 120, on_event=_progress_event)
+    if result is not _NO_DAEMON:
+        print()
+        if args.json:
+            print(json.dumps(result, indent=2, default=str))
+        else:
+            _print_comparison(result)
+        return 0 if result.get("ok") else 1
     with _offline_system(settings, "finetune") as system:
         dataset = Path(args.dataset) if args.dataset else system.curator.golden_path
         if not dataset.exists():
@@ -107,6 +169,11 @@ def _cmd_finetune(args: argparse.Namespace, settings: Any) -> int:
     return 0 if report.ok else 1
 
 
+def _progress_event(topic: str, payload: dict[str, Any]) -> None:
+    if topic == "finetune.progress":
+        _progress(payload)
+
+
 def _progress(p: dict[str, Any]) -> None:
     if p.get("stage") == "training":
         print(f"training with {p.get('backend')} ({p.get('why')})", flush=True)
@@ -116,12 +183,16 @@ def _progress(p: dict[str, Any]) -> None:
 
 def _cmd_lineage(args: argparse.Namespace, settings: Any) -> int:
     persona = args.persona.upper()
-    with _offline_system(settings, "models lineage") as system:
-        if persona not in system.protos:
-            print(f"a4ps models lineage: no persona {persona!r}", file=sys.stderr)
-            return 2
-        current = system.protos.get(persona).get("model_name")
-        lineage = system.finetuner.lineage(persona)
+    view = _via_daemon(settings, "models.lineage", {"persona": persona}, timeout=10)
+    if view is not _NO_DAEMON:
+        current, lineage = view["model_name"], view["lineage"]
+    else:
+        with _offline_system(settings, "models lineage") as system:
+            if persona not in system.protos:
+                print(f"a4ps models lineage: no persona {persona!r}", file=sys.stderr)
+                return 2
+            current = system.protos.get(persona).get("model_name")
+            lineage = system.finetuner.lineage(persona)
     if args.json:
         print(json.dumps({"persona": persona, "model_name": current, "lineage": lineage},
                          indent=2, default=str))
@@ -142,12 +213,14 @@ def _cmd_lineage(args: argparse.Namespace, settings: Any) -> int:
 def _cmd_rollback(args: argparse.Namespace, settings: Any) -> int:
     from .unsloth_forge import FinetuneError
     persona = args.persona.upper()
-    with _offline_system(settings, "models rollback") as system:
-        try:
-            out = system.finetuner.rollback(persona)
-        except FinetuneError as e:
-            print(f"a4ps models rollback: {e}", file=sys.stderr)
-            return 1
+    out = _via_daemon(settings, "models.rollback", {"persona": persona}, timeout=30)
+    if out is _NO_DAEMON:
+        with _offline_system(settings, "models rollback") as system:
+            try:
+                out = system.finetuner.rollback(persona)
+            except FinetuneError as e:
+                print(f"a4ps models rollback: {e}", file=sys.stderr)
+                return 1
     print(f"{persona}: {out['from']} -> {out['to']} (v{out['version']})")
     return 0
 
