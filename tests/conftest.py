@@ -30,6 +30,13 @@ def bus():
     return EventBus()
 
 
+@pytest.fixture
+def embedder():
+    """The cheap deterministic stand-in embedder (384-d)."""
+    from a4ps.models.embeddings import HashEmbedder
+    return HashEmbedder(dim=384)
+
+
 # --- models (issue 3): one real embedded model per test session -------------------
 
 def _shared_model_cache() -> Path:

@@ -15,24 +15,9 @@ from a4ps.events import EventRecorder
 from a4ps.services.motivator_service import (GOAL_MAX_TOKENS, GOAL_ORIGIN, REFLECTION_ORIGIN,
                                              IdleWatch, Motivator, parse_goal)
 
+from fakes import FakeClock
+
 GOAL = "Explore how to explain recursion to a beginner with one small example."
-
-
-class FakeClock:
-    def __init__(self, t: float = 1_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
-
-
-@pytest.fixture
-def embedder():
-    from a4ps.models.embeddings import HashEmbedder
-    return HashEmbedder(dim=384)
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from a4ps.codex import Codex
 from a4ps.events import EventRecorder
 from a4ps.services.philosopher import TEMPLATE_MARK, Philosopher, parse_draft
 
+from fakes import FakeClock
+
 SIMILAR = [
     "Should I tell my friend a hard truth about their failing business?",
     "Should I tell my colleague a hard truth about their failing project?",
@@ -23,23 +25,6 @@ UNRELATED = "What is the boiling point of water at sea level?"
 GOOD_DRAFT = ("PERSONA: ROBIN\nPRINCIPLE: honest_care\n"
               "TEXT: Be kind in how you say a hard truth, never by hiding it.\n"
               "RATIONALE: BRICK insists on honesty and ROBIN on kindness; this joins them.")
-
-
-class FakeClock:
-    def __init__(self, t: float = 1_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
-
-
-@pytest.fixture
-def embedder():
-    from a4ps.models.embeddings import HashEmbedder
-    return HashEmbedder(dim=384)
 
 
 @pytest.fixture
