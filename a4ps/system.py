@@ -75,8 +75,8 @@ class System:
         from .models.embeddings import make_embedder
         from .models.manager import ModelManager
         self.embedder = embedder or make_embedder(settings)
-        self.models = ModelManager(settings, self.bus, backend=chat_backend, embedder=self.embedder) \
-            if chat_backend is not None else ModelManager.from_settings(settings, self.bus, embedder=self.embedder)
+        # no chat_backend: the manager builds the one settings.models.backend names
+        self.models = ModelManager(settings, self.bus, backend=chat_backend, embedder=self.embedder)
 
         from .memory import MemoryManager
         from .tasks import TaskQueue
@@ -129,7 +129,7 @@ class System:
         loaded = self.image.load()
         if loaded is None:
             log.info("no image in %s: seeding personas from %s", self.settings.data_dir, CODEX_PATH)
-            self._seed()
+            self._ensure_personas()
             self.save()
         else:
             parts, self.last_load = loaded
@@ -215,15 +215,11 @@ class System:
         self._codex_dirty = True
 
     # -- personas -----------------------------------------------------------------------
-    def _seed(self) -> None:
-        self.protos.create("persona", {"temperature": 0.7, "status": "idle", "last_utterance": "",
-                                       "dissonance": None},
-                           methods={"invoke_llm": INVOKE_LLM})
-        self.protos.create("tool", {"kind": "tool"})
-        self._ensure_personas()
-
     def _ensure_personas(self) -> None:
-        """Every codex persona has a proto whose prompt and model match the settings."""
+        """Every codex persona has a proto whose prompt and model match the settings.
+
+        Seeds a fresh image, and repairs a loaded one (new codex personas, a backend
+        switched in settings, a status left 'thinking' by a crash)."""
         if "persona" not in self.protos:
             self.protos.create("persona", {"temperature": 0.7, "status": "idle",
                                            "last_utterance": "", "dissonance": None},
@@ -301,7 +297,7 @@ class System:
                       "disabled_reason": self.forge.disabled_reason},
             "motivator": self.motivator.status(),
             "philosopher": self.philosopher.status(),
-            "curator": self.curator.status() if hasattr(self.curator, "status") else None,
+            "curator": {"running": self.curator.running, "votes": self.curator.votes()},
         }
 
     def snapshot(self) -> dict[str, Any]:
