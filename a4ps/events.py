@@ -36,15 +36,16 @@ class Event:
 Subscriber = Callable[[Event], None]
 
 
-def json_safe(value: Any) -> Any:
-    """Plain data for payloads and checkpoints: unknown objects become their repr."""
+def json_safe(value: Any, unknown: Callable[[Any], Any] = repr) -> Any:
+    """Plain data for payloads and checkpoints; other objects go through ``unknown``
+    (their repr by default)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, unknown) for v in value]
     if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    return repr(value)
+        return {str(k): json_safe(v, unknown) for k, v in value.items()}
+    return unknown(value)
 
 
 class EventBus:

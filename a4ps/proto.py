@@ -14,6 +14,8 @@ import threading
 import textwrap
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from .events import json_safe
+
 if TYPE_CHECKING:
     from .events import EventBus
 
@@ -200,13 +202,16 @@ class Proto:
 
 
 def plain(value: Any) -> Any:
-    """Reduce a slot value to msgpack-friendly data (unknown objects become repr)."""
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+    """Reduce a slot value to msgpack-friendly data for the wire: bytes stay bytes,
+    sets become lists, a proto becomes {"$proto": name}, anything else {"$repr": ...}."""
+    return json_safe(value, _plain_other)
+
+
+def _plain_other(value: Any) -> Any:
+    if isinstance(value, bytes):
         return value
-    if isinstance(value, (list, tuple, set, frozenset)):
+    if isinstance(value, (set, frozenset)):
         return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, Proto):
         return {"$proto": value.name}
     return {"$repr": repr(value)}
