@@ -17,6 +17,7 @@ import numpy as np
 
 from a4ps.models.errors import (BackendUnavailable, InvalidRequest, ModelError,
                                 ModelNotFound, ModelTimeout)
+from a4ps.protocol import plain
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,6 @@ class OllamaBackend:
 
 
 def _plain(m: Any) -> dict[str, Any]:
-    d = m.model_dump() if hasattr(m, "model_dump") else dict(m)
+    d = plain(m)            # the wire codec's reduction: datetimes become ISO strings
     d.setdefault("name", d.get("model"))
-    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in d.items()}
+    return d
