@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 Writer = Callable[[ToolSpec, "str | None"], str]
 TESTS_MODULE = f"test_{TOOL_MODULE}"
 _FEEDBACK_CHARS = 3000
-_DEFAULT_ALLOWED = ["math", "statistics", "datetime", "re", "json", "itertools", "functools",
-                    "collections", "decimal", "fractions", "string", "random", "typing",
-                    "dataclasses", "heapq", "bisect", "calendar", "textwrap", "unicodedata"]
 
 
 class ReplyError(ValueError):
@@ -63,7 +60,10 @@ def build_prompt(spec: ToolSpec, feedback: str | None = None, *,
                  allowed_imports: list[str] | None = None) -> str:
     """The request to the writer, including the exact reply format the forge parses."""
     name = spec.name
-    allowed = ", ".join(allowed_imports or _DEFAULT_ALLOWED)
+    if not allowed_imports:   # the settings' default list, not a copy of it
+        from a4ps.config import SandboxSettings
+        allowed_imports = SandboxSettings().allowed_imports
+    allowed = ", ".join(allowed_imports)
     if spec.inputs:
         inputs = "\n".join(f"- {k} ({v.type}): {v.description}".rstrip(": ")
                            for k, v in spec.inputs.items())
