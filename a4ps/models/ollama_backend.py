@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from a4ps.models.embedded import Generation
 from a4ps.models.errors import (BackendUnavailable, InvalidRequest, ModelError,
                                 ModelNotFound, ModelTimeout)
 from a4ps.protocol import plain
@@ -180,7 +181,6 @@ class OllamaBackend:
 
     def generate(self, messages, *, temperature=None, max_tokens=None, stop=None,
                  on_token=None):
-        from a4ps.models.embedded import Generation
         model = self._resident
         if model is None:
             raise ModelError("no Ollama model is loaded; the ModelManager loads one first")

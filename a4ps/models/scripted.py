@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from a4ps.models.embedded import Generation
 from a4ps.models.errors import ModelError, ModelNotFound
 
 Reply = str | Callable[[list[dict[str, str]]], str]
@@ -94,7 +95,6 @@ class ScriptedBackend:
 
     def generate(self, messages, *, temperature=None, max_tokens=None, stop=None,
                  on_token=None):
-        from a4ps.models.embedded import Generation
         if self._resident is None:
             raise ModelError("no model loaded")
         t0 = time.perf_counter()
