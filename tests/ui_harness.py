@@ -227,16 +227,10 @@ class DaemonProcess:
         raise RuntimeError(f"daemon did not answer within {timeout}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 60.0) -> None:
-        import subprocess
+        from a4ps.ui.launch import stop_daemon
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        if proc is not None:
+            stop_daemon(proc, grace_s=timeout)
 
     def restart(self) -> DaemonProcess:
         self.stop()
