@@ -356,16 +356,25 @@ def test_token_created_0600_and_reused(tmp_path):
     assert ensure_token(path) == tok and stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
-def test_stop_waits_for_the_running_task_then_saves(tmp_path, monkeypatch):
+def _daemon_running_a_task(tmp_path, monkeypatch, text: str, step_delay: float,
+                           shutdown_grace_s: float):
+    """A started Daemon over a StandInSystem whose worker has (within 5 s) claimed
+    a task submitted with ``text``."""
     monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", free_addr())
     monkeypatch.setenv("A4PS_BUS__EVENT_ADDR", free_addr())
     settings = load_settings(data_dir=tmp_path / "data")
-    system = StandInSystem(settings, step_delay=0.3)
-    daemon = Daemon(system, shutdown_grace_s=10).start()
-    task = system.tasks.submit("slow one")
+    system = StandInSystem(settings, step_delay=step_delay)
+    daemon = Daemon(system, shutdown_grace_s=shutdown_grace_s).start()
+    task = system.tasks.submit(text)
     deadline = time.monotonic() + 5
     while daemon.current_task is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    return settings, system, daemon, task
+
+
+def test_stop_waits_for_the_running_task_then_saves(tmp_path, monkeypatch):
+    settings, system, daemon, task = _daemon_running_a_task(
+        tmp_path, monkeypatch, "slow one", step_delay=0.3, shutdown_grace_s=10)
     assert daemon.current_task is not None
     t0 = time.monotonic()
     assert daemon.stop() is True
@@ -378,15 +387,8 @@ def test_stop_waits_for_the_running_task_then_saves(tmp_path, monkeypatch):
 
 
 def test_stop_after_grace_leaves_the_task_to_resume(tmp_path, monkeypatch):
-    monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", free_addr())
-    monkeypatch.setenv("A4PS_BUS__EVENT_ADDR", free_addr())
-    settings = load_settings(data_dir=tmp_path / "data")
-    system = StandInSystem(settings, step_delay=0.6)
-    daemon = Daemon(system, shutdown_grace_s=0.3).start()
-    task = system.tasks.submit("very slow")
-    deadline = time.monotonic() + 5
-    while daemon.current_task is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _, system, daemon, task = _daemon_running_a_task(
+        tmp_path, monkeypatch, "very slow", step_delay=0.6, shutdown_grace_s=0.3)
     t0 = time.monotonic()
     assert daemon.stop() is False
     assert time.monotonic() - t0 < 2
