@@ -431,7 +431,7 @@ def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(s
 
 
 def test_service_thread_runs_jobs_in_order_survives_errors_and_ticks_under_load():
-    from a4ps.services.motivator_service import ServiceThread
+    from a4ps.services.service_thread import ServiceThread
     ticks, done = [], []
     t = ServiceThread("a4ps-test", tick=lambda: ticks.append(1), tick_s=0.05)
     t.start()

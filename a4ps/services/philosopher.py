@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..codex import CodexError
-from .motivator_service import ServiceThread, clip, text_of
+from .motivator_service import clip, text_of
+from .service_thread import ServiceThread
 
 if TYPE_CHECKING:
     from ..codex import Amendment, Codex
