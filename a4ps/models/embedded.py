@@ -17,7 +17,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +237,6 @@ class EmbeddedBackend:
         self._peft = False
         self._adapters: dict[str, str] = {}   # adapter dir -> peft adapter name
         self._active: str | None = None        # resident model id
-        self._lock = threading.Lock()
 
     # -- residency ----------------------------------------------------------
 
