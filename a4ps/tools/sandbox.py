@@ -469,9 +469,7 @@ class RunscSandbox(Sandbox):
                 except subprocess.TimeoutExpired:
                     if over.is_set():
                         break
-            if proc.returncode is None:
-                self._kill(proc, state, cid)
-        finally:
+        finally:   # a timeout, an output overflow or an exception: kill what still runs
             if proc.returncode is None:
                 self._kill(proc, state, cid)
             out.join()
