@@ -103,10 +103,15 @@ def read_golden(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def sample_of(row: dict[str, Any]) -> dict[str, Any]:
+    """One golden-set row -> {user, assistant}: the first user turn, the last answer."""
+    msgs = row["messages"]
+    return {"user": _turn(msgs, "user"), "assistant": _turn(msgs, "assistant", last=True)}
+
+
 def read_samples(path: str | Path) -> list[dict[str, Any]]:
     """Golden-set rows -> [{user, assistant}] for training and evaluation."""
-    return [{"user": _turn(r["messages"], "user"), "assistant": _turn(r["messages"], "assistant", last=True)}
-            for r in read_golden(path)]
+    return [sample_of(r) for r in read_golden(path)]
 
 
 def _messages(sample: dict[str, Any], system_prompt: str | None, with_answer: bool):

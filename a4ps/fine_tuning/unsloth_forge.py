@@ -40,7 +40,7 @@ from typing import Any
 
 from ..config import PROJECT_ROOT
 from .evaluation import Comparison, decide, judge_answers
-from .train_worker import read_golden
+from .train_worker import read_golden, sample_of
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +114,6 @@ def split_holdout(rows: list[dict[str, Any]], fraction: float, seed: int = 3407
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
-def _user_answer(row: dict[str, Any]) -> dict[str, str]:
-    msgs = row["messages"]
-    return {"user": next(m["content"] for m in msgs if m.get("role") == "user"),
-            "assistant": next(m["content"] for m in reversed(msgs) if m.get("role") == "assistant")}
 
 
 class PersonaFinetuner:
@@ -328,7 +322,7 @@ class PersonaFinetuner:
                          heldout_size=len(hold_rows))
         cmp.current_ppl, cmp.new_ppl = _ppl(cmp.current_loss), _ppl(cmp.new_loss)
         if cfg.judge_samples > 0 and "ALFRED" in self.protos:
-            samples = [_user_answer(r) for r in hold_rows[: cfg.judge_samples]]
+            samples = [sample_of(r) for r in hold_rows[: cfg.judge_samples]]
             cmp.judge_current, cmp.judge_new, cmp.judge_samples = judge_answers(
                 self._judge, self._answer_with(proto), samples, current_model, candidate,
                 proto.get("system_prompt") or None)
