@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PROJECT_ROOT
+from ..proto import ProtoError
 from .evaluation import Comparison, decide, judge_answers
 from .train_worker import read_golden, sample_of
 
@@ -433,9 +434,8 @@ class PersonaFinetuner:
             slots["model_lineage"] = lin + [entry]
             try:
                 self.protos.update(persona, slots, expected_version=proto.version)
-            except Exception as e:   # a concurrent edit: re-read and try again
-                from ..proto import ProtoError
-                if isinstance(e, ProtoError) and "version" in str(e):
+            except ProtoError as e:   # a concurrent edit: re-read and try again
+                if "version" in str(e):
                     continue
                 raise
             if "model_name" in slots:
