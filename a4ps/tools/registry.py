@@ -263,7 +263,7 @@ class ToolRegistry:
         slots = {"name": name, "description": spec.description,
                  "signature": signature_of(source, name),
                  "spec": spec.model_dump(mode="json"), "source": source, "tests": tests,
-                 "created_by": created_by, "test_results": _plain(test_results or {}),
+                 "created_by": created_by, "test_results": json_safe(test_results or {}),
                  "created_at": time.time()}
         with self._lock:
             if TOOL_PARENT not in self.protos:
@@ -395,5 +395,3 @@ def _overlap(a: str, b: str) -> float:
     wa, wb = _words(a), _words(b)
     return len(wa & wb) / math.sqrt(len(wa) * len(wb)) if wa and wb else 0.0
 
-
-_plain = json_safe  # checkpoint/payload-safe plain data
