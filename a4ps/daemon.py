@@ -700,9 +700,7 @@ class Daemon:
         try:
             result = cmd.handler(args)
             reply = P.Reply.success(req.id, result)
-        except CommandError as e:
-            reply = P.Reply.failure(req.id, e.code, e.message)
-        except ProtocolError as e:
+        except (CommandError, ProtocolError) as e:
             reply = P.Reply.failure(req.id, e.code, e.message)
         except Exception as e:
             log.exception("command %s failed", req.cmd)
