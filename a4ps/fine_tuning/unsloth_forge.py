@@ -258,7 +258,7 @@ class PersonaFinetuner:
         lineage = [dict(e) for e in (proto.get("model_lineage") or [])]
         current_adapter = self._current_adapter(current_model, lineage, backend_kind)
 
-        version = self._next_version(persona, lineage)
+        version = self._next_version(lineage)
         root = Path(self.settings.adapter_dir).resolve() / persona
         while (root / f"v{version}").exists():   # a failed or reset run kept its folder
             version += 1
@@ -369,7 +369,7 @@ class PersonaFinetuner:
         return Path(adir) if adir and (Path(adir) / "adapter_config.json").is_file() else None
 
     @staticmethod
-    def _next_version(persona: str, lineage: list[dict[str, Any]]) -> int:
+    def _next_version(lineage: list[dict[str, Any]]) -> int:
         return max([int(e.get("version", 0)) for e in lineage] + [0]) + 1
 
     def _ollama_backend(self):
