@@ -95,6 +95,11 @@ def _quote(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
+def _id_in(ids: Iterable[str]) -> str:
+    """SQL predicate matching rows whose id is one of ``ids``."""
+    return f"id IN ({', '.join(map(_quote, ids))})"
+
+
 def _record(row: dict[str, Any]) -> MemoryRecord:
     meta = row.get("meta") or "{}"
     try:
@@ -285,9 +290,8 @@ class MemoryManager:
         ids = [str(i) for i in ids]
         if not ids:
             return 0
-        where = f"id IN ({', '.join(_quote(i) for i in ids)})"
         with self._wlock:
-            res = self.table.update(where=where, values={"curated": True})
+            res = self.table.update(where=_id_in(ids), values={"curated": True})
         return int(getattr(res, "rows_updated", len(ids)))
 
     # -- reads ------------------------------------------------------------------------
@@ -390,8 +394,7 @@ class MemoryManager:
         return [_record(rows[i]) for i in ids if i in rows]
 
     def _fetch(self, ids: list[str]) -> list[dict[str, Any]]:
-        where = f"id IN ({', '.join(_quote(i) for i in ids)})"
-        return self.table.search().where(where).select(_COLUMNS).limit(len(ids)).to_list()
+        return self.table.search().where(_id_in(ids)).select(_COLUMNS).limit(len(ids)).to_list()
 
     def get(self, memory_id: str) -> MemoryRecord:
         rows = self._fetch([str(memory_id)])
@@ -469,7 +472,7 @@ class MemoryManager:
         rng = np.random.default_rng(seed)
         pick = [keys[int(i)] for i in rng.choice(len(keys), min(n_queries, len(keys)),
                                                   replace=False)]
-        rows = (self.table.search().where(f"id IN ({', '.join(map(_quote, pick))})")
+        rows = (self.table.search().where(_id_in(pick))
                 .select(["vector"]).limit(len(pick)).to_arrow())
         vecs = np.asarray(rows["vector"].to_pylist(), dtype=np.float32)
         vecs += (_PROBE_NOISE / np.sqrt(self.dim)) * rng.standard_normal(vecs.shape).astype(np.float32)
