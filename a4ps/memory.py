@@ -309,19 +309,18 @@ class MemoryManager:
         """
         if k <= 0:
             return []
-        text = None
         if isinstance(query, str):
             if not query.strip():
                 return []
-            text = query
             vec = self._embed([query])[0]
         else:
             vec = self._vector(query)
+            hybrid = False          # full-text ranking needs the query's text
         where = self._where(kind, filters)
-        if hybrid and text is not None:
+        if hybrid:
             self._ensure_fts()
             q = (self.table.search(query_type="hybrid", vector_column_name="vector")
-                 .vector(vec).text(text).distance_type("cosine").limit(int(k)))
+                 .vector(vec).text(query).distance_type("cosine").limit(int(k)))
         else:
             q = (self.table.search(vec, vector_column_name="vector")
                  .distance_type("cosine").limit(int(k)))
@@ -330,7 +329,7 @@ class MemoryManager:
         if self._indexed:
             q = self._ann(q)
         try:
-            if hybrid and text is not None:
+            if hybrid:
                 rows = q.to_list()
             else:
                 rows = q.select(_COLUMNS + ["_distance"]).to_list()
@@ -339,7 +338,7 @@ class MemoryManager:
                 raise ValueError(f"memory search filter {filters!r} failed: {e}") from e
             raise
         out = [_record(r) for r in rows]
-        if hybrid and text is not None:
+        if hybrid:
             for rec, row in zip(out, rows):
                 rec.score = float(row.get("_relevance_score") or 0.0)
         return out
