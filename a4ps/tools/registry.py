@@ -117,17 +117,23 @@ class ToolSpec(BaseModel):
         return v
 
 
-def signature_of(source: str, name: str) -> str:
-    """``name(a: float, b: int = 2) -> float`` from the source's top-level def."""
+def _function_def(source: str, name: str) -> ast.FunctionDef | None:
+    """The top-level ``def name`` in ``source`` (None when absent or unparsable)."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
+        return None
+    return next((node for node in tree.body
+                 if isinstance(node, ast.FunctionDef) and node.name == name), None)
+
+
+def signature_of(source: str, name: str) -> str:
+    """``name(a: float, b: int = 2) -> float`` from the source's top-level def."""
+    node = _function_def(source, name)
+    if node is None:
         return f"{name}(...)"
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == name:
-            ret = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-            return f"{name}({ast.unparse(node.args)}){ret}"
-    return f"{name}(...)"
+    ret = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+    return f"{name}({ast.unparse(node.args)}){ret}"
 
 
 # Runs inside the sandbox: call tool.<name>(**args.json), write result.json.
@@ -352,20 +358,16 @@ class ToolRegistry:
 
 def parameters_of(source: str, name: str) -> tuple[list[str], list[str], bool] | None:
     """(keyword-passable names, required names, takes **kwargs) of ``def name``."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
+    node = _function_def(source, name)
+    if node is None:
         return None
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == name:
-            a = node.args
-            pos = a.posonlyargs + a.args
-            names = [x.arg for x in a.args + a.kwonlyargs]
-            n_req = len(pos) - len(a.defaults)
-            required = [x.arg for x in pos[:n_req] if x not in a.posonlyargs]
-            required += [x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
-            return names, required, a.kwarg is not None
-    return None
+    a = node.args
+    pos = a.posonlyargs + a.args
+    names = [x.arg for x in a.args + a.kwonlyargs]
+    n_req = len(pos) - len(a.defaults)
+    required = [x.arg for x in pos[:n_req] if x not in a.posonlyargs]
+    required += [x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
+    return names, required, a.kwarg is not None
 
 
 def _s(proto: Proto, key: str, default: Any = None) -> Any:
@@ -394,4 +396,3 @@ def _words(text: str) -> set[str]:
 def _overlap(a: str, b: str) -> float:
     wa, wb = _words(a), _words(b)
     return len(wa & wb) / math.sqrt(len(wa) * len(wb)) if wa and wb else 0.0
-
