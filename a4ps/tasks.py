@@ -27,9 +27,10 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -145,28 +146,18 @@ class TaskQueue:
                 "move it aside and restart (queued tasks in it would be lost)") from e
 
     # -- plumbing -------------------------------------------------------------------
-    class _Tx:
-        def __init__(self, q: "TaskQueue", immediate: bool) -> None:
-            self.q, self.immediate = q, immediate
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.q._lock.acquire()
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``) under this process's lock."""
+        with self._lock:
+            self._check_open()
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self.q._check_open()
-                self.q._db.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+                yield self._db
             except BaseException:
-                self.q._lock.release()
+                self._db.execute("ROLLBACK")
                 raise
-            return self.q._db
-
-        def __exit__(self, et, ev, tb) -> None:
-            try:
-                self.q._db.execute("COMMIT" if et is None else "ROLLBACK")
-            finally:
-                self.q._lock.release()
-
-    def _tx(self, immediate: bool = True) -> "TaskQueue._Tx":
-        return TaskQueue._Tx(self, immediate)
+            self._db.execute("COMMIT")
 
     def _check_open(self) -> None:
         if self._closed:
