@@ -564,7 +564,17 @@ class DockerSandbox(Sandbox):
         self.image = image
         self.runtime = runtime
         self._client = client
-        self._reason = self._check()
+        self._lock = threading.Lock()
+        self._checked: str | None = None
+
+    # lazily, like RunscSandbox's probe: building a System must not wait on dockerd
+    @property
+    def reason(self) -> str:
+        if self._checked is None:
+            with self._lock:
+                if self._checked is None:
+                    self._checked = self._check()
+        return self._checked
 
     def _check(self) -> str:
         try:
