@@ -14,6 +14,8 @@ from kivy.properties import (BooleanProperty, ListProperty, NumericProperty,
 from kivy.uix.relativelayout import RelativeLayout
 from kivy.uix.widget import Widget
 
+from .values import _escape as _esc
+
 STATUS_COLORS = {
     "idle": (0.20, 0.24, 0.30, 1),
     "thinking": (0.18, 0.36, 0.55, 1),
@@ -159,10 +161,6 @@ class ToolMorph(Morph):
         self.test_status = _test_status(data)
         self.bg_color = (0.16, 0.38, 0.28, 1) if self.test_status.startswith("pass") \
             else (0.30, 0.30, 0.30, 1)
-
-
-def _esc(text: str) -> str:
-    return str(text).replace("&", "&amp;").replace("[", "&bl;").replace("]", "&br;")
 
 
 def _test_status(data: dict) -> str:
