@@ -409,20 +409,23 @@ class MorphicController:
             result = reply.result
             tid = str(result.get("id", result.get("task_id")) if isinstance(result, dict)
                       else result)
-            rec = self._task(tid)
+            rec = self._task(tid, refresh=False)
             rec.text = rec.text or text
             self.show_task(tid)
         self.call("task.submit", {"text": text}, done)
 
-    def _task(self, tid: str) -> TaskRecord:
+    def _task(self, tid: str, refresh: bool = True) -> TaskRecord:
+        """The record of ``tid``, made on first sight (``refresh``: list it in the history
+        now; callers that refresh the history themselves pass False)."""
         rec = self.tasks.get(tid)
         if rec is None:
             rec = self.tasks[tid] = TaskRecord(task_id=tid)
-            self._refresh_history()
+            if refresh:
+                self._refresh_history()
         return rec
 
     def show_task(self, tid: str) -> None:
-        rec = self._task(tid)
+        rec = self._task(tid, refresh=False)
         self.transcript.show(rec)
         self._refresh_history()
 
@@ -539,13 +542,14 @@ class MorphicController:
         tid = str(p.get("task_id", p.get("id", "")))
         if not tid:
             return
-        rec = self._task(tid)
+        rec = self._task(tid, refresh=False)
         rec.text = rec.text or str(p.get("text") or "")
         rec.status = "queued"
         self._bump_queue(+1, p)
-        self._refresh_history()
         if not self.transcript.task_id:
-            self.show_task(tid)
+            self.show_task(tid)   # refreshes the history
+        else:
+            self._refresh_history()
 
     def _on_task_step(self, p: dict) -> None:
         tid = str(p.get("task_id", ""))
@@ -574,7 +578,7 @@ class MorphicController:
 
     def _on_task_end(self, p: dict, status: str) -> None:
         tid = str(p.get("task_id", p.get("id", "")))
-        rec = self._task(tid)
+        rec = self._task(tid, refresh=False)
         if rec.status == "queued":
             self._bump_queue(-1, {})
         rec.status = status
