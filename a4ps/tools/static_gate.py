@@ -47,11 +47,9 @@ def check(source: str, allowed_imports: list[str]) -> list[str]:
         tree = ast.parse(source)
     except SyntaxError as e:
         return [f"syntax error at line {e.lineno}: {e.msg}"]
-    allowed = set(allowed_imports)
-    v = _Visitor(allowed)
+    v = _Visitor(set(allowed_imports))
     v.visit(tree)
-    seen: set[str] = set()
-    return [x for x in v.violations if not (x in seen or seen.add(x))]
+    return list(dict.fromkeys(v.violations))   # each violation once, in order
 
 
 def enforce(source: str, allowed_imports: list[str], what: str = "code") -> None:
