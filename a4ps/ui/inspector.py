@@ -135,22 +135,32 @@ class Inspector(ModalView):
 
     def _row_values(self) -> dict[str, tuple[Any, str]]:
         """What rebuild() would show: row key -> (value, inherited from)."""
+        specs = self._row_specs()
+        return {} if specs is None else {spec[0]: (spec[2], spec[4]) for spec in specs}
+
+    def _row_specs(self) -> list[tuple] | None:
+        """The rows at ``self.path``, in display order, as ``_add_row`` arguments
+        (key, label, value, path, owner, kind); None when the path no longer exists."""
         slots = self._all_slots()
         if not self.path:
-            out = {k: v for k, v in slots.items()}
+            rows: list[tuple] = [(key, key, slots[key][0], (key,), slots[key][1], None)
+                                 for key in sorted(slots)]
             methods = self.data.get("methods") or {}
-            for k in methods:
-                out[f"{k}()"] = (methods[k], "")
-            for k, info in (self.data.get("inherited_methods") or {}).items():
-                if k not in methods:
-                    out[f"{k}()"] = (info.get("source"), str(info.get("from") or "parent"))
-            return out
+            inherited_m = self.data.get("inherited_methods") or {}
+            rows += [(f"{key}()", f"{key}()", methods[key], (key,), "", "method")
+                     for key in sorted(methods)]
+            # editing an inherited method defines it on this proto (Self-style override)
+            rows += [(f"{key}()", f"{key}()", inherited_m[key].get("source", ""), (key,),
+                      str(inherited_m[key].get("from") or "parent"), "method")
+                     for key in sorted(k for k in inherited_m if k not in methods)]
+            return rows
         top, owner = slots.get(self.path[0], (None, ""))
         try:
             value = V.value_at(top, tuple(self.path[1:]))
         except (KeyError, IndexError, TypeError):
-            return {}
-        return {repr(k): (item, owner) for k, item in V.children(value)}
+            return None
+        return [(repr(k), f"[{k!r}]", item, tuple(self.path) + (k,), owner, None)
+                for k, item in V.children(value)]
 
     def _all_slots(self) -> dict[str, tuple[Any, str]]:
         out: dict[str, tuple[Any, str]] = {}
@@ -162,35 +172,16 @@ class Inspector(ModalView):
         return out
 
     def rebuild(self) -> None:
-        box = self.ids.rows
-        box.clear_widgets()
+        self.ids.rows.clear_widgets()
         self.rows = {}
-        slots = self._all_slots()
-        if not self.path:
-            self.crumb = self.proto_name
-            for key in sorted(slots):
-                value, owner = slots[key]
-                self._add_row(key, key, value, (key,), owner)
-            methods = self.data.get("methods") or {}
-            inherited_m = self.data.get("inherited_methods") or {}
-            for key in sorted(methods):
-                self._add_row(f"{key}()", f"{key}()", methods[key], (key,), "", kind="method")
-            for key in sorted(k for k in inherited_m if k not in methods):
-                # editing an inherited method defines it on this proto (Self-style override)
-                info = inherited_m[key]
-                self._add_row(f"{key}()", f"{key}()", info.get("source", ""), (key,),
-                              str(info.get("from") or "parent"), kind="method")
-        else:
-            slot = self.path[0]
-            top, owner = slots.get(slot, (None, ""))
-            self.crumb = V.path_label(self.proto_name, slot, tuple(self.path[1:]))
-            try:
-                value = V.value_at(top, tuple(self.path[1:]))
-            except (KeyError, IndexError, TypeError):
-                self.path = []
-                return self.rebuild()
-            for k, item in V.children(value):
-                self._add_row(repr(k), f"[{k!r}]", item, tuple(self.path) + (k,), owner)
+        specs = self._row_specs()
+        if specs is None:
+            self.path = []
+            specs = self._row_specs()
+        self.crumb = V.path_label(self.proto_name, self.path[0], tuple(self.path[1:])) \
+            if self.path else self.proto_name
+        for spec in specs:
+            self._add_row(*spec)
 
     def _add_row(self, key: str, label: str, value: Any, path: tuple, owner: str,
                  kind: str | None = None) -> SlotRow:
