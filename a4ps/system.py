@@ -118,7 +118,8 @@ class System:
     # -- the tool forge's writer: BRICK ---------------------------------------------
     def _brick_writes_tool(self, spec: Any, feedback: str | None) -> str:
         from .tools.tool_forge import build_prompt
-        return self.protos.get("BRICK").invoke_llm(build_prompt(spec, feedback))
+        return self.protos.get("BRICK").invoke_llm(
+            build_prompt(spec, feedback, allowed_imports=self.forge.allowed_imports))
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, *, services: bool = True) -> System:
@@ -282,6 +283,7 @@ class System:
     # -- views for the wire ----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         last = self.image.last_save
+        forge_off = self.forge.disabled_reason
         return {
             "state": self.state.value,
             "started_at": self.started_at,
@@ -293,8 +295,7 @@ class System:
             "last_save": None if last is None else {"at": last.at, "bytes": last.bytes},
             "protos": len(self.protos),
             "codex_version": self.codex.version,
-            "forge": {"enabled": self.forge.disabled_reason is None,
-                      "disabled_reason": self.forge.disabled_reason},
+            "forge": {"enabled": forge_off is None, "disabled_reason": forge_off},
             "motivator": self.motivator.status(),
             "philosopher": self.philosopher.status(),
             "curator": {"running": self.curator.running, "votes": self.curator.votes()},

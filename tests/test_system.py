@@ -93,3 +93,15 @@ def test_lifecycle_is_explicit(data_dir):
     system.stop()
     system.stop()  # idempotent
     assert system.state.value == "stopped"
+
+
+def test_brick_is_told_the_imports_the_gate_allows(data_dir):
+    from a4ps.models.scripted import ScriptedBackend
+    from a4ps.tools.tool_forge import ToolSpec
+    settings = load_settings(data_dir=data_dir, models={"embedding_backend": "hash"},
+                             sandbox={"allowed_imports": ["math", "fractions"]})
+    backend = ScriptedBackend(["no code"])
+    with System(settings, chat_backend=backend).start(services=False) as system:
+        system._brick_writes_tool(ToolSpec(name="halve", description="half of x"), None)
+        prompt = backend.calls[-1][1][-1]["content"]
+        assert "math, fractions" in prompt and "statistics" not in prompt
