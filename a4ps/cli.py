@@ -166,15 +166,11 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         print("a4ps ask: say what you want, e.g. a4ps ask \"why is the sky blue?\"", file=sys.stderr)
         return 2
     if not args.local:
-        from .client import DaemonClient, DaemonUnavailable
-        try:
-            client = DaemonClient.from_settings(settings, timeout=10.0)
-        except DaemonUnavailable:
-            client = None
+        from .client import DaemonClient
+        client = DaemonClient.if_running(settings, timeout=10.0)
         if client is not None:
             with client:
-                if client.ping(timeout=1.0):
-                    return _ask_daemon(client, text, args, settings)
+                return _ask_daemon(client, text, args, settings)
     return _ask_local(text, args, settings)
 
 
@@ -212,13 +208,14 @@ def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
 def _codex_daemon(settings: Settings, cmd: str, args: dict, timeout: float):
     """The daemon's reply to ``cmd``, or None when no daemon answers (then work in-process)."""
     from .client import DaemonClient, DaemonUnavailable
-    try:
-        with DaemonClient.from_settings(settings, timeout=timeout) as client:
-            if not client.ping(timeout=min(timeout, 2.0)):
-                return None
-            return client.request(cmd, args, timeout=timeout)
-    except DaemonUnavailable:
+    client = DaemonClient.if_running(settings, timeout=timeout)
+    if client is None:
         return None
+    with client:
+        try:
+            return client.request(cmd, args, timeout=timeout)
+        except DaemonUnavailable:
+            return None
 
 
 def _codex_local(settings: Settings):
@@ -226,7 +223,7 @@ def _codex_local(settings: Settings):
     from .codex import Codex
     from .image import ImageStore
     from .system import CODEX_PATH
-    store = ImageStore(settings.image_path, settings.snapshot_dir, settings.image.snapshot_ring)
+    store = ImageStore.from_settings(settings)
     loaded = store.load()
     codex = Codex.from_toml(CODEX_PATH)
     parts: dict = {"protos": {}}

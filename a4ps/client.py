@@ -184,6 +184,19 @@ class DaemonClient:
                 raise DaemonError(err.code if err else ErrorCode.INTERNAL.value,
                                   err.message if err else "error reply without details")
 
+    @classmethod
+    def if_running(cls, settings: Settings, timeout: float | None = None) -> DaemonClient | None:
+        """A connected client when a daemon answers a ping, else None (no token file,
+        nothing listening). Commands use it to go through the daemon when one runs."""
+        try:
+            client = cls.from_settings(settings, timeout=timeout)
+        except DaemonUnavailable:
+            return None
+        if client.ping(timeout=min(client.timeout, 2.0)):
+            return client
+        client.close()
+        return None
+
     def ping(self, timeout: float = 2.0) -> bool:
         try:
             self.request("system.ping", timeout=timeout)

@@ -106,6 +106,11 @@ class ImageStore:
 
     _SNAP = re.compile(r"^live_image\.(\d+)\.dill$")
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> ImageStore:
+        """The store for ``settings``' data directory (data/live_image.dill + snapshots/)."""
+        return cls(settings.image_path, settings.snapshot_dir, settings.image.snapshot_ring)
+
     def __init__(self, path: Path, snapshot_dir: Path, ring: int = 5) -> None:
         self.path = Path(path)
         self.snapshot_dir = Path(snapshot_dir)

@@ -68,7 +68,7 @@ class System:
 
         self.bus = EventBus()
         self.protos = ProtoManager(self.bus)
-        self.image = ImageStore(settings.image_path, settings.snapshot_dir, settings.image.snapshot_ring)
+        self.image = ImageStore.from_settings(settings)
         self.codex = Codex.from_toml(CODEX_PATH, self.bus)
         self._codex_dirty = False
 

@@ -26,16 +26,10 @@ def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], *, timeout: float
 
     While a long command runs, ``on_event`` gets the daemon's events (progress)."""
     from ..client import DaemonClient, DaemonError, DaemonUnavailable, EventSubscriber
-    try:
-        client = DaemonClient.from_settings(settings, timeout=timeout)
-    except DaemonUnavailable:
+    client = DaemonClient.if_running(settings, timeout=timeout)
+    if client is None:
         return _NO_DAEMON
     with client:
-        try:
-            if not client.ping(timeout=2.0):
-                return _NO_DAEMON
-        except DaemonUnavailable:
-            return _NO_DAEMON
         sub = EventSubscriber.from_settings(settings) if on_event else None
         box: dict[str, Any] = {}
 

@@ -60,8 +60,7 @@ def _offline_registry(settings: Any):
 
     from .registry import ToolRegistry
     protos = ProtoManager()
-    loaded = ImageStore(settings.image_path, settings.snapshot_dir,
-                        settings.image.snapshot_ring).load()
+    loaded = ImageStore.from_settings(settings).load()
     if loaded is not None:
         protos.restore_image(loaded[0]["protos"])
     return ToolRegistry(protos, settings, None)
