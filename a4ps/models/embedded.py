@@ -18,11 +18,12 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from a4ps.models.errors import InvalidRequest, ModelLoadError, ModelNotFound
+from a4ps.models.base import CancelToken, Choice, Generation
+from a4ps.models.errors import (DecisionError, InvalidRequest, ModelLoadError,
+                                ModelNotFound)
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +153,6 @@ def adapter_model_id(adapter_dir: Path | str) -> str:
 
 
 # --------------------------------------------------------------------------- generation
-
-@dataclass
-class Generation:
-    """What one generation produced, for the manager's counters."""
-    text: str
-    tokens: int
-    seconds: float
-    ttft_s: float | None
-
 
 class _StopStreamer:
     """Incremental decoder: emits text deltas, holds back possible stop-string prefixes.
@@ -338,7 +330,8 @@ class EmbeddedBackend:
 
     def generate(self, messages: list[dict[str, str]], *, temperature: float | None = None,
                  max_tokens: int | None = None, stop: list[str] | None = None,
-                 on_token: Callable[[str], None] | None = None) -> Generation:
+                 on_token: Callable[[str], None] | None = None,
+                 cancel: CancelToken | None = None, **gen: Any) -> Generation:
         if self._model is None or self._active is None:
             raise ModelLoadError("no model is loaded; call load() first")
         import torch
@@ -350,7 +343,8 @@ class EmbeddedBackend:
 
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids, scores, **kw):
-                return torch.full((input_ids.shape[0],), streamer.stopped, dtype=torch.bool)
+                halt = streamer.stopped or (cancel is not None and cancel.is_set())
+                return torch.full((input_ids.shape[0],), halt, dtype=torch.bool)
 
         sample = bool(self.cfg.do_sample) and (temperature is None or temperature > 0)
         kw: dict[str, Any] = dict(max_new_tokens=max_new, do_sample=sample,
@@ -371,7 +365,48 @@ class EmbeddedBackend:
         streamer.end()
         n_new = int(out.shape[-1] - enc["input_ids"].shape[-1])
         ttft = None if streamer.first_token_at is None else streamer.first_token_at - t0
-        return Generation(streamer.text.strip(), n_new, seconds, ttft)
+        if cancel is not None and cancel.is_set():
+            finish = "cancelled"
+        elif streamer.stopped:
+            finish = "stop"
+        elif n_new >= max_new:
+            finish = "length"
+        else:
+            finish = "eos"
+        return Generation(streamer.text.strip(), n_new, seconds, ttft, finish)
+
+    def choose(self, messages: list[dict[str, str]], options: Sequence[str], *,
+               cancel: CancelToken | None = None) -> Choice:
+        """Score each option as the assistant's reply; the most likely one wins.
+
+        Mean log-probability per token, so a long option is not punished for length.
+        The model cannot answer outside ``options``: it is only asked how likely each is.
+        """
+        if self._model is None or self._active is None:
+            raise ModelLoadError("no model is loaded; call load() first")
+        import torch
+        prompt = self._encode(messages, 16)["input_ids"]
+        n = prompt.shape[-1]
+        scores: dict[str, float] = {}
+        ctx = contextlib.nullcontext()
+        if self._peft and self._active == BASE_ID:
+            ctx = self._model.disable_adapter()
+        with torch.inference_mode(), ctx:
+            for opt in options:
+                if cancel is not None and cancel.is_set():
+                    raise DecisionError("choice cancelled")
+                ids = self._tok(opt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                full = torch.cat([prompt, ids], dim=-1)
+                logits = self._model(input_ids=full).logits[0, n - 1:-1].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                tok_lp = logp.gather(1, ids[0].unsqueeze(1)).squeeze(1)
+                scores[opt] = float(tok_lp.mean())
+        best = max(scores, key=scores.__getitem__)
+        return Choice(best, scores, "scored")
+
+    def structured(self, messages: list[dict[str, str]], schema: dict[str, Any], *,
+                   cancel: CancelToken | None = None) -> dict[str, Any]:
+        raise DecisionError("the embedded backend cannot decode to a JSON schema yet")
 
     def _encode(self, messages: list[dict[str, str]], max_new: int) -> dict[str, Any]:
         """Apply the chat template; drop the oldest turns if the context would overflow."""

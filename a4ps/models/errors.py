@@ -32,3 +32,11 @@ class ModelLoadError(ModelError):
 
 class InvalidRequest(ModelError, ValueError):
     """The caller passed something unusable (empty messages, unknown role, ...)."""
+
+
+class GenerationCancelled(ModelError):
+    """The caller's cancel token was set while the model was generating."""
+
+
+class DecisionError(ModelError):
+    """A decision (choose/structured) produced nothing valid: treat it as no decision."""

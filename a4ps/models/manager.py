@@ -5,9 +5,8 @@ every backend. Asking for another model unloads the current one first (or, on th
 embedded backend, swaps a LoRA adapter on the resident base). A model larger than
 ``models.memory_budget_gb`` is refused before anything is unloaded.
 
-A backend is any object with ``name``, ``resident()``, ``estimate_bytes(model)``,
-``load(model, progress)``, ``unload()`` and ``generate(messages, *, temperature,
-max_tokens, stop, on_token) -> Generation``; optionally ``can_switch(current, new)``.
+A backend is a :class:`~a4ps.models.base.ChatBackend` (``generate`` for free text,
+``choose`` and ``structured`` for decisions); optionally ``can_switch(current, new)``.
 :class:`~a4ps.models.embedded.EmbeddedBackend`, :class:`~a4ps.models.ollama_backend.OllamaBackend`
 and :class:`~a4ps.models.scripted.ScriptedBackend` are the three.
 """
@@ -16,15 +15,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
-from a4ps.models.errors import InvalidRequest, ModelError, ModelTooLarge
+from a4ps.models.base import CancelToken, Choice, Generation, OnToken
+from a4ps.models.errors import (DecisionError, GenerationCancelled, InvalidRequest,
+                                ModelError, ModelTooLarge)
+from a4ps.models.schema import check_schema, validate
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
+T = TypeVar("T")
 
 
 def normalise_messages(messages: Any) -> list[dict[str, str]]:
@@ -64,6 +67,7 @@ class ModelManager:
             "last_load_seconds": None, "generations": 0, "tokens": 0,
             "generation_seconds": 0.0, "last_tokens_per_s": None, "last_ttft_s": None,
             "errors": 0, "embeddings": 0, "embed_seconds": 0.0,
+            "decisions": 0, "decision_errors": 0,
         }
 
     @classmethod
@@ -75,12 +79,23 @@ class ModelManager:
 
     def chat(self, model: str, messages: list[dict[str, str]] | str, *,
              temperature: float | None = None, max_tokens: int | None = None,
-             stop: list[str] | None = None,
-             on_token: Callable[[str], None] | None = None) -> str:
-        """Answer ``messages`` with ``model``; returns the reply text.
+             stop: list[str] | None = None, on_token: OnToken | None = None,
+             cancel: CancelToken | None = None, **gen: Any) -> str:
+        """Answer ``messages`` with ``model``; returns the reply text (see :meth:`generate`)."""
+        return self.generate(model, messages, temperature=temperature, max_tokens=max_tokens,
+                             stop=stop, on_token=on_token, cancel=cancel, **gen).text
+
+    def generate(self, model: str, messages: list[dict[str, str]] | str, *,
+                 temperature: float | None = None, max_tokens: int | None = None,
+                 stop: list[str] | None = None, on_token: OnToken | None = None,
+                 cancel: CancelToken | None = None, **gen: Any) -> Generation:
+        """Answer ``messages`` with ``model``; returns the whole :class:`Generation`.
 
         Loads the model if needed (unloading any other first). ``on_token`` gets text
         pieces as they are generated; an exception in it is logged, not raised.
+        ``cancel`` (a ``threading.Event``) stops the generation within about a token:
+        :class:`GenerationCancelled` is raised. ``gen`` carries per-call knobs
+        (``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``).
         """
         msgs = normalise_messages(messages)
         if max_tokens is not None and int(max_tokens) < 1:
@@ -90,24 +105,66 @@ class ModelManager:
             raise InvalidRequest(f"stop must be a list of strings, got {stop!r}")
         cb = _safe_callback(on_token) if on_token is not None else None
         with self._lock:
-            try:
-                self._ensure(model)
-                gen = self.backend.generate(msgs, temperature=temperature,
-                                            max_tokens=max_tokens, stop=list(stop or []),
-                                            on_token=cb)
-            except ModelError:
-                self._stats["errors"] += 1
-                raise
-            except Exception as e:
-                self._stats["errors"] += 1
-                raise ModelError(f"{model}: generation failed: {e}") from e
+            _raise_if_cancelled(cancel, model)
+            gen_out = self._call(model, lambda: self.backend.generate(
+                msgs, temperature=temperature, max_tokens=max_tokens, stop=list(stop or []),
+                on_token=cb, cancel=cancel, **gen))
             s = self._stats
             s["generations"] += 1
-            s["tokens"] += gen.tokens
-            s["generation_seconds"] += gen.seconds
-            s["last_tokens_per_s"] = gen.tokens / gen.seconds if gen.seconds > 0 else None
-            s["last_ttft_s"] = gen.ttft_s
-            return gen.text
+            s["tokens"] += gen_out.tokens
+            s["generation_seconds"] += gen_out.seconds
+            s["last_tokens_per_s"] = gen_out.tokens / gen_out.seconds if gen_out.seconds > 0 else None
+            s["last_ttft_s"] = gen_out.ttft_s
+            if gen_out.finish == "cancelled":
+                raise GenerationCancelled(f"{model}: generation cancelled after "
+                                          f"{gen_out.tokens} tokens")
+            return gen_out
+
+    def choose(self, model: str, messages: list[dict[str, str]] | str,
+               options: Sequence[str], *, cancel: CancelToken | None = None) -> Choice:
+        """A closed choice, decided under constraint: the value is always one of ``options``."""
+        msgs = normalise_messages(messages)
+        opts = [str(o) for o in options]
+        if not opts or len(set(opts)) != len(opts) or not all(o.strip() for o in opts):
+            raise InvalidRequest(f"options must be distinct non-empty strings, got {options!r}")
+        with self._lock:
+            _raise_if_cancelled(cancel, model)
+            choice = self._call(model, lambda: self.backend.choose(msgs, opts, cancel=cancel))
+            self._stats["decisions"] += 1
+            if choice.value not in opts:      # a backend bug, not a model answer
+                raise DecisionError(f"{model}: backend chose {choice.value!r}, "
+                                    f"not one of {opts}")
+            return choice
+
+    def structured(self, model: str, messages: list[dict[str, str]] | str,
+                   schema: dict[str, Any], *, cancel: CancelToken | None = None
+                   ) -> dict[str, Any]:
+        """An object conforming to ``schema`` (see :mod:`a4ps.models.schema`), or DecisionError."""
+        msgs = normalise_messages(messages)
+        check_schema(schema)
+        with self._lock:
+            _raise_if_cancelled(cancel, model)
+            try:
+                value = self._call(model, lambda: self.backend.structured(
+                    msgs, schema, cancel=cancel))
+                result = validate(value, schema)
+            except DecisionError:
+                self._stats["decision_errors"] += 1
+                raise
+            self._stats["decisions"] += 1
+            return result
+
+    def _call(self, model: str, fn: Callable[[], T]) -> T:
+        """Load ``model`` if needed and run ``fn`` on the backend, errors typed and counted."""
+        try:
+            self._ensure(model)
+            return fn()
+        except ModelError:
+            self._stats["errors"] += 1
+            raise
+        except Exception as e:
+            self._stats["errors"] += 1
+            raise ModelError(f"{model}: generation failed: {e}") from e
 
     def load(self, model: str) -> None:
         """Make ``model`` resident now (e.g. to warm up before the first task)."""
@@ -244,6 +301,11 @@ def _backend_for(settings):
         from a4ps.models.scripted import demo_backend
         return demo_backend()
     raise InvalidRequest(f"unknown models.backend {kind!r}; use 'embedded' or 'ollama'")
+
+
+def _raise_if_cancelled(cancel: CancelToken | None, model: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise GenerationCancelled(f"{model}: cancelled before the model was asked")
 
 
 def _safe_callback(fn: Callable[[str], None]) -> Callable[[str], None]:

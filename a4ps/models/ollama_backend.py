@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from a4ps.models.embedded import Generation
-from a4ps.models.errors import (BackendUnavailable, InvalidRequest, ModelError,
-                                ModelNotFound, ModelTimeout)
+from a4ps.models.base import CancelToken, Choice, Generation
+from a4ps.models.errors import (BackendUnavailable, DecisionError, InvalidRequest,
+                                ModelError, ModelNotFound, ModelTimeout)
 from a4ps.protocol import plain
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class OllamaBackend:
         return {"load_duration_s": (getattr(r, "load_duration", None) or 0) / 1e9}
 
     def generate(self, messages, *, temperature=None, max_tokens=None, stop=None,
-                 on_token=None):
+                 on_token=None, cancel: CancelToken | None = None, **gen: Any) -> Generation:
         model = self._resident
         if model is None:
             raise ModelError("no Ollama model is loaded; the ModelManager loads one first")
@@ -188,7 +188,11 @@ class OllamaBackend:
         first: float | None = None
         pieces: list[str] = []
         tokens = 0
+        finish = "eos"
         for part in self._stream_parts(model, messages, temperature, max_tokens, stop):
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"        # closing the stream stops Ollama generating
+                break
             text = part.message.content if part.message else ""
             if text:
                 if first is None:
@@ -198,9 +202,40 @@ class OllamaBackend:
                     on_token(text)
             if part.done:
                 tokens = int(part.eval_count or 0)
+                if getattr(part, "done_reason", None) == "length":
+                    finish = "length"
         if not tokens:
             tokens = len(pieces)
-        return Generation("".join(pieces).strip(), tokens, time.perf_counter() - t0, first)
+        return Generation("".join(pieces).strip(), tokens, time.perf_counter() - t0, first,
+                          finish)
+
+    def choose(self, messages, options: Sequence[str], *,
+               cancel: CancelToken | None = None) -> Choice:
+        """Ollama's structured outputs: a JSON object whose one field is an enum."""
+        schema = {"type": "object", "properties": {"choice": {"type": "string",
+                                                              "enum": list(options)}},
+                  "required": ["choice"]}
+        value = self.structured(messages, schema, cancel=cancel)
+        return Choice(value["choice"], {}, "json-format")
+
+    def structured(self, messages, schema: dict[str, Any], *,
+                   cancel: CancelToken | None = None) -> dict[str, Any]:
+        """``format=schema`` (Ollama constrains decoding to it), then strict validation."""
+        import json
+
+        from a4ps.models.schema import validate
+        model = self._resident
+        if model is None:
+            raise ModelError("no Ollama model is loaded; the ModelManager loads one first")
+        r = self._call("chat", model, lambda: self.client.chat(
+            model=model, messages=messages, stream=False, format=schema,
+            options={"temperature": 0.0}, keep_alive=self.cfg.keep_alive))
+        raw = (r.message.content or "").strip()
+        try:
+            value = json.loads(raw)
+        except ValueError as e:
+            raise DecisionError(f"{model} answered no JSON for a decision: {raw[:80]!r}") from e
+        return validate(value, schema)
 
 
 def _plain(m: Any) -> dict[str, Any]:

@@ -11,7 +11,13 @@ the manager's events and counters behave as with a real backend:
     mm = ModelManager(settings, bus, backend=ScriptedBackend(["Paris."]),
                       embedder=HashEmbedder())
 
-``calls`` records (model, messages, kwargs) of every generation.
+Decisions (``choose``/``structured``) consume the same script: the next reply is what
+the "model" answered, matched to an option (case-insensitive, or the one option it
+names) or read as JSON and validated against the schema. ``decide=fn(messages, options
+or schema)`` scripts them separately instead. A reply that fits nothing is a
+DecisionError, as it would be from a real model.
+
+``calls`` records (model, messages, kwargs) of every generation and decision.
 """
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from a4ps.models.embedded import Generation
-from a4ps.models.errors import ModelError, ModelNotFound
+from a4ps.models.base import CancelToken, Choice, Generation
+from a4ps.models.errors import DecisionError, ModelError, ModelNotFound
+from a4ps.models.schema import validate
 
 Reply = str | Callable[[list[dict[str, str]]], str]
 
@@ -32,7 +39,8 @@ class ScriptedBackend:
     def __init__(self, replies: Sequence[str] | Callable[..., str] = ("OK.",), *,
                  latency_s: float = 0.0, load_latency_s: float = 0.0,
                  models: Sequence[str] | None = None, sizes: dict[str, int] | None = None,
-                 cycle: bool = True) -> None:
+                 cycle: bool = True,
+                 decide: Callable[[list[dict[str, str]], Any], Any] | None = None) -> None:
         """``replies``: list of texts, or ``fn(messages)`` / ``fn(messages, model)``.
 
         ``models``: if given, any other model id raises ModelNotFound.
@@ -44,6 +52,7 @@ class ScriptedBackend:
         self.models = set(models) if models is not None else None
         self.sizes = dict(sizes or {})
         self.cycle = cycle
+        self.decide = decide
         self.calls: list[tuple[str, list[dict[str, str]], dict[str, Any]]] = []
         self.loads: list[str] = []
         self._i = 0
@@ -94,28 +103,70 @@ class ScriptedBackend:
             return reply
 
     def generate(self, messages, *, temperature=None, max_tokens=None, stop=None,
-                 on_token=None):
+                 on_token=None, cancel: CancelToken | None = None, **gen: Any) -> Generation:
         if self._resident is None:
             raise ModelError("no model loaded")
         t0 = time.perf_counter()
         self.calls.append((self._resident, list(messages),
-                           {"temperature": temperature, "max_tokens": max_tokens, "stop": stop}))
-        if self.latency_s:
-            time.sleep(self.latency_s)
+                           {"temperature": temperature, "max_tokens": max_tokens, "stop": stop,
+                            **gen}))
         text = self._next(list(messages), self._resident)
+        finish = "eos"
         for s in stop or []:
             if s and s in text:
                 text = text[:text.index(s)]
+                finish = "stop"
         pieces = re.findall(r"\s*\S+", text) or [text]
-        if max_tokens is not None:
+        if max_tokens is not None and len(pieces) > max_tokens:
             pieces = pieces[:max_tokens]
-            text = "".join(pieces)
-        if on_token is not None:
-            for p in pieces:
+            finish = "length"
+        out: list[str] = []
+        per_piece = self.latency_s / max(len(pieces), 1)
+        for p in pieces:        # the latency is spread over the pieces, so cancel bites
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            if per_piece:
+                time.sleep(per_piece)
+            out.append(p)
+            if on_token is not None:
                 on_token(p)
         seconds = max(time.perf_counter() - t0, 1e-6)
-        return Generation(text.strip(), len(pieces), seconds, seconds if pieces else None)
+        return Generation("".join(out).strip(), len(out), seconds,
+                          seconds if out else None, finish)
 
+    def choose(self, messages, options: Sequence[str], *,
+               cancel: CancelToken | None = None) -> Choice:
+        answer = self._decision(messages, list(options))
+        if answer in options:
+            return Choice(answer, {}, "scripted")
+        said = str(answer).strip().lower()
+        exact = [o for o in options if o.lower() == said]
+        named = [o for o in options if re.search(rf"\b{re.escape(o.lower())}\b", said)]
+        if exact or len(named) == 1:
+            return Choice((exact or named)[0], {}, "scripted")
+        raise DecisionError(f"scripted reply {answer!r} names none of {list(options)}")
+
+    def structured(self, messages, schema: dict[str, Any], *,
+                   cancel: CancelToken | None = None) -> dict[str, Any]:
+        import json
+        answer = self._decision(messages, schema)
+        if isinstance(answer, str):
+            try:
+                answer = json.loads(answer)
+            except ValueError as e:
+                raise DecisionError(f"scripted reply is not JSON: {answer[:60]!r}") from e
+        return validate(answer, schema)
+
+    def _decision(self, messages, asked: Any) -> Any:
+        if self._resident is None:
+            raise ModelError("no model loaded")
+        self.calls.append((self._resident, list(messages), {"decision": asked}))
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        if self.decide is not None:
+            return self.decide(list(messages), asked)
+        return self._next(list(messages), self._resident)
 
 
 def demo_reply(messages: list[dict[str, str]]) -> str:
@@ -137,5 +188,28 @@ def demo_reply(messages: list[dict[str, str]]) -> str:
     return f"{persona.title()} reflects on the task: {task}"
 
 
+def demo_decision(messages: list[dict[str, str]], asked: Any) -> Any:
+    """The stand-in's decisions: the contrapunto route, else the first option; for a
+    schema, the smallest value that conforms (first enum value, minimum, empty text)."""
+    if isinstance(asked, list):
+        return "contrapunto" if "contrapunto" in asked else asked[0]
+    return example_of(asked)
+
+
+def example_of(schema: dict[str, Any]) -> Any:
+    """A minimal value conforming to ``schema`` (the subset in :mod:`a4ps.models.schema`)."""
+    if "anyOf" in schema:
+        return example_of(schema["anyOf"][0])
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: example_of(sub) for k, sub in schema["properties"].items()
+                if k in schema.get("required", [])}
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 0)
+    return {"string": "", "boolean": False, "array": [], "null": None}[kind]
+
+
 def demo_backend() -> ScriptedBackend:
-    return ScriptedBackend(demo_reply, models=None)
+    return ScriptedBackend(demo_reply, models=None, decide=demo_decision)

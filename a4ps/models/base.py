@@ -1,0 +1,73 @@
+"""The model seam: what every chat backend returns and offers.
+
+The :class:`~a4ps.models.manager.ModelManager` is the one door personas use; a backend
+is the engine behind it (embedded, Ollama, the scripted fake). Two kinds of call:
+
+* free text (``generate``) for what a persona *says*, streamed through ``on_token``
+  and stoppable through ``cancel``;
+* decisions (``choose`` for a closed choice, ``structured`` for a JSON-schema object)
+  for everything the system *decides* from a model (route, tool request, judge score,
+  persona vote, amendment draft). A decision is asked under constraint, so a small
+  model cannot answer outside the allowed set; what cannot be validated is a
+  :class:`~a4ps.models.errors.DecisionError`, never a silent default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
+
+Message = dict[str, str]
+Progress = Callable[[float, str], None]
+OnToken = Callable[[str], None]
+Finish = Literal["eos", "stop", "length", "cancelled", "repetition"]
+
+
+@runtime_checkable
+class CancelToken(Protocol):
+    """Anything with ``is_set()`` (a ``threading.Event``): set it to stop a generation."""
+
+    def is_set(self) -> bool: ...
+
+
+@dataclass
+class Generation:
+    """What one generation produced: the text and the figures the manager counts."""
+    text: str
+    tokens: int
+    seconds: float
+    ttft_s: float | None
+    finish: Finish = "eos"
+
+
+@dataclass
+class Choice:
+    """A closed choice: ``value`` is always one of the options asked."""
+    value: str
+    scores: dict[str, float] = field(default_factory=dict)
+    method: str = "constrained"
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    """One engine behind the ModelManager. Not thread-safe: the manager serialises calls."""
+
+    name: str
+
+    def resident(self) -> str | None: ...
+
+    def estimate_bytes(self, model: str) -> int | None: ...
+
+    def load(self, model: str, progress: Progress | None = None) -> dict[str, Any]: ...
+
+    def unload(self) -> None: ...
+
+    def generate(self, messages: list[Message], *, temperature: float | None = None,
+                 max_tokens: int | None = None, stop: list[str] | None = None,
+                 on_token: OnToken | None = None, cancel: CancelToken | None = None,
+                 **gen: Any) -> Generation: ...
+
+    def choose(self, messages: list[Message], options: Sequence[str], *,
+               cancel: CancelToken | None = None) -> Choice: ...
+
+    def structured(self, messages: list[Message], schema: dict[str, Any], *,
+                   cancel: CancelToken | None = None) -> dict[str, Any]: ...
