@@ -8,7 +8,8 @@ task's result once it ends. The daemon feeds this buffer from the events it publ
 is still being spoken.
 
 The client dedupes by ``seq``: it applies the reply, then only the live events of
-that task numbered above the reply's ``seq``. Bounded: the newest ``max_tasks`` tasks,
+that task numbered above the reply's ``seq`` (the newest step or token the reply
+holds; a task's end is in ``status``, and its answer comes with ``task.get``). Bounded: the newest ``max_tasks`` tasks,
 ``max_steps`` steps each, ``max_partial_chars`` of streamed text. Thread-safe; no
 Kivy, no sockets.
 """
@@ -60,7 +61,8 @@ class StepBuffer:
                     self._tasks.popitem(last=False)
             else:
                 self._tasks.move_to_end(tid)
-            log.seq = max(log.seq, seq)
+            if topic in ("task.step", "task.token"):
+                log.seq = max(log.seq, seq)    # the newest event the steps/partial hold
             if topic == "task.step":
                 log.status = "running"
                 if len(log.steps) < self.max_steps:
