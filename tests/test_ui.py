@@ -769,8 +769,8 @@ def test_status_bar_follows_long_work_and_log(ui, app, sub):
     sub.push("goal.generated", {"task_id": "t10", "goal": "learn haiku", "trigger": "idle"})
     sub.push("log", {"level": "error", "message": "something broke"})
     ui.wait_until(lambda: c.canvas.get("BRICK").status == "idle", 5, "swap")
+    ui.wait_until(lambda: c.settled, 5, "the status bar and the log")
     assert sb.progress_text == "BRICK swapped: smollm2-135m -> smollm2-135m+brick-v1"
-    ui.wait_until(lambda: c.settled, 5, "the log")
     log = app.root.ids.log_panel
     lines = [d["text"] for d in log.data[-4:]]
     assert "high dissonance 0.81 on task t9" in lines[1] and "learn haiku" in lines[2]

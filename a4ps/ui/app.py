@@ -33,6 +33,7 @@ from .panels import ConfirmDialog, TooltipManager
 
 KV_FILE = Path(__file__).with_name("morphic.kv")
 ESCAPE = 27
+WINDOW_COLOR = (0.11, 0.12, 0.14, 1)   # the panels' background: no full-size rectangles
 
 _kv_loaded = False
 
@@ -123,6 +124,7 @@ class MorphicApp(App):
 
     def on_start(self):
         disable_multitouch_emulation()
+        Window.clearcolor = WINDOW_COLOR
         Window.bind(on_keyboard=self._on_keyboard, on_request_close=self._on_request_close,
                     size=self._geometry_changed, left=self._geometry_changed,
                     top=self._geometry_changed)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from kivy.metrics import dp
@@ -33,6 +33,7 @@ from .approval import ApprovalDialog, proposal_key
 from .inspector import Inspector
 from .morphs import Morph, PrototypeMorph, ProtoMorph, ToolMorph
 from .panels import ConfirmDialog
+from .refresh import DisplayRefresh
 from .tasklog import TaskRecord, record_from_task
 from .timetravel import SnapshotBrowser
 
@@ -41,10 +42,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_UNSET = object()
+MORPH_BUDGET_S = 0.012   # morph pictures re-composed per frame; the rest wait a frame
 DISSONANCE_PERSONAS = ("BRICK", "ROBIN")
 LOG_LINES = 1000
-FRAME_BUDGET_S = 0.020    # display work per frame before the rest waits a frame
-CATCH_UP_S = 0.25         # a change staged this long is applied at the next frame
 TASK_EVENTS = ("task.queued", "task.step", "task.token", "task.done", "task.failed",
                "task.cancelled")
 
@@ -74,17 +75,18 @@ class MorphicController:
         self.snapshots_panel: SnapshotBrowser | None = None
         self.selected: Morph | None = None
         self.log_lines: deque[dict] = deque(maxlen=LOG_LINES)
-        self._log_dirty = False
-        # display changes from events are staged (latest value wins) and applied at
-        # most refresh_hz times a second, oldest first, FRAME_BUDGET_S per frame
-        self._staged: OrderedDict[Any, dict[str, Any]] = OrderedDict()
-        self._staged_at: dict[Any, float] = {}
-        self._stream_dirty: set[str] = set()
+        self._log_new: list[dict] = []        # lines not yet in the log panel
+        # display changes from events are staged per region and applied when the
+        # region is due (see refresh.py): at most refresh_hz times a second
         self.refresh_s = 1.0 / refresh_hz
-        self._last_flush = 0.0
-        self._catching_up = False
-        self.refreshes = 0        # display refreshes so far (the benchmark reports them)
-        self.max_staleness_s = 0.0   # longest an applied change waited (benchmark)
+        regions = dict.fromkeys(("canvas", "transcript", "strip", "bar", "shelf"),
+                                self.refresh_s)
+        # a new log line moves every visible row: each is a text texture to redo
+        regions["log"] = 2.5 * self.refresh_s
+        self.display = DisplayRefresh(regions)
+        self._transcript_tasks: set[str] = set()
+        self._frame_regions: set[str] = set()
+        self._draw_t0 = 0.0
         self._event_ts: float | None = None
         self._fetching: set[str] = set()          # proto.get in flight
         self._refetch: set[str] = set()           # changed again while in flight
@@ -143,7 +145,9 @@ class MorphicController:
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         """Open the event stream and ask for the first snapshot."""
+        from kivy.core.window import Window
         self.canvas.controller = self
+        Window.bind(on_draw=self._draw_started, on_flip=self._drawn)
         if self._sub_factory is not None and self.subscriber is None:
             try:
                 self.subscriber = self._sub_factory()
@@ -153,6 +157,8 @@ class MorphicController:
         self.resync()
 
     def stop(self) -> None:
+        from kivy.core.window import Window
+        Window.unbind(on_draw=self._draw_started, on_flip=self._drawn)
         if self.runner is not None:
             self.runner.close()
         sub, self.subscriber = self.subscriber, None
@@ -187,71 +193,111 @@ class MorphicController:
         return n
 
     # -- the display refresh -------------------------------------------------------
+    def _region(self, widget: Any) -> str:
+        """Which separately re-rendered part of the window ``widget`` draws in."""
+        if isinstance(widget, Morph):
+            return "canvas" if self._on_canvas(widget) else "shelf"
+        if widget == self.strip:
+            return "strip"
+        return "bar"
+
     @property
     def settled(self) -> bool:
         """True when every staged display change has been applied."""
-        return not self._staged and not self._log_dirty and not self._stream_dirty
+        return self.display.settled
 
     def stage(self, widget: Any, **props: Any) -> None:
-        """Set display properties on ``widget`` at the next display refresh."""
-        pending = self._staged.get(widget)
+        """Set display properties on ``widget`` at its region's next refresh."""
+        changed = {}
         for key, value in props.items():
-            if pending is not None and key in pending:
-                pending[key] = value
-            elif getattr(widget, key) != value:
-                if pending is None:
-                    pending = self._staged[widget] = {}
-                    self._staged_at[widget] = self._event_ts or time.time()
-                pending[key] = value
+            current = self.display.staged_value(widget, key, _UNSET)
+            if current is _UNSET:
+                current = getattr(widget, key)
+            if current != value:
+                changed[key] = value
+        if changed:
+            self.display.stage(self._region(widget), widget, changed,
+                               self._event_ts or time.time())
 
     def staged(self, widget: Any, prop: str) -> Any:
         """The value ``prop`` will have after the next refresh."""
-        return self._staged.get(widget, {}).get(prop, getattr(widget, prop))
+        value = self.display.staged_value(widget, prop, _UNSET)
+        return getattr(widget, prop) if value is _UNSET else value
 
-    def refresh(self, force: bool = False) -> None:
-        """Apply staged changes when due: every refresh_s, or at once while catching up
-        or when the oldest change has waited CATCH_UP_S."""
-        if self.settled:
-            return
-        now = time.monotonic()
-        oldest = min(self._staged_at.values(), default=None)
-        due = force or self._catching_up or now - self._last_flush >= self.refresh_s or (
-            oldest is not None and time.time() - oldest >= CATCH_UP_S)
-        if not due:
-            return
-        self.flush(budget_s=None if force else FRAME_BUDGET_S)
-        self._last_flush = now
-        self.refreshes += 1
+    def _mark(self, region: str, tid: str | None = None) -> None:
+        if tid is not None:
+            self._transcript_tasks.add(tid)
+        self.display.mark(region, self._event_ts or time.time())
 
-    def flush(self, budget_s: float | None = None) -> None:
-        """Apply staged changes, oldest first, for at most ``budget_s`` seconds."""
-        t0 = time.perf_counter()
-        wall = time.time()
-        while self._staged:
-            widget, props = self._staged.popitem(last=False)
-            since = self._staged_at.pop(widget, wall)
-            for key, value in props.items():
-                setattr(widget, key, value)
-            render = getattr(widget, "render_now", None)
-            if render is not None:
-                render()
-            self.max_staleness_s = max(self.max_staleness_s, wall - since)
-            if budget_s is not None and time.perf_counter() - t0 > budget_s:
-                break
-        if self._stream_dirty and (budget_s is None or time.perf_counter() - t0 <= budget_s):
-            for tid in list(self._stream_dirty):
+    def refresh(self) -> None:
+        """Apply the regions that are due (see refresh.py); morph pictures for at most
+        MORPH_BUDGET_S a frame, the oldest changes first (the rest wait a frame: on a
+        slow machine the morphs lag, the window does not freeze). The frame's drawing
+        cost is charged to what it applied."""
+        for region in self.display.due():
+            self._apply(region, MORPH_BUDGET_S if region == "canvas" else None)
+            self._frame_regions.add(region)
+
+    def flush(self) -> None:
+        """Apply everything staged now (tests, a screenshot, a new snapshot)."""
+        for region in list(self.display.base):
+            if self.display.pending(region):
+                self._apply(region)
+
+    flush_morphs = flush
+
+    def _apply(self, region: str, budget_s: float | None = None) -> None:
+        more = set()
+        if region == "transcript":
+            for tid in list(self._transcript_tasks):
                 rec = self.tasks.get(tid)
-                if rec is not None:
-                    self.transcript.stream(rec)
-            self._stream_dirty.clear()
-        if self._log_dirty and (budget_s is None or time.perf_counter() - t0 <= budget_s):
-            self.root.ids.log_panel.lines = list(self.log_lines)
-            self._log_dirty = False
-        self._catching_up = not self.settled
+                if rec is not None and self.transcript.sync(rec):
+                    more.add(tid)                 # a burst: the rest next frame
+            self._transcript_tasks.clear()
+        elif region == "log":
+            new, self._log_new = self._log_new[-LOG_LINES:], []
+            self.root.ids.log_panel.add(new)
+        t0 = time.perf_counter()
+        while True:
+            for widget, props in self.display.take(region, limit=1 if budget_s else None):
+                for key, value in props.items():
+                    setattr(widget, key, value)
+                render = getattr(widget, "render_now", None)
+                if render is not None:
+                    render()
+            if not self.display.staged[region] or budget_s is None or \
+                    time.perf_counter() - t0 > budget_s:
+                break
+        for tid in more:
+            self._mark("transcript", tid)
+        if not self.display.pending(region):
+            self.display.applied(region)      # (a region left half done stays due)
+        else:
+            self.display.refreshes += 1
 
-    def flush_morphs(self) -> None:
-        """Apply everything staged now (tests, and before a screenshot)."""
-        self.flush(budget_s=None)
+    @property
+    def refreshes(self) -> int:
+        """Display refreshes so far (one region each; the benchmark reports them)."""
+        return self.display.refreshes
+
+    @property
+    def max_staleness_s(self) -> float:
+        """The longest an applied change waited since its event (the benchmark's)."""
+        return self.display.max_staleness_s
+
+    @max_staleness_s.setter
+    def max_staleness_s(self, value: float) -> None:
+        self.display.max_staleness_s = value
+
+    def _draw_started(self, *_: Any) -> None:
+        self._draw_t0 = time.perf_counter()
+
+    def _drawn(self, *_: Any) -> None:
+        """A frame was drawn: what it cost goes to the regions it re-rendered."""
+        if self._frame_regions and self._draw_t0:
+            self.display.measured(self._frame_regions, time.perf_counter() - self._draw_t0)
+        self._frame_regions = set()
+        self._draw_t0 = 0.0
 
     def _set_connected(self, ok: bool, text: str | None = None) -> None:
         self.connected = ok
@@ -481,8 +527,8 @@ class MorphicController:
 
     def _forget_proto(self, name: str) -> None:
         morph = self.morph(name)
-        self._staged.pop(morph, None)
-        self._staged_at.pop(morph, None)
+        if morph is not None:
+            self.display.drop(morph)
         if self.selected is morph:
             self.select_morph(None)
         self.canvas.remove_morph(name)
@@ -772,7 +818,7 @@ class MorphicController:
                 self._fetch_final(tid)      # it ended before the reply: get its answer
             if self.transcript.task_id == tid:
                 self.transcript.show(rec)
-                self._stream_dirty.add(tid)
+                self._mark("transcript", tid)
             self._refresh_history()
         self.call("task.steps", {"task_id": tid}, done)
 
@@ -787,7 +833,7 @@ class MorphicController:
                 rec.status, rec.answer, rec.error = final.status, final.answer, final.error
                 rec.partial = None
                 self._show_activity(self.activity.on_end(tid))
-                self.transcript.update(rec)
+                self._mark("transcript", tid)
                 self._refresh_history()
         self.call("task.get", {"id": _task_id_arg(tid)}, done)
 
@@ -946,8 +992,10 @@ class MorphicController:
 
     # -- log -----------------------------------------------------------------------
     def add_log(self, level: str, message: str, source: str = "ui") -> None:
-        self.log_lines.append({"level": level, "source": source, "message": message})
-        self._log_dirty = True
+        line = {"level": level, "source": source, "message": message}
+        self.log_lines.append(line)
+        self._log_new.append(line)
+        self._mark("log")
 
     # -- events --------------------------------------------------------------------
     def handle_event(self, topic: str, payload: dict[str, Any], seq: int = 0,
@@ -1041,13 +1089,11 @@ class MorphicController:
         if was_queued and rec.status == "running":
             self._bump_queue(-1, {})
             self._refresh_history()
-        if turn is not None:
-            self.transcript.append(rec, turn)
-        else:
-            self.transcript.update(rec)
         if self.transcript.task_id == tid:
-            self._stream_dirty.add(tid)
-            self.stage(self.strip, visited=[t.node for t in rec.timeline])
+            self._mark("transcript", tid)
+            node = str(p.get("node") or "")
+            if node and node not in self.strip.visited:
+                self.stage(self.strip, visited=self.strip.visited + [node])
         if turn is not None and turn.dissonance is not None:
             for other in DISSONANCE_PERSONAS:
                 m = self.canvas.get(other)
@@ -1071,8 +1117,7 @@ class MorphicController:
         if was_queued:
             self._bump_queue(-1, {})
             self._refresh_history()
-            self.transcript.update(rec)
-        self._stream_dirty.add(tid)
+        self._mark("transcript", tid)
         changed = self.activity.on_token(p)
         m = self.canvas.get(str(p.get("persona") or ""))
         if isinstance(m, ProtoMorph) and rec.partial is not None:
@@ -1099,8 +1144,7 @@ class MorphicController:
             if isinstance(m, ProtoMorph) and self.staged(m, "streaming"):
                 self.stage(m, streaming=False)
         self._show_activity(self.activity.on_end(tid))
-        self._stream_dirty.add(tid)
-        self.transcript.update(rec)
+        self._mark("transcript", tid)
         self._refresh_history()
 
     def _bump_queue(self, delta: int, p: dict) -> None:

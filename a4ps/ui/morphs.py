@@ -1,7 +1,8 @@
 """Morphs: every live object of the image as a picture you can move, inspect and clone.
 
-A morph holds display properties only (drawing is in morphic.kv); the controller sets
-them. Left-drag moves a morph (saved on release as ``morph_pos``, top-left anchored,
+A morph holds display properties; the controller sets them. Morphs on the canvas are
+drawn as one quad each of a shared texture (see :mod:`a4ps.ui.sprites`); prototypes on
+the shelf are ordinary widgets (morphic.kv). Left-drag moves a morph (saved on release as ``morph_pos``, top-left anchored,
 in dp); a left click selects it and shows its :class:`Halo` (inspect, clone, delete,
 move); a right click opens its inspector. Personas and clones live on the
 :class:`MorphCanvas`; the prototypes they delegate to (``persona``, ``tool``) sit on
@@ -11,15 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from kivy.graphics import Canvas, ClearBuffers, ClearColor, Color, Fbo, Rectangle
-from kivy.metrics import dp
+from kivy.clock import Clock
+from kivy.graphics import Canvas, Color, Fbo, Rectangle
+from kivy.metrics import dp, sp
 from kivy.properties import (BooleanProperty, ListProperty, NumericProperty,
                              ObjectProperty, StringProperty)
 from kivy.uix.boxlayout import BoxLayout
 from kivy.uix.relativelayout import RelativeLayout
 from kivy.uix.widget import Widget
 
+from . import damage
 from . import layout as L
+from . import sprites
 from .values import _escape as _esc
 
 STATUS_COLORS = {
@@ -129,15 +133,20 @@ class Morph(Widget):
         if self.controller is not None:
             self.controller.select_morph(self)
 
+    _trim = 0     # lines of words taken off because the text did not fit
+    _trim_size: tuple = ()
+
+    def _text(self, *_: Any) -> None:
+        """Subclasses build ``display_text`` here."""
+
+    def _trimmed(self) -> int:
+        """Lines to take off (reset when the morph's size changes)."""
+        if self._trim_size != tuple(self.size):
+            self._trim_size, self._trim = tuple(self.size), 0
+        return self._trim
+
     def render_now(self) -> None:
-        """Render the label's texture now (the display refresh budgets this work)
-        instead of in the frame's deferred texture updates."""
-        lab = self.ids.get("label")
-        if lab is not None:
-            lab.texture_update()
-            trigger = getattr(lab, "_trigger_texture", None)
-            if trigger is not None:
-                trigger.cancel()
+        """Draw the morph's picture now (the display refresh budgets this work)."""
 
     @property
     def proto_name(self) -> str:
@@ -153,7 +162,65 @@ class Morph(Widget):
         return True
 
 
-class ProtoMorph(Morph):
+class SpriteMorph(Morph):
+    """A morph on the canvas: its picture is composed on the CPU (see
+    :mod:`a4ps.ui.sprites`) into a small texture of its own (small textures update
+    in microseconds; one big shared one cost milliseconds per update in Mesa's
+    software renderer), and the canvas paints it where it shows (see
+    :mod:`a4ps.ui.damage`). Any change of what it shows re-composes it: at once when
+    the controller's display refresh calls :meth:`render_now`, else at the next frame."""
+
+    text_fits = BooleanProperty(True)   # the last picture's text fitted inside the body
+    header_text = StringProperty("")    # markup: name, role, activity, facts
+    body_text = StringProperty("")      # plain: words (rendered ~3x faster than markup)
+
+    def __init__(self, **kw):
+        self.texture: Any = None
+        self.picture_size = (0, 0)      # px of the last picture (body + shadow)
+        self.composer = sprites.Composer()
+        super().__init__(**kw)
+        self._dirty = True
+        self._render_ev = Clock.create_trigger(lambda _dt: self.render_now(), 0)
+        self.bind(display_text=self._changed, bg_color=self._changed, active=self._changed,
+                  selected=self._changed, dragging=self._changed, size=self._changed,
+                  pos=self._moved)
+
+    def _changed(self, *_: Any) -> None:
+        self._dirty = True
+        self._render_ev()
+
+    def _moved(self, *_: Any) -> None:
+        parent = self.parent
+        if parent is not None and self.picture_size[0] and hasattr(parent, "morph_changed"):
+            parent.morph_changed(self)
+
+    def look(self) -> sprites.Look:
+        highlighted = self.active or self.selected or self.dragging
+        border = (1, 1, 1, 0.95) if (self.dragging or self.selected) else (
+            ACTIVE_BORDER if self.active else BORDER)
+        return sprites.Look(int(self.width), int(self.height), tuple(self.bg_color), border,
+                            highlighted, 0.6 if self.dragging else 0.4, self.header_text,
+                            sp(12) * self.zoom, self.body_text, sp(11) * self.zoom)
+
+    def render_now(self) -> None:
+        self._render_ev.cancel()
+        if not self._dirty or self.parent is None or self.width < 4:
+            return
+        self._dirty = False
+        for _ in range(4):        # fit_text guesses; a line fewer until the text fits
+            img, fits = self.composer.compose(self.look())
+            if fits or self._trimmed() >= 6:
+                break
+            self._trim += 1
+            self._text()
+            self._dirty = False
+        self.text_fits = fits
+        self.texture = sprites.upload(img, self.texture)
+        self.picture_size = (img.shape[1], img.shape[0])
+        self._moved()
+
+
+class ProtoMorph(SpriteMorph):
     """A persona (or a clone): name, role, what it is doing now, model, last words."""
 
     role = StringProperty("")
@@ -193,13 +260,17 @@ class ProtoMorph(Morph):
                                           else "\u2014"))
         if facts:
             lines.append("[color=b8c0c8]" + " \u00b7 ".join(facts) + "[/color]")
+        words = ""
         if self.utterance:
             font = dp(11) * z
             room = self.height - dp(12) - (dp(19) + dp(16) * (len(lines) - 1)) * z
-            n = max(1, int(room // (font * 1.25)))
-            words = fit_text(self.utterance, self.width - dp(16), font, n, tail=self.streaming)
-            lines.append(f"[size={int(font)}][color=e2e6ea]{_esc(words)}[/color][/size]")
-        self.display_text = "\n".join(lines)
+            n = int(room // (font * 1.25)) - self._trimmed()
+            if n >= 1:
+                words = fit_text(self.utterance, self.width - dp(16), font, n,
+                                 tail=self.streaming)
+        self.header_text = "\n".join(lines)
+        self.body_text = words
+        self.display_text = self.header_text + ("\n" + _esc(words) if words else "")
 
     def on_status(self, _inst, value):
         self.bg_color = STATUS_COLORS.get(value, BUSY_COLOR)
@@ -218,7 +289,7 @@ class ProtoMorph(Morph):
             self.utterance = str(merged["last_utterance"])
 
 
-class ToolMorph(Morph):
+class ToolMorph(SpriteMorph):
     """A forged tool: name, description, version, test status."""
 
     tool_name = StringProperty("")
@@ -237,11 +308,14 @@ class ToolMorph(Morph):
 
     def _text(self, *_):
         z = self.zoom
-        desc = fit_text(self.description, self.width - dp(16), dp(11) * z, 2, tail=False)
-        self.display_text = (
+        lines = 2 - self._trimmed()
+        desc = fit_text(self.description, self.width - dp(16), dp(11) * z, lines, tail=False) \
+            if lines > 0 else ""
+        self.header_text = (
             f"[b][size={int(dp(14) * z)}]tool {_esc(self.tool_name or self.name)}[/size][/b]"
-            f"  v{_esc(self.version)}\n[color=b8c0c8]tests: {_esc(self.test_status)}[/color]"
-            f"\n[size={int(dp(11) * z)}]{_esc(desc)}[/size]")
+            f"  v{_esc(self.version)}\n[color=b8c0c8]tests: {_esc(self.test_status)}[/color]")
+        self.body_text = desc
+        self.display_text = self.header_text + ("\n" + _esc(desc) if desc else "")
 
     def apply_tool(self, data: dict) -> None:
         self.description = " ".join(str(data.get("description") or "").split())[:300]
@@ -307,12 +381,15 @@ def _test_status(data: dict) -> str:
 
 
 class MorphCanvas(RelativeLayout):
-    """The world: holds morphs by name and places them (see :mod:`a4ps.ui.layout`).
+    """The world: holds morphs by name, places them (see :mod:`a4ps.ui.layout`) and
+    paints them.
 
-    The morphs draw into an offscreen framebuffer (Fbo) whose texture is one quad in
-    the window. A window redraw caused by anything else (status bar, log, transcript)
-    then costs one textured quad instead of hundreds of morph instructions; the Fbo
-    re-renders only when a morph changes, and the controller batches those changes.
+    Painting is built for a software rasteriser: every morph's picture lives in one
+    texture (:class:`~a4ps.ui.sprites.MorphAtlas`), and only damaged tiles are
+    repainted, each with only what shows in it (:class:`~a4ps.ui.damage.Scene`), as
+    one mesh into an offscreen framebuffer that keeps the rest. The window shows that
+    framebuffer as one quad. Morph widgets draw nothing themselves; they are in the
+    widget tree for touches.
     """
 
     morph_count = NumericProperty(0)
@@ -326,26 +403,71 @@ class MorphCanvas(RelativeLayout):
             self.fbo = Fbo(size=(100, 100), with_stencilbuffer=False)
             Color(1, 1, 1, 1)
             self.fbo_rect = Rectangle(pos=(0, 0), size=(100, 100), texture=self.fbo.texture)
-        with self.fbo:
-            self._clear = ClearColor(*self.background)
-            ClearBuffers()
-        super().__init__(**kw)
+        self._ghost = Canvas()           # where the morph widgets' own canvases go
+        self.scene = damage.Scene()
         self.morphs: dict[str, Morph] = {}
         self.spots: dict[str, tuple[float, float] | None] = {}   # saved (left, top) dp
+        self._repaint_ev = Clock.create_trigger(self._repaint, -1)
+        self.repaints = 0
+        super().__init__(**kw)
 
     def add_widget(self, widget, *args, **kw):
-        canvas, self.canvas = self.canvas, self.fbo   # children draw into the Fbo
+        canvas, self.canvas = self.canvas, self._ghost
         try:
             return super().add_widget(widget, *args, **kw)
         finally:
             self.canvas = canvas
 
     def remove_widget(self, widget, *args, **kw):
-        canvas, self.canvas = self.canvas, self.fbo
+        canvas, self.canvas = self.canvas, self._ghost
         try:
             return super().remove_widget(widget, *args, **kw)
         finally:
             self.canvas = canvas
+            self.scene.remove(widget)
+            self._repaint_ev()
+
+    # -- painting ------------------------------------------------------------------
+    def morph_changed(self, morph: SpriteMorph) -> None:
+        """A morph's picture, place or size changed: damage where it was and is."""
+        if self.morphs.get(morph.name) is not morph or not morph.picture_size[0]:
+            return
+        pw, ph = morph.picture_size
+        x, y = morph.x, morph.y - sprites.SHADOW
+        self.scene.put(morph, (x, y, x + pw, y + ph),
+                       (morph.x + 1, morph.y + 1, morph.right - 1, morph.top - 1))
+        self._repaint_ev()
+
+    def _repaint(self, *_: Any) -> None:
+        """Paint the damaged tiles into the framebuffer (the rest of it stays): the
+        background where nothing covers a tile, then each morph's visible parts as
+        one mesh of its own texture."""
+        from kivy.graphics import Mesh
+        tiles = self.scene.take()
+        if not tiles:
+            return
+        self.fbo.clear()
+        groups: list[tuple[Any, list[float]]] = []
+        for key, (x0, y0, x1, y1) in self.scene.plan(tiles):
+            if key is damage.BACKGROUND:
+                tex, quad = None, (x0, y0, 0, 0, x1, y0, 0, 0, x1, y1, 0, 0, x0, y1, 0, 0)
+            else:
+                tex = key.texture
+                tw, th = key.picture_size
+                px, py = key.x, key.y - sprites.SHADOW
+                u0, v0, u1, v1 = (x0 - px) / tw, (y0 - py) / th, (x1 - px) / tw, (y1 - py) / th
+                quad = (x0, y0, u0, v0, x1, y0, u1, v0, x1, y1, u1, v1, x0, y1, u0, v1)
+            if not groups or groups[-1][0] is not tex or len(groups[-1][1]) >= 16 * 4000:
+                groups.append((tex, []))
+            groups[-1][1].extend(quad)
+        for tex, vs in groups:
+            self.fbo.add(Color(*self.background) if tex is None else Color(1, 1, 1, 1))
+            n = len(vs) // 16
+            idx = [i for q in range(n) for i in (4 * q, 4 * q + 1, 4 * q + 2,
+                                                 4 * q + 2, 4 * q + 3, 4 * q)]
+            self.fbo.add(Mesh(vertices=vs, indices=idx, mode="triangles", texture=tex))
+        self.fbo.ask_update()
+        self.repaints += 1
 
     def on_touch_down(self, touch):
         if super().on_touch_down(touch):
@@ -360,6 +482,8 @@ class MorphCanvas(RelativeLayout):
         self.fbo.size = (w, h)
         self.fbo_rect.size = (w, h)
         self.fbo_rect.texture = self.fbo.texture
+        self.scene.resize(w, h)          # a new framebuffer: paint all of it
+        self._repaint_ev()
         zoom = round(min(max(min(w / dp(ZOOM_AT[0]), h / dp(ZOOM_AT[1])), 1.0), MAX_ZOOM), 2)
         if zoom != self.zoom:
             self.zoom = zoom     # on_zoom relayouts
@@ -383,7 +507,8 @@ class MorphCanvas(RelativeLayout):
         return dp(1) * self.zoom
 
     def on_background(self, _inst, value):
-        self._clear.rgba = value
+        self.scene.damage_all()
+        self._repaint_ev()
 
     def get(self, name: str) -> Morph | None:
         return self.morphs.get(name)
@@ -396,6 +521,8 @@ class MorphCanvas(RelativeLayout):
         self.spots[morph.name] = spot
         self._fit_zoom(morph)
         self.add_widget(morph)
+        if isinstance(morph, SpriteMorph):
+            morph._changed()
         self.morph_count = len(self.morphs)
         self.relayout()
         return morph
@@ -409,9 +536,16 @@ class MorphCanvas(RelativeLayout):
         self.relayout()
 
     def raise_morph(self, morph: Morph) -> None:
+        """On top of the others (painted last, first to get touches)."""
         if morph.parent is self and self.children and self.children[0] is not morph:
-            self.remove_widget(morph)
-            self.add_widget(morph)
+            canvas, self.canvas = self.canvas, self._ghost
+            try:
+                super().remove_widget(morph)
+                super().add_widget(morph)
+            finally:
+                self.canvas = canvas
+        self.scene.raise_(morph)
+        self._repaint_ev()
 
     def set_spot(self, name: str, spot: tuple[float, float] | None) -> None:
         """The user's spot for a morph (None: let it flow); relayouts on change."""

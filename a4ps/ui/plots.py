@@ -143,9 +143,19 @@ class TimelineRow(BoxLayout):
 
 
 class TimelinePlot(BoxLayout):
-    """Which node took how long and how fast each persona spoke, for one task."""
+    """Which node took how long and how fast each persona spoke, for one task (the
+    newest MAX_ROWS nodes)."""
 
+    MAX_ROWS = 40
     rows = ListProperty([])   # NodeTime objects (a4ps.ui.tasklog)
+
+    def show(self, timeline: list) -> None:
+        """Show ``timeline`` (rebuilt only when it changed)."""
+        rows = list(timeline[-self.MAX_ROWS:])
+        key = (len(timeline), id(timeline[-1]) if timeline else None)
+        if key != getattr(self, "_shown_key", None) or rows != self.rows:
+            self._shown_key = key
+            self.rows = rows
 
     def on_rows(self, _inst: Any, rows: list) -> None:
         box = self.ids.rows

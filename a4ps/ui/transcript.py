@@ -20,6 +20,8 @@ from .values import _escape
 
 PERSONA_COLORS = {"ALFRED": "f0d27a", "BRICK": "7ab8ff", "ROBIN": "ff9ad5"}
 MAX_TURN_VIEWS = 120   # older turns of a very long task are summarised, not drawn
+MAX_NEW_PER_SYNC = 4   # turn widgets made per display refresh (a burst takes a few)
+MAX_ROUNDS_PLOTTED = 20
 EMPTY = "no task yet"
 HOW_TO = ("[color=9aa3ad]No task yet. Type a question in the box above and press Enter "
           "(or Ask): BRICK and ROBIN answer in turns here, then ALFRED.[/color]")
@@ -44,7 +46,7 @@ def turn_markup(t: Turn, *, streaming: bool = False) -> str:
     head = f"[b][color={color}]{_escape(t.persona)}[/color][/b]"
     if meta:
         head += f"  [color=9aa3ad]{', '.join(meta)}[/color]"
-    body = _escape(t.text) + (" \u258d" if streaming else "")
+    body = _escape(t.text) + (" \u2026" if streaming else "")
     if t.problem:
         body += f"\n[color=ff9a7a]problem: {_escape(t.problem)}[/color]"
     return head + "\n" + body
@@ -65,38 +67,67 @@ class TranscriptPanel(BoxLayout):
         super().__init__(**kw)
         self._stream_view: TurnView | None = None
         self._answer_view: TurnView | None = None
-        self._hidden = 0
+        self._earlier: TurnView | None = None
+        self._hidden = 0       # turns not drawn (a very long task)
+        self._shown = 0        # rec.turns already turned into widgets
         self._rec: TaskRecord | None = None
 
     # -- showing -------------------------------------------------------------------
     def show(self, rec: TaskRecord) -> None:
+        """Show ``rec`` from scratch (another task was shown)."""
         self.following = True
         self.task_id = rec.task_id
         self._rec = rec
+        self.ids.turns.clear_widgets()
+        self._stream_view = self._answer_view = self._earlier = None
+        self._shown = self._hidden = 0
+        while self.sync(rec):
+            pass
+
+    def sync(self, rec: TaskRecord) -> bool:
+        """Bring the view up to ``rec``: new turns, the streamed one, answer, plots.
+        At most MAX_NEW_PER_SYNC new turn widgets a call (True: call again for the
+        rest); only the newest MAX_TURN_VIEWS turns get widgets at all."""
+        if rec.task_id != self.task_id:
+            return False
+        self._rec = rec
         box = self.ids.turns
-        box.clear_widgets()
-        self._stream_view = self._answer_view = None
-        self._hidden = max(0, len(rec.turns) - MAX_TURN_VIEWS)
-        if self._hidden:
-            box.add_widget(TurnView(text=f"[color=9aa3ad]\u2026 {self._hidden} earlier turns"
-                                         "[/color]"))
-        for t in rec.turns[self._hidden:]:
-            box.add_widget(TurnView(text=turn_markup(t), persona=t.persona))
+        new = rec.turns[self._shown:]
+        more = False
+        if new:
+            self._drop_stream()
+            if self._answer_view is not None:
+                box.remove_widget(self._answer_view)
+                self._answer_view = None
+            skipped = max(0, len(new) - MAX_TURN_VIEWS)   # too many ever to show
+            new = new[skipped:]
+            more = len(new) > MAX_NEW_PER_SYNC
+            if more:
+                new = new[:MAX_NEW_PER_SYNC]
+            for t in new:
+                box.add_widget(TurnView(text=turn_markup(t), persona=t.persona))
+            views = [w for w in box.children if w is not self._earlier]
+            for old in views[MAX_TURN_VIEWS:]:      # children are newest first
+                box.remove_widget(old)
+                skipped += 1
+            self._hidden += skipped
+            self._shown += skipped + len(new)
+            if self._hidden:
+                text = f"[color=9aa3ad]\u2026 {self._hidden} earlier turns (not shown)[/color]"
+                if self._earlier is None:
+                    self._earlier = TurnView(text=text)
+                    box.add_widget(self._earlier, index=len(box.children))
+                else:
+                    self._earlier.text = text
+        if not more:
+            self.stream(rec)
         self._update(rec)
+        return more
 
     def append(self, rec: TaskRecord, turn: Turn) -> None:
-        if rec.task_id != self.task_id:
-            return
-        box = self.ids.turns
-        self._drop_stream()
-        if self._answer_view is not None:
-            box.remove_widget(self._answer_view)
-            self._answer_view = None
-        turn_views = [w for w in box.children if isinstance(w, TurnView)]
-        if len(turn_views) >= MAX_TURN_VIEWS:
-            box.remove_widget(turn_views[-1])    # the oldest (children are newest-first)
-        box.add_widget(TurnView(text=turn_markup(turn), persona=turn.persona))
-        self._update(rec)
+        """(``turn`` is already in ``rec.turns``.)"""
+        while self.sync(rec):
+            pass
 
     def update(self, rec: TaskRecord) -> None:
         if rec.task_id == self.task_id:
@@ -159,9 +190,19 @@ class TranscriptPanel(BoxLayout):
                 self._answer_view:
             box.remove_widget(self._answer_view)
             box.add_widget(self._answer_view)
-        self.ids.plot.points = rec.dissonances
-        self.ids.timeline.rows = list(rec.timeline)
+        points = rec.dissonances[-MAX_ROUNDS_PLOTTED:]
+        if self.ids.plot.points != points:
+            self.ids.plot.points = points
+        if self.chart == "timeline":
+            self.ids.timeline.show(rec.timeline)
         self._follow()
+
+    def on_chart(self, _inst: Any, chart: str) -> None:
+        holder = self.ids.chart_holder
+        holder.clear_widgets()
+        holder.add_widget(self.timeline if chart == "timeline" else self.plot)
+        if chart == "timeline" and self._rec is not None:
+            self.timeline.show(self._rec.timeline)
 
     def _follow(self, *_: Any) -> None:
         """Keep the newest turn in view unless the user scrolled up to read (after the
@@ -183,6 +224,9 @@ class TranscriptPanel(BoxLayout):
 
     def on_kv_post(self, _base: Any) -> None:
         from kivy.clock import Clock
+        # only the chart on show is in the tree (a hidden one would still be drawn)
+        self.plot, self.timeline = self.ids.plot.__self__, self.ids.timeline.__self__
+        self.ids.chart_holder.remove_widget(self.timeline)
         self._settle_scroll = Clock.create_trigger(self._settle, 0)
         self.ids.scroll.bind(height=self._settle_scroll, scroll_y=self._scrolled)
         self.ids.turns.bind(height=self._settle_scroll)
@@ -193,11 +237,12 @@ class TranscriptPanel(BoxLayout):
         self._rec = None
         self.ids.turns.clear_widgets()
         self.ids.turns.add_widget(TurnView(text=HOW_TO))
-        self._stream_view = self._answer_view = None
+        self._stream_view = self._answer_view = self._earlier = None
+        self._hidden = self._shown = 0
         self.header = EMPTY
         self.answer = ""
         self.ids.plot.points = []
-        self.ids.timeline.rows = []
+        self.ids.timeline.show([])
 
     def reopen(self, title: str) -> None:
         if self.controller is not None and title:
