@@ -164,6 +164,9 @@ def test_first_screen_at_every_size(ui, app, daemon):
                 f"{a} and {b} overlap at {w}x{h}"
         top = min(canvas[3] - r[3] for r in boxes.values())
         assert top < 20, f"the morphs are not anchored at the top at {w}x{h}"
+        for name in PERSONAS:        # the text drawn in each morph's picture fits it
+            ui.wait_until(lambda: c.canvas.get(name).picture_size[0], 10, "the picture")
+            assert c.canvas.get(name).text_fits, f"{name}'s text is cut at {w}x{h}"
         problems = label_problems(ui.window)
         assert not problems, f"at {w}x{h}: " + "; ".join(problems)
         print(f"first screen {w}x{h}:", ui.screenshot(f"ui-first-screen-{w}x{h}"))

@@ -204,3 +204,44 @@ def test_display_refresh_batches_due_regions_and_slows_down_when_drawing_costs()
     assert d.due(now=1000.2, wall=100.6) == ["b"]
     assert "a" in d.due(now=1000.2, wall=100.8)        # but never staler than 0.3 s
     d.mark("log", 101.0) if "log" in d.base else None
+
+
+def test_scene_repaints_only_what_shows_in_damaged_tiles():
+    from a4ps.ui.damage import BACKGROUND, Scene
+    sc = Scene(tile=10)
+    sc.resize(40, 30)
+    assert len(sc.take()) == 12                              # a new canvas: all of it
+    sc.put("low", (0, 0, 30, 20), (0, 0, 30, 20))
+    sc.put("top", (5, 5, 25, 15), (5, 5, 25, 15))
+    tiles = sc.take()
+    assert tiles == {(i, j) for i in range(3) for j in range(2)}
+    plan = sc.plan({(1, 1)})            # tile (10..20, 10..20): "low" covers it whole
+    assert [k for k, _ in plan] == ["low", "top"]
+    assert plan[1][1] == (10, 10, 20, 15)                    # clipped to the tile
+    sc.put("cover", (0, 0, 40, 30), (0, 0, 40, 30))          # on top of everything
+    plan = sc.plan(sc.take())
+    assert {k for k, _ in plan} == {"cover"}                 # nothing below can show
+    sc.remove("cover")
+    plan = sc.plan(sc.take())
+    assert plan[0][0] is BACKGROUND and {"low", "top"} <= {k for k, _ in plan}
+    keys = [k for k, _ in plan]
+    assert keys.index("top") > max(i for i, k in enumerate(keys) if k == "low")
+    sc.raise_("low")
+    assert sc.order == ["top", "low"] and sc.dirty
+
+
+def test_morph_picture_is_composed_with_its_text():
+    import ui_harness  # noqa: F401  (Kivy's environment; text rendering needs it)
+    from a4ps.ui import sprites
+    look = sprites.Look(120, 60, (0.2, 0.2, 0.3, 1), (1, 1, 1, 1), True, 0.4,
+                        "[b]BRICK[/b]", 12, "a few words", 11)
+    img, fits = sprites.Composer().compose(look)
+    assert img.shape == (60 + sprites.SHADOW, 120 + sprites.SHADOW, 4) and fits
+    assert tuple(img[1, 1]) == (255, 255, 255, 255)          # the doubled border
+    assert img[62, 2, 3] == 0 and img[62, 50, 3] == int(255 * 0.4)   # the shadow
+    body = img[2:58, 2:118]
+    assert (body[..., :3] > 200).any()                        # text was drawn
+    long = sprites.Look(120, 40, (0.2, 0.2, 0.3, 1), (1, 1, 1, 1), False, 0.4,
+                        "[b]BRICK[/b]", 12, "word " * 100, 11)
+    img, fits = sprites.Composer().compose(long)
+    assert not fits and img.shape[0] == 40 + sprites.SHADOW   # cut, and it says so
