@@ -47,22 +47,40 @@ class OllamaSettings(_Section):
     embed_model: str | None = None
 
 
+class OpenAISettings(_Section):
+    """An OpenAI-compatible server (vLLM, llama.cpp ``llama-server``, LM Studio)."""
+    base_url: str | None = Field(
+        None, description="None = OPENAI_BASE_URL or http://127.0.0.1:8000/v1")
+    api_key: str | None = Field(
+        None, description="None = OPENAI_API_KEY, else a placeholder (local servers "
+                          "ignore it)")
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+    # the body field ``repetition_penalty`` travels in (vLLM's name); None = never sent
+    repetition_penalty_field: str | None = "repetition_penalty"
+
+
 class ModelSettings(_Section):
     # "scripted" is a deterministic stand-in for tests and demos (a4ps/models/scripted.py)
-    backend: Literal["embedded", "ollama", "scripted"] = "embedded"
+    backend: Literal["embedded", "ollama", "openai", "scripted"] = "embedded"
     embedded_personas: dict[str, str] = Field(
         default_factory=lambda: {p: "smollm2-135m" for p in PERSONAS})
     ollama_personas: dict[str, str] = Field(default_factory=lambda: {
         "ALFRED": "gemma2:2b", "BRICK": "phi3:mini", "ROBIN": "llama3.2:3b"})
+    # one model for all three: a vLLM server usually serves a single model
+    openai_personas: dict[str, str] = Field(default_factory=lambda: {
+        p: "Qwen/Qwen2.5-3B-Instruct" for p in PERSONAS})
     memory_budget_gb: float = Field(8.0, gt=0)
     embedded: EmbeddedModelSettings = EmbeddedModelSettings()
     ollama: OllamaSettings = OllamaSettings()
+    openai: OpenAISettings = OpenAISettings()
     # "hash" is a cheap deterministic stand-in embedder for tests
     embedding_backend: Literal["minilm", "ollama", "hash"] = "minilm"
     embedding_batch_size: int = Field(64, ge=1)
 
     def persona_model(self, persona: str) -> str:
-        table = self.ollama_personas if self.backend == "ollama" else self.embedded_personas
+        table = {"ollama": self.ollama_personas, "openai": self.openai_personas}.get(
+            self.backend, self.embedded_personas)
         try:
             return table[persona]
         except KeyError:
