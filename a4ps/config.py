@@ -93,6 +93,16 @@ class CognitionSettings(_Section):
     dissonance_high: float = Field(0.6, ge=0, le=1)
     max_rounds: int = Field(3, ge=1, le=20)
     recall_k: int = Field(3, ge=0, le=50)
+    # "sqlite" (<data_dir>/checkpoints/graph.sqlite) or "postgres://user:pass@host/db"
+    checkpointer: str = "sqlite"
+
+    @field_validator("checkpointer")
+    @classmethod
+    def _checkpointer(cls, v: str) -> str:
+        if v == "sqlite" or v.startswith(("postgres://", "postgresql://")):
+            return v
+        raise ValueError('use "sqlite" or a PostgreSQL URL such as '
+                         '"postgres://user:password@host:5432/a4ps"')
 
 
 class MemorySettings(_Section):
