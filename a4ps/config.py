@@ -105,11 +105,27 @@ class CognitionSettings(_Section):
                          '"postgres://user:password@host:5432/a4ps"')
 
 
+OBJECT_STORE_SCHEMES = ("s3", "s3+ddb", "gs", "az")
+
+
 class MemorySettings(_Section):
+    # None = <data_dir>/memory_db; "s3://bucket/path" (or gs://, az://) = object storage
+    uri: str | None = None
+    # LanceDB/object_store options for ``uri``: aws_endpoint, aws_region, allow_http,
+    # aws_access_key_id, ... (credentials may also come from the usual AWS_* variables)
+    storage_options: dict[str, str] = Field(default_factory=dict)
     index_min_rows: int = Field(20_000, ge=256)
     index_type: Literal["ivf_hnsw_sq", "ivf_pq"] = "ivf_hnsw_sq"
     nprobes: int = Field(20, ge=1)
     refine_factor: int = Field(10, ge=1)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None or "://" not in v or v.split("://", 1)[0] in OBJECT_STORE_SCHEMES:
+            return v
+        raise ValueError(f"use a local path or an object-store URI "
+                         f"({', '.join(s + '://bucket/path' for s in OBJECT_STORE_SCHEMES)})")
 
 
 class ImageSettings(_Section):
@@ -241,6 +257,15 @@ class Settings(BaseSettings):
     @property
     def memory_dir(self) -> Path:
         return self.data_dir / "memory_db"
+
+    @property
+    def memory_uri(self) -> str:
+        """Where LanceDB keeps the memory: ``memory.uri`` or the local memory_dir."""
+        return self.memory.uri or str(self.memory_dir)
+
+    @property
+    def memory_is_remote(self) -> bool:
+        return "://" in self.memory_uri
 
     @property
     def golden_dir(self) -> Path:
