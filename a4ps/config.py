@@ -8,6 +8,7 @@ raises :class:`SettingsError` naming the key and the problem.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -128,6 +129,23 @@ class MemorySettings(_Section):
                          f"({', '.join(s + '://bucket/path' for s in OBJECT_STORE_SCHEMES)})")
 
 
+class TaskSettings(_Section):
+    # "sqlite" (<data_dir>/tasks.sqlite) or "postgres://user:pass@host/db", a queue
+    # several daemons share (a4ps/tasks_postgres.py)
+    queue: str = "sqlite"
+    # this daemon's name in a shared queue (its self-generated tasks stay with it);
+    # None = "<hostname>:<data_dir>"
+    worker_name: str | None = None
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str) -> str:
+        if v == "sqlite" or v.startswith(("postgres://", "postgresql://")):
+            return v
+        raise ValueError('use "sqlite" or a PostgreSQL URL such as '
+                         '"postgres://user:password@host:5432/a4ps"')
+
+
 class ImageSettings(_Section):
     autosave_interval_s: float = Field(30.0, gt=0)
     snapshot_ring: int = Field(5, ge=1, le=100)
@@ -219,6 +237,7 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     cognition: CognitionSettings = CognitionSettings()
     memory: MemorySettings = MemorySettings()
+    tasks: TaskSettings = TaskSettings()
     image: ImageSettings = ImageSettings()
     bus: BusSettings = BusSettings()
     sandbox: SandboxSettings = SandboxSettings()
@@ -286,6 +305,11 @@ class Settings(BaseSettings):
     @property
     def tasks_path(self) -> Path:
         return self.data_dir / "tasks.sqlite"
+
+
+def redact_url(url: str) -> str:
+    """A connection URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def _describe(err: ValidationError, source: str) -> str:

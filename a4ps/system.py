@@ -79,9 +79,9 @@ class System:
         self.models = ModelManager(settings, self.bus, backend=chat_backend, embedder=self.embedder)
 
         from .memory import MemoryManager
-        from .tasks import TaskQueue
+        from .tasks import open_task_queue
         self.memory = MemoryManager(settings, self.embedder, bus=self.bus)
-        self.tasks = TaskQueue(settings.tasks_path, bus=self.bus)
+        self.tasks = open_task_queue(settings, bus=self.bus)
 
         from .tools.registry import ToolRegistry
         from .tools.sandbox import make_sandbox

@@ -10,8 +10,9 @@ psycopg and the saver are imported only here, only when a Postgres URL is config
 """
 from __future__ import annotations
 
-import re
 from typing import Any
+
+from a4ps.config import redact_url as redact
 
 POSTGRES_SCHEMES = ("postgres://", "postgresql://")
 
@@ -22,11 +23,6 @@ class CheckpointStoreError(RuntimeError):
 
 def is_postgres_url(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(POSTGRES_SCHEMES)
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def postgres_saver(url: str, *, connect_timeout_s: float = 10.0) -> tuple[Any, Any]:
