@@ -260,8 +260,8 @@ class System:
     # -- tasks ------------------------------------------------------------------------------
     def run_task(self, task: Task) -> dict[str, Any] | None:
         """Run one claimed task through the graph and record the outcome in the queue."""
-        resume = self.graph.has_checkpoint(task.id)
-        try:
+        try:    # the checkpoint store too: a task must never be left running on error
+            resume = self.graph.has_checkpoint(task.id)
             result = self.graph.run(task.id, task.text, resume=resume, meta=task.meta)
         except Exception as e:  # a task's failure must never take the worker down
             log.exception("task %s failed", task.id)

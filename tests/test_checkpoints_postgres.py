@@ -132,3 +132,49 @@ def test_sigkill_mid_task_then_resume_on_postgres(tmp_path, pg_dsn):
     assert result["turns"][1]["text"].startswith(f"[{first_pid}]")
     assert not (second_dir / "checkpoints").exists()
     shutil.rmtree(first_dir)
+
+
+def test_two_graphs_set_up_the_same_fresh_database_at_once(tmp_path, bus, pg_dsn):
+    """Two daemons starting together: the saver's migrations must not collide."""
+    import threading
+    graphs = [graph_parts.build(load_settings(data_dir=tmp_path / n,
+                                              cognition={"checkpointer": pg_dsn}),
+                                bus, graph_parts.script(), memory=False).graph
+              for n in ("a", "b", "c")]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(graphs))
+
+    def open_it(g):
+        barrier.wait()
+        try:
+            g.graph
+        except BaseException as e:      # noqa: BLE001 - collected for the assert
+            errors.append(e)
+    threads = [threading.Thread(target=open_it, args=(g,)) for g in graphs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert errors == []
+        assert graphs[0].run("t1", "hello")["status"] == "ok"
+        assert graphs[1].checkpoint("t1") is not None        # shared store
+    finally:
+        for g in graphs:
+            g.close()
+
+
+def test_a_checkpoint_store_failure_fails_the_task_instead_of_leaving_it_running(data_dir):
+    from a4ps.system import System
+    from pg_cluster import free_port
+    url = f"postgres://a4ps@127.0.0.1:{free_port()}/gone"          # nothing listens
+    s = load_settings(data_dir=data_dir, models={"backend": "scripted",
+                                                 "embedding_backend": "hash"},
+                      cognition={"checkpointer": url})
+    with System(s).start(services=False) as system:
+        task = system.tasks.submit("hello")
+        claimed = system.tasks.claim()
+        assert claimed.id == task.id
+        system.run_task(claimed)
+        done = system.tasks.get(task.id)
+        assert done.status == "failed" and "cannot reach PostgreSQL" in done.error

@@ -10,11 +10,14 @@ psycopg and the saver are imported only here, only when a Postgres URL is config
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from a4ps.config import redact_url as redact
 
 POSTGRES_SCHEMES = ("postgres://", "postgresql://")
+_SETUP_LOCK = 0x0A4B6      # advisory-lock namespace for creating the checkpoint tables
+_SETUP_WAIT_S = 120.0
 
 
 class CheckpointStoreError(RuntimeError):
@@ -51,7 +54,20 @@ def postgres_saver(url: str, *, connect_timeout_s: float = 10.0) -> tuple[Any, A
     try:
         pool.open(wait=True, timeout=connect_timeout_s)
         saver = PostgresSaver(pool)
-        saver.setup()
+        # The saver's migrations are not safe to run twice at once (two daemons
+        # starting together): one at a time, under a session advisory lock. Polled, not
+        # waited for in SQL: a migration builds an index CONCURRENTLY, which waits for
+        # every open transaction, so a waiter blocked inside SELECT would deadlock it.
+        with psycopg.connect(url, **kwargs) as guard:
+            deadline = time.monotonic() + _SETUP_WAIT_S
+            while not guard.execute("SELECT pg_try_advisory_lock(%s, 1) AS got",
+                                    (_SETUP_LOCK,)).fetchone()["got"]:
+                if time.monotonic() > deadline:
+                    raise CheckpointStoreError(
+                        f"another process has been creating the checkpoint tables for "
+                        f"over {_SETUP_WAIT_S:g}s; check the database's activity")
+                time.sleep(0.05)
+            saver.setup()
     except Exception as e:
         pool.close()
         raise CheckpointStoreError(
