@@ -10,8 +10,9 @@ when ``stream_options.include_usage``) and not, honouring ``max_tokens`` (finish
 An unknown model answers 404 with vLLM's error body; a wrong key answers 401 when
 ``api_key`` is set. Replies come from ``reply_fn(model, messages, body)`` (default:
 echo the last user message), split into one chunk per word. Every request body is
-recorded in ``requests``; a stream the client closed early is recorded in ``aborted``
-(chunks written before the write failed).
+recorded in ``requests``, and each chat request with the API key it came with in
+``calls`` (so a test can tell clients apart by key); a stream the client closed early
+is recorded in ``aborted`` (chunks written before the write failed).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class OpenAIStandIn:
         self.chat_delay_s = chat_delay_s
         self.token_delay_s = token_delay_s
         self.requests: list[tuple[str, str, Any]] = []
+        self.calls: list[tuple[str | None, dict]] = []     # (API key, chat request body)
         self.aborted: list[int] = []
         self.finished = threading.Event()      # set when a stream ends (fully or aborted)
         self._server: ThreadingHTTPServer | None = None
@@ -126,6 +128,8 @@ def _handler_for(state: OpenAIStandIn):
             if model not in state.models:
                 return self._error(404, f"The model `{model}` does not exist.",
                                    "NotFoundError")
+            auth = self.headers.get("Authorization") or ""
+            state.calls.append((auth.removeprefix("Bearer ") or None, body))
             if state.chat_delay_s:
                 time.sleep(state.chat_delay_s)
             self._complete(model, body)
