@@ -189,7 +189,7 @@ def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
         print(f"a4ps memory search: {e}", file=sys.stderr)
         return 2
     if not hits:
-        print(f"nothing remembered about {query!r} (memory at {settings.memory_dir})")
+        print(f"nothing remembered about {query!r} (memory at {settings.memory_uri})")
         return 0
     for i, h in enumerate(hits, 1):
         ts = getattr(h, "ts", None)

@@ -289,6 +289,7 @@ class System:
             "started_at": self.started_at,
             "data_dir": str(self.settings.data_dir),
             "backend": self.settings.models.backend,
+            "stores": self.stores(),
             "models": self.models.stats(),
             "queue": {"pending": self.tasks.pending_count(),
                       "running": [t.id for t in self.tasks.list(status="running")]},
@@ -300,6 +301,13 @@ class System:
             "philosopher": self.philosopher.status(),
             "curator": {"running": self.curator.running, "votes": self.curator.votes()},
         }
+
+    def stores(self) -> dict[str, str]:
+        """Where the task queue, checkpoints and memory live (passwords hidden)."""
+        from .config import redact_url
+        s = self.settings
+        return {"tasks": redact_url(s.tasks.queue), "checkpoints":
+                redact_url(s.cognition.checkpointer), "memory": redact_url(s.memory_uri)}
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a freshly connected UI needs."""

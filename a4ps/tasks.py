@@ -166,6 +166,11 @@ def open_task_queue(settings: Any, bus: Any = None) -> TaskQueue:
     url = settings.tasks.queue
     if url.startswith(("postgres://", "postgresql://")):
         from .tasks_postgres import PostgresTaskQueue, default_worker_name
+        if settings.cognition.checkpointer == "sqlite":
+            log.warning("tasks.queue is shared but cognition.checkpointer is this "
+                        "daemon's SQLite file: a task requeued from a crashed daemon "
+                        "starts over on another instead of resuming; set "
+                        "cognition.checkpointer to the PostgreSQL URL too")
         return PostgresTaskQueue(url, bus=bus, worker_name=settings.tasks.worker_name
                                  or default_worker_name(settings.data_dir))
     return SqliteTaskQueue(settings.tasks_path, bus=bus)

@@ -255,3 +255,20 @@ def test_unreachable_database_and_bad_settings_are_explained(tmp_path):
     with pytest.raises(TaskQueueUnavailable, match=r"cannot reach the PostgreSQL task queue "
                                                    r"at postgres://u:\*\*\*@"):
         PostgresTaskQueue(f"postgres://u:pw@127.0.0.1:{free_port()}/x", connect_timeout_s=2)
+
+
+def test_system_status_names_the_shared_stores_without_passwords(data_dir, pg_dsn):
+    from a4ps.config import load_settings
+    from a4ps.system import System
+    secret_dsn = pg_dsn.replace("a4ps@", "a4ps:hunter2@")     # trust auth ignores it
+    s = load_settings(data_dir=data_dir, models={"backend": "scripted",
+                                                 "embedding_backend": "hash"},
+                      tasks={"queue": secret_dsn}, cognition={"checkpointer": secret_dsn})
+    with System(s).start(services=False) as system:
+        assert isinstance(system.tasks, PostgresTaskQueue)
+        stores = system.status()["stores"]
+        assert stores["tasks"] == stores["checkpoints"] == pg_dsn.replace("a4ps@", "a4ps:***@")
+        assert stores["memory"] == str(s.memory_dir)
+        t = system.tasks.submit("hello")
+        system.run_task(system.tasks.claim())
+        assert system.tasks.get(t.id).status == "done"
