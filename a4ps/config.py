@@ -57,7 +57,7 @@ class OpenAISettings(_Section):
                           "ignore it)")
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
-    # the body field ``repetition_penalty`` travels in (vLLM's name); None = never sent
+    # the body field ``repetition_penalty`` travels in (vLLM's name); "" = never sent
     repetition_penalty_field: str | None = "repetition_penalty"
 
 
