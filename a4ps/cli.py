@@ -40,15 +40,24 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     except DaemonError as e:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
+    from .cognition.checkpoints import CheckpointStoreError
+    from .memory import MemoryStoreError
+    from .tasks_postgres import TaskQueueUnavailable
+    # a store named in the settings that cannot be used (docs/scaling.md): say which
+    stores = (TaskQueueUnavailable, CheckpointStoreError, MemoryStoreError)
     try:
         from .system import System
         system = System(settings)
+    except stores as e:
+        lock.release()
+        print(f"a4ps daemon: {e}", file=sys.stderr)
+        return 1
     except BaseException:
         lock.release()
         raise
     try:
         return Daemon(system, lock=lock, shutdown_grace_s=args.grace).run()
-    except DaemonError as e:
+    except (DaemonError, *stores) as e:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
 

@@ -141,6 +141,8 @@ class System:
             self.tools.sync_files()  # dynamic_tools/ mirrors the image's tools
             log.info("loaded image %s (%d protos, codex v%d)", self.last_load.path,
                      len(self.protos), self.codex.version)
+        if self.graph.checkpointer_url is not None:
+            self.graph.graph      # a shared checkpoint store that cannot be used: fail now
         self.state = SystemState.STARTED
         self.started_at = time.time()
         self.memory.maintain_in_background()

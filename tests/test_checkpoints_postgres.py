@@ -164,17 +164,44 @@ def test_two_graphs_set_up_the_same_fresh_database_at_once(tmp_path, bus, pg_dsn
             g.close()
 
 
-def test_a_checkpoint_store_failure_fails_the_task_instead_of_leaving_it_running(data_dir):
+def test_a_checkpoint_store_failure_fails_the_task_instead_of_leaving_it_running(data_dir,
+                                                                                    pg_dsn):
     from a4ps.system import System
     from pg_cluster import free_port
-    url = f"postgres://a4ps@127.0.0.1:{free_port()}/gone"          # nothing listens
     s = load_settings(data_dir=data_dir, models={"backend": "scripted",
                                                  "embedding_backend": "hash"},
-                      cognition={"checkpointer": url})
+                      cognition={"checkpointer": pg_dsn})
     with System(s).start(services=False) as system:
+        # the database goes away while the daemon runs
+        system.graph.close()
+        system.graph.checkpointer_url = f"postgres://a4ps@127.0.0.1:{free_port()}/gone"
         task = system.tasks.submit("hello")
         claimed = system.tasks.claim()
         assert claimed.id == task.id
         system.run_task(claimed)
         done = system.tasks.get(task.id)
         assert done.status == "failed" and "cannot reach PostgreSQL" in done.error
+
+
+@pytest.mark.parametrize("store", ["tasks", "cognition", "memory"])
+def test_the_daemon_refuses_to_start_on_a_store_it_cannot_use(tmp_path, monkeypatch, capsys,
+                                                              store):
+    from a4ps.cli import main
+    from pg_cluster import free_port
+    gone = f"postgres://a4ps:pw@127.0.0.1:{free_port()}/gone"
+    env = {"tasks": {"A4PS_TASKS__QUEUE": gone},
+           "cognition": {"A4PS_COGNITION__CHECKPOINTER": gone},
+           "memory": {"A4PS_MEMORY__URI": "s3://no-bucket/x", "A4PS_MEMORY__STORAGE_OPTIONS":
+                      f'{{"aws_endpoint": "http://127.0.0.1:{free_port()}", '
+                      f'"allow_http": "true", "aws_region": "us-east-1", '
+                      f'"aws_access_key_id": "k", "aws_secret_access_key": "s", '
+                      f'"client_max_retries": "0"}}'}}[store]
+    for k, v in {"A4PS_MODELS__BACKEND": "scripted", "A4PS_MODELS__EMBEDDING_BACKEND": "hash",
+                 **env}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["--data-dir", str(tmp_path / "d"), "daemon"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("a4ps daemon: ") and "Traceback" not in err
+    assert {"tasks": "task queue at postgres://a4ps:***@", "cognition": "graph checkpoints",
+            "memory": "cannot open the memory at s3://no-bucket/x"}[store] in err
+    assert "pw@" not in err
