@@ -211,3 +211,25 @@ def test_api_key_is_sent_and_a_wrong_one_is_explained(openai_settings, server, m
     monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
     with pytest.raises(BackendUnavailable, match="refused the API key"):
         OpenAIBackend(openai_settings).load("qwen-3b")
+
+
+def test_a_whole_task_runs_on_the_openai_backend(openai_settings, server):
+    """The System on an OpenAI-compatible server: personas take their models from
+    models.openai_personas, and every call of one task reaches the server."""
+    from a4ps.system import System
+    from deployment import describe_call, standin_reply
+    server.reply_fn = standin_reply
+    openai_settings.models.embedding_backend = "hash"
+    openai_settings.models.openai_personas = {"ALFRED": "qwen-3b", "BRICK": "llama-8b",
+                                              "ROBIN": "qwen-3b"}
+    openai_settings.cognition.max_rounds = 1
+    with System(openai_settings).start(services=False) as system:
+        assert system.protos.get("BRICK").model_name == "llama-8b"
+        t = system.tasks.submit("job-1: how do we share 7 apples among 3 friends?")
+        result = system.run_task(system.tasks.claim())
+        assert system.tasks.get(t.id).status == "done" and result["answer"]
+    asked = [describe_call(b) for b in server.bodies()]
+    assert {job for job, _ in asked} == {"job-1"}
+    models = {describe_call(b)[1]: b["model"] for b in server.bodies()}
+    assert models["BRICK"] == "llama-8b" and models["ROBIN"] == "qwen-3b"
+    assert "ALFRED" in models           # the synthesis came from the server too
