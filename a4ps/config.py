@@ -109,6 +109,8 @@ class SandboxSettings(_Section):
     memory_mb: int = Field(256, ge=16)
     max_pids: int = Field(32, ge=1)
     max_output_bytes: int = Field(65_536, ge=256)
+    disk_mb: int = Field(64, ge=1, description="size of the sandbox's work directory (a tmpfs; "
+                                                 "it counts against memory_mb too)")
     allowed_imports: list[str] = Field(default_factory=lambda: [
         "math", "statistics", "datetime", "re", "json", "itertools", "functools",
         "collections", "decimal", "fractions", "string", "random", "typing",
