@@ -158,9 +158,9 @@ def _run_calls(cfg: dict, out_fd: int) -> int:
     except BaseException as e:
         send({"kind": "import", **error(e)})
         return 1
-    for i, args in enumerate(calls):
+    for i, call in enumerate(calls):
         try:
-            record = value(fn(**args))
+            record = value(fn(*call.get("a", []), **call.get("k", {})))
         except BaseException as e:
             record = error(e)
         send({"kind": "call", "i": i, **record})

@@ -312,6 +312,15 @@ def _call_result(res: SandboxResult, report: dict[str, Any] | None, n_calls: int
     return out
 
 
+def _call_item(call: Any) -> dict[str, Any]:
+    if isinstance(call, dict):
+        return {"a": [], "k": dict(call)}
+    if isinstance(call, tuple) and len(call) == 2:
+        args, kwargs = call
+        return {"a": list(args), "k": dict(kwargs)}
+    raise ValueError("a tool call is a mapping of keyword arguments or (positional, keywords)")
+
+
 def _python_candidates(settings_python: str | None) -> list[str]:
     if settings_python:
         return [settings_python]
@@ -399,20 +408,21 @@ class Sandbox(ABC):
         res, _ = self._execute(all_files, wall, _Job(collect=list(collect or [])))
         return res
 
-    def call(self, source: str, name: str, calls: list[dict[str, Any]], *,
+    def call(self, source: str, name: str, calls: list[Any], *,
              tests: str = "", test_names: list[str] | None = None,
              timeout: float | None = None) -> CallResult:
         """Call ``name`` from ``source`` once per argument set in ``calls``, in one run.
 
-        Returns the tool's outputs (JSON values or exceptions), never a verdict: the
-        caller compares them with what it expected, outside the sandbox. ``tests`` is
-        a test module whose ``test_names`` functions are run after the calls.
+        Each call is a mapping of keyword arguments or a ``(positional, keywords)``
+        pair. Returns the tool's outputs (JSON values or exceptions), never a verdict:
+        the caller compares them with what it expected, outside the sandbox. ``tests``
+        is a test module whose ``test_names`` functions are run after the calls.
         """
         if not isinstance(source, str):
             raise ValueError("tool source must be a string")
         if not name.isidentifier():
             raise ValueError(f"tool name {name!r} is not a Python identifier")
-        calls = [dict(c) for c in calls]
+        calls = [_call_item(c) for c in calls]
         try:
             json.dumps(calls)
         except (TypeError, ValueError) as e:
