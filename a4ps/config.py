@@ -120,6 +120,9 @@ class SandboxSettings(_Section):
 class ForgeSettings(_Section):
     enabled: bool = True
     max_attempts: int = Field(3, ge=1, le=10)
+    reuse_similarity: float = Field(
+        0.75, ge=0, le=1, description="a registered tool whose description is at least this "
+                                     "similar to a request's is called instead of forging one")
 
 
 class CuratorSettings(_Section):
@@ -227,6 +230,11 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.models.embedded.cache_dir or (self.data_dir / "model_cache")
+
+    @property
+    def tools_dir(self) -> Path:
+        """Forged tools' source, as plain data files (never imported on the host)."""
+        return self.data_dir / "tools"
 
     @property
     def token_path(self) -> Path:
