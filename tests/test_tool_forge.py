@@ -265,6 +265,21 @@ def test_a_tool_with_nothing_checked_outside_the_sandbox_is_not_registered(parts
     assert outcome.test_results["passed"] == outcome.test_results["total"] == 2
 
 
+def test_a_reforge_keeps_the_old_version_current_until_the_new_one_passes(parts, settings, sandbox):
+    bus, protos, registry = parts
+    assert make_forge(parts, settings, sandbox, ScriptedWriter(GOOD)).forge(SPEC).ok
+    s = settings.model_copy(update={"forge": settings.forge.model_copy(update={"max_attempts": 1})})
+    failed = make_forge(parts, s, sandbox, ScriptedWriter(WRONG)).forge(SPEC)
+    assert not failed.ok
+    assert registry.versions("add_business_days") == [1]
+    assert registry.call("add_business_days", {"start": "2024-03-08", "n": 1}) == "2024-03-11"
+    faster = GOOD.replace("    d = date.fromisoformat(start)", "    d = date.fromisoformat(start)  # v2")
+    again = make_forge(parts, s, sandbox, ScriptedWriter(faster)).forge(SPEC)
+    assert again.ok and again.version == 2 and registry.versions("add_business_days") == [1, 2]
+    assert "# v2" in registry.get("add_business_days").lookup("source")[1]
+    assert registry.call("add_business_days", {"start": "2024-03-08", "n": 1}, version=1) == "2024-03-11"
+
+
 def test_forging_is_disabled_without_runsc_and_runs_nothing(settings, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     sandbox = make_sandbox(settings)
