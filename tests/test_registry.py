@@ -37,7 +37,7 @@ def sandbox(tmp_path_factory):
 def registry(settings, bus, sandbox, tmp_path):
     from a4ps.models.embeddings import HashEmbedder
     return ToolRegistry(ProtoManager(bus), settings, bus, embedder=HashEmbedder(),
-                        sandbox=sandbox, tools_dir=tmp_path / "dynamic_tools")
+                        sandbox=sandbox, tools_dir=tmp_path / "tools")
 
 
 def test_tool_names_become_identifiers():
@@ -63,7 +63,7 @@ def test_register_makes_a_proto_and_mirrors_the_source(registry, tmp_path):
     assert slots["signature"] == "mean(values: list[float]) -> float"
     assert slots["source"] == MEAN_V1 and slots["tests"] == "def test_x(): pass\n"
     assert slots["test_results"] == {"passed": 2, "total": 2} and slots["created_at"] > 0
-    mirror = (tmp_path / "dynamic_tools" / "mean.py").read_text()
+    mirror = (tmp_path / "tools" / "mean.py").read_text()
     assert mirror.endswith(MEAN_V1) and mirror.startswith("# Forged tool mean v1")
     [listed] = registry.list()
     assert listed["name"] == "mean" and listed["tests_passed"] == 2 and listed["versions"] == [1]
@@ -79,7 +79,7 @@ def test_reforging_a_name_makes_a_new_version_and_keeps_the_old(registry, tmp_pa
     assert old.parent.name == "tool"
     assert registry.versions("mean") == [1, 2]
     assert [t["name"] for t in registry.list()] == ["mean"]      # old versions aren't listed
-    assert (tmp_path / "dynamic_tools" / "mean.py").read_text().endswith(MEAN_V2)
+    assert (tmp_path / "tools" / "mean.py").read_text().endswith(MEAN_V2)
     assert registry.call("mean", {"values": [1, 3], "weights": [3, 1]}) == 1.5
 
 

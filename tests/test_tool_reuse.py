@@ -159,3 +159,21 @@ def test_a_call_that_fails_is_reported_and_published(world, bus):
     assert not result["ok"] and "StatisticsError" in result["reason"]
     assert [e.payload["ok"] for e in rec.of("tool.invoked")] == [True, False]
     assert writer.calls == 1
+
+
+@pytest.mark.slow
+def test_reuse_with_the_real_minilm_embedder(settings, bus, sandbox):
+    """Paraphrases find the tool; a different capability, or parameters that do not fit
+    (celsius vs fahrenheit read alike to MiniLM), forge a new one."""
+    from a4ps.models.embeddings import MiniLMEmbedder
+    from a4ps.tools.registry import ToolSpec
+    reg = ToolRegistry(ProtoManager(bus), settings, bus, embedder=MiniLMEmbedder(), sandbox=sandbox)
+    reg.register(ToolSpec(name="mean", description="arithmetic mean (average) of a list of numbers"),
+                 "import statistics\n\ndef mean(values):\n    return statistics.mean(values)\n", "", "BRICK")
+    reg.register(ToolSpec(name="c_to_f", description="convert a temperature from celsius to fahrenheit"),
+                 "def c_to_f(celsius):\n    return celsius * 9 / 5 + 32\n", "", "BRICK")
+    assert reg.match("avg", "compute the mean of some values", {"values": [1, 2]})["name"] == "mean"
+    assert reg.match("average", "average of a list of numbers", {"values": [1]})["name"] == "mean"
+    assert reg.match("days", "number of days between two dates", {"start": "x"}) is None
+    assert reg.match("f_to_c", "convert fahrenheit to celsius", {"fahrenheit": 212}) is None
+    assert reg.match("temp", "convert celsius to fahrenheit", {"celsius": 100})["name"] == "c_to_f"
