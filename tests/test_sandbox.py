@@ -444,3 +444,23 @@ def test_docker_backend_runs_code_where_an_engine_answers(sandbox_settings):
     res = sb.run("import socket\nprint('hi')\ntry:\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\n"
                  "    print('CONNECTED')\nexcept OSError:\n    print('blocked')\n")
     assert res.stdout.split() == ["hi", "blocked"] and res.exit_code == 0
+
+
+def test_leftovers_of_a_killed_daemon_are_swept(sandbox_settings, tmp_path):
+    """A daemon killed mid-run leaves its sandbox directory behind; the next one sweeps it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "a4ps-sandbox-stale"
+    (stale / "rootfs").mkdir(parents=True)
+    (stale / "owner.pid").write_text(str(dead.pid))
+    alive = tmp_path / "a4ps-sandbox-alive"
+    alive.mkdir()
+    (alive / "owner.pid").write_text(str(os.getpid()))
+    unknown = tmp_path / "a4ps-sandbox-unknown"
+    unknown.mkdir()
+    sb = RunscSandbox(Limits.from_settings(sandbox_settings.sandbox), base_dir=tmp_path, probe=False)
+    try:
+        assert sb.run("print(2)").stdout == "2\n"
+        assert not stale.exists() and alive.exists() and unknown.exists()
+    finally:
+        sb.close()

@@ -561,6 +561,24 @@ class _HostCgroup:
         m = re.search(r"^oom_kill (\d+)", text, re.M)
         return int(m.group(1)) if m else 0
 
+    @staticmethod
+    def sweep(older_than_s: float = 600.0) -> int:
+        """Remove empty per-run cgroups a killed daemon left behind; returns the count."""
+        if os.geteuid() != 0:
+            return 0
+        removed = 0
+        now = time.time()
+        for mount in set(_cgroup_v1_mounts().values()):
+            for d in Path(mount).glob("a4ps-*"):
+                try:
+                    if now - d.stat().st_ctime < older_than_s or (d / "cgroup.procs").read_text().strip():
+                        continue
+                    d.rmdir()
+                    removed += 1
+                except OSError:
+                    continue
+        return removed
+
     def remove(self) -> None:
         for d in set(self.dirs.values()):
             for _ in range(50):
@@ -571,6 +589,26 @@ class _HostCgroup:
                     break
                 except OSError:         # busy for a moment while the last task exits
                     time.sleep(0.02)
+
+
+def _sweep_bases(parent: Path) -> int:
+    """Remove sandbox directories whose owning process is gone (a killed daemon)."""
+    removed = 0
+    for d in parent.glob("a4ps-sandbox-*"):
+        try:
+            pid = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue                # not ours to judge (no owner recorded)
+        try:
+            os.kill(pid, 0)
+            continue                # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 # -- runsc direct ----------------------------------------------------------------------
@@ -652,9 +690,11 @@ class RunscSandbox(Sandbox):
     def _make_base(self) -> Path:
         if self._base_arg is not None:
             self._base_arg.mkdir(parents=True, exist_ok=True)
-            base = Path(tempfile.mkdtemp(prefix="a4ps-sandbox-", dir=self._base_arg))
-        else:
-            base = Path(tempfile.mkdtemp(prefix="a4ps-sandbox-"))
+        parent = self._base_arg or Path(tempfile.gettempdir())
+        _sweep_bases(parent)
+        _HostCgroup.sweep()
+        base = Path(tempfile.mkdtemp(prefix="a4ps-sandbox-", dir=parent))
+        (base / "owner.pid").write_text(str(os.getpid()))
         rootfs = base / "rootfs"
         for d in ("proc", "dev", "tmp", WORKDIR.lstrip("/"), INDIR.lstrip("/")):
             (rootfs / d).mkdir(parents=True, exist_ok=True)
