@@ -187,6 +187,7 @@ def _child(cfg: dict, out_fd: int) -> None:
         if cfg["mode"] == "calls":
             status = _run_calls(cfg, out_fd)
         else:
+            os.close(out_fd)          # a script has no outputs channel
             status = _run_script(cfg)
     except SystemExit as e:
         status = _exit_status(e.code)

@@ -114,7 +114,7 @@ class SandboxResult(BaseModel):
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and self.limit_hit is None
+        return self.exit_code == 0 and self.limit_hit is None and self.reported
 
     def summary(self) -> str:
         cpu = "?" if self.cpu_s is None else f"{self.cpu_s:.2f}s"
@@ -156,7 +156,7 @@ class Limits:
     @classmethod
     def from_settings(cls, s: SandboxSettings) -> Limits:
         return cls(s.wall_time_s, s.cpu_time_s, s.memory_mb, s.max_pids, s.max_output_bytes,
-                   getattr(s, "disk_mb", 64))
+                   s.disk_mb)
 
     @property
     def cpu_total_cap_s(self) -> float:
@@ -477,7 +477,7 @@ def _finish(*, stdout: str, stderr_raw: str, nonce: str, code: int | None, timed
     limit = _classify(exit_code=exit_code, sig=sig, timed_out=timed_out, output_hit=output_hit,
                       cpu_backstop=cpu_backstop, oom=oom, disk_full=bool(rep.get("disk_full")),
                       stderr=stderr, cpu_s=cpu_s, limits=limits)
-    if report is None and not (timed_out or output_hit or cpu_backstop) and code != 0:
+    if report is None and not (timed_out or output_hit or cpu_backstop):
         stderr += (f"\n[sandbox] the sandbox ended (exit {code}) without its supervisor's "
                    f"report{': out of memory' if oom else ''}\n")
     files = rep.get("files") if isinstance(rep.get("files"), dict) else {}
@@ -669,11 +669,12 @@ class RunscSandbox(Sandbox):
                     f"{(res.stderr or res.stdout).strip()[-300:]}")
         return ""
 
-    def _record(self, reason: str) -> None:
-        """What a real run proved about availability (so no separate probe is needed)."""
+    def _record_success(self) -> None:
+        """A run that reported proves runsc starts here: no separate probe is needed.
+        (A failed run proves nothing lasting: only the probe marks a binary broken.)"""
         if self._probe:
             with _probe_lock:
-                _probes.setdefault(self._key(), reason)
+                _probes.setdefault(self._key(), "")
 
     @property
     def python(self) -> str | None:
@@ -800,7 +801,6 @@ class RunscSandbox(Sandbox):
             if cgroup is not None:
                 cgroup.remove()
             shutil.rmtree(run_dir, ignore_errors=True)
-            self._record(f"could not start runsc ({self._runsc}): {e}")
             raise SandboxError(f"could not start runsc ({self._runsc}): {e}") from e
         over = threading.Event()
         out = _Capture(proc.stdout, lim.max_output_bytes, over)
@@ -840,16 +840,14 @@ class RunscSandbox(Sandbox):
         code = proc.returncode
         raw_err = err.text()
         if code == 128 and raw_err.lstrip().startswith(("running container", "creating container")):
-            reason = f"runsc failed to start the sandbox: {raw_err.strip()[-500:]}"
-            self._record(reason)
-            raise SandboxError(reason)
+            raise SandboxError(f"runsc failed to start the sandbox: {raw_err.strip()[-500:]}")
         res, report = _finish(stdout=out.text(), stderr_raw=raw_err, nonce=nonce, code=code,
                               timed_out=timed_out, output_hit=over.is_set() and not timed_out,
                               cpu_backstop=cpu_backstop, oom=bool(oom), wall_s=wall_s,
                               sandbox_cpu_s=None if sandbox_cpu is None else round(sandbox_cpu, 4),
                               limits=lim, backend=self.backend)
         if report is not None:
-            self._record("")
+            self._record_success()
         return res, report
 
     def _kill(self, proc: subprocess.Popen, state: Path, cid: str) -> None:

@@ -86,14 +86,14 @@ def _tool_call(node: ast.AST, name: str) -> tuple[list[Any], dict[str, Any]] | N
     args, kwargs = [], {}
     for a in node.args:
         ok, v = _literal(a)
-        if not ok or isinstance(a, ast.Starred):
+        if not ok or isinstance(v, (set, frozenset)):    # arguments travel as JSON
             return None
         args.append(v)
     for k in node.keywords:
         if k.arg is None:
             return None
         ok, v = _literal(k.value)
-        if not ok:
+        if not ok or isinstance(v, (set, frozenset)):
             return None
         kwargs[k.arg] = v
     return args, kwargs
