@@ -80,17 +80,8 @@ def test_traceback_names_the_script(sandbox):
     assert 'File "main.py", line 2, in f' in res.stderr and "ValueError: boom" in res.stderr
 
 
-def test_infinite_loop_is_killed_at_the_cpu_limit(sandbox):
-    t0 = time.monotonic()
-    res = run(sandbox, "while True:\n    pass\n")
-    assert res.limit_hit == "cpu_time", res.summary()
-    assert res.exit_code != 0 and res.cpu_s >= LIMITS["cpu_time_s"]
-    assert time.monotonic() - t0 < LIMITS["wall_time_s"]
-    assert not _sandbox_processes()
-
-
-def test_a_cpu_loop_under_a_30s_wall_limit_stops_at_its_cpu_limit_measured(sandbox):
-    """Issue 14.3: the limit is enforced in the guest and the CPU time is measured."""
+def test_an_infinite_loop_under_a_30s_wall_limit_stops_at_its_cpu_limit_measured(sandbox):
+    """Issue 14.3: the CPU limit is enforced in the guest and the CPU time is measured."""
     t0 = time.monotonic()
     res = run(sandbox, "while True:\n    pass\n", timeout=30)
     elapsed = time.monotonic() - t0

@@ -166,7 +166,8 @@ def test_trivial_tests_cannot_pass_a_wrong_tool_the_examples_are_checked(parts, 
     reply = "```python" + trivial[1] + "```python\nfrom tool import add_business_days\n\n" \
             "def test_runs():\n    assert add_business_days('2024-03-06', 0)\n```\n"
     spec = SPEC.model_copy(update={"name": "add_business_days"})
-    outcome = make_forge(parts, settings, sandbox, ScriptedWriter(reply)).forge(spec)
+    s = settings.model_copy(update={"forge": settings.forge.model_copy(update={"max_attempts": 1})})
+    outcome = make_forge(parts, s, sandbox, ScriptedWriter(reply)).forge(spec)
     assert not outcome.ok and "example 1" in outcome.reason
 
 
