@@ -31,6 +31,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 
 MARK = "\x1eA4PS_REPORT "
 NONCE_FILE = ".nonce"
@@ -252,7 +253,6 @@ def _kill_everyone_else() -> None:
                     break
         except ChildProcessError:
             return
-        import time
         time.sleep(0.01)
 
 

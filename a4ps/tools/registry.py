@@ -16,7 +16,6 @@ is forged once and then called.
 from __future__ import annotations
 
 import ast
-import json
 import keyword
 import logging
 import math
