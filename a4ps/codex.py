@@ -165,6 +165,8 @@ class Codex:
     def decide(self, proposal_id: str, version: int, approve: bool, *, by: str,
                reason: str = "") -> Amendment:
         """Apply or close a pending amendment; refuse stale or repeated decisions."""
+        if approve:   # subscribers act first (the System pins a pre-amendment snapshot)
+            self._publish("codex.approving", {"proposal_id": proposal_id, "version": version})
         with self._lock:
             a = self.proposals.get(proposal_id)
             if a is None:
