@@ -259,6 +259,9 @@ class Daemon:
                                                           a.against))
             reg("image.restore", self._image_restore)
             reg("image.snapshot", lambda a: self._time_travel(s.timemachine.snapshot, a.name))
+        if getattr(s, "personas", None) is not None:
+            reg("persona.export", self._persona_export)
+            reg("persona.import", self._persona_import)
 
     # -- handlers ------------------------------------------------------------------
     def daemon_status(self) -> dict[str, Any]:
@@ -395,6 +398,27 @@ class Daemon:
     def _image_restore(self, a: P.ImageRestoreArgs) -> dict[str, Any]:
         """Waits for the running task to finish (image.restore_wait_s), then restores."""
         return self._time_travel(self.system.timemachine.restore, a.snapshot)
+
+    @staticmethod
+    def _persona_file(fn: Callable[..., Any], path: str, **kw: Any) -> Any:
+        from .persona_file import PersonaFileError
+        if not Path(path).is_absolute():
+            raise CommandError(ErrorCode.INVALID_ARGS, f"path {path!r} must be absolute (it is "
+                               "read or written by the daemon, not in your working folder)")
+        try:
+            return fn(path, **kw)
+        except PersonaFileError as e:
+            code = ErrorCode.CONFLICT if "exists" in str(e) else ErrorCode.INVALID_ARGS
+            raise CommandError(code, str(e)) from None
+
+    def _persona_export(self, a: P.PersonaExportArgs) -> dict[str, Any]:
+        return self._persona_file(lambda path, **kw: self.system.personas.export(
+            a.name, path, **kw), a.path, golden=a.golden, overwrite=a.overwrite)
+
+    def _persona_import(self, a: P.PersonaImportArgs) -> dict[str, Any]:
+        """Checks the whole file, then installs it (long with re-embedding: progress
+        goes out as persona.progress events)."""
+        return self._persona_file(self.system.personas.import_, a.path, as_name=a.as_name)
 
     def _motivator_pause(self, a: P.PauseArgs) -> dict[str, Any]:
         motivator = self.system.motivator

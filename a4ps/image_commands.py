@@ -24,19 +24,48 @@ class _Refused(Exception):
     """The daemon (or the local part) refused; the message is for the user."""
 
 
-def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], timeout: float) -> Any:
-    """The daemon's result, or ``_NO_DAEMON`` when none answers."""
+def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], timeout: float, *,
+                progress_topic: str | None = None) -> Any:
+    """The daemon's result, or ``_NO_DAEMON`` when none answers. With
+    ``progress_topic``, that topic's events are shown while the command runs."""
     from .client import DaemonClient, DaemonError, DaemonUnavailable
     client = DaemonClient.if_running(settings, timeout=timeout)
     if client is None:
         return _NO_DAEMON
     with client:
-        try:
-            return client.request(cmd, args, timeout=timeout)
-        except DaemonError as e:
-            raise _Refused(e.message) from None
-        except DaemonUnavailable as e:
-            raise _Refused(f"the daemon stopped answering ({e}); check `a4ps status`") from None
+        box: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                box["result"] = client.request(cmd, args, timeout=timeout)
+            except (DaemonError, DaemonUnavailable) as e:
+                box["error"] = e
+        if progress_topic is None:
+            call()
+        else:
+            import threading
+            worker = threading.Thread(target=call, daemon=True)
+            with client.subscriber(topics=[progress_topic]) as events:
+                worker.start()
+                while worker.is_alive():
+                    for ev in events.poll(100, timeout_ms=200):
+                        if ev.topic == progress_topic:
+                            _show_progress(ev.payload.get("stage", ""), ev.payload.get("done", 0),
+                                           ev.payload.get("total", 0))
+    err = box.get("error")
+    if isinstance(err, DaemonError):
+        raise _Refused(err.message)
+    if err is not None:
+        raise _Refused(f"the daemon stopped answering ({err}); check `a4ps status`")
+    return box["result"]
+
+
+def _show_progress(stage: str, done: int, total: int) -> None:
+    width = 30
+    filled = int(width * done / total) if total else width
+    end = "\n" if done >= total else ""
+    print(f"\r{stage}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end,
+          file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -203,6 +232,47 @@ def _cmd_image_snapshot(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+# -- persona -------------------------------------------------------------------------
+
+def _persona_local(fn: Any, *args: Any, **kw: Any) -> Any:
+    from .persona_file import PersonaFileError
+    try:
+        return fn(*args, **kw)
+    except PersonaFileError as e:
+        raise _Refused(str(e)) from None
+
+
+def _cmd_persona_export(args: argparse.Namespace, settings: Any) -> int:
+    path = str(Path(args.output).expanduser().resolve())
+    wire = {"name": args.name, "path": path, "golden": args.golden, "overwrite": args.force}
+    out = _via_daemon(settings, "persona.export", wire, args.timeout)
+    if out is _NO_DAEMON:
+        with offline_system(settings, "persona export") as system:
+            out = _persona_local(system.personas.export, args.name, path, golden=args.golden,
+                                 overwrite=args.force)
+    print(f"exported {out['persona']} to {out['path']} ({_size(out['bytes'])}): "
+          f"{out['memories']} memories, {'an adapter' if out['adapter'] else 'no adapter'}"
+          + (f", {out['golden']} golden rows" if args.golden else ""))
+    return 0
+
+
+def _cmd_persona_import(args: argparse.Namespace, settings: Any) -> int:
+    path = str(Path(args.file).expanduser().resolve())
+    wire = {"path": path, "as": args.as_name}
+    out = _via_daemon(settings, "persona.import", wire, args.timeout,
+                      progress_topic="persona.progress")
+    if out is _NO_DAEMON:
+        with offline_system(settings, "persona import") as system:
+            out = _persona_local(system.personas.import_, path, as_name=args.as_name,
+                                 progress=_show_progress)
+    print(f"imported {out['from_persona']} as {out['persona']}: {out['memories']} memories"
+          + (" (re-embedded with this system's embedder)" if out["reembedded"] else "")
+          + (f", adapter {out['adapter']}" if out.get("adapter") else "")
+          + (f", golden data in {out['golden']}" if out.get("golden") else ""))
+    print(f"{out['persona']} uses {out['model_name']}")
+    return 0
+
+
 def _guard(fn: Any) -> Any:
     """Print a refusal as one line and exit 1 (never a traceback for bad input)."""
     def run(args: argparse.Namespace, settings: Any) -> int:
@@ -234,3 +304,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     for q in isub.choices.values():
         q.add_argument("--timeout", type=float, default=30.0,
                        help="seconds to wait for the daemon's answer")
+
+    p = sub.add_parser("persona", help="a persona as one portable file: export, import")
+    psub = p.add_subparsers(dest="persona_command", metavar="SUBCOMMAND", required=True)
+    q = psub.add_parser("export", help="write a persona (proto, codex, memories, adapter) to a file")
+    q.set_defaults(func=_guard(_cmd_persona_export))
+    q.add_argument("name", help="the persona, e.g. BRICK")
+    q.add_argument("-o", "--output", required=True, help="the file to write (e.g. brick.a4persona)")
+    q.add_argument("--golden", action="store_true", help="include its golden data")
+    q.add_argument("--force", action="store_true", help="overwrite the file if it exists")
+    q.add_argument("--timeout", type=float, default=600.0)
+    q = psub.add_parser("import", help="check a persona file completely, then add the persona")
+    q.set_defaults(func=_guard(_cmd_persona_import))
+    q.add_argument("file")
+    q.add_argument("--as", dest="as_name", metavar="NEWNAME",
+                   help="import under another name (needed when the name is taken)")
+    q.add_argument("--timeout", type=float, default=3600.0)

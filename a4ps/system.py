@@ -110,6 +110,9 @@ class System:
         self.motivator = Motivator(settings, self.bus, self.protos, self.memory, self.tasks, self.codex)
         self.philosopher = Philosopher(settings, self.bus, self.protos, self.memory, self.codex,
                                        self.embedder)
+        from .persona_file import PersonaFiles
+        self.personas = PersonaFiles(settings, self.protos, self.codex, self.memory, self.models,
+                                     self.embedder, self.bus, save=self.save)
 
         for name, part in (("models", self.models), ("memory", self.memory), ("bus", self.bus),
                            ("tasks", self.tasks), ("tools", self.tools), ("codex", self.codex)):
