@@ -502,3 +502,44 @@ def test_round_trip_answers_identically_and_finds_the_same_memories(tmp_path, mo
     finally:
         a.stop()
         b.stop()
+
+
+def test_an_ollama_persona_with_an_adapter_moves_between_two_systems(tmp_path):
+    """The adapter is re-created in Ollama over the base tag (the tests' Ollama is the
+    protocol-level stand-in); without the base tag the import is refused."""
+    from ollama_standin import OllamaStandIn
+    tags = {"gemma2:2b": 1, "phi3:mini": 1, "llama3.2:3b": 1}
+
+    def ollama_settings(d, url):
+        return load_settings(data_dir=d, models={"backend": "ollama", "embedding_backend": "hash",
+                                                 "ollama": {"host": url}})
+    with OllamaStandIn(models=tags, reply_fn=lambda m, msgs: f"{m} says hi") as srv, \
+            OllamaStandIn(models={"gemma2:2b": 1}) as bare:
+        a = System(ollama_settings(tmp_path / "a", srv.url)).start(services=False)
+        b = System(ollama_settings(tmp_path / "b", srv.url)).start(services=False)
+        c = System(ollama_settings(tmp_path / "c", bare.url)).start(services=False)
+        try:
+            adapter = fake_adapter(a.settings.adapter_dir / "BRICK" / "v1" / "adapter")
+            a.protos.update("BRICK", {"model_name": "a4ps-brick:v1", "model_lineage": [
+                {"version": 0, "model_name": "phi3:mini", "status": "superseded", "is_base": True,
+                 "backend": "ollama", "adapter_dir": None},
+                {"version": 1, "model_name": "a4ps-brick:v1", "status": "live",
+                 "backend": "ollama", "adapter_dir": str(adapter)}]})
+            f = tmp_path / "brick.a4persona"
+            a.personas.export("BRICK", f)
+            assert json.loads(members_of(f)["manifest.json"])["base_model"] == \
+                {"id": "phi3:mini", "backend": "ollama"}
+
+            report = b.personas.import_(f, as_name="BRICK2")
+            assert report["model_name"] == "a4ps-brick2:v1"
+            create = [body for _, p, body in srv.requests if p == "/api/create"][-1]
+            assert create["from"] == "phi3:mini" and create["model"] == "a4ps-brick2:v1"
+            assert b.protos.get("BRICK2").invoke_llm("hello") == "a4ps-brick2:v1 says hi"
+
+            before = state_of(c)
+            with pytest.raises(PersonaFileError, match="'phi3:mini' is not present.*ollama pull"):
+                c.personas.import_(f, as_name="BRICK2")
+            assert state_of(c) == before
+        finally:
+            for s in (a, b, c):
+                s.stop()
