@@ -48,7 +48,7 @@ def proto_keys_changed(before: dict[str, Any], after: dict[str, Any]) -> dict[st
         return out
     for kind in ("slots", "methods"):
         b, a = before.get(kind) or {}, after.get(kind) or {}
-        if b is a:
+        if b is a or _same(b, a):       # one C-level comparison for the common case
             continue
         out[kind] = sorted(k for k in set(b) | set(a)
                            if k not in b or k not in a or not _same(b[k], a[k]))
@@ -57,8 +57,9 @@ def proto_keys_changed(before: dict[str, Any], after: dict[str, Any]) -> dict[st
     return out
 
 
-def _proto_delta(before: dict[str, Any], after: dict[str, Any]
-                 ) -> tuple[list[str], list[str], dict[str, dict[str, list[str]]]]:
+def proto_delta(before: dict[str, Any], after: dict[str, Any]
+                ) -> tuple[list[str], list[str], dict[str, dict[str, list[str]]]]:
+    """(added, removed, {name: changed keys}) between two ``protos`` parts."""
     added = sorted(set(after) - set(before))
     removed = sorted(set(before) - set(after))
     changed: dict[str, dict[str, list[str]]] = {}
@@ -93,7 +94,7 @@ def _codex_delta(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str
 def diff_parts(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
     """The ``image.diff`` answer: what going from ``before`` to ``after`` changes."""
     bp, ap = _protos(before), _protos(after)
-    added, removed, changed = _proto_delta(bp, ap)
+    added, removed, changed = proto_delta(bp, ap)
     detail: dict[str, Any] = {}
     for name, keys in changed.items():
         old, new = bp[name], ap[name]
@@ -140,7 +141,7 @@ def describe_changes(before: dict[str, Any] | None, after: dict[str, Any]
                          "codex": {"before_version": None, "after_version": ac.get("version"),
                                    "changed": []},
                          "tools": {"added": _capped(tools), "removed": []}}
-    added, removed, changed = _proto_delta(bp, ap)
+    added, removed, changed = proto_delta(bp, ap)
     codex_changed = [f"{c['persona']}.{c['principle']}" for c in _codex_delta(bc, ac)]
     bt, at = _tools(bp), _tools(ap)
     t_add, t_rem = sorted(at - bt), sorted(bt - at)

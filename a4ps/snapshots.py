@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .codex import Codex
 from .image import ImageError, ImageStore
-from .image_diff import diff_parts, proto_keys_changed
+from .image_diff import diff_parts, proto_delta
 from .proto import ProtoError, ProtoManager, compile_method
 
 if TYPE_CHECKING:
@@ -137,15 +137,17 @@ def check_parts(parts: dict[str, Any]) -> None:
         raise SnapshotError(f"the snapshot cannot become the live state: {e}") from None
 
 
-def with_versions(live: dict[str, Any], restored: dict[str, Any]) -> dict[str, Any]:
+def with_versions(live: dict[str, Any], restored: dict[str, Any],
+                  changed: dict[str, Any]) -> dict[str, Any]:
     """Restored proto states whose versions move forward: an editor holding a version
-    from before the restore gets a conflict instead of writing over the restored state."""
+    from before the restore gets a conflict instead of writing over the restored state.
+    ``changed``: the names whose content differs (from :func:`proto_delta`)."""
     out = {}
     for name, st in restored.items():
         old = live.get(name)
         if old is None:
             out[name] = st
-        elif not any(proto_keys_changed(old, st).values()):
+        elif name not in changed:
             out[name] = {**st, "version": old.get("version", st.get("version", 1))}
         else:
             out[name] = {**st, "version": max(int(old.get("version") or 0),
@@ -238,33 +240,35 @@ class TimeMachine:
         check_parts(parts)
         with self._restore_lock, self.gate.exclusive(self.wait_s):
             pre = self.checkpoint("pre-restore")
-            before = self.live_parts()
-            self._apply({**parts, "protos": with_versions(before.get("protos") or {},
-                                                          parts["protos"])})
-            after = self.live_parts()
+            live = self.live_parts().get("protos") or {}
+            delta = proto_delta(live, parts["protos"])
+            restored = with_versions(live, parts["protos"], delta[2])
+            self._apply({**parts, "protos": restored})
             try:
                 self._save(trigger="manual", note=f"restored snapshot {entry['id']}")
             except Exception:   # the restore is live; autosave writes it when it can
                 log.exception("saving the restored image failed; autosave will retry")
         self.bus.publish("image.restored", {"snapshot": entry["id"], "pre_restore": pre,
                                             "name": entry.get("name")})
-        self._publish_proto_changes(before, after)
+        self._publish_proto_changes(delta, live, restored)
         log.info("restored snapshot %s (pre-restore snapshot %s)", entry["id"], pre)
         return {"restored": entry["id"], "pre_restore": pre}
 
-    def _publish_proto_changes(self, before: dict[str, Any], after: dict[str, Any]) -> None:
-        bp, ap = before.get("protos") or {}, after.get("protos") or {}
-        for name in sorted(set(bp) | set(ap)):
-            old, new = bp.get(name), ap.get(name)
-            if new is None:
-                change, keys, version = "removed", [], old.get("version")
-            elif old is None:
-                change, keys, version = "created", sorted(new.get("slots") or {}), new.get("version")
-            else:
-                k = proto_keys_changed(old, new)
-                keys = k["slots"] + k["methods"] + k["parent"]
-                if not keys:
-                    continue
-                change, version = "updated", new.get("version")
-            self.bus.publish("proto.changed", {"name": name, "change": change, "keys": keys,
-                                               "version": version, "restored": True})
+    def _publish_proto_changes(self, delta: tuple[list[str], list[str], dict[str, Any]],
+                               live: dict[str, Any], restored: dict[str, Any]) -> None:
+        added, removed, changed = delta
+        for name in removed:
+            self.bus.publish("proto.changed", {"name": name, "change": "removed", "keys": [],
+                                               "version": live[name].get("version"),
+                                               "restored": True})
+        for name in added:
+            self.bus.publish("proto.changed", {"name": name, "change": "created",
+                                               "keys": sorted(restored[name].get("slots") or {}),
+                                               "version": restored[name].get("version"),
+                                               "restored": True})
+        for name, keys in changed.items():
+            self.bus.publish("proto.changed", {"name": name, "change": "updated",
+                                               "keys": keys["slots"] + keys["methods"] +
+                                               keys["parent"],
+                                               "version": restored[name].get("version"),
+                                               "restored": True})
