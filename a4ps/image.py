@@ -193,6 +193,7 @@ class ImageStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.tmp.{os.getpid()}.{threading.get_ident()}")
+            prev = None     # the metadata of the image this save replaces
             try:
                 with open(tmp, "wb") as f:
                     f.write(blob)
@@ -205,12 +206,12 @@ class ImageStore:
                         log.warning("kept the unreadable image aside as %s", bad)
                         self._live_is_bad = False
                     else:
-                        self._rotate_live()
+                        prev = self._rotate_live()
                 os.replace(tmp, self.path)
                 self._fsync_dir(self.path.parent)
             finally:
                 tmp.unlink(missing_ok=True)
-            meta = self._write_live_meta(len(blob), trigger, name,
+            meta = self._write_live_meta(prev, len(blob), trigger, name,
                                          f"{note}: {summary}" if note else summary, changes)
             for old in self.snapshots()[self.ring:]:
                 old.unlink(missing_ok=True)
@@ -317,17 +318,20 @@ class ImageStore:
                 "summary": "no metadata (saved before snapshot metadata existed, or the "
                            "save was interrupted)", "changes": {}}
 
-    def _stamp(self) -> int:
-        """A new id: nanoseconds, strictly increasing in this store."""
-        live = self.read_meta(self.path) if self.path.exists() else None
-        floor = max(self._last_stamp, int(live["id"]) if live else 0)
-        self._last_stamp = max(time.time_ns(), floor + 1)
+    def _stamp(self, floor: int | None = None) -> int:
+        """A new id: nanoseconds, strictly increasing in this store (and above
+        ``floor``, default the live image's id)."""
+        if floor is None:
+            live = self.read_meta(self.path) if self.path.exists() else None
+            floor = int(live["id"]) if live else 0
+        self._last_stamp = max(time.time_ns(), self._last_stamp + 1, floor + 1)
         return self._last_stamp
 
-    def _rotate_live(self) -> None:
-        """Keep the live image in the ring under its own id, its sidecar with it.
-        (Caller holds the write lock.)"""
-        ident = self.entry(self.path)["id"]
+    def _rotate_live(self) -> dict[str, Any] | None:
+        """Keep the live image in the ring under its own id, its sidecar with it; returns
+        that sidecar's metadata (None when it had none). (Caller holds the write lock.)"""
+        meta = self.read_meta(self.path)
+        ident = meta["id"] if meta else self.entry(self.path)["id"]
         snap = self.snapshot_dir / f"live_image.{ident}.dill"
         if snap.exists() and not os.path.samefile(snap, self.path):
             snap = self.snapshot_dir / f"live_image.{self._stamp()}.dill"
@@ -336,6 +340,7 @@ class ImageStore:
         live_meta = self.meta_path(self.path)
         if live_meta.exists():
             os.replace(live_meta, self.meta_path(snap))
+        return meta
 
     def _generation(self) -> int:
         """The newest generation on disk (0 for none)."""
@@ -343,10 +348,12 @@ class ImageStore:
                 if p.exists() and (m := self.read_meta(p)) is not None]
         return max(gens, default=0)
 
-    def _write_live_meta(self, size: int, trigger: str, name: str | None, summary: str,
-                         changes: dict[str, Any]) -> dict[str, Any]:
-        meta = {"id": str(self._stamp()), "name": name, "ts": time.time(),
-                "generation": self._generation() + 1, "trigger": trigger, "size": size,
+    def _write_live_meta(self, prev: dict[str, Any] | None, size: int, trigger: str,
+                         name: str | None, summary: str, changes: dict[str, Any]
+                         ) -> dict[str, Any]:
+        gen = (prev.get("generation") or 0) if prev else self._generation()
+        meta = {"id": str(self._stamp(int(prev["id"]) if prev else 0)), "name": name,
+                "ts": time.time(), "generation": gen + 1, "trigger": trigger, "size": size,
                 "summary": summary, "changes": changes, "format": IMAGE_FORMAT}
         try:
             self._write_json(self.meta_path(self.path), meta)
