@@ -31,6 +31,7 @@ Errors::
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -268,7 +269,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int,
     h, size, buf = hashlib.sha256(), 0, io.BytesIO() if out is None else None
     try:
         with zf.open(info) as src, (open(out, "wb") if out is not None else
-                                    _NullContext(buf)) as dst:
+                                    contextlib.nullcontext(buf)) as dst:
             while True:
                 chunk = src.read(_CHUNK)
                 if not chunk:
@@ -285,17 +286,6 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int,
     return (buf.getvalue() if buf is not None else None), h.hexdigest(), size
 
 
-class _NullContext:
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    def __enter__(self) -> Any:
-        return self.obj
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def _json(data: bytes, member: str) -> Any:
     try:
         return json.loads(data.decode("utf-8"))
@@ -304,8 +294,12 @@ def _json(data: bytes, member: str) -> Any:
 
 
 def _jsonl(data: bytes, member: str) -> list[dict[str, Any]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PersonaFileError(f"{member} is not UTF-8 text ({e})") from None
     rows = []
-    for i, line in enumerate(data.decode("utf-8", errors="strict").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -316,6 +310,28 @@ def _jsonl(data: bytes, member: str) -> list[dict[str, Any]]:
             raise PersonaFileError(f"{member} line {i} is not a JSON object")
         rows.append(row)
     return rows
+
+
+def _check_row(row: dict[str, Any], i: int) -> None:
+    """A memory row holds what MemoryManager.add_many stores, with the right types."""
+    def bad(what: str) -> PersonaFileError:
+        return PersonaFileError(f"memories.jsonl row {i}: {what}")
+    if not isinstance(row.get("text"), str) or not row["text"].strip():
+        raise bad("no text")
+    if row.get("kind") not in ("interaction", "note", "reflection"):
+        raise bad(f"unknown kind {row.get('kind')!r}")
+    for key in ("ts", "dissonance"):
+        v = row.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not math.isfinite(v)):
+            raise bad(f"{key} must be a number, not {v!r}")
+    for key in ("id", "persona", "task_id"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise bad(f"{key} must be text")
+    if not isinstance(row.get("curated", False), bool):
+        raise bad("curated must be true or false")
+    if row.get("meta") is not None and not isinstance(row["meta"], dict):
+        raise bad("meta must be an object")
 
 
 def read_persona_file(path: Path | str, staging: Path, limits: ImportLimits = ImportLimits()
@@ -436,10 +452,7 @@ def _parse(manifest: Manifest, staging: Path, texts: dict[str, bytes]) -> Person
         raise PersonaFileError("codex.json must hold the persona's role and principles")
     rows = _jsonl(texts["memories.jsonl"], "memories.jsonl")
     for i, row in enumerate(rows, 1):
-        if not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise PersonaFileError(f"memories.jsonl row {i} has no text")
-        if row.get("kind") not in ("interaction", "note", "reflection"):
-            raise PersonaFileError(f"memories.jsonl row {i} has an unknown kind {row.get('kind')!r}")
+        _check_row(row, i)
     try:
         vectors = np.load(io.BytesIO(texts["vectors.npy"]), allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -500,6 +513,9 @@ class PersonaFiles:
         t0 = time.perf_counter()
         name = self.persona_name(name)
         path = Path(path).expanduser().resolve()
+        if path.is_dir():
+            raise PersonaFileError(f"{path} is a folder; give a file name (e.g. {name.lower()}"
+                                   f"{SUFFIX})")
         if path.exists() and not overwrite:
             raise PersonaFileError(f"{path} exists; choose another file or pass --force")
         if not path.parent.is_dir():

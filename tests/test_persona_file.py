@@ -306,6 +306,16 @@ def _wrong_vectors(good, d):
     return write_zip(d / "v.a4persona", m)
 
 
+def _bad_row(good, d):
+    m = members_of(good)
+    lines = m["memories.jsonl"].decode().splitlines()
+    row = json.loads(lines[3])
+    row["ts"] = "yesterday"
+    lines[3] = json.dumps(row)
+    m["memories.jsonl"] = ("\n".join(lines) + "\n").encode()
+    return write_zip(d / "r.a4persona", m)
+
+
 def _bad_method(good, d):
     m = members_of(good)
     proto = json.loads(m["proto.json"])
@@ -337,6 +347,7 @@ BAD = {
     "part missing": (_missing_part, "incomplete"),
     "not a zip": (_not_a_zip, "not a persona file"),
     "vectors of the wrong shape": (_wrong_vectors, "vectors.npy holds"),
+    "memory row with a wrong type": (_bad_row, "row 4: ts must be a number"),
     "method that does not compile": (_bad_method, "syntax error"),
     "adapter for another backend": (_other_backend, "switch the backend"),
 }
