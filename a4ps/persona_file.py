@@ -785,8 +785,12 @@ class PersonaFiles:
             cfg["base_model_name_or_path"] = str(checkpoint_dir(self.settings))
             cfg_path.write_text(json.dumps(cfg, indent=2))
         if plan["backend"] == "ollama":
-            model_name = self.models.backend.create_with_adapter(
-                f"a4ps-{plan['name'].lower()}:v{version}", m.base_model.id, target)
+            tag = f"a4ps-{plan['name'].lower()}:v{version}"
+            try:
+                model_name = self.models.backend.create_with_adapter(tag, m.base_model.id, target)
+            except Exception as e:   # the model's error, not ours: refuse with its message
+                raise PersonaFileError(f"Ollama could not create {tag} over "
+                                       f"{m.base_model.id}: {e}") from None
         else:
             model_name = f"{m.base_model.id}{LORA_TAG}{target}"
         for e in lineage:
