@@ -419,8 +419,14 @@ def test_cli_export_and_import_without_a_daemon(tmp_path, monkeypatch, capsys):
         assert s.memory.search("rain", k=1)[0].persona == "ROBIN2"
 
 
+def free_addr() -> str:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def test_import_goes_through_a_running_daemon(tmp_path, monkeypatch, good, capsys):
-    from test_image_commands import free_addr
     from a4ps.cli import main
     from a4ps.client import DaemonClient, DaemonError
     from a4ps.daemon import Daemon
