@@ -87,6 +87,11 @@ class MemorySettings(_Section):
 class ImageSettings(_Section):
     autosave_interval_s: float = Field(30.0, gt=0)
     snapshot_ring: int = Field(5, ge=1, le=100)
+    # pre-restore / pre-swap / pre-amendment snapshots kept beyond the ring (named
+    # snapshots are never pruned)
+    kept_snapshots: int = Field(20, ge=1, le=1000)
+    # how long a restore waits for the running task to finish before refusing
+    restore_wait_s: float = Field(60.0, gt=0)
 
 
 class BusSettings(_Section):

@@ -21,6 +21,8 @@ TOPICS = (
     "tool.rejected", "tool.invoked", "curator.scored", "finetune.progress", "model.tuned",
     "model.swapped", "goal.generated", "dissonance.high", "system.idle",
     "codex.proposed", "codex.decided", "log", "heartbeat",
+    "model.swapping", "codex.approving", "image.restored", "persona.imported",
+    "persona.progress",
 )
 ALL = "*"
 
