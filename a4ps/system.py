@@ -150,7 +150,7 @@ class System:
             if "codex" in parts:
                 self.codex.restore_image(parts["codex"])
             self._ensure_personas()
-            self.tools.sync_files()  # dynamic_tools/ mirrors the image's tools
+            self.tools.sync_files()  # <data>/tools/ mirrors the image's tools
             log.info("loaded image %s (%d protos, codex v%d)", self.last_load.path,
                      len(self.protos), self.codex.version)
         self.state = SystemState.STARTED
