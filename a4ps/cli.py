@@ -56,7 +56,8 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         lock.release()
         raise
     try:
-        return Daemon(system, lock=lock, shutdown_grace_s=args.grace).run()
+        return Daemon(system, lock=lock, shutdown_grace_s=args.grace,
+                      from_snapshot=args.from_snapshot).run()
     except (DaemonError, *stores) as e:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
@@ -377,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("daemon", _cmd_daemon, "run the backend: the living image, tasks, ZeroMQ server")
     p.add_argument("--grace", type=float, default=20.0,
                    help="seconds SIGTERM waits for the running task before checkpointing it")
+    p.add_argument("--from-snapshot", metavar="SNAP",
+                   help="start from this snapshot (id or name; the state before is kept)")
 
     p = add("ask", _cmd_ask, "run one task and print the dialogue and ALFRED's answer")
     p.add_argument("text", nargs="+", help="the task")
@@ -416,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .fine_tuning.commands import add_commands as add_finetune_commands
     add_finetune_commands(sub)  # curate, finetune PERSONA, models lineage|rollback PERSONA
+
+    from .image_commands import add_commands as add_image_commands
+    add_image_commands(sub)     # image list|diff|restore|snapshot, persona export|import
 
     return parser
 

@@ -149,6 +149,11 @@ class TaskSettings(_Section):
 class ImageSettings(_Section):
     autosave_interval_s: float = Field(30.0, gt=0)
     snapshot_ring: int = Field(5, ge=1, le=100)
+    # pre-restore / pre-swap / pre-amendment snapshots kept beyond the ring (named
+    # snapshots are never pruned)
+    kept_snapshots: int = Field(20, ge=1, le=1000)
+    # how long a restore waits for the running task to finish before refusing
+    restore_wait_s: float = Field(60.0, gt=0)
 
 
 class BusSettings(_Section):
@@ -171,6 +176,8 @@ class SandboxSettings(_Section):
     memory_mb: int = Field(256, ge=16)
     max_pids: int = Field(32, ge=1)
     max_output_bytes: int = Field(65_536, ge=256)
+    disk_mb: int = Field(64, ge=1, description="size of the sandbox's work directory (a tmpfs; "
+                                                 "it counts against memory_mb too)")
     allowed_imports: list[str] = Field(default_factory=lambda: [
         "math", "statistics", "datetime", "re", "json", "itertools", "functools",
         "collections", "decimal", "fractions", "string", "random", "typing",
@@ -180,6 +187,9 @@ class SandboxSettings(_Section):
 class ForgeSettings(_Section):
     enabled: bool = True
     max_attempts: int = Field(3, ge=1, le=10)
+    reuse_similarity: float = Field(
+        0.75, ge=0, le=1, description="a registered tool whose description is at least this "
+                                     "similar to a request's is called instead of forging one")
 
 
 class CuratorSettings(_Section):
@@ -297,6 +307,11 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.models.embedded.cache_dir or (self.data_dir / "model_cache")
+
+    @property
+    def tools_dir(self) -> Path:
+        """Forged tools' source, as plain data files (never imported on the host)."""
+        return self.data_dir / "tools"
 
     @property
     def token_path(self) -> Path:

@@ -173,8 +173,10 @@ class Daemon:
     """Serve ``system`` over ZeroMQ and run its tasks. See the module docstring."""
 
     def __init__(self, system: Any, *, lock: DaemonLock | None = None,
-                 shutdown_grace_s: float = 20.0, handler_threads: int = 4) -> None:
+                 shutdown_grace_s: float = 20.0, handler_threads: int = 4,
+                 from_snapshot: str | None = None) -> None:
         self.system = system
+        self.from_snapshot = from_snapshot   # restore this snapshot before serving
         self.settings = system.settings
         self.bus_settings = self.settings.bus
         self.shutdown_grace_s = shutdown_grace_s
@@ -251,6 +253,15 @@ class Daemon:
             reg("finetune.run", self._finetune_run)
             reg("models.lineage", self._models_lineage)
             reg("models.rollback", self._models_rollback)
+        if getattr(s, "timemachine", None) is not None:
+            reg("image.snapshots", lambda a: {"snapshots": s.timemachine.list()})
+            reg("image.diff", lambda a: self._time_travel(s.timemachine.diff, a.snapshot,
+                                                          a.against))
+            reg("image.restore", self._image_restore)
+            reg("image.snapshot", lambda a: self._time_travel(s.timemachine.snapshot, a.name))
+        if getattr(s, "personas", None) is not None:
+            reg("persona.export", self._persona_export)
+            reg("persona.import", self._persona_import)
 
     # -- handlers ------------------------------------------------------------------
     def daemon_status(self) -> dict[str, Any]:
@@ -372,6 +383,43 @@ class Daemon:
         except FinetuneError as e:
             raise CommandError(ErrorCode.CONFLICT, str(e)) from None
 
+    @staticmethod
+    def _time_travel(fn: Callable[..., Any], *args: Any) -> Any:
+        from .snapshots import SnapshotConflict, SnapshotError, SnapshotNotFound
+        try:
+            return fn(*args)
+        except SnapshotNotFound as e:
+            raise CommandError(ErrorCode.NOT_FOUND, str(e)) from None
+        except SnapshotConflict as e:
+            raise CommandError(ErrorCode.CONFLICT, str(e)) from None
+        except SnapshotError as e:
+            raise CommandError(ErrorCode.INVALID_ARGS, str(e)) from None
+
+    def _image_restore(self, a: P.ImageRestoreArgs) -> dict[str, Any]:
+        """Waits for the running task to finish (image.restore_wait_s), then restores."""
+        return self._time_travel(self.system.timemachine.restore, a.snapshot)
+
+    @staticmethod
+    def _persona_file(fn: Callable[..., Any], path: str, **kw: Any) -> Any:
+        from .persona_file import PersonaFileError
+        if not Path(path).is_absolute():
+            raise CommandError(ErrorCode.INVALID_ARGS, f"path {path!r} must be absolute (it is "
+                               "read or written by the daemon, not in your working folder)")
+        try:
+            return fn(path, **kw)
+        except PersonaFileError as e:
+            code = ErrorCode.CONFLICT if "exists" in str(e) else ErrorCode.INVALID_ARGS
+            raise CommandError(code, str(e)) from None
+
+    def _persona_export(self, a: P.PersonaExportArgs) -> dict[str, Any]:
+        return self._persona_file(lambda path, **kw: self.system.personas.export(
+            a.name, path, **kw), a.path, golden=a.golden, overwrite=a.overwrite)
+
+    def _persona_import(self, a: P.PersonaImportArgs) -> dict[str, Any]:
+        """Checks the whole file, then installs it (long with re-embedding: progress
+        goes out as persona.progress events)."""
+        return self._persona_file(self.system.personas.import_, a.path, as_name=a.as_name)
+
     def _motivator_pause(self, a: P.PauseArgs) -> dict[str, Any]:
         motivator = self.system.motivator
         motivator.set_paused(a.paused)
@@ -388,6 +436,8 @@ class Daemon:
             state = getattr(getattr(self.system, "state", None), "value", None)
             if state in (None, "created"):
                 self.system.start()
+            if self.from_snapshot:
+                self._restore_at_start(self.from_snapshot)
             recovered = self.system.tasks.recover()
             if recovered:
                 log.info("recovered %d interrupted task(s): %s", len(recovered),
@@ -420,6 +470,15 @@ class Daemon:
         self.system.bus.publish("log", {"level": "info", "message": "daemon started",
                                         "pid": os.getpid(), "boot_id": self.boot_id})
         return self
+
+    def _restore_at_start(self, ref: str) -> None:
+        from .snapshots import SnapshotError
+        try:
+            out = self.system.timemachine.restore(ref)
+        except SnapshotError as e:
+            raise DaemonError(f"--from-snapshot {ref}: {e}") from None
+        log.info("started from snapshot %s (the state before is snapshot %s)",
+                 out["restored"], out["pre_restore"])
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to shut down (safe from a signal handler)."""

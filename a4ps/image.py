@@ -5,9 +5,17 @@ image it replaces is kept in ``snapshots/`` (a ring of the last N). On load the 
 readable image wins: a corrupt or truncated one is reported with its path and reason
 and set aside, and the previous snapshot is loaded — a good image is never overwritten
 by a bad one. Temp files left by a save killed midway are swept at start.
+
+Every image carries a metadata sidecar (``live_image.meta.json``, and
+``live_image.<id>.meta.json`` once it moves into the ring): its id, save time,
+generation, trigger, size and a summary of what changed since the previous save. The
+sidecar moves with its image, so listing snapshots never unpickles one.
+``snapshots/kept/`` holds images pinned by :meth:`ImageStore.keep` (named ones are never
+pruned; pre-restore/pre-swap/pre-amendment ones keep the newest ``kept``).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -20,12 +28,18 @@ from typing import Any, Callable
 
 import dill
 
+from .image_diff import describe_changes
+
 log = logging.getLogger(__name__)
 
 IMAGE_FORMAT = 2
 _MAGIC = "a4ps-image"
 _CHUNK = 256
 _CHUNKED = "$a4ps-chunked"
+TRIGGERS = ("autosave", "shutdown", "manual", "pre-restore", "pre-swap", "pre-amendment",
+            "named")
+META_SUFFIX = ".meta.json"
+KEPT_DIR = "kept"
 
 
 def _dumps(obj: Any) -> bytes:
@@ -91,6 +105,7 @@ class SaveInfo:
     serialize_s: float
     write_s: float
     at: float
+    id: str = ""
 
 
 @dataclass
@@ -109,21 +124,26 @@ class ImageStore:
     @classmethod
     def from_settings(cls, settings: Any) -> ImageStore:
         """The store for ``settings``' data directory (data/live_image.dill + snapshots/)."""
-        return cls(settings.image_path, settings.snapshot_dir, settings.image.snapshot_ring)
+        return cls(settings.image_path, settings.snapshot_dir, settings.image.snapshot_ring,
+                   kept=settings.image.kept_snapshots)
 
-    def __init__(self, path: Path, snapshot_dir: Path, ring: int = 5) -> None:
+    def __init__(self, path: Path, snapshot_dir: Path, ring: int = 5, *, kept: int = 20) -> None:
         self.path = Path(path)
         self.snapshot_dir = Path(snapshot_dir)
+        self.kept_dir = self.snapshot_dir / KEPT_DIR
         self.ring = ring
+        self.kept_limit = kept
         self._write_lock = threading.Lock()
         self._live_is_bad = False
         self.last_save: SaveInfo | None = None
+        self._last_parts: dict[str, Any] | None = None   # what the live image holds
+        self._last_stamp = 0
 
     # -- start-up hygiene ----------------------------------------------------------
     def sweep_temp(self) -> list[Path]:
         """Remove temp files left by a save that was killed midway."""
         removed = []
-        for d in (self.path.parent, self.snapshot_dir):
+        for d in (self.path.parent, self.snapshot_dir, self.kept_dir):
             if d.is_dir():
                 for p in d.glob(f"{self.path.name}.tmp*"):
                     p.unlink(missing_ok=True)
@@ -158,16 +178,22 @@ class ImageStore:
         return _dumps({"magic": _MAGIC, "format": IMAGE_FORMAT, "saved_at": time.time(),
                        "parts": body})
 
-    def save(self, parts: dict[str, Any]) -> SaveInfo:
+    def save(self, parts: dict[str, Any], *, trigger: str = "manual", name: str | None = None,
+             note: str | None = None) -> SaveInfo:
         """Serialise ``parts`` (plain data: call this outside any part's lock) and
-        replace the live image atomically."""
+        replace the live image atomically. ``trigger`` (one of TRIGGERS), ``name`` and
+        ``note`` (a prefix for the summary) go into the image's metadata sidecar."""
+        if trigger not in TRIGGERS:
+            raise ValueError(f"snapshot trigger {trigger!r} is not one of {TRIGGERS}")
         t0 = time.perf_counter()
         blob = self.serialize(parts)
+        summary, changes = describe_changes(self._last_parts, parts)
         t1 = time.perf_counter()
         with self._write_lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.tmp.{os.getpid()}.{threading.get_ident()}")
+            prev = None     # the metadata of the image this save replaces
             try:
                 with open(tmp, "wb") as f:
                     f.write(blob)
@@ -180,15 +206,19 @@ class ImageStore:
                         log.warning("kept the unreadable image aside as %s", bad)
                         self._live_is_bad = False
                     else:
-                        snap = self.snapshot_dir / f"live_image.{time.time_ns()}.dill"
-                        os.link(self.path, snap)
+                        prev = self._rotate_live()
                 os.replace(tmp, self.path)
                 self._fsync_dir(self.path.parent)
             finally:
                 tmp.unlink(missing_ok=True)
+            meta = self._write_live_meta(prev, len(blob), trigger, name,
+                                         f"{note}: {summary}" if note else summary, changes)
             for old in self.snapshots()[self.ring:]:
                 old.unlink(missing_ok=True)
-        info = SaveInfo(self.path, len(blob), t1 - t0, time.perf_counter() - t1, time.time())
+                self.meta_path(old).unlink(missing_ok=True)
+        self._last_parts = parts
+        info = SaveInfo(self.path, len(blob), t1 - t0, time.perf_counter() - t1, time.time(),
+                        meta["id"])
         self.last_save = info
         return info
 
@@ -238,7 +268,148 @@ class ImageStore:
                 continue
             if skipped:
                 log.warning("loaded image %s after skipping %d unreadable one(s)", path, len(skipped))
+            self._last_parts = parts
             return parts, LoadInfo(path, fmt, saved_at, skipped)
         if candidates:
             raise ImageError("no readable image: " + "; ".join(r for _, r in skipped))
         return None
+
+    # -- snapshot metadata (time travel) ----------------------------------------------
+    @staticmethod
+    def meta_path(image: Path) -> Path:
+        """The sidecar of an image file: ``live_image[.<id>].meta.json``."""
+        stem = image.name[:-len(".dill")] if image.name.endswith(".dill") else image.name
+        return image.with_name(stem + META_SUFFIX)
+
+    def _write_json(self, path: Path, data: dict[str, Any]) -> None:
+        """Atomic small-file write; the temp name is one :meth:`sweep_temp` removes."""
+        tmp = path.with_name(f"{self.path.name}.tmp.meta.{os.getpid()}.{threading.get_ident()}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_meta(self, image: Path) -> dict[str, Any] | None:
+        """The sidecar of ``image`` if it is readable and describes this file (same size)."""
+        try:
+            meta = json.loads(self.meta_path(image).read_text(encoding="utf-8"))
+            size = image.stat().st_size
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or not str(meta.get("id") or "").isdigit() \
+                or meta.get("size") != size:
+            return None
+        return meta
+
+    def entry(self, image: Path) -> dict[str, Any]:
+        """Metadata of an image file; made up from the file itself when it has no sidecar
+        (images older than metadata, or a save interrupted between image and sidecar)."""
+        meta = self.read_meta(image)
+        if meta is not None:
+            return meta
+        st = image.stat()
+        m = self._SNAP.match(image.name)
+        return {"id": m.group(1) if m else str(st.st_mtime_ns), "name": None,
+                "ts": st.st_mtime, "generation": 0, "trigger": "unknown", "size": st.st_size,
+                "summary": "no metadata (saved before snapshot metadata existed, or the "
+                           "save was interrupted)", "changes": {}}
+
+    def _stamp(self, floor: int | None = None) -> int:
+        """A new id: nanoseconds, strictly increasing in this store (and above
+        ``floor``, default the live image's id)."""
+        if floor is None:
+            live = self.read_meta(self.path) if self.path.exists() else None
+            floor = int(live["id"]) if live else 0
+        self._last_stamp = max(time.time_ns(), self._last_stamp + 1, floor + 1)
+        return self._last_stamp
+
+    def _rotate_live(self) -> dict[str, Any] | None:
+        """Keep the live image in the ring under its own id, its sidecar with it; returns
+        that sidecar's metadata (None when it had none). (Caller holds the write lock.)"""
+        meta = self.read_meta(self.path)
+        ident = meta["id"] if meta else self.entry(self.path)["id"]
+        snap = self.snapshot_dir / f"live_image.{ident}.dill"
+        if snap.exists() and not os.path.samefile(snap, self.path):
+            snap = self.snapshot_dir / f"live_image.{self._stamp()}.dill"
+        if not snap.exists():   # (exists: a save killed after linking already kept it)
+            os.link(self.path, snap)
+        live_meta = self.meta_path(self.path)
+        if live_meta.exists():
+            os.replace(live_meta, self.meta_path(snap))
+        return meta
+
+    def _generation(self) -> int:
+        """The newest generation on disk (0 for none)."""
+        gens = [m.get("generation") or 0 for p in [self.path, *self.snapshots()]
+                if p.exists() and (m := self.read_meta(p)) is not None]
+        return max(gens, default=0)
+
+    def _write_live_meta(self, prev: dict[str, Any] | None, size: int, trigger: str,
+                         name: str | None, summary: str, changes: dict[str, Any]
+                         ) -> dict[str, Any]:
+        gen = (prev.get("generation") or 0) if prev else self._generation()
+        meta = {"id": str(self._stamp(int(prev["id"]) if prev else 0)), "name": name,
+                "ts": time.time(), "generation": gen + 1, "trigger": trigger, "size": size,
+                "summary": summary, "changes": changes, "format": IMAGE_FORMAT}
+        try:
+            self._write_json(self.meta_path(self.path), meta)
+        except OSError:
+            # the image is saved; only its description is missing (listed as "unknown")
+            log.warning("could not write %s", self.meta_path(self.path), exc_info=True)
+        return meta
+
+    def keep(self, trigger: str, name: str | None = None) -> dict[str, Any]:
+        """Pin the live image in ``snapshots/kept/`` under ``trigger`` (and ``name``).
+
+        Named snapshots are never pruned; other kept ones beyond ``kept_limit`` (oldest
+        first) are. Returns the kept snapshot's metadata."""
+        if trigger not in TRIGGERS:
+            raise ValueError(f"snapshot trigger {trigger!r} is not one of {TRIGGERS}")
+        with self._write_lock:
+            if not self.path.exists():
+                raise ImageError(f"no image at {self.path} to keep: save one first")
+            live = self.entry(self.path)
+            self.kept_dir.mkdir(parents=True, exist_ok=True)
+            meta = {**live, "trigger": trigger, "name": name}
+            target = self.kept_dir / f"live_image.{live['id']}.dill"
+            if target.exists():   # this image is kept already: a second pin gets its own id
+                meta.update(id=str(self._stamp()), ts=time.time())
+                target = self.kept_dir / f"live_image.{meta['id']}.dill"
+            os.link(self.path, target)
+            self._write_json(self.meta_path(target), meta)
+            self._fsync_dir(self.kept_dir)
+            unnamed = [p for p in self.kept() if self.entry(p).get("trigger") != "named"]
+            for old in unnamed[self.kept_limit:]:
+                old.unlink(missing_ok=True)
+                self.meta_path(old).unlink(missing_ok=True)
+        return meta
+
+    def kept(self) -> list[Path]:
+        """Pinned snapshot files, newest first."""
+        if not self.kept_dir.is_dir():
+            return []
+        snaps = [(int(m.group(1)), p) for p in self.kept_dir.iterdir()
+                 if (m := self._SNAP.match(p.name))]
+        return [p for _, p in sorted(snaps, reverse=True)]
+
+    def catalog(self) -> list[dict[str, Any]]:
+        """Every snapshot (live image, ring, kept), newest first, one entry per id.
+
+        Each entry is the metadata plus ``path`` and ``where`` ("live" | "ring" |
+        "kept"); a kept entry wins over the same image in the ring or live."""
+        seen: dict[str, dict[str, Any]] = {}
+        files = [(p, "kept") for p in self.kept()]
+        if self.path.exists():
+            files.append((self.path, "live"))
+        files += [(p, "ring") for p in self.snapshots()]
+        for path, where in files:
+            try:
+                e = self.entry(path)
+            except OSError:       # pruned between listing and reading
+                continue
+            seen.setdefault(str(e["id"]), {**e, "path": path, "where": where})
+        return sorted(seen.values(), key=lambda e: (e.get("ts") or 0, int(e["id"])), reverse=True)

@@ -15,10 +15,10 @@ import datetime as _dt
 import enum
 import math
 from pathlib import PurePath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 PROTOCOL_VERSION = 1
 MAX_ID_LEN = 128
@@ -165,6 +165,40 @@ class PersonaArgs(Args):
     persona: str = Field(min_length=1, max_length=64)
 
 
+def _ref(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# an id from image.snapshots (an int is taken as its digits), or a named snapshot's name
+SnapshotRef = Annotated[str, BeforeValidator(_ref), Field(min_length=1, max_length=128)]
+
+
+class ImageDiffArgs(Args):
+    snapshot: SnapshotRef
+    against: SnapshotRef | None = None     # None: the live image
+
+
+class ImageRestoreArgs(Args):
+    snapshot: SnapshotRef
+
+
+class ImageSnapshotArgs(Args):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class PersonaExportArgs(Args):
+    name: str = Field(min_length=1, max_length=64)
+    path: str = Field(min_length=1, max_length=4096)     # absolute, on the daemon's machine
+    golden: bool = False                                 # include the persona's golden data
+    overwrite: bool = False
+
+
+class PersonaImportArgs(Args):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    path: str = Field(min_length=1, max_length=4096)
+    as_name: str | None = Field(None, alias="as", min_length=1, max_length=64)
+
+
 COMMANDS: dict[str, type[BaseModel]] = {
     "task.submit": TaskSubmitArgs,
     "task.cancel": TaskIdArgs,
@@ -186,6 +220,12 @@ COMMANDS: dict[str, type[BaseModel]] = {
     "finetune.run": FinetuneArgs,
     "models.lineage": PersonaArgs,
     "models.rollback": PersonaArgs,
+    "image.snapshots": NoArgs,
+    "image.diff": ImageDiffArgs,
+    "image.restore": ImageRestoreArgs,
+    "image.snapshot": ImageSnapshotArgs,
+    "persona.export": PersonaExportArgs,
+    "persona.import": PersonaImportArgs,
 }
 
 

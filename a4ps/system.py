@@ -21,6 +21,7 @@ from .config import PERSONAS, PROJECT_ROOT, Settings
 from .events import Event, EventBus
 from .image import ImageStore, LoadInfo
 from .proto import ProtoManager
+from .snapshots import TaskGate, TimeMachine
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -71,6 +72,11 @@ class System:
         self.image = ImageStore.from_settings(settings)
         self.codex = Codex.from_toml(CODEX_PATH, self.bus)
         self._codex_dirty = False
+        self.task_gate = TaskGate()
+        self.timemachine = TimeMachine(self.image, self.bus, live_parts=self.image_parts,
+                                       save=self.save, apply=self.restore_parts,
+                                       gate=self.task_gate,
+                                       wait_s=settings.image.restore_wait_s)
 
         from .models.embeddings import make_embedder
         from .models.manager import ModelManager
@@ -104,6 +110,9 @@ class System:
         self.motivator = Motivator(settings, self.bus, self.protos, self.memory, self.tasks, self.codex)
         self.philosopher = Philosopher(settings, self.bus, self.protos, self.memory, self.codex,
                                        self.embedder)
+        from .persona_file import PersonaFiles
+        self.personas = PersonaFiles(settings, self.protos, self.codex, self.memory, self.models,
+                                     self.embedder, self.bus, save=self.save)
 
         for name, part in (("models", self.models), ("memory", self.memory), ("bus", self.bus),
                            ("tasks", self.tasks), ("tools", self.tools), ("codex", self.codex)):
@@ -111,6 +120,9 @@ class System:
 
         self.bus.subscribe("codex.decided", self._on_codex_decided)
         self.bus.subscribe("codex.proposed", self._mark_codex_dirty)
+        # a snapshot to go back to before every model swap and codex amendment
+        self.bus.subscribe("model.swapping", lambda e: self._checkpoint("pre-swap"))
+        self.bus.subscribe("codex.approving", lambda e: self._checkpoint("pre-amendment"))
         self._stop = threading.Event()
         self._autosave: threading.Thread | None = None
         self._save_lock = threading.Lock()
@@ -138,7 +150,7 @@ class System:
             if "codex" in parts:
                 self.codex.restore_image(parts["codex"])
             self._ensure_personas()
-            self.tools.sync_files()  # dynamic_tools/ mirrors the image's tools
+            self.tools.sync_files()  # <data>/tools/ mirrors the image's tools
             log.info("loaded image %s (%d protos, codex v%d)", self.last_load.path,
                      len(self.protos), self.codex.version)
         if self.graph.checkpointer_url is not None:
@@ -176,7 +188,7 @@ class System:
                 log.exception("stopping %s failed", type(part).__name__)
         if self._autosave is not None:
             self._autosave.join(timeout=5)
-        self.save()
+        self.save(trigger="shutdown")
         for close in (self.graph.close, self.memory.close, self.tasks.close):
             try:
                 close()
@@ -194,13 +206,44 @@ class System:
     def image_parts(self) -> dict[str, Any]:
         return {"protos": self.protos.image_state(), "codex": self.codex.image_state()}
 
-    def save(self) -> dict[str, Any]:
+    def save(self, *, trigger: str = "manual", name: str | None = None, keep: bool = False,
+             note: str | None = None) -> dict[str, Any]:
+        """Save the image; ``keep`` also pins it as a snapshot the ring never prunes
+        (then ``id`` is the pinned snapshot's id)."""
         with self._save_lock:
             self.protos.mark_clean()
             self._codex_dirty = False
-            info = self.image.save(self.image_parts())
+            info = self.image.save(self.image_parts(), trigger=trigger, name=name, note=note)
+            ident = self.image.keep(trigger, name)["id"] if keep else info.id
         return {"path": str(info.path), "bytes": info.bytes, "at": info.at,
-                "seconds": round(info.serialize_s + info.write_s, 4)}
+                "seconds": round(info.serialize_s + info.write_s, 4), "id": ident}
+
+    def restore_parts(self, parts: dict[str, Any]) -> None:
+        """Make ``parts`` (a checked image) the live protos and codex, all or nothing."""
+        before = self.image_parts()
+        try:
+            self.protos.restore_image(parts["protos"])
+            if "codex" in parts:
+                self.codex.restore_image(parts["codex"])
+            self._ensure_personas()
+        except Exception:
+            self.protos.restore_image(before["protos"])
+            self.codex.restore_image(before["codex"])
+            raise
+        self._codex_dirty = True   # the restored state is not the image on disk yet
+        try:
+            self.tools.sync_files()
+        except Exception:       # the mirror is for reading; the image is the truth
+            log.exception("mirroring the restored tools failed")
+
+    def _checkpoint(self, trigger: str) -> None:
+        if self.state is not SystemState.STARTED:
+            return
+        try:
+            sid = self.timemachine.checkpoint(trigger)
+            log.info("%s snapshot %s", trigger, sid)
+        except Exception:
+            log.exception("could not take the %s snapshot", trigger)
 
     @property
     def dirty(self) -> bool:
@@ -210,7 +253,7 @@ class System:
         while not self._stop.wait(self.settings.image.autosave_interval_s):
             if self.dirty:
                 try:
-                    self.save()
+                    self.save(trigger="autosave")
                 except Exception:
                     log.exception("autosave failed; the previous image is intact")
 
@@ -261,7 +304,12 @@ class System:
 
     # -- tasks ------------------------------------------------------------------------------
     def run_task(self, task: Task) -> dict[str, Any] | None:
-        """Run one claimed task through the graph and record the outcome in the queue."""
+        """Run one claimed task through the graph and record the outcome in the queue.
+        A restore waits for it to finish (the task runs on one state, never two)."""
+        with self.task_gate.task(f"task {task.id}"):
+            return self._run_task(task)
+
+    def _run_task(self, task: Task) -> dict[str, Any] | None:
         try:    # the checkpoint store too: a task must never be left running on error
             resume = self.graph.has_checkpoint(task.id)
             result = self.graph.run(task.id, task.text, resume=resume, meta=task.meta)
