@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS a4ps_tasks (
     cancel_requested BOOLEAN NOT NULL DEFAULT false,
     owner BIGINT,
     pinned TEXT,
+    interrupted BOOLEAN NOT NULL DEFAULT false,
+    interruptions INTEGER NOT NULL DEFAULT 0,
     is_self BOOLEAN GENERATED ALWAYS AS (origin <> 'user') STORED
 );
 CREATE INDEX IF NOT EXISTS a4ps_tasks_pick ON a4ps_tasks (is_self, priority, seq)
@@ -287,22 +289,64 @@ class PostgresTaskQueue:
         return self._terminal(task_id, "failed", error=str(error),
                               allowed=("running", "queued"))
 
-    def cancel(self, task_id: str, *, force: bool = False) -> bool:
+    def cancel(self, task_id: str, *, force: bool = False, reason: str | None = None) -> bool:
         """Cancel a task. Queued: cancelled at once. Running: flagged ``cancel_requested``
         for the worker that runs it (on whichever daemon), which stops and confirms with
-        ``cancel(id, force=True)``. Returns False if the task had already finished."""
+        ``cancel(id, force=True)``. ``reason`` is kept as the task's error. Returns
+        False if the task had already finished."""
         with self._tx() as db:
             t = self._get(db, task_id)
             if t.status in TERMINAL:
                 return False
             if t.status == "queued" or force:
                 db.execute("UPDATE a4ps_tasks SET status = 'cancelled', finished = %s, "
-                           "cancel_requested = true, error = COALESCE(error, 'cancelled') "
-                           "WHERE id = %s", (time.time(), task_id))
+                           "cancel_requested = true, owner = NULL, "
+                           "error = COALESCE(%s, error, 'cancelled') WHERE id = %s",
+                           (time.time(), reason, task_id))
             else:
                 db.execute("UPDATE a4ps_tasks SET cancel_requested = true WHERE id = %s",
                            (task_id,))
             return True
+
+    def requeue(self, task_id: str, *, reason: str, by: str | None = None) -> bool:
+        """Put a task this worker runs back in the queue without counting an attempt (it
+        was stopped on purpose, e.g. a goal preempted by a user task); its checkpoint
+        keeps what it finished. ``meta["preempted"]`` counts how often. False if this
+        worker no longer runs it."""
+        with self._tx() as db:
+            t = self._get(db, task_id)
+            if t.status != "running":
+                return False
+            meta = dict(t.meta)
+            meta["preempted"] = int(meta.get("preempted") or 0) + 1
+            meta["last_stop"] = {"reason": reason, "by": by, "at": time.time()}
+            r = db.execute("UPDATE a4ps_tasks SET status = 'queued', started = NULL, "
+                           "owner = NULL, cancel_requested = false, meta = %s "
+                           "WHERE id = %s AND status = 'running' AND owner = %s RETURNING id",
+                           (_jsonb(meta), task_id, self.worker_id)).fetchone()
+        if r is None:
+            return False
+        with self._cond:
+            self._cond.notify_all()
+        return True
+
+    def interrupt(self, task_id: str) -> bool:
+        """A graceful stop could not wait for this running task: mark it, so it is
+        re-queued (by whichever daemon sweeps next) without counting an attempt and
+        resumes from its checkpoint. False if this worker no longer runs it."""
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE a4ps_tasks SET interrupted = true WHERE id = %s AND status = 'running' "
+                "AND owner = %s RETURNING id", (task_id, self.worker_id)).fetchone() is not None
+
+    def running(self, *, mine: bool = False) -> list[Task]:
+        """The tasks marked running, oldest first (``mine``: only this worker's)."""
+        sql = f"SELECT {_COLS} FROM a4ps_tasks WHERE status = 'running'"
+        args: tuple = ()
+        if mine:
+            sql, args = sql + " AND owner = %s", (self.worker_id,)
+        with self._tx() as db:
+            return [_row(r) for r in db.execute(sql + " ORDER BY seq", args)]
 
     def cancel_requested(self, task_id: str) -> bool:
         """Cheap check a worker makes between graph steps."""
@@ -338,10 +382,12 @@ class PostgresTaskQueue:
     def recover(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]:
         """Call at daemon start: requeue the tasks of workers that are gone.
 
-        Unlike the SQLite queue, running tasks of *live* daemons are left alone; those
-        of dead ones (their lock is free) go back to ``queued`` with ``attempts + 1``,
-        fail after ``max_attempts`` interruptions, or end ``cancelled`` if a cancel was
-        requested. The same sweep runs while :meth:`claim` waits.
+        Unlike the SQLite queue, running tasks of *live* daemons are left alone. Those
+        of gone ones (their lock is free): a task a graceful stop marked
+        (:meth:`interrupt`) goes back to ``queued`` as it was; one a crash left goes
+        back with ``attempts + 1`` and fails after ``max_attempts`` of them; one whose
+        cancel was requested ends ``cancelled``. The same sweep runs while
+        :meth:`claim` waits.
         """
         self.max_attempts = max_attempts
         return self._sweep(max_attempts)
@@ -364,12 +410,21 @@ class PostgresTaskQueue:
             rows = db.execute(
                 f"SELECT {_COLS} FROM a4ps_tasks WHERE status = 'running' "
                 f"AND owner = ANY(%s) ORDER BY seq FOR UPDATE", (dead,)).fetchall()
+            interrupted = {r[0] for r in db.execute(
+                "SELECT id FROM a4ps_tasks WHERE status = 'running' AND owner = ANY(%s) "
+                "AND interrupted", (dead,))}
             for t in map(_row, rows):
-                attempts = t.attempts + 1
+                clean = t.id in interrupted          # a graceful stop, not a crash
+                attempts = t.attempts if clean else t.attempts + 1
                 if t.cancel_requested:
                     db.execute("UPDATE a4ps_tasks SET status='cancelled', finished=%s, "
-                               "attempts=%s, owner=NULL, error='cancelled (its daemon "
-                               "stopped while it ran)' WHERE id=%s", (now, attempts, t.id))
+                               "attempts=%s, owner=NULL, interrupted=false, error='cancelled "
+                               "(its daemon stopped while it ran)' WHERE id=%s",
+                               (now, attempts, t.id))
+                elif clean:
+                    db.execute("UPDATE a4ps_tasks SET status='queued', started=NULL, "
+                               "owner=NULL, interrupted=false, "
+                               "interruptions=interruptions+1 WHERE id=%s", (t.id,))
                 elif attempts >= max_attempts:
                     db.execute(
                         "UPDATE a4ps_tasks SET status='failed', finished=%s, attempts=%s, "

@@ -272,3 +272,31 @@ def test_system_status_names_the_shared_stores_without_passwords(data_dir, pg_ds
         t = system.tasks.submit("hello")
         system.run_task(system.tasks.claim())
         assert system.tasks.get(t.id).status == "done"
+
+
+def test_graceful_interrupt_preemption_requeue_and_cancel_reason(pg_queues):
+    """The stop semantics the daemon's graceful stop (interrupt) and goal preemption
+    (requeue) use: neither counts an attempt; only the owner may do either."""
+    import psycopg
+    a, b = pg_queues("daemon-a"), pg_queues("daemon-b")
+    slow, goal, doomed = a.submit("slow"), a.submit("goal"), a.submit("doomed")
+    assert a.claim().id == slow.id and b.claim().id == goal.id
+    assert [t.id for t in a.running(mine=True)] == [slow.id]
+    assert {t.id for t in a.running()} == {slow.id, goal.id}
+    # preemption: back to the queue as it was, by its owner only
+    assert not a.requeue(goal.id, reason="a user task came", by="u1")
+    assert b.requeue(goal.id, reason="a user task came", by="u1")
+    g = b.get(goal.id)
+    assert g.status == "queued" and g.attempts == 0 and g.meta["preempted"] == 1
+    assert g.meta["last_stop"]["by"] == "u1"
+    # a graceful stop marks the task it could not finish, then the daemon goes away
+    assert not b.interrupt(slow.id) and a.interrupt(slow.id)
+    a.close()
+    back = swept(b.recover)
+    assert [t.id for t in back] == [slow.id]
+    assert back[0].status == "queued" and back[0].attempts == 0       # no attempt counted
+    with psycopg.connect(pg_queues.dsn) as c:
+        assert c.execute("SELECT interrupted, interruptions FROM a4ps_tasks WHERE id = %s",
+                         (slow.id,)).fetchone() == (False, 1)
+    assert b.cancel(doomed.id, reason="not needed any more")
+    assert b.get(doomed.id).error == "not needed any more"
