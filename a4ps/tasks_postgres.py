@@ -166,6 +166,19 @@ class PostgresTaskQueue:
         live.execute("SELECT pg_advisory_lock(%s, %s::integer)", (_LOCK_NS, self.worker_id))
         self._live = live
 
+    def _probe_liveness(self) -> None:
+        """Check the liveness connection still stands (a dropped one only shows when
+        used) and, if not, reconnect and take the lock again."""
+        import psycopg
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._live.execute("SELECT 1")
+            except psycopg.Error:
+                pass                  # now marked broken: _ensure_connections replaces it
+            self._ensure_connections()
+
     def _ensure_connections(self) -> None:
         if self._db is None or self._db.closed or self._db.broken:
             log.warning("task queue connection lost; reconnecting to %s", self.path)
@@ -228,6 +241,7 @@ class PostgresTaskQueue:
         return task
 
     def _claim_once(self, allow_self_generated: bool) -> Task | None:
+        self._probe_liveness()     # never claim under a lock we no longer hold
         with self._tx() as db:
             where = "status = 'queued' AND (pinned IS NULL OR pinned = %s)"
             if not allow_self_generated:

@@ -241,10 +241,15 @@ def test_a_daemon_cut_off_loses_its_task_and_cannot_overwrite_it(pg_queues):
         admin.execute("SELECT pg_terminate_backend(%s)", (a._live.info.backend_pid,))
     assert [x.id for x in swept(b.recover)] == [t.id]
     assert b.claim().id == t.id
-    assert not a.finish(t.id, {"from": "a"})              # a reconnects, but it is b's now
+    assert not a.finish(t.id, {"from": "a"})              # it is b's now
     assert b.finish(t.id, {"from": "b"})
     assert a.get(t.id).result == {"from": "b"}
-    assert a.claim() is None and a.submit("a still works").status == "queued"
+    # a's next claim notices its lost liveness session and takes its lock again, so
+    # what it claims now is not mistaken for a dead daemon's task
+    later = a.submit("a still works")
+    assert a.claim().id == later.id
+    assert b.recover() == [] and a.get(later.id).status == "running"
+    assert a.finish(later.id, {"from": "a"})
 
 
 def test_unreachable_database_and_bad_settings_are_explained(tmp_path):
