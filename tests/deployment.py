@@ -36,6 +36,12 @@ def free_addr() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL it if the test process dies first (Linux prctl)."""
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
 def standin_reply(model: str, messages: list[dict], body: dict) -> str:
     """What the stand-in inference server says (see the module docstring)."""
     fmt = body.get("response_format")
@@ -148,7 +154,8 @@ class Deployment:
         log_path = self.root / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "a4ps", "daemon"], cwd=PROJECT_ROOT,
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+                                    env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=_die_with_parent)
         settings = load_settings(data_dir=data_dir)
         settings.bus.command_addr, settings.bus.event_addr = cmd_addr, ev_addr
         d = DaemonProc(name, data_dir, env, proc, log_path, settings)

@@ -8,7 +8,8 @@ Finds the server binaries in ``A4PS_TEST_PG_BIN``, the newest
 refuses to run as root, so as root the cluster directory is given to the ``postgres``
 user (which Debian's package creates) and the server runs as that user through
 ``runuser``. It listens on 127.0.0.1 on a free port, trusts local connections, and is
-stopped (fast) and deleted on exit.
+stopped (fast) and deleted on exit. A small watcher process stops and deletes it too
+if the process that started it dies without cleaning up (a killed test run).
 """
 from __future__ import annotations
 
@@ -17,11 +18,28 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 SUPERUSER = "a4ps"
+
+# Runs detached: when the owner pid is gone, stop the cluster and delete its directory.
+_WATCHER = r"""
+import os, shutil, subprocess, sys, time
+owner, root, cmd = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+while True:
+    try:
+        os.kill(owner, 0)
+    except ProcessLookupError:
+        break
+    if not os.path.isdir(root):
+        sys.exit(0)
+    time.sleep(0.5)
+subprocess.run(cmd, capture_output=True, timeout=60)
+shutil.rmtree(root, ignore_errors=True)
+"""
 
 
 class PostgresUnavailable(RuntimeError):
@@ -60,13 +78,15 @@ class PostgresCluster:
         self.root: Path | None = None
         self.port: int | None = None
         self._as_postgres = os.geteuid() == 0
+        self._watcher: subprocess.Popen | None = None
+
+    def _cmd(self, *args: str) -> list[str]:
+        cmd = [str(self.bin_dir / args[0]), *args[1:]]
+        return ["runuser", "-u", "postgres", "--", *cmd] if self._as_postgres else cmd
 
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        cmd = [str(self.bin_dir / args[0]), *args[1:]]
-        if self._as_postgres:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                             cwd=self.root)
+        out = subprocess.run(self._cmd(*args), capture_output=True, text=True,
+                             timeout=timeout, cwd=self.root)
         if out.returncode != 0:
             raise RuntimeError(f"{args[0]} failed ({out.returncode}): "
                                f"{(out.stdout + out.stderr)[-2000:]}")
@@ -89,6 +109,11 @@ class PostgresCluster:
                     f"-c unix_socket_directories={self.root} -c max_connections=100 "
                     f"-c fsync={'on' if self.fsync else 'off'} "
                     f"-c synchronous_commit={'on' if self.fsync else 'off'}")
+            self._watcher = subprocess.Popen(
+                [sys.executable, "-c", _WATCHER, str(os.getpid()), str(self.root),
+                 *self._cmd("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")],
+                start_new_session=True, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"),
                       "-o", opts, "-w", "-t", "60", "start")
         except BaseException:
@@ -117,6 +142,13 @@ class PostgresCluster:
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
+        if self._watcher is not None:        # it sees the directory gone and exits
+            try:
+                self._watcher.wait(5)
+            except subprocess.TimeoutExpired:
+                self._watcher.kill()
+                self._watcher.wait(5)
+            self._watcher = None
 
     def __enter__(self) -> "PostgresCluster":
         return self.start()
