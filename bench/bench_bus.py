@@ -90,7 +90,7 @@ class _BusOnlySystem:
         self.settings, self.bus = settings, EventBus()
         self.protos, self.tasks = ProtoManager(self.bus), _Tasks()
 
-    def start(self):
+    def start(self, lock=None):
         pass
 
     def stop(self):

@@ -45,9 +45,10 @@ def test_event_round_trip():
 
 @pytest.mark.parametrize("body, code", [
     (b"\xc1", "bad_msgpack"),                             # never-used msgpack byte
-    (b"\x92\x01", "bad_msgpack"),                          # truncated array
+    (b"\x82\xa1v", "bad_msgpack"),                          # truncated map
+    (b"\x92\x01", "bad_request"),                          # an array, not a map
     (msgpack.packb([1, 2]), "bad_request"),                # not a map
-    (msgpack.packb({"id": "x", "cmd": "a.b"}), "bad_request"),  # no token
+    (msgpack.packb({"id": "x", "cmd": "a.b"}), "unauthorized"),  # no token
     (msgpack.packb({"v": 1, "id": "x", "token": "t", "cmd": "a.b", "args": [1]}), "bad_request"),
     (msgpack.packb({"v": 1, "id": "x", "token": "t", "cmd": "a.b", "zzz": 1}), "bad_request"),
     (msgpack.packb({"v": 99, "id": "x", "token": "t", "cmd": "a.b"}), "unsupported_version"),
