@@ -24,6 +24,10 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     import json
     print(json.dumps(status, indent=2, default=str))
+    failure = (status.get("image") or {}).get("save_error") if isinstance(status, dict) else None
+    if failure:
+        print(f"a4ps status: WARNING the image is not being saved: {failure.get('error')} "
+              f"({failure.get('attempts')} attempts; {failure.get('hint')})", file=sys.stderr)
     return 0
 
 
