@@ -311,6 +311,8 @@ class System:
             self.protos.create("persona", {"temperature": 0.7, "status": "idle",
                                            "last_utterance": "", "dissonance": None},
                                methods={"invoke_llm": INVOKE_LLM})
+        elif not isinstance(self.protos.get("persona").get("temperature"), (int, float)):
+            self.protos.update("persona", {"temperature": 0.7})
         if "tool" not in self.protos:
             self.protos.create("tool", {"kind": "tool"})
         backend = self.settings.models.backend
@@ -333,6 +335,11 @@ class System:
                 changes["system_prompt"] = prompt
             if proto.get("status") not in (None, "idle"):
                 changes["status"] = "idle"
+            # an image from before the slot checks may lack what every turn needs
+            if not isinstance(proto.get("role"), str) or not proto.get("role"):
+                changes["role"] = pc.role
+            if not isinstance(proto.get("model_name"), str) or not proto.get("model_name"):
+                changes.update(model_name=model, model_backend=backend)
             if changes:
                 self.protos.update(name, changes)
 

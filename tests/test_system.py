@@ -192,3 +192,29 @@ def test_one_writer_per_data_directory(data_dir):
         with pytest.raises(DataLockHeld, match=str(os.getpid())):
             System(settings).start(services=False)
     System(settings).start(services=False).stop()       # released at stop
+
+
+def test_a_persona_damaged_in_an_old_image_is_repaired_at_start(data_dir):
+    """Failure 8's leftovers: an image saved before the checks, with ROBIN's role and
+    model_name deleted and a 200-deep slot, starts repaired and lists fine."""
+    settings = _fast_settings(data_dir)
+    with System(settings).start(services=False) as system:
+        pass
+    from a4ps.image import ImageStore
+    store = ImageStore(settings.image_path, settings.snapshot_dir)
+    parts, _ = store.load()
+    robin = parts["protos"]["ROBIN"]["slots"]
+    robin.pop("role")
+    robin.pop("model_name")
+    deep: list = []
+    node = deep
+    for _ in range(200):
+        node.append([])
+        node = node[0]
+    robin["poison"] = deep
+    store.save(parts)
+    with System(settings).start(services=False) as system:
+        robin = system.protos.get("ROBIN")
+        assert robin.role == system.codex.persona("ROBIN").role and robin.model_name
+        listed = system.snapshot()["protos"]          # no RecursionError
+        assert any(p["name"] == "ROBIN" for p in listed)
