@@ -269,3 +269,26 @@ def test_save_retry_schedule_and_free_space_trigger(data_dir, monkeypatch):
     assert retry.due(store)
     ended = retry.succeeded()
     assert ended.attempts == 6 and retry.failure is None and retry.due(store)
+
+
+def test_cli_daemon_refuses_a_newer_image_in_one_line(data_dir, monkeypatch, capsys):
+    import socket
+    from a4ps.cli import main
+
+    def free() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    for k, v in {"A4PS_MODELS__BACKEND": "scripted", "A4PS_MODELS__EMBEDDING_BACKEND": "hash",
+                 "A4PS_BUS__COMMAND_ADDR": free(), "A4PS_BUS__EVENT_ADDR": free()}.items():
+        monkeypatch.setenv(k, v)
+    store = store_for(data_dir)
+    store.save({"protos": {}})
+    store.save({"protos": {}, "n": 2})
+    _newer_image(data_dir / "live_image.dill")
+    before = {p.name: p.read_bytes() for p in data_dir.rglob("live_image*")}
+    assert main(["--data-dir", str(data_dir), "daemon"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "written by a newer A4PS" in err[-1] and "--from-snapshot" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert {p.name: p.read_bytes() for p in data_dir.rglob("live_image*")} == before
