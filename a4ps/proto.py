@@ -327,11 +327,15 @@ class MethodWatchdog:
         return _WATCH.get() is not None
 
     def call(self, proto: Proto, key: str, fn: Callable[..., Any], args: tuple,
-             kwargs: dict[str, Any]) -> Any:
+             kwargs: dict[str, Any], owner: Proto | None = None) -> Any:
+        """``proto.key(*args, **kwargs)`` under the budgets; ``owner``: the proto that
+        defines the method (a parent, when ``proto`` inherits it): it is the one that
+        gets the fault and the revert."""
         if _WATCH.get() is not None:
             return fn(proto, *args, **kwargs)
         self.calls += 1
-        watch = _Watch(f"{proto.name}.{key}")
+        owner = owner or proto
+        watch = _Watch(f"{owner.name}.{key}")
         box: dict[str, Any] = {}
         done = threading.Event()
 
@@ -361,7 +365,7 @@ class MethodWatchdog:
                           f"{self.wall_budget_s:g} s, protos.method_wall_budget_s)")
                 self._abandon(watch, thread, reason)
                 raise MethodTimeout(f"{reason}; revert it with proto.revert_method "
-                                    f"(name {proto.name!r}, method {key!r}) or fix its source")
+                                    f"(name {owner.name!r}, method {key!r}) or fix its source")
         if "error" in box:
             raise box["error"]
         if box.get("abandoned"):
@@ -466,7 +470,7 @@ class Proto:
         receiver = self
 
         def watched(*args: Any, **kwargs: Any) -> Any:
-            return watchdog.call(receiver, key, value, args, kwargs)
+            return watchdog.call(receiver, key, value, args, kwargs, owner)
         watched.__name__ = key
         return watched
 
@@ -771,8 +775,10 @@ class ProtoManager:
                     history[key] = self._remember(history.get(key), proto._methods[key])
             new_methods = {k: v for k, v in proto._methods.items() if k not in delete}
             for key, src in methods.items():
-                history[key] = self._remember(history.get(key), proto._methods.get(key))
-                new_methods[key] = textwrap.dedent(src)
+                src = textwrap.dedent(src)
+                if proto._methods.get(key) != src:      # re-saving the same source: no entry
+                    history[key] = self._remember(history.get(key), proto._methods.get(key))
+                new_methods[key] = src
             faults = {k: v for k, v in proto._faults.items()
                       if k not in methods and k not in delete}
             object.__setattr__(proto, "_slots", new_slots)

@@ -374,3 +374,22 @@ def test_errors_and_nested_calls_pass_through_the_watchdog(watched):
         pm.get("calc").boom()
     assert pm.get("calc").twice(21) == 42
     assert pm.watchdog.status()["calls"] == 2       # the nested call ran inline
+
+
+def test_a_looping_inherited_method_is_faulted_on_its_owner(watched):
+    pm = watched
+    persona_graph(pm)
+    pm.update("persona", methods={"invoke_llm": "def invoke_llm(self, p, **kw):\n"
+                                                "    while True:\n        pass\n"})
+    with pytest.raises(MethodTimeout, match="persona.invoke_llm.*name 'persona'"):
+        pm.get("BRICK").invoke_llm("hi")             # BRICK inherits the loop
+    for name in ("ALFRED", "BRICK", "ROBIN"):        # every heir fails at once now
+        with pytest.raises(MethodFaulted, match="persona.invoke_llm"):
+            pm.get(name).invoke_llm("hi")
+    assert "invoke_llm" in pm.get("persona").faults()
+    pm.revert_method("persona", "invoke_llm")
+    assert pm.get("ROBIN").invoke_llm("hi") == "ok"
+    # re-saving the same source adds no history entry
+    src = pm.get("persona").own_methods()["invoke_llm"]
+    pm.update("persona", methods={"invoke_llm": src})
+    assert "invoke_llm" not in pm.get("persona").to_dict()["method_history"]
