@@ -407,7 +407,7 @@ class Daemon:
             self.token = ensure_token(self.settings.token_path)
             state = getattr(getattr(self.system, "state", None), "value", None)
             if state in (None, "created"):
-                self.system.start(lock=self.lock)
+                self.system.start(lock=self.lock, skip_newer_image=bool(self.from_snapshot))
             if self.from_snapshot:
                 self._restore_at_start(self.from_snapshot)
             recovered = self.system.tasks.recover()

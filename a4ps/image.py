@@ -161,6 +161,7 @@ class ImageStore:
         self.lock = lock
         self._write_lock = threading.Lock()
         self._live_is_bad = False
+        self._live_is_newer = False          # loaded past a newer-format live image
         self._digest: str | None = None      # of the content the live image holds
         self.last_save: SaveInfo | None = None
         self._last_parts: dict[str, Any] | None = None   # what the live image holds
@@ -216,7 +217,8 @@ class ImageStore:
     def remember(self, parts: dict[str, Any]) -> None:
         """Note that the live image on disk holds ``parts`` (called after a load), so
         saving the same content again writes nothing."""
-        self._digest = None if self._live_is_bad else self._digest_of(self._body(parts))
+        self._digest = None if (self._live_is_bad or self._live_is_newer) \
+            else self._digest_of(self._body(parts))
 
     def save(self, parts: dict[str, Any], *, trigger: str = "manual", name: str | None = None,
              note: str | None = None, force: bool = False) -> SaveInfo:
@@ -239,7 +241,7 @@ class ImageStore:
         t1 = time.perf_counter()
         with self._write_lock:
             if (not force and digest == self._digest and not self._live_is_bad
-                    and self.path.exists()):
+                    and not self._live_is_newer and self.path.exists()):
                 live = self.read_meta(self.path)
                 info = SaveInfo(self.path, len(blob), t1 - t0, 0.0, time.time(),
                                 live["id"] if live else "", written=False)
@@ -264,6 +266,9 @@ class ImageStore:
                         os.replace(self.path, bad)
                         log.warning("kept the unreadable image aside as %s", bad)
                         self._live_is_bad = False
+                    elif self._live_is_newer:
+                        self._pin_newer_live()
+                        self._live_is_newer = False
                     else:
                         prev = self._rotate_live()
                 os.replace(tmp, self.path)
@@ -315,18 +320,27 @@ class ImageStore:
             raise ImageError(f"{path}: a chunk is damaged ({type(e).__name__}: {e})") from None
         return fmt, obj.get("saved_at", 0.0), migrate(fmt, parts)
 
-    def load(self) -> tuple[dict[str, Any], LoadInfo] | None:
+    def load(self, *, skip_newer: bool = False) -> tuple[dict[str, Any], LoadInfo] | None:
         """The newest readable image, or None when there is none at all.
 
         Unreadable files are skipped (reported in ``LoadInfo.skipped`` with the reason)
         and the previous snapshot is tried. An image from a newer A4PS stops the search
-        with :class:`ImageTooNew`: starting from an older snapshot must be a choice."""
+        with :class:`ImageTooNew`: starting from an older snapshot must be a choice —
+        ``skip_newer=True`` is that choice (``--from-snapshot``): newer images are
+        skipped, and the next save pins a newer live image in ``snapshots/kept/``
+        instead of overwriting it."""
         candidates = ([self.path] if self.path.exists() else []) + self.snapshots()
         skipped: list[tuple[Path, str]] = []
         for i, path in enumerate(candidates):
             try:
                 fmt, saved_at, parts = self.read(path)
             except ImageTooNew as e:
+                if skip_newer:
+                    skipped.append((path, f"{path}: written by a newer A4PS (image format "
+                                          f"{e.format}); kept, not loaded"))
+                    if path == self.path:
+                        self._live_is_newer = True
+                    continue
                 fallback = self._readable(candidates[i + 1:])
                 hint = (f"upgrade A4PS, or start from snapshot {fallback.name} with "
                         f"--from-snapshot {fallback.name}" if fallback is not None
@@ -439,6 +453,22 @@ class ImageStore:
             # the image is saved; only its description is missing (listed as "unknown")
             log.warning("could not write %s", self.meta_path(self.path), exc_info=True)
         return meta
+
+    def _pin_newer_live(self) -> None:
+        """Keep a live image written by a newer A4PS as a named snapshot (never pruned)
+        before a save replaces it. (Caller holds the write lock.)"""
+        ident = str(self._stamp(0))
+        self.kept_dir.mkdir(parents=True, exist_ok=True)
+        target = self.kept_dir / f"live_image.{ident}.dill"
+        os.link(self.path, target)
+        self.meta_path(self.path).unlink(missing_ok=True)
+        self._write_json(self.meta_path(target), {
+            "id": ident, "name": f"newer-a4ps-{ident}", "ts": self.path.stat().st_mtime,
+            "generation": 0, "trigger": "named", "size": target.stat().st_size,
+            "summary": "written by a newer A4PS; set aside when starting --from-snapshot",
+            "changes": {}})
+        self._fsync_dir(self.kept_dir)
+        log.warning("the image written by a newer A4PS is kept as %s", target)
 
     def keep(self, trigger: str, name: str | None = None) -> dict[str, Any]:
         """Pin the live image in ``snapshots/kept/`` under ``trigger`` (and ``name``).

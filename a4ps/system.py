@@ -146,10 +146,13 @@ class System:
             build_prompt(spec, feedback, allowed_imports=self.forge.allowed_imports))
 
     # -- lifecycle ------------------------------------------------------------------
-    def start(self, *, services: bool = True, lock: DataLock | None = None) -> System:
+    def start(self, *, services: bool = True, lock: DataLock | None = None,
+              skip_newer_image: bool = False) -> System:
         """Take the data directory's lock, load the image (or seed it), then start
         autosave and the service threads. Raises :class:`a4ps.lock.DataLockHeld`
-        naming the holder when another process (e.g. the daemon) writes this image."""
+        naming the holder when another process (e.g. the daemon) writes this image.
+        ``skip_newer_image``: start from the newest image this A4PS can read even if a
+        newer A4PS wrote a later one (``--from-snapshot``; the newer one is kept)."""
         if self.state is not SystemState.CREATED:
             raise SystemStateError(f"System.start() needs a new System; this one is {self.state.value}")
         if lock is not None:
@@ -158,7 +161,7 @@ class System:
             self.lock.acquire()
             self._owns_lock = True
         try:
-            self._load_or_seed()
+            self._load_or_seed(skip_newer_image)
         except BaseException:
             self._release_lock()
             raise
@@ -171,9 +174,9 @@ class System:
             self.start_services()
         return self
 
-    def _load_or_seed(self) -> None:
+    def _load_or_seed(self, skip_newer: bool = False) -> None:
         self.image.sweep_temp()
-        loaded = self.image.load()
+        loaded = self.image.load(skip_newer=skip_newer)
         if loaded is None:
             log.info("no image in %s: seeding personas from %s", self.settings.data_dir, CODEX_PATH)
             self._ensure_personas()
