@@ -156,6 +156,18 @@ class ImageSettings(_Section):
     restore_wait_s: float = Field(60.0, gt=0)
 
 
+class ProtoSettings(_Section):
+    """Limits on live edits and live method calls (a4ps/proto.py)."""
+    # a live method called from the graph or a service is abandoned after this much
+    # time in its own code (time inside models/memory/tool calls is not counted) ...
+    method_budget_s: float = Field(10.0, gt=0)
+    # ... or after this much time in all, whatever it was doing
+    method_wall_budget_s: float = Field(600.0, gt=0)
+    max_slot_bytes: int = Field(262_144, ge=1024)
+    max_slot_depth: int = Field(32, ge=2, le=200)
+    method_history: int = Field(5, ge=1, le=100)
+
+
 class BusSettings(_Section):
     command_addr: str = "tcp://127.0.0.1:5555"
     event_addr: str = "tcp://127.0.0.1:5556"
@@ -249,6 +261,7 @@ class Settings(BaseSettings):
     memory: MemorySettings = MemorySettings()
     tasks: TaskSettings = TaskSettings()
     image: ImageSettings = ImageSettings()
+    protos: ProtoSettings = ProtoSettings()
     bus: BusSettings = BusSettings()
     sandbox: SandboxSettings = SandboxSettings()
     forge: ForgeSettings = ForgeSettings()
@@ -328,11 +341,13 @@ def redact_url(url: str) -> str:
 
 
 def _describe(err: ValidationError, source: str) -> str:
-    lines = [f"invalid settings ({source}):"]
+    """One line: every bad key, what is wrong, and the value given (shortened)."""
+    parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+        got = repr(e.get("input"))
+        parts.append(f"{key}: {e['msg']} (got {got[:80] + '...' if len(got) > 80 else got})")
+    return f"invalid settings ({source}): " + "; ".join(parts)
 
 
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
@@ -348,6 +363,11 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"invalid settings file {path}: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            raise SettingsError(f"cannot read the settings file {path} ({why}): fix its "
+                                "permissions or contents, or point A4PS_CONFIG at another "
+                                "file") from None
     elif "A4PS_CONFIG" in os.environ or path != DEFAULT_CONFIG:
         raise SettingsError(f"settings file {path} does not exist")
     for key, value in overrides.items():

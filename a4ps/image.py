@@ -1,10 +1,18 @@
 """The living image on disk: atomic dill saves, a snapshot ring, recovery, migration.
 
-A save writes a temp file, fsyncs it and renames it over ``live_image.dill``; the
-image it replaces is kept in ``snapshots/`` (a ring of the last N). On load the newest
-readable image wins: a corrupt or truncated one is reported with its path and reason
-and set aside, and the previous snapshot is loaded — a good image is never overwritten
-by a bad one. Temp files left by a save killed midway are swept at start.
+A save writes a temp file (mode 0600), fsyncs it and renames it over
+``live_image.dill``; the image it replaces is kept in ``snapshots/`` (a ring of the
+last N). A save whose content equals what is already on disk writes nothing, so an
+idle system never pushes good snapshots out of the ring. A failed write raises and
+leaves the previous image in place; the caller keeps its changes marked unsaved and
+retries (see ``System.save``).
+
+On load the newest readable image wins: a corrupt or truncated one is reported with
+its path and reason and set aside, and the previous snapshot is loaded — a good image
+is never overwritten by a bad one. An image written by a *newer* A4PS is not corrupt:
+loading stops with :class:`ImageTooNew` naming the newest older snapshot one could
+start from, and nothing is renamed (falling back silently would roll state back).
+Temp files left by a save killed midway are swept at start.
 
 Every image carries a metadata sidecar (``live_image.meta.json``, and
 ``live_image.<id>.meta.json`` once it moves into the ring): its id, save time,
@@ -15,6 +23,7 @@ pruned; pre-restore/pre-swap/pre-amendment ones keep the newest ``kept``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -68,6 +77,17 @@ class ImageError(RuntimeError):
     """No image could be read or written; the message names the file and reason."""
 
 
+class ImageTooNew(ImageError):
+    """The image was written by a newer A4PS. ``fallback``: the newest snapshot this
+    A4PS can read (None when there is none)."""
+
+    def __init__(self, message: str, path: Path, fmt: int, fallback: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.format = fmt
+        self.fallback = fallback
+
+
 def _migrate_1_to_2(parts: dict[str, Any]) -> dict[str, Any]:
     """Format 1 kept protos as {name: {"slots", "methods"}} with parents in a slot
     ``_parent`` and no versions, and had no codex part."""
@@ -87,7 +107,8 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _migrate
 
 def migrate(fmt: int, parts: dict[str, Any]) -> dict[str, Any]:
     if fmt > IMAGE_FORMAT:
-        raise ImageError(f"image format {fmt} is newer than this A4PS ({IMAGE_FORMAT}); upgrade A4PS")
+        raise ImageTooNew(f"image format {fmt} is newer than this A4PS ({IMAGE_FORMAT}); "
+                          "upgrade A4PS", Path("?"), fmt)
     while fmt < IMAGE_FORMAT:
         try:
             step = MIGRATIONS[fmt]
@@ -106,6 +127,7 @@ class SaveInfo:
     write_s: float
     at: float
     id: str = ""
+    written: bool = True      # False: the content equals the image on disk; nothing written
 
 
 @dataclass
@@ -122,22 +144,29 @@ class ImageStore:
     _SNAP = re.compile(r"^live_image\.(\d+)\.dill$")
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ImageStore:
+    def from_settings(cls, settings: Any, *, lock: Any = None) -> ImageStore:
         """The store for ``settings``' data directory (data/live_image.dill + snapshots/)."""
         return cls(settings.image_path, settings.snapshot_dir, settings.image.snapshot_ring,
-                   kept=settings.image.kept_snapshots)
+                   kept=settings.image.kept_snapshots, lock=lock)
 
-    def __init__(self, path: Path, snapshot_dir: Path, ring: int = 5, *, kept: int = 20) -> None:
+    def __init__(self, path: Path, snapshot_dir: Path, ring: int = 5, *, kept: int = 20,
+                 lock: Any = None) -> None:
         self.path = Path(path)
         self.snapshot_dir = Path(snapshot_dir)
         self.kept_dir = self.snapshot_dir / KEPT_DIR
         self.ring = ring
         self.kept_limit = kept
+        # the data directory's one-writer lock (a4ps.lock.DataLock); when set, a save
+        # without holding it is refused
+        self.lock = lock
         self._write_lock = threading.Lock()
         self._live_is_bad = False
+        self._live_is_newer = False          # loaded past a newer-format live image
+        self._digest: str | None = None      # of the content the live image holds
         self.last_save: SaveInfo | None = None
         self._last_parts: dict[str, Any] | None = None   # what the live image holds
         self._last_stamp = 0
+        self.last_attempt_bytes = 0          # size of the last image we tried to write
 
     # -- start-up hygiene ----------------------------------------------------------
     def sweep_temp(self) -> list[Path]:
@@ -164,7 +193,7 @@ class ImageStore:
         return self.path.exists() or bool(self.snapshots())
 
     # -- save -----------------------------------------------------------------------
-    def serialize(self, parts: dict[str, Any]) -> bytes:
+    def _body(self, parts: dict[str, Any]) -> dict[str, Any]:
         """Large dict parts are pickled in chunks so the GIL is released between them
         (readers keep running during a save of 10,000 protos)."""
         body = {}
@@ -175,42 +204,78 @@ class ImageStore:
                                          for i in range(0, len(items), _CHUNK)])
             else:
                 body[name] = value
+        return body
+
+    @staticmethod
+    def _digest_of(body: dict[str, Any]) -> str:
+        return hashlib.blake2b(_dumps(body), digest_size=20).hexdigest()
+
+    def serialize(self, parts: dict[str, Any]) -> bytes:
         return _dumps({"magic": _MAGIC, "format": IMAGE_FORMAT, "saved_at": time.time(),
-                       "parts": body})
+                       "parts": self._body(parts)})
+
+    def remember(self, parts: dict[str, Any]) -> None:
+        """Note that the live image on disk holds ``parts`` (called after a load), so
+        saving the same content again writes nothing."""
+        self._digest = None if (self._live_is_bad or self._live_is_newer) \
+            else self._digest_of(self._body(parts))
 
     def save(self, parts: dict[str, Any], *, trigger: str = "manual", name: str | None = None,
-             note: str | None = None) -> SaveInfo:
+             note: str | None = None, force: bool = False) -> SaveInfo:
         """Serialise ``parts`` (plain data: call this outside any part's lock) and
         replace the live image atomically. ``trigger`` (one of TRIGGERS), ``name`` and
-        ``note`` (a prefix for the summary) go into the image's metadata sidecar."""
+        ``note`` (a prefix for the summary) go into the image's metadata sidecar.
+        Content equal to the live image's is not written again (``written=False``)
+        unless ``force``. Raises OSError/ImageError when the write fails; the previous
+        image stays as it was."""
         if trigger not in TRIGGERS:
             raise ValueError(f"snapshot trigger {trigger!r} is not one of {TRIGGERS}")
+        if self.lock is not None and not self.lock.held:
+            raise ImageError(f"not saving {self.path}: this process does not hold the data "
+                             f"directory's lock ({self.lock.path})")
         t0 = time.perf_counter()
-        blob = self.serialize(parts)
-        summary, changes = describe_changes(self._last_parts, parts)
+        body = self._body(parts)
+        digest = self._digest_of(body)
+        blob = _dumps({"magic": _MAGIC, "format": IMAGE_FORMAT, "saved_at": time.time(),
+                       "parts": body})
         t1 = time.perf_counter()
         with self._write_lock:
+            if (not force and digest == self._digest and not self._live_is_bad
+                    and not self._live_is_newer and self.path.exists()):
+                live = self.read_meta(self.path)
+                info = SaveInfo(self.path, len(blob), t1 - t0, 0.0, time.time(),
+                                live["id"] if live else "", written=False)
+                self.last_save = info
+                return info
+            summary, changes = describe_changes(self._last_parts, parts)
+            self.last_attempt_bytes = len(blob)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.tmp.{os.getpid()}.{threading.get_ident()}")
             prev = None     # the metadata of the image this save replaces
             try:
-                with open(tmp, "wb") as f:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with open(fd, "wb") as f:
                     f.write(blob)
                     f.flush()
                     os.fsync(f.fileno())
+                os.chmod(tmp, 0o600)   # whatever the umask or an older file said
                 if self.path.exists():
                     if self._live_is_bad:
                         bad = self.path.with_name(f"{self.path.name}.corrupt-{time.time_ns()}")
                         os.replace(self.path, bad)
                         log.warning("kept the unreadable image aside as %s", bad)
                         self._live_is_bad = False
+                    elif self._live_is_newer:
+                        self._pin_newer_live()
+                        self._live_is_newer = False
                     else:
                         prev = self._rotate_live()
                 os.replace(tmp, self.path)
                 self._fsync_dir(self.path.parent)
             finally:
                 tmp.unlink(missing_ok=True)
+            self._digest = digest
             meta = self._write_live_meta(prev, len(blob), trigger, name,
                                          f"{note}: {summary}" if note else summary, changes)
             for old in self.snapshots()[self.ring:]:
@@ -246,19 +311,43 @@ class ImageStore:
         fmt = obj.get("format")
         if not isinstance(fmt, int) or not isinstance(obj.get("parts"), dict):
             raise ImageError(f"{path}: image header is damaged")
+        if fmt > IMAGE_FORMAT:
+            raise ImageTooNew(f"{path} was written by a newer A4PS (image format {fmt}; "
+                              f"this A4PS reads formats up to {IMAGE_FORMAT})", Path(path), fmt)
         try:
             parts = _unchunk(obj["parts"])
         except Exception as e:
             raise ImageError(f"{path}: a chunk is damaged ({type(e).__name__}: {e})") from None
         return fmt, obj.get("saved_at", 0.0), migrate(fmt, parts)
 
-    def load(self) -> tuple[dict[str, Any], LoadInfo] | None:
-        """The newest readable image, or None when there is none at all."""
+    def load(self, *, skip_newer: bool = False) -> tuple[dict[str, Any], LoadInfo] | None:
+        """The newest readable image, or None when there is none at all.
+
+        Unreadable files are skipped (reported in ``LoadInfo.skipped`` with the reason)
+        and the previous snapshot is tried. An image from a newer A4PS stops the search
+        with :class:`ImageTooNew`: starting from an older snapshot must be a choice —
+        ``skip_newer=True`` is that choice (``--from-snapshot``): newer images are
+        skipped, and the next save pins a newer live image in ``snapshots/kept/``
+        instead of overwriting it."""
         candidates = ([self.path] if self.path.exists() else []) + self.snapshots()
         skipped: list[tuple[Path, str]] = []
-        for path in candidates:
+        for i, path in enumerate(candidates):
             try:
                 fmt, saved_at, parts = self.read(path)
+            except ImageTooNew as e:
+                if skip_newer:
+                    skipped.append((path, f"{path}: written by a newer A4PS (image format "
+                                          f"{e.format}); kept, not loaded"))
+                    if path == self.path:
+                        self._live_is_newer = True
+                    continue
+                fallback = self._readable(candidates[i + 1:])
+                hint = (f"upgrade A4PS, or start from snapshot {fallback.name} with "
+                        f"--from-snapshot {fallback.name}" if fallback is not None
+                        else "upgrade A4PS (no older snapshot to start from)")
+                raise ImageTooNew(f"{path} was written by a newer A4PS (image format "
+                                  f"{e.format}; this one reads up to {IMAGE_FORMAT}): {hint}",
+                                  path, e.format, fallback) from None
             except ImageError as e:
                 log.error("image %s could not be loaded: %s; trying the previous snapshot",
                           path, str(e).split(": ", 1)[-1])
@@ -271,7 +360,9 @@ class ImageStore:
             self._last_parts = parts
             return parts, LoadInfo(path, fmt, saved_at, skipped)
         if candidates:
-            raise ImageError("no readable image: " + "; ".join(r for _, r in skipped))
+            names = ", ".join(f"{p} ({r.split(': ', 1)[-1]})" for p, r in skipped)
+            raise ImageError(f"no readable image in {self.path.parent}: {names}; move them "
+                             "aside to start from a fresh image, or restore one from a backup")
         return None
 
     # -- snapshot metadata (time travel) ----------------------------------------------
@@ -285,7 +376,8 @@ class ImageStore:
         """Atomic small-file write; the temp name is one :meth:`sweep_temp` removes."""
         tmp = path.with_name(f"{self.path.name}.tmp.meta.{os.getpid()}.{threading.get_ident()}")
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w", encoding="utf-8") as f:
                 json.dump(data, f, default=str)
                 f.flush()
                 os.fsync(f.fileno())
@@ -362,6 +454,22 @@ class ImageStore:
             log.warning("could not write %s", self.meta_path(self.path), exc_info=True)
         return meta
 
+    def _pin_newer_live(self) -> None:
+        """Keep a live image written by a newer A4PS as a named snapshot (never pruned)
+        before a save replaces it. (Caller holds the write lock.)"""
+        ident = str(self._stamp(0))
+        self.kept_dir.mkdir(parents=True, exist_ok=True)
+        target = self.kept_dir / f"live_image.{ident}.dill"
+        os.link(self.path, target)
+        self.meta_path(self.path).unlink(missing_ok=True)
+        self._write_json(self.meta_path(target), {
+            "id": ident, "name": f"newer-a4ps-{ident}", "ts": self.path.stat().st_mtime,
+            "generation": 0, "trigger": "named", "size": target.stat().st_size,
+            "summary": "written by a newer A4PS; set aside when starting --from-snapshot",
+            "changes": {}})
+        self._fsync_dir(self.kept_dir)
+        log.warning("the image written by a newer A4PS is kept as %s", target)
+
     def keep(self, trigger: str, name: str | None = None) -> dict[str, Any]:
         """Pin the live image in ``snapshots/kept/`` under ``trigger`` (and ``name``).
 
@@ -413,3 +521,84 @@ class ImageStore:
                 continue
             seen.setdefault(str(e["id"]), {**e, "path": path, "where": where})
         return sorted(seen.values(), key=lambda e: (e.get("ts") or 0, int(e["id"])), reverse=True)
+    def _readable(self, paths: list[Path]) -> Path | None:
+        """The first of ``paths`` this A4PS can read."""
+        for p in paths:
+            try:
+                self.read(p)
+                return p
+            except ImageError:
+                continue
+        return None
+
+
+# -- a failing save keeps retrying ----------------------------------------------------
+
+_SPACE_ERRNOS = (28, 122)      # ENOSPC, EDQUOT: retry as soon as space is back
+
+
+@dataclass
+class SaveFailure:
+    """A save that failed and is being retried (what ``system.status`` shows)."""
+    error: str
+    hint: str
+    attempts: int
+    first_failed_at: float
+    last_attempt_at: float
+    retry_in_s: float
+    errno: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.error, "hint": self.hint, "attempts": self.attempts,
+                "first_failed_at": self.first_failed_at,
+                "last_attempt_at": self.last_attempt_at, "retry_in_s": self.retry_in_s,
+                "next_retry_at": self.last_attempt_at + self.retry_in_s}
+
+
+class SaveRetry:
+    """When to retry a failing save: after 0.5 s, 1 s, 2 s ... up to ``max_s``; and at
+    once when the failure was a full disk and enough space is free again (a cheap
+    ``statvfs`` poll), so an image is on disk moments after space is freed."""
+
+    def __init__(self, base_s: float = 0.5, max_s: float = 30.0) -> None:
+        self.base_s = base_s
+        self.max_s = max_s
+        self.failure: SaveFailure | None = None
+        self._next_at = 0.0
+
+    def failed(self, error: BaseException, directory: Path) -> SaveFailure:
+        now = time.time()
+        attempts = 1 if self.failure is None else self.failure.attempts + 1
+        delay = min(self.max_s, self.base_s * 2 ** (attempts - 1))
+        code = getattr(error, "errno", None)
+        if code in _SPACE_ERRNOS:
+            hint = f"the disk holding {directory} is full: free some space; the save is retried as soon as there is room"
+        elif code == 27:  # EFBIG
+            hint = "the image is larger than this process may write (file size limit)"
+        elif isinstance(error, PermissionError):
+            hint = f"cannot write to {directory}: fix its permissions"
+        else:
+            hint = f"the save is retried every {delay:g} s at most; the previous image is intact"
+        self.failure = SaveFailure(
+            error=f"{type(error).__name__}: {error}", hint=hint, attempts=attempts,
+            first_failed_at=now if self.failure is None else self.failure.first_failed_at,
+            last_attempt_at=now, retry_in_s=delay, errno=code)
+        self._next_at = time.monotonic() + delay
+        return self.failure
+
+    def succeeded(self) -> SaveFailure | None:
+        """Clear the failure; returns it (None if there was none)."""
+        ended, self.failure = self.failure, None
+        return ended
+
+    def due(self, store: ImageStore) -> bool:
+        """Time to try again?"""
+        if self.failure is None or time.monotonic() >= self._next_at:
+            return True
+        if self.failure.errno in _SPACE_ERRNOS:
+            try:
+                free = os.statvfs(store.path.parent)
+            except OSError:
+                return False
+            return free.f_bavail * free.f_frsize >= store.last_attempt_bytes + 65_536
+        return False

@@ -81,7 +81,7 @@ def offline_system(settings: Any, what: str) -> Iterator[Any]:
                        f"for it or stop it, then run `a4ps {what}` again)") from None
     try:
         from .system import System
-        system = System(settings)
+        system = System(settings, lock=lock)     # the System writes under our lock
         system.start(services=False)
         try:
             yield system

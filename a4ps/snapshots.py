@@ -28,6 +28,7 @@ import contextlib
 import logging
 import re
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .codex import Codex
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 WIRE_KEYS = ("id", "name", "ts", "generation", "trigger", "size", "summary", "changes")
 MIN_SUFFIX = 4
+_FILE_NAME = re.compile(r"^live_image\.(\d+)\.dill$")
 
 
 class SnapshotError(ValueError):
@@ -184,6 +186,8 @@ class TimeMachine:
         ref = str(ref or "").strip()
         if not ref:
             raise SnapshotError("say which snapshot: an id or a name from `a4ps image list`")
+        if m := _FILE_NAME.match(Path(ref).name):    # a file name, as start-up errors give
+            ref = m.group(1)
         catalog = self.store.catalog()
         for e in catalog:
             if e["id"] == ref:

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator
 
 from .config import redact_url
 from .tasks import (DEFAULT_MAX_ATTEMPTS, DEFAULT_SELF_PRIORITY, DEFAULT_USER_PRIORITY,
-                    STATUSES, TERMINAL, USER, Task, TaskNotFound)
+                    STATUSES, TERMINAL, USER, Task, TaskNotFound, TaskQueueError)
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +83,18 @@ CREATE TABLE IF NOT EXISTS a4ps_task_workers (
 """
 
 _COLS = ("id, text, origin, priority, status, created, started, finished, result, error, "
-         "attempts, meta, cancel_requested")
+         "attempts, meta, cancel_requested, interrupted, interruptions")
 
 
-class TaskQueueUnavailable(RuntimeError):
+class TaskQueueUnavailable(TaskQueueError):
     """The PostgreSQL queue cannot be reached or used; the message says what to do."""
 
 
 def _row(r: tuple) -> Task:
     return Task(id=r[0], text=r[1], origin=r[2], priority=r[3], status=r[4], created=r[5],
                 started=r[6], finished=r[7], result=r[8], error=r[9], attempts=r[10],
-                meta=r[11] or {}, cancel_requested=bool(r[12]))
+                meta=r[11] or {}, cancel_requested=bool(r[12]), interrupted=bool(r[13]),
+                interruptions=r[14])
 
 
 def _jsonb(obj: Any) -> Any:
@@ -424,11 +425,8 @@ class PostgresTaskQueue:
             rows = db.execute(
                 f"SELECT {_COLS} FROM a4ps_tasks WHERE status = 'running' "
                 f"AND owner = ANY(%s) ORDER BY seq FOR UPDATE", (dead,)).fetchall()
-            interrupted = {r[0] for r in db.execute(
-                "SELECT id FROM a4ps_tasks WHERE status = 'running' AND owner = ANY(%s) "
-                "AND interrupted", (dead,))}
             for t in map(_row, rows):
-                clean = t.id in interrupted          # a graceful stop, not a crash
+                clean = t.interrupted                # a graceful stop, not a crash
                 attempts = t.attempts if clean else t.attempts + 1
                 if t.cancel_requested:
                     db.execute("UPDATE a4ps_tasks SET status='cancelled', finished=%s, "

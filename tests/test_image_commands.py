@@ -175,6 +175,35 @@ def test_daemon_from_snapshot_starts_on_that_state(fast_env):
     assert not bad.lock.held
 
 
+def test_a_newer_image_is_kept_when_the_daemon_starts_from_the_snapshot_it_names(fast_env):
+    """The refusal of a newer image names a snapshot file and --from-snapshot; that
+    command must work, and the newer image must survive it (pinned, never pruned)."""
+    import dill
+
+    from a4ps.image import IMAGE_FORMAT, ImageTooNew
+    with System(fast_env).start(services=False) as s:
+        s.protos.update("persona", methods={"greet": GREET_V1})
+        s.save()
+        s.protos.update("persona", methods={"greet": GREET_V2})
+    live = fast_env.image_path
+    newer = dill.dumps({"magic": "a4ps-image", "format": IMAGE_FORMAT + 1, "saved_at": 0.0,
+                        "parts": {"protos": {}}})
+    live.write_bytes(newer)
+    with pytest.raises(ImageTooNew) as refused:
+        System(fast_env).start(services=False)
+    snap = refused.value.fallback.name             # what the one-line refusal names
+    system = System(fast_env)
+    daemon = Daemon(system, shutdown_grace_s=5, from_snapshot=snap).start()
+    try:
+        assert system.protos.get("ROBIN").greet() == "hello from ROBIN"   # GREET_V1's state
+    finally:
+        daemon.stop()
+    kept = [e for e in System(fast_env).image.catalog() if e["where"] == "kept"]
+    pinned = [e for e in kept if (e.get("name") or "").startswith("newer-a4ps-")]
+    assert len(pinned) == 1 and pinned[0]["path"].read_bytes() == newer
+    assert not list(live.parent.glob("*.corrupt-*"))
+
+
 @pytest.mark.slow
 def test_real_daemon_process_from_snapshot_flag(fast_env, tmp_path):
     with System(fast_env).start(services=False) as s:

@@ -114,6 +114,7 @@ def test_kept_snapshots_beyond_the_limit_are_pruned_named_ones_stay(data_dir):
 
 
 def test_a_snapshot_without_metadata_is_still_listed(system):
+    system.protos.update("BRICK", {"temperature": 0.4})   # unchanged saves write nothing
     system.save(trigger="autosave")
     ring = system.image.snapshots()[0]
     ImageStore.meta_path(ring).unlink()

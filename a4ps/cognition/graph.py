@@ -40,6 +40,7 @@ from a4ps.cognition.checkpoints import is_postgres_url
 from a4ps.cognition.prompts import DEFAULT_ROUTE, ROUTES
 from a4ps.cognition.state import CognitiveState
 from a4ps.events import json_safe
+from a4ps.proto import MethodFault
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
@@ -247,6 +248,8 @@ class CognitiveGraph:
                 reply = self._invoke(proto, msgs, max_tokens)
                 problem = prompts.reply_problem(reply) if check else (
                     None if isinstance(reply, str) else "model returned no text")
+            except MethodFault:        # a live method wedged: the task fails, with why
+                raise
             except Exception as e:     # a model failure is the model's, not the graph's
                 reply, problem = "", f"model error: {type(e).__name__}: {e}"
                 log.warning("%s: %s", persona, problem)
