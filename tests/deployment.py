@@ -131,7 +131,7 @@ class Deployment:
         self.extra_env = dict(env or {})
         self.daemons: list[DaemonProc] = []
 
-    def start_daemon(self, name: str) -> DaemonProc:
+    def start_daemon(self, name: str, *, grace_s: float | None = None) -> DaemonProc:
         data_dir = self.root / name
         data_dir.mkdir(parents=True, exist_ok=True)
         cmd_addr, ev_addr = free_addr(), free_addr()
@@ -153,7 +153,9 @@ class Deployment:
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.extra_env}
         log_path = self.root / f"{name}.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "a4ps", "daemon"], cwd=PROJECT_ROOT,
+            args = ["--grace", str(grace_s)] if grace_s is not None else []
+            proc = subprocess.Popen([sys.executable, "-m", "a4ps", "daemon", *args],
+                                    cwd=PROJECT_ROOT,
                                     env=env, stdout=log, stderr=subprocess.STDOUT,
                                     preexec_fn=_die_with_parent)
         settings = load_settings(data_dir=data_dir)

@@ -1,8 +1,9 @@
 """Outgrowing one machine, end to end: two real daemons (each with its own image and
 personas) share one PostgreSQL task queue and checkpoint store and one inference server
 (the OpenAI-protocol stand-in, tests/openai_standin.py). Every task runs exactly once,
-also when one daemon is SIGKILLed in the middle of a task: the other requeues it and
-resumes it from the shared checkpoint instead of starting over."""
+also when one daemon is SIGKILLed in the middle of a task: the other requeues it (an
+attempt counted) and resumes it from the shared checkpoint instead of starting over;
+after a graceful stop the same happens without an attempt counted."""
 from __future__ import annotations
 
 import collections
@@ -92,6 +93,47 @@ def test_two_daemons_share_one_queue_and_every_task_runs_once_through_a_sigkill(
             assert ran["daemon-a"] >= 1 and ran["daemon-b"] >= 2, ran
             assert all(t.result and t.result.get("answer") for t in tasks.values())
             assert b.stop() == 0, b.output()[-3000:]
+        finally:
+            if observer is not None:
+                observer.close()
+            dep.close()
+
+
+@pytest.mark.slow   # two daemons (~10 s of imports each)
+def test_a_graceful_stop_hands_the_running_task_to_the_other_daemon_without_an_attempt(
+        tmp_path, pg_dsn):
+    """SIGTERM with a short grace: the daemon marks its unfinished task interrupted and
+    leaves; the other daemon takes it over as it was (no attempt counted) and resumes
+    it from the shared checkpoint."""
+    # slow tokens: the rest of the task (~4 s) outlasts the grace and the SIGTERM handling
+    with OpenAIStandIn(models=[MODEL], reply_fn=standin_reply, token_delay_s=0.1) as server:
+        dep = Deployment(tmp_path, pg_dsn, server.url)
+        observer = None
+        try:
+            a = dep.start_daemon("daemon-a", grace_s=0.2)
+            a.wait_ready()
+            with a.client() as ca:
+                task_id = ca.request("task.submit", {"text": "job-0: share 9 apples"})["id"]
+            observer = dep.queue()
+            deadline = time.monotonic() + 60
+            while not any(k == "BRICK" for _, k in _calls_by_job(server).get("job-0", [])):
+                assert time.monotonic() < deadline, a.output()[-3000:]
+                time.sleep(0.01)
+            assert a.stop() == 0, a.output()[-3000:]
+            t = observer.get(task_id)
+            assert t.status == "running" and t.interrupted, (t, a.output()[-3000:])
+            b = dep.start_daemon("daemon-b")
+            b.wait_ready()
+            deadline = time.monotonic() + 120
+            while observer.get(task_id).status != "done":
+                assert time.monotonic() < deadline, b.output()[-3000:]
+                time.sleep(0.1)
+            t = observer.get(task_id)
+            assert (t.attempts, t.interruptions, t.interrupted) == (0, 1, False)
+            calls = _calls_by_job(server)["job-0"]
+            resumed = [k for d, k in calls if d == "daemon-b"]
+            assert resumed and not {"route", "decision"} & set(resumed), calls
+            assert [k for _, k in calls].count("ALFRED") == 1, calls
         finally:
             if observer is not None:
                 observer.close()
