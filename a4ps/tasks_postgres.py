@@ -354,11 +354,12 @@ class PostgresTaskQueue:
                 "UPDATE a4ps_tasks SET interrupted = true WHERE id = %s AND status = 'running' "
                 "AND owner = %s RETURNING id", (task_id, self.worker_id)).fetchone() is not None
 
-    def running(self, *, mine: bool = False) -> list[Task]:
-        """The tasks marked running, oldest first (``mine``: only this worker's)."""
+    def running(self, *, all_daemons: bool = False) -> list[Task]:
+        """The tasks this daemon runs, oldest first (what the SQLite queue's ``running``
+        means on one machine); ``all_daemons``: every daemon's."""
         sql = f"SELECT {_COLS} FROM a4ps_tasks WHERE status = 'running'"
         args: tuple = ()
-        if mine:
+        if not all_daemons:
             sql, args = sql + " AND owner = %s", (self.worker_id,)
         with self._tx() as db:
             return [_row(r) for r in db.execute(sql + " ORDER BY seq", args)]

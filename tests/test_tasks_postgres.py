@@ -304,8 +304,8 @@ def test_graceful_interrupt_preemption_requeue_and_cancel_reason(pg_queues):
     a, b = pg_queues("daemon-a"), pg_queues("daemon-b")
     slow, goal, doomed = a.submit("slow"), a.submit("goal"), a.submit("doomed")
     assert a.claim().id == slow.id and b.claim().id == goal.id
-    assert [t.id for t in a.running(mine=True)] == [slow.id]
-    assert {t.id for t in a.running()} == {slow.id, goal.id}
+    assert [t.id for t in a.running()] == [slow.id]
+    assert {t.id for t in a.running(all_daemons=True)} == {slow.id, goal.id}
     # preemption: back to the queue as it was, by its owner only
     assert not a.requeue(goal.id, reason="a user task came", by="u1")
     assert b.requeue(goal.id, reason="a user task came", by="u1")
