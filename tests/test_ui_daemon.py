@@ -448,24 +448,28 @@ def test_amendment_dialog_approve_changes_codex(ui, app, daemon):
 
 
 def test_time_travel_lists_diffs_and_restores(ui, live, tmp_path):
-    """The snapshot browser against the image.* wire shapes. STAND-IN: until the
-    time-travel part's daemon side is merged, ui_harness.TimeTravelStandIn serves
-    image.snapshots/diff/restore/snapshot on the real daemon's real protos."""
-    ui_harness.TimeTravelStandIn(live.system, live.daemon)
+    """The snapshot browser against the daemon's image.* commands (the time-travel
+    part's, on real image files)."""
     app = start_app(ui, live.settings(), tmp_path)
     c = app.controller
     before = live.system.protos.get("BRICK").temperature
     ui.click(app.root.ids.status_bar.ids.snapshots)
     panel = ui.wait_until(lambda: c.snapshots_panel if c.snapshots_panel and
                           c.snapshots_panel.snapshots else None, 10, "the snapshot list")
-    assert panel.snapshots[0]["trigger"] == "autosave"
-    ui.type_into(panel.ids.name_input, "before the edit")
-    ui.wait_until(lambda: len(panel.snapshots) == 2, 10, "the named snapshot")
-    assert panel.snapshots[0]["name"] == "before the edit"
+    n = len(panel.snapshots)
+    ui.type_into(panel.ids.name_input, "not a valid name")       # the daemon says why
+    ui.wait_until(lambda: "failed" in panel.status, 10, "the refusal")
+    assert "letters, digits" in panel.status and len(panel.snapshots) == n
+    ui.type_into(panel.ids.name_input, "before-the-edit")
+    ui.wait_until(lambda: any(s.get("name") == "before-the-edit" for s in panel.snapshots), 10,
+                  "the named snapshot")
+    named = next(s for s in panel.snapshots if s.get("name") == "before-the-edit")
+    assert named["trigger"] == "named" and panel.status.startswith("saved snapshot")
+    assert panel.ids.name_input.text == ""
     with live.client() as cl:
         cl.request("proto.update", {"name": "BRICK", "slots": {"temperature": 0.11}})
-    item = next(w for w in panel.ids.snapshot_list.children if "before the edit" in w.heading)
-    assert item.summary.startswith("gen 2 \u00b7 named")
+    item = next(w for w in panel.ids.snapshot_list.children if "before-the-edit" in w.heading)
+    assert "named" in item.summary
     ui.click(item)
     ui.wait_until(lambda: "temperature" in panel.diff_markup, 10, "the diff")
     # BRICK had no temperature of its own (it inherited persona's) and has one now
@@ -476,7 +480,7 @@ def test_time_travel_lists_diffs_and_restores(ui, live, tmp_path):
     confirm = c.desk.top_panel()
     assert confirm.modal and "pre-restore" in confirm.message
     ui.click(confirm.ids.yes)
-    ui.wait_until(lambda: live.system.protos.get("BRICK").temperature == before, 10,
+    ui.wait_until(lambda: live.system.protos.get("BRICK").temperature == before, 20,
                   "the restore in the daemon")
     ui.wait_until(lambda: "restored" in panel.status, 10, "the panel to say so")
     ui.wait_until(lambda: any(s["trigger"] == "pre-restore" for s in panel.snapshots), 10,

@@ -159,10 +159,12 @@ def test_snapshot_diff_markup_says_snapshot_and_now():
             "BRICK": {"slots": {"temperature": {"before": 0.7, "after": 0.2}},
                       "methods": {"hello": {"before": "def hello(self):\n    return 1\n",
                                             "after": "def hello(self):\n    return 2\n"}}}}},
-        "codex": {"before_version": 3, "after_version": 4, "changed": ["ROBIN.care"]},
+        "codex": {"before_version": 3, "after_version": 4, "changed": [
+            {"persona": "ROBIN", "principle": "care", "before": "Be kind.", "after": "Be bold."}]},
         "tools": {"added": ["fib"], "removed": []}})
     assert "ROBIN_2" in text and "snapshot: 0.7" in text and "now:      0.2" in text
     assert "- " in text and "return 2" in text and "v3 in the snapshot, v4 now" in text
+    assert "ROBIN.care" in text and "snapshot: Be kind." in text
     assert "fib" in text
     assert V.image_diff_markup({}) == "[color=9aa3ad]identical to the live image[/color]"
     assert V.changes_line({"protos": ["BRICK", "ROBIN"], "codex": 0}) == "protos: BRICK, ROBIN"

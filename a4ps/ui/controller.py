@@ -943,7 +943,7 @@ class MorphicController:
                 self._time_travel_error(panel, reply, "comparing")
                 return
             panel.show_diff(snapshot_id, reply.result or {})
-        self.call("image.diff", {"snapshot": _snapshot_arg(snapshot_id), "against": None}, done)
+        self.call("image.diff", {"snapshot": snapshot_id, "against": None}, done)
 
     def confirm_restore(self, panel: SnapshotBrowser, snapshot_id: str,
                         title: str) -> ConfirmDialog:
@@ -973,7 +973,7 @@ class MorphicController:
             self.add_log("info", panel.status, "time travel")
             self.resync()
             self.list_snapshots(panel)
-        self.call("image.restore", {"snapshot": _snapshot_arg(snapshot_id)}, done)
+        self.call("image.restore", {"snapshot": snapshot_id}, done)
 
     def save_snapshot(self, panel: SnapshotBrowser, name: str) -> None:
         panel.busy = True
@@ -1325,6 +1325,3 @@ def _is_tool_proto(data: dict) -> bool:
 def _task_id_arg(tid: str) -> int | str:
     return int(tid) if tid.isdigit() else tid
 
-
-def _snapshot_arg(sid: str) -> int | str:
-    return int(sid) if sid.isdigit() else sid

@@ -207,6 +207,10 @@ def image_diff_markup(diff: Any) -> str:
     for name in sorted(changed):
         c = changed[name] if isinstance(changed[name], dict) else {}
         out.append(f"[b]{_escape(str(name))}[/b]")
+        parent = c.get("parent") if isinstance(c.get("parent"), dict) else None
+        if parent:
+            out.append(f"  parent: [color=ff7a7a]{_escape(str(parent.get('before')))}[/color]"
+                       f" \u2192 [color=7aff8a]{_escape(str(parent.get('after')))}[/color]")
         for kind in ("slots", "methods"):
             items = c.get(kind) if isinstance(c.get(kind), dict) else {}
             for key in sorted(items):
@@ -224,7 +228,15 @@ def image_diff_markup(diff: Any) -> str:
         out.append(f"[b]codex[/b] v{codex.get('before_version')} in the snapshot, "
                    f"v{codex.get('after_version')} now")
         for item in codex.get("changed") or []:
-            out.append("  " + _escape(short(item, 160)))
+            if isinstance(item, dict):
+                out.append(f"  {_escape(str(item.get('persona')))}."
+                           f"{_escape(str(item.get('principle')))}:")
+                out.append(f"    [color=ff7a7a]snapshot: {_escape(_shown(item.get('before')))}"
+                           "[/color]")
+                out.append(f"    [color=7aff8a]now:      {_escape(_shown(item.get('after')))}"
+                           "[/color]")
+            else:
+                out.append("  " + _escape(short(item, 160)))
     tools = diff.get("tools") if isinstance(diff.get("tools"), dict) else {}
     for key, what in (("added", "tools forged since"), ("removed", "tools since removed")):
         if tools.get(key):
