@@ -817,3 +817,19 @@ def test_bad_events_do_not_break_the_stream(ui, app, sub):
     sub.push("log", {"message": "still alive"})
     ui.wait_until(lambda: app.root.ids.log_panel.data and
                   app.root.ids.log_panel.data[-1]["text"].endswith("still alive"), 5, "the log")
+
+
+def test_text_that_does_not_fit_ends_in_an_ellipsis_and_shows_in_a_tooltip(ui, app):
+    err = app.root.ids.task_error
+    full = "offline: not sent; " + "the daemon did not answer in time " * 6
+    err.text = full
+    ui.pump(3)
+    assert err.is_cut() and err.texture_size[0] <= err.width + 1
+    x, y = err.to_window(*err.center)
+    ui.window.mouse_pos = (x, y)
+    tips = app.tooltips
+    ui.wait_until(lambda: tips.bubble.opacity == 1, 5, "the tooltip")
+    assert tips.bubble.text == full
+    ui.window.mouse_pos = (5, 5)       # moving away hides it
+    ui.pump(2)
+    assert tips.bubble.opacity == 0

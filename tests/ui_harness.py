@@ -316,15 +316,23 @@ class InProcessDaemon:
 
 
 def install_token_stream_standin(system: Any) -> list[dict]:
-    """STAND-IN for the cognition part's streaming (CONTRACTS: ``task.token``), until
-    its graph publishes tokens itself: every persona turn is generated with
-    ``on_token`` and each piece is published as ``task.token`` {task_id, node, persona,
-    round, text, seq}. Install before the first task (the graph compiles then).
-    Returns the list of published payloads, for the test to compare."""
+    """Every ``task.token`` the System publishes, collected in a list (returned).
+
+    STAND-IN for the cognition part's streaming (CONTRACTS: ``task.token``) while its
+    graph does not stream yet: then every persona turn is generated with ``on_token``
+    and each piece published as ``task.token`` {task_id, node, persona, round, text,
+    seq}. Once the graph streams by itself (``a4ps.cognition.streaming`` exists) this
+    only collects. Install before the first task (the graph compiles then)."""
     import threading
+    published: list[dict] = []
+    system.bus.subscribe("task.token", lambda event: published.append(dict(event.payload)))
+    try:
+        import a4ps.cognition.streaming  # noqa: F401  (the real thing is there)
+        return published
+    except ImportError:
+        pass
     graph = system.graph
     ctx = threading.local()
-    published: list[dict] = []
     seqs: dict[str, int] = {}
 
     def wrap_node(node: str, fn: Callable) -> Callable:
@@ -344,10 +352,9 @@ def install_token_stream_standin(system: Any) -> list[dict]:
         def on_token(piece: str) -> None:
             tid = getattr(ctx, "task", "")
             seqs[tid] = seqs.get(tid, 0) + 1
-            payload = {"task_id": tid, "node": ctx.node, "persona": proto.name,
-                       "round": ctx.round, "text": piece, "seq": seqs[tid]}
-            published.append(payload)
-            system.bus.publish("task.token", payload)
+            system.bus.publish("task.token", {
+                "task_id": tid, "node": ctx.node, "persona": proto.name, "round": ctx.round,
+                "text": piece, "seq": seqs[tid]})
         return system.models.chat(proto.model_name, messages,
                                   temperature=proto.get("temperature"), on_token=on_token, **kw)
     graph._invoke = invoke
