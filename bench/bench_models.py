@@ -194,7 +194,7 @@ def ort_candidate(hf_dir: Path, work: Path, prompt: str, args) -> tuple[dict | N
     if not CANDIDATES_PY.exists() or subprocess.run(
             [str(CANDIDATES_PY), "-c", "import onnxruntime_genai"],
             capture_output=True).returncode != 0:
-        return None, "not installed (.peers/candidates: pip install onnxruntime-genai onnx)"
+        return None, "not installed (.peers/candidates: pip install onnxruntime-genai onnx onnx-ir)"
     out = work / "ort-int4"
     t0 = time.perf_counter()
     r = subprocess.run([str(CANDIDATES_PY), "-m", "onnxruntime_genai.models.builder",

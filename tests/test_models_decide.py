@@ -79,7 +79,7 @@ def test_choose_weighs_every_spelling_of_an_option(tok):
         seen.append(cont)
         return -1.0
     Decider(StandInEngine(tok, prefers=prefers), tok).choose(_user("yes?"), ["yes", "no"])
-    assert {"yes", "Yes", "YES", "no", "No", "NO"} <= set(seen)
+    assert {"yes", "Yes", "no", "No"} <= set(seen)
 
 
 def test_content_free_scores_are_cached(tok):
@@ -174,6 +174,7 @@ def _route_questions():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)     # 100 real decisions: about 2 min idle, far more on a busy box
 def test_fifty_real_choices_and_structured_decisions_always_parse(embedded_models):
     """50 choose and 50 structured calls on SmolLM2 (default engine): every one
     returns an allowed option / a valid object."""

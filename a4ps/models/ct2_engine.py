@@ -55,10 +55,26 @@ class CT2Engine:
             steps.close()       # stops the decoding thread at its next step
 
     def score(self, prefix: list[int], continuations: Sequence[list[int]]) -> list[list[float]]:
-        seqs = [self._strings(prefix + list(c)) for c in continuations]
-        results = self.generator.score_batch(seqs, max_input_length=0)
-        return [list(r.log_probs[len(r.log_probs) - len(c):]) if c else []
-                for r, c in zip(results, continuations)]
+        """Prefill dominates the cost (it is compute-bound: n sequences cost n
+        prefills), so continuations that differ only in their last token share one
+        forward pass over ``prefix + stem``: its log-probabilities at every position
+        give the stem's tokens, and the last row gives every last token at once
+        ("yes"/"no", " 1".." 9", "true"/"false" each cost a single pass)."""
+        import numpy as np
+        out: list[list[float]] = [[] for _ in continuations]
+        stems: dict[tuple[int, ...], list[int]] = {}
+        for i, c in enumerate(continuations):
+            if c:
+                stems.setdefault(tuple(c[:-1]), []).append(i)
+        n = len(prefix)
+        for stem, members in stems.items():
+            logp = np.asarray(self.generator.forward_batch(
+                [self._strings(prefix + list(stem))], return_log_probs=True))[0]
+            head = [float(logp[n - 1 + j, t]) for j, t in enumerate(stem)]
+            last = logp[n - 1 + len(stem)]
+            for i in members:
+                out[i] = head + [float(last[continuations[i][-1]])]
+        return out
 
     def close(self) -> None:
         self.generator = None

@@ -58,7 +58,7 @@ class Decider:
                cancel: CancelToken | None = None, method: str | None = None) -> Choice:
         """The most likely option as the reply (calibrated unless ``method`` says).
 
-        Each option is weighed in its spellings ("yes", "Yes", "YES": the model's
+        Each option is weighed in its spellings ("yes", "Yes": the model's
         probability of saying it at all, whatever the case) and without an end-of-turn
         token (a small model rarely stops right after one word, so requiring it only
         adds noise: measured on tests/decision_cases.py)."""
@@ -297,7 +297,7 @@ def _opening(schema: dict[str, Any]) -> str:
 
 
 def _spellings(option: str) -> list[str]:
-    return list(dict.fromkeys([option, option[:1].upper() + option[1:], option.upper()]))
+    return list(dict.fromkeys([option, option[:1].upper() + option[1:]]))
 
 
 def _grouped(values: list[float], groups: list[int]) -> list[float]:
