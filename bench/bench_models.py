@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_models.py [--tokens 128] [--threads N] [--skip-peer]
                                            [--skip-candidates] [--skip-ask]
+                                           [--skip-decisions]
 
 Measures, each engine in its own child process (so one's threads, OpenMP runtime and
 memory never touch another's), same prompt, same threads, greedy:
@@ -14,6 +15,7 @@ memory never touch another's), same prompt, same threads, greedy:
   ``.peers/candidates``, ONNX Runtime GenAI int4;
 * the same for CTranslate2 and llama.cpp with two busy processes competing for the
   cores (``contended``);
+* accuracy of each ``choose`` method on the labelled set tests/decision_cases.py;
 * ``a4ps ask "What is the capital of France?"`` end to end through a running daemon
   with the model resident: time to the first printed token and to the answer.
 
@@ -82,6 +84,30 @@ def ensure_peer() -> Path | None:
 
 # --------------------------------------------------------------------------- workers
 # Each runs in a child process and prints one JSON line.
+
+def worker_decisions(args) -> dict:
+    """Accuracy of each choose method on tests/decision_cases.py, default engine."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import decision_cases
+    from a4ps.config import load_settings
+    from a4ps.events import EventBus
+    from a4ps.models.decide import METHODS
+    from a4ps.models.embedded import BASE_ID, EmbeddedBackend
+    from a4ps.models.manager import ModelManager
+    s = load_settings(data_dir=Path(tempfile.mkdtemp(prefix="a4ps-bench-")))
+    s.models.embedded.cache_dir = Path(args.cache)
+    s.models.embedded.threads = args.threads
+    mm = ModelManager(s, EventBus(), backend=EmbeddedBackend(s))
+    mm.load(BASE_ID)
+    d = mm.backend._decide()
+    out = {}
+    for m in METHODS:
+        t0 = time.perf_counter()
+        acc, per = decision_cases.accuracy(lambda msgs, o, mm_: d.choose(msgs, o, method=mm_).value, m)
+        out[m] = {"accuracy": acc, "per_family": per,
+                  "seconds_per_choice": (time.perf_counter() - t0) / len(decision_cases.cases())}
+    return out
+
 
 def worker_embedded(args) -> dict:
     from a4ps.config import load_settings
@@ -303,11 +329,15 @@ def main() -> None:
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-candidates", action="store_true")
     ap.add_argument("--skip-ask", action="store_true")
+    ap.add_argument("--skip-decisions", action="store_true")
     ap.add_argument("--build-peer-only", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.threads = resolve_threads(args.threads)
+    if args.worker == "decisions":
+        print(json.dumps(worker_decisions(args)))
+        return
     if args.worker:
         print(json.dumps(worker_embedded(argparse.Namespace(**{**vars(args),
                                                                "engine": args.worker}))))
@@ -377,6 +407,13 @@ def main() -> None:
             if r:
                 row(f"{names[key]}: decode, 2 busy processes", f"{r['decode_tok_s']:.1f} tok/s",
                     f"TTFT {r['ttft_s'] * 1000:.0f} ms")
+
+        if not args.skip_decisions:
+            dec = ours("decisions", cache, args)
+            for m, r in (dec or {}).items():
+                fam = ", ".join(f"{k} {v:.0%}" for k, v in r["per_family"].items())
+                row(f"choose on tests/decision_cases.py, method {m}", f"{r['accuracy']:.0%}",
+                    f"{fam}; {r['seconds_per_choice']:.2f} s per choice")
 
         if not args.skip_ask:
             a = ask_end_to_end(cache, args.threads)
