@@ -196,18 +196,20 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_json(cmd: list[str], threads: int, timeout: int = 900) -> dict | None:
+def run_json(cmd: list[str], threads: int, timeout: int = 900,
+             env: dict[str, str] | None = None) -> dict | None:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env=_child_env(threads), cwd=ROOT)
+                       env={**_child_env(threads), **(env or {})}, cwd=ROOT)
     if r.returncode != 0:
         log(f"{' '.join(cmd[:4])} ... failed:\n{r.stderr[-2500:]}")
         return None
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def ours(engine: str, cache: Path, args) -> dict | None:
+def ours(engine: str, cache: Path, args, env: dict[str, str] | None = None) -> dict | None:
     return run_json([sys.executable, __file__, "--worker", engine, "--cache", str(cache),
-                     "--tokens", str(args.tokens), "--threads", str(args.threads)], args.threads)
+                     "--tokens", str(args.tokens), "--threads", str(args.threads)], args.threads,
+                    env=env)
 
 
 def peer(py: Path, gguf: Path, prompt: str, args) -> dict | None:
@@ -402,7 +404,11 @@ def main() -> None:
         with Busy(2):
             contended["ct2"] = ours("ctranslate2", cache, args)
             contended["llama"] = peer(py, gguf, prompt, args) if py else None
-        for key in ("ct2", "llama"):
+            # what the thread policy avoids: the same engine with spinning OpenMP waits
+            contended["ct2-spin"] = ours("ctranslate2", cache, args,
+                                         env={"OMP_WAIT_POLICY": "ACTIVE"})
+        names["ct2-spin"] = "CTranslate2 int8 with OMP_WAIT_POLICY=ACTIVE (spinning)"
+        for key in ("ct2", "llama", "ct2-spin"):
             r = contended.get(key)
             if r:
                 row(f"{names[key]}: decode, 2 busy processes", f"{r['decode_tok_s']:.1f} tok/s",
