@@ -166,9 +166,9 @@ def _print_result(result: dict, out=None) -> int:
 def _ask_local(text: str, args: argparse.Namespace, settings: Settings) -> int:
     import uuid
     from .system import System
+    view = _Transcript()
     system = System(settings)
     system.start(services=False)
-    view = _Transcript()
     try:
         if not args.json:
             system.bus.subscribe("task.token", lambda e: view.token(e.payload))
