@@ -253,31 +253,56 @@ def test_ask_prints_tokens_from_the_daemon_as_they_arrive(monkeypatch, data_dir)
     assert text.rstrip().endswith("Daemon answer.")
 
 
-def test_ask_in_process_prints_task_token_events_as_the_graph_publishes_them(
-        local_system, data_dir, monkeypatch):
-    """In process: whatever the graph publishes as ``task.token`` on the bus is on the
-    terminal before the turn ends. (The reply function publishes the deltas here,
-    standing in for the graph's TokenStream, which the cognition branch adds.)"""
+class StreamingGraphStandIn:
+    """Stands in for the cognitive graph in `ask --local`: ``run`` publishes BRICK's
+    turn as ``task.token`` deltas with pauses, then its ``task.step``, and returns a
+    result (the graph's own publishing is tested with the graph)."""
+
+    PIECES = ["Two ", "each, ", "one ", "left."]
+
+    def __init__(self, bus) -> None:
+        self.bus = bus
+        self.turn_end: float | None = None
+
+    def run(self, task_id, text, route=None):
+        where = {"task_id": task_id, "node": "brick", "persona": "BRICK", "round": 1}
+        for seq, piece in enumerate(self.PIECES, start=1):
+            self.bus.publish("task.token", {**where, "text": piece, "seq": seq})
+            time.sleep(0.2)
+        self.turn_end = time.monotonic()
+        self.bus.publish("task.step", {**where, "text": "".join(self.PIECES),
+                                       "dissonance": None})
+        return {"task_id": task_id, "status": "ok", "error": None, "answer": "Give two each.",
+                "rounds": [{"round": 1, "dissonance": 0.0}], "final_dissonance": 0.0}
+
+    def close(self) -> None:
+        pass
+
+
+def test_ask_in_process_prints_task_token_events_as_they_are_published(
+        monkeypatch, bus, data_dir):
+    import a4ps.system
+    graph = StreamingGraphStandIn(bus)
+
+    class GraphOnlySystem:
+        def __init__(self, settings, **kw):
+            self.bus, self.graph = bus, graph
+
+        def start(self, services=True):
+            return self
+
+        def stop(self):
+            pass
+    monkeypatch.setattr(a4ps.system, "System", GraphOnlySystem)
     out = TimedOut()
     monkeypatch.setattr("sys.stdout", out)
-    seen: dict[str, float] = {}
-
-    def brick(n):
-        bus = local_system["system"].bus
-        for seq, piece in enumerate(["Two ", "each, ", "one ", "left."], start=1):
-            bus.publish("task.token", {"task_id": "x", "node": "brick", "persona": "BRICK",
-                                       "round": n, "text": piece, "seq": seq + 10 * (n - 1)})
-            time.sleep(0.05)
-        seen["turn_end"] = time.monotonic()
-        return "Two each, one left."
-    local_system["replies"] = graph_parts.script(brick=brick, robin="Two each, one left.",
-                                                 answer="Give two each.")
     rc = cli.main(["--data-dir", str(data_dir), "ask", "--local", "share", "seven", "apples"])
     text = out.text()
     assert rc == 0, text
-    assert "BRICK [round 1]   Two each, one left.\n" in text and text.count("Two each, one left.") == 2
+    assert "BRICK [round 1]   Two each, one left.\n" in text
+    assert text.count("Two each, one left.") == 1          # the step did not reprint it
     first = next(t for t, piece in out.writes if "Two " in piece)
-    assert first < seen["turn_end"]
+    assert first < graph.turn_end - 0.3                     # on screen before the turn ended
     assert text.rstrip().endswith("Give two each.")
 
 
