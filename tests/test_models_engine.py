@@ -148,10 +148,11 @@ def test_openmp_waits_passively_unless_the_user_chose(monkeypatch):
 def test_every_backend_class_conforms_to_the_protocol():
     from a4ps.models.embedded import EmbeddedBackend
     from a4ps.models.ollama_backend import OllamaBackend
+    from a4ps.models.openai_backend import OpenAIBackend
     from a4ps.models.scripted import ScriptedBackend
     members = ["name", "resident", "estimate_bytes", "load", "unload", "generate",
                "choose", "structured"]
-    for cls in (EmbeddedBackend, OllamaBackend, ScriptedBackend):
+    for cls in (EmbeddedBackend, OllamaBackend, OpenAIBackend, ScriptedBackend):
         missing = [m for m in members if not hasattr(cls, m) and m != "name"]
         assert not missing, (cls, missing)
     settings = SimpleNamespace(models=SimpleNamespace(embedded=SimpleNamespace(engine="ctranslate2")))
