@@ -126,6 +126,8 @@ def test_a_snapshot_without_metadata_is_still_listed(system):
 
 def test_diff_against_live_and_between_snapshots(system):
     system.protos.update("BRICK", {"temperature": 0.3}, methods={"greet": GREET_V1})
+    # (personas get a morph_pos only once the user drags them in the UI)
+    system.protos.update("ROBIN", {"morph_pos": {"left": 12.0, "top": 40.0}})
     s1 = system.timemachine.snapshot("s1")["id"]
     system.protos.update("BRICK", {"temperature": 0.9}, methods={"greet": GREET_V2})
     system.protos.create("extra", {"y": 2})
