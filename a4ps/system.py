@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .codex import Codex
+from .cognition import generation
 from .config import PERSONAS, PROJECT_ROOT, Settings
 from .events import Event, EventBus
 from .image import ImageStore, LoadInfo
@@ -235,10 +236,13 @@ class System:
             if name not in self.protos:
                 self.protos.clone("persona", name, role=pc.role, model_name=model,
                                   model_backend=backend, system_prompt=self.codex.system_prompt(name),
-                                  morph_pos=MORPH_POSITIONS.get(name, [200, 200]), model_lineage=[])
+                                  morph_pos=MORPH_POSITIONS.get(name, [200, 200]), model_lineage=[],
+                                  **generation.defaults_for(name))
                 continue
             proto = self.protos.get(name)
-            changes: dict[str, Any] = {}
+            # generation slots an older image lacks (an edited one is kept)
+            changes: dict[str, Any] = {k: v for k, v in generation.defaults_for(name).items()
+                                       if k not in proto.own_slots()}
             if proto.get("model_backend") != backend:
                 # the user switched backends in settings: follow them
                 changes.update(model_name=model, model_backend=backend)
