@@ -22,7 +22,8 @@ _BOILERPLATE = (
     "i'm happy to help", "i am happy to help", "happy to help", "here is", "here's",
     "thank you", "thanks", "ok", "okay", "well", "i think so", "i agree", "you're welcome",
 )
-_SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+|\n|$)")
+# a sentence ends at . ! ? or a line break, but not at the point of a decimal (3.5)
+_SENTENCE = re.compile(r"(?:[^.!?\n]|\.(?=\d))+(?:[.!?]+|\n|$)")
 _CLAUSE = re.compile(r"[^.!?\n,;:]+")
 _ANSWER_LINE = re.compile(r"(?im)^\s*(?:final\s+)?answer\s*[:\-]\s*(.+?)\s*$")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
