@@ -120,3 +120,8 @@ def test_runner_on_scripted_models_records_answers_costs_and_decisions(settings,
     assert c["repetition_filled"] == [] and json.dumps(c)
     with pytest.raises(ValueError, match="mode must be one of"):
         runner.run(t, "solo")
+
+
+def test_echoing_the_task_earns_no_credit():
+    [t] = [x for x in load_suite() if x.id == "empathy-01"]
+    assert not check_answer(t, f"Brick reflects on the task: {t.text}").passed

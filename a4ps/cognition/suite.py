@@ -122,8 +122,11 @@ def numbers_in(text: str) -> list[float]:
 
 
 def check_answer(task: SuiteTask, answer: str) -> Verdict:
-    """Whether ``answer`` passes ``task``'s check (a repeat at the end is ignored)."""
-    return _check(task.check, strip_repeats(answer or "").strip(), task.text)
+    """Whether ``answer`` passes ``task``'s check. A repeat at the end is ignored, and
+    so is the task's own text echoed back (it must not earn rubric or regex credit)."""
+    text = strip_repeats(answer or "")
+    text = re.sub(re.escape(task.text.strip()), " ", text, flags=re.I).strip()
+    return _check(task.check, text, task.text)
 
 
 def _check(check: dict[str, Any], answer: str, task_text: str) -> Verdict:
