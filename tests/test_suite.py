@@ -125,3 +125,28 @@ def test_runner_on_scripted_models_records_answers_costs_and_decisions(settings,
 def test_echoing_the_task_earns_no_credit():
     [t] = [x for x in load_suite() if x.id == "empathy-01"]
     assert not check_answer(t, f"Brick reflects on the task: {t.text}").passed
+
+
+@pytest.mark.slow
+def test_suite_slice_on_the_real_model_in_every_mode(settings, bus, embedded_models):
+    """One task of three kinds through the contrapunto, the single call and BRICK alone
+    on SmolLM2-135M: verdicts and costs are recorded, the route decision parses, and no
+    turn's budget is filled by repetition."""
+    from a4ps.cognition.graph import CognitiveGraph
+    protos = graph_parts.seed_personas(bus, embedded_models, model_name="smollm2-135m")
+    graph = CognitiveGraph(protos, embedded_models, None, bus, settings,
+                           checkpointer_path=False, turn_max_tokens=24)
+    runner = suite.SuiteRunner(graph, embedded_models, protos)
+    picked = {t.kind: t for t in reversed(load_suite()) if t.kind in
+              ("factual", "arithmetic", "empathy")}
+    rows = [runner.run(t, mode) for t in picked.values() for mode in suite.MODES]
+    assert len(rows) == 9
+    for r in rows:
+        assert r["wall_s"] > 0 and isinstance(r["passed"], bool) and r["detail"]
+        assert r["repetition_filled"] == [], r
+        assert all(t.get("finish") in ("eos", "stop", "length", "repetition")
+                   for t in r["turns"]), r["turns"]
+    graph_rows = [r for r in rows if r["mode"] == "contrapunto"]
+    assert all(r["decisions"][0]["kind"] == "route" and r["decisions"][0]["parsed"]
+               for r in graph_rows)
+    assert all(r["tokens"] > 0 for r in rows if r["status"] == "ok")
