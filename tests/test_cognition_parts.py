@@ -45,6 +45,13 @@ def test_agreement_on_final_answers(a, b, same):
     assert answers.agree(a, b) is same
 
 
+def test_numbers_the_task_states_are_not_agreement():
+    task = "How should 7 apples be shared among 3 friends?"
+    assert not answers.agree("7 apples: give 2 each, keep 1.", "7 apples: share them fairly.", task)
+    assert answers.agree("Give 2 each to the 3 friends.", "2 each, and 1 left.", task) is False
+    assert answers.agree("2 each.", "Each gets 2.", task)
+
+
 @pytest.mark.parametrize("text, kept", [
     ("The sky is blue. It scatters light. The sky is blue. It scatters", "The sky is blue. It scatters light."),
     ("c'est la France, c'est la France, c'est la France, c'est", "c'est la France"),

@@ -529,8 +529,8 @@ def test_sigkill_mid_task_then_resume(data_dir):
     assert result["status"] == "ok"
     assert [x["round"] for x in result["rounds"]] == [1, 2, 3]
     # turns from before the kill came back from the checkpoint
-    assert result["turns"][1]["persona"] == "BRICK"
-    assert result["turns"][1]["text"].startswith(f"[{first_pid}]")
+    assert result["turns"][0]["persona"] == "BRICK"
+    assert result["turns"][0]["text"].startswith(f"[{first_pid}]")
 
 
 # -- end to end on the real embedded model -----------------------------------------------------

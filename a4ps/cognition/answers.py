@@ -87,27 +87,29 @@ def answer_key(text: str) -> str:
     return " ".join(words)
 
 
-_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
-def first_number(text: str) -> float | None:
-    """The first number in the reply's final answer (``1,000`` -> 1000.0), or None."""
-    m = _NUMBER.search(final_answer(text))
-    if not m:
-        return None
-    try:
-        return float(m.group(0).replace(",", ""))
-    except ValueError:
-        return None
+def numbers(text: str) -> set[float]:
+    """The numbers written in ``text`` (``1,000`` -> 1000.0)."""
+    out = set()
+    for m in _NUMBER.finditer(text or ""):
+        try:
+            out.add(float(m.group(0).replace(",", "")))
+        except ValueError:
+            pass
+    return out
 
 
-def agree(a: str, b: str) -> bool:
-    """Two replies give the same final answer: the same words, or the same first number."""
+def agree(a: str, b: str, task: str = "") -> bool:
+    """Two replies give the same final answer: the same words, or the same numbers
+    (leaving out the numbers the task itself states) in their final answers."""
     ka, kb = answer_key(a), answer_key(b)
     if ka and ka == kb:
         return True
-    na, nb = first_number(a), first_number(b)
-    return na is not None and na == nb
+    asked = numbers(task)
+    na, nb = numbers(final_answer(a)) - asked, numbers(final_answer(b)) - asked
+    return bool(na) and na == nb
 
 
 def repetition_cut(text: str, *, min_words: int = 3, clause_repeats: int = 3) -> int | None:

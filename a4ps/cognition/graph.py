@@ -455,7 +455,7 @@ class CognitiveGraph:
         basis = None
         if brick and robin:
             a, b = final_answer(brick), final_answer(robin)
-            if agree(brick, robin):
+            if agree(brick, robin, state["task"]):
                 d, basis = 0.0, "the same final answer"
             else:
                 try:
@@ -543,7 +543,7 @@ class CognitiveGraph:
             who = "BRICK" if brick else "ROBIN"
             text, source = brick or robin, f"fallback:{who}"
             problem = f"only {who} gave a usable answer; it is the answer without a choice"
-        elif agree(brick, robin) or _clip(brick) == _clip(robin):
+        elif agree(brick, robin, state["task"]) or _clip(brick) == _clip(robin):
             text, source = brick, "agreement"
         else:
             alfred = self.protos.get("ALFRED")
