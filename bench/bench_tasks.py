@@ -10,7 +10,7 @@ interleaved task by task so machine load falls on all of them alike:
 * ``contrapunto`` — the whole graph as a user gets it (ALFRED's route decision, BRICK
   and ROBIN, ALFRED's choice of answer), memory recall off so tasks cannot leak into
   each other;
-* ``single`` — one call of the same model with ALFRED's system prompt;
+* ``single`` — one plain call of the same model: ALFRED's system prompt and the task;
 * ``brick`` — BRICK's first turn alone.
 
 Each with the personas' generation slots as the System seeds them. Prints one table:
@@ -43,6 +43,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from a4ps.cognition import suite  # noqa: E402
 from a4ps.cognition.graph import CognitiveGraph  # noqa: E402
 from a4ps.config import load_settings  # noqa: E402
+
+
+# the route a careful steward would take for each kind of task (a measure of the
+# route decision's sense, not a check any answer is graded on)
+EXPECTED_ROUTE = {"factual": "direct", "arithmetic": "tool", "conversion": "tool",
+                  "reasoning": "contrapunto", "empathy": "contrapunto", "format": "direct"}
 
 
 def build(args: argparse.Namespace):
@@ -111,6 +117,9 @@ def summarise(rows: list[dict], modes: list[str]) -> dict:
     out["fallback_share"] = (sum(r["fallback"] for r in graph_rows) / len(graph_rows)
                              if graph_rows else float("nan"))
     out["routes"] = dict(Counter(r["route"] for r in graph_rows))
+    fit = [r["route"] == EXPECTED_ROUTE[r["kind"]] for r in graph_rows
+           if r["decisions"] and r["decisions"][0]["kind"] == "route"]
+    out["route_fit"] = sum(fit) / len(fit) if fit else float("nan")
     out["sources"] = dict(Counter(r["source"] for r in graph_rows))
     return out
 
@@ -133,7 +142,8 @@ def table(s: dict, modes: list[str]) -> str:
                  + (f"{s['parse_rate']:.2f}" if s["parse_rate"] == s["parse_rate"] else "n/a")
                  + " (" + ", ".join(f"{k} {a}/{b}" for k, (a, b) in d.items()) + ")")
     lines.append(f"answers from a fallback: {s['fallback_share']:.2f}   "
-                 f"routes: {s['routes']}   sources: {s['sources']}")
+                 f"routes: {s['routes']} (fit the kind: {s['route_fit']:.2f})   "
+                 f"sources: {s['sources']}")
     lines.append("turns whose budget repetition filled: " + ", ".join(
         f"{mode} {m['repetition_filled']}/{m['turns']} (at budget {m['length_finishes']})"
         for mode, m in s["modes"].items()))
@@ -153,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="cap every turn (default: each persona's max_tokens slot)")
     ap.add_argument("--backend", choices=("embedded", "scripted"), default="embedded")
     ap.add_argument("--forge", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="a line per task and mode")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bench_tasks.json")
     args = ap.parse_args(argv)
     tasks = pick(args)
@@ -166,8 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             for mode in args.modes:
                 bar.set_description(f"{task.id} {mode}")
-                rows.append(runner.run(task, mode))
+                row = runner.run(task, mode)
+                rows.append(row)
                 bar.update(1)
+                if args.verbose:
+                    bar.write(f"{row['id']:<14} {mode:<12} {'PASS' if row['passed'] else 'fail'} "
+                              f"{row['wall_s']:6.1f}s {row['tokens']:4d}tok "
+                              f"route={row['route']} src={row['source']} "
+                              f"{row['answer'][:90]!r} [{row['detail'][:50]}]")
         bar.close()
     finally:
         system.stop()

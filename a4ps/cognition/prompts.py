@@ -16,8 +16,8 @@ from typing import Any
 Message = dict[str, str]
 
 ROUTES = ("direct", "contrapunto", "tool")
-ANSWER_FIRST = ("Start with the answer itself in one short sentence, then give at most "
-                "two short sentences of reasoning.")
+ANSWER_FIRST = ("Answer in one or two short sentences, the answer first. If the task asks "
+                "for a format, follow it exactly.")
 
 
 def _system(proto: Any, extra: str = "") -> Message:
@@ -96,9 +96,14 @@ def answer_choice_messages(alfred: Any, task: str,
 
 def direct_messages(alfred: Any, task: str, *, memories: list[dict[str, Any]],
                     tool_result: dict[str, Any] | None = None) -> list[Message]:
-    """ALFRED alone (the direct route, and the suite's single-call baseline)."""
+    """ALFRED alone (the direct route)."""
     return [_system(alfred), {"role": "user", "content": (
         f"{_memories_block(memories)}{_tool_block(tool_result)}Task: {task}\n\n{ANSWER_FIRST}")}]
+
+
+def plain_messages(persona: Any, task: str) -> list[Message]:
+    """The persona's system prompt and the task as it was given: one plain call."""
+    return [_system(persona), {"role": "user", "content": task}]
 
 
 def retry_nudge(messages: list[Message], problem: str) -> list[Message]:

@@ -19,9 +19,9 @@ tuned on) or ``heldout`` (never used for tuning: every third task of each kind, 
 * ``{"type": "all", "checks": [...]}`` — every sub-check passes.
 
 :class:`SuiteRunner` runs one task in one *mode*: ``contrapunto`` (the whole graph,
-ALFRED's route included, as a user gets it), ``single`` (one call of the same model
-with ALFRED's system prompt and the direct-answer prompt) or ``brick`` (BRICK's first
-turn alone), each with the persona's own generation settings.
+ALFRED's route included, as a user gets it), ``single`` (one plain call of the same
+model: ALFRED's system prompt and the task as given) or ``brick`` (BRICK's first turn
+alone), each with the persona's own generation settings.
 """
 from __future__ import annotations
 
@@ -227,8 +227,8 @@ class SuiteRunner:
 
     def _alone(self, task: SuiteTask, persona: str) -> dict[str, Any]:
         proto = self.protos.get(persona)
-        if persona == "ALFRED":
-            messages = prompts.direct_messages(proto, task.text, memories=[])
+        if persona == "ALFRED":       # one plain call: ALFRED's system prompt, the task
+            messages = prompts.plain_messages(proto, task.text)
         else:
             messages = prompts.brick_messages(proto, task.text, memories=[], robin_said=None,
                                               tool_result=None)
