@@ -27,7 +27,7 @@ def local_system(monkeypatch, bus):
         def __init__(self, settings, **kw):
             self.bus = bus
             self.parts = graph_parts.build(settings, bus, made["replies"], memory=False,
-                                           dissonance_threshold=0.2)
+                                           dissonance_threshold=0.2, max_rounds=3)
             self.graph = self.parts.graph
             made["system"] = self
 
