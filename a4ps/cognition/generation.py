@@ -7,12 +7,16 @@ never overwritten) and the graph reads them at every turn, so an inspector edit
 applies to the next turn. Backends ignore knobs their engine cannot honour (see each
 backend's docstring).
 
-The defaults were chosen on the task suite (``bench/bench_tasks.py``, the tuning
-portion only): greedy decoding, because at temperature > 0 SmolLM2-135M's answers
-on the factual and arithmetic tasks got worse and its turns looped more; a mild
-repetition penalty and no repeated 4-grams against the loops it still falls into; short
-turns, because the answer comes first and what follows it rarely helps. ROBIN samples
-a little (0.3) so the dialogue has a second, different candidate answer.
+The defaults are reasoned, then checked on a handful of the suite's tuning tasks
+(a sweep over the suite did not fit this machine's time; ``bench/bench_tasks.py
+--split tune`` is how to revisit them): greedy decoding for ALFRED and BRICK (at
+temperature > 0 a 135M model drifts off short factual and arithmetic answers); a mild
+repetition penalty and no repeated 4-grams against the loops it falls into (the graph
+also stops a turn at its first repeat); turns of at most 64 tokens, since the prompts
+ask for the answer first; stop strings at the next speaker's line. ROBIN samples a
+little (0.3, top-p 0.9) where the backend samples, so the dialogue can offer a second,
+different candidate answer (the embedded backend decodes greedily unless
+``models.embedded.do_sample`` is on).
 """
 from __future__ import annotations
 
