@@ -39,6 +39,7 @@ class StudioHost:
         self._system: Any = None
         self._daemon_lock: Any = None
         self._compiled: Any = None
+        self.cognitive: CognitiveGraph | None = None
         self.systems_built = 0
 
     def system(self) -> Any:
@@ -72,6 +73,7 @@ class StudioHost:
                                     lazy.part("memory"), lazy.part("bus"), self.settings,
                                     forge=lazy.part("forge"), registry=lazy.part("tools"),
                                     checkpointer_path=False)
+                self.cognitive = cg
                 self._compiled = cg.compile()
             return self._compiled
 

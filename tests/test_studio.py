@@ -94,6 +94,7 @@ def test_runs_share_one_system_without_services_under_the_lock(studio_env):
         assert first["status"] == "ok" and second["status"] == "ok"
         assert second["decisions"][0]["kind"] == "route"
         assert len(built) == 1 and host.systems_built == 1
+        assert host.cognitive._runs == {}      # nothing kept per run
         assert threading.active_count() <= threads      # no new threads per run
         system = built[0]
         names = {t.name for t in threading.enumerate()}

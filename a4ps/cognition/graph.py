@@ -74,6 +74,7 @@ class _Run:
     """What one running task needs beyond its state: the cancel token and its stream."""
     cancel: Any
     stream: TokenStream
+    owned: bool = True          # False: made by a node (a run started outside run())
 
 
 @dataclass
@@ -271,7 +272,7 @@ class CognitiveGraph:
         run = self._runs.get(key)
         if run is None:
             run = self._runs.setdefault(key, _Run(None, TokenStream(
-                self.bus.publish, key, interval_s=self.token_interval_s)))
+                self.bus.publish, key, interval_s=self.token_interval_s), owned=False))
         return run
 
     def _check_cancel(self, state: CognitiveState, node: str) -> None:
@@ -591,6 +592,9 @@ class CognitiveGraph:
                 "error": None}
 
     def _remember(self, state: CognitiveState) -> dict[str, Any]:
+        run = self._runs.get(str(state.get("task_id")))
+        if run is not None and not run.owned:      # the last node: forget a Studio run
+            self._runs.pop(str(state.get("task_id")), None)
         if state.get("status") != "ok" or self.memory is None:
             why = "nothing to remember (the task failed)" if self.memory is not None else "memory is off"
             self._step(state, "remember", None, why)
