@@ -153,6 +153,22 @@ def table(s: dict, modes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def rescore(path: Path) -> int:
+    """The table of a saved run, its answers checked again (a fixed check, same answers)."""
+    saved = json.loads(path.read_text())
+    by_id = {t.id: t for t in suite.load_suite()}
+    rows = saved["rows"]
+    for r in rows:
+        v = suite.check_answer(by_id[r["id"]], r["answer"])
+        r.update(passed=v.passed, score=v.score, detail=v.detail)
+    modes = [m for m in suite.MODES if any(r["mode"] == m for r in rows)]
+    s = summarise(rows, modes)
+    print(f"task suite (re-checked {path}): {len({r['id'] for r in rows})} tasks x "
+          f"{len(modes)} modes")
+    print(table(s, modes))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-kind", type=int, default=0, help="at most N tasks of each kind")
@@ -165,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forge", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="a line per task and mode")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bench_tasks.json")
+    ap.add_argument("--rescore", type=Path, default=None,
+                    help="re-check the answers saved in a results file with the suite's "
+                         "current checks (no model runs) and print the table again")
     args = ap.parse_args(argv)
+    if args.rescore:
+        return rescore(args.rescore)
     tasks = pick(args)
     system, graph = build(args)
     runner = suite.SuiteRunner(graph, system.models, system.protos)

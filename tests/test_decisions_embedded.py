@@ -11,7 +11,7 @@ import pytest
 from a4ps.cognition import decisions
 from a4ps.cognition.suite import load_suite
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]    # 50 real calls per test
 CALLS = 50
 
 

@@ -94,7 +94,7 @@ def test_reference_answers_pass_and_wrong_ones_fail_across_the_suite():
         "arithmetic-01": ("17 times 23 is 391.", "17 times 23 is 321."),
         "conversion-02": ("100 F is about 37.8 C.", "100 F is 100 C."),
         "reasoning-01": ("Bob is the shortest.", "Ann is the shortest."),
-        "reasoning-03": ("Yes, Tom is an animal.", "No."),
+        "reasoning-03": ("The answer is yes.", "No, yes... no."),
         "format-02": ('{"city": "Paris", "country": "France"}', "Paris, France"),
         "format-04": ("apple, pear, plum", "apple"),
     }
@@ -128,6 +128,7 @@ def test_echoing_the_task_earns_no_credit():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)      # nine real-model runs; minutes on a busy 2-core machine
 def test_suite_slice_on_the_real_model_in_every_mode(settings, bus, embedded_models):
     """One task of three kinds through the contrapunto, the single call and BRICK alone
     on SmolLM2-135M: verdicts and costs are recorded, the route decision parses, and no
