@@ -8,6 +8,7 @@ raises :class:`SettingsError` naming the key and the problem.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -47,22 +48,40 @@ class OllamaSettings(_Section):
     embed_model: str | None = None
 
 
+class OpenAISettings(_Section):
+    """An OpenAI-compatible server (vLLM, llama.cpp ``llama-server``, LM Studio)."""
+    base_url: str | None = Field(
+        None, description="None = OPENAI_BASE_URL or http://127.0.0.1:8000/v1")
+    api_key: str | None = Field(
+        None, description="None = OPENAI_API_KEY, else a placeholder (local servers "
+                          "ignore it)")
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+    # the body field ``repetition_penalty`` travels in (vLLM's name); "" = never sent
+    repetition_penalty_field: str | None = "repetition_penalty"
+
+
 class ModelSettings(_Section):
     # "scripted" is a deterministic stand-in for tests and demos (a4ps/models/scripted.py)
-    backend: Literal["embedded", "ollama", "scripted"] = "embedded"
+    backend: Literal["embedded", "ollama", "openai", "scripted"] = "embedded"
     embedded_personas: dict[str, str] = Field(
         default_factory=lambda: {p: "smollm2-135m" for p in PERSONAS})
     ollama_personas: dict[str, str] = Field(default_factory=lambda: {
         "ALFRED": "gemma2:2b", "BRICK": "phi3:mini", "ROBIN": "llama3.2:3b"})
+    # one model for all three: a vLLM server usually serves a single model
+    openai_personas: dict[str, str] = Field(default_factory=lambda: {
+        p: "Qwen/Qwen2.5-3B-Instruct" for p in PERSONAS})
     memory_budget_gb: float = Field(8.0, gt=0)
     embedded: EmbeddedModelSettings = EmbeddedModelSettings()
     ollama: OllamaSettings = OllamaSettings()
+    openai: OpenAISettings = OpenAISettings()
     # "hash" is a cheap deterministic stand-in embedder for tests
     embedding_backend: Literal["minilm", "ollama", "hash"] = "minilm"
     embedding_batch_size: int = Field(64, ge=1)
 
     def persona_model(self, persona: str) -> str:
-        table = self.ollama_personas if self.backend == "ollama" else self.embedded_personas
+        table = {"ollama": self.ollama_personas, "openai": self.openai_personas}.get(
+            self.backend, self.embedded_personas)
         try:
             return table[persona]
         except KeyError:
@@ -75,18 +94,78 @@ class CognitionSettings(_Section):
     dissonance_high: float = Field(0.6, ge=0, le=1)
     max_rounds: int = Field(3, ge=1, le=20)
     recall_k: int = Field(3, ge=0, le=50)
+    # "sqlite" (<data_dir>/checkpoints/graph.sqlite) or "postgres://user:pass@host/db"
+    checkpointer: str = "sqlite"
+
+    @field_validator("checkpointer")
+    @classmethod
+    def _checkpointer(cls, v: str) -> str:
+        if v == "sqlite" or v.startswith(("postgres://", "postgresql://")):
+            return v
+        raise ValueError('use "sqlite" or a PostgreSQL URL such as '
+                         '"postgres://user:password@host:5432/a4ps"')
+
+
+OBJECT_STORE_SCHEMES = ("s3", "s3+ddb", "gs", "az")
 
 
 class MemorySettings(_Section):
+    # None = <data_dir>/memory_db; "s3://bucket/path" (or gs://, az://) = object storage
+    uri: str | None = None
+    # LanceDB/object_store options for ``uri``: aws_endpoint, aws_region, allow_http,
+    # aws_access_key_id, ... (credentials may also come from the usual AWS_* variables)
+    storage_options: dict[str, str] = Field(default_factory=dict)
     index_min_rows: int = Field(20_000, ge=256)
     index_type: Literal["ivf_hnsw_sq", "ivf_pq"] = "ivf_hnsw_sq"
     nprobes: int = Field(20, ge=1)
     refine_factor: int = Field(10, ge=1)
 
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None or "://" not in v or v.split("://", 1)[0] in OBJECT_STORE_SCHEMES:
+            return v
+        raise ValueError(f"use a local path or an object-store URI "
+                         f"({', '.join(s + '://bucket/path' for s in OBJECT_STORE_SCHEMES)})")
+
+
+class TaskSettings(_Section):
+    # "sqlite" (<data_dir>/tasks.sqlite) or "postgres://user:pass@host/db", a queue
+    # several daemons share (a4ps/tasks_postgres.py)
+    queue: str = "sqlite"
+    # this daemon's name in a shared queue (its self-generated tasks stay with it);
+    # None = "<hostname>:<data_dir>"
+    worker_name: str | None = None
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str) -> str:
+        if v == "sqlite" or v.startswith(("postgres://", "postgresql://")):
+            return v
+        raise ValueError('use "sqlite" or a PostgreSQL URL such as '
+                         '"postgres://user:password@host:5432/a4ps"')
+
 
 class ImageSettings(_Section):
     autosave_interval_s: float = Field(30.0, gt=0)
     snapshot_ring: int = Field(5, ge=1, le=100)
+    # pre-restore / pre-swap / pre-amendment snapshots kept beyond the ring (named
+    # snapshots are never pruned)
+    kept_snapshots: int = Field(20, ge=1, le=1000)
+    # how long a restore waits for the running task to finish before refusing
+    restore_wait_s: float = Field(60.0, gt=0)
+
+
+class ProtoSettings(_Section):
+    """Limits on live edits and live method calls (a4ps/proto.py)."""
+    # a live method called from the graph or a service is abandoned after this much
+    # time in its own code (time inside models/memory/tool calls is not counted) ...
+    method_budget_s: float = Field(10.0, gt=0)
+    # ... or after this much time in all, whatever it was doing
+    method_wall_budget_s: float = Field(600.0, gt=0)
+    max_slot_bytes: int = Field(262_144, ge=1024)
+    max_slot_depth: int = Field(32, ge=2, le=200)
+    method_history: int = Field(5, ge=1, le=100)
 
 
 class BusSettings(_Section):
@@ -109,6 +188,8 @@ class SandboxSettings(_Section):
     memory_mb: int = Field(256, ge=16)
     max_pids: int = Field(32, ge=1)
     max_output_bytes: int = Field(65_536, ge=256)
+    disk_mb: int = Field(64, ge=1, description="size of the sandbox's work directory (a tmpfs; "
+                                                 "it counts against memory_mb too)")
     allowed_imports: list[str] = Field(default_factory=lambda: [
         "math", "statistics", "datetime", "re", "json", "itertools", "functools",
         "collections", "decimal", "fractions", "string", "random", "typing",
@@ -118,6 +199,9 @@ class SandboxSettings(_Section):
 class ForgeSettings(_Section):
     enabled: bool = True
     max_attempts: int = Field(3, ge=1, le=10)
+    reuse_similarity: float = Field(
+        0.75, ge=0, le=1, description="a registered tool whose description is at least this "
+                                     "similar to a request's is called instead of forging one")
 
 
 class CuratorSettings(_Section):
@@ -175,7 +259,9 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     cognition: CognitionSettings = CognitionSettings()
     memory: MemorySettings = MemorySettings()
+    tasks: TaskSettings = TaskSettings()
     image: ImageSettings = ImageSettings()
+    protos: ProtoSettings = ProtoSettings()
     bus: BusSettings = BusSettings()
     sandbox: SandboxSettings = SandboxSettings()
     forge: ForgeSettings = ForgeSettings()
@@ -215,6 +301,15 @@ class Settings(BaseSettings):
         return self.data_dir / "memory_db"
 
     @property
+    def memory_uri(self) -> str:
+        """Where LanceDB keeps the memory: ``memory.uri`` or the local memory_dir."""
+        return self.memory.uri or str(self.memory_dir)
+
+    @property
+    def memory_is_remote(self) -> bool:
+        return "://" in self.memory_uri
+
+    @property
     def golden_dir(self) -> Path:
         return self.data_dir / "golden_datasets"
 
@@ -227,6 +322,11 @@ class Settings(BaseSettings):
         return self.models.embedded.cache_dir or (self.data_dir / "model_cache")
 
     @property
+    def tools_dir(self) -> Path:
+        """Forged tools' source, as plain data files (never imported on the host)."""
+        return self.data_dir / "tools"
+
+    @property
     def token_path(self) -> Path:
         return self.data_dir / "daemon.token"
 
@@ -235,12 +335,19 @@ class Settings(BaseSettings):
         return self.data_dir / "tasks.sqlite"
 
 
+def redact_url(url: str) -> str:
+    """A connection URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
 def _describe(err: ValidationError, source: str) -> str:
-    lines = [f"invalid settings ({source}):"]
+    """One line: every bad key, what is wrong, and the value given (shortened)."""
+    parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+        got = repr(e.get("input"))
+        parts.append(f"{key}: {e['msg']} (got {got[:80] + '...' if len(got) > 80 else got})")
+    return f"invalid settings ({source}): " + "; ".join(parts)
 
 
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
@@ -256,6 +363,11 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"invalid settings file {path}: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            raise SettingsError(f"cannot read the settings file {path} ({why}): fix its "
+                                "permissions or contents, or point A4PS_CONFIG at another "
+                                "file") from None
     elif "A4PS_CONFIG" in os.environ or path != DEFAULT_CONFIG:
         raise SettingsError(f"settings file {path} does not exist")
     for key, value in overrides.items():

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class StudioHost:
-    """One lazily built System (and its lock) behind one compiled graph."""
+    """One lazily built System behind one compiled graph."""
 
     def __init__(self, settings: Settings, *, make_system: Callable[[Settings], Any] | None = None
                  ) -> None:
@@ -37,28 +37,23 @@ class StudioHost:
         self._make_system = make_system
         self._lock = threading.Lock()
         self._system: Any = None
-        self._daemon_lock: Any = None
         self._compiled: Any = None
         self.cognitive: CognitiveGraph | None = None
         self.systems_built = 0
 
     def system(self) -> Any:
-        """The System, built and started (services off) on first use, under the lock."""
+        """The System, built and started (services off) on first use. ``System.start``
+        takes the data directory's one-writer lock (a4ps.lock) and holds it until
+        ``stop``; a daemon on the same directory makes it raise DataLockHeld."""
         with self._lock:
             if self._system is None:
-                from a4ps.daemon import LOCK_NAME, DaemonLock
-                lock = DaemonLock(self.settings.data_dir / LOCK_NAME).acquire()
-                try:
-                    if self._make_system is not None:
-                        system = self._make_system(self.settings)
-                    else:
-                        from a4ps.system import System
-                        system = System(self.settings)
-                    system.start(services=False)
-                except BaseException:
-                    lock.release()
-                    raise
-                self._system, self._daemon_lock = system, lock
+                if self._make_system is not None:
+                    system = self._make_system(self.settings)
+                else:
+                    from a4ps.system import System
+                    system = System(self.settings)
+                system.start(services=False)
+                self._system = system
                 self.systems_built += 1
                 log.info("LangGraph Studio: System started on %s (no background services)",
                          self.settings.data_dir)
@@ -78,16 +73,11 @@ class StudioHost:
             return self._compiled
 
     def close(self) -> None:
-        """Stop the System (saving its image) and release the data directory's lock."""
+        """Stop the System: its image is saved and the data directory's lock released."""
         with self._lock:
-            system, lock = self._system, self._daemon_lock
-            self._system = self._daemon_lock = None
+            system, self._system = self._system, None
         if system is not None:
-            try:
-                system.stop()
-            finally:
-                if lock is not None:
-                    lock.release()
+            system.stop()
 
 
 class _Lazy:

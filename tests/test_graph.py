@@ -394,8 +394,8 @@ class FakeRegistry:
     def __init__(self):
         self.called = []
 
-    def find(self, query, k=5):
-        return []
+    def match(self, name, description, args=None):
+        return None      # nothing registered yet: the forge makes it
 
     def call(self, name, args):
         self.called.append((name, args))
@@ -415,6 +415,8 @@ def test_tool_route_asks_brick_for_a_structured_request_and_the_result_reaches_b
     assert [d["kind"] for d in r["decisions"]] == ["route", "tool_request"]
     assert r["decisions"][1]["parsed"] and r["decisions"][1]["value"] == request
     assert forge.specs[0].name == "add_numbers" and forge.specs[0].description == "adds two numbers"
+    assert set(forge.specs[0].inputs) == {"a", "b"} and forge.specs[0].examples[0].args == {"a": 2, "b": 3}
+    assert r["tool"]["version"] == 1
     assert registry.called == [("add_numbers", {"a": 2, "b": 3})]
     assert r["tool"]["ok"] and r["tool"]["output"] == 5
     assert "Tool add_numbers returned: 5" in persona_calls(p, "BRICK")[0][1][-1]["content"]

@@ -75,7 +75,7 @@ def studio_env(monkeypatch, data_dir):
 
 def test_runs_share_one_system_without_services_under_the_lock(studio_env):
     from a4ps.config import load_settings
-    from a4ps.daemon import LOCK_NAME, DaemonLock, DaemonLockError
+    from a4ps.lock import LOCK_NAME, DataLock, DataLockHeld
     from a4ps.studio import StudioHost
     built = []
 
@@ -101,22 +101,22 @@ def test_runs_share_one_system_without_services_under_the_lock(studio_env):
         assert not names & {"a4ps-curator", "a4ps-motivator", "a4ps-philosopher"}
         assert not system.curator.running
         assert system.settings.data_dir == studio_env
-        with pytest.raises(DaemonLockError):     # a daemon cannot open this data dir now
-            DaemonLock(studio_env / LOCK_NAME).acquire()
+        with pytest.raises(DataLockHeld):     # a daemon cannot open this data dir now
+            DataLock(studio_env / LOCK_NAME).acquire()
     finally:
         host.close()
     assert built[0].state.value == "stopped"
-    DaemonLock(studio_env / LOCK_NAME).acquire().release()     # released on close
+    DataLock(studio_env / LOCK_NAME).acquire().release()     # released on close
 
 
 def test_a_daemon_holding_the_data_dir_stops_studio_with_a_clear_error(studio_env):
     from a4ps.config import load_settings
-    from a4ps.daemon import LOCK_NAME, DaemonLock, DaemonLockError
+    from a4ps.lock import LOCK_NAME, DataLock, DataLockHeld
     from a4ps.studio import StudioHost
-    held = DaemonLock(studio_env / LOCK_NAME).acquire()
+    held = DataLock(studio_env / LOCK_NAME).acquire("daemon", command_addr="tcp://127.0.0.1:5555")
     host = StudioHost(load_settings())
     try:
-        with pytest.raises(DaemonLockError, match="another a4ps daemon"):
+        with pytest.raises(DataLockHeld, match="the a4ps daemon .* is using"):
             host.graph().invoke({"task_id": "s-x", "task": "hello"})
     finally:
         held.release()
