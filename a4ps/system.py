@@ -35,13 +35,15 @@ CODEX_PATH = PROJECT_ROOT / "config" / "codex.toml"
 # The live method every persona inherits from the "persona" proto. Kept as source so
 # it can be edited in the inspector while the system runs.
 INVOKE_LLM = '''\
-def invoke_llm(self, prompt, **kw):
-    """Ask this persona's model; prompt is text or a list of chat messages."""
+def invoke_llm(self, prompt, full=False, **kw):
+    """Ask this persona's model; prompt is text or a list of chat messages.
+    Returns the reply text, or with full=True the whole Generation (tokens, finish)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if not messages or messages[0].get("role") != "system":
         messages.insert(0, {"role": "system", "content": self.system_prompt})
     kw.setdefault("temperature", self.temperature)
-    return self.service("models").chat(self.model_name, messages, **kw)
+    out = self.service("models").generate(self.model_name, messages, **kw)
+    return out if full else out.text
 '''
 
 MORPH_POSITIONS = {"ALFRED": [360, 420], "BRICK": [120, 200], "ROBIN": [600, 200]}

@@ -46,9 +46,10 @@ def script(*, route: str = "contrapunto", brick: Say = "BRICK analysis.",
     ``brick``/``robin`` may be functions of their call number (1..). Decisions:
     ``route`` (one of the routes, or any text to see a DecisionError), ``pick``
     ("BRICK" or "ROBIN": ALFRED's answer choice) and ``tool`` (the tool-request object,
-    or a string that is not JSON).
+    or a string that is not JSON; or a function of the request's number, 1..).
     """
-    counts = {"BRICK": itertools.count(1), "ROBIN": itertools.count(1)}
+    counts = {"BRICK": itertools.count(1), "ROBIN": itertools.count(1),
+              "tool": itertools.count(1)}
 
     def reply(messages: list[dict[str, str]], asked: Any = None) -> Any:
         who = persona_of(messages)
@@ -63,7 +64,8 @@ def script(*, route: str = "contrapunto", brick: Say = "BRICK analysis.",
         if is_tool_request(messages):
             if log is not None:
                 log.append("BRICK/tool")
-            return tool if tool is not None else "no tool"
+            said = tool(next(counts["tool"])) if callable(tool) else tool
+            return said if said is not None else "no tool"
         if log is not None:
             log.append(who)
         if who == "ALFRED":

@@ -319,10 +319,13 @@ class CognitiveGraph:
             t0 = time.perf_counter()
             text = ""
             try:
-                out = self.models.generate(proto.model_name, msgs, on_token=guard,
-                                           cancel=guard, **gen)
-                text, finish = out.text, out.finish
-                tokens += out.tokens
+                out = self._invoke(proto, msgs, guard, gen)
+                if isinstance(out, str):      # a live invoke_llm that returns text only
+                    text, finish, n = out, None, guard.pieces
+                else:
+                    text, finish, n = getattr(out, "text", None), getattr(out, "finish", None), \
+                        getattr(out, "tokens", guard.pieces)
+                tokens += int(n or 0)
                 if guard.repeated:
                     text, finish = guard.kept(), "repetition"
                 problem = prompts.reply_problem(text)
@@ -350,6 +353,14 @@ class CognitiveGraph:
                 return Turn(text, None, spent, tokens, finish)
             msgs = prompts.retry_nudge(messages, problem)
         return Turn("", f"{persona}: {problem} (after one retry)", spent, tokens, finish)
+
+    def _invoke(self, proto: Any, messages: list[dict[str, str]], guard: TurnGuard,
+                gen: dict[str, Any]) -> Any:
+        """The persona's live ``invoke_llm`` (so an edited method speaks), else the model."""
+        if proto.has("invoke_llm"):
+            return proto.invoke_llm(messages, full=True, on_token=guard, cancel=guard, **gen)
+        return self.models.generate(proto.model_name, messages, on_token=guard, cancel=guard,
+                                    **gen)
 
     def _decide(self, state: CognitiveState, node: str, kind: str,
                 ask: Callable[[Any], Decision]) -> Decision:
