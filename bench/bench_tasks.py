@@ -155,7 +155,7 @@ def table(s: dict, modes: list[str]) -> str:
 
 def rescore(path: Path) -> int:
     """The table of a saved run, its answers checked again (a fixed check, same answers)."""
-    saved = json.loads(path.read_text())
+    saved = json.loads(path.read_text())     # a whole run, or one stopped part-way
     by_id = {t.id: t for t in suite.load_suite()}
     rows = saved["rows"]
     for r in rows:
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = runner.run(task, mode)
                 rows.append(row)
                 bar.update(1)
+                args.out.parent.mkdir(parents=True, exist_ok=True)     # kept as it goes
+                args.out.write_text(json.dumps({"rows": rows}, indent=1, default=str))
                 if args.verbose:
                     bar.write(f"{row['id']:<14} {mode:<12} {'PASS' if row['passed'] else 'fail'} "
                               f"{row['wall_s']:6.1f}s {row['tokens']:4d}tok "
