@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .codex import Codex
+from .cognition import generation
 from .config import PERSONAS, PROJECT_ROOT, Settings
 from .events import Event, EventBus
 from .image import ImageStore, LoadInfo, SaveRetry
@@ -34,13 +35,15 @@ CODEX_PATH = PROJECT_ROOT / "config" / "codex.toml"
 # The live method every persona inherits from the "persona" proto. Kept as source so
 # it can be edited in the inspector while the system runs.
 INVOKE_LLM = '''\
-def invoke_llm(self, prompt, **kw):
-    """Ask this persona's model; prompt is text or a list of chat messages."""
+def invoke_llm(self, prompt, full=False, **kw):
+    """Ask this persona's model; prompt is text or a list of chat messages.
+    Returns the reply text, or with full=True the whole Generation (tokens, finish)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if not messages or messages[0].get("role") != "system":
         messages.insert(0, {"role": "system", "content": self.system_prompt})
     kw.setdefault("temperature", self.temperature)
-    return self.service("models").chat(self.model_name, messages, **kw)
+    out = self.service("models").generate(self.model_name, messages, **kw)
+    return out if full else out.text
 '''
 
 # What a persona is doing is not stored in the image: the UI derives it from the task
@@ -376,10 +379,12 @@ class System:
             if name not in self.protos:
                 self.protos.clone("persona", name, role=pc.role, model_name=model,
                                   model_backend=backend, system_prompt=self.codex.system_prompt(name),
-                                  model_lineage=[])
+                                  model_lineage=[], **generation.defaults_for(name))
                 continue
             proto = self.protos.get(name)
-            changes: dict[str, Any] = {}
+            # generation slots an older image lacks (an edited one is kept)
+            changes: dict[str, Any] = {k: v for k, v in generation.defaults_for(name).items()
+                                       if k not in proto.own_slots()}
             if proto.get("model_backend") != backend:
                 # the user switched backends in settings: follow them
                 changes.update(model_name=model, model_backend=backend)
