@@ -103,7 +103,7 @@ class System:
         self.models = ModelManager(settings, self.bus, backend=chat_backend, embedder=self.embedder)
 
         from .memory import MemoryManager
-        from .tasks import open_task_queue
+        from .task_queues import open_task_queue
         self.memory = MemoryManager(settings, self.embedder, bus=self.bus)
         self.tasks = open_task_queue(settings, bus=self.bus)
 

@@ -158,7 +158,8 @@ class TaskQueue(Protocol):
 
     Two implementations: :class:`SqliteTaskQueue` (one machine, ``<data_dir>/tasks.sqlite``)
     and :class:`~a4ps.tasks_postgres.PostgresTaskQueue` (several daemons sharing one
-    PostgreSQL database). :func:`open_task_queue` builds the one ``tasks.queue`` names.
+    PostgreSQL database). :func:`a4ps.task_queues.open_task_queue` builds the one
+    ``tasks.queue`` names.
     Both keep the states, ordering and recovery rules in this module's docstring; the
     shared queue's ``recover`` requeues only the tasks of daemons that are gone.
     """
@@ -189,21 +190,6 @@ class TaskQueue(Protocol):
     def recover(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]: ...
 
     def close(self) -> None: ...
-
-
-def open_task_queue(settings: Any, bus: Any = None) -> TaskQueue:
-    """The queue ``settings.tasks.queue`` names: ``"sqlite"`` or a PostgreSQL URL."""
-    url = settings.tasks.queue
-    if url.startswith(("postgres://", "postgresql://")):
-        from .tasks_postgres import PostgresTaskQueue, default_worker_name
-        if settings.cognition.checkpointer == "sqlite":
-            log.warning("tasks.queue is shared but cognition.checkpointer is this "
-                        "daemon's SQLite file: a task requeued from a crashed daemon "
-                        "starts over on another instead of resuming; set "
-                        "cognition.checkpointer to the PostgreSQL URL too")
-        return PostgresTaskQueue(url, bus=bus, worker_name=settings.tasks.worker_name
-                                 or default_worker_name(settings.data_dir))
-    return SqliteTaskQueue(settings.tasks_path, bus=bus)
 
 
 class SqliteTaskQueue:

@@ -1,0 +1,187 @@
+"""The dependency picture in docs/architecture.md ("Layers") holds for the code.
+
+Parses every module under ``a4ps/`` with :mod:`ast` (no imports run) and collects
+every import of a project module: at module level, inside functions, under
+``TYPE_CHECKING``. Two rules:
+
+* no import circle between project modules (a loop of any length);
+* no upward import: a module may import its own layer or one below it.
+
+The layer of each module comes from the ```` ```layers ```` block in the docs, so the
+picture a newcomer reads is the one the tests enforce.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "a4ps"
+DOC = ROOT / "docs" / "architecture.md"
+
+
+def project_modules(package: Path = PACKAGE) -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` under the package."""
+    mods: dict[str, Path] = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    return mods
+
+
+def _owner(name: str, mods: dict[str, Path]) -> str | None:
+    """The project module ``name`` lives in (``a4ps.x.y.Thing`` -> ``a4ps.x.y``)."""
+    while name and name not in mods:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def imports_of(module: str, path: Path, mods: dict[str, Path]) -> dict[str, int]:
+    """Project modules ``module`` imports (anywhere in its file) -> first line."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    is_package = path.name == "__init__.py"
+    found: dict[str, int] = {}
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".") if is_package else module.split(".")[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                origin = ".".join(base + ([node.module] if node.module else []))
+            else:
+                origin = node.module or ""
+            # `from pkg import sub` imports the submodule when one exists
+            names = [f"{origin}.{a.name}" if f"{origin}.{a.name}" in mods else origin
+                     for a in node.names]
+        for name in names:
+            target = _owner(name, mods) if name.split(".")[0] == "a4ps" else None
+            if target and target != module:
+                found.setdefault(target, node.lineno)
+    return found
+
+
+def import_graph() -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
+    mods = project_modules()
+    return mods, {m: imports_of(m, p, mods) for m, p in mods.items()}
+
+
+def layer_patterns(doc: Path = DOC) -> list[tuple[int, str]]:
+    """(layer number, module pattern) pairs from the docs' ```layers block."""
+    block = re.search(r"```layers\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
+    assert block, f"{doc} has no ```layers block: add one (see its 'Layers' section)"
+    out: list[tuple[int, str]] = []
+    for line in block.group(1).splitlines():
+        m = re.match(r"\s*L(\d+)\s+[^:]*:\s*(.*)", line)
+        if m:
+            out += [(int(m.group(1)), pat) for pat in m.group(2).split()]
+    return out
+
+
+def layer_of(module: str, patterns: list[tuple[int, str]]) -> int | None:
+    """The layer of the most specific pattern matching ``module`` (exact beats ``*``)."""
+    best: tuple[int, int] | None = None            # (specificity, layer)
+    for layer, pat in patterns:
+        if pat.endswith(".*"):
+            prefix = pat[:-2]
+            if module == prefix or module.startswith(prefix + "."):
+                score = len(prefix)
+            else:
+                continue
+        elif pat == module:
+            score = 10_000
+        else:
+            continue
+        if best is None or score > best[0]:
+            best = (score, layer)
+    return None if best is None else best[1]
+
+
+def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_import_graph_sees_function_level_imports(tmp_path: Path) -> None:
+    """The parser must see imports inside functions, or circles could hide there."""
+    mods = {"a4ps": PACKAGE / "__init__.py", "a4ps.x": Path("x.py"),
+            "a4ps.y": Path("y.py"), "a4ps.y.z": Path("y/z.py")}
+    src = ("import os\nfrom .y import z\n"
+           "def f():\n    from a4ps.x import thing\n    from . import y\n")
+    probe = tmp_path / "w.py"
+    probe.write_text(src)
+    found = imports_of("a4ps.w", probe, mods)
+    assert set(found) == {"a4ps.x", "a4ps.y", "a4ps.y.z"}
+    assert find_cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) \
+        == [["a", "b", "c"]]
+
+
+def test_no_import_circles_between_project_modules() -> None:
+    mods, graph = import_graph()
+    cycles = find_cycles(graph)
+    detail = []
+    for comp in cycles:
+        edges = [f"  {a} -> {b} ({mods[a].relative_to(ROOT)}:{graph[a][b]})"
+                 for a in comp for b in graph[a] if b in comp]
+        detail.append("\n".join(edges))
+    assert not cycles, ("import circles (move the shared part down a layer, or the "
+                        "importing code up):\n" + "\n\n".join(detail))
+
+
+def test_every_module_has_a_layer_in_the_docs() -> None:
+    patterns = layer_patterns()
+    missing = [m for m in project_modules() if layer_of(m, patterns) is None]
+    assert not missing, ("modules with no layer in docs/architecture.md's ```layers "
+                         f"block (add them where they belong): {missing}")
+
+
+def test_imports_point_down_the_layers() -> None:
+    patterns = layer_patterns()
+    mods, graph = import_graph()
+    upward = []
+    for mod, targets in graph.items():
+        mine = layer_of(mod, patterns)
+        for target, line in targets.items():
+            theirs = layer_of(target, patterns)
+            if mine is not None and theirs is not None and theirs > mine:
+                upward.append(f"{mods[mod].relative_to(ROOT)}:{line}: {mod} (L{mine}) "
+                              f"imports {target} (L{theirs})")
+    assert not upward, ("imports against the layer order in docs/architecture.md "
+                        "(talk upward through the EventBus or a Protocol passed in):\n"
+                        + "\n".join(sorted(upward)))
