@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .values import plain
+
 log = logging.getLogger(__name__)
 
 TOPICS = (
@@ -39,15 +41,9 @@ Subscriber = Callable[[Event], None]
 
 
 def json_safe(value: Any, unknown: Callable[[Any], Any] = repr) -> Any:
-    """Plain data for payloads and checkpoints; other objects go through ``unknown``
-    (their repr by default)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v, unknown) for v in value]
-    if isinstance(value, dict):
-        return {str(k): json_safe(v, unknown) for k, v in value.items()}
-    return unknown(value)
+    """Plain JSON data for payloads and checkpoints (:func:`a4ps.values.plain` with no
+    bytes); values with no plain form go through ``unknown`` (their repr by default)."""
+    return plain(value, unknown=unknown, keep_bytes=False)
 
 
 class EventBus:

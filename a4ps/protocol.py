@@ -18,15 +18,14 @@ command's model in pydantic *strict* mode: ``"5"`` is not an int and ``true`` is
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import enum
 import io
-import math
-from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
 import msgpack
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from .values import plain  # the one reducer (wire defaults); re-exported for callers
 
 PROTOCOL_VERSION = 1
 MAX_ID_LEN = 128
@@ -318,36 +317,6 @@ def _describe(err: ValidationError) -> str:
 
 
 # -- msgpack codec -----------------------------------------------------------------
-
-def plain(value: Any, _depth: int = 0) -> Any:
-    """Reduce any value to msgpack-friendly data (unknown objects become their repr)."""
-    if _depth > 64:
-        return repr(value)
-    if value is None or isinstance(value, (bool, int, str, bytes)):
-        if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
-            return str(value)
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {str(k): plain(v, _depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [plain(v, _depth + 1) for v in value]
-    if isinstance(value, BaseModel):
-        return plain(value.model_dump(mode="python"), _depth + 1)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return plain(dataclasses.asdict(value), _depth + 1)
-    if isinstance(value, enum.Enum):
-        return plain(value.value, _depth + 1)
-    if isinstance(value, (PurePath, _dt.datetime, _dt.date)):
-        return str(value) if isinstance(value, PurePath) else value.isoformat()
-    to_dict = getattr(value, "to_dict", None)
-    if callable(to_dict):
-        try:
-            return plain(to_dict(), _depth + 1)
-        except Exception:
-            pass
-    return {"$repr": repr(value)}
 
 
 def _default(value: Any) -> Any:
