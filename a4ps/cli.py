@@ -14,10 +14,25 @@ from typing import Callable
 
 from .config import Settings, SettingsError, load_settings
 from .models.threads import apply_openmp_policy
+from .client import DaemonClient, DaemonError, DaemonUnavailable
+from .codex import Codex, CodexError
+from .cognition.checkpoints import CheckpointStoreError
+from .daemon import (Daemon, DaemonError as DaemonStartError, DaemonLock,
+                     DaemonLockError, LOCK_NAME)
+from .fine_tuning.commands import add_commands as add_finetune_commands
+from .image import ImageError, ImageStore
+from .image_commands import add_commands as add_image_commands
+from .lock import DataLock, DataLockHeld, describe_holder
+from .memory import MemoryManager, MemoryStoreError
+from .models.embeddings import make_embedder
+from .system import CODEX_PATH, System
+from .tasks import TaskQueueError
+from .tasks_postgres import TaskQueueUnavailable
+from .tools.commands import add_commands as add_tool_commands
+from .ui.launch import run_ui
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from .client import DaemonClient, DaemonUnavailable
     try:
         with DaemonClient.from_settings(settings) as client:
             status = client.request("system.status", {}, timeout=args.timeout)
@@ -34,14 +49,11 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
-    from .ui.launch import run_ui
     return run_ui(settings, stop_daemon_on_exit=args.stop_daemon_on_exit,
                   start=not args.no_start, config_path=args.config)
 
 
 def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
-    from .daemon import Daemon, DaemonError
-    from .lock import DataLock, DataLockHeld
     try:
         lock = DataLock.for_data_dir(settings.data_dir).acquire(   # refuse fast
             kind="daemon", command_addr=settings.bus.command_addr,
@@ -49,13 +61,9 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     except DataLockHeld as e:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
-    from .cognition.checkpoints import CheckpointStoreError
-    from .memory import MemoryStoreError
-    from .tasks_postgres import TaskQueueUnavailable
     # a store named in the settings that cannot be used (docs/scaling.md): say which
     stores = (TaskQueueUnavailable, CheckpointStoreError, MemoryStoreError)
     try:
-        from .system import System
         system = System(settings, lock=lock)
     except stores as e:
         lock.release()
@@ -67,7 +75,7 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     try:
         return Daemon(system, lock=lock, shutdown_grace_s=args.grace,
                       from_snapshot=args.from_snapshot).run()
-    except (DaemonError, *stores) as e:
+    except (DaemonStartError, *stores) as e:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
     finally:
@@ -186,8 +194,6 @@ def _print_result(result: dict, out=None) -> int:
 
 def _ask_local(text: str, args: argparse.Namespace, settings: Settings) -> int:
     import uuid
-    from .lock import DataLockHeld, describe_holder
-    from .system import System
     view = _Transcript()
     system = System(settings)
     try:
@@ -229,7 +235,6 @@ def _ask_local(text: str, args: argparse.Namespace, settings: Settings) -> int:
 
 def _ask_daemon(client, text: str, args: argparse.Namespace, settings: Settings) -> int:
     import time
-    from .client import DaemonError
     if args.route:
         print("a4ps: --route is ignored by the daemon (ALFRED decides)", file=sys.stderr)
     view = _Transcript()
@@ -286,7 +291,6 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         print("a4ps ask: say what you want, e.g. a4ps ask \"why is the sky blue?\"", file=sys.stderr)
         return 2
     if not args.local:
-        from .client import DaemonClient
         client = DaemonClient.if_running(settings, timeout=10.0)
         if client is not None:
             with client:
@@ -296,8 +300,6 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
     import datetime as dt
-    from .memory import MemoryManager
-    from .models.embeddings import make_embedder
     query = " ".join(args.query).strip()
     if not query:
         print("a4ps memory search: give a query", file=sys.stderr)
@@ -327,7 +329,6 @@ def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
 
 def _codex_daemon(settings: Settings, cmd: str, args: dict, timeout: float):
     """The daemon's reply to ``cmd``, or None when no daemon answers (then work in-process)."""
-    from .client import DaemonClient, DaemonUnavailable
     client = DaemonClient.if_running(settings, timeout=timeout)
     if client is None:
         return None
@@ -340,9 +341,6 @@ def _codex_daemon(settings: Settings, cmd: str, args: dict, timeout: float):
 
 def _codex_local(settings: Settings):
     """(codex, parts, store) from the image on disk; the seed codex when there is none."""
-    from .codex import Codex
-    from .image import ImageStore
-    from .system import CODEX_PATH
     store = ImageStore.from_settings(settings)
     loaded = store.load()
     codex = Codex.from_toml(CODEX_PATH)
@@ -355,7 +353,6 @@ def _codex_local(settings: Settings):
 
 
 def _codex_view(args: argparse.Namespace, settings: Settings) -> dict:
-    from .client import DaemonError
     try:
         view = _codex_daemon(settings, "codex.get", {}, args.timeout)
     except DaemonError as e:
@@ -416,8 +413,6 @@ def _cmd_codex_history(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_codex_propose(args: argparse.Namespace, settings: Settings) -> int:
-    from .client import DaemonError
-    from .codex import CodexError
     text = " ".join(args.text).strip()
     wire = {"persona": args.persona, "principle_id": args.principle_id,
             "proposed_text": text, "rationale": args.rationale}
@@ -428,7 +423,6 @@ def _cmd_codex_propose(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     where = "daemon"
     if a is None:
-        from .daemon import LOCK_NAME, DaemonLock, DaemonLockError
         where = "image"
         lock = DaemonLock(settings.data_dir / LOCK_NAME)   # no daemon may start meanwhile
         try:
@@ -526,13 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rationale", "-r", required=True, help="why the codex should change")
     p.add_argument("--timeout", type=float, default=5.0)
 
-    from .tools.commands import add_commands as add_tool_commands
     add_tool_commands(sub)     # sandbox run FILE.py, tools list, tools show NAME
 
-    from .fine_tuning.commands import add_commands as add_finetune_commands
     add_finetune_commands(sub)  # curate, finetune PERSONA, models lineage|rollback PERSONA
 
-    from .image_commands import add_commands as add_image_commands
     add_image_commands(sub)     # image list|diff|restore|snapshot, persona export|import
 
     return parser
@@ -550,9 +541,6 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"a4ps: {e}", file=sys.stderr)
         return 2
-    from .image import ImageError
-    from .lock import DataLockHeld
-    from .tasks import TaskQueueError
     try:
         return args.func(args, settings) or 0
     except KeyboardInterrupt:

@@ -51,6 +51,13 @@ from . import protocol as P
 from .lock import LOCK_NAME, DataLock, DataLockHeld
 from .protocol import ErrorCode, ProtocolError
 from .step_buffer import StepBuffer
+from .codex import CodexError
+from .fine_tuning.unsloth_forge import FinetuneError
+from .persona_file import PersonaFileError
+from .proto import ProtoError
+from .services.motivator_service import IdleWatch
+from .snapshots import SnapshotConflict, SnapshotError, SnapshotNotFound
+from .tasks import TaskNotFound
 
 if TYPE_CHECKING:
     import zmq
@@ -248,7 +255,6 @@ class Daemon:
         return {**snap, "daemon": {"boot_id": self.boot_id, "seq": seq, "pid": os.getpid()}}
 
     def _task(self, task_id: Any) -> Any:
-        from .tasks import TaskNotFound
         try:
             return self.system.tasks.get(str(task_id))
         except TaskNotFound:
@@ -279,7 +285,6 @@ class Daemon:
 
     def _proto_clone(self, a: P.ProtoCloneArgs) -> dict[str, Any]:
         """A new proto delegating to ``name`` (Self-style clone), e.g. from a morph's halo."""
-        from .proto import ProtoError
         self._proto(a.name)
         try:
             return self.system.protos.clone(a.name, a.new_name, **(a.slots or {})).to_dict()
@@ -288,7 +293,6 @@ class Daemon:
             raise CommandError(code, str(e)) from None
 
     def _proto_remove(self, a: P.ProtoNameArgs) -> dict[str, Any]:
-        from .proto import ProtoError
         self._proto(a.name)
         if a.name in self.system.codex.personas:
             raise CommandError(ErrorCode.CONFLICT, f"{a.name} is a codex persona the system "
@@ -307,7 +311,6 @@ class Daemon:
         return proto
 
     def _proto_update(self, a: P.ProtoUpdateArgs) -> dict[str, Any]:
-        from .proto import ProtoError
         proto = self._proto(a.name)
         if a.expected_version is not None and a.expected_version != proto.version:
             raise CommandError(ErrorCode.CONFLICT,
@@ -325,7 +328,6 @@ class Daemon:
 
     def _proto_revert(self, a: P.ProtoRevertArgs) -> dict[str, Any]:
         """Put back a method's previous source (the inspector's "revert")."""
-        from .proto import ProtoError
         self._proto(a.name)
         try:
             reverted = self.system.protos.revert_method(a.name, a.method,
@@ -344,7 +346,6 @@ class Daemon:
         return CommandError(ErrorCode.INVALID_ARGS, msg)
 
     def _codex_decide(self, a: P.CodexDecideArgs) -> dict[str, Any]:
-        from .codex import CodexError
         try:
             amendment = self.system.codex.decide(a.proposal_id, a.version, a.approve,
                                                  by="user", reason=a.reason or "")
@@ -353,7 +354,6 @@ class Daemon:
         return {**amendment.to_dict(), "codex_version": self.system.codex.version}
 
     def _codex_propose(self, a: P.CodexProposeArgs) -> dict[str, Any]:
-        from .codex import CodexError
         try:
             amendment = self.system.codex.propose(a.persona, a.principle_id, a.proposed_text,
                                                   a.rationale, origin="user")
@@ -384,7 +384,6 @@ class Daemon:
                 "lineage": self.system.finetuner.lineage(persona)}
 
     def _models_rollback(self, a: P.PersonaArgs) -> dict[str, Any]:
-        from .fine_tuning.unsloth_forge import FinetuneError
         try:
             return self.system.finetuner.rollback(self._persona_name(a.persona))
         except FinetuneError as e:
@@ -392,7 +391,6 @@ class Daemon:
 
     @staticmethod
     def _time_travel(fn: Callable[..., Any], *args: Any) -> Any:
-        from .snapshots import SnapshotConflict, SnapshotError, SnapshotNotFound
         try:
             return fn(*args)
         except SnapshotNotFound as e:
@@ -408,7 +406,6 @@ class Daemon:
 
     @staticmethod
     def _persona_file(fn: Callable[..., Any], path: str, **kw: Any) -> Any:
-        from .persona_file import PersonaFileError
         if not Path(path).is_absolute():
             raise CommandError(ErrorCode.INVALID_ARGS, f"path {path!r} must be absolute (it is "
                                "read or written by the daemon, not in your working folder)")
@@ -480,7 +477,6 @@ class Daemon:
         return self
 
     def _restore_at_start(self, ref: str) -> None:
-        from .snapshots import SnapshotError
         try:
             out = self.system.timemachine.restore(ref)
         except SnapshotError as e:
@@ -580,7 +576,6 @@ class Daemon:
         motivator = getattr(self.system, "motivator", None)
         idle = None
         if motivator is not None:
-            from .services.motivator_service import IdleWatch
             idle = IdleWatch(self.system.bus, self.system.settings.motivator.idle_after_s)
         while not self._worker_stop.is_set():
             try:

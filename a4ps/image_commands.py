@@ -16,6 +16,13 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, Iterator
+from a4ps.client import DaemonClient, DaemonError, DaemonUnavailable
+from a4ps.daemon import DaemonLock, DaemonLockError, LOCK_NAME
+from a4ps.events import EventBus
+from a4ps.image import ImageStore
+from a4ps.persona_file import PersonaFileError
+from a4ps.snapshots import SnapshotError, TimeMachine
+from a4ps.system import System
 
 _NO_DAEMON = object()
 
@@ -28,7 +35,6 @@ def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], timeout: float, *
                 progress_topic: str | None = None) -> Any:
     """The daemon's result, or ``_NO_DAEMON`` when none answers. With
     ``progress_topic``, that topic's events are shown while the command runs."""
-    from .client import DaemonClient, DaemonError, DaemonUnavailable
     client = DaemonClient.if_running(settings, timeout=timeout)
     if client is None:
         return _NO_DAEMON
@@ -72,7 +78,6 @@ def _show_progress(stage: str, done: int, total: int) -> None:
 def offline_system(settings: Any, what: str) -> Iterator[Any]:
     """A System on ``data/`` with no service threads, holding the daemon's lock (so no
     daemon starts meanwhile); saves the image when done."""
-    from .daemon import LOCK_NAME, DaemonLock, DaemonLockError
     lock = DaemonLock(settings.data_dir / LOCK_NAME)
     try:
         lock.acquire()
@@ -80,7 +85,6 @@ def offline_system(settings: Any, what: str) -> Iterator[Any]:
         raise _Refused(f"{e}\n(a daemon holds {settings.data_dir} but did not answer; wait "
                        f"for it or stop it, then run `a4ps {what}` again)") from None
     try:
-        from .system import System
         system = System(settings, lock=lock)     # the System writes under our lock
         system.start(services=False)
         try:
@@ -93,9 +97,6 @@ def offline_system(settings: Any, what: str) -> Iterator[Any]:
 
 def _reader(settings: Any) -> Any:
     """A read-only TimeMachine on the image files (list and diff need no System)."""
-    from .events import EventBus
-    from .image import ImageStore
-    from .snapshots import SnapshotError, TimeMachine
     store = ImageStore.from_settings(settings)
 
     def live() -> dict[str, Any]:
@@ -110,7 +111,6 @@ def _reader(settings: Any) -> Any:
 
 
 def _local(fn: Any, *args: Any) -> Any:
-    from .snapshots import SnapshotError
     try:
         return fn(*args)
     except SnapshotError as e:
@@ -235,7 +235,6 @@ def _cmd_image_snapshot(args: argparse.Namespace, settings: Any) -> int:
 # -- persona -------------------------------------------------------------------------
 
 def _persona_local(fn: Any, *args: Any, **kw: Any) -> Any:
-    from .persona_file import PersonaFileError
     try:
         return fn(*args, **kw)
     except PersonaFileError as e:

@@ -48,14 +48,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
 from .codex import CodexError, PersonaCodex
 from .proto import Proto, ProtoError, compile_method
+from .models.embedded import checkpoint_dir, gguf_path
+from .models.errors import ModelError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .codex import Codex
     from .events import EventBus
     from .proto import ProtoManager
@@ -428,6 +431,7 @@ def _manifest(raw: Any, path: Path) -> Manifest:
 
 
 def _parse(manifest: Manifest, staging: Path, texts: dict[str, bytes]) -> PersonaArchive:
+    import numpy as np  # only when a persona file moves: the daemon starts light
     proto = _json(texts["proto.json"], "proto.json")
     if not isinstance(proto, dict) or not isinstance(proto.get("slots"), dict) \
             or not isinstance(proto.get("methods"), dict):
@@ -510,6 +514,7 @@ class PersonaFiles:
     def export(self, name: str, path: Path | str, *, golden: bool = False,
                overwrite: bool = False) -> dict[str, Any]:
         """Write persona ``name`` to ``path``; returns what went in."""
+        import numpy as np  # only when a persona file moves: the daemon starts light
         t0 = time.perf_counter()
         name = self.persona_name(name)
         path = Path(path).expanduser().resolve()
@@ -628,6 +633,7 @@ class PersonaFiles:
         return {"id": model_name.partition(LORA_TAG)[0], "backend": backend}
 
     def _memories(self, name: str) -> tuple[list[dict[str, Any]], np.ndarray]:
+        import numpy as np  # only when a persona file moves: the daemon starts light
         dim = int(self.embedder.dim)
         tbl = (self.memory.table.search().where(f"persona = {_quote(name)}")
                .select(_MEMORY_COLUMNS + ["vector"]).limit(None).to_arrow())
@@ -709,11 +715,9 @@ class PersonaFiles:
                 "reembed": not same_embedder}
 
     def _check_base_present(self, base: str, backend: str) -> None:
-        from .models.errors import ModelError
         try:
             self.models.backend.estimate_bytes(base)
             if backend == "embedded":
-                from .models.embedded import checkpoint_dir, gguf_path
                 if not (checkpoint_dir(self.settings) / ".a4ps-complete").exists():
                     gguf_path(self.settings)      # raises ModelNotFound with the pip command
         except ModelError as e:
@@ -779,7 +783,6 @@ class PersonaFiles:
         (vdir / "IMPORTED").write_text(f"persona {m.persona} from a persona file, "
                                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         if plan["backend"] == "embedded":
-            from .models.embedded import checkpoint_dir
             cfg_path = target / "adapter_config.json"
             cfg = json.loads(cfg_path.read_text())
             cfg["base_model_name_or_path"] = str(checkpoint_dir(self.settings))
@@ -802,6 +805,7 @@ class PersonaFiles:
 
     def _vectors(self, archive: PersonaArchive, plan: dict[str, Any],
                  progress: Progress | None) -> np.ndarray:
+        import numpy as np  # only when a persona file moves: the daemon starts light
         if not plan["reembed"]:
             return archive.vectors
         texts = [r["text"] for r in archive.rows]

@@ -18,12 +18,25 @@ from typing import TYPE_CHECKING, Any
 
 from .codex import Codex
 from .cognition import generation
-from .config import PERSONAS, PROJECT_ROOT, Settings
+from .config import PERSONAS, PROJECT_ROOT, Settings, redact_url
 from .events import Event, EventBus
 from .image import ImageStore, LoadInfo, SaveRetry
 from .lock import DataLock
 from .proto import MethodWatchdog, ProtoManager
 from .snapshots import TaskGate, TimeMachine
+from .cognition.graph import CognitiveGraph
+from .fine_tuning.unsloth_forge import PersonaFinetuner
+from .memory import MemoryManager
+from .models.embeddings import make_embedder
+from .models.manager import ModelManager
+from .persona_file import PersonaFiles
+from .services.curator_service import Curator
+from .services.motivator_service import Motivator
+from .services.philosopher import Philosopher
+from .task_queues import open_task_queue
+from .tools.registry import ToolRegistry
+from .tools.sandbox import make_sandbox
+from .tools.tool_forge import ToolForge, build_prompt
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -96,39 +109,26 @@ class System:
         self._save_retry = SaveRetry()
         self.unsaved_at_stop: str | None = None
 
-        from .models.embeddings import make_embedder
-        from .models.manager import ModelManager
         self.embedder = embedder or make_embedder(settings)
         # no chat_backend: the manager builds the one settings.models.backend names
         self.models = ModelManager(settings, self.bus, backend=chat_backend, embedder=self.embedder)
 
-        from .memory import MemoryManager
-        from .task_queues import open_task_queue
         self.memory = MemoryManager(settings, self.embedder, bus=self.bus)
         self.tasks = open_task_queue(settings, bus=self.bus)
 
-        from .tools.registry import ToolRegistry
-        from .tools.sandbox import make_sandbox
-        from .tools.tool_forge import ToolForge
         self.sandbox = sandbox or make_sandbox(settings)
         self.tools = ToolRegistry(self.protos, settings, self.bus, embedder=self.embedder,
                                   sandbox=self.sandbox)
         self.forge = ToolForge(self.tools, self.sandbox, self._brick_writes_tool, settings, self.bus)
 
-        from .cognition.graph import CognitiveGraph
         self.graph = CognitiveGraph(self.protos, self.models, self.memory, self.bus, settings,
                                     forge=self.forge, registry=self.tools)
 
-        from .fine_tuning.unsloth_forge import PersonaFinetuner
-        from .services.curator_service import Curator
-        from .services.motivator_service import Motivator
-        from .services.philosopher import Philosopher
         self.finetuner = PersonaFinetuner(settings, self.bus, self.protos, self.models)
         self.curator = Curator(settings, self.bus, self.protos, self.memory, finetuner=self.finetuner)
         self.motivator = Motivator(settings, self.bus, self.protos, self.memory, self.tasks, self.codex)
         self.philosopher = Philosopher(settings, self.bus, self.protos, self.memory, self.codex,
                                        self.embedder)
-        from .persona_file import PersonaFiles
         self.personas = PersonaFiles(settings, self.protos, self.codex, self.memory, self.models,
                                      self.embedder, self.bus, save=self.save)
 
@@ -148,7 +148,6 @@ class System:
 
     # -- the tool forge's writer: BRICK ---------------------------------------------
     def _brick_writes_tool(self, spec: Any, feedback: str | None) -> str:
-        from .tools.tool_forge import build_prompt
         return self.protos.get("BRICK").invoke_llm(
             build_prompt(spec, feedback, allowed_imports=self.forge.allowed_imports))
 
@@ -477,7 +476,6 @@ class System:
 
     def stores(self) -> dict[str, str]:
         """Where the task queue, checkpoints and memory live (passwords hidden)."""
-        from .config import redact_url
         s = self.settings
         return {"tasks": redact_url(s.tasks.queue), "checkpoints":
                 redact_url(s.cognition.checkpointer), "memory": redact_url(s.memory_uri)}

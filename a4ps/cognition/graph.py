@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 # absolute imports: langgraph.json tooling may load this file by path
 from a4ps.cognition import decisions, generation, prompts
 from a4ps.cognition.answers import agree, final_answer
-from a4ps.cognition.checkpoints import is_postgres_url
+from a4ps.cognition.checkpoints import is_postgres_url, postgres_saver
 from a4ps.cognition.decisions import Decision
 from a4ps.cognition.prompts import ROUTES
 from a4ps.cognition.state import CognitiveState, TaskCancelled
@@ -60,6 +60,9 @@ from a4ps.cognition.streaming import TokenStream, TurnGuard
 from a4ps.events import json_safe
 from a4ps.models.errors import GenerationCancelled
 from a4ps.proto import MethodFault
+from a4ps.cognition.dissonance import DissonanceMeter
+from a4ps.tools.registry import tool_name
+from a4ps.tools.tool_forge import spec_from_request
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
@@ -172,7 +175,6 @@ class CognitiveGraph:
             if self._compiled is None:
                 saver = None
                 if self.checkpointer_url is not None:
-                    from a4ps.cognition.checkpoints import postgres_saver
                     saver, self._pool = postgres_saver(self.checkpointer_url)
                 elif self.checkpointer_path is not None:
                     from langgraph.checkpoint.sqlite import SqliteSaver
@@ -204,7 +206,6 @@ class CognitiveGraph:
     @property
     def meter(self) -> Any:
         if self._meter is None:
-            from a4ps.cognition.dissonance import DissonanceMeter
             self._meter = DissonanceMeter(self.models)
         return self._meter
 
@@ -726,7 +727,6 @@ _NAME_STOPWORDS = frozenset(
 def _request_name(raw: Any, description: str) -> str:
     """The requested tool name as an identifier; without one, words of the description
     (never one fixed name, which would make every tool a new version of the last)."""
-    from a4ps.tools.registry import tool_name
     for candidate in (raw, "_".join([w for w in re.findall(r"[a-z]+", description.lower())
                                      if w not in _NAME_STOPWORDS][:4])):
         if isinstance(candidate, str) and candidate.strip():
@@ -749,7 +749,6 @@ def _tool_spec(request: dict[str, Any], state: CognitiveState) -> Any:
     Its arguments become the inputs and one example: the forged tool must run on
     exactly the call this task will make (``{}`` included).
     """
-    from a4ps.tools.tool_forge import spec_from_request
     args = request.get("args")
     extra: dict[str, Any] = {}
     if isinstance(args, dict):

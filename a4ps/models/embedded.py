@@ -37,6 +37,8 @@ from a4ps.models.engine import run_generation, sampling_from
 from a4ps.models.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from a4ps.models.threads import resolve_threads
 from a4ps.models.tokens import ChatTokenizer
+from a4ps.models.ct2_engine import CT2Engine
+from a4ps.models.torch_engine import TorchEngine
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +310,6 @@ class EmbeddedBackend:
             return self._load_ct2(model, adapter, progress)
         reused = self.engine is not None
         if self.engine is None:
-            from a4ps.models.torch_engine import TorchEngine
             path = ensure_base_checkpoint(self.settings,
                                           lambda f, s: _report(progress, 0.8 * f, s))
             _report(progress, 0.85, "loading cached weights")
@@ -328,7 +329,6 @@ class EmbeddedBackend:
 
     def _load_ct2(self, model: str, adapter: Path | None,
                   progress: Progress | None) -> dict[str, Any]:
-        from a4ps.models.ct2_engine import CT2Engine
         path = ensure_ct2_model(self.settings, adapter, lambda f, s: _report(progress, 0.9 * f, s))
         _report(progress, 0.92, "loading the int8 model")
         self.unload()

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 
 from a4ps.models.errors import InvalidRequest, ModelLoadError, ModelNotFound
+from a4ps.models.ollama_backend import OllamaBackend
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
@@ -143,7 +144,6 @@ def make_embedder(settings, backend=None):
         if not m.ollama.embed_model:
             raise InvalidRequest('models.embedding_backend = "ollama" needs '
                                  'models.ollama.embed_model (e.g. "nomic-embed-text")')
-        from a4ps.models.ollama_backend import OllamaBackend
         if not isinstance(backend, OllamaBackend):
             backend = OllamaBackend(settings)
         return OllamaEmbedder(backend, m.ollama.embed_model)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..events import json_safe
+from .sandbox import SandboxError
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
@@ -390,7 +391,6 @@ class ToolRegistry:
             raise ToolCallError(f"cannot call tool {key!r}: no sandbox configured")
         if not self.sandbox.available:
             raise ToolCallError(f"cannot call tool {key!r}: sandbox unavailable: {self.sandbox.reason}")
-        from a4ps.tools.sandbox import SandboxError
         try:
             res = self.sandbox.call(_s(proto, "source") or "", key, [args], timeout=timeout)
         except ValueError as e:

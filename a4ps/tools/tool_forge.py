@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from a4ps.tools import static_gate, verdict
 from a4ps.tools.registry import TOOL_MODULE, ToolExample, ToolInput, ToolSpec, tool_name
+from a4ps.config import SandboxSettings
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
@@ -62,7 +63,6 @@ def build_prompt(spec: ToolSpec, feedback: str | None = None, *,
     """The request to the writer, including the exact reply format the forge parses."""
     name = spec.name
     if not allowed_imports:   # the settings' default list, not a copy of it
-        from a4ps.config import SandboxSettings
         allowed_imports = SandboxSettings().allowed_imports
     allowed = ", ".join(allowed_imports)
     if spec.inputs:

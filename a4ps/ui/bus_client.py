@@ -14,6 +14,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
+from a4ps.client import DaemonError, DaemonUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,6 @@ class CommandRunner:
                 pass
 
     def _work(self) -> None:
-        from ..client import DaemonError, DaemonUnavailable
         while True:
             job = self._jobs.get()
             if job is None:

@@ -14,12 +14,12 @@ import subprocess
 import sys
 import time
 from typing import Any
+from a4ps.client import DaemonClient, DaemonUnavailable
 
 log = logging.getLogger(__name__)
 
 
 def daemon_alive(settings: Any, timeout: float = 2.0) -> bool:
-    from ..client import DaemonClient, DaemonUnavailable
     try:
         with DaemonClient.from_settings(settings, timeout=timeout) as client:
             return client.ping(timeout=timeout)
