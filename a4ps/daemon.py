@@ -63,6 +63,8 @@ if TYPE_CHECKING:
     import zmq
 
     from .events import Event
+    from .system import System
+    from .tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ class _Command:
 class Daemon:
     """Serve ``system`` over ZeroMQ and run its tasks. See the module docstring."""
 
-    def __init__(self, system: Any, *, lock: DaemonLock | None = None,
+    def __init__(self, system: System, *, lock: DaemonLock | None = None,
                  shutdown_grace_s: float = 20.0, handler_threads: int = 4,
                  from_snapshot: str | None = None) -> None:
         self.system = system
@@ -160,7 +162,7 @@ class Daemon:
         # worker state
         self._worker: threading.Thread | None = None
         self._worker_stop = threading.Event()
-        self.current_task: Any = None
+        self.current_task: Task | None = None
         self.tasks_run = 0
         # lifecycle
         self.started_at: float | None = None

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from .values import plain
 
@@ -44,6 +44,18 @@ def json_safe(value: Any, unknown: Callable[[Any], Any] = repr) -> Any:
     """Plain JSON data for payloads and checkpoints (:func:`a4ps.values.plain` with no
     bytes); values with no plain form go through ``unknown`` (their repr by default)."""
     return plain(value, unknown=unknown, keep_bytes=False)
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """The event seam every part publishes to (:class:`EventBus` in process; the
+    daemon forwards it to the PUB socket). Parts talk upward only through it."""
+
+    def publish(self, topic: str, payload: dict[str, Any] | None = None) -> Event: ...
+
+    def subscribe(self, topic: str, fn: Subscriber) -> Callable[[], None]: ...
+
+    def log(self, level: str, message: str, **extra: Any) -> None: ...
 
 
 class EventBus:

@@ -35,9 +35,14 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .events import Bus
+    from .models.embeddings import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +125,32 @@ def _record(row: dict[str, Any]) -> MemoryRecord:
         score=None if dist is None else 1.0 - float(dist))
 
 
+@runtime_checkable
+class MemoryStore(Protocol):
+    """The long-term memory seam the graph and the services use (:class:`MemoryManager`
+    on LanceDB is the one implementation; tests may pass a smaller one)."""
+
+    def add(self, text: str, *, kind: str = "interaction", persona: str = "",
+            task_id: str = "", dissonance: float = 0.0,
+            meta: dict[str, Any] | None = None) -> str: ...
+
+    def search(self, query: str | Sequence[float] | np.ndarray, k: int = 5, *,
+               kind: str | None = None, filters: str | None = None,
+               hybrid: bool = False) -> list[MemoryRecord]: ...
+
+    def recent(self, n: int = 10, *, uncurated_only: bool = False,
+               kind: str | None = None) -> list[MemoryRecord]: ...
+
+    def mark_curated(self, ids: Iterable[str]) -> int: ...
+
+    def count(self, kind: str | None = None) -> int: ...
+
+
 class MemoryManager:
     """The system's long-term memory. Build one per process: ``MemoryManager(settings,
     embedder, bus)``; it opens (or creates) the table at ``settings.memory_dir``."""
 
-    def __init__(self, settings: Any, embedder: Any, bus: Any = None, *,
+    def __init__(self, settings: Settings, embedder: Embedder, bus: Bus | None = None, *,
                  auto_maintain: bool = True) -> None:
         import lancedb
         import pyarrow as pa

@@ -66,7 +66,12 @@ from a4ps.tools.tool_forge import spec_from_request
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
-    from a4ps.events import EventBus
+    from a4ps.events import Bus
+    from a4ps.memory import MemoryStore
+    from a4ps.models.manager import ModelManager
+    from a4ps.proto import ProtoManager
+    from a4ps.tools.registry import ToolLookup
+    from a4ps.tools.tool_forge import Forger
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +110,10 @@ class CognitiveGraph:
     ``token_interval_s``: at most one ``task.token`` event per task this often.
     """
 
-    def __init__(self, protos: Any, models: Any, memory: Any, bus: EventBus,
-                 settings: Settings, *, forge: Any = None, registry: Any = None,
-                 dissonance: Any = None, checkpointer_path: Path | str | None | bool = None,
+    def __init__(self, protos: ProtoManager, models: ModelManager, memory: MemoryStore,
+                 bus: Bus, settings: Settings, *, forge: Forger | None = None,
+                 registry: ToolLookup | None = None,
+                 dissonance: DissonanceMeter | None = None, checkpointer_path: Path | str | None | bool = None,
                  turn_max_tokens: int | None = None, token_interval_s: float = 0.05) -> None:
         self.protos = protos
         self.models = models
@@ -204,7 +210,7 @@ class CognitiveGraph:
             self._conn = self._pool = self._saver = self._compiled = None
 
     @property
-    def meter(self) -> Any:
+    def meter(self) -> DissonanceMeter:
         if self._meter is None:
             self._meter = DissonanceMeter(self.models)
         return self._meter

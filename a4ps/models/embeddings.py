@@ -9,11 +9,22 @@ import hashlib
 import os
 import re
 import threading
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from a4ps.models.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from a4ps.models.ollama_backend import OllamaBackend
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """The embedding seam (memory, tool matching, dissonance, persona import use it)."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from a4ps.models.errors import (DecisionError, GenerationCancelled, InvalidReque
                                 ModelError, ModelTooLarge)
 from a4ps.models.schema import check_schema, validate
 from a4ps.models.embedded import EmbeddedBackend
-from a4ps.models.embeddings import make_embedder
+from a4ps.models.embeddings import Embedder, make_embedder
 from a4ps.models.ollama_backend import OllamaBackend
 from a4ps.models.openai_backend import OpenAIBackend
 from a4ps.models.scripted import demo_backend
@@ -254,7 +254,7 @@ class ModelManager:
     # -- embeddings ---------------------------------------------------------
 
     @property
-    def embedder(self):
+    def embedder(self) -> Embedder:
         if self._embedder is None:
             with self._embed_lock:
                 if self._embedder is None:
@@ -264,6 +264,11 @@ class ModelManager:
     @property
     def embedding_dim(self) -> int:
         return int(self.embedder.dim)
+
+    @property
+    def dim(self) -> int:
+        """The embedding width: the manager is itself an ``Embedder`` (the seam)."""
+        return self.embedding_dim
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length float32 vectors, shape (len(texts), embedding_dim)."""

@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from a4ps.config import Settings
     from a4ps.events import EventBus
     from a4ps.proto import Proto, ProtoManager
-    from a4ps.tools.sandbox import Sandbox
+    from a4ps.models.embeddings import Embedder
+    from a4ps.tools.sandbox import SandboxRunner
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +146,23 @@ def signature_of(source: str, name: str) -> str:
     return f"{name}({ast.unparse(node.args)}){ret}"
 
 
+@runtime_checkable
+class ToolLookup(Protocol):
+    """The tool seam the graph uses: find a tool that serves a request, call it
+    (:class:`ToolRegistry` implements it)."""
+
+    def match(self, name: str | None, description: str | None,
+              args: dict[str, Any] | None = None) -> dict[str, Any] | None: ...
+
+    def call(self, name: str, args: dict[str, Any] | None = None, *,
+             version: int | None = None, timeout: float | None = None) -> Any: ...
+
+
 class ToolRegistry:
     """Forged tools as protos; :meth:`call` runs one in the sandbox."""
 
     def __init__(self, protos: ProtoManager, settings: Settings, bus: EventBus | None = None,
-                 embedder: Any = None, sandbox: Sandbox | None = None, *,
+                 embedder: Embedder | None = None, sandbox: SandboxRunner | None = None, *,
                  tools_dir: str | Path | None = None) -> None:
         self.protos = protos
         self.settings = settings

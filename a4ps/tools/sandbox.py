@@ -54,7 +54,7 @@ import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -366,6 +366,29 @@ def probe_cache_clear() -> None:
 
 
 # -- the interface -------------------------------------------------------------------
+
+@runtime_checkable
+class SandboxRunner(Protocol):
+    """The sandbox seam the registry, the forge and the CLI use (:class:`Sandbox` and
+    its runsc/docker backends implement it)."""
+
+    @property
+    def available(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    def run(self, code: str, *, files: dict[str, str] | None = None,
+            timeout: float | None = None, collect: list[str] | None = None) -> SandboxResult: ...
+
+    def call(self, source: str, name: str, calls: list[Any], *,
+             tests: str = "", test_names: list[str] | None = None,
+             timeout: float | None = None) -> CallResult: ...
+
+    def close(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
 
 class Sandbox(ABC):
     """A place to run untrusted Python. Subclasses implement :meth:`_execute`."""

@@ -20,7 +20,7 @@ import logging
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from a4ps.config import Settings
     from a4ps.events import EventBus
     from a4ps.tools.registry import ToolRegistry
-    from a4ps.tools.sandbox import Sandbox
+    from a4ps.tools.sandbox import SandboxRunner
 
 __all__ = ["ToolForge", "ForgeOutcome", "ToolSpec", "ToolInput", "ToolExample",
            "build_prompt", "parse_reply", "ReplyError"]
@@ -182,12 +182,20 @@ def _split(block: str) -> tuple[str, str]:
     return "\n\n".join(tool_parts) + "\n", "\n\n".join(test_parts) + "\n"
 
 
+@runtime_checkable
+class Forger(Protocol):
+    """The forge seam the graph uses: a spec in, an outcome (a registered tool or
+    the reason there is none) out (:class:`ToolForge` implements it)."""
+
+    def forge(self, spec: ToolSpec | dict[str, Any]) -> ForgeOutcome: ...
+
+
 class ToolForge:
     """Forges tools from specs with a writer (BRICK), the gate, the sandbox and the registry."""
 
     created_by = "BRICK"
 
-    def __init__(self, registry: ToolRegistry, sandbox: Sandbox | None, writer: Writer,
+    def __init__(self, registry: ToolRegistry, sandbox: SandboxRunner | None, writer: Writer,
                  settings: Settings, bus: EventBus | None = None) -> None:
         self.registry = registry
         self.sandbox = sandbox
