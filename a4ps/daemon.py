@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import BaseModel
 
 from . import protocol as P
-from .lock import LOCK_NAME, DataLock, DataLockHeld
+from .lock import LOCK_NAME as LOCK_NAME  # re-exported: the daemon's lock file name
+from .lock import DataLock, DataLockHeld
 from .protocol import ErrorCode, ProtocolError
 from .step_buffer import StepBuffer
 from .codex import CodexError
@@ -145,13 +146,13 @@ class Daemon:
         self.task_steps = StepBuffer()   # task.steps: what a running task said so far
         self._register_defaults()
         # bus-thread state
-        self._events: collections.deque = collections.deque(maxlen=EVENT_QUEUE_MAX)
-        self._replies: collections.deque = collections.deque()
+        self._events: collections.deque[Any] = collections.deque(maxlen=EVENT_QUEUE_MAX)
+        self._replies: collections.deque[Any] = collections.deque()
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._wake_r, self._wake_w = -1, -1
         self._wake_pending = False
-        self._ctx: zmq.Context | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._bus_thread: threading.Thread | None = None
         self._bus_ready = threading.Event()
         self._bus_error: BaseException | None = None
@@ -170,7 +171,7 @@ class Daemon:
         self.unsaved_at_stop: str | None = None
         self._stop_requested = threading.Event()
         self._stopped = False
-        self.stats = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
 
     # -- command table -------------------------------------------------------------
     def register(self, cmd: str, handler: Handler,
@@ -404,10 +405,12 @@ class Daemon:
 
     def _image_restore(self, a: P.ImageRestoreArgs) -> dict[str, Any]:
         """Waits for the running task to finish (image.restore_wait_s), then restores."""
-        return self._time_travel(self.system.timemachine.restore, a.snapshot)
+        restored: dict[str, Any] = self._time_travel(self.system.timemachine.restore, a.snapshot)
+        return restored
 
     @staticmethod
-    def _persona_file(fn: Callable[..., Any], path: str, **kw: Any) -> Any:
+    def _persona_file(fn: Callable[..., dict[str, Any]], path: str,
+                      **kw: Any) -> dict[str, Any]:
         if not Path(path).is_absolute():
             raise CommandError(ErrorCode.INVALID_ARGS, f"path {path!r} must be absolute (it is "
                                "read or written by the daemon, not in your working folder)")

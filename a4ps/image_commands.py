@@ -15,7 +15,7 @@ import difflib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from a4ps.client import DaemonClient, DaemonError, DaemonUnavailable
 from a4ps.daemon import DaemonLock, DaemonLockError, LOCK_NAME
 from a4ps.events import EventBus
@@ -272,7 +272,10 @@ def _cmd_persona_import(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _guard(fn: Any) -> Any:
+Command = Callable[[argparse.Namespace, Any], int]
+
+
+def _guard(fn: Command) -> Command:
     """Print a refusal as one line and exit 1 (never a traceback for bad input)."""
     def run(args: argparse.Namespace, settings: Any) -> int:
         try:
@@ -283,7 +286,7 @@ def _guard(fn: Any) -> Any:
     return run
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("image", help="the living image's snapshots: list, diff, restore, snapshot")
     isub = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND", required=True)
     q = isub.add_parser("list", help="every snapshot, newest first, with what changed")

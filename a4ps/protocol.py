@@ -329,9 +329,9 @@ def _default(value: Any) -> Any:
 def pack(obj: Any) -> bytes:
     """msgpack bytes; values msgpack can't hold are reduced with :func:`plain`."""
     try:
-        return msgpack.packb(obj, use_bin_type=True, default=_default)
+        return bytes(msgpack.packb(obj, use_bin_type=True, default=_default))
     except (TypeError, ValueError, OverflowError):
-        return msgpack.packb(plain(obj), use_bin_type=True)
+        return bytes(msgpack.packb(plain(obj), use_bin_type=True))
 
 
 def unpack(data: bytes, max_bytes: int | None = None) -> Any:
@@ -517,6 +517,7 @@ def decode_args(env: Envelope, *, max_depth: int = MAX_ARGS_DEPTH,
             if count > max_values:
                 raise ProtocolError(ErrorCode.INVALID_ARGS, f"args hold more than {max_values} "
                                     "values; send less per command", rid)
+            value: dict[Any, Any] | list[Any]
             if kind == "map":
                 n, value = u.read_map_header(), {}
             elif kind == "array":
@@ -613,7 +614,7 @@ def decode_event(frames: list[bytes]) -> EventMessage:
             or not isinstance(payload, (dict, type(None)))):
         raise ProtocolError(ErrorCode.BAD_REQUEST,
                             "invalid event: needs int seq, number ts and a map payload")
-    return _new_event(topic, seq, float(ts), payload or {})
+    return _new_event(topic, seq, float(ts), payload or {})  # type: ignore[no-any-return, arg-type]  # ts checked just above
 
 
 def _event_factory() -> Any:

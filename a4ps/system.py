@@ -148,8 +148,8 @@ class System:
 
     # -- the tool forge's writer: BRICK ---------------------------------------------
     def _brick_writes_tool(self, spec: Any, feedback: str | None) -> str:
-        return self.protos.get("BRICK").invoke_llm(
-            build_prompt(spec, feedback, allowed_imports=self.forge.allowed_imports))
+        return str(self.protos.get("BRICK").invoke_llm(
+            build_prompt(spec, feedback, allowed_imports=self.forge.allowed_imports)))
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, *, services: bool = True, lock: DataLock | None = None,
@@ -406,7 +406,7 @@ class System:
         self._codex_changes += 1
         if event.payload.get("approved"):
             persona = event.payload.get("persona")
-            if persona in self.protos:
+            if isinstance(persona, str) and persona in self.protos:
                 self.protos.update(persona, {"system_prompt": self.codex.system_prompt(persona)})
 
     # -- tasks ------------------------------------------------------------------------------

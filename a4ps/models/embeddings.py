@@ -9,7 +9,7 @@ import hashlib
 import os
 import re
 import threading
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -141,7 +141,7 @@ def _check(texts) -> list[str]:
     return [str(t) for t in texts]
 
 
-def make_embedder(settings, backend=None):
+def make_embedder(settings: Any, backend: OllamaBackend | None = None) -> Embedder:
     """The embedder ``settings.models.embedding_backend`` names (MiniLM by default).
 
     ``backend``: an existing OllamaBackend to reuse for ``embedding_backend = "ollama"``.

@@ -57,7 +57,7 @@ def _cmd_sandbox_run(args: argparse.Namespace, settings: Any) -> int:
     return res.exit_code if 0 <= res.exit_code < 256 else 1
 
 
-def _offline_registry(settings: Any):
+def _offline_registry(settings: Any) -> ToolRegistry:
     """A read-only registry over the saved image (no daemon, no sandbox needed)."""
 
     protos = ProtoManager()

@@ -173,7 +173,8 @@ def parse_reply(reply: str, name: str) -> tuple[str, str]:
 def _split(block: str) -> tuple[str, str]:
     tree = ast.parse(block)
     lines = block.splitlines()
-    tool_parts, test_parts = [], []
+    tool_parts: list[str] = []
+    test_parts: list[str] = []
     for node in tree.body:
         seg = "\n".join(lines[node.lineno - 1 - len(getattr(node, "decorator_list", [])):
                               node.end_lineno])
@@ -302,6 +303,7 @@ class ToolForge:
         """
         host_cases, guest_tests, guest_names = verdict.split_tests(tests, spec.name)
         cases = verdict.cases_from_examples(spec) + host_cases
+        assert self.sandbox is not None, "verify() runs only when the forge is enabled"
         res = self.sandbox.call(source, spec.name, [c.call() for c in cases],
                                 tests=guest_tests, test_names=guest_names)
         return verdict.judge(cases, guest_names, res)

@@ -49,7 +49,7 @@ class CommandRunner:
         self._factory = client_factory
         self._timeout = timeout
         self._client: Any = None
-        self._jobs: queue.Queue = queue.Queue()
+        self._jobs: queue.Queue[Any] = queue.Queue()
         self._done: deque[tuple[Callback | None, Reply]] = deque()
         self._closed = False
         self._unanswered = 0     # queued or being sent
