@@ -9,20 +9,19 @@ that writes. Registered by :func:`add_commands` from :func:`a4ps.cli.build_parse
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import difflib
 import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
 from a4ps.client import DaemonClient, DaemonError, DaemonUnavailable
-from a4ps.daemon import DaemonLock, DaemonLockError, LOCK_NAME
 from a4ps.events import EventBus
 from a4ps.image import ImageStore
+from a4ps.offline import DaemonBusy, offline_system
 from a4ps.persona_file import PersonaFileError
 from a4ps.snapshots import SnapshotError, TimeMachine
-from a4ps.system import System
 
 _NO_DAEMON = object()
 
@@ -72,27 +71,6 @@ def _show_progress(stage: str, done: int, total: int) -> None:
     end = "\n" if done >= total else ""
     print(f"\r{stage}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end,
           file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def offline_system(settings: Any, what: str) -> Iterator[Any]:
-    """A System on ``data/`` with no service threads, holding the daemon's lock (so no
-    daemon starts meanwhile); saves the image when done."""
-    lock = DaemonLock(settings.data_dir / LOCK_NAME)
-    try:
-        lock.acquire()
-    except DaemonLockError as e:
-        raise _Refused(f"{e}\n(a daemon holds {settings.data_dir} but did not answer; wait "
-                       f"for it or stop it, then run `a4ps {what}` again)") from None
-    try:
-        system = System(settings, lock=lock)     # the System writes under our lock
-        system.start(services=False)
-        try:
-            yield system
-        finally:
-            system.stop()
-    finally:
-        lock.release()
 
 
 def _reader(settings: Any) -> Any:
@@ -280,7 +258,7 @@ def _guard(fn: Command) -> Command:
     def run(args: argparse.Namespace, settings: Any) -> int:
         try:
             return fn(args, settings)
-        except _Refused as e:
+        except (_Refused, DaemonBusy) as e:
             print(f"a4ps {args.command}: {e}", file=sys.stderr)
             return 1
     return run

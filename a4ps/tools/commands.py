@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from typing import Any
+
 from a4ps.image import ImageStore
 from a4ps.proto import ProtoManager
 from a4ps.tools.registry import ToolNotFound, ToolRegistry, _s

@@ -14,6 +14,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
+
 from a4ps.client import DaemonError, DaemonUnavailable
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from typing import Any
+
 from a4ps.client import DaemonClient, DaemonUnavailable
 
 log = logging.getLogger(__name__)
