@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 import threading
-from typing import Callable
+from typing import Any, Callable, TextIO
 
 from .config import Settings, SettingsError, load_settings
 from .models.threads import apply_openmp_policy
@@ -84,7 +84,7 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- ask / memory (the cognitive core) ----------------------------------------------
 
-def _say(out, who: str, text: str) -> None:
+def _say(out: TextIO, who: str, text: str) -> None:
     import textwrap
     lines = textwrap.wrap(text, 100) or [""]
     print(f"{who:<18}{lines[0]}", file=out)
@@ -92,7 +92,7 @@ def _say(out, who: str, text: str) -> None:
         print(f"{'':<18}{line}", file=out)
 
 
-def _print_step(p: dict, out=None) -> None:
+def _print_step(p: dict[str, Any], out: TextIO | None = None) -> None:
     """One ``task.step`` as a transcript line: persona, round, dissonance, text."""
     out = out or sys.stdout
     node, rnd, d = p.get("node"), p.get("round"), p.get("dissonance")
@@ -122,15 +122,15 @@ class _Transcript:
     that does not stream, events missed) is printed whole from the step, as before.
     """
 
-    def __init__(self, out=None) -> None:
+    def __init__(self, out: TextIO | None = None) -> None:
         self.out = out or sys.stdout
-        self.turn: tuple | None = None          # (node, persona, round) being streamed
-        self.streamed: set[tuple] = set()
+        self.turn: tuple[Any, ...] | None = None          # (node, persona, round) being streamed
+        self.streamed: set[tuple[Any, ...]] = set()
         self.next_seq: dict[str, int] = {}       # task_id -> next seq expected
-        self.pending: dict[str, dict[int, dict]] = {}
+        self.pending: dict[str, dict[int, dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
-    def token(self, p: dict) -> None:
+    def token(self, p: dict[str, Any]) -> None:
         with self._lock:
             task, seq = str(p.get("task_id")), p.get("seq")
             if not isinstance(seq, int):
@@ -144,7 +144,7 @@ class _Transcript:
                 self._write(self.pending[task].pop(self.next_seq[task]))
                 self.next_seq[task] += 1
 
-    def _write(self, p: dict) -> None:
+    def _write(self, p: dict[str, Any]) -> None:
         key = (p.get("node"), p.get("persona"), p.get("round"))
         if key != self.turn:
             self._end_line()
@@ -163,7 +163,7 @@ class _Transcript:
             self.out.flush()
             self.turn = None
 
-    def step(self, p: dict) -> None:
+    def step(self, p: dict[str, Any]) -> None:
         with self._lock:
             self._end_line()
             key = (p.get("node"), p.get("persona"), p.get("round"))
@@ -178,7 +178,7 @@ class _Transcript:
             self._end_line()
 
 
-def _print_result(result: dict, out=None) -> int:
+def _print_result(result: dict[str, Any], out: TextIO | None = None) -> int:
     out = out or sys.stdout
     rounds = result.get("rounds") or []
     if result.get("status") != "ok" or result.get("error"):
@@ -233,7 +233,7 @@ def _ask_local(text: str, args: argparse.Namespace, settings: Settings) -> int:
     return _print_result(result)
 
 
-def _ask_daemon(client, text: str, args: argparse.Namespace, settings: Settings) -> int:
+def _ask_daemon(client: DaemonClient, text: str, args: argparse.Namespace, settings: Settings) -> int:
     import time
     if args.route:
         print("a4ps: --route is ignored by the daemon (ALFRED decides)", file=sys.stderr)
@@ -275,7 +275,7 @@ def _ask_daemon(client, text: str, args: argparse.Namespace, settings: Settings)
     return 1
 
 
-def _finish_daemon(result: dict, args: argparse.Namespace) -> int:
+def _finish_daemon(result: dict[str, Any], args: argparse.Namespace) -> int:
     if args.json:
         import json
         print(json.dumps(result, indent=2, default=str))
@@ -327,24 +327,26 @@ def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- codex: show, history, propose (through the daemon when one runs, else the image) ----
 
-def _codex_daemon(settings: Settings, cmd: str, args: dict, timeout: float):
+def _codex_daemon(settings: Settings, cmd: str, args: dict[str, Any],
+                  timeout: float) -> dict[str, Any] | None:
     """The daemon's reply to ``cmd``, or None when no daemon answers (then work in-process)."""
     client = DaemonClient.if_running(settings, timeout=timeout)
     if client is None:
         return None
     with client:
         try:
-            return client.request(cmd, args, timeout=timeout)
+            reply: dict[str, Any] = client.request(cmd, args, timeout=timeout)
         except DaemonUnavailable:
             return None
+        return reply
 
 
-def _codex_local(settings: Settings):
+def _codex_local(settings: Settings) -> tuple[Codex, dict[str, Any], ImageStore]:
     """(codex, parts, store) from the image on disk; the seed codex when there is none."""
     store = ImageStore.from_settings(settings)
     loaded = store.load()
     codex = Codex.from_toml(CODEX_PATH)
-    parts: dict = {"protos": {}}
+    parts: dict[str, Any] = {"protos": {}}
     if loaded is not None:
         parts = loaded[0]
         if "codex" in parts:
@@ -352,7 +354,7 @@ def _codex_local(settings: Settings):
     return codex, parts, store
 
 
-def _codex_view(args: argparse.Namespace, settings: Settings) -> dict:
+def _codex_view(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     try:
         view = _codex_daemon(settings, "codex.get", {}, args.timeout)
     except DaemonError as e:
