@@ -60,6 +60,9 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .codex import Codex
+    from .memory import MemoryManager
+    from .models.embeddings import Embedder
+    from .models.manager import ModelManager
     from .events import EventBus
     from .proto import ProtoManager
 
@@ -192,7 +195,10 @@ def _make_dirs(path: Path, undo: list[Callable[[], None]]) -> None:
         p = p.parent
     path.mkdir(parents=True, exist_ok=True)
     for d in reversed(missing):             # undo runs backwards: deepest folder first
-        undo.append(lambda d=d: d.rmdir() if d.is_dir() and not any(d.iterdir()) else None)
+        def remove_if_empty(d: Path = d) -> None:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        undo.append(remove_if_empty)
 
 
 def _quote(s: str) -> str:
@@ -273,6 +279,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int,
     try:
         with zf.open(info) as src, (open(out, "wb") if out is not None else
                                     contextlib.nullcontext(buf)) as dst:
+            assert dst is not None               # a file, or the in-memory buffer
             while True:
                 chunk = src.read(_CHUNK)
                 if not chunk:
@@ -375,6 +382,7 @@ def read_persona_file(path: Path | str, staging: Path, limits: ImportLimits = Im
         if MANIFEST not in seen:
             raise PersonaFileError(f"{path} has no {MANIFEST}: not a persona file, or truncated")
         raw, _, _ = _read_member(zf, zf.getinfo(MANIFEST), limits.max_manifest_bytes)
+        assert raw is not None                   # read into memory (no ``out``)
         manifest = _manifest(_json(raw, MANIFEST), path)
         declared = set(manifest.parts)
         if declared - seen:
@@ -489,8 +497,9 @@ Progress = Callable[[str, int, int], None]
 class PersonaFiles:
     """Export and import personas for one System (its parts are passed in)."""
 
-    def __init__(self, settings: Any, protos: ProtoManager, codex: Codex, memory: Any,
-                 models: Any, embedder: Any, bus: EventBus, *,
+    def __init__(self, settings: Any, protos: ProtoManager, codex: Codex,
+                 memory: MemoryManager, models: ModelManager, embedder: Embedder,
+                 bus: EventBus, *,
                  save: Callable[..., Any] | None = None,
                  limits: ImportLimits = ImportLimits()) -> None:
         self.settings = settings
@@ -570,8 +579,8 @@ class PersonaFiles:
                     "parts": w.parts,
                 }
                 zf.writestr(MANIFEST, json.dumps(manifest, indent=1))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -779,6 +788,7 @@ class PersonaFiles:
         vdir.mkdir()
         undo.append(lambda: shutil.rmtree(vdir, ignore_errors=True))
         target = vdir / "adapter"
+        assert archive.adapter_dir is not None, "a manifest with an adapter has its files"
         os.replace(archive.adapter_dir, target)
         (vdir / "IMPORTED").write_text(f"persona {m.persona} from a persona file, "
                                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -796,11 +806,12 @@ class PersonaFiles:
                                        f"{m.base_model.id}: {e}") from None
         else:
             model_name = f"{m.base_model.id}{LORA_TAG}{target}"
-        for e in lineage:
-            if e.get("status") == "live" and e.get("model_name") == m.model_name:
-                e.update(imported_from={"persona": m.persona, "model_name": e.get("model_name"),
-                                        "adapter_dir": e.get("adapter_dir")},
-                         model_name=model_name, adapter_dir=str(target), version=version)
+        for entry in lineage:
+            if entry.get("status") == "live" and entry.get("model_name") == m.model_name:
+                entry.update(imported_from={"persona": m.persona,
+                                            "model_name": entry.get("model_name"),
+                                            "adapter_dir": entry.get("adapter_dir")},
+                             model_name=model_name, adapter_dir=str(target), version=version)
         return model_name, lineage
 
     def _vectors(self, archive: PersonaArchive, plan: dict[str, Any],
@@ -829,7 +840,7 @@ class PersonaFiles:
         entries = [{"text": r["text"], "kind": r["kind"], "persona": name,
                     "task_id": r.get("task_id") or "", "ts": r.get("ts"),
                     "dissonance": r.get("dissonance") or 0.0, "curated": bool(r.get("curated")),
-                    "meta": {**(r.get("meta") if isinstance(r.get("meta"), dict) else {}),
+                    "meta": {**_map(r.get("meta")),
                              "imported_from": {"persona": old, "id": r.get("id")}}}
                    for r in archive.rows]
         ids = self.memory.add_many(entries, vectors=vectors)
@@ -891,3 +902,8 @@ class PersonaFiles:
             self.protos.create(name, slots, parent=parent_name, methods=methods)
         except ProtoError as e:
             raise PersonaFileError(f"the persona could not be created: {e}") from None
+
+
+def _map(value: Any) -> dict[str, Any]:
+    """``value`` when it is a map, else an empty one (a file from an older version)."""
+    return value if isinstance(value, dict) else {}
