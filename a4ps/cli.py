@@ -23,14 +23,16 @@ from .fine_tuning.commands import add_commands as add_finetune_commands
 from .image import ImageError, ImageStore
 from .image_commands import add_commands as add_image_commands
 from .lock import DataLock, DataLockHeld, describe_holder
-from .memory import MemoryManager, MemoryStoreError
-from .models.embeddings import make_embedder
-from .system import CODEX_PATH, System
 from .tasks import TaskQueueError
 from .tasks_postgres import TaskQueueUnavailable
 from .tools.commands import add_commands as add_tool_commands
 from .ui.launch import run_ui
 
+
+# _HEAVY: the System, the memory store and the embedders are imported inside the
+# commands that build them (the only project imports kept in functions here): they
+# pull numpy and every part, and a command that only talks to the daemon (`a4ps
+# status`, `a4ps ask`) must start in well under half a second (test_import_cost.py).
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     try:
@@ -62,6 +64,8 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
     # a store named in the settings that cannot be used (docs/scaling.md): say which
+    from .memory import MemoryStoreError       # (see _HEAVY)
+    from .system import System
     stores = (TaskQueueUnavailable, CheckpointStoreError, MemoryStoreError)
     try:
         system = System(settings, lock=lock)
@@ -195,6 +199,7 @@ def _print_result(result: dict[str, Any], out: TextIO | None = None) -> int:
 def _ask_local(text: str, args: argparse.Namespace, settings: Settings) -> int:
     import uuid
     view = _Transcript()
+    from .system import System                 # (see _HEAVY)
     system = System(settings)
     try:
         system.start(services=False)      # takes the data directory's lock
@@ -305,6 +310,8 @@ def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
         print("a4ps memory search: give a query", file=sys.stderr)
         return 2
     try:
+        from .memory import MemoryManager          # (see _HEAVY)
+        from .models.embeddings import make_embedder
         memory = MemoryManager(settings, make_embedder(settings))
         hits = memory.search(query, k=args.k, kind=args.kind)
     except (ValueError, RuntimeError) as e:
@@ -345,6 +352,7 @@ def _codex_local(settings: Settings) -> tuple[Codex, dict[str, Any], ImageStore]
     """(codex, parts, store) from the image on disk; the seed codex when there is none."""
     store = ImageStore.from_settings(settings)
     loaded = store.load()
+    from .system import CODEX_PATH             # (see _HEAVY)
     codex = Codex.from_toml(CODEX_PATH)
     parts: dict[str, Any] = {"protos": {}}
     if loaded is not None:

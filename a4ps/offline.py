@@ -9,10 +9,12 @@ the image when done. A daemon that holds the lock but did not answer is reported
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .daemon import LOCK_NAME, DaemonLock, DaemonLockError
-from .system import System
+
+if TYPE_CHECKING:
+    from .system import System
 
 
 class DaemonBusy(RuntimeError):
@@ -29,6 +31,7 @@ def offline_system(settings: Any, what: str) -> Iterator[System]:
         raise DaemonBusy(f"{e}\n(a daemon holds {settings.data_dir} but did not answer; wait "
                          f"for it or stop it, then run `a4ps {what}` again)") from None
     try:
+        from .system import System               # every part (numpy, …): only when used
         system = System(settings, lock=lock)     # the System writes under our lock
         system.start(services=False)
         try:

@@ -39,7 +39,7 @@ def local_system(monkeypatch, bus):
         def stop(self):
             made["stopped"] = True
             self.graph.close()
-    monkeypatch.setattr(cli, "System", ScriptedSystem)
+    monkeypatch.setattr(a4ps.system, "System", ScriptedSystem)
     return made
 
 
@@ -168,7 +168,7 @@ def test_ask_submits_to_a_running_daemon_and_prints_its_steps(monkeypatch, data_
 
     def no_local(*a, **k):
         raise AssertionError("a daemon answered: ask must not run in-process")
-    monkeypatch.setattr(cli, "System", no_local)
+    monkeypatch.setattr(a4ps.system, "System", no_local)
     daemon = FakeDaemon(cmd_addr, ev_addr, "sekrit")
     try:
         rc = cli.main(["--data-dir", str(data_dir), "ask", "--timeout", "20", "what", "now?"])
@@ -295,7 +295,7 @@ def test_ask_in_process_prints_task_token_events_as_they_are_published(
 
         def stop(self):
             pass
-    monkeypatch.setattr(cli, "System", GraphOnlySystem)
+    monkeypatch.setattr(a4ps.system, "System", GraphOnlySystem)
     out = TimedOut()
     monkeypatch.setattr("sys.stdout", out)
     rc = cli.main(["--data-dir", str(data_dir), "ask", "--local", "share", "seven", "apples"])
@@ -325,7 +325,7 @@ def test_ask_without_daemon_runs_in_process(local_system, monkeypatch, data_dir,
 def hash_embedder(monkeypatch):
     """The CLI's embedder is the cheap hashing one (MiniLM takes seconds to load)."""
     from a4ps.models import embeddings
-    monkeypatch.setattr(cli, "make_embedder",
+    monkeypatch.setattr(embeddings, "make_embedder",
                         lambda settings, backend=None: embeddings.HashEmbedder())
 
 
