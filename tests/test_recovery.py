@@ -81,11 +81,13 @@ def test_graceful_stops_are_not_crashes_but_sigkills_are(daemons):
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0, d.output()[-2000:]
         row = read_task(d.settings, task["id"])
+        print("STOP", stop, time.monotonic(), row, flush=True)
         assert row.status == "running" and row.attempts == 0, row
         d = daemons(grace=0.5)
         d.wait_ready()
         with d.client() as c:
             t = wait_task(c, task["id"], ("running", "done", "failed"))
+            print("RESTART", stop, time.monotonic(), t, flush=True)
             assert t["status"] != "failed" and t["attempts"] == 0, t   # was 1, 2, failed
             assert t["interruptions"] == stop, t
     with d.client() as c:                          # left alone, it finishes
