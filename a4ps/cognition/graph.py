@@ -113,7 +113,8 @@ class CognitiveGraph:
     def __init__(self, protos: ProtoManager, models: ModelManager, memory: MemoryStore,
                  bus: Bus, settings: Settings, *, forge: Forger | None = None,
                  registry: ToolLookup | None = None,
-                 dissonance: DissonanceMeter | None = None, checkpointer_path: Path | str | None | bool = None,
+                 dissonance: DissonanceMeter | None = None,
+                 checkpointer_path: Path | str | None | bool = None,
                  turn_max_tokens: int | None = None, token_interval_s: float = 0.05) -> None:
         self.protos = protos
         self.models = models
