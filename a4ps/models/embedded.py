@@ -245,13 +245,16 @@ _UNSUPPORTED_GGUF = 3       # the converter's exit status for a GGUF numpy canno
 
 
 def _convert(settings, source: Path, target: Path, adapter: Path | None, what: str,
-             progress: Progress | None) -> tuple[int, str]:
-    """Run :mod:`a4ps.models.ct2_convert` in a child; (exit status, stderr)."""
+             progress: Progress | None, module: str = "a4ps.models.ct2_convert",
+             extra: Sequence[str] = ()) -> tuple[int, str]:
+    """Run a converter module in a child; (exit status, stderr)."""
     _report(progress, 0.02, f"{what} (once, a few seconds)")
-    cmd = [sys.executable, "-m", "a4ps.models.ct2_convert", str(source), str(target),
-           "--quantization", _quantization(settings)]
+    cmd = [sys.executable, "-m", module, str(source), str(target)]
+    if module.endswith("ct2_convert"):
+        cmd += ["--quantization", _quantization(settings)]
     if adapter is not None:
         cmd += ["--adapter", str(adapter)]
+    cmd += list(extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_child_env())
     assert proc.stdout is not None
@@ -263,6 +266,50 @@ def _convert(settings, source: Path, target: Path, adapter: Path | None, what: s
             continue
     err = proc.stderr.read() if proc.stderr else ""
     return proc.wait(), err
+
+
+# --------------------------------------------------------------------------- onnxruntime cache
+
+def ort_dir(settings, adapter: Path | None = None) -> Path:
+    """Where the ONNX Runtime GenAI int4 model lives (the base, or one per adapter)."""
+    cache = Path(settings.model_cache_dir)
+    stem = Path(settings.models.embedded.gguf_file).stem.lower()
+    p = settings.models.embedded.onnx_precision
+    if adapter is None:
+        return cache / f"ort-{stem}-{p}"
+    return cache / "ort-adapters" / f"{stem}-{adapter_digest(adapter)}-{p}"
+
+
+def ensure_ort_model(settings, adapter: Path | None = None,
+                     progress: Progress | None = None) -> Path:
+    """The ONNX Runtime GenAI model for the base (or base + adapter), built once from
+    the dequantized checkpoint by ORT GenAI's model builder in a child process."""
+    from a4ps.models.ort_convert import COMPLETE as ORT_COMPLETE
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise ModelNotFound(f"no PEFT adapter at {adapter} (adapter_config.json missing); "
+                            f"check the persona's model_name")
+    target = ort_dir(settings, adapter)
+    if (target / ORT_COMPLETE).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / (target.name + ".lock")):
+        if (target / ORT_COMPLETE).exists():
+            return target
+        hf = ensure_base_checkpoint(settings, lambda f, s: _report(progress, 0.25 * f, s))
+        what = "merging the adapter and building" if adapter else "building the ONNX model"
+        rc, err = _convert(settings, hf, target, adapter, what,
+                           lambda f, s: _report(progress, 0.25 + 0.75 * f, s),
+                           module="a4ps.models.ort_convert",
+                           extra=["--precision", settings.models.embedded.onnx_precision])
+        if rc != 0 or not (target / ORT_COMPLETE).exists():
+            raise ModelLoadError(f"building the ONNX Runtime model from {hf} failed: "
+                                 f"{err.strip().splitlines()[-1] if err.strip() else rc}"
+                                 f"; set models.embedded.engine = \"ctranslate2\" to run "
+                                 f"without it")
+        if adapter is not None:
+            _evict_adapters(target.parent, keep=settings.models.embedded.max_converted_adapters,
+                            protect=target)
+    return target
 
 
 def _child_env() -> dict[str, str]:
@@ -290,6 +337,8 @@ def stage_adapter(settings, adapter: Path, progress: Progress | None = None) -> 
     the transformers engine (adapters attach at run time)."""
     if settings.models.embedded.engine == "ctranslate2":
         ensure_ct2_model(settings, Path(adapter), progress)
+    elif settings.models.embedded.engine == "onnxruntime":
+        ensure_ort_model(settings, Path(adapter), progress)
 
 
 # --------------------------------------------------------------------------- backend
@@ -325,6 +374,8 @@ class EmbeddedBackend:
         _, adapter = parse_model_id(model)
         if self.engine_kind == "ctranslate2":
             per = 4 if self.cfg.compute_type == "float32" else 1
+        elif self.engine_kind == "onnxruntime":
+            per = 1 if self.cfg.onnx_precision == "int4" else 2  # + scales, wider embeddings
         else:
             per = 2 if self.cfg.dtype == "bfloat16" else 4
         size = 135_000_000 * per + 50_000_000        # + activations, KV cache, tokenizer
@@ -344,6 +395,8 @@ class EmbeddedBackend:
         self.threads = resolve_threads(self.cfg.threads)
         if self.engine_kind == "ctranslate2":
             return self._load_ct2(model, adapter, progress)
+        if self.engine_kind == "onnxruntime":
+            return self._load_ort(model, adapter, progress)
         reused = self.engine is not None
         if self.engine is None:
             from a4ps.models.torch_engine import TorchEngine
@@ -373,6 +426,21 @@ class EmbeddedBackend:
         tok = ChatTokenizer(path)
         self.engine = CT2Engine(path, tok, threads=self.threads,
                                 compute_type=self.cfg.compute_type)
+        self.tok = tok
+        self._engine_path = path
+        self._active = model
+        _report(progress, 1.0, "ready")
+        return {"reused_base": False, "adapter": str(adapter) if adapter else None,
+                "engine": self.engine_kind, "threads": self.threads}
+
+    def _load_ort(self, model: str, adapter: Path | None,
+                  progress: Progress | None) -> dict[str, Any]:
+        from a4ps.models.ort_engine import OrtEngine
+        path = ensure_ort_model(self.settings, adapter, lambda f, s: _report(progress, 0.9 * f, s))
+        _report(progress, 0.92, f"loading the {self.cfg.onnx_precision} ONNX model")
+        self.unload()
+        tok = ChatTokenizer(path)
+        self.engine = OrtEngine(path, tok, threads=self.threads)
         self.tok = tok
         self._engine_path = path
         self._active = model
