@@ -95,8 +95,9 @@ def _print_step(p: dict, out=None) -> None:
     elif node in ("brick", "robin"):
         _say(out, f"{p.get('persona')} [round {rnd}]", p.get("text") or "(no usable reply)")
     elif node == "measure":
-        _say(out, f"dissonance [{rnd}]", f"{d:.3f}" + (f"  -> {p['stop']}" if p.get("stop") else ""))
-    elif node == "forge":
+        shown = "n/a" if d is None else f"{d:.3f}"
+        _say(out, f"dissonance [{rnd}]", shown + (f"  -> {p['stop']}" if p.get("stop") else ""))
+    elif node in ("tool_request", "forge"):
         _say(out, "forge", p.get("text") or "")
     elif node == "remember" and p.get("memory_id"):
         _say(out, "memory", f"remembered as {p['memory_id']}")
@@ -176,7 +177,8 @@ def _print_result(result: dict, out=None) -> int:
         print(f"\ntask {result.get('task_id')} failed: {result.get('error')}", file=out)
         return 1
     fd = result.get("final_dissonance")
-    how = (f"{len(rounds)} round(s), final dissonance {fd:.3f}" if rounds
+    shown = "n/a" if fd is None else f"{fd:.3f}"
+    how = (f"{len(rounds)} round(s), final dissonance {shown}" if rounds
            else f"route {result.get('route')}")
     print(f"\nALFRED's answer ({how}):\n{result.get('answer', '')}", file=out)
     return 0
