@@ -29,6 +29,23 @@ def test_converter_rejects_an_unknown_precision(tmp_path):
         convert_llama(tmp_path, tmp_path / "out", precision="fp8")
 
 
+def test_missing_optional_package_says_how_to_install_it(tmp_path, monkeypatch):
+    """The engine is opt-in and its wheels are optional (requirements-onnx.txt): without
+    them, choosing it fails at once with what to do, before any ~20 s build."""
+    import sys
+    from a4ps.config import load_settings
+    from a4ps.models.embedded import ensure_ort_model
+    from a4ps.models.errors import ModelLoadError
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)   # import now raises
+    s = load_settings(data_dir=tmp_path)
+    s.models.embedded.engine = "onnxruntime"
+    with pytest.raises(ModelLoadError, match="requirements-onnx.txt.*ctranslate2"):
+        ensure_ort_model(s)
+    assert not ort_dir(s).exists()
+    with pytest.raises(ModelLoadError, match="requirements-onnx.txt"):
+        EmbeddedBackend(s).load(BASE_ID)
+
+
 # --------------------------------------------------------------------------- real model
 
 def _manager(embedded_models, **embedded):
@@ -42,6 +59,8 @@ def _manager(embedded_models, **embedded):
 
 @pytest.fixture(scope="module")
 def ort_models(embedded_models):
+    # optional engine: its wheels come from requirements-onnx.txt, not requirements.txt
+    pytest.importorskip("onnxruntime_genai", reason="optional: pip install -r requirements-onnx.txt")
     mm = _manager(embedded_models, engine="onnxruntime")
     yield mm
     mm.release()

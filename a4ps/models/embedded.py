@@ -285,6 +285,8 @@ def ensure_ort_model(settings, adapter: Path | None = None,
     """The ONNX Runtime GenAI model for the base (or base + adapter), built once from
     the dequantized checkpoint by ORT GenAI's model builder in a child process."""
     from a4ps.models.ort_convert import COMPLETE as ORT_COMPLETE
+    from a4ps.models.ort_engine import require_onnxruntime_genai
+    require_onnxruntime_genai()      # before a build that would fail after ~20 s
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise ModelNotFound(f"no PEFT adapter at {adapter} (adapter_config.json missing); "
                             f"check the persona's model_name")

@@ -23,6 +23,22 @@ from a4ps.models.threads import apply_openmp_policy
 from a4ps.models.tokens import ChatTokenizer
 
 
+ONNX_REQUIREMENTS = "requirements-onnx.txt"
+
+
+def require_onnxruntime_genai():
+    """The ``onnxruntime_genai`` module, or a clear error: the engine is opt-in and its
+    wheels (onnxruntime-genai, onnxruntime, onnx, onnx-ir) are not in requirements.txt."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError as e:
+        raise ModelLoadError(
+            f"models.embedded.engine = \"onnxruntime\" needs the optional ONNX Runtime GenAI "
+            f"wheels ({e}): install them with `.venv/bin/pip install -r {ONNX_REQUIREMENTS}`, "
+            f"or set models.embedded.engine = \"ctranslate2\" (the default)") from None
+    return og
+
+
 class OrtEngine:
     """A built ONNX Runtime GenAI model plus the tokenizer shared with every engine."""
 
@@ -30,7 +46,7 @@ class OrtEngine:
 
     def __init__(self, model_dir: Path, tok: ChatTokenizer, *, threads: int = 1) -> None:
         apply_openmp_policy()
-        import onnxruntime_genai as og
+        og = require_onnxruntime_genai()
         model_dir = Path(model_dir)
         try:
             cfg = og.Config(str(model_dir))
