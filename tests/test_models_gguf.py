@@ -195,3 +195,54 @@ def test_cold_conversion_without_transformers_answers_like_transformers(
     with torch.inference_mode():
         again = m.generate(torch.tensor([res["ids"]]), max_new_tokens=16, do_sample=False)
     assert again[0, len(res["ids"]):].tolist() == want
+
+
+# the decoder transformers writes for the same vocabulary (caches made before the
+# numpy reader hold it)
+_HF_DECODER = {"type": "Sequence", "decoders": [
+    {"type": "ByteFallback"}, {"type": "Fuse"},
+    {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+    {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+
+
+@pytest.mark.parametrize("decoder", ["ours", "transformers'"])
+def test_text_stream_decodes_incrementally_exactly_like_a_full_decode(tmp_path, gguf_file, decoder):
+    """The shared loop decodes only the ids after the last settled token boundary; on
+    SmolLM2's byte-level tokenizer (ours from the GGUF, and the one transformers wrote)
+    every delta and the final text equal decoding all ids each time, also where a
+    token splits a multi-byte character and where a stop string straddles tokens."""
+    from a4ps.models.tokens import ChatTokenizer, TextStream
+    for name, text in _tokenizer_files(read_gguf(gguf_file)).items():
+        if name == "tokenizer.json" and decoder != "ours":
+            text = json.dumps(dict(json.loads(text), decoder=_HF_DECODER))
+        (tmp_path / name).write_text(text)
+    model_dir = tmp_path
+    tok = ChatTokenizer(model_dir)
+    assert tok.concatenates_decodes
+    long = " ".join(TEXTS * 2) + " 🙂🙂 日本語の文章です。" * 2
+    for text in TEXTS + [long]:
+        ids = tok.encode(text)
+        for stop in ((), ("2+2", "日本", "\n\n")):
+            runs = []
+            for incremental in (True, False):
+                deltas: list[str] = []
+                ts = TextStream(tok, stop, deltas.append)
+                ts._incremental = incremental
+                for i in ids:
+                    ts.push(i)
+                    if ts.stopped:
+                        break
+                ts.end()
+                runs.append((deltas, ts.text, ts.stopped))
+            assert runs[0] == runs[1], (text, stop)
+            assert "".join(runs[0][0]) == runs[0][1]
+
+
+def test_decoders_that_rewrite_across_pieces_decode_in_full(tmp_path):
+    from tokenizers import Tokenizer, decoders, models
+    from a4ps.models.tokens import ChatTokenizer
+    t = Tokenizer(models.WordLevel({"<unk>": 0, "▁a": 1}, unk_token="<unk>"))
+    t.decoder = decoders.Metaspace()           # strips the first piece's leading space
+    t.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert not ChatTokenizer(tmp_path).concatenates_decodes
