@@ -25,6 +25,7 @@ either recovers (ALFRED's answer is assembled from the dialogue) or ends with
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import sqlite3
 import threading
@@ -35,8 +36,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 # absolute imports: langgraph.json loads this file by path
 from a4ps.cognition import prompts
 from a4ps.cognition.prompts import DEFAULT_ROUTE, ROUTES
-from a4ps.cognition.state import CognitiveState
+from a4ps.cognition.state import CognitiveState, TaskCancelled
 from a4ps.events import json_safe
+from a4ps.models.errors import GenerationCancelled
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 
 NODES = ("alfred_route", "recall", "brick", "robin", "measure", "forge",
          "alfred_synthesize", "remember")
+# the running task's cancel token, read by every model call of that run
+_CANCEL: contextvars.ContextVar[Any] = contextvars.ContextVar("a4ps_graph_cancel", default=None)
 
 
 class CognitiveGraph:
@@ -171,7 +175,8 @@ class CognitiveGraph:
             self._saver.delete_thread(str(task_id))
 
     def run(self, task_id: str, text: str, *, resume: bool = False,
-            route: str | None = None, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+            route: str | None = None, meta: dict[str, Any] | None = None,
+            cancel: Any = None) -> dict[str, Any]:
         """Run one task to the end and return its result.
 
         ``resume=True`` continues from the task's last checkpoint if it has an
@@ -179,6 +184,9 @@ class CognitiveGraph:
         afresh otherwise. ``route`` (or ``meta["route"]``) forces ALFRED's decision
         (one of ROUTES). ``meta`` (the task's origin data) goes into the memory row.
         A task that found no usable answer returns ``status="failed"`` and ``error``.
+        ``cancel`` (anything with ``is_set()``, e.g. a ``threading.Event``) is checked
+        at every node boundary and passed into every model call: once set, the run
+        raises :class:`TaskCancelled` (the checkpoint keeps the finished nodes).
         """
         meta = dict(meta or {})
         route = route or meta.get("route")
@@ -189,24 +197,50 @@ class CognitiveGraph:
         graph = self.graph
         config = self._config(task_id)
         values: dict[str, Any] | None = None
-        if resume and self._saver is not None:
-            snap = graph.get_state(config)
-            if snap.values and snap.next:
-                log.info("task %s: resuming before %s", task_id, list(snap.next))
-                values = graph.invoke(None, config, durability="sync")
-            elif snap.values and snap.values.get("status"):
-                values = dict(snap.values)      # finished before the restart
-        if values is None:
-            if self._saver is not None:
-                self._saver.delete_thread(str(task_id))    # a fresh run, not a continuation
-            start: CognitiveState = {"task_id": str(task_id), "task": text.strip(),
-                                     "meta": _plain(meta)}
-            if route:
-                start["route"] = route
-                start["route_reason"] = "forced by the caller"
-            kwargs = {"durability": "sync"} if self._saver is not None else {}
-            values = graph.invoke(start, config, **kwargs)
+        token = _CANCEL.set(cancel)
+        try:
+            if resume and self._saver is not None:
+                snap = graph.get_state(config)
+                if snap.values and snap.next:
+                    log.info("task %s: resuming before %s", task_id, list(snap.next))
+                    values = self._drive(None, config, task_id, cancel, durability="sync")
+                elif snap.values and snap.values.get("status"):
+                    values = dict(snap.values)      # finished before the restart
+            if values is None:
+                if self._saver is not None:
+                    self._saver.delete_thread(str(task_id))    # a fresh run, not a continuation
+                start: CognitiveState = {"task_id": str(task_id), "task": text.strip(),
+                                         "meta": _plain(meta)}
+                if route:
+                    start["route"] = route
+                    start["route_reason"] = "forced by the caller"
+                kwargs = {"durability": "sync"} if self._saver is not None else {}
+                values = self._drive(start, config, task_id, cancel, **kwargs)
+        finally:
+            _CANCEL.reset(token)
         return _result(values)
+
+    def _drive(self, start: Any, config: dict[str, Any], task_id: str, cancel: Any,
+               **kwargs: Any) -> dict[str, Any]:
+        """Run the graph node by node; stop at the first boundary after ``cancel`` is set."""
+        if cancel is not None and cancel.is_set():
+            raise TaskCancelled(task_id, None, "cancelled before it started")
+        values: dict[str, Any] = {}
+        last: str | None = None
+        stream = self.graph.stream(start, config, stream_mode=["updates", "values"], **kwargs)
+        try:
+            for mode, chunk in stream:
+                if mode == "values":
+                    values = chunk
+                    continue
+                last = next(iter(chunk), last)          # the node that just finished
+                if cancel is not None and cancel.is_set() and last != "remember":
+                    raise TaskCancelled(task_id, last)
+        except GenerationCancelled as e:     # a model call the token stopped mid-node
+            raise TaskCancelled(task_id, last, f"generation stopped ({e})") from None
+        finally:
+            stream.close()
+        return values
 
     # -- helpers ---------------------------------------------------------------------
     def _step(self, state: CognitiveState, node: str, persona: str | None, text: str, *,
@@ -232,6 +266,8 @@ class CognitiveGraph:
                 reply = self._invoke(proto, msgs, max_tokens)
                 problem = prompts.reply_problem(reply) if check else (
                     None if isinstance(reply, str) else "model returned no text")
+            except GenerationCancelled:
+                raise                  # the task is being cancelled: no retry
             except Exception as e:     # a model failure is the model's, not the graph's
                 reply, problem = "", f"model error: {type(e).__name__}: {e}"
                 log.warning("%s: %s", persona, problem)
@@ -246,6 +282,8 @@ class CognitiveGraph:
     def _invoke(self, proto: Any, messages: list[dict[str, str]], max_tokens: int | None) -> Any:
         max_tokens = max_tokens or self.turn_max_tokens
         kw = {"max_tokens": max_tokens} if max_tokens else {}
+        if _CANCEL.get() is not None:
+            kw["cancel"] = _CANCEL.get()
         if proto.has("invoke_llm"):
             return proto.invoke_llm(messages, **kw)
         return self.models.chat(proto.model_name, messages,

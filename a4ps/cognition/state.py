@@ -33,3 +33,17 @@ class CognitiveState(TypedDict, total=False):
     status: str                     # ok | failed
     error: str | None
     memory_id: str | None
+
+
+class TaskCancelled(Exception):
+    """A run stopped because its cancel token was set (``graph.run(..., cancel=...)``).
+
+    Raised at the first node boundary after the token is set (or at once, from inside
+    a generation the token stopped). The task's checkpoint holds every node finished
+    before it, so a re-queued task resumes where it stopped.
+    """
+
+    def __init__(self, task_id: str, node: str | None = None, reason: str | None = None) -> None:
+        self.task_id, self.node, self.reason = str(task_id), node, reason
+        where = f" after {node}" if node else ""
+        super().__init__(f"task {task_id} cancelled{where}" + (f": {reason}" if reason else ""))
