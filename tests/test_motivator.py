@@ -17,13 +17,20 @@ from a4ps.services.motivator_service import (GOAL_MAX_TOKENS, GOAL_ORIGIN, REFLE
 
 from fakes import FakeClock
 
-GOAL = "Explore how to explain recursion to a beginner with one small example."
+GOALS = ["Explore how to explain recursion to a beginner with one small example.",
+         "Practise summarising a long article in exactly two sentences.",
+         "Compare three ways of estimating a restaurant bill in your head.",
+         "Write a short checklist for checking a proof by induction.",
+         "Find one kind reply to a friend who missed an important deadline.",
+         "Rank five habits that help a team finish projects on time."]
+GOAL = GOALS[0]
 
 
 @pytest.fixture
 def backend():
+    """ALFRED proposes a different goal each time (the same text twice is refused)."""
     from a4ps.models.scripted import ScriptedBackend
-    return ScriptedBackend([f"GOAL: {GOAL}"])
+    return ScriptedBackend([f"GOAL: {g}" for g in GOALS])
 
 
 @pytest.fixture
