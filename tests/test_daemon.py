@@ -400,14 +400,15 @@ def test_stop_after_grace_leaves_the_task_to_resume(tmp_path, monkeypatch):
 # -- the real daemon in a subprocess ----------------------------------------------------
 
 class DaemonProc:
-    def __init__(self, data_dir: Path, cmd_addr: str, ev_addr: str, grace: float = 20) -> None:
+    def __init__(self, data_dir: Path, cmd_addr: str, ev_addr: str, grace: float = 20,
+                 env: dict[str, str] | None = None) -> None:
         self.env = {**os.environ, "A4PS_DATA_DIR": str(data_dir),
                     "A4PS_BUS__COMMAND_ADDR": cmd_addr, "A4PS_BUS__EVENT_ADDR": ev_addr,
                     "A4PS_BUS__HEARTBEAT_INTERVAL_S": "0.5",
                     "A4PS_MODELS__BACKEND": "scripted", "A4PS_MODELS__EMBEDDING_BACKEND": "hash",
                     "A4PS_CURATOR__ENABLED": "false", "A4PS_MOTIVATOR__ENABLED": "false",
                     "A4PS_PHILOSOPHER__ENABLED": "false",
-                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
         self.data_dir = data_dir
         self.log = open(data_dir.parent / f"daemon-{time.time_ns()}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "a4ps", "daemon", "--grace", str(grace)],
