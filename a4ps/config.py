@@ -175,7 +175,12 @@ class PhilosopherSettings(_Section):
     enabled: bool = True
     interval_s: float = Field(3600.0, gt=0)
     recurrence_count: int = Field(3, ge=2)
-    similarity: float = Field(0.75, ge=0, le=1)
+    # chosen from data with the shipped MiniLM (a4ps/services/similarity.py): merges
+    # 87% of paraphrase pairs and 0.1% of pairs of different questions
+    similarity: float = Field(0.51, ge=0, le=1)
+    # when ALFRED's draft is unusable: False = propose nothing (the recurrence is
+    # reported instead); True = propose a template that says it is one
+    template_fallback: bool = False
 
 
 class UISettings(_Section):
