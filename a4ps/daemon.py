@@ -370,7 +370,10 @@ class Daemon:
                                "until the golden set has samples, or pass a dataset file")
         if self.system.finetuner.running:
             raise CommandError(ErrorCode.CONFLICT, "a fine-tune is already running")
-        return self.system.finetuner.finetune(persona, dataset, steps=a.steps).to_dict()
+        if a.heldout and not Path(a.heldout).exists():
+            raise CommandError(ErrorCode.NOT_FOUND, f"no held-out file at {a.heldout}")
+        return self.system.finetuner.finetune(persona, dataset, steps=a.steps,
+                                              heldout_path=a.heldout).to_dict()
 
     def _models_lineage(self, a: P.PersonaArgs) -> dict[str, Any]:
         persona = self._persona_name(a.persona)
