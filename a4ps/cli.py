@@ -24,6 +24,10 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     import json
     print(json.dumps(status, indent=2, default=str))
+    failure = (status.get("image") or {}).get("save_error") if isinstance(status, dict) else None
+    if failure:
+        print(f"a4ps status: WARNING the image is not being saved: {failure.get('error')} "
+              f"({failure.get('attempts')} attempts; {failure.get('hint')})", file=sys.stderr)
     return 0
 
 
@@ -34,23 +38,29 @@ def _cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
-    from .daemon import Daemon, DaemonError, DaemonLock, LOCK_NAME
+    from .daemon import Daemon, DaemonError
+    from .lock import DataLock, DataLockHeld
     try:
-        lock = DaemonLock(settings.data_dir / LOCK_NAME).acquire()  # refuse fast
-    except DaemonError as e:
+        lock = DataLock.for_data_dir(settings.data_dir).acquire(   # refuse fast
+            kind="daemon", command_addr=settings.bus.command_addr,
+            event_addr=settings.bus.event_addr)
+    except DataLockHeld as e:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
     try:
         from .system import System
-        system = System(settings)
+        system = System(settings, lock=lock)
     except BaseException:
         lock.release()
         raise
     try:
-        return Daemon(system, lock=lock, shutdown_grace_s=args.grace).run()
+        return Daemon(system, lock=lock, shutdown_grace_s=args.grace,
+                      from_snapshot=args.from_snapshot).run()
     except DaemonError as e:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
+    finally:
+        lock.release()
 
 
 # -- ask / memory (the cognitive core) ----------------------------------------------
@@ -98,9 +108,31 @@ def _print_result(result: dict, out=None) -> int:
 
 def _ask_local(text: str, args: argparse.Namespace, settings: Settings) -> int:
     import uuid
+    from .lock import DataLockHeld, describe_holder
     from .system import System
     system = System(settings)
-    system.start(services=False)
+    try:
+        system.start(services=False)      # takes the data directory's lock
+    except DataLockHeld as e:
+        # a second writer would overwrite the image the daemon owns: refuse, and say
+        # why the daemon was not reached instead
+        holder = e.holder
+        where = f"on {settings.bus.command_addr}"
+        if holder.get("kind") == "daemon":
+            listens = holder.get("command_addr")
+            why = (f"it listens on {listens}, not {settings.bus.command_addr}: set "
+                   "bus.command_addr (A4PS_BUS__COMMAND_ADDR) to match"
+                   if listens and listens != settings.bus.command_addr else
+                   f"it did not answer {where}; it may be busy starting or stuck "
+                   "(see `a4ps status`)")
+            print(f"a4ps ask: {describe_holder(holder)} owns {settings.data_dir}, and {why}. "
+                  "Not running in-process: that would be a second writer on its image.",
+                  file=sys.stderr)
+        else:
+            print(f"a4ps ask: {describe_holder(holder)} is using {settings.data_dir}; wait "
+                  "for it to finish, or use another data directory (--data-dir)",
+                  file=sys.stderr)
+        return 1
     try:
         if not args.json:
             system.bus.subscribe("task.step", lambda e: _print_step(e.payload))
@@ -160,7 +192,8 @@ def _finish_daemon(result: dict, args: argparse.Namespace) -> int:
 
 
 def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
-    """Run one task: through the daemon if one answers, else in this process."""
+    """Run one task: through the daemon if one answers, else in this process (only when
+    no daemon holds the data directory: one writer per image)."""
     text = " ".join(args.text).strip()
     if not text:
         print("a4ps ask: say what you want, e.g. a4ps ask \"why is the sky blue?\"", file=sys.stderr)
@@ -434,10 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("daemon", _cmd_daemon, "run the backend: the living image, tasks, ZeroMQ server")
     p.add_argument("--grace", type=float, default=20.0,
                    help="seconds SIGTERM waits for the running task before checkpointing it")
+    p.add_argument("--from-snapshot", metavar="SNAP",
+                   help="start from this snapshot (id or name; the state before is kept)")
 
     p = add("ask", _cmd_ask, "run one task and print the dialogue and ALFRED's answer")
     p.add_argument("text", nargs="+", help="the task")
-    p.add_argument("--local", action="store_true", help="run in this process even if a daemon runs")
+    p.add_argument("--local", action="store_true",
+                   help="run in this process, not through a daemon (refused while a daemon "
+                        "owns the data directory)")
     p.add_argument("--route", choices=["contrapunto", "direct", "tool"],
                    help="skip ALFRED's routing (local runs only)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the daemon")
@@ -482,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .fine_tuning.commands import add_commands as add_finetune_commands
     add_finetune_commands(sub)  # curate, finetune PERSONA, models lineage|rollback PERSONA
 
+    from .image_commands import add_commands as add_image_commands
+    add_image_commands(sub)     # image list|diff|restore|snapshot, persona export|import
+
     return parser
 
 
@@ -496,10 +536,29 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"a4ps: {e}", file=sys.stderr)
         return 2
+    from .image import ImageError
+    from .lock import DataLockHeld
+    from .tasks import TaskQueueError
     try:
         return args.func(args, settings) or 0
     except KeyboardInterrupt:
         return 130
+    except (ImageError, DataLockHeld, TaskQueueError, OSError) as e:
+        # start-up refusals a user can act on: one line naming the files, an exit
+        # code (3: the image, 1: the rest), and the traceback only with -v
+        if args.verbose:
+            raise
+        code = 3 if isinstance(e, ImageError) else 1
+        print(f"a4ps {args.command}: {_one_line(e)} (exit {code}; -v shows the traceback)",
+              file=sys.stderr)
+        return code
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.strerror or type(e).__name__}: {e.filename}"
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":

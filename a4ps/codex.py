@@ -70,6 +70,7 @@ class CodexVersion:
     old_text: str | None = None
     new_text: str | None = None
     proposal_id: str | None = None
+    imported: list[dict[str, Any]] | None = None   # a persona's history from a persona file
 
 
 def _signature(persona: str, principle_id: str, text: str) -> str:
@@ -165,6 +166,8 @@ class Codex:
     def decide(self, proposal_id: str, version: int, approve: bool, *, by: str,
                reason: str = "") -> Amendment:
         """Apply or close a pending amendment; refuse stale or repeated decisions."""
+        if approve:   # subscribers act first (the System pins a pre-amendment snapshot)
+            self._publish("codex.approving", {"proposal_id": proposal_id, "version": version})
         with self._lock:
             a = self.proposals.get(proposal_id)
             if a is None:
@@ -194,6 +197,20 @@ class Codex:
             payload = {**a.to_dict(), "approved": approve, "codex_version": self.version}
         self._publish("codex.decided", payload)
         return a
+
+    def add_persona(self, name: str, persona: PersonaCodex, *, by: str, reason: str,
+                    imported: list[dict[str, Any]] | None = None) -> CodexVersion:
+        """A new persona with its principles (a person importing a persona file: that is
+        the human decision). Makes a new codex version carrying its earlier history."""
+        with self._lock:
+            if name in self.personas:
+                raise CodexError(f"the codex already has a persona {name!r}")
+            self.personas[name] = persona
+            self.version += 1
+            entry = CodexVersion(self.version, time.time(), by, reason, persona=name,
+                                 imported=[dict(h) for h in imported or []])
+            self.history.append(entry)
+        return entry
 
     def history_diffs(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -87,6 +87,23 @@ class MemorySettings(_Section):
 class ImageSettings(_Section):
     autosave_interval_s: float = Field(30.0, gt=0)
     snapshot_ring: int = Field(5, ge=1, le=100)
+    # pre-restore / pre-swap / pre-amendment snapshots kept beyond the ring (named
+    # snapshots are never pruned)
+    kept_snapshots: int = Field(20, ge=1, le=1000)
+    # how long a restore waits for the running task to finish before refusing
+    restore_wait_s: float = Field(60.0, gt=0)
+
+
+class ProtoSettings(_Section):
+    """Limits on live edits and live method calls (a4ps/proto.py)."""
+    # a live method called from the graph or a service is abandoned after this much
+    # time in its own code (time inside models/memory/tool calls is not counted) ...
+    method_budget_s: float = Field(10.0, gt=0)
+    # ... or after this much time in all, whatever it was doing
+    method_wall_budget_s: float = Field(600.0, gt=0)
+    max_slot_bytes: int = Field(262_144, ge=1024)
+    max_slot_depth: int = Field(32, ge=2, le=200)
+    method_history: int = Field(5, ge=1, le=100)
 
 
 class BusSettings(_Section):
@@ -109,6 +126,8 @@ class SandboxSettings(_Section):
     memory_mb: int = Field(256, ge=16)
     max_pids: int = Field(32, ge=1)
     max_output_bytes: int = Field(65_536, ge=256)
+    disk_mb: int = Field(64, ge=1, description="size of the sandbox's work directory (a tmpfs; "
+                                                 "it counts against memory_mb too)")
     allowed_imports: list[str] = Field(default_factory=lambda: [
         "math", "statistics", "datetime", "re", "json", "itertools", "functools",
         "collections", "decimal", "fractions", "string", "random", "typing",
@@ -118,6 +137,9 @@ class SandboxSettings(_Section):
 class ForgeSettings(_Section):
     enabled: bool = True
     max_attempts: int = Field(3, ge=1, le=10)
+    reuse_similarity: float = Field(
+        0.75, ge=0, le=1, description="a registered tool whose description is at least this "
+                                     "similar to a request's is called instead of forging one")
 
 
 class CuratorSettings(_Section):
@@ -201,6 +223,7 @@ class Settings(BaseSettings):
     cognition: CognitionSettings = CognitionSettings()
     memory: MemorySettings = MemorySettings()
     image: ImageSettings = ImageSettings()
+    protos: ProtoSettings = ProtoSettings()
     bus: BusSettings = BusSettings()
     sandbox: SandboxSettings = SandboxSettings()
     forge: ForgeSettings = ForgeSettings()
@@ -252,6 +275,11 @@ class Settings(BaseSettings):
         return self.models.embedded.cache_dir or (self.data_dir / "model_cache")
 
     @property
+    def tools_dir(self) -> Path:
+        """Forged tools' source, as plain data files (never imported on the host)."""
+        return self.data_dir / "tools"
+
+    @property
     def token_path(self) -> Path:
         return self.data_dir / "daemon.token"
 
@@ -261,11 +289,13 @@ class Settings(BaseSettings):
 
 
 def _describe(err: ValidationError, source: str) -> str:
-    lines = [f"invalid settings ({source}):"]
+    """One line: every bad key, what is wrong, and the value given (shortened)."""
+    parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+        got = repr(e.get("input"))
+        parts.append(f"{key}: {e['msg']} (got {got[:80] + '...' if len(got) > 80 else got})")
+    return f"invalid settings ({source}): " + "; ".join(parts)
 
 
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
@@ -281,6 +311,11 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"invalid settings file {path}: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            raise SettingsError(f"cannot read the settings file {path} ({why}): fix its "
+                                "permissions or contents, or point A4PS_CONFIG at another "
+                                "file") from None
     elif "A4PS_CONFIG" in os.environ or path != DEFAULT_CONFIG:
         raise SettingsError(f"settings file {path} does not exist")
     for key, value in overrides.items():

@@ -3,11 +3,14 @@
 Threads, and what each one touches:
 
 * **bus** (``a4ps-bus``): the only thread that touches the ROUTER and PUB sockets.
-  It waits on the ROUTER and on a wake-up pipe; decodes, authenticates and validates
-  each command, then hands it to the handler pool; sends replies and events that
-  other threads queued; sends a heartbeat every ``bus.heartbeat_interval_s``.
-* **handlers** (a small pool): run the command handlers against the System, so a
-  slow command never delays heartbeats or events.
+  It waits on the ROUTER and on a wake-up pipe; per command it only checks the
+  framing and the size, reads the envelope's scalar fields (never the args) and
+  authenticates, then hands it to the handler pool; sends replies and events that
+  other threads queued; sends a heartbeat every ``bus.heartbeat_interval_s``. Its
+  work per message is bounded whatever the client sends.
+* **handlers** (a small pool): decode and validate the args (strict, bounded) and
+  run the command handlers against the System, so neither a slow command nor a
+  hostile 1 MiB message delays pings, heartbeats or events.
 * **worker** (``a4ps-worker``): claims tasks from the durable queue one at a time and
   runs them with ``system.run_task``.
 * the System's own threads (autosave, curator, motivator, philosopher).
@@ -18,16 +21,15 @@ are dropped, and the gap in ``seq`` tells the client to ask ``system.snapshot``.
 
 Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop claiming tasks, wait up to
 ``shutdown_grace_s`` for the running task to finish, then ``system.stop()`` (which
-saves the image). A task still running after the grace period is left ``running``
-in the queue with its graph checkpointed after the last finished node; the image is
-saved and the process exits 0, and the next start resumes the task from that
-checkpoint (``TaskQueue.recover``).
+saves the image). A task still running after the grace period has its graph
+checkpointed after the last finished node and is marked as *interrupted* in the
+queue (``TaskQueue.interrupt``): a clean interruption, so the next start re-queues it
+without counting an attempt and resumes it from that checkpoint. Only a task left
+running by an unclean death (SIGKILL, a crash) counts towards the crash cap.
 """
 from __future__ import annotations
 
 import collections
-import errno
-import fcntl
 import hmac
 import logging
 import os
@@ -46,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import BaseModel
 
 from . import protocol as P
+from .lock import LOCK_NAME, DataLock, DataLockHeld
 from .protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
@@ -56,17 +59,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Any]
-LOCK_NAME = "daemon.lock"
 EVENT_QUEUE_MAX = 200_000
 PUB_HWM = 100_000
 
 
 class DaemonError(RuntimeError):
     """The daemon cannot start (lock held, address in use...); the message says why."""
-
-
-class DaemonLockError(DaemonError):
-    """Another daemon holds the data directory."""
 
 
 class CommandError(Exception):
@@ -80,60 +78,9 @@ class CommandError(Exception):
 
 # -- lock and token ------------------------------------------------------------------
 
-class DaemonLock:
-    """An exclusive ``flock`` on ``<data_dir>/daemon.lock`` holding our pid.
-
-    The kernel drops the flock when the process dies (even by SIGKILL), so a stale
-    lock file from a dead daemon is simply taken over.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._fd: int | None = None
-
-    def acquire(self) -> DaemonLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            pid = self.holder()
-            raise DaemonLockError(
-                f"another a4ps daemon (pid {pid or 'unknown'}) is running on "
-                f"{self.path.parent}: stop it first (`kill {pid or '<pid>'}`) or use "
-                "another data directory (--data-dir / A4PS_DATA_DIR)") from None
-        stale = self.holder()
-        if stale and stale != os.getpid():
-            log.info("taking over the stale lock of dead daemon pid %s", stale)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.fsync(fd)
-        self._fd = fd
-        return self
-
-    def holder(self) -> int | None:
-        try:
-            return int(self.path.read_text().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self._fd)
-            self._fd = None
-
+# the one-writer lock lives in a4ps.lock (the System takes it too); old names kept
+DaemonLock = DataLock
+DaemonLockError = DataLockHeld
 
 def ensure_token(path: Path) -> str:
     """Read the daemon token, creating it (mode 0600) on first start."""
@@ -173,12 +120,15 @@ class Daemon:
     """Serve ``system`` over ZeroMQ and run its tasks. See the module docstring."""
 
     def __init__(self, system: Any, *, lock: DaemonLock | None = None,
-                 shutdown_grace_s: float = 20.0, handler_threads: int = 4) -> None:
+                 shutdown_grace_s: float = 20.0, handler_threads: int = 4,
+                 from_snapshot: str | None = None) -> None:
         self.system = system
+        self.from_snapshot = from_snapshot   # restore this snapshot before serving
         self.settings = system.settings
         self.bus_settings = self.settings.bus
         self.shutdown_grace_s = shutdown_grace_s
-        self.lock = lock or DaemonLock(self.settings.data_dir / LOCK_NAME)
+        # the data directory's one-writer lock: the caller's, else the System's own
+        self.lock = lock or getattr(system, "lock", None) or DataLock(self.settings.data_dir / LOCK_NAME)
         self.boot_id = uuid.uuid4().hex[:12]
         self.token = ""
         self._commands: dict[str, _Command] = {}
@@ -210,6 +160,7 @@ class Daemon:
         # lifecycle
         self.started_at: float | None = None
         self.stopping = False
+        self.unsaved_at_stop: str | None = None
         self._stop_requested = threading.Event()
         self._stopped = False
         self.stats = collections.Counter()
@@ -220,8 +171,7 @@ class Daemon:
         """Add or replace a command. ``handler(args)`` gets the validated args model."""
         if args_model is None:
             args_model = P.COMMANDS.get(cmd, P.NoArgs)
-        if "." not in cmd:
-            raise ValueError(f"command name {cmd!r} must look like 'part.verb'")
+        P.check_args_model(cmd, args_model)
         self._commands[cmd] = _Command(handler, args_model, inline)
 
     @property
@@ -235,7 +185,7 @@ class Daemon:
                                       "pid": os.getpid()}, inline=True)
         reg("system.status", lambda a: {**s.status(), "daemon": self.daemon_status()})
         reg("system.snapshot", self._snapshot)
-        reg("system.save", lambda a: s.save())
+        reg("system.save", self._system_save)
         reg("task.submit", self._task_submit)
         reg("task.cancel", self._task_cancel)
         reg("task.get", lambda a: self._task(a.id).to_dict())
@@ -243,6 +193,7 @@ class Daemon:
         reg("proto.list", lambda a: [p.to_dict() for p in s.protos])
         reg("proto.get", lambda a: self._proto(a.name).to_dict())
         reg("proto.update", self._proto_update)
+        reg("proto.revert_method", self._proto_revert)
         reg("tool.list", lambda a: s.tools.list())
         reg("codex.get", lambda a: s.codex.to_dict())
         reg("codex.decide", self._codex_decide)
@@ -255,6 +206,15 @@ class Daemon:
             reg("finetune.run", self._finetune_run)
             reg("models.lineage", self._models_lineage)
             reg("models.rollback", self._models_rollback)
+        if getattr(s, "timemachine", None) is not None:
+            reg("image.snapshots", lambda a: {"snapshots": s.timemachine.list()})
+            reg("image.diff", lambda a: self._time_travel(s.timemachine.diff, a.snapshot,
+                                                          a.against))
+            reg("image.restore", self._image_restore)
+            reg("image.snapshot", lambda a: self._time_travel(s.timemachine.snapshot, a.name))
+        if getattr(s, "personas", None) is not None:
+            reg("persona.export", self._persona_export)
+            reg("persona.import", self._persona_import)
 
     # -- handlers ------------------------------------------------------------------
     def daemon_status(self) -> dict[str, Any]:
@@ -271,6 +231,15 @@ class Daemon:
             "commands": dict(self.stats), "command_addr": self.bus_settings.command_addr,
             "event_addr": self.bus_settings.event_addr,
         }
+
+    def _system_save(self, _a: Any) -> dict[str, Any]:
+        try:
+            return self.system.save()
+        except Exception as e:  # recorded, published and retried by the System
+            raise CommandError(ErrorCode.UNAVAILABLE,
+                               f"the image could not be saved ({type(e).__name__}: {e}); "
+                               "the previous image is intact and the save is retried; "
+                               "system.status shows image.save_error") from None
 
     def _snapshot(self, _a: Any) -> dict[str, Any]:
         seq = self._seq  # events after this one are newer than the snapshot
@@ -323,11 +292,24 @@ class Daemon:
         try:
             updated = self.system.protos.update(a.name, a.slots, methods=a.methods,
                                                 delete=a.delete,
-                                                expected_version=a.expected_version)
+                                                expected_version=a.expected_version,
+                                                origin="user")
         except ProtoError as e:
             code = ErrorCode.CONFLICT if "reload it" in str(e) else ErrorCode.INVALID_ARGS
             raise CommandError(code, str(e)) from None
         return updated.to_dict()
+
+    def _proto_revert(self, a: P.ProtoRevertArgs) -> dict[str, Any]:
+        """Put back a method's previous source (the inspector's "revert")."""
+        from .proto import ProtoError
+        self._proto(a.name)
+        try:
+            reverted = self.system.protos.revert_method(a.name, a.method,
+                                                        expected_version=a.expected_version)
+        except ProtoError as e:
+            code = ErrorCode.CONFLICT if "reload it" in str(e) else ErrorCode.INVALID_ARGS
+            raise CommandError(code, str(e)) from None
+        return reverted.to_dict()
 
     def _codex_error(self, e: Exception) -> CommandError:
         msg = str(e)
@@ -387,6 +369,43 @@ class Daemon:
         except FinetuneError as e:
             raise CommandError(ErrorCode.CONFLICT, str(e)) from None
 
+    @staticmethod
+    def _time_travel(fn: Callable[..., Any], *args: Any) -> Any:
+        from .snapshots import SnapshotConflict, SnapshotError, SnapshotNotFound
+        try:
+            return fn(*args)
+        except SnapshotNotFound as e:
+            raise CommandError(ErrorCode.NOT_FOUND, str(e)) from None
+        except SnapshotConflict as e:
+            raise CommandError(ErrorCode.CONFLICT, str(e)) from None
+        except SnapshotError as e:
+            raise CommandError(ErrorCode.INVALID_ARGS, str(e)) from None
+
+    def _image_restore(self, a: P.ImageRestoreArgs) -> dict[str, Any]:
+        """Waits for the running task to finish (image.restore_wait_s), then restores."""
+        return self._time_travel(self.system.timemachine.restore, a.snapshot)
+
+    @staticmethod
+    def _persona_file(fn: Callable[..., Any], path: str, **kw: Any) -> Any:
+        from .persona_file import PersonaFileError
+        if not Path(path).is_absolute():
+            raise CommandError(ErrorCode.INVALID_ARGS, f"path {path!r} must be absolute (it is "
+                               "read or written by the daemon, not in your working folder)")
+        try:
+            return fn(path, **kw)
+        except PersonaFileError as e:
+            code = ErrorCode.CONFLICT if "exists" in str(e) else ErrorCode.INVALID_ARGS
+            raise CommandError(code, str(e)) from None
+
+    def _persona_export(self, a: P.PersonaExportArgs) -> dict[str, Any]:
+        return self._persona_file(lambda path, **kw: self.system.personas.export(
+            a.name, path, **kw), a.path, golden=a.golden, overwrite=a.overwrite)
+
+    def _persona_import(self, a: P.PersonaImportArgs) -> dict[str, Any]:
+        """Checks the whole file, then installs it (long with re-embedding: progress
+        goes out as persona.progress events)."""
+        return self._persona_file(self.system.personas.import_, a.path, as_name=a.as_name)
+
     def _motivator_pause(self, a: P.PauseArgs) -> dict[str, Any]:
         motivator = self.system.motivator
         motivator.set_paused(a.paused)
@@ -397,12 +416,15 @@ class Daemon:
     def start(self) -> Daemon:
         """Lock the data dir, start the System, bind the sockets, start the worker."""
         if not self.lock.held:
-            self.lock.acquire()
+            self.lock.acquire(kind="daemon", command_addr=self.bus_settings.command_addr,
+                              event_addr=self.bus_settings.event_addr)
         try:
             self.token = ensure_token(self.settings.token_path)
             state = getattr(getattr(self.system, "state", None), "value", None)
             if state in (None, "created"):
-                self.system.start()
+                self.system.start(lock=self.lock, skip_newer_image=bool(self.from_snapshot))
+            if self.from_snapshot:
+                self._restore_at_start(self.from_snapshot)
             recovered = self.system.tasks.recover()
             if recovered:
                 log.info("recovered %d interrupted task(s): %s", len(recovered),
@@ -436,6 +458,15 @@ class Daemon:
                                         "pid": os.getpid(), "boot_id": self.boot_id})
         return self
 
+    def _restore_at_start(self, ref: str) -> None:
+        from .snapshots import SnapshotError
+        try:
+            out = self.system.timemachine.restore(ref)
+        except SnapshotError as e:
+            raise DaemonError(f"--from-snapshot {ref}: {e}") from None
+        log.info("started from snapshot %s (the state before is snapshot %s)",
+                 out["restored"], out["pre_restore"])
+
     def request_stop(self) -> None:
         """Ask :meth:`run` to shut down (safe from a signal handler)."""
         self._stop_requested.set()
@@ -446,21 +477,31 @@ class Daemon:
             return True
         self.stopping = True
         self._worker_stop.set()
+        self.unsaved_at_stop = None
         finished = True
         if self._worker is not None:
             self._worker.join(self.shutdown_grace_s)
             finished = not self._worker.is_alive()
         if finished:
             self.system.stop()   # stops services, saves the image
+            self.unsaved_at_stop = getattr(self.system, "unsaved_at_stop", None)
         else:
             task = self.current_task
-            log.warning("task %s still running after %.0fs; saving the image and leaving it "
-                        "to resume from its checkpoint on the next start",
+            log.warning("task %s still running after %gs; saving the image and leaving it "
+                        "to resume from its checkpoint on the next start (a clean "
+                        "interruption: no attempt counted)",
                         getattr(task, "id", "?"), self.shutdown_grace_s)
+            if task is not None:
+                try:
+                    self.system.tasks.interrupt(task.id)
+                except Exception:
+                    log.exception("could not mark task %s as interrupted; the next start "
+                                  "will count it as a crash", task.id)
             try:
                 self.system.save()
-            except Exception:
-                log.exception("saving the image at shutdown failed")
+            except Exception as e:
+                self.unsaved_at_stop = f"{type(e).__name__}: {e}"
+                log.error("saving the image at shutdown failed: %s", e)
         self._pool.shutdown(wait=finished, cancel_futures=True)
         self._teardown_bus()
         self.lock.release()
@@ -482,6 +523,9 @@ class Daemon:
             log.info("%s: shutting down", signal.Signals(signum).name)
             self._stop_requested.set()
 
+        # a thread waiting for the GIL asks for it after this long: 5 ms by default,
+        # which a busy handler thread would add to every ping and heartbeat
+        sys.setswitchinterval(0.0005)
         old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
@@ -491,6 +535,12 @@ class Daemon:
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+        code = 0
+        if self.unsaved_at_stop:
+            print(f"a4ps daemon: the image could not be saved at shutdown "
+                  f"({self.unsaved_at_stop}); the last image on disk is kept",
+                  file=sys.stderr)
+            code = 1
         if hard_exit or not finished:
             # (not finished: the worker is inside a model call we cannot interrupt)
             # everything is saved and checkpointed, so leave without waiting
@@ -500,8 +550,8 @@ class Daemon:
                 except Exception:
                     pass
             logging.shutdown()
-            os._exit(0)
-        return 0
+            os._exit(code)
+        return code
 
     # -- worker --------------------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -621,7 +671,12 @@ class Daemon:
                             frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
                         except zmq.Again:
                             break
-                        self._on_frames(router, frames, limit)
+                        try:
+                            self._on_frames(router, frames, limit)
+                        except Exception as e:   # a bug must cost one reply, not the bus
+                            log.exception("handling a message on the bus thread failed")
+                            self._reply(frames[:1] + [b""], P.Reply.failure(
+                                "", ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
             self._flush(router, pub)  # last events (e.g. "daemon stopping")
         except Exception:
             log.exception("the bus thread failed; the daemon stops serving")
@@ -668,59 +723,62 @@ class Daemon:
             self._wake()
 
     def _on_frames(self, router: Any, frames: list[bytes], limit: int) -> None:
-        """Bus thread: every path here ends in exactly one reply or a logged drop."""
+        """Bus thread: framing, size, envelope, token; nothing that grows with the args.
+        Every path here ends in exactly one reply (or hands the command to a handler
+        thread, which replies)."""
         if len(frames) == 3 and frames[1] == b"":
             envelope, body = frames[:2], frames[2]
-        elif len(frames) == 2 and frames[1] != b"":
-            envelope, body = frames[:1], frames[1]   # plain DEALER without a delimiter
         else:
-            envelope = frames[:2] if len(frames) > 1 and frames[1] == b"" else frames[:1]
-            self._reply(envelope, P.Reply.failure(
+            self._reply(frames[:1] + [b""], P.Reply.failure(
                 "", ErrorCode.BAD_FRAME,
-                f"expected [empty delimiter, body] frames, got {len(frames) - 1} frame(s)"))
+                f"expected [empty delimiter, body] frames, got {len(frames) - 1} frame(s): "
+                "send REQ framing (a DEALER sends b'' first)"))
             return
-        req = None
         try:
-            req = P.decode_request(body, max_bytes=limit)
-            cmd = self._commands.get(req.cmd)
-            if not hmac.compare_digest(req.token.encode(), self.token.encode()):
+            env = P.read_envelope(body, max_bytes=limit)
+            token = env.token
+            if token is None or not hmac.compare_digest(token.encode(), self.token.encode()):
                 raise ProtocolError(ErrorCode.UNAUTHORIZED,
                                     "missing or wrong token: read it from "
-                                    f"{self.settings.token_path}", req.id)
+                                    f"{self.settings.token_path}", env.request_id)
+            head = P.check_envelope(env)
+            cmd = self._commands.get(head.cmd)
             if cmd is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_COMMAND,
-                                    f"unknown command {req.cmd!r}; known: "
-                                    f"{', '.join(self.commands)}", req.id)
-            args = P.validate_args(req.cmd, req.args, {req.cmd: cmd.args_model})
+                                    f"unknown command {head.cmd!r}; known: "
+                                    f"{', '.join(self.commands)}", head.id)
         except ProtocolError as e:
-            rid = e.request_id or (req.id if req is not None else "")
-            self._reply(envelope, P.Reply.failure(rid, e.code, e.message))
+            self._reply(envelope, P.Reply.failure(e.request_id, e.code, e.message))
             return
-        if self.stopping and req.cmd not in ("system.ping", "system.status"):
-            self._reply(envelope, P.Reply.failure(req.id, ErrorCode.UNAVAILABLE,
+        if self.stopping and head.cmd not in ("system.ping", "system.status"):
+            self._reply(envelope, P.Reply.failure(head.id, ErrorCode.UNAVAILABLE,
                                                   "the daemon is shutting down; retry when "
                                                   "it is back"))
             return
-        if cmd.inline:
-            self._run_handler(envelope, req, cmd, args)
+        small = env.args_end is None and len(body) - (env.args_start or 0) <= 64
+        if cmd.inline and small:
+            self._run_handler(envelope, head, cmd, env)
         else:
             try:
-                self._pool.submit(self._run_handler, envelope, req, cmd, args)
+                self._pool.submit(self._run_handler, envelope, head, cmd, env)
             except RuntimeError:  # pool shut down
-                self._reply(envelope, P.Reply.failure(req.id, ErrorCode.UNAVAILABLE,
+                self._reply(envelope, P.Reply.failure(head.id, ErrorCode.UNAVAILABLE,
                                                       "the daemon is shutting down"))
 
-    def _run_handler(self, envelope: list[bytes], req: P.Request, cmd: _Command,
-                     args: Any) -> None:
+    def _run_handler(self, envelope: list[bytes], head: P.RequestHead, cmd: _Command,
+                     env: P.Envelope) -> None:
+        """Handler thread (or the bus thread for small inline commands): decode and
+        validate the args, run the handler, reply."""
         try:
+            args = P.validate_args(head.cmd, P.decode_args(env), {head.cmd: cmd.args_model})
             result = cmd.handler(args)
-            reply = P.Reply.success(req.id, result)
+            reply = P.Reply.success(head.id, result)
         except (CommandError, ProtocolError) as e:
-            reply = P.Reply.failure(req.id, e.code, e.message)
+            reply = P.Reply.failure(head.id, e.code, e.message)
         except Exception as e:
-            log.exception("command %s failed", req.cmd)
-            reply = P.Reply.failure(req.id, ErrorCode.INTERNAL,
-                                    f"{req.cmd} failed: {type(e).__name__}: {e}")
+            log.exception("command %s failed", head.cmd)
+            reply = P.Reply.failure(head.id, ErrorCode.INTERNAL,
+                                    f"{head.cmd} failed: {type(e).__name__}: {e}")
         self._reply(envelope, reply)
 
     def _teardown_bus(self) -> None:

@@ -18,9 +18,11 @@ log = logging.getLogger(__name__)
 TOPICS = (
     "proto.changed", "task.queued", "task.step", "task.done", "task.failed",
     "model.loading", "model.loaded", "model.unloaded", "tool.forging", "tool.created",
-    "tool.rejected", "curator.scored", "finetune.progress", "model.tuned",
+    "tool.rejected", "tool.invoked", "curator.scored", "finetune.progress", "model.tuned",
     "model.swapped", "goal.generated", "dissonance.high", "system.idle",
     "codex.proposed", "codex.decided", "log", "heartbeat",
+    "model.swapping", "codex.approving", "image.restored", "persona.imported",
+    "persona.progress",
 )
 ALL = "*"
 

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 from .codex import Codex
 from .config import PERSONAS, PROJECT_ROOT, Settings
 from .events import Event, EventBus
-from .image import ImageStore, LoadInfo
-from .proto import ProtoManager
+from .image import ImageStore, LoadInfo, SaveRetry
+from .lock import DataLock
+from .proto import MethodWatchdog, ProtoManager
+from .snapshots import TaskGate, TimeMachine
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -59,18 +61,34 @@ class System:
     curator, motivator, philosopher. Parts get what they need passed in explicitly."""
 
     def __init__(self, settings: Settings, *, chat_backend: Any = None, embedder: Any = None,
-                 sandbox: Any = None) -> None:
+                 sandbox: Any = None, lock: DataLock | None = None) -> None:
         self.settings = settings
         self.state = SystemState.CREATED
         self.started_at: float | None = None
         self.last_load: LoadInfo | None = None
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # the one-writer lock on the data directory: taken in start() unless the
+        # caller (the daemon, an offline CLI command) already holds it and passes it
+        self.lock = lock or DataLock.for_data_dir(settings.data_dir)
+        self._owns_lock = False
 
         self.bus = EventBus()
-        self.protos = ProtoManager(self.bus)
-        self.image = ImageStore.from_settings(settings)
+        ps = settings.protos
+        self.protos = ProtoManager(
+            self.bus, max_slot_bytes=ps.max_slot_bytes, max_slot_depth=ps.max_slot_depth,
+            method_history=ps.method_history,
+            watchdog=MethodWatchdog(ps.method_budget_s, ps.method_wall_budget_s))
+        self.image = ImageStore.from_settings(settings, lock=self.lock)
         self.codex = Codex.from_toml(CODEX_PATH, self.bus)
-        self._codex_dirty = False
+        self.task_gate = TaskGate()
+        self.timemachine = TimeMachine(self.image, self.bus, live_parts=self.image_parts,
+                                       save=self.save, apply=self.restore_parts,
+                                       gate=self.task_gate,
+                                       wait_s=settings.image.restore_wait_s)
+        self._codex_changes = 0        # codex events seen; _codex_saved: covered by a save
+        self._codex_saved = 0
+        self._save_retry = SaveRetry()
+        self.unsaved_at_stop: str | None = None
 
         from .models.embeddings import make_embedder
         from .models.manager import ModelManager
@@ -108,6 +126,9 @@ class System:
                                    self.codex, ledger=self.ledger)
         self.philosopher = Philosopher(settings, self.bus, self.protos, self.memory, self.codex,
                                        self.embedder)
+        from .persona_file import PersonaFiles
+        self.personas = PersonaFiles(settings, self.protos, self.codex, self.memory, self.models,
+                                     self.embedder, self.bus, save=self.save)
 
         for name, part in (("models", self.models), ("memory", self.memory), ("bus", self.bus),
                            ("tasks", self.tasks), ("tools", self.tools), ("codex", self.codex)):
@@ -115,6 +136,9 @@ class System:
 
         self.bus.subscribe("codex.decided", self._on_codex_decided)
         self.bus.subscribe("codex.proposed", self._mark_codex_dirty)
+        # a snapshot to go back to before every model swap and codex amendment
+        self.bus.subscribe("model.swapping", lambda e: self._checkpoint("pre-swap"))
+        self.bus.subscribe("codex.approving", lambda e: self._checkpoint("pre-amendment"))
         self._stop = threading.Event()
         self._autosave: threading.Thread | None = None
         self._save_lock = threading.Lock()
@@ -126,25 +150,25 @@ class System:
             build_prompt(spec, feedback, allowed_imports=self.forge.allowed_imports))
 
     # -- lifecycle ------------------------------------------------------------------
-    def start(self, *, services: bool = True) -> System:
-        """Load the image (or seed it), then start autosave and the service threads."""
+    def start(self, *, services: bool = True, lock: DataLock | None = None,
+              skip_newer_image: bool = False) -> System:
+        """Take the data directory's lock, load the image (or seed it), then start
+        autosave and the service threads. Raises :class:`a4ps.lock.DataLockHeld`
+        naming the holder when another process (e.g. the daemon) writes this image.
+        ``skip_newer_image``: start from the newest image this A4PS can read even if a
+        newer A4PS wrote a later one (``--from-snapshot``; the newer one is kept)."""
         if self.state is not SystemState.CREATED:
             raise SystemStateError(f"System.start() needs a new System; this one is {self.state.value}")
-        self.image.sweep_temp()
-        loaded = self.image.load()
-        if loaded is None:
-            log.info("no image in %s: seeding personas from %s", self.settings.data_dir, CODEX_PATH)
-            self._ensure_personas()
-            self.save()
-        else:
-            parts, self.last_load = loaded
-            self.protos.restore_image(parts["protos"])
-            if "codex" in parts:
-                self.codex.restore_image(parts["codex"])
-            self._ensure_personas()
-            self.tools.sync_files()  # dynamic_tools/ mirrors the image's tools
-            log.info("loaded image %s (%d protos, codex v%d)", self.last_load.path,
-                     len(self.protos), self.codex.version)
+        if lock is not None:
+            self.lock = self.image.lock = lock
+        if not self.lock.held:
+            self.lock.acquire()
+            self._owns_lock = True
+        try:
+            self._load_or_seed(skip_newer_image)
+        except BaseException:
+            self._release_lock()
+            raise
         self.state = SystemState.STARTED
         self.started_at = time.time()
         self.memory.maintain_in_background()
@@ -153,6 +177,30 @@ class System:
         if services:
             self.start_services()
         return self
+
+    def _load_or_seed(self, skip_newer: bool = False) -> None:
+        self.image.sweep_temp()
+        loaded = self.image.load(skip_newer=skip_newer)
+        if loaded is None:
+            log.info("no image in %s: seeding personas from %s", self.settings.data_dir, CODEX_PATH)
+            self._ensure_personas()
+            self.save()
+            return
+        parts, self.last_load = loaded
+        self.protos.restore_image(parts["protos"])
+        if "codex" in parts:
+            self.codex.restore_image(parts["codex"])
+        self._codex_saved = self._codex_changes
+        self.image.remember(self.image_parts())   # an unchanged image is not written again
+        self._ensure_personas()
+        self.tools.sync_files()  # <data>/tools/ mirrors the image's tools
+        log.info("loaded image %s (%d protos, codex v%d)", self.last_load.path,
+                 len(self.protos), self.codex.version)
+
+    def _release_lock(self) -> None:
+        if self._owns_lock:
+            self.lock.release()
+            self._owns_lock = False
 
     def start_services(self) -> None:
         s = self.settings
@@ -178,12 +226,13 @@ class System:
                 log.exception("stopping %s failed", type(part).__name__)
         if self._autosave is not None:
             self._autosave.join(timeout=5)
-        self.save()
+        self._final_save()
         for close in (self.graph.close, self.memory.close, self.tasks.close, self.ledger.close):
             try:
                 close()
             except Exception:
                 log.exception("closing %s failed", close)
+        self._release_lock()
         self.state = SystemState.STOPPED
 
     def __enter__(self) -> System:
@@ -196,28 +245,112 @@ class System:
     def image_parts(self) -> dict[str, Any]:
         return {"protos": self.protos.image_state(), "codex": self.codex.image_state()}
 
-    def save(self) -> dict[str, Any]:
+    def save(self, *, trigger: str = "manual", name: str | None = None, keep: bool = False,
+             note: str | None = None) -> dict[str, Any]:
+        """Write the image now; ``keep`` also pins it as a snapshot the ring never prunes
+        (then ``id`` is the pinned snapshot's id). The changes stay marked unsaved until
+        the write has succeeded; a failure raises, is published as ``image.save_failed``
+        and shows in ``status()["image"]["save_error"]``, and autosave retries it with
+        backoff."""
         with self._save_lock:
-            self.protos.mark_clean()
-            self._codex_dirty = False
-            info = self.image.save(self.image_parts())
+            proto_mark, codex_mark = self.protos.change_mark, self._codex_changes
+            try:
+                info = self.image.save(self.image_parts(), trigger=trigger, name=name, note=note)
+            except Exception as e:
+                failure = self._save_retry.failed(e, self.image.path.parent)
+                log.error("saving the image failed (attempt %d): %s; %s; retrying in %g s",
+                          failure.attempts, failure.error, failure.hint, failure.retry_in_s)
+                self.bus.publish("image.save_failed", {
+                    "error": failure.error, "hint": failure.hint, "attempts": failure.attempts,
+                    "retry_in_s": failure.retry_in_s})
+                raise
+            self.protos.mark_clean(proto_mark)
+            self._codex_saved = codex_mark
+            ended = self._save_retry.succeeded()
+            ident = self.image.keep(trigger, name)["id"] if keep else info.id
+        if ended is not None:
+            log.warning("the image is saved again after %d failed attempt(s)", ended.attempts)
+            self.bus.publish("image.save_recovered", {
+                "attempts": ended.attempts, "path": str(info.path), "bytes": info.bytes,
+                "failing_for_s": round(time.time() - ended.first_failed_at, 3)})
         return {"path": str(info.path), "bytes": info.bytes, "at": info.at,
-                "seconds": round(info.serialize_s + info.write_s, 4)}
+                "seconds": round(info.serialize_s + info.write_s, 4), "written": info.written,
+                "id": ident}
+
+    def _final_save(self, retry_for_s: float = 5.0) -> None:
+        """The save at stop: retried briefly (a full disk may be freed meanwhile), then
+        reported loudly rather than raised, so the rest of the shutdown still runs."""
+        deadline = time.monotonic() + retry_for_s
+        while True:
+            try:
+                self.save(trigger="shutdown")
+                self.unsaved_at_stop = None
+                return
+            except Exception as e:
+                if time.monotonic() >= deadline:
+                    self.unsaved_at_stop = f"{type(e).__name__}: {e}"
+                    log.error("the image could NOT be saved at shutdown (%s); the last image "
+                              "on disk is %s", self.unsaved_at_stop,
+                              self.image.last_save.at if self.image.last_save else "the one loaded")
+                    return
+            while time.monotonic() < deadline and not self._save_retry.due(self.image):
+                time.sleep(0.1)
+
+    def restore_parts(self, parts: dict[str, Any]) -> None:
+        """Make ``parts`` (a checked image) the live protos and codex, all or nothing."""
+        before = self.image_parts()
+        try:
+            self.protos.restore_image(parts["protos"])
+            if "codex" in parts:
+                self.codex.restore_image(parts["codex"])
+            self._ensure_personas()
+        except Exception:
+            self.protos.restore_image(before["protos"])
+            self.codex.restore_image(before["codex"])
+            raise
+        self._codex_changes += 1   # the restored state is not the image on disk yet
+        try:
+            self.tools.sync_files()
+        except Exception:       # the mirror is for reading; the image is the truth
+            log.exception("mirroring the restored tools failed")
+
+    def _checkpoint(self, trigger: str) -> None:
+        if self.state is not SystemState.STARTED:
+            return
+        try:
+            sid = self.timemachine.checkpoint(trigger)
+            log.info("%s snapshot %s", trigger, sid)
+        except Exception:
+            log.exception("could not take the %s snapshot", trigger)
 
     @property
     def dirty(self) -> bool:
-        return self.protos.dirty or self._codex_dirty
+        return self.protos.dirty or self._codex_changes != self._codex_saved
 
     def _autosave_loop(self) -> None:
-        while not self._stop.wait(self.settings.image.autosave_interval_s):
-            if self.dirty:
+        """Save every ``image.autosave_interval_s`` when something changed; while a
+        save is failing, retry on :class:`SaveRetry`'s schedule instead."""
+        interval = self.settings.image.autosave_interval_s
+        next_at = time.monotonic() + interval
+        while True:
+            failing = self._save_retry.failure is not None
+            wait = 0.25 if failing else max(0.0, min(next_at - time.monotonic(), interval))
+            if self._stop.wait(wait):
+                return
+            if failing:
+                if not self._save_retry.due(self.image):
+                    continue
+            elif time.monotonic() < next_at:
+                continue
+            next_at = time.monotonic() + interval
+            if self.dirty or failing:
                 try:
-                    self.save()
+                    self.save(trigger="autosave")
                 except Exception:
-                    log.exception("autosave failed; the previous image is intact")
+                    pass   # logged, published and scheduled for retry by save()
 
     def _mark_codex_dirty(self, _event: Event) -> None:
-        self._codex_dirty = True
+        self._codex_changes += 1
 
     # -- personas -----------------------------------------------------------------------
     def _ensure_personas(self) -> None:
@@ -229,6 +362,8 @@ class System:
             self.protos.create("persona", {"temperature": 0.7, "status": "idle",
                                            "last_utterance": "", "dissonance": None},
                                methods={"invoke_llm": INVOKE_LLM})
+        elif not isinstance(self.protos.get("persona").get("temperature"), (int, float)):
+            self.protos.update("persona", {"temperature": 0.7})
         if "tool" not in self.protos:
             self.protos.create("tool", {"kind": "tool"})
         backend = self.settings.models.backend
@@ -251,11 +386,16 @@ class System:
                 changes["system_prompt"] = prompt
             if proto.get("status") not in (None, "idle"):
                 changes["status"] = "idle"
+            # an image from before the slot checks may lack what every turn needs
+            if not isinstance(proto.get("role"), str) or not proto.get("role"):
+                changes["role"] = pc.role
+            if not isinstance(proto.get("model_name"), str) or not proto.get("model_name"):
+                changes.update(model_name=model, model_backend=backend)
             if changes:
                 self.protos.update(name, changes)
 
     def _on_codex_decided(self, event: Event) -> None:
-        self._codex_dirty = True
+        self._codex_changes += 1
         if event.payload.get("approved"):
             persona = event.payload.get("persona")
             if persona in self.protos:
@@ -264,6 +404,7 @@ class System:
     # -- tasks ------------------------------------------------------------------------------
     def run_task(self, task: Task, cancel: Any = None) -> dict[str, Any] | None:
         """Run one claimed task through the graph and record the outcome in the queue.
+        A restore waits for it to finish (the task runs on one state, never two).
 
         The task's origin goes into the graph's meta, so its memory row says whether a
         user or the system itself asked (the curator trains only on what users asked).
@@ -271,6 +412,10 @@ class System:
         once set the run stops at the next node boundary (or inside the generation) and
         the task ends ``cancelled``, or is re-queued if the token says so (preemption).
         """
+        with self.task_gate.task(f"task {task.id}"):
+            return self._run_task(task, cancel)
+
+    def _run_task(self, task: Task, cancel: Any = None) -> dict[str, Any] | None:
         from .cognition.state import TaskCancelled
         from .task_control import finish_stopped
         resume = self.graph.has_checkpoint(task.id)
@@ -312,12 +457,32 @@ class System:
             "queue": {"pending": self.tasks.pending_count(),
                       "running": [t.id for t in self.tasks.list(status="running")]},
             "last_save": None if last is None else {"at": last.at, "bytes": last.bytes},
+            "image": self.image_status(),
+            "methods": self.protos.watchdog.status() if self.protos.watchdog else None,
             "protos": len(self.protos),
             "codex_version": self.codex.version,
             "forge": {"enabled": forge_off is None, "disabled_reason": forge_off},
             "motivator": self.motivator.status(),
             "philosopher": self.philosopher.status(),
             "curator": {"running": self.curator.running, "votes": self.curator.votes()},
+        }
+
+    def image_status(self) -> dict[str, Any]:
+        """What was loaded (and what was skipped, and why), the last save, and a save
+        that is failing (``save_error``: None when saves work)."""
+        load, last = self.last_load, self.image.last_save
+        failure = self._save_retry.failure
+        return {
+            "path": str(self.image.path),
+            "loaded_from": None if load is None else str(load.path),
+            "loaded_format": None if load is None else load.format,
+            "loaded_saved_at": None if load is None else load.saved_at,
+            "skipped": [] if load is None else [{"path": str(p), "reason": r}
+                                                for p, r in load.skipped],
+            "last_save": None if last is None else {"at": last.at, "bytes": last.bytes,
+                                                    "written": last.written},
+            "unsaved_changes": self.dirty,
+            "save_error": None if failure is None else failure.to_dict(),
         }
 
     def snapshot(self) -> dict[str, Any]:

@@ -5,7 +5,9 @@ after the row is committed (WAL, ``synchronous=FULL``), so a SIGKILL or power lo
 that point cannot lose it. After a restart the daemon calls :meth:`TaskQueue.recover`,
 which puts tasks that were ``running`` when the process died back in the queue (or fails
 them once they have been interrupted ``max_attempts`` times, so a task that kills the
-daemon cannot crash-loop it forever).
+daemon cannot crash-loop it forever). A *graceful* stop is not a crash: the daemon
+marks the task it could not finish in time with :meth:`TaskQueue.interrupt`, and
+``recover`` re-queues such a task without counting an attempt.
 
 Ordering: user tasks always run before self-generated ones (motivator goals,
 reflections), whatever their priority; within each group lower ``priority`` runs first,
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -61,11 +65,20 @@ CREATE TABLE IF NOT EXISTS tasks (
     attempts INTEGER NOT NULL DEFAULT 0,
     meta TEXT NOT NULL DEFAULT '{}',
     cancel_requested INTEGER NOT NULL DEFAULT 0,
+    interrupted INTEGER NOT NULL DEFAULT 0,
+    interruptions INTEGER NOT NULL DEFAULT 0,
     -- generated, so "user tasks first" is part of the index order
     is_self INTEGER GENERATED ALWAYS AS (origin != 'user') VIRTUAL
 );
 CREATE INDEX IF NOT EXISTS tasks_pick ON tasks (status, is_self, priority, seq);
 """
+# columns added after the first release: (name, definition), added to older files
+_ADDED_COLUMNS = (("interrupted", "INTEGER NOT NULL DEFAULT 0"),
+                  ("interruptions", "INTEGER NOT NULL DEFAULT 0"))
+
+
+class TaskQueueError(RuntimeError):
+    """The queue file cannot be opened; the message names it and what to do."""
 
 
 class TaskNotFound(KeyError):
@@ -90,6 +103,8 @@ class Task:
     attempts: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     cancel_requested: bool = False
+    interrupted: bool = False       # a graceful stop caught it running (not a crash)
+    interruptions: int = 0          # how many graceful stops it has lived through
 
     @property
     def self_generated(self) -> bool:
@@ -114,13 +129,26 @@ def _dumps(obj: Any) -> str:
 
 
 _COLS = ("id, text, origin, priority, status, created, started, finished, result, error, "
-         "attempts, meta, cancel_requested")
+         "attempts, meta, cancel_requested, interrupted, interruptions")
 
 
 def _row(r: tuple) -> Task:
     return Task(id=r[0], text=r[1], origin=r[2], priority=r[3], status=r[4], created=r[5],
                 started=r[6], finished=r[7], result=_loads(r[8]), error=r[9],
-                attempts=r[10], meta=_loads(r[11]) or {}, cancel_requested=bool(r[12]))
+                attempts=r[10], meta=_loads(r[11]) or {}, cancel_requested=bool(r[12]),
+                interrupted=bool(r[13]), interruptions=r[14])
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` with mode 0600 (or tighten an existing one): tasks hold what the
+    user asked, which other local users have no business reading."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if p.exists() and stat.S_IMODE(p.stat().st_mode) & 0o077:
+                os.chmod(p, 0o600)
+    except OSError as e:   # e.g. a read-only directory: connect() says so properly
+        log.debug("could not make %s private: %s", path, e)
 
 
 class TaskQueue:
@@ -133,6 +161,7 @@ class TaskQueue:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._closed = False
+        _private_file(self.path)   # SQLite's -wal/-shm files copy the database's mode
         try:
             self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
                                        check_same_thread=False)
@@ -141,8 +170,12 @@ class TaskQueue:
             self._db.execute("PRAGMA busy_timeout=30000")
             with self._lock:
                 self._db.executescript(_SCHEMA)
+                have = {r[1] for r in self._db.execute("PRAGMA table_info(tasks)")}
+                for name, definition in _ADDED_COLUMNS:
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {definition}")
         except sqlite3.DatabaseError as e:
-            raise RuntimeError(
+            raise TaskQueueError(
                 f"task queue {self.path} cannot be opened ({e}); if the file is corrupt, "
                 "move it aside and restart (queued tasks in it would be lost)") from e
 
@@ -329,13 +362,23 @@ class TaskQueue:
             self._check_open()
             return self._db.execute(sql, args).fetchone()[0]
 
+    def interrupt(self, task_id: str) -> bool:
+        """A graceful stop could not wait for this running task: mark it so the next
+        :meth:`recover` re-queues it without counting an attempt (the graph resumes it
+        from its last checkpoint). False if it was no longer running."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE tasks SET interrupted = 1 WHERE id = ? AND status = 'running'",
+                             (task_id,))
+            return cur.rowcount == 1
+
     def recover(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]:
         """Call once at daemon start, before any worker claims.
 
-        Tasks left ``running`` by a crash go back to ``queued`` with ``attempts + 1``;
-        a task interrupted ``max_attempts`` times fails with a clear error instead.
-        A running task whose cancel was requested is cancelled. Returns the tasks
-        touched, in their new state.
+        Tasks a graceful stop interrupted (:meth:`interrupt`) go back to ``queued`` as
+        they were. Tasks left ``running`` by an unclean death go back with
+        ``attempts + 1``; one interrupted so ``max_attempts`` times fails with a clear
+        error instead (it may be what kills the daemon). A running task whose cancel
+        was requested is cancelled. Returns the tasks touched, in their new state.
         """
         touched: list[str] = []
         now = time.time()
@@ -343,11 +386,14 @@ class TaskQueue:
             rows = db.execute(f"SELECT {_COLS} FROM tasks WHERE status = 'running' "
                               "ORDER BY seq").fetchall()
             for t in map(_row, rows):
-                attempts = t.attempts + 1
+                attempts = t.attempts if t.interrupted else t.attempts + 1
                 if t.cancel_requested:
                     db.execute("UPDATE tasks SET status='cancelled', finished=?, attempts=?, "
-                               "error='cancelled (daemon stopped while it ran)' WHERE id=?",
-                               (now, attempts, t.id))
+                               "interrupted=0, error='cancelled (daemon stopped while it ran)' "
+                               "WHERE id=?", (now, attempts, t.id))
+                elif t.interrupted:
+                    db.execute("UPDATE tasks SET status='queued', started=NULL, interrupted=0, "
+                               "interruptions=interruptions+1 WHERE id=?", (t.id,))
                 elif attempts >= max_attempts:
                     db.execute(
                         "UPDATE tasks SET status='failed', finished=?, attempts=?, error=? "

@@ -1,6 +1,7 @@
 """Shared fixtures. Every test builds its parts on a temp data directory."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -77,3 +78,69 @@ def embedded_models(tmp_path_factory, model_cache_dir):
                       embedder=MiniLMEmbedder(batch_size=s.models.embedding_batch_size))
     yield mm
     mm.release()
+
+
+# --- a real, small filesystem that can fill up (issue 13) --------------------------
+
+def mount_tmpfs(path: Path, size_mb: int) -> bool:
+    """Mount a tmpfs of ``size_mb`` at ``path``; False where this process may not
+    (not root, no CAP_SYS_ADMIN): callers then fall back to RLIMIT_FSIZE."""
+    import subprocess
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700",
+                            "tmpfs", str(path)], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def unmount(path: Path) -> None:
+    import subprocess
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+
+
+def fill_up(directory: Path, leave_bytes: int = 0) -> Path:
+    """Write a ballast file until the filesystem is full (minus ``leave_bytes``)."""
+    ballast = directory / "ballast.bin"
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, b"\0" * max(0, free - leave_bytes))
+        while not leave_bytes:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return ballast
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Fallback where no tmpfs can be mounted: RLIMIT_FSIZE makes writes past
+    ``nbytes`` fail (EFBIG, with SIGXFSZ ignored) for this whole process."""
+    import resource
+    import signal
+    old_sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_sig)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A directory on a 16 MB tmpfs (yields None where mounting is not allowed)."""
+    mnt = tmp_path / "smallfs"
+    if not mount_tmpfs(mnt, 16):
+        yield None
+        return
+    try:
+        yield mnt
+    finally:
+        unmount(mnt)

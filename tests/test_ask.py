@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -286,3 +287,27 @@ def test_ask_through_a_real_daemon(data_dir):
     assert "submitted task" in ask.stderr
     assert "BRICK [round 1]" in ask.stdout and "dissonance [1]" in ask.stdout
     assert "Why is the sky blue?" in ask.stdout.split("ALFRED's answer")[1]
+
+
+# -- one writer per image (issue 13) -------------------------------------------------------
+
+def test_ask_refuses_to_be_a_second_writer(monkeypatch, data_dir, capsys):
+    """Failure 3 in-process: with the daemon's lock held and its address unreachable,
+    `ask` used to run in-process anyway and overwrite the daemon's image."""
+    from a4ps.lock import DataLock
+    daemon_addr = f"tcp://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", f"tcp://127.0.0.1:{_free_port()}")  # wrong
+    monkeypatch.setenv("A4PS_MODELS__BACKEND", "scripted")
+    monkeypatch.setenv("A4PS_MODELS__EMBEDDING_BACKEND", "hash")
+    (data_dir / "daemon.token").write_text("tok")
+    held = DataLock.for_data_dir(data_dir).acquire(kind="daemon", command_addr=daemon_addr)
+    try:
+        rc = cli.main(["--data-dir", str(data_dir), "ask", "hello"])
+        err = capsys.readouterr().err
+        assert rc == 1, err
+        assert f"pid {os.getpid()}" in err and daemon_addr in err and "second writer" in err
+        rc = cli.main(["--data-dir", str(data_dir), "ask", "--local", "hello"])
+        assert rc == 1 and "second writer" in capsys.readouterr().err
+        assert not (data_dir / "live_image.dill").exists()      # nothing written
+    finally:
+        held.release()

@@ -62,3 +62,25 @@ def test_cli_reports_bad_settings(monkeypatch, capsys):
     monkeypatch.setenv("A4PS_BUS__MAX_MESSAGE_BYTES", "-1")
     assert main(["status"]) == 2
     assert "bus.max_message_bytes" in capsys.readouterr().err
+
+
+def test_unreadable_settings_file_is_one_line(tmp_path, capsys):
+    """Issue 13: an unreadable config gave a raw traceback."""
+    from a4ps.cli import main
+    for bad in (tmp_path / "a-directory", tmp_path / "latin1.toml"):
+        if bad.suffix:
+            bad.write_bytes(b"[bus]\ncommand_addr = '\xe9'\n")
+        else:
+            bad.mkdir()
+        assert main(["--config", str(bad), "status"]) == 2
+        err = capsys.readouterr().err
+        assert str(bad) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_invalid_values_are_reported_on_one_line(tmp_path):
+    cfg = tmp_path / "settings.toml"
+    cfg.write_text("[bus]\nmax_message_bytes = -1\nheartbeat_interval_s = 'x'\n")
+    with pytest.raises(SettingsError) as e:
+        load_settings(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "bus.max_message_bytes" in msg and "bus.heartbeat_interval_s" in msg

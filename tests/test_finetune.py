@@ -318,6 +318,7 @@ def embedded_parts(default_recipe, bus, embedded_models):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)          # 20 steps of the default recipe on a busy 2-core CPU
 @pytest.mark.parametrize("steps", [5, 20])
 def test_gate_refuses_ten_rows_of_random_words_at_defaults(embedded_parts, tmp_path, steps):
     """The issue's case: the adapter used to be swapped in (held-out loss 4.94 -> 4.76)
@@ -347,9 +348,12 @@ def test_gate_refuses_ten_rows_of_random_words_at_defaults(embedded_parts, tmp_p
 @pytest.mark.slow
 def test_gate_accepts_a_narrow_learnable_task_then_swap_and_rollback(embedded_parts, tmp_path):
     """A fixed answer style for one kind of request, with its own held-out items, at the
-    default recipe: better beyond its noise there, no worse on the capability suite,
-    not judged worse by ALFRED (asked under constraint), so it is swapped in."""
+    default learning rate and warmup (one row per step, to keep the test short): better
+    beyond its noise there, no worse on the capability suite, not judged worse by
+    ALFRED (asked under constraint), so it is swapped in."""
     settings, bus, protos, models = embedded_parts
+    ft_cfg = settings.finetune
+    ft_cfg.batch_size, ft_cfg.grad_accum, ft_cfg.max_length = 1, 1, 128
     rec = EventRecorder(bus)
     ft = PersonaFinetuner(settings, bus, protos, models, backend="trl")
     probe = [{"role": "system", "content": "You are BRICK."},
@@ -359,10 +363,10 @@ def test_gate_accepts_a_narrow_learnable_task_then_swap_and_rollback(embedded_pa
     train = _write(tmp_path / "train.jsonl", status_reports(PLACES[:24]))
     held = _write(tmp_path / "held.jsonl", status_reports(PLACES[24:]))
 
-    report = ft.finetune("BRICK", train, steps=20, heldout_path=held)
+    report = ft.finetune("BRICK", train, steps=24, heldout_path=held)
 
     assert report.ok, report.reason
-    assert report.backend == "trl" and report.steps == 20
+    assert report.backend == "trl" and report.steps == 24
     adapter = Path(report.adapter_dir)
     assert (adapter / "adapter_config.json").is_file()
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16

@@ -45,9 +45,10 @@ def test_event_round_trip():
 
 @pytest.mark.parametrize("body, code", [
     (b"\xc1", "bad_msgpack"),                             # never-used msgpack byte
-    (b"\x92\x01", "bad_msgpack"),                          # truncated array
+    (b"\x82\xa1v", "bad_msgpack"),                          # truncated map
+    (b"\x92\x01", "bad_request"),                          # an array, not a map
     (msgpack.packb([1, 2]), "bad_request"),                # not a map
-    (msgpack.packb({"id": "x", "cmd": "a.b"}), "bad_request"),  # no token
+    (msgpack.packb({"id": "x", "cmd": "a.b"}), "unauthorized"),  # no token
     (msgpack.packb({"v": 1, "id": "x", "token": "t", "cmd": "a.b", "args": [1]}), "bad_request"),
     (msgpack.packb({"v": 1, "id": "x", "token": "t", "cmd": "a.b", "zzz": 1}), "bad_request"),
     (msgpack.packb({"v": 99, "id": "x", "token": "t", "cmd": "a.b"}), "unsupported_version"),
@@ -132,3 +133,103 @@ def test_decoded_event_is_a_normal_model():
 def test_bad_events_raise_protocol_error(frames):
     with pytest.raises(p.ProtocolError):
         p.decode_event(frames)
+
+
+# -- issue 13: the wire is exactly what docs/protocol.md says --------------------------
+
+def _req(**fields):
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+GOOD = {"v": 1, "id": "r1", "token": "t", "cmd": "task.submit", "args": {"text": "hi"}}
+
+
+@pytest.mark.parametrize("body, code", [
+    (_req(**{k: v for k, v in GOOD.items() if k != "v"}), "bad_request"),      # no v
+    (_req(**{k: v for k, v in GOOD.items() if k != "args"}), "bad_request"),   # no args
+    (_req(**{k: v for k, v in GOOD.items() if k != "token"}), "unauthorized"),
+    (_req(**{**GOOD, "v": "1"}), "bad_request"),
+    (_req(**{**GOOD, "v": True}), "bad_request"),
+    (_req(**{**GOOD, "v": 1.0}), "bad_request"),
+    (_req(**{**GOOD, "id": 7}), "bad_request"),
+    (_req(**{**GOOD, "id": ""}), "bad_request"),
+    (_req(**{**GOOD, "cmd": ["task.submit"]}), "bad_request"),
+    (_req(**{**GOOD, "args": None}), "bad_request"),
+    (_req(**{**GOOD, "args": [1]}), "bad_request"),
+    (_req(**{**GOOD, "extra": 1}), "bad_request"),
+    (_req(**GOOD) + b"\x01", "bad_msgpack"),                 # trailing data after args
+    (_req(**GOOD)[:-1], "bad_msgpack"),                        # truncated args
+])
+def test_envelope_is_strict(body, code):
+    with pytest.raises(p.ProtocolError) as e:
+        p.decode_request(body)
+    assert e.value.code == code, e.value
+
+
+@pytest.mark.parametrize("cmd, args", [
+    ("task.submit", {"text": "hi", "priority": "5"}),
+    ("task.submit", {"text": "hi", "priority": True}),
+    ("task.submit", {"text": "hi", "priority": 5.0}),
+    ("task.submit", {"text": b"hi"}),
+    ("task.list", {"limit": True}),
+    ("task.list", {"limit": "10"}),
+    ("codex.decide", {"proposal_id": "p", "version": 1, "approve": 1}),
+    ("motivator.pause", {"paused": "yes"}),
+    ("proto.update", {"name": "BRICK", "methods": {"m": 42}}),
+    ("proto.update", {"name": "BRICK", "delete": ("a",)}),
+])
+def test_args_are_not_coerced(cmd, args):
+    with pytest.raises(p.ProtocolError) as e:
+        p.validate_args(cmd, args)
+    assert e.value.code == "invalid_args"
+
+
+def test_args_decoding_is_bounded():
+    def env_for(args_body: bytes) -> p.Envelope:
+        head = msgpack.packb({"v": 1, "id": "x", "token": "t", "cmd": "proto.update"})
+        body = bytes([0x85]) + head[1:] + msgpack.packb("args") + args_body
+        env = p.read_envelope(body)
+        p.check_envelope(env)
+        return env
+    deep: list = []
+    node = deep
+    for _ in range(100):
+        node.append([])
+        node = node[0]
+    cases = [
+        (msgpack.packb({"slots": {"x": deep}}), "invalid_args", "nested deeper"),
+        (msgpack.packb({"slots": {f"k{i}": i for i in range(25_000)}}), "invalid_args",
+         "more than"),
+        (msgpack.packb({"slots": {1: "int key"}}), "invalid_args", "strings"),
+        (msgpack.packb({"slots": msgpack.ExtType(5, b"x")}), "bad_msgpack", "extension"),
+    ]
+    for args_body, code, words in cases:
+        with pytest.raises(p.ProtocolError) as e:
+            p.decode_args(env_for(args_body))
+        assert e.value.code == code and words in e.value.message and e.value.request_id == "x"
+    ok = {"name": "BRICK", "slots": {"a": [1, {"b": None}], "c": b"\x00", "d": 1.5}}
+    assert p.decode_args(env_for(msgpack.packb(ok, use_bin_type=True))) == ok
+
+
+def test_envelope_is_read_without_decoding_the_args():
+    """Failure 9: the bus thread decoded 150k keys before checking the token."""
+    import time
+    big = {f"k{i}": i for i in range(150_000)}
+    body = msgpack.packb({"v": 1, "id": "x", "token": "wrong", "cmd": "proto.update",
+                          "args": {"name": "BRICK", "slots": big}})
+    assert len(body) > 1_000_000
+    t0 = time.perf_counter()
+    for _ in range(20):
+        env = p.read_envelope(body)
+    per = (time.perf_counter() - t0) / 20
+    assert env.token == "wrong" and env.cmd == "proto.update"
+    assert per < 0.005, per           # microseconds in fact: args are not touched
+    # args first: skipped (a C-speed walk), and the envelope is still read
+    first = msgpack.packb({"args": {"slots": big}, "v": 1, "id": "y", "token": "t",
+                           "cmd": "proto.update"})
+    env = p.read_envelope(first)
+    assert env.request_id == "y" and env.args_end is not None
+    dup = b"\x82" + msgpack.packb("id") + msgpack.packb("a") + msgpack.packb("id") \
+        + msgpack.packb("b")
+    with pytest.raises(p.ProtocolError, match="twice"):
+        p.read_envelope(dup)

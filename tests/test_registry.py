@@ -37,7 +37,7 @@ def sandbox(tmp_path_factory):
 def registry(settings, bus, sandbox, tmp_path):
     from a4ps.models.embeddings import HashEmbedder
     return ToolRegistry(ProtoManager(bus), settings, bus, embedder=HashEmbedder(),
-                        sandbox=sandbox, tools_dir=tmp_path / "dynamic_tools")
+                        sandbox=sandbox, tools_dir=tmp_path / "tools")
 
 
 def test_tool_names_become_identifiers():
@@ -63,7 +63,7 @@ def test_register_makes_a_proto_and_mirrors_the_source(registry, tmp_path):
     assert slots["signature"] == "mean(values: list[float]) -> float"
     assert slots["source"] == MEAN_V1 and slots["tests"] == "def test_x(): pass\n"
     assert slots["test_results"] == {"passed": 2, "total": 2} and slots["created_at"] > 0
-    mirror = (tmp_path / "dynamic_tools" / "mean.py").read_text()
+    mirror = (tmp_path / "tools" / "mean.py").read_text()
     assert mirror.endswith(MEAN_V1) and mirror.startswith("# Forged tool mean v1")
     [listed] = registry.list()
     assert listed["name"] == "mean" and listed["tests_passed"] == 2 and listed["versions"] == [1]
@@ -79,7 +79,7 @@ def test_reforging_a_name_makes_a_new_version_and_keeps_the_old(registry, tmp_pa
     assert old.parent.name == "tool"
     assert registry.versions("mean") == [1, 2]
     assert [t["name"] for t in registry.list()] == ["mean"]      # old versions aren't listed
-    assert (tmp_path / "dynamic_tools" / "mean.py").read_text().endswith(MEAN_V2)
+    assert (tmp_path / "tools" / "mean.py").read_text().endswith(MEAN_V2)
     assert registry.call("mean", {"values": [1, 3], "weights": [3, 1]}) == 1.5
 
 
@@ -167,3 +167,77 @@ def test_find_with_the_real_minilm_embedder_understands_paraphrases(settings, bu
     reg.register(DAYS_SPEC, DAYS, "", "BRICK")
     assert reg.find("average of some values", k=1)[0]["name"] == "mean"
     assert reg.find("how long from one date until another", k=1)[0]["name"] == "days_between"
+
+
+# -- issue 14.6: tool source is data under the data directory ---------------------------------
+
+def _checkout_entries() -> set[str]:
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    return {line for line in out.splitlines() if "__pycache__" not in line}
+
+
+def test_tool_source_lives_under_the_data_dir_and_the_checkout_stays_clean(settings, bus, sandbox):
+    import sys
+    before = _checkout_entries()
+    reg = ToolRegistry(ProtoManager(bus), settings, bus, sandbox=sandbox)   # as System builds it
+    assert reg.tools_dir == settings.data_dir / "tools"
+    reg.register(MEAN_SPEC, MEAN_V1, "", "BRICK")
+    assert reg.sync_files() == 1
+    assert reg.call("mean", {"values": [1, 2, 3]}) == 2
+    mirror = settings.data_dir / "tools" / "mean.py"
+    assert mirror.read_text().endswith(MEAN_V1)
+    assert not (settings.data_dir / "tools" / "__init__.py").exists()      # not a package
+    assert not any(str(settings.data_dir) in str(getattr(m, "__file__", "") or "")
+                   for m in list(sys.modules.values()))                      # never imported
+    assert _checkout_entries() == before
+
+
+def test_mirrors_an_earlier_version_left_in_the_package_are_moved_out(registry, tmp_path):
+    legacy = tmp_path / "pkg" / "dynamic_tools"
+    legacy.mkdir(parents=True)
+    (legacy / "__init__.py").write_text('"""Forged tools\' source files, mirrored (git-ignored)."""\n')
+    (legacy / "fib.py").write_text("# Forged tool fib v1 by BRICK. The live image...\ndef fib(n):\n    return n\n")
+    (legacy / "mine.py").write_text("def not_a_mirror():\n    pass\n")
+    moved = registry.move_legacy_mirrors(legacy)
+    assert [p.name for p in moved] == ["fib.py"]
+    assert (registry.tools_dir / "from-package" / "fib.py").read_text().startswith("# Forged tool fib")
+    assert sorted(p.name for p in legacy.iterdir()) == ["mine.py"]     # not ours: left alone
+    (legacy / "mine.py").unlink()
+    registry.move_legacy_mirrors(legacy)
+    assert not legacy.exists()
+
+
+def test_the_package_holds_no_tool_source():
+    from pathlib import Path
+
+    import a4ps.tools
+    assert not (Path(a4ps.tools.__file__).parent / "dynamic_tools").exists()
+
+
+# -- issue 14.5: found before forged ------------------------------------------------------------
+
+def test_match_finds_a_tool_by_name_then_description_when_its_parameters_fit(registry):
+    registry.register(MEAN_SPEC, MEAN_V1, "", "BRICK")
+    registry.register(DAYS_SPEC, DAYS, "", "BRICK")
+    hit = registry.match("mean", "anything", {"values": [1]})
+    assert hit["name"] == "mean" and hit["how"] == "name"
+    hit = registry.match("average", "average of a list of numbers", {"values": [1, 2]})
+    assert hit["name"] == "mean" and hit["how"] == "description" and hit["score"] >= 0.75
+    # the parameters must fit: unknown or missing arguments mean another tool
+    assert registry.match("mean", "mean", {"numbers": [1]}) is None
+    assert registry.match("days_between", None, {"start": "2024-01-01"}) is None
+    assert registry.match(None, "average of a list of numbers", {}) is None   # values required
+    assert registry.match("median", "the middle value of a sorted list", {"values": [1]}) is None
+
+
+def test_an_old_version_can_still_be_called(registry):
+    registry.register(MEAN_SPEC, MEAN_V1, "", "BRICK")
+    registry.register(MEAN_SPEC, MEAN_V2, "", "BRICK")
+    assert registry.call("mean", {"values": [1, 3], "weights": [3, 1]}) == 1.5
+    assert registry.call("mean", {"values": [1, 3]}, version=1) == 2
+    with pytest.raises(ToolCallError, match="unknown argument"):
+        registry.call("mean", {"values": [1], "weights": [1]}, version=1)

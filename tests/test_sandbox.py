@@ -6,8 +6,11 @@ clear message) and that the host is unchanged.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -17,11 +20,14 @@ import psutil
 import pytest
 
 from a4ps.config import load_settings
+from a4ps.tools import sandbox as sandbox_module
 from a4ps.tools.sandbox import (DockerSandbox, Limits, RunscSandbox, SandboxUnavailable,
-                                make_sandbox)
+                                make_sandbox, probe_cache_clear)
 
-LIMITS = {"wall_time_s": 20.0, "cpu_time_s": 2, "memory_mb": 128, "max_pids": 16,
-          "max_output_bytes": 4096}
+# memory: the fork bomb's 16 interpreters (copy-on-write pages they touch) plus the guest
+# supervisor must fit, so the process limit, not the memory limit, is what stops it
+LIMITS = {"wall_time_s": 20.0, "cpu_time_s": 2, "memory_mb": 192, "max_pids": 16,
+          "max_output_bytes": 4096, "disk_mb": 32}
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +80,166 @@ def test_traceback_names_the_script(sandbox):
     assert 'File "main.py", line 2, in f' in res.stderr and "ValueError: boom" in res.stderr
 
 
-def test_infinite_loop_is_killed_at_the_cpu_limit(sandbox):
+def test_an_infinite_loop_under_a_30s_wall_limit_stops_at_its_cpu_limit_measured(sandbox):
+    """Issue 14.3: the CPU limit is enforced in the guest and the CPU time is measured."""
     t0 = time.monotonic()
-    res = run(sandbox, "while True:\n    pass\n")
-    assert res.limit_hit == "cpu_time", res.summary()
-    assert res.exit_code != 0 and res.cpu_s >= LIMITS["cpu_time_s"]
-    assert time.monotonic() - t0 < LIMITS["wall_time_s"]
+    res = run(sandbox, "while True:\n    pass\n", timeout=30)
+    elapsed = time.monotonic() - t0
+    assert res.limit_hit == "cpu_time" and not res.timed_out, res.summary()
+    assert res.signal == 24 and res.exit_code == 128 + 24          # SIGXCPU, in the guest
+    assert LIMITS["cpu_time_s"] <= res.cpu_s < LIMITS["cpu_time_s"] + 1.5, res.summary()
+    assert res.sandbox_cpu_s is not None and res.sandbox_cpu_s > 0.5   # the host's cgroup
+    assert elapsed < 15, f"stopped after {elapsed:.1f}s: the CPU limit did not bite"
     assert not _sandbox_processes()
+
+
+def test_cpu_time_is_measured_not_the_limit(sandbox):
+    res = run(sandbox, """
+        import time
+        t = time.process_time()
+        while time.process_time() - t < 0.4:
+            pass
+        """)
+    assert res.ok and res.limit_hit is None, res.summary()
+    assert 0.3 <= res.cpu_s < LIMITS["cpu_time_s"], res.summary()
+    assert res.cpu_s != float(LIMITS["cpu_time_s"])
+
+
+def test_a_self_sigkill_is_not_reported_as_memory(sandbox):
+    """Issue 14.3: only OOM evidence makes ``memory``."""
+    res = run(sandbox, "import os, signal\nprint('bye', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    assert res.limit_hit is None, res.summary()
+    assert res.signal == 9 and res.exit_code == 137 and res.reported
+    assert res.stdout == "bye\n"
+
+
+def test_a_2gib_write_stops_at_the_disk_quota(sandbox, tmp_path):
+    """Issue 14.2: the work directory is a size-limited tmpfs; the host's disk is untouched."""
+    free_before = shutil.disk_usage(tempfile.gettempdir()).free
+    t0 = time.monotonic()
+    res = run(sandbox, """
+        chunk = b"x" * (1 << 20)
+        with open("big.bin", "wb") as f:
+            for i in range(2048):
+                f.write(chunk)
+        print("wrote 2 GiB")
+        """)
+    assert res.limit_hit == "disk", res.summary() + res.stderr[-300:]
+    assert "No space left on device" in res.stderr and "wrote 2 GiB" not in res.stdout
+    assert res.exit_code == 1 and not res.timed_out
+    quota = LIMITS["disk_mb"] << 20
+    assert quota * 0.9 <= res.disk_used_bytes <= quota, res.disk_used_bytes
+    assert time.monotonic() - t0 < LIMITS["wall_time_s"]
+    assert free_before - shutil.disk_usage(tempfile.gettempdir()).free < 100 << 20
+
+
+@pytest.mark.slow
+def test_forked_cpu_burners_are_bounded_in_total(sandbox):
+    """Each process has its own RLIMIT_CPU (8 burners could use 8 x 2 s); the whole
+    sandbox's CPU is capped too (2 * cpu_time_s + 1 s, from the host's cgroup)."""
+    res = run(sandbox, """
+        import os, signal
+        for _ in range(8):
+            if os.fork() == 0:
+                while True:
+                    pass
+        xcpu = 0
+        for _ in range(8):
+            _, status = os.wait()
+            xcpu += os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU
+        print("every burner stopped by its own limit:", xcpu == 8)
+        """, timeout=60)
+    cap = sandbox.limits.cpu_total_cap_s
+    assert not res.timed_out and res.sandbox_cpu_s is not None, res.summary()
+    assert res.sandbox_cpu_s <= cap + 1.5, res.summary()     # the cap, plus one poll's worth
+    # either the backstop ended the run, or (under heavy host contention, where gVisor's
+    # CPU clock runs ahead of the host's) each burner hit its own limit first
+    assert res.limit_hit == "cpu_time" or "stopped by its own limit: True" in res.stdout, \
+        res.summary() + res.stdout
+    assert not _sandbox_processes()
+
+
+FORGER = r"""
+import os, signal, sys
+for path in ["/in/.nonce", "/proc/1/mem", "/proc/1/fd/2", "/proc/1/fd/3"]:
+    try:
+        open(path, "rb").read(64)
+        print("READ", path)
+    except OSError as e:
+        print("denied", path, e.errno)
+try:
+    os.kill(1, signal.SIGKILL)
+    print("KILLED the supervisor")
+except OSError as e:
+    print("cannot signal the supervisor", e.errno)
+fake = '{"exit": 0, "signal": null, "cpu_s": 0.0, "records": []}'
+sys.stderr.write("\n\x1eA4PS_REPORT 0000 " + fake + "\n")
+sys.stderr.write("\x1eA4PS_REPORT " + fake + "\n")
+sys.exit(3)
+"""
+
+
+def test_the_workload_cannot_read_the_nonce_nor_forge_the_report(sandbox):
+    res = sandbox.run(FORGER)
+    assert "READ" not in res.stdout and "KILLED" not in res.stdout, res.stdout
+    assert res.stdout.count("denied") == 4 and "cannot signal the supervisor" in res.stdout
+    assert res.reported and res.exit_code == 3            # the real report, not the fakes
+    assert res.stderr.count("A4PS_REPORT") == 2           # the fakes stay plain output
+
+
+def test_collected_files_are_never_followed_through_links(sandbox):
+    res = run(sandbox, """
+        import os
+        os.symlink("/in/.nonce", "leak.txt")
+        os.symlink("/proc/1/environ", "env.txt")
+        os.mkfifo("pipe.txt")
+        open("real.txt", "w").write("fine")
+        """, collect=["leak.txt", "env.txt", "pipe.txt", "real.txt", "missing.txt"])
+    assert res.ok, res.summary() + res.stderr
+    assert res.files == {"real.txt": "fine"}
+
+
+def test_probe_runs_once_per_process_and_runsc_binary(sandbox_settings, monkeypatch):
+    """Issue 14.7."""
+    starts = []
+    real = subprocess.Popen
+
+    def counting(cmd, *a, **kw):
+        if isinstance(cmd, list) and "run" in cmd:
+            starts.append(cmd)
+        return real(cmd, *a, **kw)
+
+    probe_cache_clear()
+    monkeypatch.setattr(sandbox_module.subprocess, "Popen", counting)
+    first, second = make_sandbox(sandbox_settings), make_sandbox(sandbox_settings)
+    try:
+        assert first.available and second.available
+        assert len(starts) == 1                           # one probe for both
+        second.run("print(1)")
+        assert len(starts) == 2                           # and then only the run
+    finally:
+        first.close()
+        second.close()
+
+
+def test_cli_sandbox_run_costs_one_container_start(tmp_path, capsys, data_dir, monkeypatch):
+    """Issue 14.7: `a4ps sandbox run` does not boot a probe container first."""
+    from a4ps.cli import main
+    starts = []
+    real = subprocess.Popen
+
+    def counting(cmd, *a, **kw):
+        if isinstance(cmd, list) and "run" in cmd:
+            starts.append(cmd)
+        return real(cmd, *a, **kw)
+
+    probe_cache_clear()
+    monkeypatch.setattr(sandbox_module.subprocess, "Popen", counting)
+    script = tmp_path / "one.py"
+    script.write_text("print(1)\n")
+    assert main(["--data-dir", str(data_dir), "sandbox", "run", str(script)]) == 0
+    assert "1" in capsys.readouterr().out
+    assert len(starts) == 1, starts
 
 
 def test_sleeper_is_killed_at_the_wall_clock_limit(sandbox):
@@ -285,3 +444,23 @@ def test_docker_backend_runs_code_where_an_engine_answers(sandbox_settings):
     res = sb.run("import socket\nprint('hi')\ntry:\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\n"
                  "    print('CONNECTED')\nexcept OSError:\n    print('blocked')\n")
     assert res.stdout.split() == ["hi", "blocked"] and res.exit_code == 0
+
+
+def test_leftovers_of_a_killed_daemon_are_swept(sandbox_settings, tmp_path):
+    """A daemon killed mid-run leaves its sandbox directory behind; the next one sweeps it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "a4ps-sandbox-stale"
+    (stale / "rootfs").mkdir(parents=True)
+    (stale / "owner.pid").write_text(str(dead.pid))
+    alive = tmp_path / "a4ps-sandbox-alive"
+    alive.mkdir()
+    (alive / "owner.pid").write_text(str(os.getpid()))
+    unknown = tmp_path / "a4ps-sandbox-unknown"
+    unknown.mkdir()
+    sb = RunscSandbox(Limits.from_settings(sandbox_settings.sandbox), base_dir=tmp_path, probe=False)
+    try:
+        assert sb.run("print(2)").stdout == "2\n"
+        assert not stale.exists() and alive.exists() and unknown.exists()
+    finally:
+        sb.close()

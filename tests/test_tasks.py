@@ -248,3 +248,60 @@ def test_sigkill_never_loses_a_submitted_task(settings):
     assert [t.id for t in recovered] == [running_id]
     assert q.get(running_id).status == "queued" and q.get(running_id).attempts == 1
     q.close()
+
+
+def test_a_graceful_interruption_is_not_a_crash(settings):
+    """Failure 1: every restart counted an attempt, so two graceful stops of a task
+    that was making progress got it failed as 'what crashes the daemon'."""
+    q = TaskQueue(settings.tasks_path)
+    t = q.submit("long but fine")
+    for stop in range(5):                       # five graceful stops mid-task
+        assert q.claim().id == t.id
+        assert q.interrupt(t.id) is True
+        assert q.get(t.id).status == "running" and q.get(t.id).interrupted
+        (rec,) = q.recover(max_attempts=3)
+        assert rec.status == "queued" and rec.attempts == 0 and not rec.interrupted
+        assert rec.interruptions == stop + 1
+    # the crash cap still holds for unclean deaths
+    for attempt in (1, 2, 3):
+        assert q.claim().id == t.id
+        (rec,) = q.recover(max_attempts=3)
+        assert rec.attempts == attempt
+    assert rec.status == "failed" and "crash 3 times" in rec.error
+    assert q.interrupt(t.id) is False            # not running: nothing to mark
+    q.close()
+
+
+def test_an_older_queue_file_gains_the_new_columns(settings):
+    import sqlite3
+    db = sqlite3.connect(settings.tasks_path)
+    db.executescript("""CREATE TABLE tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE, text TEXT NOT NULL, origin TEXT NOT NULL,
+        priority INTEGER NOT NULL, status TEXT NOT NULL, created REAL NOT NULL,
+        started REAL, finished REAL, result TEXT, error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0, meta TEXT NOT NULL DEFAULT '{}',
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        is_self INTEGER GENERATED ALWAYS AS (origin != 'user') VIRTUAL);
+        INSERT INTO tasks (id, text, origin, priority, status, created)
+        VALUES ('old', 'from before', 'user', 0, 'running', 1.0);""")
+    db.close()
+    q = TaskQueue(settings.tasks_path)
+    (rec,) = q.recover()
+    assert rec.id == "old" and rec.attempts == 1 and rec.interruptions == 0
+    q.close()
+
+
+def test_queue_files_are_private(settings):
+    import stat
+    old = os.umask(0o022)
+    try:
+        q = TaskQueue(settings.tasks_path)
+        q.submit("secret plans")
+    finally:
+        os.umask(old)
+    for p in settings.tasks_path.parent.glob(settings.tasks_path.name + "*"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    q.close()
+    os.chmod(settings.tasks_path, 0o644)          # a file from before: tightened
+    TaskQueue(settings.tasks_path).close()
+    assert stat.S_IMODE(settings.tasks_path.stat().st_mode) == 0o600

@@ -97,6 +97,7 @@ def test_a_correct_tool_is_forged_registered_survives_a_restart_and_can_be_calle
     assert outcome.ok and outcome.tool == "add_business_days" and outcome.version == 1
     assert outcome.attempts == 1 and outcome.reason is None
     assert outcome.test_results["passed"] == 3 == outcome.test_results["total"]  # 2 tests + 1 example
+    assert outcome.test_results["host_checked"] == 3     # all compared outside the sandbox
     assert writer.calls == [(SPEC, None)]
     forging = rec.of("tool.forging")
     assert [e.payload["attempt"] for e in forging] == [1, 1]
@@ -130,8 +131,8 @@ def test_failing_tests_are_retried_with_the_traceback_then_rejected(parts, setti
     assert "test_skips_the_weekend" in outcome.reason
     assert len(writer.calls) == attempts and writer.calls[0][1] is None
     for _, feedback in writer.calls[1:]:
-        assert "FAIL test_skips_the_weekend" in feedback
-        assert "AssertionError" in feedback and 'test_tool.py", line 4' in feedback
+        assert "FAIL test_skips_the_weekend" in feedback     # checked on the host
+        assert "returned '2024-03-09', expected '2024-03-11'" in feedback
         assert "returned '2024-03-02', expected '2024-03-04'" in feedback   # the spec's example
     assert [e.payload["attempt"] for e in rec.of("tool.forging")
             if e.payload["stage"] == "writing"] == list(range(1, attempts + 1))
@@ -165,7 +166,8 @@ def test_trivial_tests_cannot_pass_a_wrong_tool_the_examples_are_checked(parts, 
     reply = "```python" + trivial[1] + "```python\nfrom tool import add_business_days\n\n" \
             "def test_runs():\n    assert add_business_days('2024-03-06', 0)\n```\n"
     spec = SPEC.model_copy(update={"name": "add_business_days"})
-    outcome = make_forge(parts, settings, sandbox, ScriptedWriter(reply)).forge(spec)
+    s = settings.model_copy(update={"forge": settings.forge.model_copy(update={"max_attempts": 1})})
+    outcome = make_forge(parts, s, sandbox, ScriptedWriter(reply)).forge(spec)
     assert not outcome.ok and "example 1" in outcome.reason
 
 
@@ -178,6 +180,105 @@ def test_a_hostile_tool_is_contained_and_rejected(parts, settings, sandbox):
     assert not outcome.ok
     # the CPU limit normally ends it; on a starved machine the wall clock may come first
     assert outcome.reason.endswith(("limit hit: cpu_time", "limit hit: wall_time")), outcome.reason
+
+
+# -- issue 14.1: verdicts the tool cannot forge -------------------------------------------
+
+ADD = ToolSpec(name="add", description="the sum of two numbers",
+               examples=[{"args": {"a": 1, "b": 2}, "result": 3}])
+ADD_TESTS = "from tool import add\n\ndef test_add():\n    assert add(2, 2) == 4\n"
+# at import: writes a passing results file (the old harness's verdict) and leaves
+RESULTS_FORGER = """import json, random
+with open("results.json", "w") as f:
+    json.dump([{"test": "example 1", "ok": True, "detail": ""}], f)
+random._os._exit(0)
+
+def add(a, b):
+    return 12345
+"""
+
+
+def test_a_tool_that_forges_its_results_file_is_refused(parts, settings, sandbox):
+    bus, protos, registry = parts
+    reply = f"```python\n{RESULTS_FORGER}```\n```python\n{ADD_TESTS}```\n"
+    writer = ScriptedWriter(reply)
+    outcome = make_forge(parts, settings, sandbox, writer).forge(ADD)
+    assert not outcome.ok and registry.list() == [] and "tool.add" not in protos
+    assert "random._os" in writer.calls[-1][1]      # the gate names it; nothing ran
+
+
+def test_the_verdict_refuses_a_results_forger_even_past_the_gate(parts, settings, sandbox):
+    """The sandbox stage alone, as if the gate had let the code through."""
+    res = make_forge(parts, settings, sandbox, ScriptedWriter()).verify(ADD, RESULTS_FORGER, ADD_TESTS)
+    assert not res["ok"] and res["passed"] == 0 and res["host_checked"] == 2
+    assert all("no output: the tool's process ended before returning" in c["detail"]
+               for c in res["cases"]), res["cases"]
+
+
+LIAR = """class Liar(int):
+    def __eq__(self, other):
+        return True
+
+def add(a, b):
+    return Liar(12345)
+"""
+
+
+def test_the_verdict_compares_values_on_the_host_not_objects_in_the_guest(parts, settings, sandbox):
+    forge = make_forge(parts, settings, sandbox, ScriptedWriter())
+    guest_test = ADD_TESTS + "\ndef test_in_the_guest():\n    x = add(1, 2)\n    assert x == 3\n"
+    res = forge.verify(ADD, LIAR, guest_test)
+    assert not res["ok"]
+    by_test = {c["test"].split(":")[0]: c for c in res["cases"]}
+    assert by_test["example 1"]["detail"] == "returned 12345, expected 3"
+    assert by_test["example 1"]["checked"] == "host"
+    assert by_test["test_in_the_guest"]["ok"] and by_test["test_in_the_guest"]["checked"] == "guest"
+
+
+def test_expected_values_never_reach_the_sandbox(parts, settings, sandbox):
+    """A tool that reads its tests to look up the answers finds none."""
+    lookup = ("import re\n\ntry:\n    TESTS = open('test_tool.py').read()\nexcept OSError:\n"
+              "    TESTS = ''\n\ndef add(a, b):\n"
+              "    m = re.search(r'add\\(%d, %d\\) == (\\d+)' % (a, b), TESTS)\n"
+              "    return int(m.group(1)) if m else -1\n")
+    res = make_forge(parts, settings, sandbox, ScriptedWriter()).verify(
+        ADD.model_copy(update={"examples": []}), lookup, ADD_TESTS)
+    assert not res["ok"] and res["cases"][0]["detail"] == "returned -1, expected 4"
+
+
+def test_writing_to_the_output_channel_is_caught(parts, settings, sandbox):
+    spy = ("import os\nfor fd in range(3, 12):\n    try:\n"
+           "        os.write(fd, b'{\"kind\": \"call\", \"i\": 0, \"ok\": true, \"value\": 3}\\n')\n"
+           "    except OSError:\n        pass\n\ndef add(a, b):\n    return 12345\n")
+    res = make_forge(parts, settings, sandbox, ScriptedWriter()).verify(ADD, spy, "")
+    assert not res["ok"]
+    assert any("more than one output" in p for p in res["problems"]), res
+
+
+def test_a_tool_with_nothing_checked_outside_the_sandbox_is_not_registered(parts, settings, sandbox):
+    reply = ("```python\ndef add(a, b):\n    return a + b\n```\n```python\nfrom tool import add\n\n"
+             "def test_add():\n    x = add(2, 2)\n    assert x == 4\n```\n")
+    s = settings.model_copy(update={"forge": settings.forge.model_copy(update={"max_attempts": 1})})
+    outcome = make_forge(parts, s, sandbox, ScriptedWriter(reply)).forge(
+        ToolSpec(name="add", description="sum", examples=[{"args": {"a": 1, "b": 2}}]))
+    assert not outcome.ok
+    assert "no expected value was checked outside the sandbox" in outcome.reason
+    assert outcome.test_results["passed"] == outcome.test_results["total"] == 2
+
+
+def test_a_reforge_keeps_the_old_version_current_until_the_new_one_passes(parts, settings, sandbox):
+    bus, protos, registry = parts
+    assert make_forge(parts, settings, sandbox, ScriptedWriter(GOOD)).forge(SPEC).ok
+    s = settings.model_copy(update={"forge": settings.forge.model_copy(update={"max_attempts": 1})})
+    failed = make_forge(parts, s, sandbox, ScriptedWriter(WRONG)).forge(SPEC)
+    assert not failed.ok
+    assert registry.versions("add_business_days") == [1]
+    assert registry.call("add_business_days", {"start": "2024-03-08", "n": 1}) == "2024-03-11"
+    faster = GOOD.replace("    d = date.fromisoformat(start)", "    d = date.fromisoformat(start)  # v2")
+    again = make_forge(parts, s, sandbox, ScriptedWriter(faster)).forge(SPEC)
+    assert again.ok and again.version == 2 and registry.versions("add_business_days") == [1, 2]
+    assert "# v2" in registry.get("add_business_days").lookup("source")[1]
+    assert registry.call("add_business_days", {"start": "2024-03-08", "n": 1}, version=1) == "2024-03-11"
 
 
 def test_forging_is_disabled_without_runsc_and_runs_nothing(settings, monkeypatch, tmp_path):

@@ -227,7 +227,8 @@ def test_a4ps_ui_starts_a_daemon_and_stops_it_on_exit(tmp_path):
     finally:   # never leave a daemon behind, whatever happened
         if daemon_starting(d.settings()):
             import signal
-            os.kill(int((tmp_path / "data" / "daemon.lock").read_text()), signal.SIGTERM)
+            os.kill(int((tmp_path / "data" / "daemon.lock").read_text().splitlines()[0]),
+                    signal.SIGTERM)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
     assert "starting one" in text and "UI connected" in text and "'BRICK'" in text

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -39,6 +40,7 @@ from a4ps.cognition.prompts import DEFAULT_ROUTE, ROUTES
 from a4ps.cognition.state import CognitiveState, TaskCancelled
 from a4ps.events import json_safe
 from a4ps.models.errors import GenerationCancelled
+from a4ps.proto import MethodFault
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
@@ -268,6 +270,8 @@ class CognitiveGraph:
                     None if isinstance(reply, str) else "model returned no text")
             except GenerationCancelled:
                 raise                  # the task is being cancelled: no retry
+            except MethodFault:        # a live method wedged: the task fails, with why
+                raise
             except Exception as e:     # a model failure is the model's, not the graph's
                 reply, problem = "", f"model error: {type(e).__name__}: {e}"
                 log.warning("%s: %s", persona, problem)
@@ -408,41 +412,73 @@ class CognitiveGraph:
     def _forge(self, state: CognitiveState) -> dict[str, Any]:
         request = dict(state.get("tool_request") or {})
         result = self._get_tool(state, request)
-        text = (f"tool {result.get('name')}: " + ("ok" if result["ok"] else result["reason"]))
+        if result["ok"]:
+            how = {"name": "found by name", "description": "found by description"}.get(
+                result.get("found_by") or "", "forged")
+            text = f"tool {result.get('name')} v{result.get('version')} ({how})"
+            if "output" in result:
+                text += f": {_brief(result['output'])}"
+        else:
+            text = f"tool {result.get('name')}: {result['reason']}"
         self._step(state, "forge", "BRICK", text, tool=result,
                    problem=None if result["ok"] else result["reason"])
         return {"tool_result": result}
 
     def _get_tool(self, state: CognitiveState, request: dict[str, Any]) -> dict[str, Any]:
-        name = request.get("name")
+        """Find the tool the request needs (by name, then by description, with fitting
+        parameters), forge it under the requested name only when none fits, then call
+        it with the request's arguments (``{}`` when none were given)."""
+        description = str(request.get("description") or state["task"]).strip()
+        name = _request_name(request.get("name"), description)
+        args = request.get("args")
+        call_args = dict(args) if isinstance(args, dict) else {}
         base = {"ok": False, "name": name, "request": request}
         if self.forge is None and self.registry is None:
             return {**base, "reason": "no tool forge configured"}
         try:
-            tool_name = None
-            if self.registry is not None and name:
-                tool_name = _registered(self.registry, name)
-            version = attempts = None
-            if tool_name is None:
+            found = (self.registry.match(name, description, call_args)
+                     if self.registry is not None else None)
+            if found is not None:
+                tool, version, attempts = found["name"], found.get("version"), None
+            else:
                 if self.forge is None:
-                    return {**base, "reason": f"no tool named {name!r} and no tool forge configured"}
-                outcome = self.forge.forge(_tool_spec(request, state))
+                    return {**base, "reason": f"no tool fits {name!r} and no tool forge is configured"}
+                outcome = self.forge.forge(_tool_spec({**request, "name": name}, state))
                 version = getattr(outcome, "version", None)
                 attempts = getattr(outcome, "attempts", None)
                 if not getattr(outcome, "ok", False):
                     return {**base, "version": version, "attempts": attempts,
                             "reason": f"forge failed: {getattr(outcome, 'reason', None) or 'no reason given'}"}
-                tool = getattr(outcome, "tool", None)     # the registered name
-                tool_name = tool if isinstance(tool, str) and tool else (_get(tool, "name") or name)
-            result = {**base, "ok": True, "name": tool_name, "version": version,
-                      "attempts": attempts, "reason": None}
-            args = request.get("args")
-            if args is not None and self.registry is not None:
-                result["output"] = _plain(self.registry.call(tool_name, args))
-            return result
+                made = getattr(outcome, "tool", None)     # the registered name
+                tool = made if isinstance(made, str) and made else name
+            result = {**base, "ok": True, "name": tool, "version": version, "attempts": attempts,
+                      "reused": found is not None, "found_by": found["how"] if found else None,
+                      "reason": None}
         except Exception as e:
             log.warning("task %s: tool request failed", state.get("task_id"), exc_info=True)
             return {**base, "reason": f"{type(e).__name__}: {e}"}
+        if self.registry is not None:
+            result.update(self._call_tool(state, result, call_args))
+        return result
+
+    def _call_tool(self, state: CognitiveState, tool: dict[str, Any],
+                   args: dict[str, Any]) -> dict[str, Any]:
+        """Call a found or forged tool; publish ``tool.invoked`` either way."""
+        t0 = time.perf_counter()
+        error = None
+        try:
+            output = _plain(self.registry.call(tool["name"], args))
+        except Exception as e:
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("task %s: calling tool %s failed: %s", state.get("task_id"), tool["name"], e)
+        self.bus.publish("tool.invoked", {
+            "task_id": state.get("task_id"), "tool": tool["name"], "version": tool.get("version"),
+            "args": _plain(args), "ok": error is None, "reused": tool.get("reused"),
+            "found_by": tool.get("found_by"), "seconds": round(time.perf_counter() - t0, 4),
+            "error": error})
+        if error is not None:
+            return {"ok": False, "reason": f"calling {tool['name']} failed: {error}"}
+        return {"output": output}
 
     def _alfred_synthesize(self, state: CognitiveState) -> dict[str, Any]:
         alfred = self.protos.get("ALFRED")
@@ -547,28 +583,44 @@ def _memory_dict(rec: Any) -> dict[str, Any]:
             ("id", "text", "persona", "task_id", "ts", "dissonance", "score")}
 
 
-def _registered(registry: Any, name: str) -> str | None:
-    """The name of an existing tool matching ``name``, if the registry has one."""
-    try:
-        hits = registry.find(name, k=3)
-    except Exception:
-        return None
-    for h in hits or []:
-        hname = _get(h, "name")
-        if hname and hname.lower() == name.lower():
-            return hname
-    return None
+_NAME_STOPWORDS = frozenset(
+    "a an the of to for and or in on by with from what which how is are be many much "
+    "please me my i you it this that some give tell find get compute calculate".split())
+
+
+def _request_name(raw: Any, description: str) -> str:
+    """The requested tool name as an identifier; without one, words of the description
+    (never one fixed name, which would make every tool a new version of the last)."""
+    from a4ps.tools.registry import tool_name
+    for candidate in (raw, "_".join([w for w in re.findall(r"[a-z]+", description.lower())
+                                     if w not in _NAME_STOPWORDS][:4])):
+        if isinstance(candidate, str) and candidate.strip():
+            try:
+                return tool_name(candidate)
+            except ValueError:
+                continue
+    return "task_tool"
+
+
+def _brief(value: Any) -> str:
+    import json
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _tool_spec(request: dict[str, Any], state: CognitiveState) -> Any:
-    """A ToolSpec for the forge from BRICK's request (or ALFRED's tool route)."""
+    """A ToolSpec for the forge from a tool request (BRICK's, or ALFRED's tool route).
+
+    Its arguments become the inputs and one example: the forged tool must run on
+    exactly the call this task will make (``{}`` included).
+    """
     from a4ps.tools.tool_forge import spec_from_request
     args = request.get("args")
     extra: dict[str, Any] = {}
-    if isinstance(args, dict) and args:
+    if isinstance(args, dict):
         extra["inputs"] = {k: {"type": type(v).__name__} for k, v in args.items()}
         extra["examples"] = [{"args": args}]
-    return spec_from_request(request.get("name") or "task_tool",
+    return spec_from_request(_request_name(request.get("name"), request.get("description") or state["task"]),
                              request.get("description") or state["task"], **extra)
 
 

@@ -67,7 +67,7 @@ def _offline_system(settings: Any, what: str) -> Iterator[Any]:
                          f"answer; wait for it or stop it, then try again)")
     try:
         from ..system import System
-        system = System(settings)
+        system = System(settings, lock=lock)      # the System writes under our lock
         system.start(services=False)
         try:
             yield system

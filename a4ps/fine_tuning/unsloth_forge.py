@@ -233,6 +233,8 @@ class PersonaFinetuner:
         cur["status"] = "rolled_back"
         cur["rolled_back_at"] = time.time()
         prev["status"] = "live"
+        self.bus.publish("model.swapping", {"persona": persona, "old": cur["model_name"],
+                                            "new": prev["model_name"], "rollback": True})
         self.protos.update(persona, {"model_name": prev["model_name"], "model_lineage": lineage},
                            expected_version=proto.version)
         out = {"persona": persona, "from": cur["model_name"], "to": prev["model_name"],
@@ -477,6 +479,9 @@ class PersonaFinetuner:
                  "scores": cmp.numbers() if cmp is not None else {},
                  "decision": status, "parent_model": current_model, "status": status,
                  "created_at": time.time()}
+        if swap:   # subscribers act first (the System pins a pre-swap snapshot)
+            self.bus.publish("model.swapping", {"persona": persona, "old": current_model,
+                                                "new": candidate, "version": version})
         for _ in range(3):
             proto = self.protos.get(persona)
             lin = [dict(e) for e in (proto.get("model_lineage") or [])]

@@ -15,7 +15,7 @@ def _cmd_sandbox_run(args: argparse.Namespace, settings: Any) -> int:
     """Run a script in exactly the sandbox the forge uses; print what happened."""
     from pathlib import Path
 
-    from .sandbox import SandboxError, make_sandbox
+    from .sandbox import SandboxError, SandboxUnavailable, make_sandbox
     path = Path(args.file)
     try:
         code = path.read_text(encoding="utf-8")
@@ -23,15 +23,14 @@ def _cmd_sandbox_run(args: argparse.Namespace, settings: Any) -> int:
         print(f"a4ps sandbox run: cannot read {path}: {e}", file=sys.stderr)
         return 2
     sandbox = make_sandbox(settings)
-    try:
-        if not sandbox.available:
-            print(f"sandbox unavailable: {sandbox.reason}", file=sys.stderr)
-            return 3
-        try:
-            res = sandbox.run(code, timeout=args.timeout)
-        except SandboxError as e:
-            print(f"sandbox error: {e}", file=sys.stderr)
-            return 3
+    try:   # no probe first: the run itself says whether the sandbox starts (one container)
+        res = sandbox.run(code, timeout=args.timeout)
+    except SandboxUnavailable as e:
+        print(str(e), file=sys.stderr)
+        return 3
+    except SandboxError as e:
+        print(f"sandbox error: {e}", file=sys.stderr)
+        return 3
     finally:
         sandbox.close()
     if args.json:
@@ -43,11 +42,13 @@ def _cmd_sandbox_run(args: argparse.Namespace, settings: Any) -> int:
         print(res.stderr, end="" if res.stderr.endswith("\n") or not res.stderr else "\n")
         print("---")
         cpu = "?" if res.cpu_s is None else f"{res.cpu_s:.2f}s"
-        print(f"exit status: {res.exit_code}")
+        print(f"exit status: {res.exit_code}" + (f" (signal {res.signal})" if res.signal else ""))
         print(f"timed out: {'yes' if res.timed_out else 'no'}")
         print(f"limit hit: {res.limit_hit or 'none'}")
-        print(f"wall: {res.wall_s:.2f}s  cpu: {cpu}  max rss: {res.max_rss_kb or '?'} kB  "
-              f"backend: {res.backend}")
+        disk = "?" if res.disk_used_bytes is None else f"{res.disk_used_bytes / 1024:.0f} kB"
+        sandbox_cpu = "" if res.sandbox_cpu_s is None else f" (sandbox {res.sandbox_cpu_s:.2f}s)"
+        print(f"wall: {res.wall_s:.2f}s  cpu: {cpu}{sandbox_cpu}  max rss: {res.max_rss_kb or '?'} kB  "
+              f"disk: {disk}  backend: {res.backend}")
     if res.exit_code is None:
         return 1
     return res.exit_code if 0 <= res.exit_code < 256 else 1

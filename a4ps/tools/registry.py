@@ -3,19 +3,25 @@
 A tool ``mean`` is the proto ``tool.mean`` (parent proto ``tool``) with slots name,
 description, signature, spec, source, tests, version, created_by, test_results and
 created_at. Forging an existing name keeps the old proto as ``tool.mean.v1`` and moves
-``tool.mean`` to version 2. The source is mirrored to ``dynamic_tools/<name>.py`` for
-people to read; the image is the source of truth. Calling a tool runs it in the same
-sandbox the forge tests in: a forged tool never runs on the host.
+``tool.mean`` to version 2 only once the new version has passed its tests, so the old
+one stays callable until then. The source is mirrored as plain data files to
+``<data_dir>/tools/<name>.py`` for people to read: not a package, not on any import
+path, never imported; the image is the source of truth. Calling a tool runs it in the
+same sandbox the forge tests in: a forged tool never runs on the host.
+
+:meth:`ToolRegistry.match` finds the tool a request needs (its name, then the
+embedding of its description, and parameters that fit the arguments), so a capability
+is forged once and then called.
 """
 from __future__ import annotations
 
 import ast
-import json
 import keyword
 import logging
 import math
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -35,7 +41,9 @@ log = logging.getLogger(__name__)
 
 TOOL_PARENT = "tool"
 TOOL_MODULE = "tool"                 # the tool's file inside the sandbox: tool.py
-DEFAULT_TOOLS_DIR = Path(__file__).resolve().parent / "dynamic_tools"
+# where earlier versions mirrored tool source, inside the package (moved out on sync)
+LEGACY_TOOLS_DIR = Path(__file__).resolve().parent / "dynamic_tools"
+_MIRROR_HEADER = "# Forged tool "
 _CURRENT = re.compile(r"^tool\.([A-Za-z_][A-Za-z0-9_]*)$")
 _OLD = re.compile(r"^tool\.([A-Za-z_][A-Za-z0-9_]*)\.v(\d+)$")
 
@@ -136,24 +144,6 @@ def signature_of(source: str, name: str) -> str:
     return f"{name}({ast.unparse(node.args)}){ret}"
 
 
-# Runs inside the sandbox: call tool.<name>(**args.json), write result.json.
-CALL_HARNESS = """\
-import json, sys
-from tool import {name} as _fn
-with open("args.json", encoding="utf-8") as f:
-    _args = json.load(f)
-_result = _fn(**_args)
-try:
-    _text = json.dumps({{"result": _result}})
-except (TypeError, ValueError) as e:
-    print("the tool returned a value JSON cannot hold: " + type(_result).__name__ + ": " + str(e),
-          file=sys.stderr)
-    sys.exit(3)
-with open("result.json", "w", encoding="utf-8") as f:
-    f.write(_text)
-"""
-
-
 class ToolRegistry:
     """Forged tools as protos; :meth:`call` runs one in the sandbox."""
 
@@ -165,7 +155,7 @@ class ToolRegistry:
         self.bus = bus
         self.embedder = embedder
         self.sandbox = sandbox
-        self.tools_dir = Path(tools_dir) if tools_dir else DEFAULT_TOOLS_DIR
+        self.tools_dir = Path(tools_dir) if tools_dir else Path(settings.tools_dir)
         self._lock = threading.RLock()
         self._vectors: dict[tuple[str, int, str], Any] = {}
 
@@ -260,6 +250,47 @@ class ToolRegistry:
             log.warning("tool search: embedding failed; using word overlap", exc_info=True)
             return [_overlap(query, t) for t in texts]
 
+    def match(self, name: str | None, description: str | None,
+              args: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The registered tool that serves a request, or None (then forge one).
+
+        By name first (the requested name, exactly), then by the similarity of its
+        description to the request's (``forge.reuse_similarity``); either way the
+        tool's parameters must fit ``args`` (every argument known, nothing required
+        missing). Returns :meth:`describe` plus ``how`` ("name" | "description") and
+        ``score``.
+        """
+        args = dict(args or {})
+        key = None
+        if name:
+            try:
+                key = tool_name(name)
+            except ValueError:
+                key = None
+        if key is not None:
+            proto = self.protos.find(f"tool.{key}")
+            if proto is not None and self._fits(proto, args):
+                return {**self.describe(proto), "how": "name", "score": 1.0}
+        text = (description or "").strip()
+        if not text:
+            return None
+        threshold = float(self.settings.forge.reuse_similarity)
+        for hit in self.find(text, k=5):
+            if hit["score"] < threshold:
+                break
+            proto = self.protos.find(f"tool.{hit['name']}")
+            if proto is not None and self._fits(proto, args):
+                return {**hit, "how": "description"}
+        return None
+
+    @staticmethod
+    def _fits(proto: Proto, args: dict[str, Any]) -> bool:
+        params = parameters_of(_s(proto, "source") or "", _s(proto, "name"))
+        if params is None:
+            return False
+        names, required, var_kw = params
+        return (var_kw or set(args) <= set(names)) and all(r in args for r in required)
+
     # -- writing ----------------------------------------------------------------------
     def register(self, spec: Any, source: str, tests: str, created_by: str,
                  test_results: dict[str, Any] | None = None) -> Proto:
@@ -290,27 +321,68 @@ class ToolRegistry:
         try:
             self.tools_dir.mkdir(parents=True, exist_ok=True)
             path = self.tools_dir / f"{name}.py"
-            header = (f"# Forged tool {name} v{_s(proto, 'version')} by {_s(proto, 'created_by')}."
+            header = (f"{_MIRROR_HEADER}{name} v{_s(proto, 'version')} by {_s(proto, 'created_by')}."
                       f" The live image holds the source of truth; this copy is for reading.\n")
             tmp = path.with_suffix(".py.tmp")
-            tmp.write_text(header + source if not source.startswith("# Forged tool") else source,
+            tmp.write_text(header + source if not source.startswith(_MIRROR_HEADER) else source,
                            encoding="utf-8")
             os.replace(tmp, path)
         except OSError:
             log.warning("could not mirror tool %s to %s", name, self.tools_dir, exc_info=True)
 
     def sync_files(self) -> int:
-        """Rewrite every tool's mirror from the image (after a load); returns the count."""
+        """Rewrite every tool's mirror from the image (after a load); returns the count.
+
+        Mirrors an earlier version wrote inside the package are moved out first.
+        """
+        self.move_legacy_mirrors()
         tools = self._current()
         for p in tools:
             self._mirror(_s(p, "name"), _s(p, "source") or "", p)
         return len(tools)
 
+    def move_legacy_mirrors(self, legacy: Path = LEGACY_TOOLS_DIR) -> list[Path]:
+        """Move tool mirrors out of the package (``a4ps/tools/dynamic_tools/``, where an
+        importable package made them code the host could run) into
+        ``<tools_dir>/from-package/``; remove the emptied directory. Returns the moves."""
+        if not legacy.is_dir() or legacy.resolve() == self.tools_dir.resolve():
+            return []
+        moved = []
+        dest = self.tools_dir / "from-package"
+        for path in sorted(legacy.iterdir()):
+            if path.name == "__pycache__" and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            if path.suffix not in (".py", ".tmp") or not path.is_file():
+                continue
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+                if path.name == "__init__.py" and not text.startswith(_MIRROR_HEADER):
+                    if len(text) < 400 and "def " not in text:   # the old package marker
+                        path.unlink()
+                    continue
+                if not text.startswith(_MIRROR_HEADER):
+                    continue
+                dest.mkdir(parents=True, exist_ok=True)
+                target = dest / path.name
+                shutil.move(str(path), str(target))
+                moved.append(target)
+            except OSError:
+                log.warning("could not move the legacy tool mirror %s", path, exc_info=True)
+        try:
+            legacy.rmdir()
+        except OSError:
+            pass
+        if moved:
+            log.info("moved %d tool mirror(s) out of the package into %s", len(moved), dest)
+        return moved
+
     # -- calling ----------------------------------------------------------------------
     def call(self, name: str, args: dict[str, Any] | None = None, *,
-             timeout: float | None = None) -> Any:
-        """Run tool ``name`` with ``args`` in the sandbox; its JSON-decoded result."""
-        proto = self.get(name)
+             version: int | None = None, timeout: float | None = None) -> Any:
+        """Run tool ``name`` (its current version, or ``version``) with ``args`` in the
+        sandbox; its JSON-decoded result."""
+        proto = self.get(name) if version is None else self.get_version(name, version)
         key = _s(proto, "name")
         args = dict(args or {})
         self._check_args(proto, args)
@@ -318,25 +390,25 @@ class ToolRegistry:
             raise ToolCallError(f"cannot call tool {key!r}: no sandbox configured")
         if not self.sandbox.available:
             raise ToolCallError(f"cannot call tool {key!r}: sandbox unavailable: {self.sandbox.reason}")
-        try:
-            args_text = json.dumps(args)
-        except (TypeError, ValueError) as e:
-            raise ToolCallError(f"arguments for {key!r} must be JSON data: {e}") from None
         from a4ps.tools.sandbox import SandboxError
         try:
-            res = self.sandbox.run(CALL_HARNESS.format(name=key),
-                                   files={f"{TOOL_MODULE}.py": _s(proto, "source") or "",
-                                          "args.json": args_text},
-                                   timeout=timeout, collect=["result.json"])
+            res = self.sandbox.call(_s(proto, "source") or "", key, [args], timeout=timeout)
+        except ValueError as e:
+            raise ToolCallError(f"arguments for {key!r} must be JSON data: {e}") from None
         except SandboxError as e:
             raise ToolCallError(f"tool {key!r}: {e}") from e
-        if not res.ok:
+        out = res.outputs[0] if res.outputs else None
+        if res.import_error is not None:
+            raise ToolCallError(f"tool {key!r} failed to load: {res.import_error.error}",
+                                res.import_error.traceback + res.stderr)
+        if out is None:
             why = f"limit hit: {res.limit_hit}" if res.limit_hit else f"exit {res.exit_code}"
-            raise ToolCallError(f"tool {key!r} failed ({why})", res.stderr)
-        try:
-            return json.loads(res.files["result.json"])["result"]
-        except (KeyError, ValueError) as e:
-            raise ToolCallError(f"tool {key!r} wrote no readable result ({e})", res.stderr) from None
+            raise ToolCallError(f"tool {key!r} returned nothing ({why})", res.stderr)
+        if res.problems:
+            raise ToolCallError(f"tool {key!r}: {'; '.join(res.problems)}", res.stderr)
+        if not out.ok:
+            raise ToolCallError(f"tool {key!r} raised {out.error}", out.traceback + res.stderr)
+        return out.value
 
     @staticmethod
     def _check_args(proto: Proto, args: dict[str, Any]) -> None:

@@ -2,10 +2,12 @@
 
 Each attempt publishes ``tool.forging``; a failed attempt's traceback goes back to the
 writer for the next one, up to ``settings.forge.max_attempts``; the outcome publishes
-``tool.created`` or ``tool.rejected`` with the reason. Besides BRICK's own tests, the
-spec's examples are checked too, so trivial tests cannot pass a wrong tool. With the
-sandbox unavailable (or ``forge.enabled = false``) the forge refuses up front and runs
-nothing: see :attr:`ToolForge.disabled_reason`.
+``tool.created`` or ``tool.rejected`` with the reason. The sandbox returns only the
+tool's outputs; :mod:`a4ps.tools.verdict` compares them with the spec's examples and
+BRICK's literal asserts here, on the host, so a tool that tampers with files, prints
+or exits cannot pass itself (:meth:`ToolForge.verify`). With the sandbox unavailable
+(or ``forge.enabled = false``) the forge refuses up front and runs nothing: see
+:attr:`ToolForge.disabled_reason`.
 
 The writer is any ``(spec, feedback) -> str``; the System passes BRICK's model call,
 tests pass a script. :func:`build_prompt` documents the reply format to the writer.
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel
 
-from a4ps.tools import static_gate
+from a4ps.tools import static_gate, verdict
 from a4ps.tools.registry import TOOL_MODULE, ToolExample, ToolInput, ToolSpec, tool_name
 
 if TYPE_CHECKING:
@@ -37,7 +39,6 @@ __all__ = ["ToolForge", "ForgeOutcome", "ToolSpec", "ToolInput", "ToolExample",
 log = logging.getLogger(__name__)
 
 Writer = Callable[[ToolSpec, "str | None"], str]
-TESTS_MODULE = f"test_{TOOL_MODULE}"
 _FEEDBACK_CHARS = 3000
 
 
@@ -87,8 +88,10 @@ Rules:
 - Define one function `def {name}({params}):` that returns the result.
 - Import only these standard modules: {allowed}.
 - No files, network, processes, eval, exec, __import__ or dunder attributes.
-- Tests are plain functions named test_..., using assert, importing the tool
-  with `from {TOOL_MODULE} import {name}`.
+- Tests are plain functions named test_..., importing the tool with
+  `from {TOOL_MODULE} import {name}`, made of lines like
+  `assert {name}(<literal arguments>) == <literal result>`: those are checked
+  outside the sandbox; other tests run next to the tool.
 
 Reply with exactly two fenced code blocks, the tool first, then its tests:
 
@@ -179,72 +182,6 @@ def _split(block: str) -> tuple[str, str]:
     return "\n\n".join(tool_parts) + "\n", "\n\n".join(test_parts) + "\n"
 
 
-# -- the test harness (runs inside the sandbox) -------------------------------------------
-
-TEST_HARNESS = """\
-import json, math, sys, traceback
-NAME = {name!r}
-EXAMPLES = json.loads({examples!r})
-HAS_TESTS = {has_tests!r}
-results = []
-
-def _eq(a, b):
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b or a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_eq(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return set(a) == set(b) and all(_eq(a[k], b[k]) for k in a)
-    return a == b
-
-def _record(test, ok, detail=""):
-    results.append({{"test": test, "ok": ok, "detail": detail}})
-
-_fn = None
-try:
-    import {tool_module} as _mod
-    _fn = getattr(_mod, NAME)
-except BaseException:
-    _record("import {tool_module}", False, traceback.format_exc(limit=-8))
-if _fn is not None:
-    for i, ex in enumerate(EXAMPLES):
-        label = "example %d: %s(**%s)" % (i + 1, NAME, json.dumps(ex["args"]))
-        try:
-            got = _fn(**ex["args"])
-            if ex["has_result"] and not _eq(got, ex["result"]):
-                _record(label, False, "returned %r, expected %r" % (got, ex["result"]))
-            else:
-                json.dumps(got)
-                _record(label, True)
-        except BaseException:
-            _record(label, False, traceback.format_exc(limit=-8))
-    if HAS_TESTS:
-        try:
-            import {tests_module} as _tests
-        except BaseException:
-            _record("import {tests_module}", False, traceback.format_exc(limit=-8))
-        else:
-            for _tname, _obj in list(vars(_tests).items()):
-                if _tname.startswith("test_") and callable(_obj):
-                    try:
-                        _obj()
-                        _record(_tname, True)
-                    except BaseException:
-                        _record(_tname, False, traceback.format_exc(limit=-8))
-with open("results.json", "w", encoding="utf-8") as f:
-    json.dump(results, f)
-for r in results:
-    print(("PASS " if r["ok"] else "FAIL ") + r["test"])
-    if not r["ok"]:
-        print(r["detail"].rstrip())
-if not results:
-    print("FAIL no tests and no examples ran")
-sys.exit(0 if results and all(r["ok"] for r in results) else 1)
-"""
-
-
 class ToolForge:
     """Forges tools from specs with a writer (BRICK), the gate, the sandbox and the registry."""
 
@@ -325,7 +262,7 @@ class ToolForge:
             self._publish("tool.forging", {"tool": name, "attempt": attempt,
                                            "max_attempts": max_attempts, "stage": "testing"})
             try:
-                res = self._run_tests(spec, source, tests)
+                res = self.verify(spec, source, tests)
             except Exception as e:   # the sandbox broke, not the code: stop here
                 return self._reject(name, f"the sandbox failed: {type(e).__name__}: {e}", attempt)
             results = res
@@ -350,37 +287,16 @@ class ToolForge:
         return ForgeOutcome(ok=False, tool=name, attempts=attempts, reason=reason,
                             test_results=results)
 
-    def _run_tests(self, spec: ToolSpec, source: str, tests: str) -> dict[str, Any]:
-        examples = [{"args": e.args, "result": e.result, "has_result": e.has_result}
-                    for e in spec.examples]
-        harness = TEST_HARNESS.format(name=spec.name, examples=json.dumps(examples),
-                                      has_tests=bool(tests.strip()), tool_module=TOOL_MODULE,
-                                      tests_module=TESTS_MODULE)
-        files = {f"{TOOL_MODULE}.py": source}
-        if tests.strip():
-            files[f"{TESTS_MODULE}.py"] = tests
-        res = self.sandbox.run(harness, files=files, collect=["results.json"])
-        try:
-            cases = json.loads(res.files.get("results.json", "[]"))
-        except ValueError:
-            cases = []
-        passed = sum(1 for c in cases if c.get("ok"))
-        ok = res.ok and bool(cases) and passed == len(cases)
-        if ok:
-            summary = f"{passed}/{len(cases)} tests passed"
-        elif res.limit_hit:
-            summary = f"the tests were stopped: limit hit: {res.limit_hit}"
-        elif not cases:
-            summary = f"the tests did not run (exit {res.exit_code})"
-        else:
-            failed = [c["test"] for c in cases if not c.get("ok")]
-            summary = f"{len(failed)}/{len(cases)} tests failed: {', '.join(failed)}"
-        feedback = summary + "\n" + (res.stdout.strip() + "\n" + res.stderr.strip()).strip()
-        return {"ok": ok, "passed": passed, "total": len(cases), "summary": summary,
-                "cases": [{"test": c.get("test"), "ok": bool(c.get("ok")),
-                           "detail": str(c.get("detail", ""))[-1000:]} for c in cases],
-                "limit_hit": res.limit_hit, "exit_code": res.exit_code,
-                "wall_s": res.wall_s, "feedback": feedback[-_FEEDBACK_CHARS:]}
+    def verify(self, spec: ToolSpec, source: str, tests: str = "") -> dict[str, Any]:
+        """The test stage alone: run ``source`` on the cases in the sandbox, judge here.
+
+        The gate is a separate, earlier layer; this verdict does not rely on it.
+        """
+        host_cases, guest_tests, guest_names = verdict.split_tests(tests, spec.name)
+        cases = verdict.cases_from_examples(spec) + host_cases
+        res = self.sandbox.call(source, spec.name, [c.call() for c in cases],
+                                tests=guest_tests, test_names=guest_names)
+        return verdict.judge(cases, guest_names, res)
 
 
 def spec_from_request(name: str, description: str, **extra: Any) -> ToolSpec:

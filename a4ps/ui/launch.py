@@ -34,7 +34,9 @@ def daemon_starting(settings: Any) -> bool:
     so it cannot make a starting daemon fail.
     """
     try:
-        pid = int((settings.data_dir / "daemon.lock").read_text().strip() or 0)
+        # the pid is the lock file's first line (details follow as JSON: a4ps.lock)
+        pid = int(((settings.data_dir / "daemon.lock").read_text().splitlines() or ["0"])[0]
+                  .strip() or 0)
     except (OSError, ValueError):
         return False
     if pid <= 0 or pid == os.getpid():

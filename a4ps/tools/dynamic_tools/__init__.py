@@ -1,1 +1,0 @@
-"""Forged tools' source files, mirrored from the tool registry (git-ignored)."""
