@@ -59,7 +59,7 @@ class StandInSystem:
         self.saves = 0
         self.stopped = False
 
-    def start(self, lock=None):
+    def start(self, lock=None, skip_newer_image=False):
         self.protos.create("persona", {"temperature": 0.7},
                            methods={"greet": "def greet(self):\n    return 'hi'\n"})
         self.protos.clone("persona", "BRICK", role="logician")
