@@ -22,9 +22,12 @@ form (read by the strict parser; the share that gives a score is the "parse rate
 and through ``choose`` (a decision every time unless the model errs). The score
 distribution is printed too: a constrained judge can still be a poor one.
 
-    .venv/bin/python bench/bench_selfimprove.py                 # both parts, 20 steps
+    .venv/bin/python bench/bench_selfimprove.py                 # all parts, 20 steps
     .venv/bin/python bench/bench_selfimprove.py --steps 60      # the default max_steps
     .venv/bin/python bench/bench_selfimprove.py --only judge --replies 50
+    .venv/bin/python bench/bench_selfimprove.py --score-threshold 1   # keep all ALFRED scored
+
+Part 3 prints the philosopher's similarity distribution (see a4ps/services/similarity.py).
 """
 from __future__ import annotations
 
@@ -70,30 +73,30 @@ def _settings(data: Path, steps: int):
     return s
 
 
-def interactions(memory, persona: str) -> dict[str, int]:
+def interactions(memory, persona: str, n_user: int) -> dict[str, int]:
     """What the graph's remember node would have stored for a day of use."""
     q, a = STYLE[persona]
     n = 0
-    for t in TOPICS:
+    for t in TOPICS[:n_user]:
         memory.add(f"Task: {q.format(t=t)}\nAnswer: {a.format(t=t, T=t[0].upper() + t[1:])}",
                    kind="interaction", persona="ALFRED", task_id=f"user-{n}",
                    meta={"origin": "user", "brick": "", "robin": ""})
         n += 1
-    for i, t in enumerate(TOPICS[:4]):      # the same tasks asked again (near-duplicates)
+    for i, t in enumerate(TOPICS[:2]):      # the same tasks asked again (near-duplicates)
         memory.add(f"Task: {q.format(t=t).lower()}\nAnswer: {a.format(t=t, T=t[0].upper() + t[1:])}",
                    kind="interaction", persona="ALFRED", task_id=f"dup-{i}",
                    meta={"origin": "user"})
-    for i in range(4):                      # the system's own work
+    for i in range(2):                      # the system's own work
         memory.add(f"Task: Practise summarising topic {i} in two sentences.\nAnswer: Done {i}.",
                    kind="interaction", persona="ALFRED", task_id=f"goal-{i}",
                    meta={"origin": "motivator", "kind": "goal"})
         memory.add(f"Task: Reflect on task {i}.\nAnswer: We diverged on {i}.",
                    kind="interaction", persona="ALFRED", task_id=f"refl-{i}",
                    meta={"origin": "reflection", "kind": "reflection"})
-    return {"user": n, "duplicates": 4, "self": 8}
+    return {"user": n, "duplicates": 2, "self": 4}
 
 
-def cycle(persona: str, steps: int, models) -> dict:
+def cycle(persona: str, steps: int, models, n_user: int, threshold: float | None) -> dict:
     """One unattended cycle on a fresh data dir; returns the table row."""
     from a4ps.system import System
     row: dict = {"persona": persona}
@@ -101,11 +104,15 @@ def cycle(persona: str, steps: int, models) -> dict:
         settings = _settings(Path(d) / "data", steps)
         settings.curator.batch_size = 100
         settings.curator.trigger_size = 10 ** 6          # the bench triggers by hand
+        row["default_threshold"] = settings.curator.score_threshold
+        if threshold is not None:
+            settings.curator.score_threshold = threshold
+        row["threshold"] = settings.curator.score_threshold
         system = System(settings, chat_backend=models.backend, embedder=models.embedder)
         system.start(services=False)
         try:
             t0 = time.monotonic()
-            made = interactions(system.memory, persona)
+            made = interactions(system.memory, persona, n_user)
             row["t_interactions"] = time.monotonic() - t0
             row["made"] = made
             _say(f"[{persona}] judging {sum(made.values())} interactions ...")
@@ -115,6 +122,8 @@ def cycle(persona: str, steps: int, models) -> dict:
             row["judged"] = sum(1 for s in rep.scored if not s.skipped)
             row["skipped"] = dict(rep.skipped)
             row["scores"] = collections.Counter(s.score for s in rep.scored if s.score is not None)
+            row["kept_at_default"] = sum(n for sc, n in row["scores"].items()
+                                         if sc >= row["default_threshold"])
             row["golden"], row["eval"] = rep.dataset_size, rep.eval_size
             row["votes"] = rep.votes
             if rep.dataset_size == 0:
@@ -193,6 +202,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--replies", type=int, default=50)
     ap.add_argument("--personas", nargs="+", default=["BRICK", "ROBIN"])
+    ap.add_argument("--interactions", type=int, default=24, help="user interactions per persona")
+    ap.add_argument("--score-threshold", type=float, default=None,
+                    help="the curator's keep threshold for the cycle (default: the setting). "
+                         "The table also says how many the default threshold would keep.")
     ap.add_argument("--only", choices=["cycle", "judge", "threshold"])
     args = ap.parse_args()
     from a4ps.config import load_settings
@@ -206,7 +219,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     out: list[str] = []
     if args.only in (None, "cycle"):
-        rows = [cycle(p, args.steps, models) for p in args.personas]
+        rows = [cycle(p, args.steps, models, args.interactions, args.score_threshold)
+                for p in args.personas]
         ft = base.finetune
         out.append(f"Self-improvement cycle, SmolLM2-135M on the CPU ({os.cpu_count()} cores, "
                    f"load {load:.1f}): {args.steps} steps, lr {ft.learning_rate}, batch "
@@ -224,8 +238,9 @@ def main() -> None:
             if j:
                 out.append(f"{'':8} ALFRED: {j.get('current_mean')} -> {j.get('new_mean')} "
                            f"({j.get('scored')}/{j.get('asked')} pairs)")
-            out.append(f"{'':8} scores given: {dict(sorted(r.get('scores', {}).items()))}; "
-                       f"votes {r.get('votes')}")
+            out.append(f"{'':8} scores given: {dict(sorted(r.get('scores', {}).items()))}; kept at "
+                       f"threshold {r.get('threshold')}; the default {r.get('default_threshold')} "
+                       f"would keep {r.get('kept_at_default')}; votes {r.get('votes')}")
             st = r.get("stages") or {}
             times = {"interactions": r.get("t_interactions"), "judge": r.get("t_judge"),
                      "train": st.get("train"), "eval loss": st.get("eval_loss"),

@@ -107,14 +107,14 @@ def test_scores_threshold_and_golden_format(no_eval):
     settings.curator.trigger_size = 100
     rec = EventRecorder(bus, "curator.scored")
     _remember(memory, 4)
-    # newest first: question 3, 2, 1, 0; a score then (when it scored) a vote each
-    judge.replies[:] = ["5", "BRICK", "4", "ROBIN", "garbage", "3", "ROBIN"]
+    # newest first: question 3, 2, 1, 0; a score, then a vote for the kept ones
+    judge.replies[:] = ["5", "BRICK", "4", "ROBIN", "garbage", "3"]
     cur = Curator(settings, bus, protos, memory)
     report = cur.run_once()
 
     assert [s.score for s in report.scored] == [5.0, 4.0, None, 3.0]
     assert [s.kept for s in report.scored] == [True, True, False, False]
-    assert [s.vote for s in report.scored] == ["BRICK", "ROBIN", None, "ROBIN"]
+    assert [s.vote for s in report.scored] == ["BRICK", "ROBIN", None, None]
     assert report.scored[2].error and "DecisionError" in report.scored[2].error
     assert report.added == 2 and report.dataset_size == 2
     assert report.votes == {"BRICK": 1, "ROBIN": 1}
@@ -153,7 +153,7 @@ def test_no_double_counting_across_runs(no_eval):
 
 
 class BrokenJudge:
-    def assess(self, task, answer, turns=None):
+    def score(self, task, answer, turns=None):
         from a4ps.models.errors import ModelError
         raise ModelError("model down")
 

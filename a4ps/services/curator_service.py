@@ -142,8 +142,9 @@ def _turns(meta: dict[str, Any]) -> dict[str, str]:
 class Curator:
     """ALFRED-as-judge over memory, the golden and eval sets, the vote, the trigger.
 
-    ``judge``: an object with ``assess(task, answer, turns) -> Verdict`` (default: a
-    :class:`Judge` over the ModelManager the protos provide). ``embedder``: for the
+    ``judge``: an object with ``score(task, answer, turns) -> Verdict`` and
+    ``vote(task, answer, turns) -> str | None`` (default: a :class:`Judge` over the
+    ModelManager the protos provide). ``embedder``: for the
     near-duplicate check (default: the memory's).
     """
 
@@ -299,7 +300,10 @@ class Curator:
                 continue
             turns = _turns(meta)
             try:
-                verdict = self.judge.assess(task, answer, turns)
+                verdict = self.judge.score(task, answer, turns)
+                if verdict.score is not None and verdict.score >= float(cfg.score_threshold):
+                    # only kept rows are counted for the vote: no need to ask for the others
+                    verdict.vote = self.judge.vote(task, answer, turns)
             except ModelError as e:
                 # the judge's model failed: leave it uncurated, try again next pass
                 sample.error = f"judge failed: {type(e).__name__}: {e}"
