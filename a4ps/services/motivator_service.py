@@ -76,7 +76,7 @@ class IdleWatch:
     what, if anything, to do about it.
     """
 
-    _ACTIVITY = ("task.queued", "task.step", "task.done", "task.failed")
+    _ACTIVITY = ("task.queued", "task.step", "task.done", "task.failed", "task.cancelled")
 
     def __init__(self, bus: EventBus, idle_after_s: float,
                  clock: Callable[[], float] = time.monotonic, *, watch_tasks: bool = True) -> None:
