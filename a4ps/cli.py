@@ -47,16 +47,25 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     except DataLockHeld as e:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
+    from .cognition.checkpoints import CheckpointStoreError
+    from .memory import MemoryStoreError
+    from .tasks_postgres import TaskQueueUnavailable
+    # a store named in the settings that cannot be used (docs/scaling.md): say which
+    stores = (TaskQueueUnavailable, CheckpointStoreError, MemoryStoreError)
     try:
         from .system import System
         system = System(settings, lock=lock)
+    except stores as e:
+        lock.release()
+        print(f"a4ps daemon: {e}", file=sys.stderr)
+        return 1
     except BaseException:
         lock.release()
         raise
     try:
         return Daemon(system, lock=lock, shutdown_grace_s=args.grace,
                       from_snapshot=args.from_snapshot).run()
-    except DaemonError as e:
+    except (DaemonError, *stores) as e:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
     finally:
@@ -222,7 +231,7 @@ def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
         print(f"a4ps memory search: {e}", file=sys.stderr)
         return 2
     if not hits:
-        print(f"nothing remembered about {query!r} (memory at {settings.memory_dir})")
+        print(f"nothing remembered about {query!r} (memory at {settings.memory_uri})")
         return 0
     for i, h in enumerate(hits, 1):
         ts = getattr(h, "ts", None)

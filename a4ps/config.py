@@ -8,6 +8,7 @@ raises :class:`SettingsError` naming the key and the problem.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -47,22 +48,40 @@ class OllamaSettings(_Section):
     embed_model: str | None = None
 
 
+class OpenAISettings(_Section):
+    """An OpenAI-compatible server (vLLM, llama.cpp ``llama-server``, LM Studio)."""
+    base_url: str | None = Field(
+        None, description="None = OPENAI_BASE_URL or http://127.0.0.1:8000/v1")
+    api_key: str | None = Field(
+        None, description="None = OPENAI_API_KEY, else a placeholder (local servers "
+                          "ignore it)")
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+    # the body field ``repetition_penalty`` travels in (vLLM's name); "" = never sent
+    repetition_penalty_field: str | None = "repetition_penalty"
+
+
 class ModelSettings(_Section):
     # "scripted" is a deterministic stand-in for tests and demos (a4ps/models/scripted.py)
-    backend: Literal["embedded", "ollama", "scripted"] = "embedded"
+    backend: Literal["embedded", "ollama", "openai", "scripted"] = "embedded"
     embedded_personas: dict[str, str] = Field(
         default_factory=lambda: {p: "smollm2-135m" for p in PERSONAS})
     ollama_personas: dict[str, str] = Field(default_factory=lambda: {
         "ALFRED": "gemma2:2b", "BRICK": "phi3:mini", "ROBIN": "llama3.2:3b"})
+    # one model for all three: a vLLM server usually serves a single model
+    openai_personas: dict[str, str] = Field(default_factory=lambda: {
+        p: "Qwen/Qwen2.5-3B-Instruct" for p in PERSONAS})
     memory_budget_gb: float = Field(8.0, gt=0)
     embedded: EmbeddedModelSettings = EmbeddedModelSettings()
     ollama: OllamaSettings = OllamaSettings()
+    openai: OpenAISettings = OpenAISettings()
     # "hash" is a cheap deterministic stand-in embedder for tests
     embedding_backend: Literal["minilm", "ollama", "hash"] = "minilm"
     embedding_batch_size: int = Field(64, ge=1)
 
     def persona_model(self, persona: str) -> str:
-        table = self.ollama_personas if self.backend == "ollama" else self.embedded_personas
+        table = {"ollama": self.ollama_personas, "openai": self.openai_personas}.get(
+            self.backend, self.embedded_personas)
         try:
             return table[persona]
         except KeyError:
@@ -75,13 +94,56 @@ class CognitionSettings(_Section):
     dissonance_high: float = Field(0.6, ge=0, le=1)
     max_rounds: int = Field(3, ge=1, le=20)
     recall_k: int = Field(3, ge=0, le=50)
+    # "sqlite" (<data_dir>/checkpoints/graph.sqlite) or "postgres://user:pass@host/db"
+    checkpointer: str = "sqlite"
+
+    @field_validator("checkpointer")
+    @classmethod
+    def _checkpointer(cls, v: str) -> str:
+        if v == "sqlite" or v.startswith(("postgres://", "postgresql://")):
+            return v
+        raise ValueError('use "sqlite" or a PostgreSQL URL such as '
+                         '"postgres://user:password@host:5432/a4ps"')
+
+
+OBJECT_STORE_SCHEMES = ("s3", "s3+ddb", "gs", "az")
 
 
 class MemorySettings(_Section):
+    # None = <data_dir>/memory_db; "s3://bucket/path" (or gs://, az://) = object storage
+    uri: str | None = None
+    # LanceDB/object_store options for ``uri``: aws_endpoint, aws_region, allow_http,
+    # aws_access_key_id, ... (credentials may also come from the usual AWS_* variables)
+    storage_options: dict[str, str] = Field(default_factory=dict)
     index_min_rows: int = Field(20_000, ge=256)
     index_type: Literal["ivf_hnsw_sq", "ivf_pq"] = "ivf_hnsw_sq"
     nprobes: int = Field(20, ge=1)
     refine_factor: int = Field(10, ge=1)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None or "://" not in v or v.split("://", 1)[0] in OBJECT_STORE_SCHEMES:
+            return v
+        raise ValueError(f"use a local path or an object-store URI "
+                         f"({', '.join(s + '://bucket/path' for s in OBJECT_STORE_SCHEMES)})")
+
+
+class TaskSettings(_Section):
+    # "sqlite" (<data_dir>/tasks.sqlite) or "postgres://user:pass@host/db", a queue
+    # several daemons share (a4ps/tasks_postgres.py)
+    queue: str = "sqlite"
+    # this daemon's name in a shared queue (its self-generated tasks stay with it);
+    # None = "<hostname>:<data_dir>"
+    worker_name: str | None = None
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str) -> str:
+        if v == "sqlite" or v.startswith(("postgres://", "postgresql://")):
+            return v
+        raise ValueError('use "sqlite" or a PostgreSQL URL such as '
+                         '"postgres://user:password@host:5432/a4ps"')
 
 
 class ImageSettings(_Section):
@@ -222,6 +284,7 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     cognition: CognitionSettings = CognitionSettings()
     memory: MemorySettings = MemorySettings()
+    tasks: TaskSettings = TaskSettings()
     image: ImageSettings = ImageSettings()
     protos: ProtoSettings = ProtoSettings()
     bus: BusSettings = BusSettings()
@@ -263,6 +326,15 @@ class Settings(BaseSettings):
         return self.data_dir / "memory_db"
 
     @property
+    def memory_uri(self) -> str:
+        """Where LanceDB keeps the memory: ``memory.uri`` or the local memory_dir."""
+        return self.memory.uri or str(self.memory_dir)
+
+    @property
+    def memory_is_remote(self) -> bool:
+        return "://" in self.memory_uri
+
+    @property
     def golden_dir(self) -> Path:
         return self.data_dir / "golden_datasets"
 
@@ -286,6 +358,11 @@ class Settings(BaseSettings):
     @property
     def tasks_path(self) -> Path:
         return self.data_dir / "tasks.sqlite"
+
+
+def redact_url(url: str) -> str:
+    """A connection URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def _describe(err: ValidationError, source: str) -> str:

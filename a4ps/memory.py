@@ -1,4 +1,4 @@
-"""Long-term memory on LanceDB (``settings.memory_dir``).
+"""Long-term memory on LanceDB (``settings.memory_dir``, or object storage by setting).
 
 One table, ``memories``, with a ``kind`` column ("interaction" | "note" |
 "reflection"), the text, its embedding (``vector``, the embedder's dim), persona, task
@@ -9,6 +9,10 @@ Design notes (lancedb 0.40):
 - We embed with our own embedder and store plain vectors. LanceDB's embedding registry
   would write the model's absolute path into the table schema, which breaks the moment
   the venv moves.
+- ``memory.uri = "s3://bucket/path"`` (with ``memory.storage_options``: endpoint,
+  region, credentials) keeps the table in object storage. Lance commits each version
+  with a put-if-absent (``If-None-Match: *``), so concurrent writers on S3 (or an
+  S3-compatible store that honours it) never overwrite each other's commits.
 - The connection uses ``read_consistency_interval=timedelta(0)``, so a second process
   (``a4ps memory search`` next to a running daemon) sees the daemon's writes at once.
 - Writes from this process are serialised by a lock; reads never take it. LanceDB
@@ -129,8 +133,11 @@ class MemoryManager:
         self.embedder = embedder
         self.bus = bus
         self.dim = int(embedder.dim)
-        self.path = settings.memory_dir
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.uri = settings.memory_uri
+        self.remote = settings.memory_is_remote
+        self.path = settings.memory_dir      # local store (and its index tuning file)
+        if not self.remote:
+            self.path.mkdir(parents=True, exist_ok=True)
         self.auto_maintain = auto_maintain
         mem = settings.memory
         self.index_min_rows = int(mem.index_min_rows)
@@ -152,7 +159,34 @@ class MemoryManager:
             ("task_id", pa.string()), ("ts", pa.float64()), ("dissonance", pa.float64()),
             ("curated", pa.bool_()), ("meta", pa.string()),
         ])
-        self._db = lancedb.connect(str(self.path), read_consistency_interval=timedelta(0))
+        try:
+            self._open(lancedb)
+        except MemoryStoreError:
+            raise
+        except Exception as e:
+            if not self.remote:
+                raise
+            raise MemoryStoreError(
+                f"cannot open the memory at {self.uri}: {type(e).__name__}: "
+                f"{str(e)[:300]}; check memory.uri (does the bucket exist?) and "
+                f"memory.storage_options (endpoint, region, credentials)") from e
+        vtype = self.table.schema.field("vector").type
+        have = getattr(vtype, "list_size", None)
+        if have != self.dim:
+            raise MemoryStoreError(
+                f"memory table at {self.uri} stores {have}-d vectors but the embedder "
+                f"gives {self.dim}-d; use the embedder it was built with, or move "
+                f"{self.uri} aside to start a new memory")
+        self._indexed = self._has_index()
+        self._fts = False
+        if self._indexed:
+            self._load_tuning()
+
+    def _open(self, lancedb: Any) -> None:
+        """Connect (locally, or to object storage with its options) and open the table."""
+        options = dict(self.settings.memory.storage_options) if self.remote else None
+        self._db = lancedb.connect(self.uri, read_consistency_interval=timedelta(0),
+                                   storage_options=options)
         try:
             self.table = self._db.open_table(TABLE)
         except (ValueError, FileNotFoundError):
@@ -160,21 +194,14 @@ class MemoryManager:
                 self.table = self._db.create_table(TABLE, schema=self.schema)
             except (ValueError, OSError):  # another process created it meanwhile
                 self.table = self._db.open_table(TABLE)
-        vtype = self.table.schema.field("vector").type
-        have = getattr(vtype, "list_size", None)
-        if have != self.dim:
-            raise MemoryStoreError(
-                f"memory table at {self.path} stores {have}-d vectors but the embedder "
-                f"gives {self.dim}-d; use the embedder it was built with, or move "
-                f"{self.path} aside to start a new memory")
-        self._indexed = self._has_index()
-        self._fts = False
-        if self._indexed:
-            self._load_tuning()
 
     # -- helpers ----------------------------------------------------------------------
     @property
     def _tuning_path(self):
+        # object storage: the tuning stays with this daemon's data (a restart keeps it;
+        # another daemon on the same memory tunes its own, from the safe defaults)
+        if self.remote:
+            return self.settings.data_dir / "memory_index_tuning.json"
         return self.path / "index_tuning.json"
 
     def _load_tuning(self) -> None:

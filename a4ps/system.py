@@ -97,9 +97,9 @@ class System:
         self.models = ModelManager(settings, self.bus, backend=chat_backend, embedder=self.embedder)
 
         from .memory import MemoryManager
-        from .tasks import TaskQueue
+        from .tasks import open_task_queue
         self.memory = MemoryManager(settings, self.embedder, bus=self.bus)
-        self.tasks = TaskQueue(settings.tasks_path, bus=self.bus)
+        self.tasks = open_task_queue(settings, bus=self.bus)
 
         from .tools.registry import ToolRegistry
         from .tools.sandbox import make_sandbox
@@ -166,6 +166,8 @@ class System:
             self._owns_lock = True
         try:
             self._load_or_seed(skip_newer_image)
+            if self.graph.checkpointer_url is not None:
+                self.graph.graph    # a shared checkpoint store that cannot be used: fail now
         except BaseException:
             self._release_lock()
             raise
@@ -418,9 +420,9 @@ class System:
     def _run_task(self, task: Task, cancel: Any = None) -> dict[str, Any] | None:
         from .cognition.state import TaskCancelled
         from .task_control import finish_stopped
-        resume = self.graph.has_checkpoint(task.id)
         meta = {**task.meta, "origin": task.origin}
-        try:
+        try:    # the checkpoint store too: a task must never be left running on error
+            resume = self.graph.has_checkpoint(task.id)
             result = self.graph.run(task.id, task.text, resume=resume, meta=meta, cancel=cancel)
         except TaskCancelled as e:
             log.info("task %s stopped: %s", task.id, e)
@@ -453,6 +455,7 @@ class System:
             "started_at": self.started_at,
             "data_dir": str(self.settings.data_dir),
             "backend": self.settings.models.backend,
+            "stores": self.stores(),
             "models": self.models.stats(),
             "queue": {"pending": self.tasks.pending_count(),
                       "running": [t.id for t in self.tasks.list(status="running")]},
@@ -466,6 +469,13 @@ class System:
             "philosopher": self.philosopher.status(),
             "curator": {"running": self.curator.running, "votes": self.curator.votes()},
         }
+
+    def stores(self) -> dict[str, str]:
+        """Where the task queue, checkpoints and memory live (passwords hidden)."""
+        from .config import redact_url
+        s = self.settings
+        return {"tasks": redact_url(s.tasks.queue), "checkpoints":
+                redact_url(s.cognition.checkpointer), "memory": redact_url(s.memory_uri)}
 
     def image_status(self) -> dict[str, Any]:
         """What was loaded (and what was skipped, and why), the last save, and a save

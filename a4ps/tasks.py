@@ -1,8 +1,10 @@
-"""Durable priority task queue on SQLite.
+"""Durable priority task queue: the ``TaskQueue`` seam and its SQLite implementation.
+
+(Several daemons sharing one queue: :mod:`a4ps.tasks_postgres`, by setting.)
 
 Why SQLite: a task the user submitted must survive a crash. ``submit()`` returns only
 after the row is committed (WAL, ``synchronous=FULL``), so a SIGKILL or power loss after
-that point cannot lose it. After a restart the daemon calls :meth:`TaskQueue.recover`,
+that point cannot lose it. After a restart the daemon calls :meth:`SqliteTaskQueue.recover`,
 which puts tasks that were ``running`` when the process died back in the queue (or fails
 them once they have been interrupted ``max_attempts`` times, so a task that kills the
 daemon cannot crash-loop it forever). A *graceful* stop is not a crash: the daemon
@@ -35,7 +37,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +153,65 @@ def _private_file(path: Path) -> None:
         log.debug("could not make %s private: %s", path, e)
 
 
-class TaskQueue:
+@runtime_checkable
+class TaskQueue(Protocol):
+    """The durable task queue every part uses (the daemon's worker, handlers, services).
+
+    Two implementations: :class:`SqliteTaskQueue` (one machine, ``<data_dir>/tasks.sqlite``)
+    and :class:`~a4ps.tasks_postgres.PostgresTaskQueue` (several daemons sharing one
+    PostgreSQL database). :func:`open_task_queue` builds the one ``tasks.queue`` names.
+    Both keep the states, ordering and recovery rules in this module's docstring; the
+    shared queue's ``recover`` requeues only the tasks of daemons that are gone.
+    """
+
+    def submit(self, text: str, *, origin: str = USER, priority: int | None = None,
+               meta: dict[str, Any] | None = None) -> Task: ...
+
+    def claim(self, *, allow_self_generated: bool = True,
+              timeout: float | None = None) -> Task | None: ...
+
+    def finish(self, task_id: str, result: dict[str, Any]) -> bool: ...
+
+    def fail(self, task_id: str, error: str) -> bool: ...
+
+    def cancel(self, task_id: str, *, force: bool = False, reason: str | None = None) -> bool: ...
+
+    def cancel_requested(self, task_id: str) -> bool: ...
+
+    def requeue(self, task_id: str, *, reason: str, by: str | None = None) -> bool: ...
+
+    def running(self) -> list[Task]: ...
+
+    def get(self, task_id: str) -> Task: ...
+
+    def list(self, status: str | Iterable[str] | None = None,
+             limit: int = 50) -> list[Task]: ...
+
+    def pending_count(self, origin: str | None = None) -> int: ...
+
+    def interrupt(self, task_id: str) -> bool: ...
+
+    def recover(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]: ...
+
+    def close(self) -> None: ...
+
+
+def open_task_queue(settings: Any, bus: Any = None) -> TaskQueue:
+    """The queue ``settings.tasks.queue`` names: ``"sqlite"`` or a PostgreSQL URL."""
+    url = settings.tasks.queue
+    if url.startswith(("postgres://", "postgresql://")):
+        from .tasks_postgres import PostgresTaskQueue, default_worker_name
+        if settings.cognition.checkpointer == "sqlite":
+            log.warning("tasks.queue is shared but cognition.checkpointer is this "
+                        "daemon's SQLite file: a task requeued from a crashed daemon "
+                        "starts over on another instead of resuming; set "
+                        "cognition.checkpointer to the PostgreSQL URL too")
+        return PostgresTaskQueue(url, bus=bus, worker_name=settings.tasks.worker_name
+                                 or default_worker_name(settings.data_dir))
+    return SqliteTaskQueue(settings.tasks_path, bus=bus)
+
+
+class SqliteTaskQueue:
     """Durable queue of tasks in one SQLite file (``settings.tasks_path``)."""
 
     def __init__(self, path: Path | str, bus: Any = None) -> None:
@@ -421,7 +481,7 @@ class TaskQueue:
             self._cond.notify_all()
             self._db.close()
 
-    def __enter__(self) -> "TaskQueue":
+    def __enter__(self) -> "SqliteTaskQueue":
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -144,3 +144,24 @@ def small_fs(tmp_path):
         yield mnt
     finally:
         unmount(mnt)
+
+
+# --- PostgreSQL (issue 16, scaling): one throwaway cluster per test session ---------
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server in a temp dir on a free port (tests/pg_cluster.py)."""
+    from pg_cluster import PostgresCluster, PostgresUnavailable
+    try:
+        cluster = PostgresCluster().start()
+    except PostgresUnavailable as e:
+        pytest.fail(str(e))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_dsn(postgres) -> str:
+    """A fresh empty database on the session's cluster."""
+    import uuid
+    return postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")

@@ -194,11 +194,11 @@ class DaemonSystem:
     def __init__(self, settings) -> None:
         from a4ps.events import EventBus
         from a4ps.proto import ProtoManager
-        from a4ps.tasks import TaskQueue
+        from a4ps.tasks import SqliteTaskQueue
         self.settings = settings
         self.bus = EventBus()
         self.protos = ProtoManager(self.bus)
-        self.tasks = TaskQueue(settings.tasks_path, bus=self.bus)
+        self.tasks = SqliteTaskQueue(settings.tasks_path, bus=self.bus)
         self.codex = Codex.from_toml(CODEX_PATH, self.bus)
         self.state = _Started()
 

@@ -47,11 +47,11 @@ class StandInSystem:
         from a4ps.codex import Codex
         from a4ps.events import EventBus
         from a4ps.proto import ProtoManager
-        from a4ps.tasks import TaskQueue
+        from a4ps.tasks import SqliteTaskQueue
         self.settings = settings
         self.bus = EventBus()
         self.protos = ProtoManager(self.bus)
-        self.tasks = TaskQueue(settings.tasks_path, bus=self.bus)
+        self.tasks = SqliteTaskQueue(settings.tasks_path, bus=self.bus)
         self.codex = Codex.from_toml(PROJECT_ROOT / "config" / "codex.toml", self.bus)
         self.tools = type("Tools", (), {"list": staticmethod(lambda: [{"name": "add"}])})()
         self.state = _State()
@@ -380,8 +380,8 @@ def test_stop_waits_for_the_running_task_then_saves(tmp_path, monkeypatch):
     assert daemon.stop() is True
     assert time.monotonic() - t0 < 5
     assert system.stopped and (settings.data_dir / "saved.json").exists()
-    from a4ps.tasks import TaskQueue
-    with TaskQueue(settings.tasks_path) as q:
+    from a4ps.tasks import SqliteTaskQueue
+    with SqliteTaskQueue(settings.tasks_path) as q:
         assert q.get(task.id).status == "done"
     assert not (settings.data_dir / "daemon.lock").read_text().strip()  # released
 
@@ -717,8 +717,8 @@ def test_graceful_stop_records_a_clean_interruption(tmp_path, monkeypatch):
     row = system.tasks.get(task.id)
     assert row.status == "running" and row.interrupted
     daemon._worker.join(5)
-    from a4ps.tasks import TaskQueue
-    with TaskQueue(settings.tasks_path) as q:
+    from a4ps.tasks import SqliteTaskQueue
+    with SqliteTaskQueue(settings.tasks_path) as q:
         t = q.get(task.id)
         if t.status == "running":                       # the worker did not finish it
             (rec,) = q.recover()

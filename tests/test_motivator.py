@@ -40,7 +40,7 @@ def parts(settings, bus, backend, embedder):
     from a4ps.models.manager import ModelManager
     from a4ps.proto import ProtoManager
     from a4ps.system import CODEX_PATH, INVOKE_LLM
-    from a4ps.tasks import TaskQueue
+    from a4ps.tasks import SqliteTaskQueue
     settings.motivator.goals_per_hour = 4
     settings.motivator.daily_budget = 24
     codex = Codex.from_toml(CODEX_PATH, bus)
@@ -50,7 +50,7 @@ def parts(settings, bus, backend, embedder):
     for name in ("ALFRED", "BRICK", "ROBIN"):
         protos.clone("persona", name, model_name="scripted", system_prompt=codex.system_prompt(name))
     memory = MemoryManager(settings, embedder, bus=bus)
-    tasks = TaskQueue(settings.tasks_path, bus=bus)
+    tasks = SqliteTaskQueue(settings.tasks_path, bus=bus)
     yield settings, bus, protos, memory, tasks, codex
     tasks.close()
 
@@ -367,7 +367,7 @@ def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(s
 
     from a4ps.services.philosopher import Philosopher
     from a4ps.system import CODEX_PATH
-    from a4ps.tasks import TaskQueue
+    from a4ps.tasks import SqliteTaskQueue
 
     draft = ("PERSONA: ROBIN\nPRINCIPLE: honest_care\n"
              "TEXT: Be kind in how you say a hard truth, never by hiding it.\n"
@@ -389,7 +389,7 @@ def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(s
     settings.philosopher.recurrence_count = 3
     parts = build(settings, bus, reply, max_rounds=1)
     codex = Codex.from_toml(CODEX_PATH, bus)
-    tasks = TaskQueue(settings.tasks_path, bus=bus)
+    tasks = SqliteTaskQueue(settings.tasks_path, bus=bus)
     m = Motivator(settings, bus, parts.protos, parts.memory, tasks, codex).start()
     p = Philosopher(settings, bus, parts.protos, parts.memory, codex, parts.models.embedder).start()
     rec = EventRecorder(bus)

@@ -23,7 +23,7 @@ from a4ps.client import DaemonError, EventSubscriber
 from a4ps.config import PROJECT_ROOT
 from a4ps.image import IMAGE_FORMAT, ImageStore
 from a4ps.system import INVOKE_LLM
-from a4ps.tasks import TaskQueue
+from a4ps.tasks import SqliteTaskQueue
 from conftest import fill_up, mount_tmpfs, unmount
 from test_daemon import DaemonProc, collect, free_addr, wait_alive
 
@@ -62,7 +62,7 @@ def wait_task(client, task_id: str, statuses: tuple[str, ...], timeout: float = 
 
 
 def read_task(settings, task_id: str):
-    with TaskQueue(settings.tasks_path) as q:
+    with SqliteTaskQueue(settings.tasks_path) as q:
         return q.get(task_id)
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from a4ps.events import EventRecorder
-from a4ps.tasks import TaskNotFound, TaskQueue
+from a4ps.tasks import SqliteTaskQueue, TaskNotFound
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def queue(settings, bus):
-    q = TaskQueue(settings.tasks_path, bus=bus)
+    q = SqliteTaskQueue(settings.tasks_path, bus=bus)
     yield q
     q.close()
 
@@ -115,19 +115,19 @@ def test_list_and_pending_count(queue):
 
 
 def test_persists_across_reopen(settings):
-    q = TaskQueue(settings.tasks_path)
+    q = SqliteTaskQueue(settings.tasks_path)
     t = q.submit("survive me", meta={"k": "v"})
     q.close()
     with pytest.raises(RuntimeError, match="closed"):
         q.get(t.id)
-    q2 = TaskQueue(settings.tasks_path)
+    q2 = SqliteTaskQueue(settings.tasks_path)
     assert q2.get(t.id).meta == {"k": "v"}
     assert q2.claim().id == t.id
     q2.close()
 
 
 def test_recover_requeues_then_fails_after_max_attempts(settings):
-    q = TaskQueue(settings.tasks_path)
+    q = SqliteTaskQueue(settings.tasks_path)
     t = q.submit("fragile")
     c = q.submit("cancel me")
     q.claim(), q.claim()
@@ -156,7 +156,7 @@ def test_claim_waits_for_a_task_and_times_out(queue):
 
 
 def test_claim_sees_tasks_from_another_connection(settings, queue):
-    other = TaskQueue(settings.tasks_path)
+    other = SqliteTaskQueue(settings.tasks_path)
     threading.Timer(0.2, lambda: other.submit("from another process")).start()
     got = queue.claim(timeout=5)
     assert got is not None and got.text == "from another process"
@@ -164,8 +164,8 @@ def test_claim_sees_tasks_from_another_connection(settings, queue):
 
 
 def test_concurrent_claims_hand_each_task_out_once(settings):
-    q = TaskQueue(settings.tasks_path)
-    q2 = TaskQueue(settings.tasks_path)      # a second connection competes too
+    q = SqliteTaskQueue(settings.tasks_path)
+    q2 = SqliteTaskQueue(settings.tasks_path)      # a second connection competes too
     ids = {q.submit(f"t{i}", origin="user" if i % 2 else "motivator").id for i in range(120)}
     claimed: list[str] = []
     lock = threading.Lock()
@@ -189,8 +189,8 @@ def test_concurrent_claims_hand_each_task_out_once(settings):
 
 _CHILD = r"""
 import sys, time
-from a4ps.tasks import TaskQueue
-q = TaskQueue(sys.argv[1])
+from a4ps.tasks import SqliteTaskQueue
+q = SqliteTaskQueue(sys.argv[1])
 mode = sys.argv[2]
 if mode == "submit":
     i = 0
@@ -227,7 +227,7 @@ def test_sigkill_never_loses_a_submitted_task(settings):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    q = TaskQueue(path)
+    q = SqliteTaskQueue(path)
     for task_id in acked:
         assert q.get(task_id).status == "queued"
     assert q.pending_count() >= len(acked)
@@ -253,7 +253,7 @@ def test_sigkill_never_loses_a_submitted_task(settings):
 def test_a_graceful_interruption_is_not_a_crash(settings):
     """Failure 1: every restart counted an attempt, so two graceful stops of a task
     that was making progress got it failed as 'what crashes the daemon'."""
-    q = TaskQueue(settings.tasks_path)
+    q = SqliteTaskQueue(settings.tasks_path)
     t = q.submit("long but fine")
     for stop in range(5):                       # five graceful stops mid-task
         assert q.claim().id == t.id
@@ -285,7 +285,7 @@ def test_an_older_queue_file_gains_the_new_columns(settings):
         INSERT INTO tasks (id, text, origin, priority, status, created)
         VALUES ('old', 'from before', 'user', 0, 'running', 1.0);""")
     db.close()
-    q = TaskQueue(settings.tasks_path)
+    q = SqliteTaskQueue(settings.tasks_path)
     (rec,) = q.recover()
     assert rec.id == "old" and rec.attempts == 1 and rec.interruptions == 0
     q.close()
@@ -295,7 +295,7 @@ def test_queue_files_are_private(settings):
     import stat
     old = os.umask(0o022)
     try:
-        q = TaskQueue(settings.tasks_path)
+        q = SqliteTaskQueue(settings.tasks_path)
         q.submit("secret plans")
     finally:
         os.umask(old)
@@ -303,5 +303,5 @@ def test_queue_files_are_private(settings):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     q.close()
     os.chmod(settings.tasks_path, 0o644)          # a file from before: tightened
-    TaskQueue(settings.tasks_path).close()
+    SqliteTaskQueue(settings.tasks_path).close()
     assert stat.S_IMODE(settings.tasks_path.stat().st_mode) == 0o600

@@ -13,10 +13,11 @@ answers, and the exchange becomes memory.
 
 (``CognitiveGraph.mermaid()`` draws it; tests/test_graph.py pins its edges.)
 
-The graph is a LangGraph ``StateGraph`` with a SQLite checkpointer (thread id = task
-id) written with ``durability="sync"``, so a process killed mid-task resumes from the
-last finished node (``run(..., resume=True)``). Nodes read the persona protos at every
-call, so editing BRICK's system prompt changes BRICK's next turn.
+The graph is a LangGraph ``StateGraph`` with a SQLite (or, by setting, PostgreSQL)
+checkpointer (thread id = task id) written with ``durability="sync"``, so a process
+killed mid-task resumes from the last finished node (``run(..., resume=True)``). Nodes
+read the persona protos at every call, so editing BRICK's system prompt changes BRICK's
+next turn.
 
 A model that answers nothing or garbage never crashes the graph: the turn is retried
 once, the problem is recorded in the step (``task.step`` ``problem``) and the task
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 # absolute imports: langgraph.json loads this file by path
 from a4ps.cognition import prompts
+from a4ps.cognition.checkpoints import is_postgres_url
 from a4ps.cognition.prompts import DEFAULT_ROUTE, ROUTES
 from a4ps.cognition.state import CognitiveState, TaskCancelled
 from a4ps.events import json_safe
@@ -57,7 +59,9 @@ _CANCEL: contextvars.ContextVar[Any] = contextvars.ContextVar("a4ps_graph_cancel
 class CognitiveGraph:
     """Runs tasks through the contrapunto. Parts are passed in; nothing is global.
 
-    ``checkpointer_path=None`` uses ``settings.checkpoint_dir / "graph.sqlite"``;
+    ``checkpointer_path=None`` follows ``cognition.checkpointer``: ``"sqlite"`` is
+    ``settings.checkpoint_dir / "graph.sqlite"``, a ``postgres://`` URL is that database
+    (``cognition/checkpoints.py``); a path or a URL may also be passed directly.
     ``False`` compiles without a checkpointer (LangGraph Studio, benchmarks).
     ``dissonance`` is a ``DissonanceMeter``; by default one over ``models.embed``.
     ``turn_max_tokens`` caps each persona turn (None: the backend's default).
@@ -77,8 +81,13 @@ class CognitiveGraph:
         self._meter = dissonance
         self.turn_max_tokens = turn_max_tokens
         if checkpointer_path is None or checkpointer_path is True:
-            checkpointer_path = Path(settings.checkpoint_dir) / "graph.sqlite"
-        self.checkpointer_path = Path(checkpointer_path) if checkpointer_path else None
+            checkpointer_path = settings.cognition.checkpointer
+            if not is_postgres_url(checkpointer_path):
+                checkpointer_path = Path(settings.checkpoint_dir) / "graph.sqlite"
+        self.checkpointer_url = checkpointer_path if is_postgres_url(checkpointer_path) else None
+        self.checkpointer_path = Path(checkpointer_path) \
+            if checkpointer_path and self.checkpointer_url is None else None
+        self._pool: Any = None
         self._lock = threading.Lock()
         self._compiled: Any = None
         self._saver: Any = None
@@ -121,7 +130,10 @@ class CognitiveGraph:
         with self._lock:
             if self._compiled is None:
                 saver = None
-                if self.checkpointer_path is not None:
+                if self.checkpointer_url is not None:
+                    from a4ps.cognition.checkpoints import postgres_saver
+                    saver, self._pool = postgres_saver(self.checkpointer_url)
+                elif self.checkpointer_path is not None:
                     from langgraph.checkpoint.sqlite import SqliteSaver
                     self.checkpointer_path.parent.mkdir(parents=True, exist_ok=True)
                     # the saver serialises access with its own lock
@@ -144,7 +156,9 @@ class CognitiveGraph:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
-            self._conn = self._saver = self._compiled = None
+            if self._pool is not None:
+                self._pool.close()
+            self._conn = self._pool = self._saver = self._compiled = None
 
     @property
     def meter(self) -> Any:

@@ -7,8 +7,9 @@ embedded backend, swaps a LoRA adapter on the resident base). A model larger tha
 
 A backend is a :class:`~a4ps.models.base.ChatBackend` (``generate`` for free text,
 ``choose`` and ``structured`` for decisions); optionally ``can_switch(current, new)``.
-:class:`~a4ps.models.embedded.EmbeddedBackend`, :class:`~a4ps.models.ollama_backend.OllamaBackend`
-and :class:`~a4ps.models.scripted.ScriptedBackend` are the three.
+:class:`~a4ps.models.embedded.EmbeddedBackend`, :class:`~a4ps.models.ollama_backend.OllamaBackend`,
+:class:`~a4ps.models.openai_backend.OpenAIBackend` (vLLM, llama.cpp server, LM Studio)
+and :class:`~a4ps.models.scripted.ScriptedBackend` are the four.
 """
 from __future__ import annotations
 
@@ -297,10 +298,13 @@ def _backend_for(settings):
     if kind == "ollama":
         from a4ps.models.ollama_backend import OllamaBackend
         return OllamaBackend(settings)
+    if kind == "openai":
+        from a4ps.models.openai_backend import OpenAIBackend
+        return OpenAIBackend(settings)
     if kind == "scripted":
         from a4ps.models.scripted import demo_backend
         return demo_backend()
-    raise InvalidRequest(f"unknown models.backend {kind!r}; use 'embedded' or 'ollama'")
+    raise InvalidRequest(f"unknown models.backend {kind!r}; use 'embedded', 'ollama' or 'openai'")
 
 
 def _raise_if_cancelled(cancel: CancelToken | None, model: str) -> None:
