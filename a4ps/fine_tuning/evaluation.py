@@ -14,10 +14,12 @@ A candidate replaces the live model only on evidence:
    alone: 1% after 5 steps, 4% after 20 (SmolLM2-135M, default recipe, measured).
 2. **Not worse on the capability suite** (``config/eval/<PERSONA>.jsonl``) than
    ``finetune.suite_tolerance``.
-3. **ALFRED does not judge it worse**, when ``finetune.judge_samples`` > 0: both
+3. **ALFRED does not judge it surely worse**, when ``finetune.judge_samples`` > 0: both
    models answer a few held-out tasks and ALFRED scores every answer through the
-   constrained judge. A judgement that could not be made is *no evidence*: with too
-   few scored pairs the gate refuses, it never counts that as a pass.
+   constrained judge; a drop beyond ``finetune.judge_tolerance`` whose whole bootstrap
+   interval is below zero refuses. A judgement that could not be made is *no
+   evidence*: with too few scored pairs the gate refuses, it never counts that as a
+   pass. (ALFRED is asked only when the losses already passed: it costs minutes.)
 
 Every number (per item too) goes into the report and the persona's lineage.
 """
@@ -29,8 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-# re-exported: the judge lives in its own module
-from .judge import CANDIDATES, Judge, Verdict, parse_score, parse_vote  # noqa: F401
+from .judge import Judge
 
 CONFIDENCE = 0.95
 

@@ -24,7 +24,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..models.errors import DecisionError, GenerationCancelled, ModelError
+from ..models.errors import DecisionError, GenerationCancelled
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,3 @@ class Judge:
         if verdict.score is not None:
             verdict.vote = self.vote(task, answer, turns, cancel=cancel)
         return verdict
-
-
-__all__ = ["CANDIDATES", "Judge", "ModelError", "SCORE_OPTIONS", "Verdict", "parse_score",
-           "parse_vote", "interaction_text", "free_text_prompt"]
