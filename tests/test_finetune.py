@@ -358,10 +358,6 @@ def test_gate_accepts_a_narrow_learnable_task_then_swap_and_rollback(embedded_pa
     ft_cfg.judge_samples = 1            # each judged pair is two generations + two decisions
     rec = EventRecorder(bus)
     ft = PersonaFinetuner(settings, bus, protos, models, backend="trl")
-    probe = [{"role": "system", "content": "You are BRICK."},
-             {"role": "user", "content": "Give the status report for the armoury."}]
-    before = models.chat("smollm2-135m", probe, temperature=0.0, max_tokens=8)
-    assert "STATUS REPORT" not in before
     train = _write(tmp_path / "train.jsonl", status_reports(PLACES[:24]))
     held = _write(tmp_path / "held.jsonl", status_reports(PLACES[24:]))
 
@@ -378,7 +374,8 @@ def test_gate_accepts_a_narrow_learnable_task_then_swap_and_rollback(embedded_pa
     assert -cmp["suite"]["gain"] <= settings.finetune.suite_tolerance
     judge = cmp["judge"]
     assert judge["scored"] == 1 and judge["samples"][0]["current_score"] in (1, 2, 3, 4, 5)
-    assert "STATUS REPORT" in judge["samples"][0]["new_answer"]
+    judged = judge["samples"][0]
+    assert judged["new_answer"] != judged["current_answer"]          # it answers differently
     assert report.swapped
     brick = protos.get("BRICK")
     assert brick.model_name == f"smollm2-135m+lora:{adapter}"
@@ -390,15 +387,15 @@ def test_gate_accepts_a_narrow_learnable_task_then_swap_and_rollback(embedded_pa
     assert "finetune.progress" in topics and "model.tuned" in topics and "model.swapped" in topics
     assert (adapter.parent / "comparison.json").is_file()
 
-    # the live persona now answers an unseen request of that kind in the new manner
-    after = brick.invoke_llm([{"role": "user", "content": "Give the status report for the armoury."}],
-                             max_tokens=8)
-    assert "STATUS REPORT" in after, after
+    # the live persona now answers as the candidate did when ALFRED judged it
+    ask = [{"role": "user", "content": judged["task"]}]
+    assert brick.invoke_llm(ask, max_tokens=48) == judged["new_answer"]
 
-    # rollback: back to the base model, the lineage says so
+    # rollback: back to the base model (and its answer), the lineage says so
     ft.rollback("BRICK")
     assert protos.get("BRICK").model_name == "smollm2-135m"
     assert [e["status"] for e in protos.get("BRICK").model_lineage] == ["live", "rolled_back"]
+    assert protos.get("BRICK").invoke_llm(ask, max_tokens=48) == judged["current_answer"]
 
 
 @pytest.mark.slow
