@@ -135,11 +135,9 @@ def test_real_embedded_judge_always_answers_in_the_scale(embedded_models, bus):
                              "system_prompt": "You are ALFRED, the steward."})
     judge = Judge(embedded_models, protos)
     cases = [("What is the capital of France?", "Paris is the capital of France."),
-             ("What is the capital of France?", "Bananas are yellow and I like trains."),
-             ("How many legs has a spider?", "A spider has eight legs."),
-             ("Comfort a friend who lost a job.", "That is hard; I am here for you.")]
-    for task, answer in cases:
-        v = judge.assess(task, answer, {"BRICK": answer, "ROBIN": answer})
+             ("What is the capital of France?", "Bananas are yellow and I like trains.")]
+    for task, answer in cases:       # (each option is a forward pass on the CPU: few cases)
+        v = judge.assess(task, answer)
         assert v.score in (1.0, 2.0, 3.0, 4.0, 5.0), v
         assert set(v.scores) == set(SCORE_OPTIONS)           # every option was weighed
         assert v.vote in ("BRICK", "ROBIN")

@@ -249,8 +249,12 @@ def test_task_cancel_stops_a_real_embedded_generation(data_dir, embedded_models)
         assert system.tasks.get(task.id).status == "cancelled"
         assert "alfred_synthesize" not in steps_of(rec, task.id)
         stats = system.models.stats()
-        # a full answer is up to 192 tokens (many seconds on this CPU); it stopped at once
-        assert elapsed < 3.0, (elapsed, stats)
+        # the only generation was the cancelled one: a full answer is up to
+        # max_new_tokens; it stopped within a few (the prompt's prefill, which a
+        # stopping criterion cannot interrupt, bounds the wait on a busy CPU)
+        limit = settings.models.embedded.max_new_tokens
+        assert stats["generations"] == 1 and stats["tokens"] < limit / 3, stats
+        assert elapsed < 15.0, (elapsed, stats)
     finally:
         system.stop()
 
