@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from typing import Callable
 
 from .config import Settings, SettingsError, load_settings
+from .models.threads import apply_openmp_policy
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -93,13 +95,79 @@ def _print_step(p: dict, out=None) -> None:
     elif node in ("brick", "robin"):
         _say(out, f"{p.get('persona')} [round {rnd}]", p.get("text") or "(no usable reply)")
     elif node == "measure":
-        _say(out, f"dissonance [{rnd}]", f"{d:.3f}" + (f"  -> {p['stop']}" if p.get("stop") else ""))
-    elif node == "forge":
+        shown = "n/a" if d is None else f"{d:.3f}"
+        _say(out, f"dissonance [{rnd}]", shown + (f"  -> {p['stop']}" if p.get("stop") else ""))
+    elif node in ("tool_request", "forge"):
         _say(out, "forge", p.get("text") or "")
     elif node == "remember" and p.get("memory_id"):
         _say(out, "memory", f"remembered as {p['memory_id']}")
     if p.get("problem"):
         _say(out, "  ! problem", p["problem"])
+
+
+class _Transcript:
+    """What `a4ps ask` prints while a task runs: each persona's words as they are
+    generated (``task.token`` deltas, in ``seq`` order), then the step summaries.
+
+    A turn whose tokens were streamed is not printed again when its ``task.step``
+    arrives (only a problem it reports is); a turn that streamed nothing (a backend
+    that does not stream, events missed) is printed whole from the step, as before.
+    """
+
+    def __init__(self, out=None) -> None:
+        self.out = out or sys.stdout
+        self.turn: tuple | None = None          # (node, persona, round) being streamed
+        self.streamed: set[tuple] = set()
+        self.next_seq: dict[str, int] = {}       # task_id -> next seq expected
+        self.pending: dict[str, dict[int, dict]] = {}
+        self._lock = threading.Lock()
+
+    def token(self, p: dict) -> None:
+        with self._lock:
+            task, seq = str(p.get("task_id")), p.get("seq")
+            if not isinstance(seq, int):
+                self._write(p)
+                return
+            expected = self.next_seq.setdefault(task, seq)
+            if seq < expected:
+                return                              # a duplicate
+            self.pending.setdefault(task, {})[seq] = p
+            while self.next_seq[task] in self.pending[task]:
+                self._write(self.pending[task].pop(self.next_seq[task]))
+                self.next_seq[task] += 1
+
+    def _write(self, p: dict) -> None:
+        key = (p.get("node"), p.get("persona"), p.get("round"))
+        if key != self.turn:
+            self._end_line()
+            who = f"{p.get('persona')} [round {p.get('round')}]" if p.get("round") \
+                else str(p.get("persona") or p.get("node") or "")
+            self.out.write(f"{who:<18}")
+            self.turn = key
+            self.streamed.add(key)
+        text = str(p.get("text") or "").replace("\n", "\n" + " " * 18)
+        self.out.write(text)
+        self.out.flush()
+
+    def _end_line(self) -> None:
+        if self.turn is not None:
+            self.out.write("\n")
+            self.out.flush()
+            self.turn = None
+
+    def step(self, p: dict) -> None:
+        with self._lock:
+            self._end_line()
+            key = (p.get("node"), p.get("persona"), p.get("round"))
+            if key in self.streamed and p.get("node") not in ("alfred_route", "measure"):
+                if p.get("problem"):
+                    _say(self.out, "  ! problem", p["problem"])
+                return
+            _print_step(p, self.out)
+
+    def close(self) -> None:
+        with self._lock:
+            self._end_line()
 
 
 def _print_result(result: dict, out=None) -> int:
@@ -109,7 +177,8 @@ def _print_result(result: dict, out=None) -> int:
         print(f"\ntask {result.get('task_id')} failed: {result.get('error')}", file=out)
         return 1
     fd = result.get("final_dissonance")
-    how = (f"{len(rounds)} round(s), final dissonance {fd:.3f}" if rounds
+    shown = "n/a" if fd is None else f"{fd:.3f}"
+    how = (f"{len(rounds)} round(s), final dissonance {shown}" if rounds
            else f"route {result.get('route')}")
     print(f"\nALFRED's answer ({how}):\n{result.get('answer', '')}", file=out)
     return 0
@@ -119,6 +188,7 @@ def _ask_local(text: str, args: argparse.Namespace, settings: Settings) -> int:
     import uuid
     from .lock import DataLockHeld, describe_holder
     from .system import System
+    view = _Transcript()
     system = System(settings)
     try:
         system.start(services=False)      # takes the data directory's lock
@@ -144,9 +214,11 @@ def _ask_local(text: str, args: argparse.Namespace, settings: Settings) -> int:
         return 1
     try:
         if not args.json:
-            system.bus.subscribe("task.step", lambda e: _print_step(e.payload))
+            system.bus.subscribe("task.token", lambda e: view.token(e.payload))
+            system.bus.subscribe("task.step", lambda e: view.step(e.payload))
         result = system.graph.run(f"ask-{uuid.uuid4().hex[:12]}", text, route=args.route)
     finally:
+        view.close()
         system.stop()
     if args.json:
         import json
@@ -160,7 +232,9 @@ def _ask_daemon(client, text: str, args: argparse.Namespace, settings: Settings)
     from .client import DaemonError
     if args.route:
         print("a4ps: --route is ignored by the daemon (ALFRED decides)", file=sys.stderr)
-    with client.subscriber(topics=["task.step", "task.done", "task.failed"]) as events:
+    view = _Transcript()
+    with client.subscriber(topics=["task.token", "task.step", "task.done",
+                                   "task.failed"]) as events:
         time.sleep(0.3)  # let the SUB socket join before the first step is published
         reply = client.request("task.submit", {"text": text})
         task_id = reply.get("id") if isinstance(reply, dict) else reply
@@ -170,9 +244,12 @@ def _ask_daemon(client, text: str, args: argparse.Namespace, settings: Settings)
             for ev in events.poll(timeout_ms=200):
                 if ev.payload.get("task_id") != task_id:
                     continue
-                if ev.topic == "task.step" and not args.json:
-                    _print_step(ev.payload)
+                if ev.topic == "task.token" and not args.json:
+                    view.token(ev.payload)
+                elif ev.topic == "task.step" and not args.json:
+                    view.step(ev.payload)
                 elif ev.topic in ("task.done", "task.failed"):
+                    view.close()
                     result = ev.payload.get("result") or {
                         "task_id": task_id, "status": "failed", "error": ev.payload.get("error")}
                     return _finish_daemon(result, args)
@@ -183,6 +260,7 @@ def _ask_daemon(client, text: str, args: argparse.Namespace, settings: Settings)
                 except DaemonError:
                     continue
                 if task.get("status") in ("done", "failed", "cancelled"):
+                    view.close()
                     result = task.get("result") or {
                         "task_id": task_id, "status": "failed",
                         "error": task.get("error") or task.get("status")}
@@ -535,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_openmp_policy()     # before anything loads an OpenMP runtime (torch, ctranslate2)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

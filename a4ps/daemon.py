@@ -50,6 +50,7 @@ from pydantic import BaseModel
 from . import protocol as P
 from .lock import LOCK_NAME, DataLock, DataLockHeld
 from .protocol import ErrorCode, ProtocolError
+from .step_buffer import StepBuffer
 
 if TYPE_CHECKING:
     import zmq
@@ -132,6 +133,7 @@ class Daemon:
         self.boot_id = uuid.uuid4().hex[:12]
         self.token = ""
         self._commands: dict[str, _Command] = {}
+        self.task_steps = StepBuffer()   # task.steps: what a running task said so far
         self._register_defaults()
         # bus-thread state
         self._events: collections.deque = collections.deque(maxlen=EVENT_QUEUE_MAX)
@@ -190,9 +192,12 @@ class Daemon:
         reg("task.cancel", self._task_cancel)
         reg("task.get", lambda a: self._task(a.id).to_dict())
         reg("task.list", lambda a: [t.to_dict() for t in s.tasks.list(a.status, limit=a.limit)])
+        reg("task.steps", self._task_steps)
         reg("proto.list", lambda a: [p.to_dict() for p in s.protos])
         reg("proto.get", lambda a: self._proto(a.name).to_dict())
         reg("proto.update", self._proto_update)
+        reg("proto.clone", self._proto_clone)
+        reg("proto.remove", self._proto_remove)
         reg("proto.revert_method", self._proto_revert)
         reg("tool.list", lambda a: s.tools.list())
         reg("codex.get", lambda a: s.codex.to_dict())
@@ -274,6 +279,37 @@ class Daemon:
         else:
             self.supervisor.cancel(task.id)
         return self.system.tasks.get(task.id).to_dict()
+
+    def _task_steps(self, a: P.TaskStepsArgs) -> dict[str, Any]:
+        """The steps and streamed text of a task so far (a UI connecting mid-task)."""
+        tid = str(a.task_id)
+        got = self.task_steps.get(tid)
+        if got is None:   # not seen since this daemon started: say so, from the queue
+            task = self._task(tid)
+            got = {"steps": [], "partial": None, "seq": 0, "status": task.status}
+        return {"task_id": tid, **got}
+
+    def _proto_clone(self, a: P.ProtoCloneArgs) -> dict[str, Any]:
+        """A new proto delegating to ``name`` (Self-style clone), e.g. from a morph's halo."""
+        from .proto import ProtoError
+        self._proto(a.name)
+        try:
+            return self.system.protos.clone(a.name, a.new_name, **(a.slots or {})).to_dict()
+        except ProtoError as e:
+            code = ErrorCode.CONFLICT if "already exists" in str(e) else ErrorCode.INVALID_ARGS
+            raise CommandError(code, str(e)) from None
+
+    def _proto_remove(self, a: P.ProtoNameArgs) -> dict[str, Any]:
+        from .proto import ProtoError
+        self._proto(a.name)
+        if a.name in self.system.codex.personas:
+            raise CommandError(ErrorCode.CONFLICT, f"{a.name} is a codex persona the system "
+                               "needs; remove a clone instead, or edit its slots")
+        try:
+            self.system.protos.remove(a.name)
+        except ProtoError as e:
+            raise CommandError(ErrorCode.CONFLICT, f"{e}: remove those first") from None
+        return {"removed": a.name}
 
     def _proto(self, name: str) -> Any:
         proto = self.system.protos.find(name)
@@ -588,7 +624,8 @@ class Daemon:
 
     # -- events (any thread) -> bus thread ---------------------------------------------
     def _on_event(self, event: Event) -> None:
-        self.enqueue_event(event.topic, event.payload, event.ts)
+        seq = self.enqueue_event(event.topic, event.payload, event.ts)
+        self.task_steps.record(event.topic, event.payload, seq, event.ts or time.time())
 
     def enqueue_event(self, topic: str, payload: dict[str, Any], ts: float | None = None) -> int:
         """Queue an event for PUB; returns its sequence number."""

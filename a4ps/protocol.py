@@ -147,6 +147,16 @@ class ProtoNameArgs(Args):
     name: str = Field(min_length=1, max_length=256)
 
 
+class ProtoCloneArgs(Args):
+    name: str = Field(min_length=1, max_length=256)
+    new_name: str = Field(min_length=1, max_length=256)
+    slots: dict[str, Any] | None = None
+
+
+class TaskStepsArgs(Args):
+    task_id: str | int
+
+
 class ProtoUpdateArgs(Args):
     name: str = Field(min_length=1, max_length=256)
     slots: dict[str, Any] | None = None
@@ -236,6 +246,9 @@ COMMANDS: dict[str, type[BaseModel]] = {
     "proto.list": NoArgs,
     "proto.get": ProtoNameArgs,
     "proto.update": ProtoUpdateArgs,
+    "proto.clone": ProtoCloneArgs,
+    "proto.remove": ProtoNameArgs,
+    "task.steps": TaskStepsArgs,
     "proto.revert_method": ProtoRevertArgs,
     "tool.list": NoArgs,
     "codex.get": NoArgs,

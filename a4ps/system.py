@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .codex import Codex
+from .cognition import generation
 from .config import PERSONAS, PROJECT_ROOT, Settings
 from .events import Event, EventBus
 from .image import ImageStore, LoadInfo, SaveRetry
@@ -34,16 +35,21 @@ CODEX_PATH = PROJECT_ROOT / "config" / "codex.toml"
 # The live method every persona inherits from the "persona" proto. Kept as source so
 # it can be edited in the inspector while the system runs.
 INVOKE_LLM = '''\
-def invoke_llm(self, prompt, **kw):
-    """Ask this persona's model; prompt is text or a list of chat messages."""
+def invoke_llm(self, prompt, full=False, **kw):
+    """Ask this persona's model; prompt is text or a list of chat messages.
+    Returns the reply text, or with full=True the whole Generation (tokens, finish)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if not messages or messages[0].get("role") != "system":
         messages.insert(0, {"role": "system", "content": self.system_prompt})
     kw.setdefault("temperature", self.temperature)
-    return self.service("models").chat(self.model_name, messages, **kw)
+    out = self.service("models").generate(self.model_name, messages, **kw)
+    return out if full else out.text
 '''
 
-MORPH_POSITIONS = {"ALFRED": [360, 420], "BRICK": [120, 200], "ROBIN": [600, 200]}
+# What a persona is doing is not stored in the image: the UI derives it from the task
+# events (one source of truth). Images written before kept a never-updated "status"
+# slot, dropped on load. Morph positions are the UI's to choose until the user drags.
+RETIRED_PERSONA_SLOTS = ("status",)
 
 
 class SystemState(enum.Enum):
@@ -142,6 +148,7 @@ class System:
         self._stop = threading.Event()
         self._autosave: threading.Thread | None = None
         self._save_lock = threading.Lock()
+        self._graph_shape: dict[str, Any] | None = None
 
     # -- the tool forge's writer: BRICK ---------------------------------------------
     def _brick_writes_tool(self, spec: Any, feedback: str | None) -> str:
@@ -359,9 +366,9 @@ class System:
         """Every codex persona has a proto whose prompt and model match the settings.
 
         Seeds a fresh image, and repairs a loaded one (new codex personas, a backend
-        switched in settings, a status left 'thinking' by a crash)."""
+        switched in settings, slots the image no longer keeps: RETIRED_PERSONA_SLOTS)."""
         if "persona" not in self.protos:
-            self.protos.create("persona", {"temperature": 0.7, "status": "idle",
+            self.protos.create("persona", {"temperature": 0.7,
                                            "last_utterance": "", "dissonance": None},
                                methods={"invoke_llm": INVOKE_LLM})
         elif not isinstance(self.protos.get("persona").get("temperature"), (int, float)):
@@ -376,25 +383,29 @@ class System:
             if name not in self.protos:
                 self.protos.clone("persona", name, role=pc.role, model_name=model,
                                   model_backend=backend, system_prompt=self.codex.system_prompt(name),
-                                  morph_pos=MORPH_POSITIONS.get(name, [200, 200]), model_lineage=[])
+                                  model_lineage=[], **generation.defaults_for(name))
                 continue
             proto = self.protos.get(name)
-            changes: dict[str, Any] = {}
+            # generation slots an older image lacks (an edited one is kept)
+            changes: dict[str, Any] = {k: v for k, v in generation.defaults_for(name).items()
+                                       if k not in proto.own_slots()}
             if proto.get("model_backend") != backend:
                 # the user switched backends in settings: follow them
                 changes.update(model_name=model, model_backend=backend)
             prompt = self.codex.system_prompt(name)
             if proto.get("system_prompt") != prompt:
                 changes["system_prompt"] = prompt
-            if proto.get("status") not in (None, "idle"):
-                changes["status"] = "idle"
             # an image from before the slot checks may lack what every turn needs
             if not isinstance(proto.get("role"), str) or not proto.get("role"):
                 changes["role"] = pc.role
             if not isinstance(proto.get("model_name"), str) or not proto.get("model_name"):
                 changes.update(model_name=model, model_backend=backend)
-            if changes:
-                self.protos.update(name, changes)
+            retired = [k for k in RETIRED_PERSONA_SLOTS if k in proto.own_slots()]
+            if changes or retired:
+                self.protos.update(name, changes, delete=retired)
+        persona = self.protos.get("persona")
+        if "status" in persona.own_slots():
+            self.protos.update("persona", delete=["status"])
 
     def _on_codex_decided(self, event: Event) -> None:
         self._codex_changes += 1
@@ -470,6 +481,19 @@ class System:
             "curator": {"running": self.curator.running, "votes": self.curator.votes()},
         }
 
+    def graph_shape(self) -> dict[str, Any]:
+        """The cognitive graph's nodes and edges (the UI draws its live graph strip
+        from them without importing cognition). Built once: the shape is fixed."""
+        if self._graph_shape is None:
+            g = self.graph.compile().get_graph()
+            self._graph_shape = {
+                "nodes": list(g.nodes),
+                "edges": [{"source": e.source, "target": e.target,
+                           "conditional": bool(e.conditional),
+                           "label": e.data if isinstance(e.data, str) else None}
+                          for e in g.edges]}
+        return self._graph_shape
+
     def stores(self) -> dict[str, str]:
         """Where the task queue, checkpoints and memory live (passwords hidden)."""
         from .config import redact_url
@@ -498,6 +522,7 @@ class System:
     def snapshot(self) -> dict[str, Any]:
         """Everything a freshly connected UI needs."""
         return {
+            "graph": self.graph_shape(),
             "protos": [p.to_dict() for p in self.protos],
             "tools": self.tools.list(),
             "codex": self.codex.to_dict(),
@@ -505,3 +530,4 @@ class System:
             "tasks": [t.to_dict() for t in self.tasks.list(limit=50)],
             "status": self.status(),
         }
+

@@ -45,7 +45,7 @@ def scenario(name: str):
     if name == "diverge (3 rounds)":
         return graph_parts.script(brick=lambda n: LOGIC[(n - 1) % 3], robin=lambda n: FEEL[(n - 1) % 3])
     if name == "direct":
-        return graph_parts.script(route="DIRECT", answer="Hello.")
+        return graph_parts.script(route="direct", answer="Hello.")
     raise ValueError(name)
 
 

@@ -23,24 +23,53 @@ def persona_of(messages: list[dict[str, str]]) -> str:
 
 
 def is_route(messages: list[dict[str, str]]) -> bool:
-    return "Reply with one word" in messages[-1]["content"]
+    return "How should this task be handled?" in messages[-1]["content"]
+
+
+def is_answer_choice(messages: list[dict[str, str]]) -> bool:
+    return "Give the best answer to this task." in messages[-1]["content"]
+
+
+def is_tool_request(messages: list[dict[str, str]]) -> bool:
+    return "Describe the small Python function" in messages[-1]["content"]
 
 
 Say = str | Callable[[int], str]
 
 
-def script(*, route: str = "DIALOGUE", brick: Say = "BRICK analysis.",
+def script(*, route: str = "contrapunto", brick: Say = "BRICK analysis.",
            robin: Say = "ROBIN view.", answer: str = "ALFRED's final answer.",
-           log: list[str] | None = None) -> Callable[[list[dict[str, str]]], str]:
-    """A reply function: ``brick``/``robin`` may be functions of their call number (1..)."""
-    counts = {"BRICK": itertools.count(1), "ROBIN": itertools.count(1)}
+           pick: str = "BRICK", tool: Any = None,
+           log: list[str] | None = None) -> Callable[..., Any]:
+    """A reply function for the ScriptedBackend's free text *and* decisions.
 
-    def reply(messages: list[dict[str, str]]) -> str:
+    ``brick``/``robin`` may be functions of their call number (1..). Decisions:
+    ``route`` (one of the routes, or any text to see a DecisionError), ``pick``
+    ("BRICK" or "ROBIN": ALFRED's answer choice) and ``tool`` (the tool-request object,
+    or a string that is not JSON; or a function of the request's number, 1..).
+    """
+    counts = {"BRICK": itertools.count(1), "ROBIN": itertools.count(1),
+              "tool": itertools.count(1)}
+
+    def reply(messages: list[dict[str, str]], asked: Any = None) -> Any:
         who = persona_of(messages)
+        if is_route(messages):
+            if log is not None:
+                log.append("ALFRED/route")
+            return route
+        if is_answer_choice(messages):
+            if log is not None:
+                log.append("ALFRED/choice")
+            return asked[0 if pick == "BRICK" else 1] if isinstance(asked, list) else pick
+        if is_tool_request(messages):
+            if log is not None:
+                log.append("BRICK/tool")
+            said = tool(next(counts["tool"])) if callable(tool) else tool
+            return said if said is not None else "no tool"
         if log is not None:
-            log.append("ALFRED/route" if who == "ALFRED" and is_route(messages) else who)
+            log.append(who)
         if who == "ALFRED":
-            return route if is_route(messages) else answer
+            return answer
         if who in counts:
             say = brick if who == "BRICK" else robin
             return say(next(counts[who])) if callable(say) else say
@@ -51,13 +80,14 @@ def script(*, route: str = "DIALOGUE", brick: Say = "BRICK analysis.",
 def seed_personas(bus: Any, models: Any, model_name: str = "scripted-m") -> Any:
     from a4ps.proto import ProtoManager
     from a4ps.system import INVOKE_LLM
+    from a4ps.cognition.generation import defaults_for
     protos = ProtoManager(bus)
     protos.provide("models", models)
     protos.create("persona", {"temperature": 0.0, "status": "idle", "last_utterance": ""},
                   methods={"invoke_llm": INVOKE_LLM})
     for name, prompt in PROMPTS.items():
         protos.clone("persona", name, role=name.lower(), model_name=model_name,
-                     system_prompt=prompt)
+                     system_prompt=prompt, **defaults_for(name))
     return protos
 
 
@@ -82,7 +112,8 @@ def build(settings: Any, bus: Any, replies: Any, *, latency_s: float = 0.0,
         settings = settings.model_copy(
             update={"cognition": settings.cognition.model_copy(update=cognition)})
     embedder = HashEmbedder()
-    backend = ScriptedBackend(replies, latency_s=latency_s)
+    decide = replies if callable(replies) and _takes_two(replies) else None
+    backend = ScriptedBackend(replies, latency_s=latency_s, decide=decide)
     models = ModelManager(settings, bus, backend=backend, embedder=embedder)
     protos = seed_personas(bus, models)
     mem = None
@@ -92,3 +123,11 @@ def build(settings: Any, bus: Any, replies: Any, *, latency_s: float = 0.0,
     graph = CognitiveGraph(protos, models, mem, bus, settings, forge=forge, registry=registry,
                            checkpointer_path=None if checkpoints else False)
     return Parts(graph, backend, protos, models, mem, settings)
+
+
+def _takes_two(fn: Any) -> bool:
+    import inspect
+    try:
+        return len(inspect.signature(fn).parameters) >= 2
+    except (TypeError, ValueError):
+        return False

@@ -30,7 +30,7 @@ def main() -> int:
     pid = os.getpid()
     inner = graph_parts.script(
         brick=lambda n: f"[{pid}] logic step {n}: count the apples precisely",
-        robin=lambda n: f"[{pid}] feeling {n}: everyone deserves kindness today")
+        robin=lambda n: f"[{pid}] feeling {'I' * n}: everyone deserves kindness today")
 
     def reply(messages):
         with open(log_path, "a") as f:

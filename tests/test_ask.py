@@ -28,7 +28,7 @@ def local_system(monkeypatch, bus):
         def __init__(self, settings, **kw):
             self.bus = bus
             self.parts = graph_parts.build(settings, bus, made["replies"], memory=False,
-                                           dissonance_threshold=0.2)
+                                           dissonance_threshold=0.2, max_rounds=3)
             self.graph = self.parts.graph
             made["system"] = self
 
@@ -57,11 +57,12 @@ def test_ask_local_prints_the_dialogue_and_the_answer(local_system, data_dir, ca
     assert LOGIC[0] in out and FEEL[0] in out
     assert "dissonance [1]" in out and "dissonance [2]" in out and "converged" in out
     assert "ALFRED's answer (2 round(s), final dissonance 0.000)" in out
-    assert out.rstrip().endswith("Give two apples each and share the last one.")
+    # they agreed on the last round's answer, so that is the answer
+    assert out.rstrip().endswith(LOGIC[1])
 
 
 def test_ask_local_json_and_route(local_system, data_dir, capsys):
-    local_system["replies"] = graph_parts.script(route="DIALOGUE", answer="Hi there.")
+    local_system["replies"] = graph_parts.script(route="contrapunto", answer="Hi there.")
     rc = cli.main(["--data-dir", str(data_dir), "ask", "--local", "--json",
                    "--route", "direct", "hello"])
     result = json.loads(capsys.readouterr().out)
@@ -71,7 +72,7 @@ def test_ask_local_json_and_route(local_system, data_dir, capsys):
 
 
 def test_ask_local_failure_is_reported_with_its_reason(local_system, data_dir, capsys):
-    local_system["replies"] = lambda m: "DIALOGUE" if graph_parts.is_route(m) else ""
+    local_system["replies"] = lambda m: "contrapunto" if graph_parts.is_route(m) else ""
     rc = cli.main(["--data-dir", str(data_dir), "ask", "--local", "anything"])
     out = capsys.readouterr().out
     assert rc == 1
@@ -135,16 +136,19 @@ class FakeDaemon:
                 reply = Reply.failure(req.id, "unknown_command", req.cmd)
             self.router.send_multipart([ident, b"", encode_reply(reply)])
             if req.cmd == "task.submit":
-                self._event("task.step", {"task_id": "other", "node": "brick", "persona": "BRICK",
-                                          "text": "NOT MINE", "round": 1, "dissonance": None})
-                for step in ({"node": "brick", "persona": "BRICK", "text": "Logic.", "round": 1},
-                             {"node": "robin", "persona": "ROBIN", "text": "Feeling.", "round": 1},
-                             {"node": "measure", "persona": None, "text": "", "round": 1,
-                              "dissonance": 0.123, "stop": "converged"}):
-                    self._event("task.step", {"task_id": "t-d1", "dissonance": None, **step})
-                self._event("task.done", {"task_id": "t-d1", "result": {
-                    "task_id": "t-d1", "status": "ok", "error": None, "answer": "Daemon answer.",
-                    "rounds": [{"round": 1, "dissonance": 0.123}], "final_dissonance": 0.123}})
+                self._after_submit()
+
+    def _after_submit(self) -> None:
+        self._event("task.step", {"task_id": "other", "node": "brick", "persona": "BRICK",
+                                  "text": "NOT MINE", "round": 1, "dissonance": None})
+        for step in ({"node": "brick", "persona": "BRICK", "text": "Logic.", "round": 1},
+                     {"node": "robin", "persona": "ROBIN", "text": "Feeling.", "round": 1},
+                     {"node": "measure", "persona": None, "text": "", "round": 1,
+                      "dissonance": 0.123, "stop": "converged"}):
+            self._event("task.step", {"task_id": "t-d1", "dissonance": None, **step})
+        self._event("task.done", {"task_id": "t-d1", "result": {
+            "task_id": "t-d1", "status": "ok", "error": None, "answer": "Daemon answer.",
+            "rounds": [{"round": 1, "dissonance": 0.123}], "final_dissonance": 0.123}})
 
     def close(self) -> None:
         self._stop.set()
@@ -180,6 +184,130 @@ def test_ask_submits_to_a_running_daemon_and_prints_its_steps(monkeypatch, data_
     assert captured.out.rstrip().endswith("Daemon answer.")
 
 
+class StreamingFakeDaemon(FakeDaemon):
+    """Publishes BRICK's turn as ``task.token`` deltas (seq out of order once, another
+    task's tokens between), pausing between them, before the step and the result."""
+
+    PIECES = ["Seven ", "apples ", "for ", "three ", "friends."]
+    PAUSE_S = 0.4
+
+    def __init__(self, *a, **kw) -> None:
+        self.published_at: dict[str, float] = {}
+        super().__init__(*a, **kw)
+
+    def _after_submit(self) -> None:
+        tok = {"task_id": "t-d1", "node": "brick", "persona": "BRICK", "round": 1}
+        order = [1, 3, 2, 4, 5]                    # seq 3 arrives before seq 2
+        for seq in order:
+            self._event("task.token", {**tok, "text": self.PIECES[seq - 1], "seq": seq})
+            self._event("task.token", {**tok, "task_id": "other", "text": "NOT MINE", "seq": seq})
+            self.published_at.setdefault("first", time.monotonic())
+            time.sleep(self.PAUSE_S)
+        self.published_at["last"] = time.monotonic()
+        self._event("task.step", {"task_id": "t-d1", "node": "brick", "persona": "BRICK",
+                                  "text": "".join(self.PIECES), "round": 1, "dissonance": None})
+        self._event("task.step", {"task_id": "t-d1", "node": "robin", "persona": "ROBIN",
+                                  "text": "Share them.", "round": 1, "dissonance": None})
+        self._event("task.done", {"task_id": "t-d1", "result": {
+            "task_id": "t-d1", "status": "ok", "error": None, "answer": "Daemon answer.",
+            "rounds": [{"round": 1, "dissonance": 0.1}], "final_dissonance": 0.1}})
+
+
+class TimedOut:
+    """stdout that remembers when each piece was written."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append((time.monotonic(), text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def text(self) -> str:
+        return "".join(t for _, t in self.writes)
+
+
+def test_ask_prints_tokens_from_the_daemon_as_they_arrive(monkeypatch, data_dir):
+    cmd_addr = f"tcp://127.0.0.1:{_free_port()}"
+    ev_addr = f"tcp://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", cmd_addr)
+    monkeypatch.setenv("A4PS_BUS__EVENT_ADDR", ev_addr)
+    (data_dir / "daemon.token").write_text("sekrit")
+    out = TimedOut()
+    monkeypatch.setattr("sys.stdout", out)
+    daemon = StreamingFakeDaemon(cmd_addr, ev_addr, "sekrit")
+    try:
+        rc = cli.main(["--data-dir", str(data_dir), "ask", "--timeout", "20", "share", "apples"])
+    finally:
+        daemon.close()
+    text = out.text()
+    assert rc == 0, text
+    # in seq order, once (the step that follows does not print the turn again)
+    assert "BRICK [round 1]   Seven apples for three friends.\n" in text
+    assert text.count("Seven apples") == 1 and "NOT MINE" not in text
+    assert "ROBIN [round 1]   Share them." in text
+    # as they arrive: the first piece was on the terminal long before the last was sent
+    first_write = next(t for t, piece in out.writes if "Seven" in piece)
+    assert first_write < daemon.published_at["last"] - StreamingFakeDaemon.PAUSE_S
+    assert text.rstrip().endswith("Daemon answer.")
+
+
+class StreamingGraphStandIn:
+    """Stands in for the cognitive graph in `ask --local`: ``run`` publishes BRICK's
+    turn as ``task.token`` deltas with pauses, then its ``task.step``, and returns a
+    result (the graph's own publishing is tested with the graph)."""
+
+    PIECES = ["Two ", "each, ", "one ", "left."]
+
+    def __init__(self, bus) -> None:
+        self.bus = bus
+        self.turn_end: float | None = None
+
+    def run(self, task_id, text, route=None):
+        where = {"task_id": task_id, "node": "brick", "persona": "BRICK", "round": 1}
+        for seq, piece in enumerate(self.PIECES, start=1):
+            self.bus.publish("task.token", {**where, "text": piece, "seq": seq})
+            time.sleep(0.2)
+        self.turn_end = time.monotonic()
+        self.bus.publish("task.step", {**where, "text": "".join(self.PIECES),
+                                       "dissonance": None})
+        return {"task_id": task_id, "status": "ok", "error": None, "answer": "Give two each.",
+                "rounds": [{"round": 1, "dissonance": 0.0}], "final_dissonance": 0.0}
+
+    def close(self) -> None:
+        pass
+
+
+def test_ask_in_process_prints_task_token_events_as_they_are_published(
+        monkeypatch, bus, data_dir):
+    import a4ps.system
+    graph = StreamingGraphStandIn(bus)
+
+    class GraphOnlySystem:
+        def __init__(self, settings, **kw):
+            self.bus, self.graph = bus, graph
+
+        def start(self, services=True):
+            return self
+
+        def stop(self):
+            pass
+    monkeypatch.setattr(a4ps.system, "System", GraphOnlySystem)
+    out = TimedOut()
+    monkeypatch.setattr("sys.stdout", out)
+    rc = cli.main(["--data-dir", str(data_dir), "ask", "--local", "share", "seven", "apples"])
+    text = out.text()
+    assert rc == 0, text
+    assert "BRICK [round 1]   Two each, one left.\n" in text
+    assert text.count("Two each, one left.") == 1          # the step did not reprint it
+    first = next(t for t, piece in out.writes if "Two " in piece)
+    assert first < graph.turn_end - 0.3                     # on screen before the turn ended
+    assert text.rstrip().endswith("Give two each.")
+
+
 def test_ask_without_daemon_runs_in_process(local_system, monkeypatch, data_dir, capsys):
     monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", f"tcp://127.0.0.1:{_free_port()}")
     (data_dir / "daemon.token").write_text("stale")        # a token but nobody listening
@@ -187,7 +315,7 @@ def test_ask_without_daemon_runs_in_process(local_system, monkeypatch, data_dir,
     t0 = time.monotonic()
     rc = cli.main(["--data-dir", str(data_dir), "ask", "hi", "there"])
     assert rc == 0 and "system" in local_system
-    assert capsys.readouterr().out.rstrip().endswith("Local.")
+    assert capsys.readouterr().out.rstrip().endswith("Same.")
     assert time.monotonic() - t0 < 15
 
 

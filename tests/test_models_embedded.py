@@ -1,11 +1,13 @@
-"""The real embedded backend (SmolLM2-135M via transformers), shared per session."""
+"""The real embedded backend (SmolLM2-135M on CTranslate2, the default engine, and on
+the transformers fallback), shared per session."""
 from __future__ import annotations
 
 import pytest
 
 from a4ps.events import EventRecorder
-from a4ps.models.embedded import (BASE_ID, adapter_model_id, checkpoint_dir,
-                                  ensure_base_checkpoint, parse_model_id)
+from a4ps.models.embedded import (BASE_ID, EmbeddedBackend, adapter_model_id,
+                                  checkpoint_dir, ct2_dir, ensure_base_checkpoint,
+                                  parse_model_id, stage_adapter)
 from a4ps.models.errors import InvalidRequest, ModelNotFound
 
 pytestmark = pytest.mark.slow
@@ -59,8 +61,94 @@ def random_adapter(embedded_models, tmp_path_factory):
     return out
 
 
-def test_adapter_changes_output_and_unload_restores_it(embedded_models, random_adapter):
+def _manager(embedded_models, tmp_path_factory, **embedded):
+    from a4ps.events import EventBus
+    from a4ps.models.manager import ModelManager
+    s = embedded_models.settings.model_copy(deep=True)
+    s.models = s.models.model_copy(update={"embedded": s.models.embedded.model_copy(
+        update=embedded)})
+    return ModelManager(s, EventBus(), backend=EmbeddedBackend(s))
+
+
+@pytest.fixture(scope="module")
+def torch_models(embedded_models, tmp_path_factory):
+    """The transformers fallback engine on the same cache."""
+    mm = _manager(embedded_models, tmp_path_factory, engine="transformers")
+    yield mm
+    mm.release()
+
+
+def test_default_engine_is_ctranslate2_converted_once(embedded_models):
+    """(Load and conversion times are measured in bench/bench_models.py.)"""
     mm = embedded_models
+    mm.load(BASE_ID)
+    assert mm.backend.engine.name == "ctranslate2" and mm.backend.threads >= 1
+    d = ct2_dir(mm.settings)
+    assert (d / "model.bin").is_file() and (d / "tokenizer.json").is_file()
+    built = (d / ".a4ps-complete").stat().st_mtime
+    mm.release()
+    rec = EventRecorder(mm.bus)
+    mm.load(BASE_ID)
+    stages = [e.payload.get("stage") for e in rec.of("model.loading")]
+    assert not any("convert" in (s or "") for s in stages), stages
+    assert (d / ".a4ps-complete").stat().st_mtime == built
+
+
+def test_fallback_engine_answers_streams_and_decides(torch_models):
+    pieces: list[str] = []
+    reply = torch_models.chat(BASE_ID, "What is the capital of France? Answer in one sentence.",
+                              max_tokens=24, on_token=pieces.append)
+    assert "Paris" in reply and "".join(pieces).strip() == reply
+    assert torch_models.backend.engine.name == "transformers"
+    c = torch_models.choose(BASE_ID, "Answer yes or no. Is Paris in France?", ["yes", "no"])
+    assert c.value in ("yes", "no")
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "sure": {"type": "boolean"}}}
+    out = torch_models.structured(BASE_ID, "Which city is the capital of France?", schema)
+    assert set(out) == {"city", "sure"} and len(out["city"]) <= 20
+
+
+@pytest.fixture(scope="module")
+def ct2_float32(embedded_models, tmp_path_factory):
+    """CTranslate2 without quantization: the same numbers as transformers float32."""
+    mm = _manager(embedded_models, tmp_path_factory, compute_type="float32")
+    yield mm
+    mm.release()
+
+
+def test_both_engines_agree_greedily_on_the_base(ct2_float32, torch_models):
+    """The converter is exact: float32 CTranslate2 and transformers answer alike. (int8,
+    the default, is another rounding of the Q4_1 weights and may part from them.)"""
+    msgs = [{"role": "user", "content": "Name three colours."}]
+    a = ct2_float32.generate(BASE_ID, msgs, max_tokens=12)
+    b = torch_models.generate(BASE_ID, msgs, max_tokens=12)
+    assert a.text == b.text
+
+
+def test_lora_persona_on_ctranslate2_equals_transformers_plus_peft(
+        embedded_models, ct2_float32, torch_models, random_adapter):
+    """The adapter is merged and converted once (staged like the fine-tuner does);
+    the persona's greedy answer equals transformers+PEFT's exactly (float32; int8 is
+    another rounding, checked only to differ from the base), and switching back to
+    the base (a rollback) answers as the base again."""
+    tuned = adapter_model_id(random_adapter)
+    msgs = [{"role": "user", "content": "Name three colours."}]
+    want = torch_models.generate(tuned, msgs, max_tokens=16).text
+    assert want != torch_models.generate(BASE_ID, msgs, max_tokens=16).text
+    stage_adapter(ct2_float32.settings, random_adapter)          # the fine-tuner's hook
+    assert (ct2_dir(ct2_float32.settings, random_adapter) / "model.bin").is_file()
+    rec = EventRecorder(ct2_float32.bus)
+    assert ct2_float32.generate(tuned, msgs, max_tokens=16).text == want
+    stages = [e.payload.get("stage") or "" for e in rec.of("model.loading")]
+    assert not any("convert" in s for s in stages), stages   # no conversion at the turn
+    base = ct2_float32.generate(BASE_ID, msgs, max_tokens=16).text
+    assert base == torch_models.generate(BASE_ID, msgs, max_tokens=16).text
+    int8_tuned = embedded_models.generate(tuned, msgs, max_tokens=16).text
+    assert int8_tuned != embedded_models.generate(BASE_ID, msgs, max_tokens=16).text
+
+
+def test_adapter_changes_output_and_unload_restores_it(torch_models, random_adapter):
+    mm = torch_models
     rec = EventRecorder(mm.bus)
     msgs = [{"role": "user", "content": "Name three colours."}]
     base_reply = mm.chat(BASE_ID, msgs, max_tokens=6)
@@ -83,6 +171,7 @@ def test_adapter_changes_output_and_unload_restores_it(embedded_models, random_a
 
 
 def test_bad_model_ids_fail_clearly(embedded_models, tmp_path):
+    assert isinstance(embedded_models.backend, EmbeddedBackend)
     with pytest.raises(ModelNotFound, match='models.backend = "ollama"'):
         embedded_models.chat("llama3:8b", "hi")
     with pytest.raises(ModelNotFound, match="no PEFT adapter"):

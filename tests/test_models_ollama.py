@@ -93,6 +93,14 @@ def test_manager_on_ollama_switches_models_and_streams(ollama_settings, bus, ser
     assert s["loads"] == 2 and s["unloads"] == 1 and s["tokens"] == 5
 
 
+def test_generation_knobs_reach_ollama(ollama_settings, bus, server):
+    mm = ModelManager(ollama_settings, bus)
+    mm.chat("smollm2:135m", "hi", top_p=0.8, repetition_penalty=1.2, no_repeat_ngram_size=3)
+    opts = [b for m, p, b in server.requests if p == "/api/chat" and b.get("messages")][-1]["options"]
+    assert opts["top_p"] == 0.8 and opts["repeat_penalty"] == 1.2
+    assert "no_repeat_ngram_size" not in opts      # no Ollama equivalent: ignored
+
+
 def test_manager_budget_uses_ollama_sizes(ollama_settings, bus, server):
     ollama_settings.models.memory_budget_gb = 1.0
     mm = ModelManager(ollama_settings, bus)

@@ -232,4 +232,6 @@ def test_a_whole_task_runs_on_the_openai_backend(openai_settings, server):
     assert {job for job, _ in asked} == {"job-1"}
     models = {describe_call(b)[1]: b["model"] for b in server.bodies()}
     assert models["BRICK"] == "llama-8b" and models["ROBIN"] == "qwen-3b"
-    assert "ALFRED" in models           # the synthesis came from the server too
+    # ALFRED's decisions (the route, the choice of answer) came from the server too,
+    # asked of ALFRED's model under a JSON schema
+    assert models["decision"] == "qwen-3b"

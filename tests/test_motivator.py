@@ -363,7 +363,7 @@ def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(s
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
-    from graph_parts import build, persona_of
+    from graph_parts import build, is_route, persona_of
 
     from a4ps.services.philosopher import Philosopher
     from a4ps.system import CODEX_PATH
@@ -380,7 +380,7 @@ def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(s
         if "The system is idle" in last:
             return f"GOAL: {GOAL}"
         if who == "ALFRED":
-            return "DIALOGUE" if "Reply with one word" in last else "Be honest, and be kind."
+            return "contrapunto" if is_route(messages) else "Be honest, and be kind."
         if who == "BRICK":
             return "Logically, withholding facts distorts decisions; state the truth."
         return "Feelings first: protect the friendship, maybe wait for a gentler moment."

@@ -1,6 +1,7 @@
 """Issue 14.5: tools are found before they are forged, kept under the requested name,
 and called with the request's arguments: the real registry, gate, forge and runsc
-sandbox under the graph (personas scripted; BRICK's tool replies scripted)."""
+sandbox under the graph (personas scripted; ALFRED routes to the tool route and BRICK's
+tool requests are scripted structured decisions; BRICK's tool code is scripted)."""
 from __future__ import annotations
 
 import pytest
@@ -70,13 +71,14 @@ def sandbox(tmp_path_factory):
 def world(settings, bus, sandbox):
     made = []
 
-    def build(writer_reply: str, brick_replies: dict[int, str]):
+    def build(writer_reply: str, requests: dict[int, dict]):
+        """``requests``: BRICK's structured tool request for the n-th tool-route task."""
         registry = ToolRegistry(ProtoManager(bus), settings, bus, embedder=HashEmbedder(),
                                 sandbox=sandbox)
         writer = ScriptedWriter(writer_reply)
         forge = ToolForge(registry, sandbox, writer, settings, bus)
         parts = graph_parts.build(settings, bus, graph_parts.script(
-            brick=lambda n: brick_replies.get(n, AGREE), robin=AGREE),
+            route="tool", tool=lambda n: requests.get(n), brick=AGREE, robin=AGREE),
             forge=forge, registry=registry, memory=False)
         made.append(parts)
         return parts, registry, writer
@@ -85,12 +87,16 @@ def world(settings, bus, sandbox):
         p.graph.close()
 
 
+def request(name: str, description: str, **args: str) -> dict:
+    """A tool request as BRICK's structured decision gives it (argument values as JSON text)."""
+    return {"name": name, "description": description,
+            "args": [{"name": k, "value": v} for k, v in args.items()]}
+
+
 def test_two_tasks_needing_the_same_capability_forge_once_and_call_twice(world, bus):
     parts, registry, writer = world(MEAN_REPLY, {
-        1: 'I will compute it.\nTOOL: mean - arithmetic mean (average) of a list of numbers\n'
-           'ARGS: {"values": [1, 2, 3]}',
-        3: 'Again a computation.\nTOOL: average - average of a list of numbers\n'
-           'ARGS: {"values": [4, 6]}'})
+        1: request("mean", "arithmetic mean (average) of a list of numbers", values="[1, 2, 3]"),
+        2: request("average", "average of a list of numbers", values="[4, 6]")})
     rec = EventRecorder(bus)
     first = parts.graph.run("t-mean-1", "What is the mean of 1, 2 and 3?")
     second = parts.graph.run("t-mean-2", "What is the average of 4 and 6?")
@@ -108,8 +114,9 @@ def test_two_tasks_needing_the_same_capability_forge_once_and_call_twice(world, 
 
 
 def test_the_requested_name_is_kept_and_found_again_by_name(world, bus):
-    request = 'TOOL: mean - arithmetic mean (average) of a list of numbers\nARGS: {"values": [%s]}'
-    parts, registry, writer = world(MEAN_REPLY, {1: request % "1, 2, 3", 3: request % "10, 20"})
+    mean = "arithmetic mean (average) of a list of numbers"
+    parts, registry, writer = world(MEAN_REPLY, {1: request("mean", mean, values="[1, 2, 3]"),
+                                                 2: request("mean", mean, values="[10, 20]")})
     rec = EventRecorder(bus)
     parts.graph.run("t-a", "mean of 1, 2, 3?")
     r = parts.graph.run("t-b", "mean of 10 and 20?")
@@ -118,16 +125,17 @@ def test_the_requested_name_is_kept_and_found_again_by_name(world, bus):
     assert [e.payload["tool"] for e in rec.of("tool.invoked")] == ["mean", "mean"]
 
 
-@pytest.mark.parametrize("args_line", ["\nARGS: {}", ""], ids=["args {}", "no args"])
-def test_a_tool_forged_without_arguments_is_called_in_the_same_task(world, bus, args_line):
-    parts, registry, writer = world(PI_REPLY, {1: "TOOL: pi_digits - the first digits of pi" + args_line})
+def test_a_tool_forged_without_arguments_is_called_in_the_same_task(world, bus):
+    parts, registry, writer = world(PI_REPLY, {1: request("pi_digits", "the first digits of pi")})
     rec = EventRecorder(bus)
     r = parts.graph.run("t-pi", "What are the first digits of pi?")
+    assert r["tool"]["request"]["args"] == {}
     assert r["tool"]["ok"] and r["tool"]["output"] == "3.1415"
     [invoked] = [e.payload for e in rec.of("tool.invoked")]
     assert invoked["args"] == {} and invoked["ok"]
-    brick_calls = [c for c in parts.backend.calls if graph_parts.persona_of(c[1]) == "BRICK"]
-    assert 'Tool pi_digits returned: "3.1415"' in brick_calls[1][1][-1]["content"]
+    brick_calls = [c for c in parts.backend.calls if graph_parts.persona_of(c[1]) == "BRICK"
+                   and "decision" not in c[2]]
+    assert 'Tool pi_digits returned: "3.1415"' in brick_calls[0][1][-1]["content"]
 
 
 def test_the_tool_route_keeps_the_requested_name(world, bus):

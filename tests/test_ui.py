@@ -56,7 +56,8 @@ class LocalDaemon:
         self.calls: list[tuple[str, dict]] = []
         self.down = False
         self.tasks = itertools.count(1)
-        self.protos.create("persona", {"status": "idle", "temperature": 0.5},
+        self.protos.create("persona", {"temperature": 0.5, "last_utterance": "",
+                                       "greeting": "hi"},
                            methods={"hello": "def hello(self):\n    return 'hi'\n"})
         for name, role in [("ALFRED", "steward"), ("BRICK", "logic"), ("ROBIN", "empathy")]:
             self.protos.create(name, {"role": role, "model_name": "smollm2-135m",
@@ -66,6 +67,8 @@ class LocalDaemon:
                                parent="persona")
         self.decided: list[dict] = []
         self.codex_version = 4
+        self.steps: dict[str, dict] = {}      # task.steps replies, set by a test
+        self.snapshot_tasks: list[dict] = []
 
     def request(self, cmd, args=None, timeout=None):
         from a4ps.proto import ProtoError
@@ -80,7 +83,8 @@ class LocalDaemon:
                                    "version": 2, "tests_passed": 4, "tests_total": 4}],
                         "codex": {"version": self.codex_version, "pending": []},
                         "pending_amendments": [],
-                        "tasks": [],
+                        "tasks": list(self.snapshot_tasks),
+                        "graph": GRAPH,
                         "status": {"models": {"resident": "smollm2-135m"},
                                    "queue": {"pending": 2}}}
             if cmd == "proto.get":
@@ -100,6 +104,18 @@ class LocalDaemon:
                                              {"persona": "ALFRED", "round": "answer",
                                               "text": "old answer"}],
                                    "rounds": [{"round": 1, "dissonance": 0.4}]}}
+            if cmd == "proto.clone":
+                return self.protos.clone(args["name"], args["new_name"],
+                                         **(args.get("slots") or {})).to_dict()
+            if cmd == "proto.remove":
+                if args["name"] in ("ALFRED", "BRICK", "ROBIN"):
+                    raise DaemonError("conflict", f"{args['name']} is a codex persona")
+                self.protos.remove(args["name"])
+                return {"removed": args["name"]}
+            if cmd == "task.steps":
+                if args["task_id"] not in self.steps:
+                    raise DaemonError("not_found", f"no task {args['task_id']}")
+                return self.steps[args["task_id"]]
             if cmd == "codex.get":
                 return {"version": self.codex_version}
             if cmd == "codex.decide":
@@ -114,6 +130,19 @@ class LocalDaemon:
         raise DaemonError("unknown_command", cmd)
 
 
+# the graph's shape as system.snapshot sends it (a4ps.system.System.graph_shape)
+GRAPH = {"nodes": ["__start__", "alfred_route", "recall", "brick", "robin", "measure", "forge",
+                   "alfred_synthesize", "remember", "__end__"],
+         "edges": [{"source": s, "target": t, "conditional": c, "label": lab} for s, t, c, lab in [
+             ("__start__", "alfred_route", False, None), ("alfred_route", "recall", False, None),
+             ("alfred_synthesize", "remember", False, None), ("brick", "forge", True, None),
+             ("brick", "robin", True, None), ("forge", "brick", False, None),
+             ("measure", "alfred_synthesize", True, "synthesize"),
+             ("measure", "brick", True, "again"), ("recall", "alfred_synthesize", True, "direct"),
+             ("recall", "brick", True, "contrapunto"), ("recall", "forge", True, "tool"),
+             ("robin", "measure", False, None), ("remember", "__end__", False, None)]]}
+
+
 class ListSubscriber:
     """Events handed to the controller through the same poll() the real SUB uses."""
 
@@ -124,10 +153,11 @@ class ListSubscriber:
         self.resync_needed = False
         self.seq = 0
 
-    def push(self, topic, payload):
+    def push(self, topic, payload, ts=None):
         self.seq += 1
-        self.queue.append(EventMessage(topic=topic, seq=self.seq, ts=time.time(),
+        self.queue.append(EventMessage(topic=topic, seq=self.seq, ts=ts or time.time(),
                                        payload=payload))
+        return self.seq
 
     def poll(self, max_events=500, timeout_ms=0):
         out, self.queue = self.queue[:max_events], self.queue[max_events:]
@@ -171,85 +201,154 @@ def settle(ui, app, daemon, n_calls=None, timeout=5.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         ui.pump(1)
-        if app.controller.runner.pending == 0 and not app.controller.runner._done:
+        if app.controller.runner.idle:
             ui.pump(2)
-            if app.controller.runner.pending == 0 and not app.controller.runner._done:
+            if app.controller.runner.idle:
                 return
     raise AssertionError("commands did not settle")
 
 
 # -- canvas --------------------------------------------------------------------------
 
-def test_snapshot_builds_morphs_tools_and_status(ui, app):
+def boxes_of(canvas):
+    return {n: (m.x, m.y, m.right, m.top) for n, m in canvas.morphs.items()}
+
+
+def test_snapshot_builds_morphs_prototypes_tools_and_status(ui, app):
     c = app.controller
-    names = set(c.canvas.morphs)
-    assert {"persona", "ALFRED", "BRICK", "ROBIN", "tool:fib"} <= names
+    assert {"ALFRED", "BRICK", "ROBIN", "tool:fib"} <= set(c.canvas.morphs)
+    assert "persona" not in c.canvas.morphs and c.shelf.get("persona").clones == 3
     brick = c.canvas.get("BRICK")
-    assert (brick.role, brick.model_name, brick.status) == ("logic", "smollm2-135m", "idle")
+    assert (brick.role, brick.model_name, brick.status, brick.activity) == \
+        ("logic", "smollm2-135m", "idle", "idle")
     assert brick.show_dissonance and not c.canvas.get("ALFRED").show_dissonance
     fib = c.canvas.get("tool:fib")
     assert (fib.tool_name, fib.version, fib.test_status) == ("fib", "2", "passed 4/4")
     assert c.status_bar.model == "smollm2-135m" and c.status_bar.queue == 2
-    assert c.status_bar.connected
-    # morphs don't overlap
-    morphs = list(c.canvas.morphs.values())
-    for a, b in itertools.combinations(morphs, 2):
-        assert a.right <= b.x or b.right <= a.x or a.top <= b.y or b.top <= a.y
+    assert c.status_bar.connected and not app.root.ids.submit.disabled
+    assert c.strip.shape and "brick" in c.strip.boxes
+    # top-left anchored, inside the canvas, no overlap
+    for a, b in itertools.combinations(boxes_of(c.canvas).values(), 2):
+        assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+    alfred = c.canvas.get("ALFRED")
+    assert alfred.x == pytest.approx(12 * c.canvas.unit)
+    assert c.canvas.height - alfred.top == pytest.approx(12 * c.canvas.unit)
 
 
-def test_drag_moves_morph_and_saves_position(ui, app, daemon):
-    brick = app.controller.canvas.get("BRICK")
+def test_drag_moves_morph_and_saves_its_spot(ui, app, daemon):
+    c = app.controller
+    brick = c.canvas.get("BRICK")
     x0, y0 = brick.pos
-    ui.drag(brick, 120, -80)
-    assert brick.pos[0] == pytest.approx(x0 + 120) and brick.pos[1] == pytest.approx(y0 - 80)
+    ui.drag(brick, 60, -40)
+    assert brick.pos[0] == pytest.approx(x0 + 60) and brick.pos[1] == pytest.approx(y0 - 40)
     settle(ui, app, daemon)
-    assert daemon.protos.get("BRICK").morph_pos == [pytest.approx(x0 + 120),
-                                                     pytest.approx(y0 - 80)]
-    # a click without movement saves nothing
-    n = len([c for c in daemon.calls if c[0] == "proto.update"])
+    unit = c.canvas.unit
+    saved = daemon.protos.get("BRICK").morph_pos
+    assert saved == {"left": pytest.approx((x0 + 60) / unit, abs=0.1),
+                     "top": pytest.approx((c.canvas.height - brick.top) / unit, abs=0.1)}
+    # a click without movement saves nothing; it selects the morph (its halo shows)
+    n = len([x for x in daemon.calls if x[0] == "proto.update"])
     ui.click(brick)
     settle(ui, app, daemon)
-    assert len([c for c in daemon.calls if c[0] == "proto.update"]) == n
+    assert len([x for x in daemon.calls if x[0] == "proto.update"]) == n
+    assert c.selected is brick and app.root.ids.halo.opacity == 1
+    # a drag beyond the canvas edge ends inside it
+    ui.drag(brick, -2000, 0)
+    settle(ui, app, daemon)
+    assert brick.x >= 0 and daemon.protos.get("BRICK").morph_pos["left"] == 0
 
 
-def test_saved_position_is_used_and_followed_live(ui, app, daemon, sub):
-    daemon.protos.update("ROBIN", {"morph_pos": [333.0, 111.0]})
+def test_saved_spot_is_used_and_followed_live(ui, app, daemon, sub):
+    c = app.controller
+    daemon.protos.update("ROBIN", {"morph_pos": {"left": 300, "top": 200}})
     sub.push("proto.changed", {"name": "ROBIN", "change": "updated", "keys": ["morph_pos"],
                                "version": daemon.protos.get("ROBIN").version})
-    ui.wait_until(lambda: tuple(app.controller.canvas.get("ROBIN").pos) == (333.0, 111.0),
-                  5, "ROBIN to move")
-    daemon.protos.create("GUEST", {"role": "visitor", "morph_pos": [50, 60]}, parent="persona")
+    robin = c.canvas.get("ROBIN")
+    ui.wait_until(lambda: c.canvas.spot_of(robin) == pytest.approx((300, 200)), 5,
+                  "ROBIN to move")
+    # an old-style [x, y] position is ignored: the morph flows like a new one
+    daemon.protos.create("GUEST", {"role": "visitor", "morph_pos": [5000, 60]},
+                         parent="persona")
     sub.push("proto.changed", {"name": "GUEST", "change": "created", "keys": [], "version": 1})
-    guest = ui.wait_until(lambda: app.controller.canvas.get("GUEST"), 5, "a GUEST morph")
-    assert tuple(guest.pos) == (50, 60) and guest.role == "visitor"
+    guest = ui.wait_until(lambda: c.canvas.get("GUEST"), 5, "a GUEST morph")
+    assert guest.role == "visitor" and guest.right <= c.canvas.width
+    ui.wait_until(lambda: c.shelf.get("persona").clones == 4, 5, "the clone count")
     sub.push("proto.changed", {"name": "GUEST", "change": "removed", "keys": [], "version": 1})
-    ui.wait_until(lambda: app.controller.canvas.get("GUEST") is None, 5, "GUEST removed")
+    ui.wait_until(lambda: c.canvas.get("GUEST") is None, 5, "GUEST removed")
+
+
+def test_halo_clones_and_deletes_after_asking(ui, app, daemon):
+    c = app.controller
+    ui.click(c.canvas.get("ROBIN"))
+    halo = app.root.ids.halo
+    assert halo.target is c.canvas.get("ROBIN")
+    c.clone_morph(halo.target)
+    settle(ui, app, daemon)
+    clone = ui.wait_until(lambda: c.canvas.get("ROBIN_2"), 5, "the clone")
+    assert daemon.protos.get("ROBIN_2").parent.name == "ROBIN"
+    assert clone.role == "empathy"            # inherited from ROBIN
+    for a, b in itertools.combinations(boxes_of(c.canvas).values(), 2):
+        assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+    dlg = c.delete_morph(clone)
+    assert c.desk.top_panel() is dlg and dlg.modal
+    ui.click(dlg.ids.no)                      # "Keep": nothing happens
+    settle(ui, app, daemon)
+    assert "ROBIN_2" in daemon.protos
+    dlg = c.delete_morph(clone)
+    ui.click(dlg.ids.yes)
+    settle(ui, app, daemon)
+    assert "ROBIN_2" not in daemon.protos and c.canvas.get("ROBIN_2") is None
+    # a codex persona cannot go: the refusal is in the log
+    dlg = c.delete_morph(c.canvas.get("BRICK"))
+    ui.click(dlg.ids.yes)
+    settle(ui, app, daemon)
+    ui.wait_until(lambda: c.settled, 5, "the log")
+    assert "BRICK" in daemon.protos and c.canvas.get("BRICK") is not None
+    assert "BRICK not deleted: conflict" in app.root.ids.log_panel.lines[-1]["message"]
 
 
 # -- inspector ----------------------------------------------------------------------
 
 def open_inspector(ui, app, name):
-    ui.right_click(app.controller.canvas.get(name))
-    insp = ui.wait_until(lambda: app.controller.inspector, 5, "the inspector")
+    ui.right_click(app.controller.morph(name))
+    insp = ui.wait_until(lambda: app.controller.inspectors.get(name), 5, "the inspector")
     ui.wait_until(lambda: insp.proto_name == name and "temperature" in insp.rows, 5, "rows")
     return insp
 
 
-def test_right_click_opens_inspector_with_typed_rows(ui, app):
-    insp = open_inspector(ui, app, "BRICK")
-    rows = insp.rows
+def test_inspectors_are_non_modal_several_and_movable(ui, app):
+    c = app.controller
+    brick = open_inspector(ui, app, "BRICK")
+    rows = brick.rows
     assert rows["temperature"].kind == "float" and rows["verbose"].kind == "bool"
     assert rows["limits"].kind == "dict" and rows["limits"].drillable
-    assert rows["status"].inherited_from == "persona"          # inherited, marked
+    assert rows["greeting"].inherited_from == "persona"      # inherited, marked
     assert rows["role"].inherited_from == ""
     assert rows["hello()"].kind == "method" and rows["hello()"].inherited_from == "persona"
     assert "def hello(self" in rows["hello()"].value   # the inherited source, ready to override
-    assert rows["temperature"].editor.text == "0.7"
-    path = ui.screenshot("ui-inspector")
-    print("inspector screenshot:", path)
-    insp.close()
+    assert "status" not in rows                         # activity is not a stored slot
+    robin = open_inspector(ui, app, "ROBIN")
+    assert c.desk.panels == [brick, robin] and c.inspector is robin
+    # movable by its title bar
+    x0, y0 = brick.pos
+    ui.drag(brick.ids.title_bar, -30, -20)
+    assert brick.x == pytest.approx(x0 - 30) and brick.y == pytest.approx(y0 - 20)
+    assert c.desk.top_panel() is brick          # touching it raised it
+    # non-modal: the canvas still takes clicks beside the windows
+    def covered(m):
+        x, y = m.to_window(*m.center)
+        return any(p.collide_point(x, y) for p in c.desk.panels)
+    free = next(m for m in c.canvas.morphs.values() if not covered(m))
+    ui.click(free)
+    assert c.selected is free
+    # the prototype on the shelf has an inspector too
+    persona = open_inspector(ui, app, "persona")
+    assert persona.rows["hello()"].inherited_from == ""
+    print("inspectors screenshot:", ui.screenshot("ui-inspectors"))
+    for insp in (brick, robin, persona):
+        insp.close()
     ui.pump(2)
-    assert app.controller.inspector is None
+    assert c.inspector is None and not c.inspectors
 
 
 def test_inspector_edits_and_refusals(ui, app, daemon):
@@ -266,16 +365,34 @@ def test_inspector_edits_and_refusals(ui, app, daemon):
     ui.type_into(row.editor, "very hot")
     assert "not a number" in row.error and row.editor.text == "0.25"
     assert daemon.protos.get("BRICK").version == version
+    # a later good edit clears the row's error
+    ui.type_into(row.editor, "0.3")
+    settle(ui, app, daemon)
+    ui.wait_until(lambda: not insp.rows["temperature"].error, 5, "the error to clear")
 
-    # the daemon refuses (a method with a syntax error): its message shows, nothing changes
+    # the daemon refuses a method with a syntax error: the code stays, the line is marked
+    version = daemon.protos.get("BRICK").version
     row = insp.rows["hello()"]
-    row.editor.text = "def hello(self):\n    return (\n"
-    ui.click(row.ids.editor_box.parent.children[0])     # the Set button
+    code = "def hello(self):\n    x = 1\n    return (\n"
+    row.editor.text = code
+    assert row.dirty
+    ui.click(row.ids.set_button)
     settle(ui, app, daemon)
     ui.wait_until(lambda: "syntax error" in insp.error, 5, "the daemon's error")
-    assert "invalid_args" in insp.error
+    assert "invalid_args" in insp.error and "line" in row.error
+    assert insp.rows["hello()"].editor.text == code        # nothing thrown away
+    assert insp.rows["hello()"].editor.error_line >= 3
     assert daemon.protos.get("BRICK").version == version
     assert "hello" not in daemon.protos.get("BRICK").own_methods()
+    print("refused method screenshot:", ui.screenshot("ui-method-refused"))
+    # fixing it clears the mark, and Set now defines the override
+    row = insp.rows["hello()"]
+    row.editor.text = "def hello(self):\n    return 'hello from BRICK'\n"
+    assert row.editor.error_line == 0
+    ui.click(row.ids.set_button)
+    settle(ui, app, daemon)
+    assert daemon.protos.get("BRICK").hello() == "hello from BRICK"
+    ui.wait_until(lambda: not insp.rows["hello()"].error and not insp.error, 5, "clean")
 
     # another slot changing in the daemon doesn't wipe an edit being typed
     row = insp.rows["system_prompt"]
@@ -286,12 +403,24 @@ def test_inspector_edits_and_refusals(ui, app, daemon):
     ui.wait_until(lambda: insp.rows["last_utterance"].editor.text == "new words", 5, "refresh")
     assert insp.rows["system_prompt"].editor.text == "half-typed"
     row.editor.focus = False
-    version = daemon.protos.get("BRICK").version
 
     # booleans toggle with a check box
     insp.rows["verbose"].editor.active = True
     settle(ui, app, daemon)
     assert daemon.protos.get("BRICK").verbose is True
+    insp.close()
+
+
+def test_code_editor_has_line_numbers_and_no_soft_wrap(ui, app):
+    insp = open_inspector(ui, app, "BRICK")
+    ed = insp.rows["hello()"].editor
+    assert type(ed.code).__name__ == "CodeInput" and not ed.code.do_wrap
+    assert type(ed.code.lexer).__name__ == "PythonLexer"
+    long = "def hello(self):\n    return " + " + ".join(["'word'"] * 40) + "\n"
+    ed.text = long
+    ui.pump(3)
+    assert len(ed.code._lines) == len(long.split("\n"))     # not wrapped
+    assert ed.gutter.canvas.length() > 2                      # numbers drawn
     insp.close()
 
 
@@ -313,44 +442,152 @@ def test_inspector_drills_into_nested_values(ui, app, daemon):
     insp.close()
 
 
-# -- tasks and transcript -------------------------------------------------------------
+# -- tasks, streaming, activity ---------------------------------------------------------
+
+STEPS = [("alfred_route", "ALFRED", "contrapunto", None, None, {"route": "contrapunto"}),
+         ("recall", None, "nothing relevant remembered", None, None, {}),
+         ("brick", "BRICK", "Courage is acting despite fear.", 1, None, {}),
+         ("robin", "ROBIN", "Courage is a gentle heart that stays.", 1, None, {}),
+         ("measure", None, "dissonance 0.600", 1, 0.6, {}),
+         ("brick", "BRICK", "Agreed: persistence.", 2, None, {}),
+         ("robin", "ROBIN", "Yes, staying.", 2, None, {}),
+         ("measure", None, "dissonance 0.200: converged", 2, 0.2, {"stop": "converged"}),
+         ("alfred_synthesize", "ALFRED", "Courage is staying with what matters.", 2, 0.2, {})]
+
+
+def step(sub, tid, i, ts=None):
+    node, persona, text, rnd, d, extra = STEPS[i]
+    return sub.push("task.step", {"task_id": tid, "node": node, "persona": persona,
+                                  "text": text, "round": rnd, "dissonance": d, **extra}, ts)
+
+
+def tokens(sub, tid, node, persona, rnd, text, seq0=0):
+    pieces = text.split(" ")
+    for i, w in enumerate(pieces):
+        sub.push("task.token", {"task_id": tid, "node": node, "persona": persona, "round": rnd,
+                                "text": (" " if i else "") + w, "seq": seq0 + i + 1})
+    return seq0 + len(pieces)
+
 
 def test_task_box_submits_and_transcript_streams(ui, app, daemon, sub):
+    c = app.controller
     root = app.root
     ui.type_into(root.ids.task_input, "What is courage?", validate=False)
     ui.click(root.ids.submit)
     settle(ui, app, daemon)
     assert ("task.submit", {"text": "What is courage?"}) in daemon.calls
-    tr = app.controller.transcript
+    tr = c.transcript
     assert tr.task_id == "t1" and root.ids.task_input.text == ""
-    steps = [("alfred_route", "ALFRED", "contrapunto", None, None),
-             ("brick", "BRICK", "Courage is acting despite fear.", 1, None),
-             ("robin", "ROBIN", "Courage is a gentle heart that stays.", 1, None),
-             ("measure", None, "dissonance 0.600", 1, 0.6),
-             ("brick", "BRICK", "Agreed: persistence.", 2, None),
-             ("robin", "ROBIN", "Yes, staying.", 2, None),
-             ("measure", None, "dissonance 0.200", 2, 0.2),
-             ("alfred_synthesize", "ALFRED", "Courage is staying with what matters.", 2, 0.2)]
     sub.push("task.queued", {"task_id": "t1", "text": "What is courage?"})
-    for node, persona, text, rnd, d in steps:
-        sub.push("task.step", {"task_id": "t1", "node": node, "persona": persona,
-                               "text": text, "round": rnd, "dissonance": d})
-        if persona == "BRICK":
-            ui.wait_until(lambda: app.controller.canvas.get("BRICK").status == "thinking",
-                          5, "BRICK thinking")
+    step(sub, "t1", 0)
+    step(sub, "t1", 1)
+    brick = c.canvas.get("BRICK")
+    # recall ended: the graph's next node is brick, so BRICK is thinking in round 1
+    ui.wait_until(lambda: brick.activity == "BRICK \u00b7 round 1 \u00b7 thinking", 5,
+                  "BRICK thinking")
+    assert brick.active and c.strip.current == "brick"
+    assert c.canvas.get("ROBIN").activity == "idle"
+    # BRICK's words stream into the transcript and into BRICK's morph
+    seq = tokens(sub, "t1", "brick", "BRICK", 1, "Courage is acting")
+    ui.wait_until(lambda: tr.streamed_text == "Courage is acting", 5, "streamed text")
+    ui.wait_until(lambda: brick.status == "speaking" and brick.streaming, 5, "BRICK speaking")
+    assert "Courage is acting" in brick.utterance
+    print("streaming screenshot:", ui.screenshot("ui-streaming"))
+    tokens(sub, "t1", "brick", "BRICK", 1, " despite fear.", seq)
+    for i in range(2, len(STEPS)):
+        step(sub, "t1", i)
+        if i == 4:
+            ui.wait_until(lambda: c.canvas.get("BRICK").activity ==
+                          "BRICK \u00b7 round 2 \u00b7 thinking", 5, "round 2")
     sub.push("task.done", {"task_id": "t1", "answer": "Courage is staying with what matters."})
     ui.wait_until(lambda: "ALFRED's answer" in tr.answer, 5, "the answer")
+    ui.wait_until(lambda: c.settled, 5, "the display")
     texts = [w.text for w in reversed(tr.ids.turns.children)]
-    assert "BRICK" in texts[1] and "round 1" in texts[1] and "acting despite fear" in texts[1]
-    assert "ROBIN" in texts[2] and "dissonance 0.60" in texts[3]
-    assert "staying with what matters" in tr.answer
+    assert "ALFRED" in texts[0] and "BRICK" in texts[2] and "round 1" in texts[2]
+    assert "acting despite fear" in texts[2] and "dissonance 0.60" in texts[4]
+    assert not tr.streamed_text and "staying with what matters" in texts[-1]
     assert tr.ids.plot.points == [0.6, 0.2]
-    brick = app.controller.canvas.get("BRICK")
-    ui.wait_until(lambda: app.controller.settled, 5, "the morphs to refresh")
+    assert [t.node for t in c.tasks["t1"].timeline][:3] == ["alfred_route", "recall", "brick"]
+    brick_time = c.tasks["t1"].timeline[2]
+    assert brick_time.tokens > 0 and brick_time.seconds is not None
     assert brick.dissonance == pytest.approx(0.2) and brick.utterance == "Agreed: persistence."
-    assert brick.status == "idle"
-    assert app.controller.canvas.get("ALFRED").utterance.startswith("Courage is staying")
+    assert [c.canvas.get(p).activity for p in ("ALFRED", "BRICK", "ROBIN")] == ["idle"] * 3
+    assert c.canvas.get("ALFRED").utterance.startswith("Courage is staying")
+    assert c.strip.current == ""
+    tr.chart = "timeline"
+    ui.pump(3)
+    assert len(tr.ids.timeline.ids.rows.children) == len(STEPS)
+    print("timeline screenshot:", ui.screenshot("ui-timeline"))
+    tr.chart = "dissonance"
     print("transcript screenshot:", ui.screenshot("ui-transcript"))
+
+
+def test_model_loading_marks_only_the_active_persona(ui, app, sub):
+    c = app.controller
+    sub.push("task.queued", {"task_id": "t7", "text": "hi"})
+    step(sub, "t7", 0)
+    step(sub, "t7", 1)
+    step(sub, "t7", 2)      # brick ended: ROBIN is next
+    sub.push("model.loading", {"model": "smollm2-135m", "stage": "loading weights"})
+    ui.wait_until(lambda: c.canvas.get("ROBIN").status == "loading model", 5, "ROBIN loading")
+    assert c.canvas.get("BRICK").status == "idle" and c.canvas.get("ALFRED").status == "idle"
+    sub.push("model.loaded", {"model": "smollm2-135m", "seconds": 1.0})
+    ui.wait_until(lambda: c.canvas.get("ROBIN").activity == "ROBIN \u00b7 round 1 \u00b7 thinking",
+                  5, "ROBIN thinking")
+    # the inspector says the same as the morph: one source
+    insp = open_inspector(ui, app, "ROBIN")
+    assert insp.activity == c.canvas.get("ROBIN").activity
+    insp.close()
+
+
+def test_ui_started_mid_task_rebuilds_it_from_task_steps(ui, app, daemon, sub):
+    c = app.controller
+    t0 = time.time() - 5
+    daemon.snapshot_tasks = [{"id": "t9", "text": "long question", "status": "running",
+                              "created": t0, "started": t0}]
+    steps = [{"task_id": "t9", "node": n, "persona": p, "text": x, "round": r,
+              "dissonance": d, **e, "seq": 10 + i, "ts": t0 + i}
+             for i, (n, p, x, r, d, e) in enumerate(STEPS[:3])]
+    daemon.steps["t9"] = {"task_id": "t9", "steps": steps, "status": "running", "seq": 15,
+                          "partial": {"node": "robin", "persona": "ROBIN", "round": 1,
+                                      "text": "Courage is a gentle", "token_seq": 4,
+                                      "tokens": 4, "seq": 15}}
+    c.resync()
+    settle(ui, app, daemon)
+    ui.wait_until(lambda: c.tasks.get("t9") is not None and not c.tasks["t9"].rebuilding, 5,
+                  "the rebuild")
+    rec = c.tasks["t9"]
+    assert [t.persona for t in rec.turns] == ["ALFRED", "recall", "BRICK"]
+    assert rec.partial.text == "Courage is a gentle"
+    tr = c.transcript
+    assert tr.task_id == "t9"
+    ui.wait_until(lambda: tr.streamed_text == "Courage is a gentle", 5, "the partial turn")
+    ui.wait_until(lambda: c.canvas.get("ROBIN").status == "speaking", 5, "ROBIN speaking")
+    sub.seq = 15      # the next live event after the reply's seq
+    sub.push("task.token", {"task_id": "t9", "node": "robin", "persona": "ROBIN", "round": 1,
+                            "text": " heart", "seq": 5})
+    ui.wait_until(lambda: tr.streamed_text == "Courage is a gentle heart", 5, "new tokens")
+    texts = [w.text for w in reversed(tr.ids.turns.children)]
+    assert any("acting despite fear" in t for t in texts)
+    print("rebuilt screenshot:", ui.screenshot("ui-rebuilt-mid-task"))
+
+
+def test_events_racing_a_rebuild_are_applied_once(ui, app, daemon, sub):
+    c = app.controller
+    daemon.steps["r1"] = {"task_id": "r1", "status": "running", "seq": 40, "partial": None,
+                          "steps": [{"task_id": "r1", "node": "alfred_route",
+                                     "persona": "ALFRED", "text": "contrapunto", "seq": 40,
+                                     "ts": time.time()}]}
+    rec = c._task("r1")
+    rec.status = "running"
+    c._rebuild_task("r1")
+    # while task.steps is in flight: the step it already has (seq 40) and a newer one
+    c.handle_event("task.step", {"task_id": "r1", "node": "alfred_route", "persona": "ALFRED",
+                                 "text": "contrapunto"}, 40, time.time())
+    c.handle_event("task.step", {"task_id": "r1", "node": "recall", "persona": None,
+                                 "text": "nothing"}, 41, time.time())
+    settle(ui, app, daemon)
+    assert [t.node for t in c.tasks["r1"].turns] == ["alfred_route", "recall"]
 
 
 def test_earlier_tasks_can_be_reopened(ui, app, daemon, sub):
@@ -369,12 +606,38 @@ def test_earlier_tasks_can_be_reopened(ui, app, daemon, sub):
     titles = c.transcript.history
     assert titles[0].startswith("#b") and any(t.startswith("#a") for t in titles)
     c.transcript.reopen(next(t for t in titles if t.startswith("#a")))
-    assert "answer A" in c.transcript.answer and len(c.transcript.ids.turns.children) == 1
+    assert "answer A" in c.transcript.answer
+    assert [w.persona for w in reversed(c.transcript.ids.turns.children)] == ["BRICK", "answer"]
     # a task this UI never saw is fetched with task.get, rounds and all
     c.reopen_task("old7")
     settle(ui, app, daemon)
     assert c.transcript.task_id == "old7" and "old answer" in c.transcript.answer
     assert c.transcript.ids.plot.points == [0.4]
+
+
+def test_offline_disables_ask_and_keeps_the_question(ui, app, daemon, sub):
+    c = app.controller
+    root = app.root
+    c.retry_s = 0.2
+    daemon.down = True
+    sub.alive = False
+    ui.pump(3)
+    assert not c.status_bar.connected and root.ids.submit.disabled
+    ui.wait_until(lambda: c.settled, 5, "the status bar")
+    assert "offline" in c.status_bar.model
+    ui.type_into(root.ids.task_input, "Are you there?")       # Enter while offline
+    assert root.ids.task_input.text == "Are you there?"
+    assert root.ids.task_error.text.startswith("offline: not sent")
+    assert not [x for x in daemon.calls if x[0] == "task.submit"]
+    daemon.down = False
+    sub.alive = True
+    ui.wait_until(lambda: c.status_bar.connected and not root.ids.submit.disabled, 5,
+                  "reconnection")
+    assert root.ids.task_error.text == ""
+    ui.click(root.ids.submit)
+    settle(ui, app, daemon)
+    assert ("task.submit", {"text": "Are you there?"}) in daemon.calls
+    assert root.ids.task_input.text == ""
 
 
 # -- approval ------------------------------------------------------------------------
@@ -388,7 +651,9 @@ def test_proposal_opens_dialog_and_approve_decides(ui, app, daemon, sub):
     sub.push("codex.proposed", PROPOSAL)
     sub.push("codex.proposed", {**PROPOSAL, "id": "am-2", "proposed_text": "Be bold."})
     dlg = ui.wait_until(lambda: app.controller.dialog, 5, "the approval dialog")
-    assert dlg.proposal_id == "am-1" and dlg.persona == "ROBIN"
+    assert dlg.proposal_id == "am-1" and dlg.persona == "ROBIN" and dlg.principle == "care"
+    assert "care" in dlg.title and dlg.ids.current.text == PROPOSAL["current_text"]
+    assert dlg.ids.proposed.text == PROPOSAL["proposed_text"]
     assert "- Listen first." in dlg.diff_markup and "+ Listen twice." in dlg.diff_markup
     assert dlg.rationale == "users felt unheard"
     print("approval screenshot:", ui.screenshot("ui-approval"))
@@ -404,18 +669,60 @@ def test_proposal_opens_dialog_and_approve_decides(ui, app, daemon, sub):
     assert app.controller.dialog is None
 
 
-def test_proposal_decided_elsewhere_closes_dialog(ui, app, sub):
-    sub.push("codex.proposed", {**PROPOSAL, "id": "am-9"})
-    ui.wait_until(lambda: app.controller.dialog, 5, "the dialog")
-    sub.push("codex.decided", {**PROPOSAL, "id": "am-9", "approved": False, "codex_version": 4})
-    ui.wait_until(lambda: app.controller.dialog is None, 5, "the dialog to close")
-    assert app.controller.dialog is None
+def test_later_puts_a_proposal_away_and_the_status_bar_brings_it_back(ui, app, sub):
+    c = app.controller
+    sub.push("codex.proposed", {**PROPOSAL, "id": "am-5"})
+    dlg = ui.wait_until(lambda: c.dialog, 5, "the dialog")
+    ui.key(27)                                 # Esc = Later
+    assert c.dialog is None and c.status_bar.pending_amendments == 1
+    ui.click(app.root.ids.status_bar.ids.amendments)
+    assert c.dialog is not None and c.dialog.proposal_id == "am-5" and c.dialog is not dlg
+    sub.push("codex.decided", {**PROPOSAL, "id": "am-5", "approved": False, "codex_version": 4})
+    ui.wait_until(lambda: c.dialog is None, 5, "the dialog to close")
+    assert c.status_bar.pending_amendments == 0
 
 
 def test_pending_proposals_in_snapshot_open_on_connect(ui, app):
     app.controller.apply_snapshot({"pending_amendments": [PROPOSAL]})
     ui.pump(2)
     assert app.controller.dialog is not None and app.controller.dialog.proposal_id == "am-1"
+
+
+# -- keys and quitting ---------------------------------------------------------------------
+
+def test_escape_closes_the_top_window_and_never_the_app(ui, app):
+    from kivy.app import App
+    c = app.controller
+    open_inspector(ui, app, "BRICK")
+    open_inspector(ui, app, "ROBIN")
+    ui.key(27)
+    assert set(c.inspectors) == {"BRICK"}
+    ui.key(27)
+    assert not c.inspectors
+    ui.click(c.canvas.get("ALFRED"))
+    ui.key(27)                               # nothing open: the selection goes
+    assert c.selected is None
+    ui.key(27)
+    ui.pump(3)
+    assert App.get_running_app() is app and ui.event_loop.status == "started"
+
+
+def test_closing_while_a_task_runs_asks_first(ui, app, sub):
+    c = app.controller
+    quits = []
+    app.quit_now = lambda: quits.append(True)
+    assert not ui.window.dispatch("on_request_close")        # nothing runs: just close
+    sub.push("task.queued", {"task_id": "q1", "text": "slow"})
+    step(sub, "q1", 0)
+    ui.wait_until(lambda: c.running_task() is not None, 5, "a running task")
+    assert ui.window.dispatch("on_request_close") is True     # kept open
+    dlg = app.quit_dialog
+    assert dlg is c.desk.top_panel() and "q1" in dlg.message
+    ui.click(dlg.ids.no)
+    assert not quits and dlg.closed
+    ui.window.dispatch("on_request_close")
+    ui.click(app.quit_dialog.ids.yes)
+    assert quits == [True]
 
 
 # -- tools, status, log, polling ------------------------------------------------------------
@@ -432,7 +739,7 @@ def test_tool_created_adds_tool_morph(ui, app, sub):
     morph = ui.wait_until(lambda: app.controller.canvas.get("tool:primes"), 5, "a ToolMorph")
     assert (morph.description, morph.version, morph.test_status) == \
         ("lists primes", "1", "passed 3/3")
-    assert morph in app.controller.canvas.children
+    assert morph in app.controller.canvas.children and morph.proto_name == "tool.primes"
     sub.push("tool.rejected", {"tool": "evil", "reason": "imports os", "attempts": 3})
     ui.wait_until(lambda: app.controller.status_bar.progress_text == "tool evil rejected", 5,
                   "the rejection")
@@ -444,7 +751,8 @@ def test_tool_created_adds_tool_morph(ui, app, sub):
 
 
 def test_status_bar_follows_long_work_and_log(ui, app, sub):
-    sb = app.controller.status_bar
+    c = app.controller
+    sb = c.status_bar
     sub.push("model.loading", {"model": "phi3", "progress": 0.5, "stage": "weights"})
     ui.wait_until(lambda: sb.progress == 0.5, 5, "loading progress")
     assert "loading phi3" in sb.progress_text
@@ -454,18 +762,22 @@ def test_status_bar_follows_long_work_and_log(ui, app, sub):
     ui.wait_until(lambda: sb.progress == 0.3 and app.root.ids.log_panel.data, 5, "fine-tuning")
     assert sb.model == "phi3"
     assert sb.progress_text == "fine-tuning BRICK step 3/10 loss 1.2500" and sb.progress == 0.3
-    assert app.controller.canvas.get("BRICK").status == "fine-tuning"
+    assert c.canvas.get("BRICK").status == "fine-tuning"
     sub.push("model.swapped", {"persona": "BRICK", "old": "smollm2-135m",
                                "new": "smollm2-135m+brick-v1", "version": 1})
     sub.push("dissonance.high", {"task_id": "t9", "dissonance": 0.81})
     sub.push("goal.generated", {"task_id": "t10", "goal": "learn haiku", "trigger": "idle"})
-    ui.wait_until(lambda: app.controller.canvas.get("BRICK").status == "idle", 5, "swap")
+    sub.push("log", {"level": "error", "message": "something broke"})
+    ui.wait_until(lambda: c.canvas.get("BRICK").status == "idle", 5, "swap")
+    ui.wait_until(lambda: c.settled, 5, "the status bar and the log")
     assert sb.progress_text == "BRICK swapped: smollm2-135m -> smollm2-135m+brick-v1"
-    ui.wait_until(lambda: app.controller.settled, 5, "the log")
-    lines = [d["text"] for d in app.root.ids.log_panel.data[-3:]]
+    log = app.root.ids.log_panel
+    lines = [d["text"] for d in log.data[-4:]]
     assert "high dissonance 0.81 on task t9" in lines[1] and "learn haiku" in lines[2]
-    assert any(d["text"].endswith("daemon: disk nearly full")
-               for d in app.root.ids.log_panel.data)
+    assert any("disk nearly full" in d["text"] and "WARNI" in d["text"] for d in log.data)
+    log.show = "errors"
+    assert len(log.data) == 1 and "something broke" in log.data[0]["text"]
+    log.show = "all"
 
 
 def test_poll_is_bounded_per_tick(ui, app, sub):
@@ -499,9 +811,25 @@ def test_connection_lost_and_regained(ui, app, daemon, sub):
 
 def test_bad_events_do_not_break_the_stream(ui, app, sub):
     sub.push("task.step", {"task_id": None, "round": "x", "dissonance": "high"})
+    sub.push("task.token", {"task_id": "z", "text": None, "seq": "x"})
     sub.push("proto.changed", {"name": None})
     sub.push("tool.created", {"description": "no name"})
     sub.push("log", {"message": "still alive"})
     ui.wait_until(lambda: app.root.ids.log_panel.data and
                   app.root.ids.log_panel.data[-1]["text"].endswith("still alive"), 5, "the log")
-    assert app.root.ids.log_panel.data[-1]["text"].endswith("still alive")
+
+
+def test_text_that_does_not_fit_ends_in_an_ellipsis_and_shows_in_a_tooltip(ui, app):
+    err = app.root.ids.task_error
+    full = "offline: not sent; " + "the daemon did not answer in time " * 6
+    err.text = full
+    ui.pump(3)
+    assert err.is_cut() and err.texture_size[0] <= err.width + 1
+    x, y = err.to_window(*err.center)
+    ui.window.mouse_pos = (x, y)
+    tips = app.tooltips
+    ui.wait_until(lambda: tips.bubble.opacity == 1, 5, "the tooltip")
+    assert tips.bubble.text == full
+    ui.window.mouse_pos = (5, 5)       # moving away hides it
+    ui.pump(2)
+    assert tips.bubble.opacity == 0

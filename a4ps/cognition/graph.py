@@ -1,45 +1,62 @@
-"""The cognitive core: ALFRED routes, BRICK and ROBIN talk until they converge, ALFRED
-answers, and the exchange becomes memory.
+"""The cognitive core: ALFRED routes, BRICK and ROBIN talk until they agree, ALFRED
+picks the answer, and the exchange becomes memory.
 
 ::
 
     START -> alfred_route -> recall --contrapunto--> brick
                                     --direct-------> alfred_synthesize
-                                    --tool---------> forge -> brick
-    brick --TOOL: request--> forge -> brick      (once per task)
-    brick -> robin -> measure --above threshold, rounds left--> brick
-                              --converged / round limit-----> alfred_synthesize
+                                    --tool---------> tool_request --request--> forge -> brick
+                                                                  --none-----> brick
+    brick -> robin -> measure --disagree, rounds left--> brick
+                              --agreed / round limit / unusable--> alfred_synthesize
     alfred_synthesize -> remember -> END
 
 (``CognitiveGraph.mermaid()`` draws it; tests/test_graph.py pins its edges.)
 
+Decisions are asked under constraint (:mod:`a4ps.cognition.decisions`): the route is
+``models.choose`` over the three routes, BRICK's tool request is ``models.structured``,
+and after a dialogue ALFRED's answer is a ``models.choose`` among the candidate answers
+BRICK and ROBIN gave (when their final answers agree there is nothing to choose). A
+decision that cannot be made is recorded as a problem and as an unparsed decision in
+``result["decisions"]``; what the graph then does is said in the step, never passed
+off as the model's choice. Free text is only what the personas say.
+
+Each persona turn streams: the graph passes a :class:`~a4ps.cognition.streaming.TurnGuard`
+as ``on_token`` and ``cancel`` to ``models.generate`` with the persona's generation
+slots (:mod:`a4ps.cognition.generation`), publishes ``task.token`` events (at most one
+per ~50 ms per task), stops a turn that starts repeating itself, and stops the task
+when the caller's ``cancel`` token is set (``run(..., cancel=event)``): the node in
+flight ends and :class:`~a4ps.cognition.state.TaskCancelled` is raised; every node
+checks the token before it starts.
+
+Dissonance is measured on the two final answers (the ``Answer:`` line or the first
+sentence that is not boilerplate); a round in which one side had no usable reply has
+no dissonance (None), not 1.0, and ends the dialogue.
+
 The graph is a LangGraph ``StateGraph`` with a SQLite (or, by setting, PostgreSQL)
 checkpointer (thread id = task id) written with ``durability="sync"``, so a process
-killed mid-task resumes from the last finished node (``run(..., resume=True)``). Nodes
-read the persona protos at every call, so editing BRICK's system prompt changes BRICK's
-next turn.
-
-A model that answers nothing or garbage never crashes the graph: the turn is retried
-once, the problem is recorded in the step (``task.step`` ``problem``) and the task
-either recovers (ALFRED's answer is assembled from the dialogue) or ends with
-``status="failed"`` and a clear ``error`` in the result.
+killed mid-task resumes from the last finished node (``run(..., resume=True)``). Nodes read the persona protos at every
+call, so editing BRICK's system prompt or temperature changes BRICK's next turn.
 """
 from __future__ import annotations
 
-import contextvars
 import logging
 import re
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-# absolute imports: langgraph.json loads this file by path
-from a4ps.cognition import prompts
+# absolute imports: langgraph.json tooling may load this file by path
+from a4ps.cognition import decisions, generation, prompts
+from a4ps.cognition.answers import agree, final_answer
 from a4ps.cognition.checkpoints import is_postgres_url
-from a4ps.cognition.prompts import DEFAULT_ROUTE, ROUTES
+from a4ps.cognition.decisions import Decision
+from a4ps.cognition.prompts import ROUTES
 from a4ps.cognition.state import CognitiveState, TaskCancelled
+from a4ps.cognition.streaming import TokenStream, TurnGuard
 from a4ps.events import json_safe
 from a4ps.models.errors import GenerationCancelled
 from a4ps.proto import MethodFault
@@ -50,10 +67,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NODES = ("alfred_route", "recall", "brick", "robin", "measure", "forge",
+NODES = ("alfred_route", "recall", "tool_request", "forge", "brick", "robin", "measure",
          "alfred_synthesize", "remember")
-# the running task's cancel token, read by every model call of that run
-_CANCEL: contextvars.ContextVar[Any] = contextvars.ContextVar("a4ps_graph_cancel", default=None)
+CANDIDATE_CHARS = 400        # an answer candidate ALFRED chooses among, at most
+
+
+@dataclass
+class _Run:
+    """What one running task needs beyond its state: the cancel token and its stream."""
+    cancel: Any
+    stream: TokenStream
+    owned: bool = True          # False: made by a node (a run started outside run())
+
+
+@dataclass
+class Turn:
+    """One persona turn: the usable text (or '' and a problem) and its figures."""
+    text: str
+    problem: str | None
+    model_s: float
+    tokens: int
+    finish: str | None
 
 
 class CognitiveGraph:
@@ -64,13 +98,14 @@ class CognitiveGraph:
     (``cognition/checkpoints.py``); a path or a URL may also be passed directly.
     ``False`` compiles without a checkpointer (LangGraph Studio, benchmarks).
     ``dissonance`` is a ``DissonanceMeter``; by default one over ``models.embed``.
-    ``turn_max_tokens`` caps each persona turn (None: the backend's default).
+    ``turn_max_tokens`` caps each persona turn over the persona's ``max_tokens`` slot.
+    ``token_interval_s``: at most one ``task.token`` event per task this often.
     """
 
     def __init__(self, protos: Any, models: Any, memory: Any, bus: EventBus,
                  settings: Settings, *, forge: Any = None, registry: Any = None,
                  dissonance: Any = None, checkpointer_path: Path | str | None | bool = None,
-                 turn_max_tokens: int | None = None) -> None:
+                 turn_max_tokens: int | None = None, token_interval_s: float = 0.05) -> None:
         self.protos = protos
         self.models = models
         self.memory = memory
@@ -80,6 +115,7 @@ class CognitiveGraph:
         self.registry = registry
         self._meter = dissonance
         self.turn_max_tokens = turn_max_tokens
+        self.token_interval_s = token_interval_s
         if checkpointer_path is None or checkpointer_path is True:
             checkpointer_path = settings.cognition.checkpointer
             if not is_postgres_url(checkpointer_path):
@@ -92,6 +128,7 @@ class CognitiveGraph:
         self._compiled: Any = None
         self._saver: Any = None
         self._conn: sqlite3.Connection | None = None
+        self._runs: dict[str, _Run] = {}
 
     # -- building ------------------------------------------------------------------
     def build(self) -> Any:
@@ -99,28 +136,32 @@ class CognitiveGraph:
         from langgraph.graph import END, START, StateGraph
 
         g = StateGraph(CognitiveState)
-        g.add_node("alfred_route", self._alfred_route)
-        g.add_node("recall", self._recall)
-        g.add_node("brick", self._brick)
-        g.add_node("robin", self._robin)
-        g.add_node("measure", self._measure)
-        g.add_node("forge", self._forge)
-        g.add_node("alfred_synthesize", self._alfred_synthesize)
-        g.add_node("remember", self._remember)
+        for name in NODES:
+            g.add_node(name, self._node(name, getattr(self, f"_{name}")))
         g.add_edge(START, "alfred_route")
         g.add_edge("alfred_route", "recall")
         g.add_conditional_edges("recall", _after_recall,
                                 {"contrapunto": "brick", "direct": "alfred_synthesize",
-                                 "tool": "forge"})
-        g.add_conditional_edges("brick", _after_brick, {"forge": "forge", "robin": "robin"})
+                                 "tool": "tool_request"})
+        g.add_conditional_edges("tool_request", _after_tool_request,
+                                {"request": "forge", "none": "brick"})
         g.add_edge("forge", "brick")
+        g.add_edge("brick", "robin")
         g.add_edge("robin", "measure")
-        g.add_conditional_edges("measure", self._after_measure,
+        g.add_conditional_edges("measure", _after_measure,
                                 {"again": "brick", "synthesize": "alfred_synthesize"})
         g.add_edge("alfred_synthesize", "remember")
         g.add_edge("remember", END)
         return g
 
+    def _node(self, name: str, fn: Callable[[CognitiveState], dict[str, Any]]
+              ) -> Callable[[CognitiveState], dict[str, Any]]:
+        """``fn`` behind the node-boundary cancel check."""
+        def node(state: CognitiveState) -> dict[str, Any]:
+            self._check_cancel(state, name)
+            return fn(state)
+        node.__name__ = name
+        return node
     def compile(self, checkpointer: Any = None) -> Any:
         return self.build().compile(checkpointer=checkpointer, name="a4ps-contrapunto")
 
@@ -199,10 +240,10 @@ class CognitiveGraph:
         unfinished one, returns the stored result if it already finished, and starts
         afresh otherwise. ``route`` (or ``meta["route"]``) forces ALFRED's decision
         (one of ROUTES). ``meta`` (the task's origin data) goes into the memory row.
+        ``cancel`` (anything with ``is_set()``, e.g. a ``threading.Event``) stops the
+        task: checked before every node and passed into every model call; a cancelled
+        run raises :class:`TaskCancelled` and leaves its checkpoint, so it can resume.
         A task that found no usable answer returns ``status="failed"`` and ``error``.
-        ``cancel`` (anything with ``is_set()``, e.g. a ``threading.Event``) is checked
-        at every node boundary and passed into every model call: once set, the run
-        raises :class:`TaskCancelled` (the checkpoint keeps the finished nodes).
         """
         meta = dict(meta or {})
         route = route or meta.get("route")
@@ -212,53 +253,48 @@ class CognitiveGraph:
             raise ValueError("the task text is empty: say what you want done")
         graph = self.graph
         config = self._config(task_id)
-        values: dict[str, Any] | None = None
-        token = _CANCEL.set(cancel)
+        key = str(task_id)
+        self._runs[key] = _Run(cancel, TokenStream(self.bus.publish, key,
+                                                   interval_s=self.token_interval_s))
         try:
+            values: dict[str, Any] | None = None
             if resume and self._saver is not None:
                 snap = graph.get_state(config)
                 if snap.values and snap.next:
                     log.info("task %s: resuming before %s", task_id, list(snap.next))
-                    values = self._drive(None, config, task_id, cancel, durability="sync")
+                    values = graph.invoke(None, config, durability="sync")
                 elif snap.values and snap.values.get("status"):
                     values = dict(snap.values)      # finished before the restart
             if values is None:
                 if self._saver is not None:
-                    self._saver.delete_thread(str(task_id))    # a fresh run, not a continuation
-                start: CognitiveState = {"task_id": str(task_id), "task": text.strip(),
+                    self._saver.delete_thread(key)    # a fresh run, not a continuation
+                start: CognitiveState = {"task_id": key, "task": text.strip(),
                                          "meta": _plain(meta)}
                 if route:
                     start["route"] = route
                     start["route_reason"] = "forced by the caller"
                 kwargs = {"durability": "sync"} if self._saver is not None else {}
-                values = self._drive(start, config, task_id, cancel, **kwargs)
+                values = graph.invoke(start, config, **kwargs)
         finally:
-            _CANCEL.reset(token)
+            self._runs.pop(key, None)
         return _result(values)
 
-    def _drive(self, start: Any, config: dict[str, Any], task_id: str, cancel: Any,
-               **kwargs: Any) -> dict[str, Any]:
-        """Run the graph node by node; stop at the first boundary after ``cancel`` is set."""
-        if cancel is not None and cancel.is_set():
-            raise TaskCancelled(task_id, None, "cancelled before it started")
-        values: dict[str, Any] = {}
-        last: str | None = None
-        stream = self.graph.stream(start, config, stream_mode=["updates", "values"], **kwargs)
-        try:
-            for mode, chunk in stream:
-                if mode == "values":
-                    values = chunk
-                    continue
-                last = next(iter(chunk), last)          # the node that just finished
-                if cancel is not None and cancel.is_set() and last != "remember":
-                    raise TaskCancelled(task_id, last)
-        except GenerationCancelled as e:     # a model call the token stopped mid-node
-            raise TaskCancelled(task_id, last, f"generation stopped ({e})") from None
-        finally:
-            stream.close()
-        return values
-
     # -- helpers ---------------------------------------------------------------------
+    def _run_of(self, state: CognitiveState) -> _Run:
+        """The task's cancel token and stream (a run started outside ``run()``, as in
+        LangGraph Studio, gets a stream and no cancel token)."""
+        key = str(state.get("task_id"))
+        run = self._runs.get(key)
+        if run is None:
+            run = self._runs.setdefault(key, _Run(None, TokenStream(
+                self.bus.publish, key, interval_s=self.token_interval_s), owned=False))
+        return run
+
+    def _check_cancel(self, state: CognitiveState, node: str) -> None:
+        cancel = self._run_of(state).cancel
+        if cancel is not None and cancel.is_set():
+            raise TaskCancelled(state.get("task_id"), node)
+
     def _step(self, state: CognitiveState, node: str, persona: str | None, text: str, *,
               round: int | None = None, dissonance: float | None = None,
               problem: str | None = None, **extra: Any) -> None:
@@ -268,44 +304,84 @@ class CognitiveGraph:
             payload["problem"] = problem
         self.bus.publish("task.step", payload)
 
-    def _speak(self, persona: str, messages: list[dict[str, str]], *,
-               max_tokens: int | None = None, check: bool = True
-               ) -> tuple[str, str | None, float]:
-        """(text, problem, model seconds). One retry on an unusable reply."""
+    def _speak(self, state: CognitiveState, node: str, persona: str, rnd: Any,
+               messages: list[dict[str, str]]) -> Turn:
+        """One persona turn, streamed; one retry on an unusable reply."""
         proto = self.protos.get(persona)       # looked up now: live edits apply
-        spent = 0.0
+        gen = generation.settings_of(proto, max_tokens=self.turn_max_tokens)
+        run = self._run_of(state)
+        spent, tokens = 0.0, 0
         problem: str | None = None
+        finish: str | None = None
         msgs = messages
-        for attempt in range(2):
+        for _attempt in range(2):
+            guard = TurnGuard(run.stream, node, persona, rnd, run.cancel)
             t0 = time.perf_counter()
+            text = ""
             try:
-                reply = self._invoke(proto, msgs, max_tokens)
-                problem = prompts.reply_problem(reply) if check else (
-                    None if isinstance(reply, str) else "model returned no text")
-            except GenerationCancelled:
-                raise                  # the task is being cancelled: no retry
+                out = self._invoke(proto, msgs, guard, gen)
+                if isinstance(out, str):      # a live invoke_llm that returns text only
+                    text, finish, n = out, None, guard.pieces
+                else:
+                    text, finish, n = getattr(out, "text", None), getattr(out, "finish", None), \
+                        getattr(out, "tokens", guard.pieces)
+                tokens += int(n or 0)
+                if guard.repeated:
+                    text, finish = guard.kept(), "repetition"
+                problem = prompts.reply_problem(text)
+            except GenerationCancelled as e:
+                if guard.task_cancelled:
+                    raise TaskCancelled(state.get("task_id"), node, str(e)) from e
+                tokens += guard.pieces
+                if guard.repeated:
+                    text, finish = guard.kept(), "repetition"
+                    problem = prompts.reply_problem(text)
+                else:
+                    problem = f"model error: {type(e).__name__}: {e}"
             except MethodFault:        # a live method wedged: the task fails, with why
                 raise
             except Exception as e:     # a model failure is the model's, not the graph's
-                reply, problem = "", f"model error: {type(e).__name__}: {e}"
+                problem = f"model error: {type(e).__name__}: {e}"
                 log.warning("%s: %s", persona, problem)
+            finally:
+                guard.done()
             spent += time.perf_counter() - t0
+            self._check_cancel(state, node)
             if problem is None:
-                text = reply.strip()
+                text = text.strip()
                 self._set_last_utterance(proto, text)
-                return text, None, spent
+                return Turn(text, None, spent, tokens, finish)
             msgs = prompts.retry_nudge(messages, problem)
-        return "", f"{persona}: {problem} (after one retry)", spent
+        return Turn("", f"{persona}: {problem} (after one retry)", spent, tokens, finish)
 
-    def _invoke(self, proto: Any, messages: list[dict[str, str]], max_tokens: int | None) -> Any:
-        max_tokens = max_tokens or self.turn_max_tokens
-        kw = {"max_tokens": max_tokens} if max_tokens else {}
-        if _CANCEL.get() is not None:
-            kw["cancel"] = _CANCEL.get()
+    def _invoke(self, proto: Any, messages: list[dict[str, str]], guard: TurnGuard,
+                gen: dict[str, Any]) -> Any:
+        """The persona's live ``invoke_llm`` (so an edited method speaks), else the model."""
         if proto.has("invoke_llm"):
-            return proto.invoke_llm(messages, **kw)
-        return self.models.chat(proto.model_name, messages,
-                                temperature=proto.get("temperature"), **kw)
+            return proto.invoke_llm(messages, full=True, on_token=guard, cancel=guard, **gen)
+        return self.models.generate(proto.model_name, messages, on_token=guard, cancel=guard,
+                                    **gen)
+
+    def _decide(self, state: CognitiveState, node: str, kind: str,
+                ask: Callable[[Any], Decision]) -> Decision:
+        """Run a decision; a model failure is no decision (with the reason), a cancel stops."""
+        cancel = self._run_of(state).cancel
+        t0 = time.perf_counter()
+        try:
+            decision = ask(cancel)
+        except GenerationCancelled as e:
+            if cancel is not None and cancel.is_set():
+                raise TaskCancelled(state.get("task_id"), node, str(e)) from e
+            decision = Decision(kind, None, f"{kind}: no decision (model error: {e})",
+                                seconds=time.perf_counter() - t0)
+        except Exception as e:
+            decision = Decision(kind, None,
+                                f"{kind}: no decision (model error: {type(e).__name__}: {e})",
+                                seconds=time.perf_counter() - t0)
+        self._check_cancel(state, node)
+        if decision.problem:
+            log.info("task %s: %s", state.get("task_id"), decision.problem)
+        return decision
 
     def _set_last_utterance(self, proto: Any, text: str) -> None:
         manager = getattr(proto, "_manager", None)
@@ -323,20 +399,19 @@ class CognitiveGraph:
             self._step(state, "alfred_route", "ALFRED", route, route=route, reason=why)
             return {}
         alfred = self.protos.get("ALFRED")
-        text, problem, model_s = self._speak(
-            "ALFRED", prompts.route_messages(alfred, state["task"]), max_tokens=8, check=False)
-        route, why = prompts.parse_route(text)
-        if problem:
-            why = f"{problem}; defaulting to the contrapunto"
-            route = DEFAULT_ROUTE
+        d = self._decide(state, "alfred_route", "route", lambda cancel: decisions.decide_route(
+            self.models, alfred, state["task"], cancel=cancel))
+        if d.parsed:
+            route, why = d.value, f"ALFRED chose {d.value} ({d.method})"
+        else:
+            route = "contrapunto"
+            why = f"{d.problem}; running the whole contrapunto, which needs no route decision"
         self._step(state, "alfred_route", "ALFRED", route, route=route, reason=why,
-                   problem=problem)
+                   problem=d.problem, decision=d.record())
         update: dict[str, Any] = {"route": route, "route_reason": why,
-                                  "turns": [_turn("ALFRED", "route", text, None, model_s, problem)]}
-        if route == "tool":
-            update["tool_request"] = {"name": None, "description": state["task"], "args": None}
-        if problem:
-            update["problems"] = [problem]
+                                  "decisions": [d.record()]}
+        if d.problem:
+            update["problems"] = [d.problem]
         return update
 
     def _recall(self, state: CognitiveState) -> dict[str, Any]:
@@ -358,70 +433,86 @@ class CognitiveGraph:
                    memories=len(memories))
         return {"memories": memories}
 
+    def _tool_request(self, state: CognitiveState) -> dict[str, Any]:
+        brick = self.protos.get("BRICK")
+        d = self._decide(state, "tool_request", "tool_request",
+                         lambda cancel: decisions.decide_tool_request(
+                             self.models, brick, state["task"], cancel=cancel))
+        text = (f"tool {d.value['name']}: {d.value['description']}" if d.parsed
+                else "no tool request: BRICK answers without a tool")
+        self._step(state, "tool_request", "BRICK", text, tool_request=d.value,
+                   problem=d.problem, decision=d.record())
+        update: dict[str, Any] = {"tool_request": d.value, "decisions": [d.record()]}
+        if d.problem:
+            update["problems"] = [d.problem]
+        return update
+
     def _brick(self, state: CognitiveState) -> dict[str, Any]:
         rnd = len(state.get("rounds") or []) + 1
         brick = self.protos.get("BRICK")
         robin_said = state.get("robin_text") if rnd > 1 else None
-        allow_tool = state.get("tool_result") is None
-        text, problem, model_s = self._speak("BRICK", prompts.brick_messages(
+        turn = self._speak(state, "brick", "BRICK", rnd, prompts.brick_messages(
             brick, state["task"], memories=state.get("memories") or [],
-            robin_said=robin_said, tool_result=state.get("tool_result"),
-            allow_tool=allow_tool))
-        update: dict[str, Any] = {
-            "brick_text": text,
-            "turns": [_turn("BRICK", rnd, text, None, model_s, problem)]}
-        request = prompts.parse_tool_request(text) if allow_tool and text else None
-        if request is not None:
-            update["tool_request"] = request.to_dict()
-        if problem:
-            update["problems"] = [problem]
-        self._step(state, "brick", "BRICK", text, round=rnd, problem=problem,
-                   tool_request=request.to_dict() if request else None)
+            robin_said=robin_said, tool_result=state.get("tool_result")))
+        self._step(state, "brick", "BRICK", turn.text, round=rnd, problem=turn.problem,
+                   finish=turn.finish)
+        update: dict[str, Any] = {"brick_text": turn.text,
+                                  "turns": [_turn("BRICK", rnd, turn, None)]}
+        if turn.problem:
+            update["problems"] = [turn.problem]
         return update
 
     def _robin(self, state: CognitiveState) -> dict[str, Any]:
         rnd = len(state.get("rounds") or []) + 1
         robin = self.protos.get("ROBIN")
-        text, problem, model_s = self._speak("ROBIN", prompts.robin_messages(
+        turn = self._speak(state, "robin", "ROBIN", rnd, prompts.robin_messages(
             robin, state["task"], brick_said=state.get("brick_text") or "",
             memories=state.get("memories") or []))
-        self._step(state, "robin", "ROBIN", text, round=rnd, problem=problem)
-        update: dict[str, Any] = {"robin_text": text,
-                                  "turns": [_turn("ROBIN", rnd, text, None, model_s, problem)]}
-        if problem:
-            update["problems"] = [problem]
+        self._step(state, "robin", "ROBIN", turn.text, round=rnd, problem=turn.problem,
+                   finish=turn.finish)
+        update: dict[str, Any] = {"robin_text": turn.text,
+                                  "turns": [_turn("ROBIN", rnd, turn, None)]}
+        if turn.problem:
+            update["problems"] = [turn.problem]
         return update
 
     def _measure(self, state: CognitiveState) -> dict[str, Any]:
         rnd = len(state.get("rounds") or []) + 1
         brick, robin = state.get("brick_text") or "", state.get("robin_text") or ""
         problem = None
-        try:
-            d = float(self.meter.between(brick, robin))
-        except Exception as e:
-            problem = f"dissonance could not be measured: {type(e).__name__}: {e}"
-            d = 1.0
+        d: float | None = None
+        basis = None
+        if brick and robin:
+            a, b = final_answer(brick), final_answer(robin)
+            if agree(brick, robin, state["task"]):
+                d, basis = 0.0, "the same final answer"
+            else:
+                try:
+                    d, basis = float(self.meter.between(a, b)), "final answers compared"
+                except Exception as e:
+                    problem = f"dissonance could not be measured: {type(e).__name__}: {e}"
         cog = self.settings.cognition
         if not brick and not robin:
             stop = "neither BRICK nor ROBIN gave a usable reply"
+        elif not brick or not robin:
+            stop = f"only {'BRICK' if brick else 'ROBIN'} gave a usable reply"
+        elif d is None:
+            stop = "dissonance could not be measured"
         elif d < cog.dissonance_threshold:
             stop = "converged"
         elif rnd >= cog.max_rounds:
             stop = "round limit"
         else:
             stop = None
-        self._step(state, "measure", None, f"dissonance {d:.3f}" + (f": {stop}" if stop else ""),
-                   round=rnd, dissonance=d, problem=problem, stop=stop)
+        shown = "dissonance n/a" if d is None else f"dissonance {d:.3f}"
+        self._step(state, "measure", None, shown + (f": {stop}" if stop else ""),
+                   round=rnd, dissonance=d, problem=problem, stop=stop, basis=basis)
         update: dict[str, Any] = {
             "dissonance": d, "stop": stop,
             "rounds": [{"round": rnd, "brick": brick, "robin": robin, "dissonance": d}]}
         if problem:
             update["problems"] = [problem]
         return update
-
-    @staticmethod
-    def _after_measure(state: CognitiveState) -> Literal["again", "synthesize"]:
-        return "synthesize" if state.get("stop") else "again"
 
     def _forge(self, state: CognitiveState) -> dict[str, Any]:
         request = dict(state.get("tool_request") or {})
@@ -495,51 +586,75 @@ class CognitiveGraph:
         return {"output": output}
 
     def _alfred_synthesize(self, state: CognitiveState) -> dict[str, Any]:
-        alfred = self.protos.get("ALFRED")
-        route = state.get("route") or DEFAULT_ROUTE
-        brick, robin = state.get("brick_text") or "", state.get("robin_text") or ""
+        if not state.get("rounds"):
+            return self._answer_alone(state)
         final_d = state.get("dissonance")
-        dialogue = bool(state.get("rounds"))
-        if dialogue and not brick and not robin:
+        brick, robin = state.get("brick_text") or "", state.get("robin_text") or ""
+        rounds = len(state.get("rounds") or [])
+        update: dict[str, Any] = {}
+        if not brick and not robin:
             reason = ("no usable reply from BRICK or ROBIN: "
                       + "; ".join(state.get("problems") or ["(no detail)"]))
             self._step(state, "alfred_synthesize", "ALFRED", "", dissonance=final_d,
                        problem=reason)
-            return {"status": "failed", "error": reason, "answer": ""}
-        if dialogue:
-            messages = prompts.synthesis_messages(alfred, state["task"], brick_said=brick,
-                                                  robin_said=robin,
-                                                  tool_result=state.get("tool_result"))
+            return {"status": "failed", "error": reason, "answer": "",
+                    "answer_source": "none"}
+        problem = None
+        if not brick or not robin:
+            who = "BRICK" if brick else "ROBIN"
+            text, source = brick or robin, f"fallback:{who}"
+            problem = f"only {who} gave a usable answer; it is the answer without a choice"
+        elif agree(brick, robin, state["task"]) or _clip(brick) == _clip(robin):
+            text, source = brick, "agreement"
         else:
-            messages = prompts.direct_messages(alfred, state["task"],
-                                               memories=state.get("memories") or [],
-                                               tool_result=state.get("tool_result"))
-        text, problem, model_s = self._speak("ALFRED", messages)
-        update: dict[str, Any] = {"turns": [_turn("ALFRED", "answer", text, final_d, model_s, problem)]}
+            alfred = self.protos.get("ALFRED")
+            options = {_clip(brick): "BRICK", _clip(robin): "ROBIN"}
+            d = self._decide(state, "alfred_synthesize", "answer",
+                             lambda cancel: decisions.decide_answer(
+                                 self.models, alfred, state["task"], list(options),
+                                 tool_result=state.get("tool_result"), cancel=cancel))
+            update["decisions"] = [{**d.record(), "value": options.get(d.value)}]
+            if d.parsed:
+                who = options[d.value]
+                text, source = (brick if who == "BRICK" else robin), f"choice:{who}"
+            else:
+                text, source = brick, "fallback:BRICK"
+                problem = f"{d.problem}; the answer is BRICK's, not ALFRED's choice"
+        self._step(state, "alfred_synthesize", "ALFRED", text, round=rounds,
+                   dissonance=final_d, problem=problem, source=source)
         if problem:
             update["problems"] = [problem]
-            if dialogue:        # recover: the dialogue itself is an answer
-                text = "\n\n".join(f"{p}: {t}" for p, t in (("BRICK", brick), ("ROBIN", robin)) if t)
-                problem += "; the answer is BRICK's and ROBIN's last words"
-            else:
-                self._step(state, "alfred_synthesize", "ALFRED", "", problem=problem)
-                return {**update, "status": "failed", "answer": "",
-                        "error": f"ALFRED could not answer: {problem}"}
-        self._step(state, "alfred_synthesize", "ALFRED", text,
-                   round=len(state.get("rounds") or []) or None, dissonance=final_d,
-                   problem=problem)
         high = self.settings.cognition.dissonance_high
-        if dialogue and final_d is not None and final_d > high:
+        if final_d is not None and final_d > high:
             meta = state.get("meta") or {}
             self.bus.publish("dissonance.high", {
                 "task_id": state.get("task_id"), "text": state["task"], "dissonance": final_d,
-                "rounds": len(state.get("rounds") or []),
-                "brick": state.get("brick_text") or "", "robin": state.get("robin_text") or "",
+                "rounds": rounds, "brick": brick, "robin": robin,
                 "origin": meta.get("origin") or ("reflection" if meta.get("kind") == "reflection" else None),
                 "meta": _plain(meta)})
-        return {**update, "answer": text, "status": "ok", "error": None}
+        return {**update, "answer": text, "answer_source": source, "status": "ok",
+                "error": None}
+
+    def _answer_alone(self, state: CognitiveState) -> dict[str, Any]:
+        """The direct route: ALFRED answers in his own words."""
+        alfred = self.protos.get("ALFRED")
+        turn = self._speak(state, "alfred_synthesize", "ALFRED", None, prompts.direct_messages(
+            alfred, state["task"], memories=state.get("memories") or [],
+            tool_result=state.get("tool_result")))
+        update: dict[str, Any] = {"turns": [_turn("ALFRED", "answer", turn, None)]}
+        if turn.problem:
+            self._step(state, "alfred_synthesize", "ALFRED", "", problem=turn.problem)
+            return {**update, "problems": [turn.problem], "status": "failed", "answer": "",
+                    "answer_source": "none", "error": f"ALFRED could not answer: {turn.problem}"}
+        self._step(state, "alfred_synthesize", "ALFRED", turn.text, source="alfred",
+                   finish=turn.finish)
+        return {**update, "answer": turn.text, "answer_source": "alfred", "status": "ok",
+                "error": None}
 
     def _remember(self, state: CognitiveState) -> dict[str, Any]:
+        run = self._runs.get(str(state.get("task_id")))
+        if run is not None and not run.owned:      # the last node: forget a Studio run
+            self._runs.pop(str(state.get("task_id")), None)
         if state.get("status") != "ok" or self.memory is None:
             why = "nothing to remember (the task failed)" if self.memory is not None else "memory is off"
             self._step(state, "remember", None, why)
@@ -552,7 +667,7 @@ class CognitiveGraph:
                 dissonance=state.get("dissonance"),
                 meta={**(state.get("meta") or {}), "route": state.get("route"), "rounds": len(rounds),
                       "stop": state.get("stop"), "brick": state.get("brick_text"),
-                      "robin": state.get("robin_text")})
+                      "robin": state.get("robin_text"), "source": state.get("answer_source")})
         except Exception as e:
             problem = f"memory write failed: {type(e).__name__}: {e}"
             log.warning("task %s: %s", state.get("task_id"), problem)
@@ -566,21 +681,27 @@ class CognitiveGraph:
 
 def _after_recall(state: CognitiveState) -> Literal["contrapunto", "direct", "tool"]:
     route = state.get("route")
-    return route if route in ROUTES else DEFAULT_ROUTE
+    return route if route in ROUTES else "contrapunto"
 
 
-def _after_brick(state: CognitiveState) -> Literal["forge", "robin"]:
-    if state.get("tool_request") and state.get("tool_result") is None:
-        return "forge"
-    return "robin"
+def _after_tool_request(state: CognitiveState) -> Literal["request", "none"]:
+    return "request" if state.get("tool_request") else "none"
+
+
+def _after_measure(state: CognitiveState) -> Literal["again", "synthesize"]:
+    return "synthesize" if state.get("stop") else "again"
 
 
 # -- small helpers ---------------------------------------------------------------------
 
-def _turn(persona: str, rnd: Any, text: str, dissonance: float | None, model_s: float,
-          problem: str | None) -> dict[str, Any]:
-    return {"persona": persona, "round": rnd, "text": text, "dissonance": dissonance,
-            "model_s": round(model_s, 6), "problem": problem}
+def _turn(persona: str, rnd: Any, turn: Turn, dissonance: float | None) -> dict[str, Any]:
+    return {"persona": persona, "round": rnd, "text": turn.text, "dissonance": dissonance,
+            "model_s": round(turn.model_s, 6), "problem": turn.problem,
+            "tokens": turn.tokens, "finish": turn.finish}
+
+
+def _clip(text: str) -> str:
+    return text.strip()[:CANDIDATE_CHARS]
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -648,56 +769,19 @@ def _result(values: dict[str, Any]) -> dict[str, Any]:
         "error": values.get("error") or (
             None if values.get("status") else "the graph stopped before an answer"),
         "answer": values.get("answer") or "",
+        "answer_source": values.get("answer_source"),
         "route": values.get("route"),
         "route_reason": values.get("route_reason"),
         "rounds": rounds,
         "final_dissonance": rounds[-1]["dissonance"] if rounds else None,
         "stop": values.get("stop"),
         "turns": turns,
+        "decisions": list(values.get("decisions") or []),
         "memories": list(values.get("memories") or []),
         "memory_id": values.get("memory_id"),
         "tool": values.get("tool_result"),
         "problems": list(values.get("problems") or []),
-        "model_s": round(sum(t.get("model_s") or 0.0 for t in turns), 6),
+        "model_s": round(sum(t.get("model_s") or 0.0 for t in turns)
+                         + sum(d.get("seconds") or 0.0 for d in values.get("decisions") or []), 6),
+        "tokens": sum(t.get("tokens") or 0 for t in turns),
     }
-
-
-# -- LangGraph CLI / Studio -------------------------------------------------------------
-
-class _Lazy:
-    """Attribute access forwarded to a part built on first use."""
-
-    def __init__(self, get: Callable[[], Any]) -> None:
-        self._get = get
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._get(), name)
-
-
-def make_graph(config: Any = None) -> Any:
-    """Compiled graph for ``langgraph.json`` (LangGraph CLI / Studio).
-
-    Loads settings only; the System (models, memory, personas) is built and started
-    the first time a node runs, so drawing the graph costs nothing. The LangGraph
-    server brings its own checkpointer, so this one is compiled without ours.
-    Input: ``{"task_id": "...", "task": "..."}``.
-    """
-    from a4ps.config import load_settings
-
-    settings = load_settings()
-    lock = threading.Lock()
-    holder: dict[str, Any] = {}
-
-    def system() -> Any:
-        with lock:
-            if "system" not in holder:
-                from a4ps.system import System
-                s = System(settings)
-                s.start()
-                holder["system"] = s
-            return holder["system"]
-
-    cg = CognitiveGraph(_Lazy(lambda: system().protos), _Lazy(lambda: system().models),
-                        _Lazy(lambda: system().memory), _Lazy(lambda: system().bus),
-                        settings, checkpointer_path=False)
-    return cg.compile()

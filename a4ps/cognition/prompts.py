@@ -1,38 +1,23 @@
-"""Prompt building for the contrapunto, and lenient parsing of what the models say back.
+"""Prompt building for the contrapunto and for the graph's decisions.
 
-The persona's *character* (system prompt, model, temperature) lives on its proto and
-is read at every call, so an edit in the inspector changes the next turn. This module
-only adds the task framing for each step. Every parser here assumes the reply may come
-from a 135M-parameter model: it reads leniently and falls back to a safe default
-rather than failing.
+The persona's *character* (system prompt, model, generation settings) lives on its
+proto and is read at every call, so an edit in the inspector changes the next turn.
+This module only adds the task framing for each step. The prompts are short and ask
+for the answer first: a 135M-parameter model follows a short instruction and loses a
+long one. Decisions (route, tool request, answer choice) are asked under constraint
+through :mod:`a4ps.cognition.decisions`; nothing here parses free text into a decision.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
 Message = dict[str, str]
 
-ROUTES = ("contrapunto", "direct", "tool")
-DEFAULT_ROUTE = "contrapunto"
-
-# words a model may use for each route (lower case)
-_ROUTE_WORDS = {
-    "direct": "direct", "directly": "direct", "simple": "direct",
-    "dialogue": "contrapunto", "dialog": "contrapunto", "contrapunto": "contrapunto",
-    "discuss": "contrapunto", "discussion": "contrapunto", "debate": "contrapunto",
-    "tool": "tool", "tools": "tool", "calculate": "tool", "calculation": "tool",
-}
-
-TOOL_INSTRUCTION = (
-    "If the task needs a precise computation that you cannot do reliably in your head, "
-    "ask for a tool by writing one line exactly like:\n"
-    "TOOL: snake_case_name - what the tool does\n"
-    "optionally followed by a line ARGS: {\"param\": value} with the arguments to call it "
-    "with. Otherwise do not mention tools."
-)
+ROUTES = ("direct", "contrapunto", "tool")
+ANSWER_FIRST = ("Answer in one or two short sentences, the answer first. If the task asks "
+                "for a format, follow it exactly.")
 
 
 def _system(proto: Any, extra: str = "") -> Message:
@@ -60,54 +45,65 @@ def _tool_block(tool_result: dict[str, Any] | None) -> str:
 
 
 def route_messages(alfred: Any, task: str) -> list[Message]:
+    """For ``models.choose`` over ROUTES: the option is scored as ALFRED's reply."""
     return [
         _system(alfred),
         {"role": "user", "content": (
             f"Task: {task}\n\n"
-            "How should this task be handled? Reply with one word:\n"
-            "DIRECT if it is a greeting or a simple question you can answer alone,\n"
-            "DIALOGUE if BRICK (logic) and ROBIN (empathy) should think it through,\n"
-            "TOOL if it needs a calculation or a tool.\nReply:")},
+            "How should this task be handled? Answer with one word:\n"
+            "direct - a greeting, or a question with a short factual answer;\n"
+            "contrapunto - it needs reasoning, advice or care, thought through from two views;\n"
+            "tool - it needs arithmetic, a unit conversion or another exact computation.")},
     ]
 
 
+def tool_request_messages(brick: Any, task: str) -> list[Message]:
+    """For ``models.structured`` under decisions.TOOL_REQUEST_SCHEMA."""
+    return [_system(brick), {"role": "user", "content": (
+        f"Task: {task}\n\n"
+        "Describe the small Python function that computes what this task needs: a "
+        "snake_case name, one sentence saying what it does, and the arguments (name and "
+        "value) to call it with for this task. Reply in JSON.")}]
+
+
 def brick_messages(brick: Any, task: str, *, memories: list[dict[str, Any]],
-                   robin_said: str | None, tool_result: dict[str, Any] | None,
-                   allow_tool: bool) -> list[Message]:
+                   robin_said: str | None, tool_result: dict[str, Any] | None) -> list[Message]:
     parts = [f"Task: {task}\n\n", _memories_block(memories), _tool_block(tool_result)]
     if robin_said:
-        parts.append(f"ROBIN answered your last analysis:\n{robin_said}\n\n"
-                     "Respond to ROBIN: keep what is right, correct what is not, and move "
-                     "toward an answer you both accept. A few sentences.")
+        parts.append(f"ROBIN answered:\n{robin_said}\n\n"
+                     "Check ROBIN's answer against your own. " + ANSWER_FIRST)
     else:
-        parts.append("Give your logical analysis of the task in a few sentences.")
-    return [_system(brick, TOOL_INSTRUCTION if allow_tool else ""),
-            {"role": "user", "content": "".join(parts)}]
+        parts.append(ANSWER_FIRST)
+    return [_system(brick), {"role": "user", "content": "".join(parts)}]
 
 
 def robin_messages(robin: Any, task: str, *, brick_said: str,
                    memories: list[dict[str, Any]]) -> list[Message]:
     said = brick_said or "(BRICK said nothing usable.)"
     return [_system(robin), {"role": "user", "content": (
-        f"Task: {task}\n\n{_memories_block(memories)}BRICK said:\n{said}\n\n"
-        "Give your view in a few sentences, with care for the people involved. "
-        "Say where you agree with BRICK and where you see it differently.")}]
+        f"Task: {task}\n\n{_memories_block(memories)}BRICK answered:\n{said}\n\n"
+        "Start with your own answer to the task in one short sentence. Then, in at most "
+        "two short sentences and with care for the people involved, say where you agree "
+        "with BRICK or see it differently.")}]
 
 
-def synthesis_messages(alfred: Any, task: str, *, brick_said: str, robin_said: str,
-                       tool_result: dict[str, Any] | None) -> list[Message]:
+def answer_choice_messages(alfred: Any, task: str,
+                           tool_result: dict[str, Any] | None = None) -> list[Message]:
+    """For ``models.choose`` over the dialogue's candidate answers."""
     return [_system(alfred), {"role": "user", "content": (
-        f"Task: {task}\n\n{_tool_block(tool_result)}"
-        f"BRICK (logic) said:\n{brick_said or '(nothing usable)'}\n\n"
-        f"ROBIN (empathy) said:\n{robin_said or '(nothing usable)'}\n\n"
-        "Write the final answer for the user, combining both views. A few sentences.")}]
+        f"{_tool_block(tool_result)}Task: {task}\n\nGive the best answer to this task.")}]
 
 
 def direct_messages(alfred: Any, task: str, *, memories: list[dict[str, Any]],
                     tool_result: dict[str, Any] | None = None) -> list[Message]:
+    """ALFRED alone (the direct route)."""
     return [_system(alfred), {"role": "user", "content": (
-        f"{_memories_block(memories)}{_tool_block(tool_result)}Task: {task}\n\n"
-        "Answer briefly and clearly.")}]
+        f"{_memories_block(memories)}{_tool_block(tool_result)}Task: {task}\n\n{ANSWER_FIRST}")}]
+
+
+def plain_messages(persona: Any, task: str) -> list[Message]:
+    """The persona's system prompt and the task as it was given: one plain call."""
+    return [_system(persona), {"role": "user", "content": task}]
 
 
 def retry_nudge(messages: list[Message], problem: str) -> list[Message]:
@@ -116,63 +112,6 @@ def retry_nudge(messages: list[Message], problem: str) -> list[Message]:
     out[-1]["content"] += (f"\n\n(Your previous reply was unusable: {problem}. "
                            "Reply in plain sentences.)")
     return out
-
-
-# -- parsing replies ---------------------------------------------------------------
-
-def parse_route(reply: Any) -> tuple[str, str]:
-    """(route, why). A short reply naming a route, or a reply naming exactly one route,
-    decides; anything else (empty, unrecognised, several routes as when a tiny model
-    echoes the options) gives the contrapunto, which is always a safe way to handle a
-    task."""
-    if not isinstance(reply, str) or not reply.strip():
-        return DEFAULT_ROUTE, "empty route reply; defaulting to the contrapunto"
-    words = re.findall(r"[a-z]+", reply.lower())
-    if words and words[0] in _ROUTE_WORDS and len(words) <= 3:
-        return _ROUTE_WORDS[words[0]], f"ALFRED said {words[0]!r}"
-    hits = {_ROUTE_WORDS[w] for w in words if w in _ROUTE_WORDS}
-    if len(hits) == 1:
-        route = hits.pop()
-        return route, f"ALFRED's reply names only {route}"
-    why = "ambiguous" if hits else "unrecognised"
-    return DEFAULT_ROUTE, f"{why} route reply {reply.strip()[:60]!r}; defaulting to the contrapunto"
-
-
-@dataclass
-class ToolRequest:
-    name: str
-    description: str
-    args: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "args": self.args}
-
-
-_TOOL_LINE = re.compile(r"^\s*TOOL\s*:\s*([A-Za-z_][A-Za-z0-9_]{1,63})\s*(?:[-:\u2013\u2014]\s*(.*))?$",
-                        re.MULTILINE | re.IGNORECASE)
-_ARGS_LINE = re.compile(r"^\s*ARGS\s*:\s*(\{.*\})\s*$", re.MULTILINE | re.IGNORECASE)
-
-
-def parse_tool_request(reply: str) -> ToolRequest | None:
-    """BRICK's ``TOOL: name - description`` (+ optional ``ARGS: {json}``) line, if any.
-
-    A placeholder copied from the prompt (``snake_case_name``) is not a request.
-    """
-    if not isinstance(reply, str):
-        return None
-    m = _TOOL_LINE.search(reply)
-    if not m or m.group(1).lower() in {"snake_case_name", "name"}:
-        return None
-    description = (m.group(2) or "").strip() or m.group(1).replace("_", " ")
-    args = None
-    a = _ARGS_LINE.search(reply, m.end())
-    if a:
-        try:
-            parsed = json.loads(a.group(1))
-            args = parsed if isinstance(parsed, dict) else None
-        except ValueError:
-            args = None
-    return ToolRequest(m.group(1).lower(), description, args)
 
 
 def reply_problem(reply: Any) -> str | None:

@@ -453,7 +453,10 @@ class PersonaFinetuner:
             base = next((e["model_name"] for e in reversed(chain) if e.get("is_base")), current_model)
             tag = f"a4ps-{persona.lower()}:v{version}"
             return self._ollama_backend().create_with_adapter(tag, base, adapter)
-        from ..models.embedded import adapter_model_id
+        from ..models.embedded import adapter_model_id, stage_adapter
+        # make it runnable on the embedded engine now (CTranslate2 merges + converts
+        # once), so neither the gate's judge nor the persona's next turn waits for it
+        stage_adapter(self.settings, adapter)
         return adapter_model_id(adapter)
 
     def _answer_with(self, proto):  # noqa: ARG002 - per-persona options may come later

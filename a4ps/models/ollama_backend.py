@@ -71,8 +71,16 @@ class OllamaBackend:
 
     # -- the raw API (what personas and the fine-tuner use directly) ----------
 
-    def _options(self, temperature, max_tokens, stop) -> dict[str, Any]:
+    def _options(self, temperature, max_tokens, stop, gen: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+        """Ollama's options: ``top_p``, ``top_k``, ``repetition_penalty`` (its
+        ``repeat_penalty``) and ``seed`` pass through; ``no_repeat_ngram_size`` has no
+        Ollama equivalent and is ignored."""
         opts: dict[str, Any] = {}
+        for ours, theirs in (("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
+                             ("repetition_penalty", "repeat_penalty")):
+            if (gen or {}).get(ours) is not None:
+                opts[theirs] = gen[ours]
         if temperature is not None:
             opts["temperature"] = float(temperature)
         if max_tokens is not None:
@@ -100,10 +108,10 @@ class OllamaBackend:
             if part.message and part.message.content:
                 yield part.message.content
 
-    def _stream_parts(self, model, messages, temperature, max_tokens, stop):
+    def _stream_parts(self, model, messages, temperature, max_tokens, stop, gen=None):
         it = self._call("chat", model, lambda: self.client.chat(
             model=model, messages=messages, stream=True,
-            options=self._options(temperature, max_tokens, stop),
+            options=self._options(temperature, max_tokens, stop, gen),
             keep_alive=self.cfg.keep_alive))
         try:
             for part in it:          # errors surface while iterating a stream
@@ -189,7 +197,7 @@ class OllamaBackend:
         pieces: list[str] = []
         tokens = 0
         finish = "eos"
-        for part in self._stream_parts(model, messages, temperature, max_tokens, stop):
+        for part in self._stream_parts(model, messages, temperature, max_tokens, stop, gen):
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"        # closing the stream stops Ollama generating
                 break

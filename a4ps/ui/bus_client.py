@@ -51,6 +51,8 @@ class CommandRunner:
         self._jobs: queue.Queue = queue.Queue()
         self._done: deque[tuple[Callback | None, Reply]] = deque()
         self._closed = False
+        self._unanswered = 0     # queued or being sent
+        self._count_lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="a4ps-ui-commands",
                                         daemon=True)
         self._thread.start()
@@ -60,11 +62,19 @@ class CommandRunner:
         """Queue ``cmd``; ``on_done(Reply)`` runs later on the thread that calls drain()."""
         if self._closed:
             raise RuntimeError("the command runner is closed; build a new one")
+        with self._count_lock:
+            self._unanswered += 1
         self._jobs.put((cmd, dict(args or {}), on_done, timeout or self._timeout))
 
     @property
     def pending(self) -> int:
-        return self._jobs.qsize()
+        """Commands not answered yet (queued, or on the wire)."""
+        return self._unanswered
+
+    @property
+    def idle(self) -> bool:
+        """No command waiting for an answer and no answer waiting for drain()."""
+        return self._unanswered == 0 and not self._done
 
     def drain(self, max_replies: int = 100) -> int:
         """Run up to ``max_replies`` finished callbacks here; returns how many ran."""
@@ -120,3 +130,5 @@ class CommandRunner:
                 log.exception("command %s failed in the client", cmd)
                 reply = Reply(cmd, False, code="client_error", message=f"{type(e).__name__}: {e}")
             self._done.append((cb, reply))
+            with self._count_lock:
+                self._unanswered -= 1

@@ -1,33 +1,41 @@
-"""The inspector: a proto's slots and methods, edited in place (right click a morph).
+"""Inspectors: a proto's slots and methods, edited in place, in floating windows.
 
-Each row edits one slot with an editor that fits its type (a check box for booleans,
-a line for numbers and text, JSON text for lists and dicts, a code field for method
-source). Text is parsed back to the slot's type here (see :mod:`a4ps.ui.values`); a
-value that doesn't parse never leaves the UI. The controller sends ``proto.update``;
-if the daemon refuses, the row shows the daemon's message and its old value. Lists
-and dicts can be drilled into; inherited slots are marked with the proto they come
-from, and editing one gives this proto its own slot (Self-style override).
+Right click a morph (or "inspect" on its halo) and its inspector opens on the desk:
+non-modal, movable, several at once, each refreshed as its proto changes (an edit
+being typed is left alone). Each row edits one slot with an editor that fits its type
+(a check box for booleans, a line for numbers and text, JSON text for lists and
+dicts); methods get a :class:`~a4ps.ui.codeeditor.CodeEditor`. Text is parsed back to
+the slot's type here (see :mod:`a4ps.ui.values`); a value that doesn't parse never
+leaves the UI. If the daemon refuses an edit the row shows why; a refused method keeps
+the code you wrote, with the line the error names marked. Lists and dicts can be
+drilled into; inherited slots are marked with the proto they come from, and editing
+one gives this proto its own slot (Self-style override).
 """
 from __future__ import annotations
 
 from typing import Any
 
+from kivy.metrics import dp
 from kivy.properties import (BooleanProperty, DictProperty, ListProperty, NumericProperty,
                              ObjectProperty, StringProperty)
 from kivy.uix.boxlayout import BoxLayout
 from kivy.uix.checkbox import CheckBox
-from kivy.uix.modalview import ModalView
 from kivy.uix.textinput import TextInput
 
 from . import values as V
+from .codeeditor import CodeEditor, error_line
+from .panels import FloatingPanel
+
+ROW_H = 34
+METHOD_EDITOR_H = 170
 
 
 class SlotRow(BoxLayout):
-    """One slot (or one nested item, or one method) of the inspected proto."""
+    """One slot (or one nested item) of the inspected proto."""
 
     key = StringProperty("")
     label = StringProperty("")
-    kind = StringProperty("text")       # values.kind_of(...) or "method"
+    kind = StringProperty("text")       # values.kind_of(...)
     inherited_from = StringProperty("")
     error = StringProperty("")
     drillable = BooleanProperty(False)
@@ -44,21 +52,17 @@ class SlotRow(BoxLayout):
         box = self.ids.editor_box
         box.clear_widgets()
         if self.kind == "bool":
-            self.editor = CheckBox(active=bool(self.value), size_hint_x=None, width=40)
+            self.editor = CheckBox(active=bool(self.value), size_hint_x=None, width=dp(40))
             self.editor.bind(active=lambda _c, _v: self.commit())
         else:
-            multiline = self.kind == "method" or (
-                self.kind == "text" and ("\n" in self.value or len(self.value) > 60))
-            text = self.value if self.kind == "method" else V.format_value(self.value)
-            self.editor = TextInput(text=text, multiline=multiline,
+            multiline = self.kind == "text" and ("\n" in self.value or len(self.value) > 60)
+            self.editor = TextInput(text=V.format_value(self.value), multiline=multiline,
                                     readonly=self.kind == "ref", write_tab=False,
-                                    font_name="RobotoMono-Regular" if self.kind == "method"
-                                    else "Roboto",
                                     font_size="12sp")
             if not multiline:
                 self.editor.bind(on_text_validate=lambda *_: self.commit())
         box.add_widget(self.editor)
-        self.height = 150 if getattr(self.editor, "multiline", False) else 34
+        self.height = dp(96) if getattr(self.editor, "multiline", False) else dp(ROW_H)
 
     @property
     def text(self) -> str:
@@ -67,11 +71,17 @@ class SlotRow(BoxLayout):
         return self.editor.text
 
     def reset(self) -> None:
-        """Show the value the daemon holds again (after a refused edit)."""
+        """Show the value the daemon holds again."""
         if isinstance(self.editor, CheckBox):
             self._build_editor()
         else:
-            self.editor.text = self.value if self.kind == "method" else V.format_value(self.value)
+            self.editor.text = V.format_value(self.value)
+
+    def refused(self, message: str) -> None:
+        """A refused value goes back to what the daemon holds (the message quotes
+        what was typed)."""
+        self.error = message
+        self.reset()
 
     def commit(self) -> None:
         if self.inspector is not None:
@@ -82,12 +92,62 @@ class SlotRow(BoxLayout):
             self.inspector.drill(self.path)
 
 
-class Inspector(ModalView):
-    """A proto's slots; ``show_proto`` refreshes it from ``proto.get`` data."""
+class MethodRow(BoxLayout):
+    """One method: its source in a code editor, Set and Revert."""
+
+    key = StringProperty("")
+    label = StringProperty("")
+    kind = StringProperty("method")
+    inherited_from = StringProperty("")
+    error = StringProperty("")
+    drillable = BooleanProperty(False)
+    dirty = BooleanProperty(False)       # the editor holds text the daemon doesn't have
+    inspector = ObjectProperty(None, allownone=True)
+    editor = ObjectProperty(None, allownone=True)
+
+    def __init__(self, value: str = "", path: tuple = (), **kw):
+        super().__init__(**kw)
+        self.value = value
+        self.path = path
+        self.editor = CodeEditor(text=value)
+        self.ids.editor_box.add_widget(self.editor)
+        self.editor.bind(text=self._typed)
+        self.height = dp(METHOD_EDITOR_H + 48)
+
+    @property
+    def text(self) -> str:
+        return self.editor.text
+
+    def _typed(self, _inst: Any, text: str) -> None:
+        self.dirty = text != self.value
+
+    def reset(self) -> None:
+        self.editor.text = self.value
+        self.editor.mark_error(None)
+        self.error = ""
+        self.dirty = False
+
+    def refused(self, message: str) -> None:
+        """Keep the user's code; say why and mark the line the error names."""
+        self.error = message
+        self.editor.mark_error(error_line(message))
+        self.dirty = self.editor.text != self.value
+
+    def commit(self) -> None:
+        if self.inspector is not None:
+            self.inspector.commit_row(self)
+
+    def drill(self) -> None:
+        pass
+
+
+class Inspector(FloatingPanel):
+    """A proto's slots in a floating window; ``show_proto`` refreshes it."""
 
     proto_name = StringProperty("")
     proto_version = NumericProperty(0)
     parent_name = StringProperty("")
+    activity = StringProperty("")        # what the persona is doing (one source: activity)
     crumb = StringProperty("")
     error = StringProperty("")
     busy = BooleanProperty(False)
@@ -96,9 +156,15 @@ class Inspector(ModalView):
     controller = ObjectProperty(None, allownone=True)
 
     def __init__(self, **kw):
-        kw.setdefault("auto_dismiss", False)  # a closing click must not be swallowed
+        kw.setdefault("size", (dp(500), dp(480)))
         super().__init__(**kw)
-        self.rows: dict[str, SlotRow] = {}
+        self.rows: dict[str, SlotRow | MethodRow] = {}
+        self.bind(proto_name=self._title, proto_version=self._title, parent_name=self._title)
+        self._title()
+
+    def _title(self, *_: Any) -> None:
+        self.title = f"{self.proto_name}  v{self.proto_version}" + (
+            f"  (parent: {self.parent_name})" if self.parent_name else "")
 
     # -- showing -------------------------------------------------------------------
     def show_proto(self, data: dict) -> None:
@@ -107,6 +173,7 @@ class Inspector(ModalView):
         self.proto_name = data.get("name", "")
         self.proto_version = int(data.get("version") or 0)
         self.parent_name = data.get("parent") or ""
+        self.busy = False
         if self.path and self.path[0] not in self._all_slots():
             self.path = []
         if not (same and self._refresh_in_place()):
@@ -129,7 +196,10 @@ class Inspector(ModalView):
             if row.value == value and row.inherited_from == owner:
                 continue
             row.value, row.inherited_from = value, owner
-            if not getattr(row.editor, "focus", False):
+            if row.kind == "method":
+                if not row.dirty and not row.editor.focus:
+                    row.reset()
+            elif not getattr(row.editor, "focus", False):
                 row.reset()
         return True
 
@@ -172,6 +242,9 @@ class Inspector(ModalView):
         return out
 
     def rebuild(self) -> None:
+        # code being written survives a rebuild (another slot appeared, say)
+        unsaved = {k: (r.text, r.error) for k, r in self.rows.items()
+                   if isinstance(r, MethodRow) and r.dirty}
         self.ids.rows.clear_widgets()
         self.rows = {}
         specs = self._row_specs()
@@ -181,14 +254,22 @@ class Inspector(ModalView):
         self.crumb = V.path_label(self.proto_name, self.path[0], tuple(self.path[1:])) \
             if self.path else self.proto_name
         for spec in specs:
-            self._add_row(*spec)
+            row = self._add_row(*spec)
+            if spec[0] in unsaved and isinstance(row, MethodRow):
+                row.editor.text, error = unsaved[spec[0]]
+                if error:
+                    row.refused(error)
 
     def _add_row(self, key: str, label: str, value: Any, path: tuple, owner: str,
-                 kind: str | None = None) -> SlotRow:
-        kind = kind or V.kind_of(value)
-        row = SlotRow(value=value, path=path, key=key, label=label, kind=kind,
-                      inherited_from=owner, inspector=self,
-                      drillable=kind in ("list", "dict") and bool(value))
+                 kind: str | None = None) -> SlotRow | MethodRow:
+        if kind == "method":
+            row: SlotRow | MethodRow = MethodRow(value=value, path=path, key=key, label=label,
+                                                 inherited_from=owner, inspector=self)
+        else:
+            kind = kind or V.kind_of(value)
+            row = SlotRow(value=value, path=path, key=key, label=label, kind=kind,
+                          inherited_from=owner, inspector=self,
+                          drillable=kind in ("list", "dict") and bool(value))
         self.ids.rows.add_widget(row)
         self.rows[key] = row
         return row
@@ -204,16 +285,19 @@ class Inspector(ModalView):
             self.rebuild()
 
     # -- editing -------------------------------------------------------------------
-    def commit_row(self, row: SlotRow) -> None:
+    def commit_row(self, row: SlotRow | MethodRow) -> None:
         """Parse the row's text and send it; a parse error stays local."""
-        row.error = ""
         self.error = ""
         slot = row.path[0]
         if row.kind == "method":
+            row.error = ""
+            row.editor.mark_error(None)
             if self.controller is not None:
                 self.busy = True
-                self.controller.update_proto(self.proto_name, methods={slot: row.text},
-                                             on_error=lambda msg: self._refused(row, msg))
+                self.controller.update_proto(
+                    self.proto_name, methods={slot: row.text},
+                    on_error=lambda msg: self._refused(row, msg),
+                    on_ok=lambda: self._accepted(row))
             return
         try:
             new = V.parse_value(row.text, row.value)
@@ -226,15 +310,25 @@ class Inspector(ModalView):
             self.busy = True
             self.controller.update_proto(self.proto_name, slots={slot: value},
                                          expected_version=self.proto_version,
-                                         on_error=lambda msg: self._refused(row, msg))
+                                         on_error=lambda msg: self._refused(row, msg),
+                                         on_ok=lambda: self._accepted(row))
 
-    def _refused(self, row: SlotRow, message: str) -> None:
+    def _accepted(self, row: SlotRow | MethodRow) -> None:
         self.busy = False
-        row.error = message
+        row.error = ""
+        if row.kind == "method":
+            row.dirty = False
+        if self.error.startswith(row.label + ":"):
+            self.error = ""
+
+    def _refused(self, row: SlotRow | MethodRow, message: str) -> None:
+        self.busy = False
         self.error = f"{row.label}: {message}"
-        row.reset()
+        row.refused(message)
+        if row.parent is not None:
+            self.ids.rows_scroll.scroll_to(row, padding=dp(8), animate=False)
 
     def close(self) -> None:
-        self.dismiss()
+        super().close()
         if self.controller is not None:
             self.controller.inspector_closed(self)

@@ -1,7 +1,8 @@
 """`a4ps ui`: find (or start) the daemon, then run the Kivy client.
 
 Kept free of Kivy imports at module level: Kivy reads its environment (argv parsing,
-KIVY_HOME) when first imported, so that is set here before :mod:`a4ps.ui.app` loads.
+KIVY_HOME) when first imported, so that is set here before :mod:`a4ps.ui.app` loads,
+and the window's settings (:mod:`a4ps.ui.window`) go in before the window opens.
 Closing the window leaves the daemon running, unless this launcher started it and
 ``stop_daemon_on_exit`` is set.
 """
@@ -118,6 +119,10 @@ def run_ui(settings: Any, *, stop_daemon_on_exit: bool = False, start: bool = Tr
         if started is not None and stop_daemon_on_exit:
             stop_daemon(started)
         return 2
+    from . import window
+    # before Kivy opens its window: the last size and position, no multitouch
+    # emulation, Esc does not quit
+    window.configure(window.load(window.path_for(settings.data_dir)))
     from .app import MorphicApp
     try:
         MorphicApp(settings).run()

@@ -171,3 +171,79 @@ def diff_markup(current: str, proposed: str) -> str:
 
 def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("[", "&bl;").replace("]", "&br;")
+
+
+def changes_line(changes: Any) -> str:
+    """A snapshot's ``changes`` dict as one line ("3 protos changed, codex v4")."""
+    if not isinstance(changes, dict) or not changes:
+        return ""
+    parts = []
+    for key, value in changes.items():
+        if isinstance(value, (list, tuple, set)):
+            if value:
+                parts.append(f"{key}: {', '.join(str(v) for v in list(value)[:4])}"
+                             + ("\u2026" if len(value) > 4 else ""))
+        elif isinstance(value, dict):
+            if value:
+                parts.append(f"{key}: {', '.join(str(k) for k in list(value)[:4])}")
+        elif value not in (None, "", 0, False):
+            parts.append(f"{key} {value}")
+    return "; ".join(parts)
+
+
+def image_diff_markup(diff: Any) -> str:
+    """``image.diff``'s result as Kivy markup: what the snapshot had (red) and what the
+    live image has now (green), per proto slot and method, then codex and tools."""
+    if not isinstance(diff, dict):
+        return "[color=9aa3ad]no differences reported[/color]"
+    out: list[str] = []
+    protos = diff.get("protos") if isinstance(diff.get("protos"), dict) else {}
+    added, removed = protos.get("added") or [], protos.get("removed") or []
+    changed = protos.get("changed") if isinstance(protos.get("changed"), dict) else {}
+    if added:
+        out.append("[b]protos only in the live image:[/b] " + _escape(", ".join(map(str, added))))
+    if removed:
+        out.append("[b]protos only in the snapshot:[/b] " + _escape(", ".join(map(str, removed))))
+    for name in sorted(changed):
+        c = changed[name] if isinstance(changed[name], dict) else {}
+        out.append(f"[b]{_escape(str(name))}[/b]")
+        parent = c.get("parent") if isinstance(c.get("parent"), dict) else None
+        if parent:
+            out.append(f"  parent: [color=ff7a7a]{_escape(str(parent.get('before')))}[/color]"
+                       f" \u2192 [color=7aff8a]{_escape(str(parent.get('after')))}[/color]")
+        for kind in ("slots", "methods"):
+            items = c.get(kind) if isinstance(c.get(kind), dict) else {}
+            for key in sorted(items):
+                d = items[key] if isinstance(items[key], dict) else {}
+                label = f"{key}()" if kind == "methods" else key
+                out.append(f"  {_escape(label)}:")
+                before, after = d.get("before"), d.get("after")
+                if kind == "methods" and isinstance(before, str) and isinstance(after, str):
+                    out.append("    " + diff_markup(before, after).replace("\n", "\n    "))
+                else:
+                    out.append(f"    [color=ff7a7a]snapshot: {_escape(_shown(before))}[/color]")
+                    out.append(f"    [color=7aff8a]now:      {_escape(_shown(after))}[/color]")
+    codex = diff.get("codex") if isinstance(diff.get("codex"), dict) else {}
+    if codex and (codex.get("changed") or codex.get("before_version") != codex.get("after_version")):
+        out.append(f"[b]codex[/b] v{codex.get('before_version')} in the snapshot, "
+                   f"v{codex.get('after_version')} now")
+        for item in codex.get("changed") or []:
+            if isinstance(item, dict):
+                out.append(f"  {_escape(str(item.get('persona')))}."
+                           f"{_escape(str(item.get('principle')))}:")
+                out.append(f"    [color=ff7a7a]snapshot: {_escape(_shown(item.get('before')))}"
+                           "[/color]")
+                out.append(f"    [color=7aff8a]now:      {_escape(_shown(item.get('after')))}"
+                           "[/color]")
+            else:
+                out.append("  " + _escape(short(item, 160)))
+    tools = diff.get("tools") if isinstance(diff.get("tools"), dict) else {}
+    for key, what in (("added", "tools forged since"), ("removed", "tools since removed")):
+        if tools.get(key):
+            out.append(f"[b]{what}:[/b] " + _escape(", ".join(map(str, tools[key]))))
+    return "\n".join(out) if out else "[color=9aa3ad]identical to the live image[/color]"
+
+
+def _shown(value: Any) -> str:
+    """A slot value in a diff; a slot that does not exist (None) says so."""
+    return "(not set here)" if value is None else short(value, 120)

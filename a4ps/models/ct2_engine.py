@@ -1,0 +1,80 @@
+"""The CTranslate2 token engine: the embedded default (int8, about llama.cpp's speed).
+
+CTranslate2 ships as a manylinux wheel (no compiler at install), quantizes to int8
+when the model is converted, runs the KV cache in C++ and streams tokens through
+``generate_tokens`` (closing the iterator stops the decoding). It has no run-time
+LoRA, so an adapter is merged and converted once (see :mod:`a4ps.models.ct2_convert`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from a4ps.models.engine import Sampling
+from a4ps.models.errors import ModelLoadError
+from a4ps.models.threads import apply_openmp_policy
+from a4ps.models.tokens import ChatTokenizer
+
+
+class CT2Engine:
+    """A converted CTranslate2 generator plus the tokenizer that maps ids to its vocab."""
+
+    name = "ctranslate2"
+
+    def __init__(self, model_dir: Path, tok: ChatTokenizer, *, threads: int = 1,
+                 compute_type: str = "int8") -> None:
+        apply_openmp_policy()          # before the first import loads its OpenMP runtime
+        import ctranslate2
+        try:
+            self.generator = ctranslate2.Generator(
+                str(model_dir), device="cpu", compute_type=compute_type,
+                inter_threads=1, intra_threads=max(1, int(threads)))
+        except Exception as e:
+            raise ModelLoadError(f"could not load the CTranslate2 model in {model_dir} ({e}); "
+                                 f"delete that directory and it will be converted again") from e
+        self.tok = tok
+        self.model_dir = Path(model_dir)
+
+    def _strings(self, ids: Sequence[int]) -> list[str]:
+        return self.tok.token_strings(ids)
+
+    def stream(self, ids: list[int], *, max_new: int, sampling: Sampling) -> Iterator[int]:
+        kw = dict(max_length=int(max_new), end_token=sorted(self.tok.end_ids),
+                  repetition_penalty=float(sampling.repetition_penalty),
+                  no_repeat_ngram_size=int(sampling.no_repeat_ngram_size))
+        if sampling.greedy:
+            kw.update(sampling_topk=1)
+        else:
+            kw.update(sampling_topk=int(sampling.top_k or 0), sampling_topp=float(sampling.top_p),
+                      sampling_temperature=float(sampling.temperature))
+        steps = self.generator.generate_tokens(self._strings(ids), **kw)
+        try:
+            for step in steps:
+                yield int(step.token_id)
+        finally:
+            steps.close()       # stops the decoding thread at its next step
+
+    def score(self, prefix: list[int], continuations: Sequence[list[int]]) -> list[list[float]]:
+        """Prefill dominates the cost (it is compute-bound: n sequences cost n
+        prefills), so continuations that differ only in their last token share one
+        forward pass over ``prefix + stem``: its log-probabilities at every position
+        give the stem's tokens, and the last row gives every last token at once
+        ("yes"/"no", " 1".." 9", "true"/"false" each cost a single pass)."""
+        import numpy as np
+        out: list[list[float]] = [[] for _ in continuations]
+        stems: dict[tuple[int, ...], list[int]] = {}
+        for i, c in enumerate(continuations):
+            if c:
+                stems.setdefault(tuple(c[:-1]), []).append(i)
+        n = len(prefix)
+        for stem, members in stems.items():
+            logp = np.asarray(self.generator.forward_batch(
+                [self._strings(prefix + list(stem))], return_log_probs=True))[0]
+            head = [float(logp[n - 1 + j, t]) for j, t in enumerate(stem)]
+            last = logp[n - 1 + len(stem)]
+            for i in members:
+                out[i] = head + [float(last[continuations[i][-1]])]
+        return out
+
+    def close(self) -> None:
+        self.generator = None

@@ -1,0 +1,249 @@
+"""The UI's plain rules, without a window: layout, activity, task records, the daemon's
+step buffer, diff text, window geometry."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from a4ps.step_buffer import StepBuffer
+from a4ps.ui import layout as L
+from a4ps.ui import values as V
+from a4ps.ui import window as W
+from a4ps.ui.activity import ActivityModel, GraphShape
+from a4ps.ui.codeeditor import error_line
+from a4ps.ui.tasklog import TaskRecord
+
+from test_ui import GRAPH
+
+
+def overlaps(a, b):
+    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
+
+
+@pytest.mark.parametrize("size", [(480, 470), (790, 680), (1400, 950)])
+def test_layout_flows_top_left_inside_without_overlap(size):
+    w, h = size
+    boxes = [L.Box(n, 208, 124) for n in ("ALFRED", "BRICK", "ROBIN")] + \
+        [L.Box("tool:fib", 208, 80)]
+    spots = L.place(boxes, w, h)
+    assert spots["ALFRED"] == (L.MARGIN, L.MARGIN)
+    rects = {n: (x, y, x + b.width, y + b.height) for b in boxes for n, (x, y) in
+             [(b.name, spots[b.name])]}
+    for r in rects.values():
+        assert 0 <= r[0] and r[2] <= w and 0 <= r[1] and r[3] <= h
+    for a, b in itertools.combinations(rects.values(), 2):
+        assert not overlaps(a, b)
+
+
+def test_layout_keeps_saved_spots_inside_and_flows_around_them():
+    boxes = [L.Box("A", 200, 100, (5000, 5000)), L.Box("B", 200, 100, (12, 12)),
+             L.Box("C", 200, 100)]
+    spots = L.place(boxes, 600, 400)
+    assert spots["A"] == (400, 300)               # pulled back into view
+    assert spots["B"] == (12, 12)
+    c = spots["C"]
+    assert not overlaps((*c, c[0] + 200, c[1] + 100), (12, 12, 212, 112))
+    assert L.saved_spot({"left": 3, "top": 4.5}) == (3.0, 4.5)
+    assert L.saved_spot([360, 420]) is None and L.saved_spot({"left": True, "top": 1}) is None
+
+
+def test_graph_shape_picks_the_next_node():
+    g = GraphShape(GRAPH)
+    assert g.next_node("alfred_route", {}, None) == "recall"
+    assert g.next_node("recall", {}, "contrapunto") == "brick"
+    assert g.next_node("recall", {}, "direct") == "alfred_synthesize"
+    assert g.next_node("brick", {"tool_request": {"name": "x"}}, None) == "forge"
+    assert g.next_node("brick", {"tool_request": None}, None) == "robin"
+    assert g.next_node("measure", {"stop": None}, None) == "brick"
+    assert g.next_node("measure", {"stop": "converged"}, None) == "alfred_synthesize"
+    assert g.next_node("remember", {}, None) is None
+    cols = g.layers()
+    assert cols[0] == ["__start__"] and cols[-1] == ["__end__"]
+    flat = [n for c in cols for n in c]
+    assert flat.index("recall") < flat.index("brick") < flat.index("measure") \
+        < flat.index("alfred_synthesize")
+    assert ("measure", "brick") in g.back_edges()
+
+
+def test_activity_names_who_is_doing_what():
+    a = ActivityModel(GraphShape(GRAPH))
+    a.on_step({"task_id": "t", "node": "alfred_route", "persona": "ALFRED",
+               "text": "contrapunto", "route": "contrapunto"})
+    assert a.node == "recall" and a.speaker == "" and a.label("ALFRED") == "idle"
+    changed = a.on_step({"task_id": "t", "node": "recall", "persona": None, "text": "x"})
+    assert changed == {"BRICK"} and a.label("BRICK") == "BRICK \u00b7 round 1 \u00b7 thinking"
+    a.on_token({"task_id": "t", "node": "brick", "persona": "BRICK", "round": 1, "text": "Hi"})
+    assert a.status("BRICK") == "speaking"
+    a.on_step({"task_id": "t", "node": "brick", "persona": "BRICK", "round": 1})
+    assert a.label("ROBIN") == "ROBIN \u00b7 round 1 \u00b7 thinking" and a.status("BRICK") == "idle"
+    a.on_model_loading("m")
+    assert a.status("ROBIN") == "loading model" and a.status("BRICK") == "idle"
+    a.on_model_loaded()
+    a.on_step({"task_id": "t", "node": "robin", "persona": "ROBIN", "round": 1})
+    a.on_step({"task_id": "t", "node": "measure", "round": 1, "stop": None})
+    assert a.label("BRICK") == "BRICK \u00b7 round 2 \u00b7 thinking"
+    a.on_step({"task_id": "t", "node": "measure", "round": 2, "stop": "converged"})
+    assert a.label("ALFRED") == "ALFRED \u00b7 answering"
+    a.on_finetune("ROBIN", True)
+    a.on_end("t")
+    assert a.label("ALFRED") == "idle" and a.status("ROBIN") == "fine-tuning"
+
+
+def test_task_record_concatenates_tokens_in_order_once():
+    rec = TaskRecord("t")
+    for i, piece in enumerate(["Hel", "lo", " there"], 1):
+        assert rec.apply_token({"node": "brick", "persona": "BRICK", "round": 1,
+                                "text": piece, "seq": i}, 100.0 + i, 10 + i)
+    assert rec.partial.text == "Hello there"
+    assert not rec.apply_token({"node": "brick", "persona": "BRICK", "round": 1,
+                                "text": "lo", "seq": 2}, 200.0, 0)     # a repeat
+    assert not rec.apply_token({"node": "brick", "text": "x", "seq": 9}, 200.0, 12)  # seen
+    turn = rec.apply_step({"node": "brick", "persona": "BRICK", "round": 1,
+                           "text": "Hello there"}, 104.0, 14)
+    assert turn.text == "Hello there" and rec.partial is None
+    t = rec.timeline[-1]
+    assert t.node == "brick" and t.tokens == pytest.approx(len("Hello there") / 4)
+    assert t.tokens_per_s is not None
+
+
+def test_task_record_rebuilds_from_task_steps():
+    rec = TaskRecord("t", started=10.0)
+    rec.rebuild({"steps": [{"node": "alfred_route", "persona": "ALFRED", "text": "contrapunto",
+                            "seq": 3, "ts": 11.0},
+                           {"node": "recall", "persona": None, "text": "nothing", "seq": 4,
+                            "ts": 12.5}],
+                 "partial": {"node": "brick", "persona": "BRICK", "round": 1,
+                             "text": "So far", "token_seq": 7, "tokens": 3, "seq": 9},
+                 "seq": 9, "status": "running"})
+    assert [t.node for t in rec.turns] == ["alfred_route", "recall"]
+    assert [t.seconds for t in rec.timeline] == [1.0, 1.5]
+    assert rec.partial.text == "So far" and rec.partial.token_seq == 7
+    assert rec.seen(9) and not rec.seen(10)
+    assert not rec.apply_token({"node": "brick", "persona": "BRICK", "round": 1,
+                                "text": " dup", "seq": 7}, 13.0, 10)
+    assert rec.apply_token({"node": "brick", "persona": "BRICK", "round": 1,
+                            "text": " more", "seq": 8}, 13.0, 11)
+    assert rec.partial.text == "So far more"
+
+
+def test_step_buffer_keeps_steps_and_the_partial_turn():
+    buf = StepBuffer(max_tasks=2)
+    buf.record("task.queued", {"task_id": "a", "text": "q"}, 1, 1.0)
+    buf.record("task.step", {"task_id": "a", "node": "alfred_route", "persona": "ALFRED",
+                             "text": "contrapunto"}, 2, 2.0)
+    for i, piece in enumerate(["Log", "ic", "."], 1):
+        buf.record("task.token", {"task_id": "a", "node": "brick", "persona": "BRICK",
+                                  "round": 1, "text": piece, "seq": i, "tokens": 1}, 2 + i, 3.0)
+    buf.record("task.token", {"task_id": "a", "node": "brick", "persona": "BRICK", "round": 1,
+                              "text": "ic", "seq": 2}, 6, 3.0)          # repeated: ignored
+    buf.record("heartbeat", {"task_id": "a"}, 7, 3.0)                  # not a task topic
+    got = buf.get("a")
+    assert [s["node"] for s in got["steps"]] == ["alfred_route"]
+    assert got["steps"][0]["seq"] == 2 and got["steps"][0]["ts"] == 2.0
+    assert got["partial"]["text"] == "Logic." and got["partial"]["tokens"] == 3
+    assert got["seq"] == 6 and got["status"] == "running"
+    buf.record("task.step", {"task_id": "a", "node": "brick", "persona": "BRICK",
+                             "text": "Logic."}, 8, 4.0)
+    assert buf.get("a")["partial"] is None
+    buf.record("task.done", {"task_id": "a", "answer": "x"}, 9, 5.0)
+    assert buf.get("a")["status"] == "done" and buf.get("a")["seq"] == 8
+    buf.record("task.queued", {"task_id": "b"}, 10, 5.0)
+    buf.record("task.queued", {"task_id": "c"}, 11, 5.0)
+    assert buf.get("a") is None and buf.get("c") is not None       # bounded
+
+
+def test_snapshot_diff_markup_says_snapshot_and_now():
+    text = V.image_diff_markup({
+        "protos": {"added": ["ROBIN_2"], "removed": [], "changed": {
+            "BRICK": {"slots": {"temperature": {"before": 0.7, "after": 0.2}},
+                      "methods": {"hello": {"before": "def hello(self):\n    return 1\n",
+                                            "after": "def hello(self):\n    return 2\n"}}}}},
+        "codex": {"before_version": 3, "after_version": 4, "changed": [
+            {"persona": "ROBIN", "principle": "care", "before": "Be kind.", "after": "Be bold."}]},
+        "tools": {"added": ["fib"], "removed": []}})
+    assert "ROBIN_2" in text and "snapshot: 0.7" in text and "now:      0.2" in text
+    assert "- " in text and "return 2" in text and "v3 in the snapshot, v4 now" in text
+    assert "ROBIN.care" in text and "snapshot: Be kind." in text
+    assert "fib" in text
+    assert V.image_diff_markup({}) == "[color=9aa3ad]identical to the live image[/color]"
+    assert V.changes_line({"protos": ["BRICK", "ROBIN"], "codex": 0}) == "protos: BRICK, ROBIN"
+
+
+def test_error_line_is_read_from_the_message():
+    assert error_line("invalid_args: method 'hello': syntax error at line 3: '(' was never "
+                      "closed") == 3
+    assert error_line("no line here") is None
+
+
+def test_window_geometry_is_saved_and_loaded(tmp_path):
+    path = W.path_for(tmp_path)
+    assert W.load(path) == W.Geometry()
+    W.save(path, W.Geometry(1000, 700, 40, 60))
+    assert W.load(path) == W.Geometry(1000, 700, 40, 60)
+    W.save(path, W.Geometry(100, 100))                   # never below 800x600
+    assert (W.load(path).width, W.load(path).height) == W.MIN_SIZE
+    path.write_text("{broken")
+    assert W.load(path) == W.Geometry()
+
+
+def test_display_refresh_batches_due_regions_and_slows_down_when_drawing_costs():
+    from a4ps.ui.refresh import DisplayRefresh
+    d = DisplayRefresh({"a": 0.1, "b": 0.1}, max_interval=0.3)
+    w1, w2 = object(), object()
+    d.stage("a", w1, {"x": 1}, at=100.0)
+    d.stage("a", w1, {"x": 2, "y": 3}, at=100.5)       # the latest value wins
+    d.stage("b", w2, {"x": 9}, at=100.2)
+    assert d.staged_value(w1, "x", None) == 2 and not d.settled
+    assert d.due(now=1000.0, wall=100.3) == ["a", "b"]
+    assert d.take("a", wall=100.4) == [(w1, {"x": 2, "y": 3})]
+    d.applied("a", now=1000.0)
+    assert d.max_staleness_s == pytest.approx(0.4)
+    d.stage("a", w1, {"x": 4}, at=100.45)
+    assert d.due(now=1000.05, wall=100.5) == ["b"]     # a: refreshed 0.05 s ago
+    d.measured(["a"], 0.2)                             # a's frames cost 0.2 s to draw
+    assert d.interval("a") == 0.3                      # 3 x cost, capped at max_interval
+    assert d.due(now=1000.2, wall=100.6) == ["b"]
+    assert "a" in d.due(now=1000.2, wall=100.8)        # but never staler than 0.3 s
+    d.mark("log", 101.0) if "log" in d.base else None
+
+
+def test_scene_repaints_only_what_shows_in_damaged_tiles():
+    from a4ps.ui.damage import BACKGROUND, Scene
+    sc = Scene(tile=10)
+    sc.resize(40, 30)
+    assert len(sc.take()) == 12                              # a new canvas: all of it
+    sc.put("low", (0, 0, 30, 20), (0, 0, 30, 20))
+    sc.put("top", (5, 5, 25, 15), (5, 5, 25, 15))
+    tiles = sc.take()
+    assert tiles == {(i, j) for i in range(3) for j in range(2)}
+    plan = sc.plan({(1, 1)})            # tile (10..20, 10..20): "low" covers it whole
+    assert [k for k, _ in plan] == ["low", "top"]
+    assert plan[1][1] == (10, 10, 20, 15)                    # clipped to the tile
+    sc.put("cover", (0, 0, 40, 30), (0, 0, 40, 30))          # on top of everything
+    plan = sc.plan(sc.take())
+    assert {k for k, _ in plan} == {"cover"}                 # nothing below can show
+    sc.remove("cover")
+    plan = sc.plan(sc.take())
+    assert plan[0][0] is BACKGROUND and {"low", "top"} <= {k for k, _ in plan}
+    keys = [k for k, _ in plan]
+    assert keys.index("top") > max(i for i, k in enumerate(keys) if k == "low")
+    sc.raise_("low")
+    assert sc.order == ["top", "low"] and sc.dirty
+
+
+def test_morph_picture_is_composed_with_its_text():
+    import ui_harness  # noqa: F401  (Kivy's environment; text rendering needs it)
+    from a4ps.ui import sprites
+    look = sprites.Look(120, 60, (0.2, 0.2, 0.3, 1), (1, 1, 1, 1), True, 0.4,
+                        "[b]BRICK[/b]", 12, "a few words", 11)
+    img, fits = sprites.Composer().compose(look)
+    assert img.shape == (60 + sprites.SHADOW, 120 + sprites.SHADOW, 4) and fits
+    assert tuple(img[1, 1]) == (255, 255, 255, 255)          # the doubled border
+    assert img[62, 2, 3] == 0 and img[62, 50, 3] == int(255 * 0.4)   # the shadow
+    body = img[2:58, 2:118]
+    assert (body[..., :3] > 200).any()                        # text was drawn
+    long = sprites.Look(120, 40, (0.2, 0.2, 0.3, 1), (1, 1, 1, 1), False, 0.4,
+                        "[b]BRICK[/b]", 12, "word " * 100, 11)
+    img, fits = sprites.Composer().compose(long)
+    assert not fits and img.shape[0] == 40 + sprites.SHADOW   # cut, and it says so
