@@ -5,6 +5,7 @@ the scripted backend, the SQLite TaskQueue, LanceDB memory with the hash embedde
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -363,27 +364,35 @@ def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(s
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
-    from graph_parts import build, is_route, persona_of
+    from graph_parts import build, is_answer_choice, is_route, persona_of
 
     from a4ps.services.philosopher import Philosopher
     from a4ps.system import CODEX_PATH
     from a4ps.tasks import SqliteTaskQueue
 
-    draft = ("PERSONA: ROBIN\nPRINCIPLE: honest_care\n"
-             "TEXT: Be kind in how you say a hard truth, never by hiding it.\n"
-             "RATIONALE: they split between honesty and kindness.")
+    # ALFRED's draft is a structured decision: one script entry, a JSON object
+    draft = json.dumps({"persona": "ROBIN", "principle_id": "honest_care",
+                        "text": "Be kind in how you say a hard truth, never by hiding it.",
+                        "rationale": "they split between honesty and kindness."})
+    brick_says = "Logically, withholding facts distorts decisions; state the truth."
+    robin_says = "Feelings first: protect the friendship, maybe wait for a gentler moment."
+    robin_reflects = "Looking back, honesty and care can travel together next time."
 
-    def reply(messages):
+    def reply(messages, asked=None):       # asked: a decision's options or schema
         who, last = persona_of(messages), messages[-1]["content"]
         if "Draft ONE amendment" in last:
             return draft
         if "The system is idle" in last:
             return f"GOAL: {GOAL}"
         if who == "ALFRED":
-            return "contrapunto" if is_route(messages) else "Be honest, and be kind."
+            if is_route(messages):
+                return "contrapunto"
+            if is_answer_choice(messages):     # ALFRED chooses among the dialogue's answers
+                return next(o for o in asked if o in (robin_reflects, robin_says))
+            return "Be honest, and be kind."
         if who == "BRICK":
-            return "Logically, withholding facts distorts decisions; state the truth."
-        return "Feelings first: protect the friendship, maybe wait for a gentler moment."
+            return brick_says
+        return robin_reflects if "Reflect on an earlier task" in str(messages) else robin_says
 
     settings.philosopher.similarity = 0.5
     settings.philosopher.recurrence_count = 3
@@ -427,7 +436,8 @@ def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(s
         notes = parts.memory.recent(10, kind="reflection")
         assert len(notes) == 4
         assert {n.meta["about_task_id"] for n in notes} == {u.id for u in users} | {urgent.id}
-        assert all("Be honest, and be kind." in n.text for n in notes)
+        # each note holds its reflection's answer: the one ALFRED chose (ROBIN's)
+        assert all(robin_reflects in n.text for n in notes), [n.text for n in notes]
         # the reflections' own dissonance made no reflections on reflections
         assert tasks.pending_count() == 0
     finally:
