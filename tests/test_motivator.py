@@ -177,6 +177,31 @@ def test_daily_budget_caps_all_self_generated_work(parts):
     assert m.generate_goal() is not None
 
 
+def test_the_same_goal_text_is_not_queued_twice_within_the_window(parts, backend):
+    """ALFRED proposing the goal it proposed an hour ago (spelled a little differently)
+    is refused, even once the first has run; after the window it may come back."""
+    settings, bus, _, _, tasks, _ = parts
+    settings.motivator.goals_per_hour = 100
+    settings.motivator.duplicate_window_s = 86400
+    backend.replies = [f"GOAL: {GOAL}", f"GOAL: {GOAL.upper().rstrip('.')}!",
+                       f"GOAL: {GOALS[1]}", f"GOAL: {GOAL}"]
+    clock = FakeClock()
+    m = make(parts, clock)
+    first = m.generate_goal()
+    assert first is not None and first.text == GOAL
+    finish(tasks, bus, tasks.claim(), "done")             # the goal ran and finished
+    clock.advance(3600)
+    assert m.generate_goal() is None                       # the same text, an hour later
+    assert m.status()["skipped"] == {"duplicate_goal": 1}
+    other = m.generate_goal()
+    assert other is not None and other.text == GOALS[1]   # a different goal is fine
+    finish(tasks, bus, tasks.claim(), "done")
+    clock.advance(86400)                                   # past the window
+    again = m.generate_goal()
+    assert again is not None and again.text == GOAL
+    assert [t.text for t in tasks.list(status="done")].count(GOAL) == 1
+
+
 def test_paused_or_disabled_generates_nothing_and_resume_restores(parts):
     settings, bus, _, _, tasks, _ = parts
     m = make(parts).start()
