@@ -124,8 +124,12 @@ class System:
         from .services.motivator_service import Motivator
         from .services.philosopher import Philosopher
         self.finetuner = PersonaFinetuner(settings, self.bus, self.protos, self.models)
-        self.curator = Curator(settings, self.bus, self.protos, self.memory, finetuner=self.finetuner)
-        self.motivator = Motivator(settings, self.bus, self.protos, self.memory, self.tasks, self.codex)
+        from .services.ledger import Ledger
+        self.curator = Curator(settings, self.bus, self.protos, self.memory, finetuner=self.finetuner,
+                               embedder=self.embedder)
+        self.ledger = Ledger(settings.data_dir / "motivator.sqlite")   # durable limits, pause
+        self.motivator = Motivator(settings, self.bus, self.protos, self.memory, self.tasks,
+                                   self.codex, ledger=self.ledger)
         self.philosopher = Philosopher(settings, self.bus, self.protos, self.memory, self.codex,
                                        self.embedder)
         from .persona_file import PersonaFiles
@@ -232,7 +236,7 @@ class System:
         if self._autosave is not None:
             self._autosave.join(timeout=5)
         self._final_save()
-        for close in (self.graph.close, self.memory.close, self.tasks.close):
+        for close in (self.graph.close, self.memory.close, self.tasks.close, self.ledger.close):
             try:
                 close()
             except Exception:
@@ -411,16 +415,31 @@ class System:
                 self.protos.update(persona, {"system_prompt": self.codex.system_prompt(persona)})
 
     # -- tasks ------------------------------------------------------------------------------
-    def run_task(self, task: Task) -> dict[str, Any] | None:
+    def run_task(self, task: Task, cancel: Any = None) -> dict[str, Any] | None:
         """Run one claimed task through the graph and record the outcome in the queue.
-        A restore waits for it to finish (the task runs on one state, never two)."""
-        with self.task_gate.task(f"task {task.id}"):
-            return self._run_task(task)
+        A restore waits for it to finish (the task runs on one state, never two).
 
-    def _run_task(self, task: Task) -> dict[str, Any] | None:
+        The task's origin goes into the graph's meta, so its memory row says whether a
+        user or the system itself asked (the curator trains only on what users asked).
+        ``cancel``: a token (:class:`~a4ps.task_control.TaskStop` or ``threading.Event``);
+        once set the run stops at the next node boundary (or inside the generation) and
+        the task ends ``cancelled``, or is re-queued if the token says so (preemption).
+        """
+        with self.task_gate.task(f"task {task.id}"):
+            return self._run_task(task, cancel)
+
+    def _run_task(self, task: Task, cancel: Any = None) -> dict[str, Any] | None:
+        from .cognition.state import TaskCancelled
+        from .task_control import finish_stopped
+        meta = {**task.meta, "origin": task.origin}
         try:    # the checkpoint store too: a task must never be left running on error
             resume = self.graph.has_checkpoint(task.id)
-            result = self.graph.run(task.id, task.text, resume=resume, meta=task.meta)
+            result = self.graph.run(task.id, task.text, resume=resume, meta=meta, cancel=cancel)
+        except TaskCancelled as e:
+            log.info("task %s stopped: %s", task.id, e)
+            finish_stopped(self.tasks, self.bus, task, cancel if hasattr(cancel, "kind") else None,
+                           node=e.node)
+            return None
         except Exception as e:  # a task's failure must never take the worker down
             log.exception("task %s failed", task.id)
             self.tasks.fail(task.id, f"{type(e).__name__}: {e}")
