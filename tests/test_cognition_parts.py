@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from a4ps.cognition import answers, decisions
+from a4ps.cognition.signals import exact_computation
 from a4ps.cognition.streaming import TokenStream, TurnGuard
 from a4ps.events import EventBus, EventRecorder
 from a4ps.models.errors import DecisionError
@@ -119,9 +120,14 @@ def test_route_decision_is_one_of_the_routes_or_no_decision():
 
     def decide(messages, options):
         asked.append(options)
-        return "tool"
-    d = decisions.decide_route(manager(decide), P(), "What is 17 times 23?")
-    assert d.parsed and d.value == "tool" and asked == [["direct", "contrapunto", "tool"]]
+        return "answer"
+    d = decisions.decide_route(manager(decide), P(), "Who wrote Hamlet?")
+    assert asked == [["answer", "talk", "calculate"]]       # the words the model weighs
+    assert d.parsed and d.value == "direct" and d.method != "signal"
+    asked.clear()
+    d = decisions.decide_route(manager(lambda m, o: asked.append(o) or "calculate"), P(),
+                               "Please think about this with me")
+    assert d.value == "tool" and set(d.scores) <= set(decisions.ROUTES)
     d = decisions.decide_route(manager(lambda m, o: "SUGGESTION if you need"), P(), "hi")
     assert not d.parsed and d.value is None and "route: no decision" in d.problem
     assert d.record()["parsed"] is False
@@ -140,6 +146,29 @@ def test_tool_request_decision_has_the_forge_shape():
     d = decisions.decide_tool_request(manager(lambda m, s: {"name": "today", "description": "",
                                                             "args": []}), P("BRICK"), "Date?")
     assert d.value == {"name": "today", "description": "today", "args": {}}
+
+
+@pytest.mark.parametrize("task, evidence", [
+    ("What is 17 times 23?", "17 times 23"),
+    ("What is 15% of 240?", "15% of 240"),
+    ("Convert 5 miles to kilometers.", "5 miles to kilometers"),
+    ("How many grams are in 2.5 kilograms?", "How many grams are in 2.5 kilograms"),
+    ("What is the square root of 144?", "square root of 144"),
+])
+def test_a_stated_computation_routes_to_the_tool_without_asking_the_model(task, evidence):
+    def decide(messages, options):
+        raise AssertionError("the model must not be asked")
+    d = decisions.decide_route(manager(decide), P(), task)
+    assert (d.value, d.method, d.evidence) == ("tool", "signal", evidence)
+    assert d.record()["evidence"] == evidence
+
+
+@pytest.mark.parametrize("task", [
+    "Who wrote Hamlet?", "In what year did World War II end?",
+    "My friend forgot my birthday and I feel hurt.", "List three primary colours.",
+    "If all bloops are razzies, are all bloops lazzies?"])
+def test_tasks_without_a_stated_computation_are_the_models_to_route(task):
+    assert exact_computation(task) is None
 
 
 def test_an_invalid_tool_request_is_no_decision():

@@ -68,7 +68,8 @@ PINNED_EDGES = {
     "recall -. tool .-> tool_request",
     "tool_request -. request .-> forge",
     "tool_request -. none .-> brick",
-    "forge --> brick",
+    "forge -. answered .-> alfred_synthesize",
+    "forge -. consult .-> brick",
     "brick --> robin",
     "robin --> measure",
     "measure -. again .-> brick",
@@ -124,7 +125,7 @@ def test_agreement_stops_early_and_the_agreed_answer_is_remembered(built, bus):
     assert p.protos.get("BRICK").last_utterance == AGREE
     # nothing to choose when they agree: ALFRED was asked only the route
     assert [c[2]["decision"] for c in p.backend.calls if "decision" in c[2]] == [
-        ["direct", "contrapunto", "tool"]]
+        ["answer", "talk", "calculate"]]
 
 
 def test_same_final_answer_in_other_words_is_agreement(built):
@@ -445,7 +446,7 @@ def test_an_undecidable_tool_request_is_no_request(built, bus):
 def test_a_tool_request_with_no_usable_name_is_no_request(built):
     p = built(graph_parts.script(route="tool", tool={"name": "!!", "description": "",
                                                      "args": []}, brick=AGREE, robin=AGREE))
-    r = p.graph.run("t-tool-noname", "What is 2 + 3?")
+    r = p.graph.run("t-tool-noname", "Find the weather in Paris")
     assert r["tool"] is None and "no usable tool name" in r["decisions"][1]["problem"]
 
 

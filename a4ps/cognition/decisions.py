@@ -7,7 +7,14 @@ outside what is allowed. A decision that cannot be made (the backend raises
 :class:`Decision` with ``value=None`` and a ``problem`` to record, never a default
 that pretends to be the model's answer.
 
-* :func:`decide_route` — ALFRED: ``direct`` | ``contrapunto`` | ``tool``.
+* :func:`decide_route` — ALFRED: ``direct`` | ``contrapunto`` | ``tool``. A hybrid: a
+  task that states an exact computation goes to ``tool`` on that signal alone
+  (:mod:`a4ps.cognition.signals`, ``method="signal"``, the words that decided in
+  ``evidence``); the model decides every other task, as a closed choice among three
+  everyday words (:data:`ROUTE_LABELS`: SmolLM2-135M sorts tasks into "answer / talk /
+  calculate" far better than into the routes' own names; measured on the suite's tune
+  split, see docs/architecture.md).
+* :func:`decide_tool` — BRICK: which registered tool the task needs, or ``none``.
 * :func:`decide_tool_request` — BRICK: ``{name, description, args}`` for the forge.
 * :func:`decide_answer` — ALFRED picks one of the candidate answers the dialogue produced.
 """
@@ -19,9 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from a4ps.cognition import prompts
+from a4ps.cognition.signals import exact_computation
 from a4ps.models.errors import DecisionError
 
 ROUTES = prompts.ROUTES
+ROUTE_LABELS = prompts.ROUTE_LABELS          # route -> the word the model chooses
+NO_TOOL = prompts.NO_TOOL
 
 TOOL_REQUEST_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -47,6 +57,7 @@ class Decision:
     scores: dict[str, float] = field(default_factory=dict)
     method: str | None = None
     seconds: float = 0.0
+    evidence: str | None = None     # what decided, when it was not the model (a signal)
 
     @property
     def parsed(self) -> bool:
@@ -57,7 +68,7 @@ class Decision:
         return {"kind": self.kind, "value": self.value, "parsed": self.parsed,
                 "problem": self.problem, "method": self.method,
                 "scores": {k: round(v, 4) for k, v in self.scores.items()},
-                "seconds": round(self.seconds, 4)}
+                "seconds": round(self.seconds, 4), "evidence": self.evidence}
 
 
 def _ask(kind: str, fn: Any) -> tuple[Any, str | None, float]:
@@ -70,12 +81,33 @@ def _ask(kind: str, fn: Any) -> tuple[Any, str | None, float]:
 
 
 def decide_route(models: Any, alfred: Any, task: str, *, cancel: Any = None) -> Decision:
-    """ALFRED's route as a closed choice over :data:`ROUTES`."""
+    """ALFRED's route: the exact-computation signal, else a closed choice by the model
+    among :data:`ROUTE_LABELS` (reported under the routes' names)."""
+    evidence = exact_computation(task)
+    if evidence is not None:
+        return Decision("route", "tool", None, method="signal", evidence=evidence)
+    labels = [ROUTE_LABELS[r] for r in ROUTES]
     choice, problem, spent = _ask("route", lambda: models.choose(
-        alfred.model_name, prompts.route_messages(alfred, task), list(ROUTES), cancel=cancel))
+        alfred.model_name, prompts.route_messages(alfred, task), labels, cancel=cancel))
     if choice is None:
         return Decision("route", None, problem, seconds=spent)
-    return Decision("route", choice.value, None, dict(choice.scores), choice.method, spent)
+    route = ROUTES[labels.index(choice.value)]
+    scores = {ROUTES[labels.index(k)]: v for k, v in choice.scores.items() if k in labels}
+    return Decision("route", route, None, scores, choice.method, spent)
+
+
+def decide_tool(models: Any, brick: Any, task: str, tools: list[dict[str, Any]], *,
+                cancel: Any = None) -> Decision:
+    """BRICK's choice among the registered ``tools`` (``{"name", "description"}``) or
+    :data:`NO_TOOL` (none fits: a new tool is requested and forged)."""
+    names = [str(t["name"]) for t in tools]
+    options = names + [NO_TOOL]
+    choice, problem, spent = _ask("tool choice", lambda: models.choose(
+        brick.model_name, prompts.tool_choice_messages(brick, task, tools), options,
+        cancel=cancel))
+    if choice is None:
+        return Decision("tool", None, problem, seconds=spent)
+    return Decision("tool", choice.value, None, dict(choice.scores), choice.method, spent)
 
 
 def decide_tool_request(models: Any, brick: Any, task: str, *, cancel: Any = None) -> Decision:

@@ -189,10 +189,11 @@ def demo_reply(messages: list[dict[str, str]]) -> str:
 
 
 def demo_decision(messages: list[dict[str, str]], asked: Any) -> Any:
-    """The stand-in's decisions: the contrapunto route, else the first option; for a
-    schema, the smallest value that conforms (first enum value, minimum, empty text)."""
+    """The stand-in's decisions: the dialogue route (offered as "contrapunto", or as the
+    word "talk" the cognition asks the route in), else the first option; for a schema,
+    the smallest value that conforms (first enum value, minimum, empty text)."""
     if isinstance(asked, list):
-        return "contrapunto" if "contrapunto" in asked else asked[0]
+        return next((o for o in ("contrapunto", "talk") if o in asked), asked[0])
     return example_of(asked)
 
 
