@@ -171,6 +171,29 @@ def test_tasks_without_a_stated_computation_are_the_models_to_route(task):
     assert exact_computation(task) is None
 
 
+def test_an_unusable_tool_name_is_asked_again_as_a_closed_choice():
+    """The CI failure: the embedded decoder wrote '17' as the name for 'What is 17
+    times 23?'. The name is then a choice among usable names; it always parses."""
+    asked = []
+
+    def decide(messages, asked_for):
+        asked.append(asked_for)
+        if isinstance(asked_for, dict):
+            return {"name": "17", "description": "multiplies two numbers",
+                    "args": [{"name": "a", "value": "17"}]}
+        return asked_for[1]
+    d = decisions.decide_tool_request(manager(decide), P("BRICK"), "What is 17 times 23?")
+    options = asked[1]
+    assert options[:2] == ["multiplies_two_numbers", "multiplies_two"]
+    assert set(decisions.GENERIC_TOOL_NAMES) <= set(options)
+    assert all(decisions.snake_case(o) == o for o in options)
+    assert d.parsed and d.method == "structured+choose"
+    assert d.value == {"name": "multiplies_two", "description": "multiplies two numbers",
+                       "args": {"a": 17}}
+    # nothing usable anywhere: the plain verbs are still there to choose
+    assert decisions.name_options("", "17 + 4 = ?") == list(decisions.GENERIC_TOOL_NAMES)
+
+
 def test_an_invalid_tool_request_is_no_decision():
     d = decisions.decide_tool_request(manager(lambda m, s: {"name": "x"}), P("BRICK"), "q")
     assert not d.parsed and "missing keys" in d.problem

@@ -447,7 +447,9 @@ def test_a_tool_request_with_no_usable_name_is_no_request(built):
     p = built(graph_parts.script(route="tool", tool={"name": "!!", "description": "",
                                                      "args": []}, brick=AGREE, robin=AGREE))
     r = p.graph.run("t-tool-noname", "Find the weather in Paris")
-    assert r["tool"] is None and "no usable tool name" in r["decisions"][1]["problem"]
+    # the name is asked again as a closed choice; a reply naming none of the options
+    # is still no decision, and no request (test_cognition_parts covers a chosen name)
+    assert r["tool"] is None and "tool name: no decision" in r["decisions"][1]["problem"]
 
 
 # -- checkpoints and resume ----------------------------------------------------------------

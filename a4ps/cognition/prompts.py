@@ -85,6 +85,14 @@ def tool_request_messages(brick: Any, task: str) -> list[Message]:
         "value) to call it with for this task. Reply in JSON.")}]
 
 
+def tool_name_messages(brick: Any, task: str, description: str) -> list[Message]:
+    """For ``models.choose`` over candidate tool names (decisions.name_options)."""
+    what = f" It should: {description}" if description else ""
+    return [_system(brick), {"role": "user", "content": (
+        f"Task: {task}\n\nName the small Python function this task needs.{what} "
+        "Answer with its snake_case name.")}]
+
+
 def brick_messages(brick: Any, task: str, *, memories: list[dict[str, Any]],
                    robin_said: str | None, tool_result: dict[str, Any] | None) -> list[Message]:
     """BRICK's turn: the task as written; context first when there is some, and from
