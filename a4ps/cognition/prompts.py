@@ -51,8 +51,10 @@ def _tool_block(tool_result: dict[str, Any] | None) -> str:
                 f"{json.dumps(tool_result['output'], default=str)[:600]}\n\n")
     if tool_result.get("ok"):
         return f"Tool {tool_result.get('name')} is now available.\n\n"
-    return (f"Your tool request could not be met ({tool_result.get('reason')}); "
-            "answer without it.\n\n")
+    # a tool that failed adds nothing to the prompt (its step and the task's problems
+    # record why): told "your tool request could not be met", SmolLM2 answered about
+    # the tool instead of the task (tune split: format-02, reasoning-04)
+    return ""
 
 
 def _context(memories: list[dict[str, Any]] | None, tool_result: dict[str, Any] | None) -> str:
