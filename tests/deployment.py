@@ -50,7 +50,9 @@ def standin_reply(model: str, messages: list[dict], body: dict) -> str:
         choice = schema.get("properties", {}).get("choice", {})
         if "enum" in choice:
             opts = choice["enum"]
-            return json.dumps({"choice": "contrapunto" if "contrapunto" in opts else opts[0]})
+            # the dialogue route, offered as "contrapunto" or as the word "talk"
+            return json.dumps({"choice": next((o for o in ("contrapunto", "talk") if o in opts),
+                                              opts[0])})
         return json.dumps(example_of(schema))
     return demo_reply(messages)
 
