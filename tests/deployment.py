@@ -58,16 +58,28 @@ def standin_reply(model: str, messages: list[dict], body: dict) -> str:
 
 
 def describe_call(body: dict) -> tuple[str | None, str]:
-    """(the job a chat request is about, what it is: "decision", "route" or a persona)."""
+    """(the job a chat request is about, what it is): ``"route"`` (ALFRED's choice of
+    route), ``"answer"`` (ALFRED's choice among the dialogue's answers, the task's one
+    synthesis), ``"decision"`` (any other schema decision, e.g. a tool request) or the
+    persona whose free text was asked for (``"BRICK"``, ``"ROBIN"``, ``"ALFRED"``)."""
     text = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
     job = _JOB.search(text)
-    if body.get("response_format"):
-        kind = "decision"
+    fmt = body.get("response_format")
+    m = re.search(r"You are (\w+)", str(body["messages"][0].get("content", "")))
+    persona = m.group(1) if m else "?"
+    if fmt:
+        props = fmt.get("json_schema", {}).get("schema", {}).get("properties", {})
+        options = props.get("choice", {}).get("enum")
+        if options and "contrapunto" in options:
+            kind = "route"
+        elif options and persona == "ALFRED":
+            kind = "answer"
+        else:
+            kind = "decision"
     elif "Reply with one word" in str(body["messages"][-1].get("content", "")):
         kind = "route"
     else:
-        m = re.search(r"You are (\w+)", str(body["messages"][0].get("content", "")))
-        kind = m.group(1) if m else "?"
+        kind = persona
     return (job.group(0) if job else None), kind
 
 

@@ -234,4 +234,4 @@ def test_a_whole_task_runs_on_the_openai_backend(openai_settings, server):
     assert models["BRICK"] == "llama-8b" and models["ROBIN"] == "qwen-3b"
     # ALFRED's decisions (the route, the choice of answer) came from the server too,
     # asked of ALFRED's model under a JSON schema
-    assert models["decision"] == "qwen-3b"
+    assert models["route"] == "qwen-3b" and models["answer"] == "qwen-3b"

@@ -66,28 +66,53 @@ def read_task(settings, task_id: str):
         return q.get(task_id)
 
 
+def wait_persona_step(client, task_id: str, timeout: float = 60) -> dict:
+    """Until this daemon has finished one of the task's BRICK/ROBIN turns (its steps are
+    the ones published since it started): the task is then mid-way, with a checkpoint
+    behind it and its next (slow) turn in flight."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = client.request("task.steps", {"task_id": task_id})
+        turns = [s for s in got["steps"] if s.get("node") in ("brick", "robin")]
+        if turns:
+            return turns[0]
+        assert got.get("status") not in ("done", "failed", "cancelled"), got
+        time.sleep(0.02)
+    raise AssertionError(f"task {task_id}: no BRICK/ROBIN turn in {timeout}s")
+
+
+# three rounds that never converge: six slow persona turns, so each of three stops taken
+# right after a turn ends finds the task mid-way however fast or busy the machine is
+ROUNDS_ENV = {"A4PS_COGNITION__MAX_ROUNDS": "3", "A4PS_COGNITION__DISSONANCE_THRESHOLD": "0"}
+
+
 @pytest.mark.slow
 def test_graceful_stops_are_not_crashes_but_sigkills_are(daemons):
     """Failure 1: SIGTERM left the running task 'running', recover() counted an
     attempt each time, and after 3 the task failed as 'what crashes the daemon'."""
-    d = daemons(grace=0.5)
+    d = daemons(grace=0.5, env=ROUNDS_ENV)
     d.wait_ready()
     with d.client() as c:
         c.request("proto.update", {"name": "persona", "methods": {"invoke_llm": SLOW_INVOKE}})
         task = c.request("task.submit", {"text": "Name a prime number."})
-        wait_task(c, task["id"], ("running",))
+    turns = []
     for stop in range(1, 4):                       # three graceful stops mid-task
-        time.sleep(1.5)                            # a node or two checkpointed
+        with d.client() as c:
+            turns.append(wait_persona_step(c, task["id"]))
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0, d.output()[-2000:]
         row = read_task(d.settings, task["id"])
         assert row.status == "running" and row.attempts == 0, row
-        d = daemons(grace=0.5)
+        d = daemons(grace=0.5, env=ROUNDS_ENV)
         d.wait_ready()
         with d.client() as c:
             t = wait_task(c, task["id"], ("running", "done", "failed"))
             assert t["status"] != "failed" and t["attempts"] == 0, t   # was 1, 2, failed
             assert t["interruptions"] == stop, t
+    # each restart resumed from the checkpoint: the first turn each daemon finished comes
+    # after the one its predecessor finished (a daemon that started over would say brick 1)
+    order = [(s["round"], s["node"] == "robin") for s in turns]
+    assert turns[0]["node"] == "brick" and order == sorted(set(order)), turns
     with d.client() as c:                          # left alone, it finishes
         t = wait_task(c, task["id"], ("done", "failed"), timeout=120)
         assert t["status"] == "done" and t["attempts"] == 0, t

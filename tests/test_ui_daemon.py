@@ -262,8 +262,11 @@ def test_refused_method_edit_keeps_the_code(ui, app, daemon):
                          c.inspector.rows else None, 15, "the inspector")
     version = proto(daemon, "BRICK")["version"]
     row = insp.rows["invoke_llm()"]
-    code = row.value.replace("return self.service", "return (self.service", 1)
+    code = row.value.replace("= self.service(", "= (self.service(", 1)   # an open bracket
+    assert code != row.value, row.value
     row.editor.text = code
+    # the persona's own generation slots come first: scroll to the method, as a user would
+    insp.ids.rows_scroll.scroll_to(row, animate=False)
     ui.click(row.ids.set_button)
     ui.wait_until(lambda: "syntax error" in insp.error, 10, "the daemon's error")
     row = insp.rows["invoke_llm()"]
@@ -321,10 +324,9 @@ def test_task_shows_dialogue_and_answer(ui, app, daemon):
 
 
 def test_streamed_tokens_arrive_in_order_and_end_as_the_answer(ui, live, tmp_path):
-    """Tokens published as task.token while each persona speaks (the contract) reach
-    the transcript and the speaking persona's morph in order; the final transcript
-    is the task's answer. STAND-IN: until the cognition part's graph publishes
-    task.token, ui_harness.install_token_stream_standin makes it."""
+    """Tokens the graph publishes as task.token while each persona speaks (the
+    contract) reach the transcript and the speaking persona's morph in order; the
+    answer ALFRED chooses is the turn that streamed it, and ends the transcript."""
     published = ui_harness.install_token_stream_standin(live.system)
     live.system.models.backend.latency_s = 1.0     # a turn streams for a second
     app = start_app(ui, live.settings(), tmp_path)
@@ -332,12 +334,12 @@ def test_streamed_tokens_arrive_in_order_and_end_as_the_answer(ui, live, tmp_pat
     speaking: set[str] = set()      # morphs that showed "speaking" (every change)
     for name in PERSONAS:
         c.canvas.get(name).bind(status=lambda m, v: v == "speaking" and speaking.add(m.name))
-    told: set[str] = set()          # what the controller staged for them (a busy
-    stage = c.stage                 # machine may show a short turn's status late)
+    told: dict[str, set[str]] = {}  # the statuses the controller staged for them (a
+    stage = c.stage                 # busy machine may show a short turn's status late)
 
     def spy(widget, **props):
-        if props.get("status") == "speaking":
-            told.add(widget.name)
+        if "status" in props:
+            told.setdefault(widget.name, set()).add(props["status"])
         return stage(widget, **props)
     c.stage = spy
     ui.type_into(app.root.ids.task_input, "What is a good question?", validate=False)
@@ -356,7 +358,8 @@ def test_streamed_tokens_arrive_in_order_and_end_as_the_answer(ui, live, tmp_pat
     rec = c.tasks[tid]
     assert rec.status == "done", rec.error
     with live.client() as cl:
-        answer = cl.request("task.get", {"id": tid})["result"]["answer"]
+        result = cl.request("task.get", {"id": tid})["result"]
+    answer = result["answer"]
     # what the transcript showed while streaming only ever grew, token by token
     for (n1, a), (n2, b) in zip(seen, seen[1:]):
         if n1 == n2 and len(b) >= len(a):
@@ -367,10 +370,17 @@ def test_streamed_tokens_arrive_in_order_and_end_as_the_answer(ui, live, tmp_pat
             expected[p["node"]] = expected.get(p["node"], "") + p["text"]
     assert [p["seq"] for p in published if p["task_id"] == tid] == \
         list(range(1, 1 + len([p for p in published if p["task_id"] == tid])))
-    assert expected["alfred_synthesize"].strip() == answer == rec.answer
+    # ALFRED chooses between BRICK's and ROBIN's answers (a decision; he does not speak
+    # on this route): the answer is the chosen persona's streamed turn, word for word
+    assert result["answer_source"] in ("choice:BRICK", "choice:ROBIN"), result
+    chosen = result["answer_source"].split(":")[1].lower()
+    assert expected[chosen].strip() == answer == rec.answer
     final = [t for t in rec.turns if t.node == "alfred_synthesize"]
     assert final[-1].text == answer and "ALFRED's answer" in c.transcript.answer
-    assert {"BRICK", "ROBIN", "ALFRED"} <= told and speaking & {"BRICK", "ROBIN"}
+    # BRICK and ROBIN spoke; ALFRED was shown answering (choosing, without tokens)
+    assert "speaking" in told["BRICK"] and "speaking" in told["ROBIN"], told
+    assert "answering" in told["ALFRED"], told
+    assert speaking & {"BRICK", "ROBIN"}
     ui.wait_until(lambda: c.settled, 10, "the display")
     assert c.canvas.get("ALFRED").utterance == answer
     print("streamed task:", ui.screenshot("ui-daemon-streamed"))
@@ -399,12 +409,15 @@ def test_ui_restarted_mid_task_shows_the_steps_so_far(ui, live, tmp_path):
     print("restarted mid-task:", ui.screenshot("ui-daemon-restarted-mid-task"))
     ui.wait_until(lambda: rec.status == "done", 120, "the task to finish")
     with live.client() as cl:
-        turns = cl.request("task.get", {"id": tid})["result"]["turns"]
+        result = cl.request("task.get", {"id": tid})["result"]
     shown = [(t.persona, t.text) for t in rec.turns if not t.system
              and t.node != "alfred_route"]
-    spoken = [(t["persona"], t["text"]) for t in turns if t.get("round") != "route"]
-    # every persona turn once, in order: nothing lost or doubled across the restart
-    assert shown == spoken
+    spoken = [(t["persona"], t["text"]) for t in result["turns"] if t.get("round") != "route"]
+    # every persona turn once, in order, then ALFRED's line: the answer he chose between
+    # BRICK's and ROBIN's (a decision, not a turn of his own): nothing lost or doubled
+    # across the restart
+    assert result["answer_source"].startswith("choice:"), result["answer_source"]
+    assert shown == spoken + [("ALFRED", result["answer"])]
     ui.stop()
 
 
@@ -467,14 +480,18 @@ def test_time_travel_lists_diffs_and_restores(ui, live, tmp_path):
     assert named["trigger"] == "named" and panel.status.startswith("saved snapshot")
     assert panel.ids.name_input.text == ""
     with live.client() as cl:
-        cl.request("proto.update", {"name": "BRICK", "slots": {"temperature": 0.11}})
+        cl.request("proto.update", {"name": "BRICK", "slots": {"temperature": 0.11,
+                                                              "mood": "stern"}})
     item = next(w for w in panel.ids.snapshot_list.children if "before-the-edit" in w.heading)
     assert "named" in item.summary
     ui.click(item)
-    ui.wait_until(lambda: "temperature" in panel.diff_markup, 10, "the diff")
-    # BRICK had no temperature of its own (it inherited persona's) and has one now
-    assert "snapshot: (not set here)" in panel.diff_markup
-    assert "now:      0.11" in panel.diff_markup
+    ui.wait_until(lambda: "mood" in panel.diff_markup, 10, "the diff")
+    # BRICK's own (seeded) temperature changed; "mood" is a slot the snapshot did not have
+    lines = panel.diff_markup.splitlines()
+    at = lines.index("  temperature:")
+    assert f"snapshot: {before}" in lines[at + 1] and "now:      0.11" in lines[at + 2]
+    at = lines.index("  mood:")
+    assert "snapshot: (not set here)" in lines[at + 1] and "now:      stern" in lines[at + 2]
     print("time travel:", ui.screenshot("ui-daemon-time-travel"))
     ui.click(panel.ids.restore)
     confirm = c.desk.top_panel()
@@ -482,6 +499,7 @@ def test_time_travel_lists_diffs_and_restores(ui, live, tmp_path):
     ui.click(confirm.ids.yes)
     ui.wait_until(lambda: live.system.protos.get("BRICK").temperature == before, 20,
                   "the restore in the daemon")
+    assert "mood" not in live.system.protos.get("BRICK").own_slots()
     ui.wait_until(lambda: "restored" in panel.status, 10, "the panel to say so")
     ui.wait_until(lambda: any(s["trigger"] == "pre-restore" for s in panel.snapshots), 10,
                   "the pre-restore snapshot listed")

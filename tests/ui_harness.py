@@ -135,6 +135,10 @@ class UIHarness:
         from kivy.tests.common import UnitTestTouch
         self.pump(1)    # a widget opened just now gets laid out first
         x, y = widget.to_window(*widget.center)
+        w, h = self.window.size
+        assert 0 <= x < w and 0 <= y < h, (
+            f"{type(widget).__name__} is outside the window at ({x:.0f}, {y:.0f}): a click "
+            "there would touch something else; scroll it into view first")
         touch = UnitTestTouch(x, y)
         touch.touch_down()
         self.pump(1)
@@ -302,6 +306,11 @@ class InProcessDaemon:
         backend = ScriptedBackend(demo_reply, decide=demo_decision, latency_s=self.latency_s)
         self.system = System(self.settings(), chat_backend=backend, embedder=HashEmbedder())
         self.daemon = Daemon(self.system, shutdown_grace_s=2.0).start()
+        # the graph compiles lazily (langgraph's imports, the checkpointer): seconds of
+        # GIL-bound work that a separate daemon process does beside the UI, but that here
+        # would freeze the UI's frames (and the bus thread's replies) during the first task
+        self.system.graph.graph
+        self.system.graph_shape()
         self.boot_id = self.daemon.boot_id
         return self
 
