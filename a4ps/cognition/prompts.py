@@ -61,6 +61,12 @@ def _context(memories: list[dict[str, Any]] | None, tool_result: dict[str, Any] 
     return _memories_block(memories or []) + _tool_block(tool_result)
 
 
+def _with_context(context: str, task: str) -> str:
+    """The task as written when there is no context; after context, the task is named
+    as such, so it is not read as one more memory or tool line."""
+    return f"{context}Task: {task}" if context else task
+
+
 def route_messages(alfred: Any, task: str) -> list[Message]:
     """For ``models.choose`` over ROUTE_LABELS: a short decision prompt and the task as
     written (the persona's long character prompt only slowed this decision: the model
@@ -99,7 +105,7 @@ def brick_messages(brick: Any, task: str, *, memories: list[dict[str, Any]],
                    robin_said: str | None, tool_result: dict[str, Any] | None) -> list[Message]:
     """BRICK's turn: the task as written; context first when there is some, and from
     the second round on ROBIN's last answer to weigh."""
-    content = _context(memories, tool_result) + task
+    content = _with_context(_context(memories, tool_result), task)
     if robin_said:
         content += (f"\n\nROBIN answered:\n{robin_said}\n\n"
                     "Check ROBIN's answer against your own, then give your answer.")
@@ -111,7 +117,7 @@ def robin_messages(robin: Any, task: str, *, brick_said: str | None,
                    tool_result: dict[str, Any] | None = None) -> list[Message]:
     """ROBIN's turn: in the first round the task alone (an independent second view, not
     a copy of BRICK's); from the second round on, BRICK's answer to respond to."""
-    content = _context(memories, tool_result) + task
+    content = _with_context(_context(memories, tool_result), task)
     if brick_said:
         content += (f"\n\nBRICK answered:\n{brick_said}\n\n"
                     "Say where you agree with BRICK or see it differently, with care for "
@@ -128,13 +134,14 @@ def answer_choice_messages(alfred: Any, task: str,
     disagreeing pairs, against 7 with ALFRED's whole prompt (and 8 when the task was
     framed "Give the best answer to this task")."""
     return [{"role": "system", "content": f"You are {alfred.name}."},
-            {"role": "user", "content": _tool_block(tool_result) + task}]
+            {"role": "user", "content": _with_context(_tool_block(tool_result), task)}]
 
 
 def direct_messages(alfred: Any, task: str, *, memories: list[dict[str, Any]],
                     tool_result: dict[str, Any] | None = None) -> list[Message]:
     """ALFRED alone (the direct route): his system prompt and the task as written."""
-    return [_system(alfred), {"role": "user", "content": _context(memories, tool_result) + task}]
+    return [_system(alfred), {"role": "user",
+                              "content": _with_context(_context(memories, tool_result), task)}]
 
 
 def plain_messages(persona: Any, task: str) -> list[Message]:

@@ -181,8 +181,8 @@ def demo_reply(messages: list[dict[str, str]]) -> str:
         return "DIALOGUE"
     m = re.search(r"You are (\w+)", system)
     persona = m.group(1) if m else "ASSISTANT"
-    t = re.search(r"Task:\s*(.+)", last)
-    task = (t.group(1) if t else last).strip().splitlines()[0][:120] if last else ""
+    named = re.findall(r"Task:\s*(.+)", last)      # the last: memories of tasks come first
+    task = (named[-1] if named else last).strip().splitlines()[0][:120] if last else ""
     if persona == "ALFRED":
         return f"In sum: {task} — considered by logic and by care alike."
     return f"{persona.title()} reflects on the task: {task}"
