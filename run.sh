@@ -3,7 +3,8 @@
 #   ./run.sh              set up on first use, then start the daemon (if none runs) and the UI
 #   ./run.sh --headless   set up, then run only the daemon (Ctrl-C stops it and saves the image)
 #   ./run.sh --stop-daemon-on-exit   closing the UI also stops the daemon it started
-#   ./run.sh test [ARGS]  run the whole test suite (pytest ARGS, e.g. -m "not slow")
+#   ./run.sh test [ARGS]  run the whole test suite (pytest ARGS, e.g. -m "not slow"); installs
+#                         the optional engines' wheels too, so their tests run
 #   ./run.sh bench        run the benchmarks in bench/
 #   ./run.sh a4ps ARGS    run any a4ps command inside the environment
 set -euo pipefail
@@ -49,6 +50,18 @@ setup() {
     "$PY" -m pip install --quiet --no-deps -e .
     echo "$want" > "$STAMP"
     say "environment ready"
+}
+
+setup_optional() {
+    # the whole suite also tests the opt-in engines: install their optional wheels once
+    local stamp="$VENV/.a4ps-optional-installed" want
+    want="$(sha256sum requirements-onnx.txt | cut -d' ' -f1)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return 0
+    fi
+    say "installing the optional engines' wheels (requirements-onnx.txt) for the tests"
+    "$PY" -m pip install --quiet -r requirements-onnx.txt
+    echo "$want" > "$stamp"
 }
 
 check_system_tools() {
@@ -128,8 +141,8 @@ run_bench() {
 
 cmd="${1:-}"
 case "$cmd" in
-    test) shift; setup; run_tests "$@" ;;
-    bench) shift; setup; run_bench "$@" ;;
+    test) shift; setup; setup_optional; run_tests "$@" ;;
+    bench) shift; setup; setup_optional; run_bench "$@" ;;
     a4ps) shift; setup; exec "$PY" -m a4ps "$@" ;;
     -h|--help) sed -n '2,9p' "$0" ;;
     *) setup; start_all "$@" ;;

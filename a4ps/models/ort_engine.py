@@ -1,0 +1,126 @@
+"""The ONNX Runtime GenAI token engine: int4 (or int8) weights, the fastest wheel-only
+engine measured here (bench/bench_models.py: int4 ahead of CTranslate2 int8 in every
+run, and of llama.cpp whenever other work competes for the cores; but int4 loses some
+closed-choice accuracy, so it is opt-in: ``models.embedded.engine = "onnxruntime"``).
+
+``onnxruntime-genai`` ships as a manylinux wheel; the model is built once by its own
+model builder (MatMulNBits blocks of 32, fused attention and rotary) from the
+dequantized checkpoint (see :mod:`a4ps.models.ort_convert`). Decoding runs one
+``generate_next_token`` per token in the calling thread, so stopping is simply not
+asking for the next one. A LoRA adapter is merged and the model rebuilt once per
+adapter, like the CTranslate2 path (ORT GenAI's run-time adapters need a model
+exported with LoRA inputs and adapters in its own format: a later step).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from a4ps.models.engine import Sampling
+from a4ps.models.errors import ModelLoadError
+from a4ps.models.threads import apply_openmp_policy
+from a4ps.models.tokens import ChatTokenizer
+
+
+ONNX_REQUIREMENTS = "requirements-onnx.txt"
+
+
+def require_onnxruntime_genai():
+    """The ``onnxruntime_genai`` module, or a clear error: the engine is opt-in and its
+    wheels (onnxruntime-genai, onnxruntime, onnx, onnx-ir) are not in requirements.txt."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError as e:
+        raise ModelLoadError(
+            f"models.embedded.engine = \"onnxruntime\" needs the optional ONNX Runtime GenAI "
+            f"wheels ({e}): install them with `.venv/bin/pip install -r {ONNX_REQUIREMENTS}`, "
+            f"or set models.embedded.engine = \"ctranslate2\" (the default)") from None
+    return og
+
+
+class OrtEngine:
+    """A built ONNX Runtime GenAI model plus the tokenizer shared with every engine."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_dir: Path, tok: ChatTokenizer, *, threads: int = 1) -> None:
+        apply_openmp_policy()
+        og = require_onnxruntime_genai()
+        model_dir = Path(model_dir)
+        try:
+            cfg = og.Config(str(model_dir))
+            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": max(1, int(threads)), "inter_op_num_threads": 1}}}}))
+            self.model = og.Model(cfg)
+            genai = json.loads((model_dir / "genai_config.json").read_text())
+        except Exception as e:
+            raise ModelLoadError(f"could not load the ONNX Runtime model in {model_dir} ({e}); "
+                                 f"delete that directory and it will be built again") from e
+        self._og = og
+        self.tok = tok
+        self.model_dir = model_dir
+        self.context = int(genai["model"].get("context_length") or 8192)
+
+    def _generator(self, max_length: int, sampling: Sampling | None = None):
+        og = self._og
+        params = og.GeneratorParams(self.model)
+        opts: dict = {"max_length": min(int(max_length), self.context), "do_sample": False}
+        if sampling is not None:
+            opts.update(repetition_penalty=float(sampling.repetition_penalty),
+                        no_repeat_ngram_size=int(sampling.no_repeat_ngram_size))
+            if not sampling.greedy:
+                opts.update(do_sample=True, temperature=float(sampling.temperature),
+                            top_p=float(sampling.top_p), top_k=int(sampling.top_k or 0))
+        params.set_search_options(**opts)
+        return og.Generator(self.model, params)
+
+    def stream(self, ids: list[int], *, max_new: int, sampling: Sampling) -> Iterator[int]:
+        gen = self._generator(len(ids) + int(max_new), sampling)
+        gen.append_tokens(list(ids))
+        try:
+            while not gen.is_done():
+                gen.generate_next_token()
+                yield int(gen.get_next_tokens()[0])
+        finally:
+            del gen             # frees the KV cache now, not at the next collection
+
+    def score(self, prefix: list[int], continuations: Sequence[list[int]]) -> list[list[float]]:
+        """The prefix is prefilled once; each distinct stem (a continuation without its
+        last token) is appended token by token after rewinding to the prefix, and the
+        last row scores every last token at once (see CT2Engine.score)."""
+        import numpy as np
+        out: list[list[float]] = [[] for _ in continuations]
+        stems: dict[tuple[int, ...], list[int]] = {}
+        for i, c in enumerate(continuations):
+            if c:
+                stems.setdefault(tuple(c[:-1]), []).append(i)
+        if not stems:
+            return out
+        n = len(prefix)
+        longest = max(len(s) for s in stems)
+
+        def logp(gen) -> np.ndarray:
+            x = np.asarray(gen.get_logits(), dtype=np.float64).reshape(-1)
+            x = x - x.max()
+            return x - np.log(np.exp(x).sum())
+
+        gen = self._generator(n + longest + 1)
+        gen.append_tokens(list(prefix))
+        first = logp(gen)
+        for stem, members in stems.items():
+            if gen.token_count() > n:
+                gen.rewind_to(n)
+            rows = [first]
+            for t in stem:
+                gen.append_tokens([int(t)])
+                rows.append(logp(gen))
+            head = [float(rows[j][t]) for j, t in enumerate(stem)]
+            last = rows[len(stem)]
+            for i in members:
+                out[i] = head + [float(last[continuations[i][-1]])]
+        del gen
+        return out
+
+    def close(self) -> None:
+        self.model = None
