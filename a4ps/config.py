@@ -220,6 +220,9 @@ class ForgeSettings(_Section):
     reuse_similarity: float = Field(
         0.75, ge=0, le=1, description="a registered tool whose description is at least this "
                                      "similar to a request's is called instead of forging one")
+    seed_tools: bool = Field(
+        True, description="give a new image the vetted seed tools (a4ps/tools/seed_tools.py: "
+                          "calculate, exact arithmetic and unit conversion)")
 
 
 class CuratorSettings(_Section):

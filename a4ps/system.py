@@ -193,6 +193,7 @@ class System:
         if loaded is None:
             log.info("no image in %s: seeding personas from %s", self.settings.data_dir, CODEX_PATH)
             self._ensure_personas()
+            self._seed_tools()
             self.save()
             return
         parts, self.last_load = loaded
@@ -202,6 +203,7 @@ class System:
         self._codex_saved = self._codex_changes
         self.image.remember(self.image_parts())   # an unchanged image is not written again
         self._ensure_personas()
+        self._seed_tools()
         self.tools.sync_files()  # <data>/tools/ mirrors the image's tools
         log.info("loaded image %s (%d protos, codex v%d)", self.last_load.path,
                  len(self.protos), self.codex.version)
@@ -406,6 +408,16 @@ class System:
         persona = self.protos.get("persona")
         if "status" in persona.own_slots():
             self.protos.update("persona", delete=["status"])
+
+    def _seed_tools(self) -> None:
+        """The vetted seed tools (a4ps/tools/seed_tools.py) an image has never had."""
+        if not self.settings.forge.seed_tools:
+            return
+        from .tools.seed_tools import seed
+        try:
+            seed(self.tools)
+        except Exception:      # a start never fails over a convenience
+            log.exception("seeding the tools failed; the forge still works")
 
     def _on_codex_decided(self, event: Event) -> None:
         self._codex_changes += 1
