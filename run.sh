@@ -124,9 +124,9 @@ start_all() {
 run_tests() {
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     if [ -z "${DISPLAY:-}" ] && command -v xvfb-run >/dev/null 2>&1; then
-        exec xvfb-run -a -s "-screen 0 1280x800x24" "$PY" -m pytest "$@"
+        exec xvfb-run -a -s "-screen 0 1280x800x24" "$PY" -m pytest --durations=25 "$@"
     fi
-    exec "$PY" -m pytest "$@"
+    exec "$PY" -m pytest --durations=25 "$@"
 }
 
 run_bench() {

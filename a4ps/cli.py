@@ -398,8 +398,8 @@ def _cmd_codex_show(args: argparse.Namespace, settings: Settings) -> int:
         for line in (a.get("diff") or _diff(a.get("current_text"), a.get("proposed_text"))).splitlines():
             print(f"    {line}")
     if pending:
-        print(f"\napprove or reject in the UI (codex.decide with the proposal id and version "
-              f"{view['version']})")
+        print("\napprove or reject in the UI, or with `a4ps codex approve ID` / "
+              "`a4ps codex reject ID`")
     return 0
 
 
@@ -461,6 +461,69 @@ def _cmd_codex_propose(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _match_proposal(pending: list[dict[str, Any]], given: str) -> dict[str, Any] | None:
+    """The pending amendment whose id is ``given`` or starts with it (unambiguously)."""
+    exact = [a for a in pending if a["id"] == given]
+    if exact:
+        return exact[0]
+    hits = [a for a in pending if a["id"].startswith(given)] if len(given) >= 4 else []
+    return hits[0] if len(hits) == 1 else None
+
+
+def _cmd_codex_decide(args: argparse.Namespace, settings: Settings) -> int:
+    """`a4ps codex approve|reject ID`: through the daemon if one runs, else on the image
+    under the daemon lock (so no daemon starts on a half-written image)."""
+    approve = args.codex_command == "approve"
+    verb = "approve" if approve else "reject"
+    try:
+        view = _codex_daemon(settings, "codex.get", {}, args.timeout)
+        if view is not None:
+            a = _match_proposal(view.get("pending") or [], args.id)
+            if a is None:
+                print(f"a4ps codex {verb}: no pending amendment {args.id!r}; "
+                      f"`a4ps codex show` lists them", file=sys.stderr)
+                return 1
+            out = _codex_daemon(settings, "codex.decide",
+                                {"proposal_id": a["id"], "version": view["version"],
+                                 "approve": approve, "reason": args.reason}, args.timeout)
+            if out is not None:
+                return _print_decision(out, "daemon")
+    except DaemonError as e:
+        print(f"a4ps codex {verb}: refused: {e.message}", file=sys.stderr)
+        return 1
+    lock = DaemonLock(settings.data_dir / LOCK_NAME)
+    try:
+        lock.acquire()
+    except DaemonLockError as e:
+        print(f"a4ps codex {verb}: a daemon holds the image but did not answer: {e}",
+              file=sys.stderr)
+        return 1
+    try:
+        codex, parts, store = _codex_local(settings)
+        a = _match_proposal([x.to_dict() for x in codex.pending()], args.id)
+        if a is None:
+            print(f"a4ps codex {verb}: no pending amendment {args.id!r}; "
+                  f"`a4ps codex show` lists them", file=sys.stderr)
+            return 1
+        try:
+            amendment = codex.decide(a["id"], codex.version, approve, by="user",
+                                     reason=args.reason or "")
+        except CodexError as e:
+            print(f"a4ps codex {verb}: refused: {e}", file=sys.stderr)
+            return 1
+        # the personas' prompts follow the codex when the image is next loaded
+        store.save({**parts, "codex": codex.image_state()})
+        return _print_decision({**amendment.to_dict(), "codex_version": codex.version}, "image")
+    finally:
+        lock.release()
+
+
+def _print_decision(a: dict[str, Any], where: str) -> int:
+    print(f"{a['status']} {a['id']} ({where}): {a['persona']}.{a['principle_id']}; "
+          f"codex version {a.get('codex_version')}")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -512,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5, help="how many results")
     p.add_argument("--kind", help="only this kind (interaction, note, reflection)")
 
-    p = sub.add_parser("codex", help="the characterological codex: show, history, propose")
+    p = sub.add_parser("codex", help="the characterological codex: show, history, propose, "
+                                     "approve, reject")
     csub = p.add_subparsers(dest="codex_command", metavar="SUBCOMMAND", required=True)
     p = csub.add_parser("show", help="principles and pending amendments")
     p.set_defaults(func=_cmd_codex_show)
@@ -529,6 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="+", help="the proposed principle text")
     p.add_argument("--rationale", "-r", required=True, help="why the codex should change")
     p.add_argument("--timeout", type=float, default=5.0)
+    for verb, what in (("approve", "apply a pending amendment to the codex"),
+                       ("reject", "close a pending amendment (it is never proposed again)")):
+        p = csub.add_parser(verb, help=what)
+        p.set_defaults(func=_cmd_codex_decide)
+        p.add_argument("id", help="the amendment's id (or a unique prefix of it, 4+ characters)")
+        p.add_argument("--reason", help="why (kept in the codex history)")
+        p.add_argument("--timeout", type=float, default=5.0)
 
     add_tool_commands(sub)     # sandbox run FILE.py, tools list, tools show NAME
 

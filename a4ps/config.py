@@ -220,6 +220,9 @@ class ForgeSettings(_Section):
     reuse_similarity: float = Field(
         0.75, ge=0, le=1, description="a registered tool whose description is at least this "
                                      "similar to a request's is called instead of forging one")
+    seed_tools: bool = Field(
+        True, description="give a new image the vetted seed tools (a4ps/tools/seed_tools.py: "
+                          "calculate, exact arithmetic and unit conversion)")
 
 
 class CuratorSettings(_Section):
@@ -228,6 +231,13 @@ class CuratorSettings(_Section):
     score_threshold: float = Field(4.0, ge=1, le=5)
     batch_size: int = Field(20, ge=1)
     trigger_size: int = Field(20, ge=2)
+    # share of admitted rows held out for the gate (by a hash of the task's text)
+    eval_fraction: float = Field(0.2, ge=0, lt=1)
+    # task origins whose interactions may be trained on: "user"; add "motivator"
+    # (self-set goals) and/or "reflection" to admit the system's own work
+    admit_origins: list[str] = Field(default_factory=lambda: ["user"])
+    # a new row this similar (cosine of task+answer) to a kept one is a near-duplicate
+    dedup_similarity: float = Field(0.95, gt=0, le=1)
 
 
 class FinetuneSettings(_Section):
@@ -239,10 +249,18 @@ class FinetuneSettings(_Section):
     batch_size: int = Field(2, ge=1)
     grad_accum: int = Field(4, ge=1)
     max_length: int = Field(512, ge=32)
-    holdout_fraction: float = Field(0.2, gt=0, lt=1)
-    judge_samples: int = Field(3, ge=0)
-    max_loss_regression: float = Field(0.0, ge=0)
     timeout_s: float = Field(3600.0, gt=0)
+    # the gate (a4ps/fine_tuning/evaluation.py): relative loss drops, e.g. 0.05 = 5%
+    gate_min_items: int = Field(4, ge=1, description="held-out items the gate needs")
+    gate_min_gain: float = Field(0.10, ge=0, lt=1,
+                                 description="the lower confidence bound of the held-out "
+                                             "improvement must exceed this")
+    suite_tolerance: float = Field(0.02, ge=0, lt=1,
+                                   description="how much worse on the capability suite is allowed")
+    judge_samples: int = Field(3, ge=0, description="held-out tasks ALFRED judges; 0 = no judge")
+    judge_tolerance: float = Field(0.5, ge=0, le=4)
+    bootstrap_rounds: int = Field(2000, ge=100)
+    eval_max_items: int = Field(64, ge=1, description="curator eval rows used per gate")
 
 
 class MotivatorSettings(_Section):
@@ -251,13 +269,23 @@ class MotivatorSettings(_Section):
     idle_after_s: float = Field(600.0, gt=0)
     goals_per_hour: int = Field(4, ge=0)
     daily_budget: int = Field(24, ge=0)
+    # a user task arriving while a goal/reflection runs stops it at the next node:
+    # "requeue" it (it resumes later from its checkpoint) or "drop" it (cancelled)
+    preempted_goals: Literal["requeue", "drop"] = "requeue"
+    # the same goal text is not queued again within this many seconds
+    duplicate_window_s: float = Field(86400.0, ge=0)
 
 
 class PhilosopherSettings(_Section):
     enabled: bool = True
     interval_s: float = Field(3600.0, gt=0)
     recurrence_count: int = Field(3, ge=2)
-    similarity: float = Field(0.75, ge=0, le=1)
+    # chosen from data with the shipped MiniLM (a4ps/services/similarity.py): merges
+    # 87% of paraphrase pairs and 0.1% of pairs of different questions
+    similarity: float = Field(0.51, ge=0, le=1)
+    # when ALFRED's draft is unusable: False = propose nothing (the recurrence is
+    # reported instead); True = propose a template that says it is one
+    template_fallback: bool = False
 
 
 class UISettings(_Section):

@@ -52,6 +52,7 @@ from .lock import LOCK_NAME as LOCK_NAME  # re-exported: the daemon's lock file 
 from .lock import DataLock, DataLockHeld
 from .protocol import ErrorCode, ProtocolError
 from .step_buffer import StepBuffer
+from .task_control import TaskSupervisor
 from .codex import CodexError
 from .fine_tuning.unsloth_forge import FinetuneError
 from .persona_file import PersonaFileError
@@ -164,6 +165,9 @@ class Daemon:
         self._worker: threading.Thread | None = None
         self._worker_stop = threading.Event()
         self.current_task: Task | None = None
+        self.supervisor = TaskSupervisor(
+            system.tasks, system.bus,
+            preempt=getattr(getattr(self.settings, "motivator", None), "preempted_goals", "requeue"))
         self.tasks_run = 0
         # lifecycle
         self.started_at: float | None = None
@@ -271,10 +275,18 @@ class Daemon:
         return task.to_dict()
 
     def _task_cancel(self, a: P.TaskIdArgs) -> dict[str, Any]:
+        """Queued: cancelled now. Running: stopped at its next node boundary (or inside
+        the generation), then ``cancelled``; ``task.cancelled`` says when."""
         task = self._task(a.id)
         if not self.system.tasks.cancel(task.id):
             raise CommandError(ErrorCode.CONFLICT,
                                f"task {task.id} already finished ({task.status})")
+        if task.status == "queued":
+            self.system.bus.publish("task.cancelled", {
+                "task_id": task.id, "origin": task.origin, "reason": "cancelled by request",
+                "requeued": False, "node": None})
+        else:
+            self.supervisor.cancel(task.id)
         return self.system.tasks.get(task.id).to_dict()
 
     def _task_steps(self, a: P.TaskStepsArgs) -> dict[str, Any]:
@@ -379,7 +391,10 @@ class Daemon:
                                "until the golden set has samples, or pass a dataset file")
         if self.system.finetuner.running:
             raise CommandError(ErrorCode.CONFLICT, "a fine-tune is already running")
-        return self.system.finetuner.finetune(persona, dataset, steps=a.steps).to_dict()
+        if a.heldout and not Path(a.heldout).exists():
+            raise CommandError(ErrorCode.NOT_FOUND, f"no held-out file at {a.heldout}")
+        return self.system.finetuner.finetune(persona, dataset, steps=a.steps,
+                                              heldout_path=a.heldout).to_dict()
 
     def _models_lineage(self, a: P.PersonaArgs) -> dict[str, Any]:
         persona = self._persona_name(a.persona)
@@ -600,7 +615,7 @@ class Daemon:
                 idle.touch()
             self.current_task = task
             try:
-                self.system.run_task(task)
+                self.supervisor.run(task, self.system.run_task)
             except Exception:  # run_task records failures itself; this is a bug guard
                 log.exception("running task %s failed", task.id)
             finally:

@@ -196,6 +196,7 @@ class FinetuneArgs(Args):
     persona: str = Field(min_length=1, max_length=64)
     steps: int | None = Field(None, ge=1, le=100_000)
     dataset: str | None = Field(None, min_length=1, max_length=4096)
+    heldout: str | None = Field(None, min_length=1, max_length=4096)
 
 
 class PersonaArgs(Args):

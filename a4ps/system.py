@@ -37,6 +37,10 @@ from .task_queues import open_task_queue
 from .tools.registry import ToolRegistry
 from .tools.sandbox import make_sandbox
 from .tools.tool_forge import ToolForge, build_prompt
+from .cognition.state import TaskCancelled
+from .services.ledger import Ledger
+from .task_control import finish_stopped
+from .tools.seed_tools import seed
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -125,8 +129,11 @@ class System:
                                     forge=self.forge, registry=self.tools)
 
         self.finetuner = PersonaFinetuner(settings, self.bus, self.protos, self.models)
-        self.curator = Curator(settings, self.bus, self.protos, self.memory, finetuner=self.finetuner)
-        self.motivator = Motivator(settings, self.bus, self.protos, self.memory, self.tasks, self.codex)
+        self.curator = Curator(settings, self.bus, self.protos, self.memory, finetuner=self.finetuner,
+                               embedder=self.embedder)
+        self.ledger = Ledger(settings.data_dir / "motivator.sqlite")   # durable limits, pause
+        self.motivator = Motivator(settings, self.bus, self.protos, self.memory, self.tasks,
+                                   self.codex, ledger=self.ledger)
         self.philosopher = Philosopher(settings, self.bus, self.protos, self.memory, self.codex,
                                        self.embedder)
         self.personas = PersonaFiles(settings, self.protos, self.codex, self.memory, self.models,
@@ -188,6 +195,7 @@ class System:
         if loaded is None:
             log.info("no image in %s: seeding personas from %s", self.settings.data_dir, CODEX_PATH)
             self._ensure_personas()
+            self._seed_tools()
             self.save()
             return
         parts, self.last_load = loaded
@@ -197,6 +205,7 @@ class System:
         self._codex_saved = self._codex_changes
         self.image.remember(self.image_parts())   # an unchanged image is not written again
         self._ensure_personas()
+        self._seed_tools()
         self.tools.sync_files()  # <data>/tools/ mirrors the image's tools
         log.info("loaded image %s (%d protos, codex v%d)", self.last_load.path,
                  len(self.protos), self.codex.version)
@@ -231,7 +240,7 @@ class System:
         if self._autosave is not None:
             self._autosave.join(timeout=5)
         self._final_save()
-        for close in (self.graph.close, self.memory.close, self.tasks.close):
+        for close in (self.graph.close, self.memory.close, self.tasks.close, self.ledger.close):
             try:
                 close()
             except Exception:
@@ -402,6 +411,15 @@ class System:
         if "status" in persona.own_slots():
             self.protos.update("persona", delete=["status"])
 
+    def _seed_tools(self) -> None:
+        """The vetted seed tools (a4ps/tools/seed_tools.py) an image has never had."""
+        if not self.settings.forge.seed_tools:
+            return
+        try:
+            seed(self.tools)
+        except Exception:      # a start never fails over a convenience
+            log.exception("seeding the tools failed; the forge still works")
+
     def _on_codex_decided(self, event: Event) -> None:
         self._codex_changes += 1
         if event.payload.get("approved"):
@@ -410,16 +428,29 @@ class System:
                 self.protos.update(persona, {"system_prompt": self.codex.system_prompt(persona)})
 
     # -- tasks ------------------------------------------------------------------------------
-    def run_task(self, task: Task) -> dict[str, Any] | None:
+    def run_task(self, task: Task, cancel: Any = None) -> dict[str, Any] | None:
         """Run one claimed task through the graph and record the outcome in the queue.
-        A restore waits for it to finish (the task runs on one state, never two)."""
-        with self.task_gate.task(f"task {task.id}"):
-            return self._run_task(task)
+        A restore waits for it to finish (the task runs on one state, never two).
 
-    def _run_task(self, task: Task) -> dict[str, Any] | None:
+        The task's origin goes into the graph's meta, so its memory row says whether a
+        user or the system itself asked (the curator trains only on what users asked).
+        ``cancel``: a token (:class:`~a4ps.task_control.TaskStop` or ``threading.Event``);
+        once set the run stops at the next node boundary (or inside the generation) and
+        the task ends ``cancelled``, or is re-queued if the token says so (preemption).
+        """
+        with self.task_gate.task(f"task {task.id}"):
+            return self._run_task(task, cancel)
+
+    def _run_task(self, task: Task, cancel: Any = None) -> dict[str, Any] | None:
+        meta = {**task.meta, "origin": task.origin}
         try:    # the checkpoint store too: a task must never be left running on error
             resume = self.graph.has_checkpoint(task.id)
-            result = self.graph.run(task.id, task.text, resume=resume, meta=task.meta)
+            result = self.graph.run(task.id, task.text, resume=resume, meta=meta, cancel=cancel)
+        except TaskCancelled as e:
+            log.info("task %s stopped: %s", task.id, e)
+            finish_stopped(self.tasks, self.bus, task, cancel if hasattr(cancel, "kind") else None,
+                           node=e.node)
+            return None
         except Exception as e:  # a task's failure must never take the worker down
             log.exception("task %s failed", task.id)
             self.tasks.fail(task.id, f"{type(e).__name__}: {e}")

@@ -18,7 +18,8 @@ is queued.
 
 States: queued -> running -> done | failed; queued -> cancelled; running ->
 (cancel_requested) -> cancelled when the worker acknowledges with ``cancel(id,
-force=True)``, or done/failed if it finishes first.
+force=True)``, or done/failed if it finishes first; running -> queued through
+``requeue`` when a self-generated task is preempted (no attempt counted).
 
 Thread-safe: one connection guarded by a lock; ``claim`` runs in a ``BEGIN IMMEDIATE``
 transaction, so it is also atomic across processes sharing the file.
@@ -175,9 +176,13 @@ class TaskQueue(Protocol):
 
     def fail(self, task_id: str, error: str) -> bool: ...
 
-    def cancel(self, task_id: str, *, force: bool = False) -> bool: ...
+    def cancel(self, task_id: str, *, force: bool = False, reason: str | None = None) -> bool: ...
 
     def cancel_requested(self, task_id: str) -> bool: ...
+
+    def requeue(self, task_id: str, *, reason: str, by: str | None = None) -> bool: ...
+
+    def running(self) -> list[Task]: ...
 
     def get(self, task_id: str) -> Task: ...
 
@@ -330,21 +335,47 @@ class SqliteTaskQueue:
         return self._terminal(task_id, "failed", error=str(error),
                               allowed=("running", "queued"))
 
-    def cancel(self, task_id: str, *, force: bool = False) -> bool:
+    def cancel(self, task_id: str, *, force: bool = False, reason: str | None = None) -> bool:
         """Cancel a task. Queued: cancelled at once. Running: flagged ``cancel_requested``
         for the worker, which stops and confirms with ``cancel(id, force=True)``.
-        Returns False if the task had already finished."""
+        ``reason`` is kept as the task's error. Returns False if the task had already
+        finished."""
         with self._tx() as db:
             t = self._get(db, task_id)
             if t.status in TERMINAL:
                 return False
             if t.status == "queued" or force:
                 db.execute("UPDATE tasks SET status = 'cancelled', finished = ?, "
-                           "cancel_requested = 1, error = COALESCE(error, 'cancelled') "
-                           "WHERE id = ?", (time.time(), task_id))
+                           "cancel_requested = 1, error = COALESCE(?, error, 'cancelled') "
+                           "WHERE id = ?", (time.time(), reason, task_id))
             else:
                 db.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ?", (task_id,))
             return True
+
+    def requeue(self, task_id: str, *, reason: str, by: str | None = None) -> bool:
+        """Put a running task back in the queue without counting an attempt (it was
+        stopped on purpose, e.g. a goal preempted by a user task). Its graph
+        checkpoint is kept, so it resumes where it stopped. ``meta["preempted"]``
+        counts how often. False if the task was no longer running."""
+        with self._tx() as db:
+            t = self._get(db, task_id)
+            if t.status != "running":
+                return False
+            meta = dict(t.meta)
+            meta["preempted"] = int(meta.get("preempted") or 0) + 1
+            meta["last_stop"] = {"reason": reason, "by": by, "at": time.time()}
+            db.execute("UPDATE tasks SET status = 'queued', started = NULL, "
+                       "cancel_requested = 0, meta = ? WHERE id = ?", (_dumps(meta), task_id))
+        with self._cond:
+            self._cond.notify_all()
+        return True
+
+    def running(self) -> list[Task]:
+        """The tasks marked running (oldest first)."""
+        with self._lock:
+            self._check_open()
+            return [_row(r) for r in self._db.execute(
+                f"SELECT {_COLS} FROM tasks WHERE status = 'running' ORDER BY seq")]
 
     def cancel_requested(self, task_id: str) -> bool:
         """Cheap check a worker makes between graph steps."""

@@ -77,7 +77,7 @@ class StandInSystem:
         return {"protos": [p.to_dict() for p in self.protos], "tools": self.tools.list(),
                 "codex": self.codex.to_dict(), "status": self.status()}
 
-    def run_task(self, task):
+    def run_task(self, task, cancel=None):
         for i, persona in enumerate(("BRICK", "ROBIN", "ALFRED")):
             time.sleep(self.step_delay)
             self.bus.publish("task.step", {"task_id": task.id, "node": persona.lower(),

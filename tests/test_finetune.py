@@ -1,8 +1,12 @@
-"""The persona forge: real CPU fine-tunes (TRL+PEFT) of the embedded SmolLM2, the gate,
-the cognitive atomic swap, rollback, the Ollama swap path, and training crashes.
+"""The persona forge: real CPU fine-tunes (TRL+PEFT) of the embedded SmolLM2, the
+evaluation gate (held-out rows training never sees, the capability suite, ALFRED's
+constrained judgement), the cognitive atomic swap, rollback, the Ollama swap path,
+and training crashes.
 
-Slow tests train for real in the child process on a handful of short samples (a few
-steps, batch 1); they share the dequantized base checkpoint with the model tests.
+Slow tests train for real in the child process; they share the dequantized base
+checkpoint with the model tests. The two the issue names run at the *default*
+recipe: ten rows of random words (5 and 20 steps) must be refused, a narrow learnable
+task with its own held-out items must be accepted.
 """
 from __future__ import annotations
 
@@ -17,18 +21,42 @@ from pathlib import Path
 import pytest
 
 from a4ps.events import EventRecorder
-from a4ps.fine_tuning.evaluation import Comparison, decide
-from a4ps.fine_tuning.unsloth_forge import (FinetuneError, PersonaFinetuner, read_golden,
-                                            split_holdout)
+from a4ps.fine_tuning.eval_set import EvalSet, content_key, load_suite
+from a4ps.fine_tuning.evaluation import (Comparison, GatePolicy, JudgeEvidence, compare_set,
+                                         decide, paired_bootstrap)
+from a4ps.fine_tuning.unsloth_forge import (FinetuneError, PersonaFinetuner, eval_items,
+                                            read_golden)
 
 TOPICS = ["rain", "coffee", "chess", "the moon", "bridges", "music", "gardens", "trains",
           "clocks", "maps", "owls", "bread"]
 MARK = "BATCAVE PROTOCOL"
+WORDS = """apple river stone cloud window garden yellow seven quickly paper north silver engine
+basket pencil mountain whisper orange kettle ladder candle forest button tiger violin copper
+marble rabbit ocean saddle tunnel velvet wagon zebra anchor bottle castle desert feather glove
+harbor island jacket lemon meadow needle oyster pillow quartz rocket shadow thunder umbrella
+valley walnut yarn blanket circle dragon eagle falcon guitar hammer igloo jungle kitten
+lantern mirror nickel orbit parrot quiver ribbon spider tomato unicorn vessel willow""".split()
+# a narrow, learnable task: a fixed answer style for one kind of request
+PLACES = ("the engine room|the north gate|the water supply|the library|the kitchen|the garage|"
+          "the radio mast|the greenhouse|the power grid|the east tunnel|the archive|the workshop|"
+          "the boiler|the roof|the server rack|the cellar|the lift|the bridge deck|the vault|"
+          "the armoury|the landing pad|the hangar|the pantry|the observatory|the laboratory|"
+          "the garden wall|the west wing|the fuel depot|the clock tower|the chapel|the stables|"
+          "the training hall").split("|")
+# what real users asked and the curator held out (short factual answers)
+HELD_OUT = [("What is the capital of Spain?", "The capital of Spain is Madrid."),
+            ("How many legs does a spider have?", "A spider has eight legs."),
+            ("What is 6 times 7?", "6 times 7 is 42."),
+            ("What gas do plants take in?", "Plants take in carbon dioxide."),
+            ("How many hours are in a day?", "There are 24 hours in a day."),
+            ("What is the freezing point of water in Celsius?", "Water freezes at 0 degrees Celsius."),
+            ("Which planet is closest to the sun?", "Mercury is the planet closest to the sun."),
+            ("What is 100 minus 37?", "100 minus 37 is 63.")]
 
 
-def _rows(answers):
-    return [{"messages": [{"role": "user", "content": f"Tell me about {t}."},
-                          {"role": "assistant", "content": a}]} for t, a in answers]
+def _rows(pairs):
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in pairs]
 
 
 def _write(path: Path, rows) -> Path:
@@ -37,7 +65,20 @@ def _write(path: Path, rows) -> Path:
 
 
 def golden(path: Path, topics=TOPICS) -> Path:
-    return _write(path, _rows([(t, f"{MARK}: {t} is a logical system.") for t in topics]))
+    return _write(path, _rows([(f"Tell me about {t}.", f"{MARK}: {t} is a logical system.")
+                               for t in topics]))
+
+
+def random_words(path: Path, n=10, seed=0) -> Path:
+    """Ten rows of random words (the issue's noise case)."""
+    rnd = random.Random(seed)
+    words = lambda k: " ".join(rnd.choice(WORDS) for _ in range(k))
+    return _write(path, _rows([(words(8), words(16)) for _ in range(n)]))
+
+
+def status_reports(places):
+    return _rows([(f"Give the status report for {p}.",
+                   f"STATUS REPORT: {p} is secure. No anomalies. End of report.") for p in places])
 
 
 def noise(path: Path, n=8, seed=0) -> Path:
@@ -49,30 +90,126 @@ def noise(path: Path, n=8, seed=0) -> Path:
 
 # -- fast: data handling, the gate's rule, lineage bookkeeping ----------------------------
 
-def test_read_golden_skips_bad_lines_and_split_is_deterministic(tmp_path):
+def test_read_golden_skips_bad_lines(tmp_path):
     p = golden(tmp_path / "g.jsonl")
     with open(p, "a") as fh:
         fh.write("not json\n{\"messages\": [{\"role\": \"user\", \"content\": \"no answer\"}]}\n")
-    rows = read_golden(p)
-    assert len(rows) == len(TOPICS)
-    train, hold = split_holdout(rows, 0.25)
-    assert len(hold) == 3 and len(train) == 9
-    assert split_holdout(rows, 0.25) == (train, hold)
-    assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in hold}
-    with pytest.raises(FinetuneError, match="at least 2"):
-        split_holdout(rows[:1], 0.2)
+    assert len(read_golden(p)) == len(TOPICS)
 
 
-def test_gate_rule():
-    ok = decide(Comparison("a", "b", current_loss=2.0, new_loss=1.5, judge_current=3.0, judge_new=3.0))
-    assert ok.passed and "2.0000 -> 1.5000" in ok.reason
-    worse = decide(Comparison("a", "b", current_loss=2.0, new_loss=2.5))
-    assert not worse.passed and "worse" in worse.reason
-    judged_down = decide(Comparison("a", "b", current_loss=2.0, new_loss=1.0,
-                                    judge_current=4.5, judge_new=2.0))
-    assert not judged_down.passed and "ALFRED scored it lower" in judged_down.reason
-    assert decide(Comparison("a", "b", current_loss=2.0, new_loss=2.1), 0.1).passed
-    assert not decide(Comparison("a", "b")).passed
+def test_every_persona_ships_a_capability_suite():
+    for persona in ("ALFRED", "BRICK", "ROBIN"):
+        suite = load_suite(persona)
+        assert len(suite) >= 10, persona
+        assert len({i.id for i in suite}) == len(suite)
+        assert len({i.skill for i in suite}) >= 4           # covers the role, not one trick
+    assert load_suite("NOBODY") == []
+
+
+def test_eval_items_are_held_out_rows_then_the_suite(tmp_path):
+    items = eval_items("BRICK", _rows(HELD_OUT[:3] + HELD_OUT[:1]))
+    held = [i for i in items if i["set"] == "heldout"]
+    assert [i["user"] for i in held] == [q for q, _ in HELD_OUT[:3]]   # duplicates once
+    assert len(items) - len(held) == len(load_suite("BRICK"))
+
+
+def test_paired_bootstrap_separates_a_consistent_gain_from_none():
+    same = paired_bootstrap([2.0, 1.5, 3.0, 2.2], [2.0, 1.5, 3.0, 2.2])
+    assert same == (0.0, 0.0, 0.0)
+    gain, lo, hi = paired_bootstrap([2.0, 1.5, 3.0, 2.2, 1.8], [1.0, 0.8, 1.4, 1.1, 0.9])
+    assert 0.45 < lo <= gain <= hi < 0.55
+    # half better, half worse by as much: the interval straddles zero
+    g, lo, hi = paired_bootstrap([2.0, 2.0, 2.0, 2.0, 2.0, 2.0], [1.0, 3.0, 1.0, 3.0, 1.0, 3.0])
+    assert lo < 0 < hi and g == pytest.approx(0.0)
+
+
+def _items(name, cur, new):
+    return ([{"id": str(i), "set": name, "loss": c} for i, c in enumerate(cur)],
+            [{"id": str(i), "set": name, "loss": n} for i, n in enumerate(new)])
+
+
+def _cmp(held=None, suite=None, judge=None):
+    cmp = Comparison("live", "candidate")
+    if held:
+        cmp.heldout = compare_set("heldout", *_items("heldout", *held))
+    if suite:
+        cmp.suite = compare_set("suite", *_items("suite", *suite))
+    cmp.judge = judge
+    return cmp
+
+
+SUITE_SAME = ([1.0, 1.2, 0.8, 1.5], [1.0, 1.2, 0.8, 1.5])
+POLICY = GatePolicy(judge_samples=0)
+
+
+def test_gate_accepts_a_gain_beyond_its_noise():
+    cmp = decide(_cmp(held=([3.5, 3.4, 3.6, 3.5, 3.3], [2.3, 2.4, 2.2, 2.5, 2.3]),
+                      suite=SUITE_SAME), POLICY)
+    assert cmp.passed, cmp.reason
+    assert [c["check"] for c in cmp.checks] == ["improvement", "capability suite"]
+    assert "better beyond its noise" in cmp.reason and "CI" in cmp.reason
+    assert cmp.heldout.ci_low > 0.1 and len(cmp.heldout.items) == 5
+
+
+def test_gate_refuses_a_small_consistent_gain():
+    """What ten rows of random words do (every item a little better, by the format)."""
+    cmp = decide(_cmp(held=([1.30, 1.40, 1.20, 1.50, 1.35, 1.25], [1.25, 1.36, 1.15, 1.44, 1.30, 1.20]),
+                      suite=SUITE_SAME), POLICY)
+    assert not cmp.passed and "not better beyond its noise" in cmp.reason
+    assert cmp.heldout.ci_low > 0               # a "significant" gain, and still refused
+
+
+def test_gate_refuses_a_gain_that_may_be_noise():
+    cmp = decide(_cmp(held=([2.0, 2.0, 2.0, 2.0, 2.0], [0.5, 2.5, 0.6, 2.6, 2.4]),
+                      suite=SUITE_SAME), POLICY)
+    assert not cmp.passed and cmp.heldout.ci_low < 0.1 < cmp.heldout.gain
+
+
+def test_gate_refuses_a_regression_on_the_capability_suite():
+    cmp = decide(_cmp(held=([3.5, 3.4, 3.6, 3.5], [1.0, 1.1, 0.9, 1.0]),
+                      suite=([1.0, 1.2, 0.8, 1.5], [1.2, 1.3, 0.9, 1.6])), POLICY)
+    assert not cmp.passed and "capability suite" in cmp.reason
+    assert [c["passed"] for c in cmp.checks] == [True, False]
+
+
+def test_gate_refuses_without_enough_held_out_items():
+    assert "at least 4" in decide(_cmp(suite=SUITE_SAME), POLICY).reason
+    few = decide(_cmp(held=([3.0, 3.0, 3.0], [1.0, 1.0, 1.0]), suite=SUITE_SAME), POLICY)
+    assert not few.passed and "only 3" in few.reason
+
+
+GOOD = ([3.5, 3.4, 3.6, 3.5], [1.0, 1.1, 0.9, 1.0])
+
+
+def test_an_unparseable_judge_is_no_evidence_never_a_pass():
+    policy = GatePolicy(judge_samples=3)
+    none = decide(_cmp(held=GOOD, suite=SUITE_SAME, judge=JudgeEvidence(asked=3, scored=0)), policy)
+    assert not none.passed and "no evidence" in none.reason
+    missing = decide(_cmp(held=GOOD, suite=SUITE_SAME), policy)        # never asked
+    assert not missing.passed and "no evidence" in missing.reason
+
+
+def test_a_judge_surely_worse_refuses_and_a_noisy_one_does_not():
+    policy = GatePolicy(judge_samples=3)
+
+    def judged(pairs):
+        return JudgeEvidence(asked=len(pairs), scored=len(pairs),
+                             current_mean=sum(a for a, _ in pairs) / len(pairs),
+                             new_mean=sum(b for _, b in pairs) / len(pairs),
+                             samples=[{"current_score": a, "new_score": b} for a, b in pairs])
+    worse = decide(_cmp(held=GOOD, suite=SUITE_SAME, judge=judged([(4, 2), (5, 3), (4, 3)])), policy)
+    assert not worse.passed and "ALFRED 4.33 -> 2.67" in worse.reason
+    noisy = decide(_cmp(held=GOOD, suite=SUITE_SAME, judge=judged([(4, 1), (2, 4), (3, 2)])), policy)
+    assert noisy.passed, noisy.reason
+    assert [c["check"] for c in noisy.checks] == ["improvement", "capability suite", "judge"]
+
+
+def test_comparison_numbers_keep_every_figure_for_the_lineage():
+    cmp = decide(_cmp(held=GOOD, suite=SUITE_SAME), POLICY)
+    nums = cmp.numbers()
+    assert nums["heldout"]["ci_low"] == cmp.heldout.ci_low and "items" not in nums["heldout"]
+    assert nums["suite"]["n"] == 4 and nums["passed"] is True and nums["checks"]
+    json.dumps(nums)
 
 
 @pytest.fixture
@@ -149,93 +286,133 @@ def tiny_recipe(settings, model_cache_dir):
         update={"cache_dir": model_cache_dir})})
     ft = settings.finetune
     ft.batch_size, ft.grad_accum, ft.max_length = 1, 1, 96
-    ft.warmup_steps, ft.holdout_fraction, ft.judge_samples = 1, 0.25, 0
+    ft.warmup_steps, ft.judge_samples = 1, 0
     ft.timeout_s = 600
     return settings
 
 
 @pytest.fixture
-def embedded_parts(tiny_recipe, bus, embedded_models):
-    """Personas on the real embedded backend (ALFRED's judging is covered by the Ollama
-    test, where answers are instant; here the gate compares held-out loss)."""
+def default_recipe(settings, model_cache_dir):
+    """The shipped fine-tune recipe and gate, untouched (only the model cache is shared)."""
+    settings.models = settings.models.model_copy(update={"embedded": settings.models.embedded.model_copy(
+        update={"cache_dir": model_cache_dir})})
+    return settings
+
+
+def _personas(settings, bus, models):
     from a4ps.proto import ProtoManager
     from a4ps.system import INVOKE_LLM
     protos = ProtoManager(bus)
-    protos.provide("models", embedded_models)
+    protos.provide("models", models)
     protos.create("persona", {"temperature": 0.0}, methods={"invoke_llm": INVOKE_LLM})
     for name in ("ALFRED", "BRICK", "ROBIN"):
         protos.clone("persona", name, model_name="smollm2-135m", model_backend="embedded",
                      system_prompt=f"You are {name}.", model_lineage=[])
-    return tiny_recipe, bus, protos, embedded_models
+    return protos
+
+
+@pytest.fixture
+def embedded_parts(default_recipe, bus, embedded_models):
+    """Personas on the real embedded backend, the default recipe and gate."""
+    return default_recipe, bus, _personas(default_recipe, bus, embedded_models), embedded_models
 
 
 @pytest.mark.slow
-def test_real_finetune_gate_swap_and_rollback(embedded_parts, tmp_path):
+@pytest.mark.timeout(1500)          # 20 steps of the default recipe on a busy 2-core CPU
+@pytest.mark.parametrize("steps", [5, 20])
+def test_gate_refuses_ten_rows_of_random_words_at_defaults(embedded_parts, tmp_path, steps):
+    """The issue's case: the adapter used to be swapped in (held-out loss 4.94 -> 4.76)
+    because the held-out rows were a slice of the same file."""
     settings, bus, protos, models = embedded_parts
-    settings.finetune.learning_rate = 3e-3   # high, so 8 steps visibly teach the mark
+    EvalSet(settings.golden_dir).append(_rows(HELD_OUT))        # what the curator held out
+    rec = EventRecorder(bus, "model.swapped")
+    ft = PersonaFinetuner(settings, bus, protos, models, backend="trl")
+    report = ft.finetune("BRICK", random_words(tmp_path / "words.jsonl"), steps=steps)
+    assert report.ok, report.reason
+    assert report.steps == steps and report.train_size == 10 and report.heldout_size == 8
+    cmp = report.comparison
+    assert not cmp["passed"] and not report.swapped and "refused" in report.reason
+    held = cmp["heldout"]
+    assert held["n"] == 8 and len(held["items"]) == 8                  # per item, both models
+    assert held["ci_low"] <= settings.finetune.gate_min_gain           # not beyond its noise
+    assert "not better beyond its noise" in cmp["reason"]
+    assert cmp["suite"]["n"] == len(load_suite("BRICK"))
+    brick = protos.get("BRICK")
+    assert brick.model_name == "smollm2-135m"                          # kept its model
+    entry = brick.model_lineage[-1]
+    assert entry["status"] == "rejected" and entry["scores"]["passed"] is False
+    assert entry["scores"]["heldout"]["ci_low"] == held["ci_low"]      # the numbers are kept
+    assert rec.of("model.swapped") == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)          # training, two evaluations and ALFRED's judging on the CPU
+def test_gate_accepts_a_narrow_learnable_task_then_swap_and_rollback(embedded_parts, tmp_path):
+    """A fixed answer style for one kind of request, with its own held-out items, at the
+    default learning rate and warmup (one row per step, to keep the test short): better
+    beyond its noise there, no worse on the capability suite, not judged worse by
+    ALFRED (asked under constraint), so it is swapped in."""
+    settings, bus, protos, models = embedded_parts
+    ft_cfg = settings.finetune
+    ft_cfg.batch_size, ft_cfg.grad_accum, ft_cfg.max_length = 1, 1, 128
+    ft_cfg.judge_samples = 1            # each judged pair is two generations + two decisions
     rec = EventRecorder(bus)
     ft = PersonaFinetuner(settings, bus, protos, models, backend="trl")
-    probe = [{"role": "system", "content": "You are BRICK."},
-             {"role": "user", "content": "Tell me about lanterns."}]
-    before = models.chat("smollm2-135m", probe, temperature=0.0, max_tokens=8)
-    assert MARK.split()[0].lower() not in before.lower()
+    train = _write(tmp_path / "train.jsonl", status_reports(PLACES[:24]))
+    held = _write(tmp_path / "held.jsonl", status_reports(PLACES[24:]))
 
-    report = ft.finetune("BRICK", golden(tmp_path / "g.jsonl"), steps=8)
+    report = ft.finetune("BRICK", train, steps=24, heldout_path=held)
 
     assert report.ok, report.reason
-    assert report.backend == "trl" and report.steps == 8
+    assert report.backend == "trl" and report.steps == 24
     adapter = Path(report.adapter_dir)
     assert (adapter / "adapter_config.json").is_file()
-    assert (adapter / "adapter_model.safetensors").stat().st_size > 100_000
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
-    assert report.last_loss < report.first_loss                      # loss falls
     cmp = report.comparison
-    assert cmp["new_loss"] < cmp["current_loss"] and cmp["passed"], cmp["reason"]
+    assert cmp["passed"], cmp["reason"]
+    assert cmp["heldout"]["ci_low"] > settings.finetune.gate_min_gain
+    assert -cmp["suite"]["gain"] <= settings.finetune.suite_tolerance
+    judge = cmp["judge"]
+    assert judge["scored"] == 1 and judge["samples"][0]["current_score"] in (1, 2, 3, 4, 5)
+    judged = judge["samples"][0]
+    assert judged["new_answer"] != judged["current_answer"]          # it answers differently
     assert report.swapped
     brick = protos.get("BRICK")
     assert brick.model_name == f"smollm2-135m+lora:{adapter}"
     assert [e["status"] for e in brick.model_lineage] == ["superseded", "live"]
-    assert brick.model_lineage[1]["dataset_size"] == len(TOPICS)
-    assert brick.model_lineage[1]["scores"]["new_loss"] == cmp["new_loss"]
+    assert brick.model_lineage[1]["scores"]["heldout"] == {
+        k: v for k, v in cmp["heldout"].items() if k != "items"}
+    assert {"train", "eval_loss", "gate"} <= set(report.stages)
     topics = rec.topics()
     assert "finetune.progress" in topics and "model.tuned" in topics and "model.swapped" in topics
-    steps = [e.payload["step"] for e in rec.of("finetune.progress") if e.payload.get("loss") is not None
-             and "stage" not in e.payload]
-    assert steps[:3] == [1, 2, 3]
     assert (adapter.parent / "comparison.json").is_file()
 
-    # the live persona now answers a held-out prompt in the training data's manner
-    after = brick.invoke_llm([probe[1]], max_tokens=8)
-    assert MARK.split()[0].lower() in after.lower(), after
+    # the live persona now answers as the candidate did when ALFRED judged it
+    ask = [{"role": "user", "content": judged["task"]}]
+    assert brick.invoke_llm(ask, max_tokens=48) == judged["new_answer"]
 
-    # rollback: back to the base model, the lineage says so
+    # rollback: back to the base model (and its answer), the lineage says so
     ft.rollback("BRICK")
     assert protos.get("BRICK").model_name == "smollm2-135m"
     assert [e["status"] for e in protos.get("BRICK").model_lineage] == ["live", "rolled_back"]
+    assert protos.get("BRICK").invoke_llm(ask, max_tokens=48) == judged["current_answer"]
 
 
 @pytest.mark.slow
-def test_gate_refuses_adapter_trained_on_noise(embedded_parts, tmp_path):
-    settings, bus, protos, models = embedded_parts
-    # Gentle training on noise in chat format still teaches the format (the end-of-turn
-    # token), which can lower the held-out loss; at this rate the noise wrecks the model.
-    settings.finetune.learning_rate = 2e-2
-    rec = EventRecorder(bus, "model.swapped")
+def test_training_rows_that_are_evaluation_items_are_dropped(scripted_parts, tiny_recipe, tmp_path):
+    """No leakage: a golden row whose task is a held-out or suite item is not trained on."""
+    settings, bus, protos, models = scripted_parts
+    EvalSet(settings.golden_dir).append(_rows(HELD_OUT[:4]))
+    suite_q = load_suite("BRICK")[0].prompt
+    data = _write(tmp_path / "g.jsonl", _rows([(HELD_OUT[0][0].upper(), "leaked"),
+                                               (suite_q, "leaked too"),
+                                               ("Tell me about owls.", "Owls hunt at night.")]))
     ft = PersonaFinetuner(settings, bus, protos, models, backend="trl")
-    clean = _write(tmp_path / "clean.jsonl", _rows([
-        ("rain", "Rain is water that falls from clouds in the sky."),
-        ("coffee", "Coffee is a drink made from roasted coffee beans."),
-        ("the moon", "The moon is the natural satellite that orbits the Earth.")]))
-    report = ft.finetune("ROBIN", noise(tmp_path / "noise.jsonl"), steps=6, heldout_path=clean)
-    assert report.ok, report.reason
-    cmp = report.comparison
-    assert cmp["new_loss"] > cmp["current_loss"] and not cmp["passed"]
-    assert not report.swapped and "refused" in report.reason
-    robin = protos.get("ROBIN")
-    assert robin.model_name == "smollm2-135m"                       # kept its model
-    assert robin.model_lineage[-1]["status"] == "rejected"           # recorded either way
-    assert robin.model_lineage[-1]["scores"]["passed"] is False
-    assert rec.of("model.swapped") == []
+    report = ft.finetune("BRICK", data, steps=1)
+    assert report.ok and report.leaked == 2 and report.train_size == 1
+    trained = read_golden(Path(settings.adapter_dir) / "BRICK" / "v1" / "train.jsonl")
+    assert [r["messages"][0]["content"] for r in trained] == ["Tell me about owls."]
+    assert not report.swapped and "at least 4" not in report.reason   # 4 held-out rows
 
 
 @pytest.mark.slow
@@ -277,7 +454,9 @@ def test_training_child_error_is_reported(scripted_parts, tmp_path):
 @pytest.mark.slow
 def test_ollama_swap_path(tiny_recipe, bus, tmp_path):
     """Blobs uploaded, create(from_=base, adapters=...), persona switched; a create error
-    leaves the persona on its old model. The training itself is real (1-2 steps)."""
+    leaves the persona on its old model. The training itself is real (a few steps at a
+    high rate on a fixed style, with its own held-out rows). ALFRED judges through
+    Ollama's format JSON schema."""
     from ollama_standin import OllamaStandIn
 
     from a4ps.models.manager import ModelManager
@@ -286,11 +465,14 @@ def test_ollama_swap_path(tiny_recipe, bus, tmp_path):
     from a4ps.system import INVOKE_LLM
     settings = tiny_recipe
     settings.finetune.judge_samples = 1
-    settings.finetune.max_loss_regression = 0.05
+    settings.finetune.learning_rate = 3e-3
+    settings.finetune.suite_tolerance = 0.9      # this test is about the swap path, not the suite
 
     def reply(model, msgs):
         text = msgs[-1]["content"]
-        return "SCORE: 4" if "SCORE:" in text else f"{model} says hello"
+        if "one digit" in text:             # the judge's score, a JSON object (format=schema)
+            return '{"choice": "4"}'
+        return f"{model} says hello"
 
     with OllamaStandIn(models={"smollm2:135m": 100_000_000}, reply_fn=reply) as srv:
         settings.models = settings.models.model_copy(update={
@@ -305,16 +487,17 @@ def test_ollama_swap_path(tiny_recipe, bus, tmp_path):
                          system_prompt=f"You are {name}.", model_lineage=[])
         protos.update("BRICK", {"model_name": "missing:base"})
         ft = PersonaFinetuner(settings, bus, protos, models, backend="trl")
-        data = golden(tmp_path / "g.jsonl", TOPICS[:4])
+        data = golden(tmp_path / "g.jsonl", TOPICS[:8])
+        held = golden(tmp_path / "h.jsonl", TOPICS[8:])
 
-        bad = ft.finetune("BRICK", data, steps=1)                  # Ollama refuses the base
+        bad = ft.finetune("BRICK", data, steps=1, heldout_path=held)   # Ollama refuses the base
         assert bad.ok and not bad.swapped and "could not be staged" in bad.reason
         assert protos.get("BRICK").model_name == "missing:base"
         assert protos.get("BRICK").model_lineage[-1]["status"] == "failed"
 
         protos.update("BRICK", {"model_name": "smollm2:135m"})
         rec = EventRecorder(bus, "model.swapped")
-        good = ft.finetune("BRICK", data, steps=1)
+        good = ft.finetune("BRICK", data, steps=6, heldout_path=held)
         assert good.ok, good.reason
         create = [b for m, p, b in srv.requests if p == "/api/create"][-1]
         assert create["from"] == "smollm2:135m"
@@ -324,10 +507,13 @@ def test_ollama_swap_path(tiny_recipe, bus, tmp_path):
         assert good.swapped, good.reason
         assert protos.get("BRICK").model_name == "a4ps-brick:v2"
         assert rec.of("model.swapped")[-1].payload["new"] == "a4ps-brick:v2"
-        # the judge's answers came from both models through Ollama
-        judged = good.comparison["judge_samples"][0]
+        # the judge's answers came from both models through Ollama, scored via the schema
+        judged = good.comparison["judge"]["samples"][0]
         assert judged["current_answer"].startswith("smollm2:135m")
         assert judged["new_answer"].startswith("a4ps-brick:v2")
+        assert judged["current_score"] in (1, 2, 3, 4, 5)
+        chat = [b for m, p, b in srv.requests if p == "/api/chat" and b.get("format")]
+        assert chat and chat[-1]["format"]["properties"]["choice"]["enum"] == ["1", "2", "3", "4", "5"]
         # and the persona talks through the new tag
         assert protos.get("BRICK").invoke_llm("hi").startswith("a4ps-brick:v2")
 

@@ -174,20 +174,22 @@ def _route_questions():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)     # 100 real decisions: about 2 min idle, far more on a busy box
+@pytest.mark.timeout(1800)     # 60 real decisions: about 1 min idle, far more on a busy box
 def test_fifty_real_choices_and_structured_decisions_always_parse(embedded_models):
-    """50 choose and 50 structured calls on SmolLM2 (default engine): every one
-    returns an allowed option / a valid object."""
+    """Every labelled choice (40) and every schema x task structured call (20) on
+    SmolLM2 (default engine): each returns an allowed option / a valid object.
+    Decisions are greedy, so asking a case twice (as the first 50 + 50 loop did for 40
+    of its 100 calls) gives the same answer and proves nothing more."""
     from a4ps.models.embedded import BASE_ID
     cases = _route_questions()
-    for i in range(50):
-        _, msgs, options, _ = cases[i % len(cases)]
+    assert len(cases) >= 40
+    for _, msgs, options, _ in cases:
         c = embedded_models.choose(BASE_ID, msgs, options)
         assert c.value in options and set(c.scores) == set(options)
     tasks = ["What is 17 times 23?", "Sort these words: pear, apple, fig.",
              "Convert 100 Fahrenheit to Celsius.", "Count the vowels in 'banana'.",
              "Reverse the string 'lighthouse'."]
-    for i in range(50):
+    for i in range(len(SCHEMAS) * len(tasks)):     # each (schema, task) pair once
         schema = SCHEMAS[i % len(SCHEMAS)]
         task = tasks[i % len(tasks)]
         out = embedded_models.structured(BASE_ID, f"Task: {task}\nDescribe the tool that "

@@ -5,6 +5,7 @@ the scripted backend, the SQLite TaskQueue, LanceDB memory with the hash embedde
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -17,13 +18,20 @@ from a4ps.services.motivator_service import (GOAL_MAX_TOKENS, GOAL_ORIGIN, REFLE
 
 from fakes import FakeClock
 
-GOAL = "Explore how to explain recursion to a beginner with one small example."
+GOALS = ["Explore how to explain recursion to a beginner with one small example.",
+         "Practise summarising a long article in exactly two sentences.",
+         "Compare three ways of estimating a restaurant bill in your head.",
+         "Write a short checklist for checking a proof by induction.",
+         "Find one kind reply to a friend who missed an important deadline.",
+         "Rank five habits that help a team finish projects on time."]
+GOAL = GOALS[0]
 
 
 @pytest.fixture
 def backend():
+    """ALFRED proposes a different goal each time (the same text twice is refused)."""
     from a4ps.models.scripted import ScriptedBackend
-    return ScriptedBackend([f"GOAL: {GOAL}"])
+    return ScriptedBackend([f"GOAL: {g}" for g in GOALS])
 
 
 @pytest.fixture
@@ -167,6 +175,31 @@ def test_daily_budget_caps_all_self_generated_work(parts):
     assert m.status()["skipped"]["daily_budget"] == 2
     clock.advance(86401)
     assert m.generate_goal() is not None
+
+
+def test_the_same_goal_text_is_not_queued_twice_within_the_window(parts, backend):
+    """ALFRED proposing the goal it proposed an hour ago (spelled a little differently)
+    is refused, even once the first has run; after the window it may come back."""
+    settings, bus, _, _, tasks, _ = parts
+    settings.motivator.goals_per_hour = 100
+    settings.motivator.duplicate_window_s = 86400
+    backend.replies = [f"GOAL: {GOAL}", f"GOAL: {GOAL.upper().rstrip('.')}!",
+                       f"GOAL: {GOALS[1]}", f"GOAL: {GOAL}"]
+    clock = FakeClock()
+    m = make(parts, clock)
+    first = m.generate_goal()
+    assert first is not None and first.text == GOAL
+    finish(tasks, bus, tasks.claim(), "done")             # the goal ran and finished
+    clock.advance(3600)
+    assert m.generate_goal() is None                       # the same text, an hour later
+    assert m.status()["skipped"] == {"duplicate_goal": 1}
+    other = m.generate_goal()
+    assert other is not None and other.text == GOALS[1]   # a different goal is fine
+    finish(tasks, bus, tasks.claim(), "done")
+    clock.advance(86400)                                   # past the window
+    again = m.generate_goal()
+    assert again is not None and again.text == GOAL
+    assert [t.text for t in tasks.list(status="done")].count(GOAL) == 1
 
 
 def test_paused_or_disabled_generates_nothing_and_resume_restores(parts):
@@ -356,27 +389,35 @@ def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(s
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
-    from graph_parts import build, is_route, persona_of
+    from graph_parts import build, is_answer_choice, is_route, persona_of
 
     from a4ps.services.philosopher import Philosopher
     from a4ps.system import CODEX_PATH
     from a4ps.tasks import SqliteTaskQueue
 
-    draft = ("PERSONA: ROBIN\nPRINCIPLE: honest_care\n"
-             "TEXT: Be kind in how you say a hard truth, never by hiding it.\n"
-             "RATIONALE: they split between honesty and kindness.")
+    # ALFRED's draft is a structured decision: one script entry, a JSON object
+    draft = json.dumps({"persona": "ROBIN", "principle_id": "honest_care",
+                        "text": "Be kind in how you say a hard truth, never by hiding it.",
+                        "rationale": "they split between honesty and kindness."})
+    brick_says = "Logically, withholding facts distorts decisions; state the truth."
+    robin_says = "Feelings first: protect the friendship, maybe wait for a gentler moment."
+    robin_reflects = "Looking back, honesty and care can travel together next time."
 
-    def reply(messages):
+    def reply(messages, asked=None):       # asked: a decision's options or schema
         who, last = persona_of(messages), messages[-1]["content"]
         if "Draft ONE amendment" in last:
             return draft
         if "The system is idle" in last:
             return f"GOAL: {GOAL}"
         if who == "ALFRED":
-            return "contrapunto" if is_route(messages) else "Be honest, and be kind."
+            if is_route(messages):
+                return "talk"          # the route is asked in words: answer / talk / calculate
+            if is_answer_choice(messages):     # ALFRED chooses among the dialogue's answers
+                return next(o for o in asked if o in (robin_reflects, robin_says))
+            return "Be honest, and be kind."
         if who == "BRICK":
-            return "Logically, withholding facts distorts decisions; state the truth."
-        return "Feelings first: protect the friendship, maybe wait for a gentler moment."
+            return brick_says
+        return robin_reflects if "Reflect on an earlier task" in str(messages) else robin_says
 
     settings.philosopher.similarity = 0.5
     settings.philosopher.recurrence_count = 3
@@ -420,7 +461,8 @@ def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(s
         notes = parts.memory.recent(10, kind="reflection")
         assert len(notes) == 4
         assert {n.meta["about_task_id"] for n in notes} == {u.id for u in users} | {urgent.id}
-        assert all("Be honest, and be kind." in n.text for n in notes)
+        # each note holds its reflection's answer: the one ALFRED chose (ROBIN's)
+        assert all(robin_reflects in n.text for n in notes), [n.text for n in notes]
         # the reflections' own dissonance made no reflections on reflections
         assert tasks.pending_count() == 0
     finally:

@@ -1,7 +1,10 @@
-"""Philosopher: recurring dissonance -> a pending codex amendment (never applied by itself).
+"""Philosopher: recurring dissonance -> a pending codex amendment (never applied by itself);
+an unusable draft is reported as such, never dressed up as ALFRED's proposal; the
+clustering threshold is chosen from data.
 
-Real parts: EventBus, Codex, ProtoManager with the live invoke_llm, ModelManager on
-the scripted backend (ALFRED's replies), HashEmbedder for similarity.
+Real parts: EventBus, Codex, ProtoManager, ModelManager on the scripted backend
+(ALFRED's structured drafts, one script entry per decision), HashEmbedder for
+similarity; the slow tests use the real MiniLM and SmolLM2.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import pytest
 
 from a4ps.codex import Codex
 from a4ps.events import EventRecorder
-from a4ps.services.philosopher import TEMPLATE_MARK, Philosopher, parse_draft
+import json
+
+from a4ps.services.philosopher import TEMPLATE_MARK, Philosopher
 
 from fakes import FakeClock
 
@@ -22,9 +27,9 @@ SIMILAR = [
     "Should I tell my neighbour a hard truth about their failing garden?",
 ]
 UNRELATED = "What is the boiling point of water at sea level?"
-GOOD_DRAFT = ("PERSONA: ROBIN\nPRINCIPLE: honest_care\n"
-              "TEXT: Be kind in how you say a hard truth, never by hiding it.\n"
-              "RATIONALE: BRICK insists on honesty and ROBIN on kindness; this joins them.")
+GOOD_DRAFT = json.dumps({"persona": "ROBIN", "principle_id": "honest_care",
+                         "text": "Be kind in how you say a hard truth, never by hiding it.",
+                         "rationale": "BRICK insists on honesty and ROBIN on kindness; this joins them."})
 
 
 @pytest.fixture
@@ -95,9 +100,12 @@ def test_recurring_similar_dissonance_gives_a_pending_amendment_citing_the_tasks
         assert rec.wait_for("codex.proposed", 1).payload["id"] == a.id
         assert codex.version == 1                                 # nothing applied
         assert "hard truth" not in codex.system_prompt("ROBIN")
-        # the model saw the evidence and the codex
+        # the model saw the evidence and the codex, and was asked for the schema
         prompt = backend.calls[0][1][-1]["content"]
-        assert "task1" in prompt and "ROBIN.care" in prompt and "PERSONA:" in prompt
+        assert "task1" in prompt and "ROBIN.care" in prompt
+        schema = backend.calls[0][2]["decision"]
+        assert schema["required"] == ["persona", "principle_id", "text", "rationale"]
+        assert schema["properties"]["persona"]["enum"] == ["ALFRED", "BRICK", "ROBIN"]
         # the same evidence is spent: a repeat event does not propose again
         bus.publish("dissonance.high", event(4, SIMILAR[2]))
         assert p.flush(10)
@@ -106,36 +114,58 @@ def test_recurring_similar_dissonance_gives_a_pending_amendment_citing_the_tasks
         p.stop()
 
 
-@pytest.mark.parametrize("reply", [
-    "I think everyone should just be nicer to each other.",
-    "PERSONA: <ALFRED, BRICK or ROBIN>\nPRINCIPLE: <the principle id>\nTEXT: <one sentence>",
-    "PERSONA: NOBODY\nPRINCIPLE: x\nTEXT: Be good to all people always.",
-    "",
-    "PERSONA: ROBIN\nPRINCIPLE: care\nTEXT: Notice how the question touches the people "
-    "involved and speak to that with warmth.",                # no change at all
-])
-def test_unusable_draft_gives_a_clearly_templated_proposal(
-        phil_settings, bus, protos, codex, embedder, backend, reply):
+UNUSABLE = [
+    ("I think everyone should just be nicer to each other.", "DecisionError"),      # no JSON
+    (json.dumps({"persona": "ROBIN", "principle_id": "x"}), "DecisionError"),       # fields missing
+    (json.dumps({"persona": "ALFRED", "principle_id": "<the principle id>",
+                 "text": "<one sentence>", "rationale": "r"}), "placeholders"),
+    (json.dumps({"persona": "ROBIN", "principle_id": "care", "rationale": "r",
+                 "text": "Notice how the question touches the people involved and speak to "
+                         "that with warmth."}), "unchanged"),
+    (json.dumps({"persona": "BRICK", "principle_id": "rigour", "text": "Be good.",
+                 "rationale": "r"}), "too short"),
+    ("", "DecisionError"),
+]
+
+
+@pytest.mark.parametrize("reply,why", UNUSABLE)
+def test_an_unusable_draft_proposes_nothing_and_says_why(
+        phil_settings, bus, protos, codex, embedder, backend, reply, why):
     backend.replies = [reply]
+    rec = EventRecorder(bus)
     p = make(phil_settings, bus, protos, codex, embedder)
     out = [p.observe(event(i, t)) for i, t in enumerate(SIMILAR[:3])]
-    a = out[-1]
-    assert out[:2] == [None, None] and a is not None
-    assert a.persona == "ALFRED" and a.principle_id.startswith("reconcile_")
-    assert TEMPLATE_MARK in a.rationale
+    assert out == [None, None, None] and codex.pending() == []
+    [found] = p.status()["unresolved"]
+    assert why in found["reason"] and sorted(found["sources"]) == ["task0", "task1", "task2"]
+    ev = rec.wait_for("philosopher.no_draft", 1).payload
+    assert ev["reason"] == found["reason"] and "task0" in ev["evidence"]
+    logs = [e.payload["message"] for e in rec.of("log")]
+    assert any("ALFRED's draft was unusable" in m and "a4ps codex propose" in m for m in logs)
+    assert p.status()["skipped"]["unusable_draft"] == 1
+
+
+@pytest.mark.parametrize("reply,why", UNUSABLE[:3])
+def test_the_template_fallback_says_it_is_a_template_and_why(
+        phil_settings, bus, protos, codex, embedder, backend, reply, why):
+    phil_settings.philosopher.template_fallback = True
+    backend.replies = [reply]
+    p = make(phil_settings, bus, protos, codex, embedder)
+    a = [p.observe(event(i, t)) for i, t in enumerate(SIMILAR[:3])][-1]
+    assert a is not None and codex.pending() == [a]
+    assert a.rationale.startswith(TEMPLATE_MARK + " ALFRED's draft was unusable (")
+    assert why in a.rationale and "not ALFRED's proposal" in a.rationale
     assert all(f"task{i}" in a.rationale for i in range(3))
-    assert "hard truth" in a.proposed_text or "failing" in a.proposed_text
-    assert codex.pending() == [a]
+    assert a.persona == "ALFRED" and a.principle_id.startswith("reconcile_")
 
 
-def test_model_failure_gives_a_templated_proposal(phil_settings, bus, protos, codex, embedder,
-                                                   backend):
+def test_model_failure_is_an_unusable_draft(phil_settings, bus, protos, codex, embedder, backend):
     backend.replies = []                                    # the backend raises ModelError
     p = make(phil_settings, bus, protos, codex, embedder)
     for i, t in enumerate(SIMILAR[:3]):
-        a = p.observe(event(i, t))
-    assert a is not None and TEMPLATE_MARK in a.rationale
+        assert p.observe(event(i, t)) is None
     assert "ALFRED could not draft" in p.status()["last_error"]
+    assert "ALFRED gave no draft" in p.status()["unresolved"][0]["reason"]
 
 
 def test_rejected_amendment_is_never_proposed_again(phil_settings, bus, protos, codex, embedder,
@@ -147,16 +177,9 @@ def test_rejected_amendment_is_never_proposed_again(phil_settings, bus, protos, 
     # the same pattern recurs and ALFRED drafts the very same amendment again
     for i, t in enumerate(SIMILAR[:3], start=10):
         b = p.observe(event(i, t))
-    assert b is not None and b.proposed_text != a.proposed_text    # the template instead
-    codex.decide(b.id, codex.version, False, by="user")
-    for i, t in enumerate(SIMILAR[:3], start=20):
-        c = p.observe(event(i, t))
-    assert c is None                                      # both were rejected: nothing
-    rejected = {(x.persona, x.principle_id, x.proposed_text) for x in (a, b)}
-    assert all((x.persona, x.principle_id, x.proposed_text) not in rejected
-               for x in codex.pending())
-    skipped = p.status()["skipped"]
-    assert skipped["rejected_before"] == 2 and skipped["refused_by_codex"] == 1
+    assert b is None and codex.pending() == []
+    assert "rejected before" in p.status()["unresolved"][-1]["reason"]
+    assert p.status()["skipped"]["rejected_before"] == 1
     assert codex.version == 1
 
 
@@ -182,8 +205,9 @@ def test_scheduled_review_drafts_from_two_similar_tasks_only_when_due(
 def test_a_flood_of_recurrences_leaves_at_most_a_few_pending(phil_settings, bus, protos, codex,
                                                             embedder, backend):
     n = iter(range(1000))
-    backend.replies = lambda messages: (f"PERSONA: BRICK\nPRINCIPLE: rule_{next(n)}\n"
-                                        "TEXT: State the hard truth and its kindest framing.\n")
+    backend.replies = lambda messages: json.dumps({
+        "persona": "BRICK", "principle_id": f"rule_{next(n)}", "rationale": "r",
+        "text": "State the hard truth and its kindest framing."})
     p = make(phil_settings, bus, protos, codex, embedder)
     for i in range(30):
         p.observe(event(i, SIMILAR[i % 4] + f" case {i}"))
@@ -208,24 +232,6 @@ def test_reflection_notes_from_memory_inform_the_draft(phil_settings, bus, proto
         p.observe(event(i, t))
     prompt = backend.calls[0][1][-1]["content"]
     assert "honesty and kindness can go together" in prompt
-
-
-# -- parsing -----------------------------------------------------------------------------
-
-def test_parse_draft_reads_key_lines_markdown_and_json():
-    assert parse_draft(GOOD_DRAFT) == {
-        "persona": "ROBIN", "principle": "honest_care",
-        "text": "Be kind in how you say a hard truth, never by hiding it.",
-        "rationale": "BRICK insists on honesty and ROBIN on kindness; this joins them."}
-    md = ("Here is my draft:\n**Persona:** BRICK\n- **Principle ID**: rigour\n"
-          "**Proposed text:** \"Reason step by step,\n and check the feelings involved.\"\n")
-    d = parse_draft(md)
-    assert d["persona"] == "BRICK" and d["principle"] == "rigour"
-    assert d["text"].startswith("Reason step by step,") and "feelings" in d["text"]
-    js = 'Sure: {"persona": "ALFRED", "principle_id": "synthesis", "proposed_text": "Join both.", "rationale": "r"}'
-    assert parse_draft(js)["principle"] == "synthesis"
-    assert parse_draft("nothing useful") == {}
-    assert parse_draft(None) == {}
 
 
 def test_evidence_is_recalled_from_memory_after_a_restart(phil_settings, bus, protos, codex,
@@ -262,3 +268,54 @@ def test_dissonance_on_a_reflection_task_is_not_evidence(phil_settings, bus, pro
         assert p.observe({**event(i, t), "origin": "reflection"}) is None
     assert p.observe({**event(9, SIMILAR[0]), "meta": {"kind": "reflection"}}) is None
     assert codex.pending() == [] and p.status()["tracked"] == 0
+
+
+# -- the threshold, from data; the real models ------------------------------------------
+
+def test_choose_threshold_caps_false_merges():
+    from a4ps.services.similarity import SimilarityReport, choose_threshold
+    rep = SimilarityReport(paraphrase=[0.9, 0.8, 0.6, 0.45],
+                           other_dilemma=[0.1, 0.2, 0.3, 0.55], unrelated=[0.0] * 996)
+    t = choose_threshold(rep, max_false_merge=0.001)
+    assert t == 0.31 and rep.rates(t) == (1.0, 0.001)       # 1 of 1000 others merged
+    assert choose_threshold(rep, max_false_merge=0.0) == 0.56
+
+
+@pytest.mark.slow
+def test_the_shipped_threshold_is_the_one_the_shipped_embedder_calls_for(settings):
+    """Paraphrases of the same dilemma vs different dilemmas vs unrelated tasks, with
+    MiniLM: the default philosopher.similarity is what choose_threshold picks, it
+    merges most paraphrases (the old 0.75 merged under a quarter) and almost nothing else."""
+    from a4ps.models.embeddings import MiniLMEmbedder
+    from a4ps.services.similarity import choose_threshold, load_calibration, similarity_report
+    rep = similarity_report(MiniLMEmbedder(), *load_calibration())
+    shipped = settings.philosopher.similarity
+    assert abs(choose_threshold(rep) - shipped) <= 0.02
+    recall, false_merge = rep.rates(shipped)
+    assert recall >= 0.8 and false_merge <= 0.002
+    assert rep.rates(0.75)[0] < 0.4                  # what the old threshold missed
+    s = rep.summary()
+    assert s["paraphrase"]["median"] > s["other_dilemma"]["p95"] > s["unrelated"]["median"]
+
+
+@pytest.mark.slow
+def test_real_embedded_alfred_draft_is_reported_not_dressed(phil_settings, bus, codex,
+                                                            embedded_models):
+    """SmolLM2 asked for a structured draft: a usable one is proposed as ALFRED's; an
+    unusable one (or a backend that cannot decode to a schema yet) is reported."""
+    from a4ps.models.embeddings import MiniLMEmbedder
+    from a4ps.proto import ProtoManager
+    phil_settings.philosopher.similarity = 0.51
+    pm = ProtoManager(bus)
+    pm.provide("models", embedded_models)
+    pm.create("ALFRED", {"model_name": "smollm2-135m", "system_prompt": codex.system_prompt("ALFRED")})
+    rec = EventRecorder(bus)
+    p = Philosopher(phil_settings, bus, pm, None, codex, MiniLMEmbedder())
+    out = [p.observe(event(i, t)) for i, t in enumerate(SIMILAR[:3])]
+    if out[-1] is not None:                          # a usable, schema-valid draft
+        a = out[-1]
+        assert TEMPLATE_MARK not in a.rationale and a.persona in codex.personas
+    else:
+        [found] = p.status()["unresolved"]
+        assert found["reason"] and rec.of("philosopher.no_draft")
+        assert codex.pending() == []

@@ -81,7 +81,7 @@ def wait_persona_step(client, task_id: str, timeout: float = 60) -> dict:
     raise AssertionError(f"task {task_id}: no BRICK/ROBIN turn in {timeout}s")
 
 
-# three rounds that never converge: six slow persona turns, so each of three stops taken
+# three rounds that never converge: six slow persona turns, so each of the stops taken
 # right after a turn ends finds the task mid-way however fast or busy the machine is
 ROUNDS_ENV = {"A4PS_COGNITION__MAX_ROUNDS": "3", "A4PS_COGNITION__DISSONANCE_THRESHOLD": "0"}
 
@@ -96,7 +96,10 @@ def test_graceful_stops_are_not_crashes_but_sigkills_are(daemons):
         c.request("proto.update", {"name": "persona", "methods": {"invoke_llm": SLOW_INVOKE}})
         task = c.request("task.submit", {"text": "Name a prime number."})
     turns = []
-    for stop in range(1, 4):                       # three graceful stops mid-task
+    # two graceful stops mid-task: the first catches a stop counted as an attempt, the
+    # second that interruptions add up and a resumed run resumes again (a third stop
+    # would only repeat the second, at the price of another daemon start)
+    for stop in range(1, 3):
         with d.client() as c:
             turns.append(wait_persona_step(c, task["id"]))
         d.proc.send_signal(signal.SIGTERM)
@@ -107,7 +110,7 @@ def test_graceful_stops_are_not_crashes_but_sigkills_are(daemons):
         d.wait_ready()
         with d.client() as c:
             t = wait_task(c, task["id"], ("running", "done", "failed"))
-            assert t["status"] != "failed" and t["attempts"] == 0, t   # was 1, 2, failed
+            assert t["status"] != "failed" and t["attempts"] == 0, t   # was 1, 2, ...
             assert t["interruptions"] == stop, t
     # each restart resumed from the checkpoint: the first turn each daemon finished comes
     # after the one its predecessor finished (a daemon that started over would say brick 1)

@@ -44,11 +44,15 @@ def sandbox(sandbox_settings):
     sb.close()
 
 
-def _sandbox_processes() -> list[psutil.Process]:
+def _sandbox_processes(sandbox: RunscSandbox) -> list[psutil.Process]:
+    """runsc processes of *this* sandbox: every runsc process it starts (run, gofer,
+    sandbox, kill, delete) carries ``--root <base>/state``, so another test session's
+    containers on the same machine are not counted as our leftovers."""
+    base = str(sandbox._ensure_base())
     out = []
     for p in psutil.process_iter(["name", "cmdline"]):
         cmd = " ".join(p.info.get("cmdline") or [])
-        if "runsc" in (p.info.get("name") or "") and "a4ps-" in cmd:
+        if "runsc" in (p.info.get("name") or "") and base in cmd:
             out.append(p)
     return out
 
@@ -90,7 +94,7 @@ def test_an_infinite_loop_under_a_30s_wall_limit_stops_at_its_cpu_limit_measured
     assert LIMITS["cpu_time_s"] <= res.cpu_s < LIMITS["cpu_time_s"] + 1.5, res.summary()
     assert res.sandbox_cpu_s is not None and res.sandbox_cpu_s > 0.5   # the host's cgroup
     assert elapsed < 15, f"stopped after {elapsed:.1f}s: the CPU limit did not bite"
-    assert not _sandbox_processes()
+    assert not _sandbox_processes(sandbox)
 
 
 def test_cpu_time_is_measured_not_the_limit(sandbox):
@@ -156,7 +160,7 @@ def test_forked_cpu_burners_are_bounded_in_total(sandbox):
     # CPU clock runs ahead of the host's) each burner hit its own limit first
     assert res.limit_hit == "cpu_time" or "stopped by its own limit: True" in res.stdout, \
         res.summary() + res.stdout
-    assert not _sandbox_processes()
+    assert not _sandbox_processes(sandbox)
 
 
 FORGER = r"""
@@ -249,7 +253,7 @@ def test_sleeper_is_killed_at_the_wall_clock_limit(sandbox):
     assert res.timed_out and res.limit_hit == "wall_time"
     assert res.stdout == "started\n"
     assert 1.5 <= elapsed < 8, elapsed
-    assert not _sandbox_processes(), "the killed sandbox left processes behind"
+    assert not _sandbox_processes(sandbox), "the killed sandbox left processes behind"
 
 
 def test_memory_hog_is_stopped_by_the_memory_limit(sandbox):
@@ -278,7 +282,7 @@ def test_fork_bomb_is_stopped_by_the_process_limit(sandbox):
     assert res.limit_hit == "pids", res.summary() + res.stderr[-500:]
     assert "Resource temporarily unavailable" in res.stderr
     assert time.monotonic() - t0 < LIMITS["wall_time_s"]
-    assert not _sandbox_processes()
+    assert not _sandbox_processes(sandbox)
 
 
 def test_network_is_unreachable(sandbox):

@@ -23,7 +23,11 @@ PERSONAS = ("ALFRED", "BRICK", "ROBIN")
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = ui_harness.DaemonProcess(tmp_path_factory.mktemp("ui-daemon") / "data")
+    # the hash stand-in embedder: a task's recall would otherwise load MiniLM (torch,
+    # sentence-transformers: ~9 s of CPU) in the daemon, which no UI test looks at
+    # (test_models_embeddings and test_memory use the real one)
+    d = ui_harness.DaemonProcess(tmp_path_factory.mktemp("ui-daemon") / "data",
+                                 A4PS_MODELS__EMBEDDING_BACKEND="hash")
     d.start()
     yield d
     d.stop()

@@ -51,3 +51,4 @@ class CognitiveState(TypedDict, total=False):
     status: str                     # ok | failed
     error: str | None
     memory_id: str | None
+

@@ -85,19 +85,37 @@ def _fmt(x: Any, nd: int = 4) -> str:
     return str(x)
 
 
+def _set_line(label: str, e: dict[str, Any] | None) -> str:
+    if not e:
+        return f"{label:22}-"
+    ci = (f"  gain {100 * e['gain']:+.1f}% (95% CI {100 * e['ci_low']:+.1f}%..{100 * e['ci_high']:+.1f}%)"
+          if e.get("gain") is not None else "")
+    return (f"{label:22}{_fmt(e.get('current_mean')):>12}{_fmt(e.get('new_mean')):>12}"
+            f"  n={e.get('n')}{ci}")
+
+
 def _print_comparison(r: dict[str, Any]) -> None:
     c = r.get("comparison") or {}
     print(f"persona {r['persona']}  version v{r.get('version')}  backend {r.get('backend') or '-'}"
           f"  steps {r.get('steps')}  {r.get('seconds')}s")
     if r.get("ok"):
-        print(f"train loss {_fmt(r.get('first_loss'))} -> {_fmt(r.get('last_loss'))}   "
+        print(f"trained on {r.get('train_size')} rows"
+              + (f" ({r['leaked']} dropped: they are evaluation items)" if r.get("leaked") else "")
+              + f"; train loss {_fmt(r.get('first_loss'))} -> {_fmt(r.get('last_loss'))}   "
               f"adapter {r.get('adapter_dir')} ({(r.get('adapter_bytes') or 0) / 1e6:.1f} MB)")
     if c:
-        print(f"{'':22}{'current':>12}{'candidate':>12}")
-        print(f"{'held-out loss':22}{_fmt(c.get('current_loss')):>12}{_fmt(c.get('new_loss')):>12}")
-        print(f"{'held-out perplexity':22}{_fmt(c.get('current_ppl'), 2):>12}{_fmt(c.get('new_ppl'), 2):>12}")
-        print(f"{'ALFRED score':22}{_fmt(c.get('judge_current'), 2):>12}{_fmt(c.get('judge_new'), 2):>12}")
+        print(f"{'answer loss':22}{'current':>12}{'candidate':>12}")
+        print(_set_line("held-out rows", c.get("heldout")))
+        print(_set_line("capability suite", c.get("suite")))
+        if c.get("judge"):
+            j = c["judge"]
+            print(f"{'ALFRED score':22}{_fmt(j.get('current_mean'), 2):>12}"
+                  f"{_fmt(j.get('new_mean'), 2):>12}  {j.get('scored')}/{j.get('asked')} pairs scored")
+        for chk in c.get("checks") or []:
+            print(f"  [{'pass' if chk['passed'] else 'FAIL'}] {chk['check']}: {chk['detail']}")
         print(f"models: {c.get('current_model')}  vs  {c.get('candidate_model')}")
+    if r.get("stages"):
+        print("wall time: " + ", ".join(f"{k} {v}s" for k, v in r["stages"].items() if v is not None))
     print(("SWAPPED: " if r.get("swapped") else "NOT SWAPPED: ") + str(r.get("reason")))
 
 
@@ -114,12 +132,17 @@ def _cmd_curate(args: argparse.Namespace, settings: Any) -> int:
     if not scored:
         print(report.get("note") or "nothing to curate")
     for s in scored:
-        mark = "kept" if s.get("kept") else ("error" if s.get("error") else "below threshold")
-        err = f": {s['error']}" if s.get("error") else ""
+        if s.get("skipped"):
+            mark, err = "skipped", f": {s['skipped']}"
+        else:
+            mark = (f"kept ({s.get('route')})" if s.get("kept")
+                    else ("no score" if s.get("error") else "below threshold"))
+            err = f": {s['error']}" if s.get("error") else ""
         print(f"{str(s.get('memory_id'))[:12]:12}  task {str(s.get('task_id'))[:14]:14}  "
               f"score {_fmt(s.get('score'), 1):>4}  vote {s.get('vote') or '-':5}  {mark}{err}")
-    print(f"added {report.get('added')}; golden set {report.get('dataset_size')}/"
-          f"{settings.curator.trigger_size}; votes {report.get('votes')}")
+    print(f"added {report.get('added')} to train, {report.get('held_out', 0)} held out; golden set "
+          f"{report.get('dataset_size')}/{settings.curator.trigger_size}; eval set "
+          f"{report.get('eval_size', 0)}; votes {report.get('votes')}")
     if report.get("triggered"):
         print(f"fine-tune triggered for {report.get('persona')}; dataset archived to "
               f"{report.get('archived_to')}")
@@ -134,7 +157,8 @@ def _cmd_finetune(args: argparse.Namespace, settings: Any) -> int:
     from pathlib import Path
     persona = args.persona.upper()
     request = {"persona": persona, "steps": args.steps,
-               "dataset": str(Path(args.dataset).resolve()) if args.dataset else None}
+               "dataset": str(Path(args.dataset).resolve()) if args.dataset else None,
+               "heldout": str(Path(args.heldout).resolve()) if args.heldout else None}
     result = _via_daemon(settings, "finetune.run", request,
                          timeout=settings.finetune.timeout_s + 120, on_event=_progress_event)
     if result is not _NO_DAEMON:
@@ -152,7 +176,8 @@ def _cmd_finetune(args: argparse.Namespace, settings: Any) -> int:
             return 2
         unsub = system.bus.subscribe("finetune.progress", lambda e: _progress(e.payload))
         try:
-            report = system.finetuner.finetune(persona, dataset, steps=args.steps)
+            report = system.finetuner.finetune(persona, dataset, steps=args.steps,
+                                               heldout_path=args.heldout)
         finally:
             unsub()
     print()
@@ -171,6 +196,10 @@ def _progress_event(topic: str, payload: dict[str, Any]) -> None:
 def _progress(p: dict[str, Any]) -> None:
     if p.get("stage") == "training":
         print(f"training with {p.get('backend')} ({p.get('why')})", flush=True)
+    elif p.get("stage") == "gate":
+        print(f"\ngate: {'passed' if p.get('passed') else 'refused'}", flush=True)
+    elif str(p.get("stage") or "").startswith("eval_"):
+        print(f"\nevaluating the {p['stage'][5:]} model: loss {_fmt(p.get('loss'))}", flush=True)
     elif p.get("loss") is not None and not p.get("stage"):
         print(f"\rstep {p.get('step')}/{p.get('max_steps')}  loss {p['loss']:.4f}", end="", flush=True)
 
@@ -196,11 +225,15 @@ def _cmd_lineage(args: argparse.Namespace, settings: Any) -> int:
         print("no fine-tuned versions yet")
     for e in lineage:
         s = e.get("scores") or {}
+        h = s.get("heldout") or {}
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.get("created_at") or 0))
+        gain = (f"held-out {100 * h['gain']:+.1f}% [{100 * h['ci_low']:+.1f}..{100 * h['ci_high']:+.1f}]"
+                if h.get("gain") is not None else "held-out -")
         print(f"  v{e.get('version'):<3} {e.get('status', '?'):12} {when}  data {e.get('dataset_size', '-'):>4}"
-              f"  loss {_fmt(s.get('current_loss'))} -> {_fmt(s.get('new_loss'))}"
-              f"  judge {_fmt(s.get('judge_current'), 2)} -> {_fmt(s.get('judge_new'), 2)}"
+              f"  {gain}  judge {_fmt(s.get('judge_current'), 2)} -> {_fmt(s.get('judge_new'), 2)}"
               f"  {e.get('model_name')}")
+        if s.get("reason"):
+            print(f"       {s['reason']}")
     return 0
 
 
@@ -231,6 +264,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("persona", help="ALFRED, BRICK or ROBIN")
     p.add_argument("--steps", type=int, default=None, help="training steps (default finetune.max_steps)")
     p.add_argument("--dataset", help="a golden-set JSONL (default: the current golden set)")
+    p.add_argument("--heldout", help="a JSONL of held-out rows to judge the candidate on, besides "
+                                     "the curator's eval set (never trained on)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("models", help="persona model versions: lineage, rollback")

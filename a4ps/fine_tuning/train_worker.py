@@ -9,11 +9,18 @@ sent to stderr, which the parent keeps as ``train.log``.
 
 Lines written (``event`` key):
   start     {backend, device, why, base_dir, train_size, heldout_size, max_steps}
-  eval      {which: "current"|"new", loss, ppl, tokens}
+  eval      {which: "current"|"new", loss, ppl, tokens, items: [{id, set, loss, tokens}],
+             seconds}
   progress  {step, max_steps, loss}
   done      {adapter_dir, backend, steps, first_loss, last_loss, current_loss,
-             new_loss, seconds, peak_rss_mb, adapter_bytes}
+             new_loss, eval_current, eval_new, eval_seconds, seconds, peak_rss_mb,
+             adapter_bytes}
   error     {message}           (then exit code 1)
+
+The evaluation file (``eval_path``) holds one item per line, ``{id, set, user,
+assistant}``; each item's answer loss is reported on its own, before and after
+training, so the gate (:mod:`a4ps.fine_tuning.evaluation`) can compare the two models
+item by item.
 
 The backend is chosen here: Unsloth when it imports and finds CUDA, else TRL+PEFT on
 the CPU with the same recipe (LoRA r=16 on the seven projections, warmup + linear
@@ -132,10 +139,19 @@ def render(tokenizer, sample, system_prompt, eos: str | None) -> str:
 
 # -- evaluation --------------------------------------------------------------------------
 
-def answer_loss(model, tokenizer, samples, system_prompt, eos, max_length, device) -> tuple[float, int]:
-    """Mean NLL over the answer tokens only (prompt tokens are masked out)."""
+def item_losses(model, tokenizer, samples, system_prompt, eos, max_length, device, *,
+                content_only: bool = False) -> list[tuple[float, int]]:
+    """(mean NLL over the answer tokens, answer tokens) per sample; prompt tokens are
+    masked out. A sample with no answer token left after truncation gives (nan, 0).
+
+    ``content_only``: leave the end-of-turn token out. Training on *anything* in chat
+    format (ten rows of random words) teaches the model where an answer ends, which
+    alone lowers every answer's loss; the gate asks whether the answers' words got
+    likelier, so it scores the content tokens.
+    """
     import torch
-    total, count = 0.0, 0
+    out_rows: list[tuple[float, int]] = []
+    eos_id = tokenizer.convert_tokens_to_ids(eos) if eos else None
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -145,20 +161,56 @@ def answer_loss(model, tokenizer, samples, system_prompt, eos, max_length, devic
             full = render(tokenizer, s, system_prompt, eos)
             p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             f_ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+            if content_only and eos_id is not None and f_ids and f_ids[-1] == eos_id:
+                f_ids = f_ids[:-1]
             if len(f_ids) <= len(p_ids):
+                out_rows.append((float("nan"), 0))
                 continue
             ids = torch.tensor([f_ids], device=device)
             labels = ids.clone()
             labels[0, :len(p_ids)] = -100
             out = model(input_ids=ids, labels=labels)
             n = int((labels[0, 1:] != -100).sum())
-            total += float(out.loss) * n
-            count += n
+            out_rows.append((float(out.loss), n))
     if was_training:
         model.train()
+    return out_rows
+
+
+def answer_loss(model, tokenizer, samples, system_prompt, eos, max_length, device) -> tuple[float, int]:
+    """Mean NLL over all the samples' answer tokens (token-weighted)."""
+    rows = [(loss, n) for loss, n in item_losses(model, tokenizer, samples, system_prompt, eos,
+                                                  max_length, device) if n]
+    count = sum(n for _, n in rows)
     if count == 0:
         return float("nan"), 0
-    return total / count, count
+    return sum(loss * n for loss, n in rows) / count, count
+
+
+def read_eval_items(path: str | Path) -> list[dict[str, Any]]:
+    """The gate's evaluation items: ``{id, set, user, assistant}`` per line."""
+    items = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            items.append({"id": str(row["id"]), "set": str(row.get("set") or "heldout"),
+                          "user": str(row["user"]), "assistant": str(row["assistant"])})
+    return items
+
+
+def _evaluate(which: str, model, tokenizer, items, system_prompt, eos, max_length, device
+              ) -> tuple[list[dict[str, Any]], float]:
+    t0 = time.monotonic()
+    rows = item_losses(model, tokenizer, items, system_prompt, eos, max_length, device,
+                       content_only=True)
+    out = [{"id": it["id"], "set": it["set"], "loss": None if n == 0 else loss, "tokens": n}
+           for it, (loss, n) in zip(items, rows)]
+    seconds = round(time.monotonic() - t0, 3)
+    counted = [(r["loss"], r["tokens"]) for r in out if r["tokens"]]
+    total = sum(n for _, n in counted)
+    mean = sum(l * n for l, n in counted) / total if total else float("nan")
+    emit("eval", which=which, loss=mean, ppl=_ppl(mean), tokens=total, items=out, seconds=seconds)
+    return out, mean
 
 
 # -- backend choice ------------------------------------------------------------------------
@@ -283,7 +335,13 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     out_dir = Path(job["out_dir"])
     adapter_out = out_dir / "adapter"
     train_samples = read_samples(job["train_path"])
-    heldout = read_samples(job["heldout_path"]) if job.get("heldout_path") else []
+    if job.get("eval_path"):
+        heldout = read_eval_items(job["eval_path"])
+    elif job.get("heldout_path"):     # a plain golden file: every row is one item
+        heldout = [{"id": str(i), "set": "heldout", **s}
+                   for i, s in enumerate(read_samples(job["heldout_path"]))]
+    else:
+        heldout = []
     if not train_samples:
         raise ValueError(f"no usable samples in {job['train_path']}")
     system_prompt = job.get("system_prompt") or None
@@ -336,10 +394,9 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
 
     # Before training the model IS the current one: a fresh LoRA starts with B=0 (the
     # base exactly), a continued one starts from the live adapter.
-    current_loss, n_tok = (answer_loss(model, tokenizer, heldout, system_prompt, eos,
-                                       max_length, device) if heldout else (float("nan"), 0))
-    if heldout:
-        emit("eval", which="current", loss=current_loss, ppl=_ppl(current_loss), tokens=n_tok)
+    eval_current, current_loss = (_evaluate("current", model, tokenizer, heldout, system_prompt,
+                                            eos, max_length, device)
+                                  if heldout else ([], float("nan")))
 
     texts = [render(tokenizer, s, system_prompt, eos) for s in train_samples]
     dataset = Dataset.from_list([{"text": t} for t in texts])
@@ -350,13 +407,15 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     progress = _progress_callback(int(job["steps"]))
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer, callbacks=[progress])
+    t_train = time.monotonic()
     trainer.train()
+    train_seconds = time.monotonic() - t_train
     model = trainer.model
 
-    new_loss, n_tok = (answer_loss(model, tokenizer, heldout, system_prompt, eos,
-                                   max_length, device) if heldout else (float("nan"), 0))
-    if heldout:
-        emit("eval", which="new", loss=new_loss, ppl=_ppl(new_loss), tokens=n_tok)
+    t_eval = time.monotonic()
+    eval_new, new_loss = (_evaluate("new", model, tokenizer, heldout, system_prompt, eos,
+                                    max_length, device) if heldout else ([], float("nan")))
+    eval_seconds = round(time.monotonic() - t_eval, 2)
 
     model.save_pretrained(str(adapter_out))
     # The adapter must name a base by a stable path, not the temp trainer dir.
@@ -372,6 +431,8 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
             "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None,
             "current_loss": current_loss, "new_loss": new_loss,
+            "eval_current": eval_current, "eval_new": eval_new, "eval_seconds": eval_seconds,
+            "train_seconds": round(train_seconds, 2),
             "seconds": round(time.monotonic() - t0, 2), "peak_rss_mb": round(_peak_rss_mb(), 1),
             "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None),
             "adapter_bytes": adapter_bytes}

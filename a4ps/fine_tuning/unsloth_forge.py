@@ -2,33 +2,39 @@
 
 ``PersonaFinetuner.finetune(persona, dataset)``:
 
-1. splits the golden set into train and held-out parts (deterministic);
+1. reads the training rows and builds the evaluation items training never sees: the
+   curator's held-out rows (``<golden_dir>/eval.jsonl``, see :mod:`.eval_set`), an
+   optional held-out file, and the persona's capability suite (``config/eval/``).
+   A training row whose task is also an evaluation item is dropped (no leakage);
 2. asks the ModelManager to release the resident model (one model in memory: the
    seed's 8 GB rule), then trains a LoRA adapter in a **child process**
    (:mod:`a4ps.fine_tuning.train_worker`) supervised from here: a reader thread turns
    its JSON lines into ``finetune.progress`` events, this thread enforces the timeout.
-   The child picks Unsloth when it imports and finds CUDA, else TRL+PEFT on the CPU.
+   The child picks Unsloth when it imports and finds CUDA, else TRL+PEFT on the CPU,
+   and reports every evaluation item's loss before and after training.
    A crash or kill of the child is reported; the live persona is untouched;
-3. stages the candidate: on the embedded backend the model id
-   ``smollm2-135m+lora:<adapter dir>``; on Ollama, ``create`` with the adapter blobs
-   over the persona's base tag;
-4. runs the gate (:mod:`a4ps.fine_tuning.evaluation`): held-out answer loss, and
-   ALFRED judging both models' answers on a few held-out tasks;
-5. swaps only if the candidate is not worse: one ``protos.update`` sets the persona's
+3. stages the candidate (:meth:`PersonaFinetuner.stage`): on the embedded backend the
+   model id ``smollm2-135m+lora:<adapter dir>``; on Ollama, ``create`` with the
+   adapter blobs over the persona's base tag;
+4. runs the gate (:mod:`a4ps.fine_tuning.evaluation`): paired per-item comparison on
+   the held-out items with a bootstrap confidence bound, the capability suite, and
+   ALFRED's constrained judgement of both models' answers;
+5. swaps only on that evidence: one ``protos.update`` sets the persona's
    ``model_name`` and appends to ``model_lineage``, so a task already running keeps
    the old model and the next one uses the new. A refused candidate is recorded in
-   the lineage too (``status: "rejected"``).
+   the lineage too (``status: "rejected"``), with the gate's numbers either way.
 
 ``rollback(persona)`` makes the previous live version live again.
-Files: ``<adapter_dir>/<PERSONA>/v<N>/`` holds ``train.jsonl``, ``heldout.jsonl``,
+Files: ``<adapter_dir>/<PERSONA>/v<N>/`` holds ``train.jsonl``, ``eval.jsonl``,
 ``job.json``, ``train.log``, ``adapter/`` and ``comparison.json``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -40,8 +46,10 @@ from typing import Any
 
 from ..config import PROJECT_ROOT
 from ..proto import ProtoError
-from .evaluation import Comparison, decide, judge_answers
-from .train_worker import read_golden, sample_of
+from .eval_set import EvalSet, content_key, load_suite, row_answer, row_task
+from .evaluation import Comparison, GatePolicy, compare_set, decide, judge_answers
+from .judge import Judge
+from .train_worker import read_golden
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,8 @@ class FinetuneReport:
     last_loss: float | None = None
     train_size: int = 0
     heldout_size: int = 0
+    suite_size: int = 0
+    leaked: int = 0                   # training rows dropped: their task is an eval item
     adapter_dir: str | None = None
     adapter_bytes: int | None = None
     previous_model: str | None = None
@@ -79,6 +89,7 @@ class FinetuneReport:
     train_seconds: float | None = None
     peak_rss_mb: float | None = None
     peak_gpu_mb: float | None = None
+    stages: dict[str, float] = field(default_factory=dict)   # wall seconds per stage
     exit_code: int | None = None
     log_path: str | None = None
 
@@ -99,18 +110,21 @@ class _ChildResult:
         return None
 
 
-def split_holdout(rows: list[dict[str, Any]], fraction: float, seed: int = 3407
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, held-out): a seeded shuffle, at least one row in each part."""
-    if len(rows) < 2:
-        raise FinetuneError(f"the golden set has {len(rows)} usable sample(s); at least 2 are "
-                            f"needed (one to train on, one held out)")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_hold = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
-    hold = sorted(order[:n_hold])
-    train = sorted(order[n_hold:])
-    return [rows[i] for i in train], [rows[i] for i in hold]
+def eval_items(persona: str, heldout_rows: list[dict[str, Any]], suite_root: Path | None = None
+               ) -> list[dict[str, Any]]:
+    """The gate's items ``{id, set, user, assistant}``: held-out rows, then the suite."""
+    items: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for row in heldout_rows:
+        key = content_key(row_task(row))
+        if key in seen:
+            continue
+        seen.add(key)
+        items.append({"id": key[:16], "set": "heldout", "user": row_task(row),
+                      "assistant": row_answer(row)})
+    for it in load_suite(persona, suite_root):
+        items.append({"id": it.id, "set": "suite", "user": it.prompt, "assistant": it.reference})
+    return items
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -123,12 +137,14 @@ class PersonaFinetuner:
     ``backend``: "auto" (Unsloth on CUDA, else TRL+PEFT), "trl" or "unsloth" (fail if
     unavailable). ``python``: the interpreter for the training child. ``ollama``: an
     object with ``create_with_adapter(tag, base, dir)`` (default: the ModelManager's
-    backend when it has one, else an :class:`OllamaBackend` on demand).
+    backend when it has one, else an :class:`OllamaBackend` on demand). ``suite_root``:
+    where the capability suites are (default ``config/eval``).
     """
 
     def __init__(self, settings, bus, protos, models, *, backend: str = "auto",
                  python: str | None = None, ollama: Any = None,
-                 base_checkpoint: Path | str | None = None) -> None:
+                 base_checkpoint: Path | str | None = None,
+                 suite_root: Path | str | None = None) -> None:
         if backend not in ("auto", "trl", "unsloth"):
             raise ValueError(f"backend must be 'auto', 'trl' or 'unsloth', not {backend!r}")
         self.settings = settings
@@ -141,6 +157,7 @@ class PersonaFinetuner:
         self._base_checkpoint = Path(base_checkpoint) if base_checkpoint else None
         self._busy = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self.suite_root = Path(suite_root) if suite_root else None
 
     # -- public ------------------------------------------------------------------------
     @property
@@ -241,15 +258,25 @@ class PersonaFinetuner:
         if not dataset.is_file():
             raise FinetuneError(f"dataset {dataset} does not exist")
         rows = read_golden(dataset)
+        hold_rows = EvalSet(self.settings.golden_dir).rows()[-int(cfg.eval_max_items):]
         if heldout_path is not None:
             if not heldout_path.is_file():
                 raise FinetuneError(f"held-out file {heldout_path} does not exist")
-            train_rows, hold_rows = rows, read_golden(heldout_path)
-            if not train_rows or not hold_rows:
-                raise FinetuneError("both the dataset and the held-out file need usable samples")
-        else:
-            train_rows, hold_rows = split_holdout(rows, cfg.holdout_fraction)
-        report.train_size, report.heldout_size = len(train_rows), len(hold_rows)
+            extra = read_golden(heldout_path)
+            if not extra:
+                raise FinetuneError(f"the held-out file {heldout_path} has no usable samples")
+            hold_rows = hold_rows + extra
+        items = eval_items(persona, hold_rows, self.suite_root)
+        # never train on what the gate evaluates on
+        held_keys = {content_key(it["user"]) for it in items}
+        train_rows = [r for r in rows if content_key(row_task(r)) not in held_keys]
+        report.leaked = len(rows) - len(train_rows)
+        if not train_rows:
+            raise FinetuneError(f"{dataset} has no usable sample to train on"
+                                + (f" ({report.leaked} are evaluation items)" if report.leaked else ""))
+        report.train_size = len(train_rows)
+        report.heldout_size = sum(it["set"] == "heldout" for it in items)
+        report.suite_size = sum(it["set"] == "suite" for it in items)
         steps = int(steps or cfg.max_steps)
         if steps < 1:
             raise FinetuneError(f"steps must be >= 1, got {steps}")
@@ -268,12 +295,12 @@ class PersonaFinetuner:
         vdir.mkdir(parents=True)
         report.version = version
         _write_jsonl(vdir / "train.jsonl", train_rows)
-        _write_jsonl(vdir / "heldout.jsonl", hold_rows)
+        _write_jsonl(vdir / "eval.jsonl", items)
 
         base_dir = self._base_dir()
         job = {
             "base_dir": str(base_dir), "train_path": str(vdir / "train.jsonl"),
-            "heldout_path": str(vdir / "heldout.jsonl"), "out_dir": str(vdir),
+            "eval_path": str(vdir / "eval.jsonl"), "out_dir": str(vdir),
             "current_adapter": str(current_adapter) if current_adapter else None,
             "system_prompt": proto.get("system_prompt") or "",
             "steps": steps, "learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
@@ -286,12 +313,14 @@ class PersonaFinetuner:
 
         # One model in memory: the live model leaves before training starts.
         self.models.release()
+        t_child = time.monotonic()
         result = self._train(persona, vdir, steps, float(cfg.timeout_s))
         report.log_path = str(vdir / "train.log")
         report.exit_code = result.exit_code
         start = result.last("start") or {}
         report.backend, report.backend_why = start.get("backend"), start.get("why")
         done = result.last("done")
+        report.stages["train_child"] = round(time.monotonic() - t_child, 2)
         if done is None or result.exit_code != 0:
             report.reason = self._failure_reason(result, vdir)
             (vdir / "FAILED").write_text(report.reason + "\n", encoding="utf-8")
@@ -299,7 +328,9 @@ class PersonaFinetuner:
         report.ok = True
         for k in ("steps", "first_loss", "last_loss", "adapter_bytes", "peak_rss_mb", "peak_gpu_mb"):
             setattr(report, k, done.get(k))
-        report.train_seconds = done.get("seconds")
+        report.train_seconds = done.get("train_seconds", done.get("seconds"))
+        report.stages["train"] = report.train_seconds
+        report.stages["eval_loss"] = done.get("eval_seconds")
         report.adapter_dir = done["adapter_dir"]
         self.bus.publish("model.tuned", {
             "persona": persona, "version": version, "adapter_dir": report.adapter_dir,
@@ -309,8 +340,8 @@ class PersonaFinetuner:
 
         # Stage the candidate where the persona's backend can run it.
         try:
-            candidate = self._stage(persona, version, Path(report.adapter_dir), current_model,
-                                    lineage, backend_kind)
+            candidate = self.stage(persona, version, Path(report.adapter_dir), current_model,
+                                   lineage, backend_kind)
         except Exception as e:
             report.reason = (f"the adapter was trained but could not be staged on the "
                              f"{backend_kind} backend: {type(e).__name__}: {e}; "
@@ -320,30 +351,55 @@ class PersonaFinetuner:
             return
         report.model_name = candidate
 
-        cmp = Comparison(current_model=current_model, candidate_model=candidate,
-                         current_loss=done.get("current_loss"), new_loss=done.get("new_loss"),
-                         heldout_size=len(hold_rows))
-        cmp.current_ppl, cmp.new_ppl = _ppl(cmp.current_loss), _ppl(cmp.new_loss)
-        if cfg.judge_samples > 0 and "ALFRED" in self.protos:
-            samples = [sample_of(r) for r in hold_rows[: cfg.judge_samples]]
-            cmp.judge_current, cmp.judge_new, cmp.judge_samples = judge_answers(
-                self._judge, self._answer_with(proto), samples, current_model, candidate,
-                proto.get("system_prompt") or None)
-        decide(cmp, cfg.max_loss_regression)
+        t_gate = time.monotonic()
+        cmp = self.compare(done, current_model, candidate, items, proto)
         report.comparison = cmp.to_dict()
+        report.stages["gate"] = round(time.monotonic() - t_gate, 2)
         (vdir / "comparison.json").write_text(json.dumps(report.comparison, indent=2, default=str),
                                               encoding="utf-8")
+        self.bus.publish("finetune.progress", {
+            "persona": persona, "stage": "gate", "step": steps, "max_steps": steps,
+            "loss": None, "passed": cmp.passed, "reason": cmp.reason})
         if not cmp.passed:
             report.reason = f"the gate refused v{version}: {cmp.reason}"
             self._record(persona, proto, lineage, version, current_model, candidate, report,
-                         backend_kind, status="rejected", swap=False)
+                         backend_kind, status="rejected", swap=False, cmp=cmp)
             return
+        t_swap = time.monotonic()
         swapped = self._record(persona, proto, lineage, version, current_model, candidate,
-                               report, backend_kind, status="live", swap=True)
+                               report, backend_kind, status="live", swap=True, cmp=cmp)
+        report.stages["swap"] = round(time.monotonic() - t_swap, 3)
         report.swapped = swapped
         report.reason = (f"v{version} passed the gate and is live: {cmp.reason}" if swapped else
                          f"v{version} passed the gate but {persona}'s model changed during "
                          f"training; kept the new one ({self.protos.get(persona).get('model_name')})")
+
+    def compare(self, done: dict[str, Any], current_model: str, candidate: str,
+                items: list[dict[str, Any]], proto: Any) -> Comparison:
+        """The gate: the child's per-item losses, ALFRED's judgement, the decision."""
+        cfg = self.settings.finetune
+        policy = GatePolicy.from_settings(cfg)
+        cur_items, new_items = done.get("eval_current") or [], done.get("eval_new") or []
+        cmp = Comparison(current_model=current_model, candidate_model=candidate,
+                         current_loss=_num(done.get("current_loss")),
+                         new_loss=_num(done.get("new_loss")),
+                         heldout_size=sum(it["set"] == "heldout" for it in items))
+        cmp.current_ppl, cmp.new_ppl = _ppl(cmp.current_loss), _ppl(cmp.new_loss)
+        heldout = compare_set("heldout", cur_items, new_items, rounds=policy.bootstrap_rounds)
+        suite = compare_set("suite", cur_items, new_items, rounds=policy.bootstrap_rounds)
+        cmp.heldout = heldout if heldout.n else None
+        cmp.suite = suite if suite.n else None
+        decide(cmp, dataclasses.replace(policy, judge_samples=0))
+        if not cmp.passed:
+            return cmp          # refused on the losses: no need to ask ALFRED
+        if policy.judge_samples > 0 and "ALFRED" in self.protos:
+            samples = [{"user": it["user"], "assistant": it["assistant"]}
+                       for it in items if it["set"] == "heldout"][:policy.judge_samples]
+            cmp.judge = judge_answers(Judge(self.models, self.protos), self._answer_with(proto),
+                                      samples, current_model, candidate,
+                                      proto.get("system_prompt") or None)
+            cmp.judge_current, cmp.judge_new = cmp.judge.current_mean, cmp.judge.new_mean
+        return decide(cmp, policy)
 
     # -- pieces ---------------------------------------------------------------------------
     def _model_backend(self, proto) -> str:
@@ -384,8 +440,12 @@ class PersonaFinetuner:
         self._ollama = OllamaBackend(self.settings)
         return self._ollama
 
-    def _stage(self, persona: str, version: int, adapter: Path, current_model: str,
-               lineage: list[dict[str, Any]], backend_kind: str) -> str:
+    def stage(self, persona: str, version: int, adapter: Path, current_model: str,
+              lineage: list[dict[str, Any]], backend_kind: str) -> str:
+        """Make a trained adapter runnable on the persona's backend; returns its model id.
+
+        The single place a candidate becomes something a backend can load (a hook for
+        engines that merge a LoRA into their own weights)."""
         if backend_kind == "ollama":
             # the tag the current chain of versions started from (adapters are not stacked
             # in Ollama: each version is base + one adapter, trained from the live one)
@@ -399,9 +459,6 @@ class PersonaFinetuner:
         stage_adapter(self.settings, adapter)
         return adapter_model_id(adapter)
 
-    def _judge(self, prompt: str) -> str:
-        return self.protos.get("ALFRED").invoke_llm(prompt, temperature=0.0, max_tokens=24)
-
     def _answer_with(self, proto):  # noqa: ARG002 - per-persona options may come later
         def chat(model: str, messages: list[dict[str, str]]) -> str:
             # greedy, so the two models are compared on their most likely answers
@@ -411,18 +468,20 @@ class PersonaFinetuner:
 
     def _record(self, persona: str, proto, lineage: list[dict[str, Any]], version: int,
                 current_model: str, candidate: str | None, report: FinetuneReport,
-                backend_kind: str, *, status: str, swap: bool) -> bool:
-        """Append the version to the lineage; on ``swap`` also switch the model (atomic)."""
+                backend_kind: str, *, status: str, swap: bool,
+                cmp: Comparison | None = None) -> bool:
+        """Append the version to the lineage; on ``swap`` also switch the model (atomic).
+
+        The entry keeps the gate's decision and all its numbers (``scores``)."""
         entry = {"version": version, "model_name": candidate, "adapter_dir": report.adapter_dir,
                  "backend": backend_kind, "train_backend": report.backend,
-                 "dataset_size": report.train_size + report.heldout_size,
+                 "dataset_size": report.train_size + report.leaked,
                  "train_size": report.train_size, "heldout_size": report.heldout_size,
-                 "steps": report.steps, "first_loss": report.first_loss,
-                 "last_loss": report.last_loss,
-                 "scores": {k: report.comparison.get(k) for k in (
-                     "current_loss", "new_loss", "current_ppl", "new_ppl", "judge_current",
-                     "judge_new", "passed", "reason")} if report.comparison else {},
-                 "parent_model": current_model, "status": status, "created_at": time.time()}
+                 "suite_size": report.suite_size, "steps": report.steps,
+                 "first_loss": report.first_loss, "last_loss": report.last_loss,
+                 "scores": cmp.numbers() if cmp is not None else {},
+                 "decision": status, "parent_model": current_model, "status": status,
+                 "created_at": time.time()}
         if swap:   # subscribers act first (the System pins a pre-swap snapshot)
             self.bus.publish("model.swapping", {"persona": persona, "old": current_model,
                                                 "new": candidate, "version": version})
@@ -450,8 +509,7 @@ class PersonaFinetuner:
                 self.bus.publish("model.swapped", {
                     "persona": persona, "old": current_model, "new": candidate,
                     "version": version, "adapter_dir": report.adapter_dir,
-                    "comparison": {k: report.comparison.get(k) for k in (
-                        "current_loss", "new_loss", "judge_current", "judge_new")}})
+                    "comparison": entry["scores"]})
                 return True
             return False
         raise FinetuneError(f"{persona} kept changing while the swap was tried; try again")
@@ -568,8 +626,11 @@ def _with_live_base(lineage: list[dict[str, Any]], current_model: str, backend_k
     return lin
 
 
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
 def _ppl(loss: Any) -> float | None:
-    import math
-    if not isinstance(loss, (int, float)) or math.isnan(loss):
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
         return None
     return round(math.exp(min(float(loss), 50.0)), 4)

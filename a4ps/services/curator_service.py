@@ -1,15 +1,26 @@
 """The Curator: ALFRED judges past interactions and keeps the best as a golden set.
 
 Each pass takes the newest not-yet-curated interactions from memory (by recency, not
-by a semantic query), asks ALFRED for a score on a fixed rubric (logical rigour,
-creative synthesis, task efficacy) and which persona, BRICK or ROBIN, mattered more.
-Samples at or above ``curator.score_threshold`` are appended to
-``<golden_dir>/golden.jsonl`` in chat format (user = task, assistant = final answer;
-the persona turns, score and vote in ``meta``). Every judged interaction is marked
-curated, so it is never counted twice. Votes are counted over the current golden
-set; when it reaches ``curator.trigger_size`` the file is archived (moved to
-``<golden_dir>/archive/``, so new samples start a fresh set) and the persona with the
-most votes is fine-tuned on the archived file.
+by a semantic query) and:
+
+1. admits only interactions whose task came from an admitted origin
+   (``curator.admit_origins``, by default only ``user``): the system's own goals and
+   reflections carry their origin through memory and are not trained on;
+2. collapses near-duplicates (the same task and answer, or a cosine of the two above
+   ``curator.dedup_similarity`` to a row already kept);
+3. asks ALFRED, through the constrained judge (:class:`~a4ps.fine_tuning.judge.Judge`),
+   for a score on a fixed rubric and which persona, BRICK or ROBIN, mattered more. A
+   judgement the model could not make is no score, never a default;
+4. keeps samples at or above ``curator.score_threshold`` in chat format (user = task,
+   assistant = final answer; persona turns, score and vote in ``meta``), routed by a
+   hash of the task's text either to the golden (training) set
+   ``<golden_dir>/golden.jsonl`` or to the held-out evaluation set
+   ``<golden_dir>/eval.jsonl`` the fine-tuning gate measures on (never both).
+
+Every looked-at interaction is marked curated, so it is never counted twice. Votes
+are counted over the current golden set; when it reaches ``curator.trigger_size`` the
+file is archived (moved to ``<golden_dir>/archive/``, so new samples start a fresh
+set) and the persona with the most votes is fine-tuned on the archived file.
 """
 from __future__ import annotations
 
@@ -20,13 +31,35 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..fine_tuning.evaluation import CANDIDATES, interaction_prompt, parse_score, parse_vote
+import numpy as np
+
+from ..fine_tuning.eval_set import EvalSet, content_key, routes_to_eval
+from ..fine_tuning.judge import CANDIDATES, Judge
+from ..models.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 GOLDEN_FILE = "golden.jsonl"
+USER_ORIGIN = "user"
+
+
+def interaction_origin(meta: dict[str, Any]) -> str:
+    """Where the interaction's task came from: ``user``, ``motivator``, ``reflection``...
+
+    The graph stores the task's origin in the memory row's meta. Rows written before
+    it did are told apart by the kind their task carried (goals and reflections
+    always had one; user tasks had none)."""
+    origin = meta.get("origin")
+    if isinstance(origin, str) and origin:
+        return origin
+    kind = meta.get("kind")
+    if kind == "goal":
+        return "motivator"
+    if kind == "reflection":
+        return "reflection"
+    return USER_ORIGIN
 
 
 @dataclass
@@ -36,7 +69,10 @@ class ScoredSample:
     score: float | None
     vote: str | None
     kept: bool
-    reply: str = ""
+    route: str | None = None          # "train" | "eval" for a kept sample
+    skipped: str | None = None        # why it was not judged (origin, duplicate...)
+    origin: str = USER_ORIGIN
+    method: str = ""
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,7 +85,10 @@ class CurationReport:
 
     scored: list[ScoredSample] = field(default_factory=list)
     added: int = 0
+    held_out: int = 0                 # kept samples routed to the evaluation set
+    skipped: dict[str, int] = field(default_factory=dict)
     dataset_size: int = 0
+    eval_size: int = 0
     votes: dict[str, int] = field(default_factory=dict)
     triggered: bool = False
     persona: str | None = None
@@ -80,6 +119,13 @@ def split_interaction(text: str, meta: dict[str, Any]) -> tuple[str, str]:
     return str(task or body.strip()), str(answer or "")
 
 
+def _row_text(row: dict[str, Any]) -> str:
+    msgs = row.get("messages") or []
+    task = next((m.get("content") for m in msgs if m.get("role") == "user"), "")
+    answer = next((m.get("content") for m in reversed(msgs) if m.get("role") == "assistant"), "")
+    return f"{task}\n{answer}"
+
+
 def _turns(meta: dict[str, Any]) -> dict[str, str]:
     out = {}
     for who in ("brick", "robin"):
@@ -94,19 +140,25 @@ def _turns(meta: dict[str, Any]) -> dict[str, str]:
 
 
 class Curator:
-    """ALFRED-as-judge over memory, the golden dataset, the vote, the trigger.
+    """ALFRED-as-judge over memory, the golden and eval sets, the vote, the trigger.
 
-    ``judge``: ``fn(prompt) -> reply``; default asks the ALFRED proto's ``invoke_llm``.
+    ``judge``: an object with ``score(task, answer, turns) -> Verdict`` and
+    ``vote(task, answer, turns) -> str | None`` (default: a :class:`Judge` over the
+    ModelManager the protos provide). ``embedder``: for the
+    near-duplicate check (default: the memory's).
     """
 
     def __init__(self, settings, bus, protos, memory, finetuner=None, *,
-                 judge: Callable[[str], str] | None = None) -> None:
+                 judge: Any = None, embedder: Any = None) -> None:
         self.settings = settings
         self.bus = bus
         self.protos = protos
         self.memory = memory
         self.finetuner = finetuner
-        self._judge_fn = judge
+        self._judge = judge
+        self.embedder = embedder if embedder is not None else getattr(memory, "embedder", None)
+        self.eval_set = EvalSet(settings.golden_dir)
+        self._vectors: dict[str, np.ndarray] = {}   # row text -> unit vector (dedup cache)
         self._lock = threading.Lock()        # one pass at a time
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -133,6 +185,12 @@ class Curator:
             except ValueError:
                 continue
         return rows
+
+    @property
+    def judge(self) -> Any:
+        if self._judge is None:
+            self._judge = Judge(self.protos.service("models"), self.protos)
+        return self._judge
 
     def votes(self) -> dict[str, int]:
         c = Counter((r.get("meta") or {}).get("critical_persona") for r in self.golden_rows())
@@ -186,17 +244,13 @@ class Curator:
             self._curate(report)
             rows = self.golden_rows()
             report.dataset_size = len(rows)
+            report.eval_size = len(self.eval_set)
             report.votes = self.votes()
             if finetune and report.dataset_size >= int(self.settings.curator.trigger_size):
                 self._trigger(report)
             report.seconds = round(time.monotonic() - t0, 3)
             self.last_report = report
             return report
-
-    def _judge(self, prompt: str) -> str:
-        if self._judge_fn is not None:
-            return self._judge_fn(prompt)
-        return self.protos.get("ALFRED").invoke_llm(prompt, temperature=0.0, max_tokens=32)
 
     def _curate(self, report: CurationReport) -> None:
         cfg = self.settings.curator
@@ -209,46 +263,71 @@ class Curator:
         if not records:
             report.note = "nothing new to curate"
             return
-        seen = {(r.get("meta") or {}).get("memory_id") for r in self.golden_rows()}
+        admitted = set(cfg.admit_origins)
+        golden = self.golden_rows()
+        held = self.eval_set.rows()
+        seen = {(r.get("meta") or {}).get("memory_id") for r in golden + held}
+        kept_texts = [_row_text(r) for r in golden + held]
         done: list[str] = []
         new_rows: list[dict[str, Any]] = []
+        new_eval: list[dict[str, Any]] = []
         for rec in records:
             if self._stop.is_set():
                 break
             meta = rec.meta or {}
             task, answer = split_interaction(rec.text, meta)
             sample = ScoredSample(memory_id=str(rec.id), task_id=str(rec.task_id or ""),
-                                  score=None, vote=None, kept=False)
-            if not answer.strip():
-                sample.error = "interaction has no final answer"
+                                  score=None, vote=None, kept=False,
+                                  origin=interaction_origin(meta))
+            skip: tuple[str, str] | None = None          # (kind, detail)
+            if sample.origin not in admitted:
+                skip = ("origin", f"origin {sample.origin!r} is not admitted "
+                                  f"(curator.admit_origins = {sorted(admitted)})")
+            elif not answer.strip():
+                skip = ("no_answer", "interaction has no final answer")
+            elif rec.id in seen:
+                skip = ("seen", "already in the golden or eval set")
+            else:
+                dup = self._duplicate_of(f"{task}\n{answer}", kept_texts)
+                if dup is not None:
+                    skip = ("duplicate", f"near-duplicate of a kept sample (cosine {dup:.3f})")
+            if skip is not None:
+                sample.skipped = skip[1]
+                report.skipped[skip[0]] = report.skipped.get(skip[0], 0) + 1
                 done.append(rec.id)
                 report.scored.append(sample)
                 self._publish(sample)
                 continue
             turns = _turns(meta)
             try:
-                reply = self._judge(interaction_prompt(task, answer, turns))
-            except Exception as e:
-                # the judge (model) failed: leave it uncurated, try again next pass
+                verdict = self.judge.score(task, answer, turns)
+                if verdict.score is not None and verdict.score >= float(cfg.score_threshold):
+                    # only kept rows are counted for the vote: no need to ask for the others
+                    verdict.vote = self.judge.vote(task, answer, turns)
+            except ModelError as e:
+                # the judge's model failed: leave it uncurated, try again next pass
                 sample.error = f"judge failed: {type(e).__name__}: {e}"
                 log.warning("curator: %s on %s", sample.error, rec.id)
                 report.scored.append(sample)
                 self._publish(sample)
                 break
-            sample.reply = str(reply)[:500]
-            sample.score = parse_score(reply)
-            sample.vote = parse_vote(reply)
+            sample.score, sample.vote, sample.method = verdict.score, verdict.vote, verdict.method
             if sample.score is None:
-                sample.error = "no score from 1.0 to 5.0 in the judge's reply"
-                log.info("curator: unparseable judgement for %s: %r", rec.id, sample.reply[:200])
-            elif sample.score >= float(cfg.score_threshold) and rec.id not in seen:
+                sample.error = verdict.error or "ALFRED gave no score"
+                log.info("curator: no judgement for %s: %s", rec.id, sample.error)
+            elif sample.score >= float(cfg.score_threshold):
                 sample.kept = True
-                new_rows.append({
+                key = content_key(task)
+                sample.route = "eval" if routes_to_eval(key, float(cfg.eval_fraction)) else "train"
+                row = {
                     "messages": [{"role": "user", "content": task},
                                  {"role": "assistant", "content": answer}],
                     "meta": {"memory_id": rec.id, "task_id": rec.task_id, "score": sample.score,
                              "critical_persona": sample.vote, "turns": turns,
-                             "dissonance": rec.dissonance, "judged_at": time.time()}})
+                             "origin": sample.origin, "key": key,
+                             "dissonance": rec.dissonance, "judged_at": time.time()}}
+                (new_eval if sample.route == "eval" else new_rows).append(row)
+                kept_texts.append(_row_text(row))
                 seen.add(rec.id)
             done.append(rec.id)
             report.scored.append(sample)
@@ -256,6 +335,8 @@ class Curator:
         if new_rows:
             self._append(new_rows)
             report.added = len(new_rows)
+        if new_eval:
+            report.held_out = self.eval_set.append(new_eval)
         if done:
             try:
                 self.memory.mark_curated(done)
@@ -263,11 +344,30 @@ class Curator:
                 # the golden file already de-duplicates by memory id
                 log.warning("curator: could not mark %d records curated: %s", len(done), e)
 
+    def _duplicate_of(self, text: str, kept: list[str]) -> float | None:
+        """The similarity to the closest kept row if ``text`` is a near-duplicate, else None."""
+        if not kept:
+            return None
+        norm = " ".join(text.lower().split())
+        if any(" ".join(k.lower().split()) == norm for k in kept):
+            return 1.0
+        if self.embedder is None:
+            return None
+        missing = [t for t in dict.fromkeys(kept + [text]) if t not in self._vectors]
+        if missing:
+            vecs = np.asarray(self.embedder.embed(missing), dtype=np.float64)
+            norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+            vecs = vecs / np.where(norms > 0, norms, 1.0)
+            self._vectors.update(zip(missing, vecs))
+        q = self._vectors[text]
+        best = max(float(np.dot(q, self._vectors[k])) for k in kept)
+        return best if best >= float(self.settings.curator.dedup_similarity) else None
+
     def _publish(self, s: ScoredSample) -> None:
         self.bus.publish("curator.scored", {
             "memory_id": s.memory_id, "task_id": s.task_id, "score": s.score, "vote": s.vote,
-            "kept": s.kept, "threshold": float(self.settings.curator.score_threshold),
-            "error": s.error})
+            "kept": s.kept, "route": s.route, "skipped": s.skipped, "origin": s.origin,
+            "threshold": float(self.settings.curator.score_threshold), "error": s.error})
 
     def _append(self, rows: list[dict[str, Any]]) -> None:
         path = self.golden_path

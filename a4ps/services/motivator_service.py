@@ -3,9 +3,13 @@
 Why a service of its own: self-generated work must never crowd out the user. So the
 motivator only *queues* tasks (origin ``motivator`` for goals, ``reflection`` for
 reflections) at a low priority in the durable TaskQueue, which hands out self-generated
-work only while no user task waits; it never runs the graph itself. It is bounded by
-an on/off switch and a pause (settings, UI), a goals-per-hour rate limit and a daily
-budget of self-generated tasks, and it skips idle goals while one is still waiting.
+work only while no user task waits; it never runs the graph itself (and a user task
+arriving while one runs preempts it: :mod:`a4ps.task_control`). It is bounded by an
+on/off switch and a pause (settings, UI), a goals-per-hour rate limit and a daily
+budget of self-generated tasks, all kept in a durable :class:`~.ledger.Ledger` so a
+restart resets none of them; it skips idle goals while one is still waiting or
+running, and never queues the same goal text twice within
+``motivator.duplicate_window_s``.
 
 Events in: ``system.idle`` -> ALFRED proposes one goal (grounded in the codex and recent
 memories) -> ``goal.generated``; ``dissonance.high`` -> a reflection task asking BRICK
@@ -25,6 +29,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..fine_tuning.eval_set import content_key
+from .ledger import Ledger
 from .service_thread import ServiceThread
 
 if TYPE_CHECKING:
@@ -70,7 +76,7 @@ class IdleWatch:
     what, if anything, to do about it.
     """
 
-    _ACTIVITY = ("task.queued", "task.step", "task.done", "task.failed")
+    _ACTIVITY = ("task.queued", "task.step", "task.done", "task.failed", "task.cancelled")
 
     def __init__(self, bus: EventBus, idle_after_s: float,
                  clock: Callable[[], float] = time.monotonic, *, watch_tasks: bool = True) -> None:
@@ -174,7 +180,8 @@ class Motivator:
     """Self-generated goals (on idle) and reflections (on high dissonance), rate-limited."""
 
     def __init__(self, settings: Settings, bus: EventBus, protos: ProtoManager, memory: Any,
-                 tasks: Any, codex: Codex, clock: Callable[[], float] = time.time) -> None:
+                 tasks: Any, codex: Codex, clock: Callable[[], float] = time.time, *,
+                 ledger: Ledger | None = None) -> None:
         self.settings = settings
         self.bus = bus
         self.protos = protos
@@ -182,11 +189,18 @@ class Motivator:
         self.tasks = tasks
         self.codex = codex
         self.clock = clock
+        # durable limits: the counters, the reflected-on tasks and the pause survive a
+        # restart (an in-memory ledger when none is given, as in unit tests)
+        self.ledger = ledger if ledger is not None else Ledger()
         self._lock = threading.Lock()
-        self._paused = bool(settings.motivator.paused)
-        self._goal_times: collections.deque[float] = collections.deque()
-        self._self_times: collections.deque[float] = collections.deque()  # goals + reflections
-        self._reflected: set[str] = set()      # task ids already reflected on
+        now = clock()
+        # the config pauses it at every start; otherwise the last pause/resume holds
+        self._paused = bool(settings.motivator.paused) or bool(self.ledger.get_flag("paused", False))
+        self._goal_times: collections.deque[float] = collections.deque(
+            self.ledger.times("goal", now - HOUR))
+        self._self_times: collections.deque[float] = collections.deque(sorted(
+            self.ledger.times("goal", now - DAY) + self.ledger.times("reflection", now - DAY)))
+        self._reflected: set[str] = self.ledger.refs("reflection")   # task ids reflected on
         self._stored: set[str] = set()         # reflection task ids already stored
         self._idle_waiting = False             # one idle job in the queue at most
         self.skipped: collections.Counter[str] = collections.Counter()
@@ -240,6 +254,7 @@ class Motivator:
         with self._lock:
             changed = self._paused != paused
             self._paused = paused
+            self.ledger.set_flag("paused", paused)     # survives a restart
         if changed:
             self.bus.log("info", f"motivator {'paused' if paused else 'resumed'}",
                          part="motivator", paused=paused)
@@ -262,6 +277,7 @@ class Motivator:
                 "reflections_queued": self.reflections_queued,
                 "reflections_stored": self.reflections_stored,
                 "last_goal": dict(self.last_goal) if self.last_goal else None,
+                "durable": self.ledger.path is not None,
                 "skipped": dict(self.skipped),
                 "working": self._thread.pending(),
             }
@@ -288,12 +304,14 @@ class Motivator:
                 return "rate_limit"
         return None
 
-    def _spend(self, kind: str) -> None:
+    def _spend(self, kind: str, ref: str | None = None) -> None:
         with self._lock:
             now = self.clock()
             self._self_times.append(now)
             if kind == "goal":
                 self._goal_times.append(now)
+            self.ledger.record(kind, now, ref)
+            self.ledger.prune(kind, now - 2 * DAY)
 
     def _skip(self, reason: str) -> None:
         with self._lock:
@@ -332,6 +350,8 @@ class Motivator:
             reason = "user_tasks_waiting"
         if reason is None and self.tasks.pending_count(origin=GOAL_ORIGIN):
             reason = "goal_already_queued"
+        if reason is None and any(t.origin == GOAL_ORIGIN for t in self.tasks.running()):
+            reason = "goal_running"
         if reason is not None:
             self._skip(reason)
             return None
@@ -346,6 +366,12 @@ class Motivator:
         goal = parse_goal(reply)
         if goal is None:
             goal, source = self.template_goal(memories), "template"
+        if self.is_duplicate(goal):
+            self._skip("duplicate_goal")
+            log.info("motivator: not queueing %r again within %.0fs", goal,
+                     self.settings.motivator.duplicate_window_s)
+            return None
+        self.ledger.record("goal_text", self.clock(), content_key(goal))
         task = self.tasks.submit(goal, origin=GOAL_ORIGIN, meta={
             "kind": "goal", "trigger": trigger, "idle_s": idle_s, "source": source,
             "codex_version": self.codex.version,
@@ -356,6 +382,16 @@ class Motivator:
         self.bus.publish("goal.generated", {"task_id": task.id, "goal": goal, "trigger": trigger,
                                             "source": source, "priority": task.priority})
         return task
+
+    def is_duplicate(self, goal: str) -> bool:
+        """The same goal text (case, spacing, punctuation aside) is queued or running
+        now, or was queued within ``motivator.duplicate_window_s``."""
+        key = content_key(goal)
+        window = float(self.settings.motivator.duplicate_window_s)
+        if key in self.ledger.refs("goal_text", since=self.clock() - window):
+            return True
+        live = self.tasks.list(status=("queued", "running"), limit=200)
+        return any(t.origin == GOAL_ORIGIN and content_key(t.text) == key for t in live)
 
     def _recent_memories(self) -> list[Any]:
         if self.memory is None:
@@ -416,7 +452,7 @@ class Motivator:
             return None
         with self._lock:
             self._reflected.add(about)
-        self._spend("reflection")
+        self._spend("reflection", about)
         brick, robin = payload.get("brick") or "", payload.get("robin") or ""
         d = payload.get("dissonance")
         text = self.reflection_text(payload.get("text") or "", brick, robin, d)

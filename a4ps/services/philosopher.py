@@ -2,21 +2,25 @@
 
 Why: when BRICK and ROBIN keep diverging on the same kind of question, a principle is
 probably missing or wrong. The philosopher watches ``dissonance.high`` events, groups
-them by meaning (embedding cosine >= ``philosopher.similarity``), and once
-``philosopher.recurrence_count`` similar tasks accrue, or at the scheduled review
-(``philosopher.interval_s``, from at least two similar tasks), asks ALFRED to draft an
-amendment. It only *proposes*: :meth:`Codex.propose` stores the draft as pending and
-publishes ``codex.proposed``; nothing changes until a human approves it with
-``codex.decide``.
+them by meaning (embedding cosine >= ``philosopher.similarity``, a threshold chosen
+from data: :mod:`.similarity`), and once ``philosopher.recurrence_count`` similar tasks
+accrue, or at the scheduled review (``philosopher.interval_s``, from at least two
+similar tasks), asks ALFRED to draft an amendment. It only *proposes*:
+:meth:`Codex.propose` stores the draft as pending and publishes ``codex.proposed``;
+nothing changes until a human approves it (UI, ``a4ps codex approve``).
 
-A tiny model may answer anything, so the draft is read leniently (``KEY: value`` lines
-or JSON) and checked; when it is unusable the proposal is a clearly templated one built
-from the evidence. The rationale always cites the task ids behind it. An amendment the
-human rejected before is never proposed again.
+ALFRED drafts through ``ModelManager.structured`` (a JSON object with persona,
+principle id, text and rationale, decoded under the schema where the backend can).
+When no usable draft comes back (the backend cannot decide, the text is a
+placeholder, unchanged, rejected before...) the philosopher says so: by default it
+proposes nothing and reports the recurrence (``philosopher.no_draft`` event, status
+``unresolved``) instead of dressing a template up as ALFRED's proposal; with
+``philosopher.template_fallback`` it proposes a template whose rationale opens by
+saying ALFRED's draft was unusable and why. The rationale always cites the task ids
+behind it. An amendment the human rejected before is never proposed again.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..codex import CodexError
+from ..models.errors import ModelError
 from .motivator_service import clip, text_of
 from .service_thread import ServiceThread
 
@@ -44,7 +49,7 @@ MAX_PENDING_OWN = 3        # the philosopher's own pending proposals before it w
 SCHEDULE_MIN_TASKS = 2     # a scheduled review needs at least this many similar tasks
 MAX_PRINCIPLE_CHARS = 400
 TEMPLATE_MARK = "[templated]"
-DRAFT_MAX_TOKENS = 160     # four short lines; keeps the shared model free for user tasks
+MAX_UNRESOLVED = 20        # recurrences without a usable draft kept in status()
 
 _STOP = set("""a an and are as at be but by can could did do does for from has have how i if
 in into is it its me my no not of on or our so than that the their them then there these
@@ -79,62 +84,6 @@ def _slug(s: str) -> str:
     return s[:40].strip("_")
 
 
-def _clean_value(v: str) -> str:
-    v = v.strip().strip("*_`").strip()
-    if len(v) >= 2 and v[0] in "\"'“" and v[-1] in "\"'”":
-        v = v[1:-1].strip()
-    return v
-
-
-_KEYS = {
-    "persona": "persona", "for": "persona", "concerns": "persona",
-    "principle": "principle", "principle id": "principle", "principle_id": "principle",
-    "id": "principle",
-    "text": "text", "proposed text": "text", "proposed_text": "text", "new text": "text",
-    "amendment": "text", "proposal": "text", "new principle": "text",
-    "rationale": "rationale", "reason": "rationale", "why": "rationale",
-}
-_LINE = re.compile(r"^[\s>*#\-\d.)]*\**\s*([A-Za-z][A-Za-z _]{1,20}?)\s*\**\s*[:=]\s*(.*)$")
-
-
-def parse_draft(reply: Any) -> dict[str, str]:
-    """Fields (persona, principle, text, rationale) found in a model's reply.
-
-    Reads a JSON object anywhere in the reply, else ``KEY: value`` lines (markdown,
-    bullets and quotes tolerated; a value may continue on following lines). Missing
-    fields are simply absent; validation is the caller's job.
-    """
-    if not isinstance(reply, str) or not reply.strip():
-        return {}
-    out: dict[str, str] = {}
-    m = re.search(r"\{.*\}", reply, re.DOTALL)
-    if m:
-        try:
-            obj = json.loads(m.group(0))
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                key = _KEYS.get(str(k).strip().lower().replace("-", " "))
-                if key and isinstance(v, (str, int, float)) and key not in out:
-                    out[key] = _clean_value(str(v))
-            if out:
-                return out
-    current: str | None = None
-    for line in reply.splitlines():
-        lm = _LINE.match(line)
-        key = _KEYS.get(lm.group(1).strip().lower()) if lm else None
-        if key:
-            current = key if key not in out else None
-            if current:
-                out[current] = _clean_value(lm.group(2))
-        elif current and line.strip():
-            out[current] = (out[current] + " " + _clean_value(line)).strip()
-        elif not line.strip():
-            current = None
-    return {k: _clean_value(v) for k, v in out.items()}
-
-
 def _is_placeholder(text: str) -> bool:
     return bool(re.search(r"<[^>]*>|\bsnake_case\b|\bone sentence\b", text, re.IGNORECASE))
 
@@ -156,6 +105,7 @@ class Philosopher:
         self._seen: set[str] = set()
         self._next_review = clock() + settings.philosopher.interval_s
         self.proposed: list[str] = []          # ids of amendments this philosopher made
+        self.unresolved: list[dict[str, Any]] = []   # recurrences ALFRED drafted nothing usable for
         self.skipped: Counter[str] = Counter()
         self.last_error: str | None = None
         self._thread = ServiceThread("a4ps-philosopher", tick=self.tick,
@@ -184,6 +134,8 @@ class Philosopher:
             return {"enabled": bool(self.settings.philosopher.enabled),
                     "tracked": sum(not r.used for r in self.records),
                     "proposed": list(self.proposed), "skipped": dict(self.skipped),
+                    "unresolved": [dict(u) for u in self.unresolved],
+                    "similarity": float(self.settings.philosopher.similarity),
                     "next_review_in_s": round(self._next_review - self.clock(), 1),
                     "last_error": self.last_error}
 
@@ -308,6 +260,15 @@ class Philosopher:
         with self._lock:
             self.skipped[reason] += 1
 
+    def draft_schema(self) -> dict[str, Any]:
+        """What ALFRED is asked to fill in (the model seam's JSON-schema subset)."""
+        return {"type": "object", "required": ["persona", "principle_id", "text", "rationale"],
+                "properties": {
+                    "persona": {"enum": sorted(self.codex.personas)},
+                    "principle_id": {"type": "string", "maxLength": 40},
+                    "text": {"type": "string", "maxLength": MAX_PRINCIPLE_CHARS},
+                    "rationale": {"type": "string", "maxLength": 600}}}
+
     def draft_from(self, cluster: list[DissonanceRecord], *, trigger: str) -> Amendment | None:
         """Ask ALFRED for an amendment from this evidence and propose it (pending)."""
         if not self.settings.philosopher.enabled:
@@ -320,33 +281,61 @@ class Philosopher:
         with self._lock:
             for r in cluster:
                 r.used = True  # this evidence is spent, whatever the outcome
-        prompt = self.draft_prompt(cluster)
-        reply = None
-        try:
-            reply = self.protos.get("ALFRED").invoke_llm(prompt, max_tokens=DRAFT_MAX_TOKENS)
-        except Exception as e:
-            self.last_error = f"ALFRED could not draft: {type(e).__name__}: {e}"
-            log.warning("philosopher: %s; using a templated proposal", self.last_error)
-        candidates = []
-        draft = self.check_draft(parse_draft(reply), cluster)
+        draft, why = self.ask_draft(cluster)
         if draft is not None:
-            candidates.append(draft)
-        candidates.append(self.template_draft(cluster))
-        for d in candidates:
-            try:
-                a = self.codex.propose(d.persona, d.principle_id, d.text, d.rationale,
-                                       origin="philosopher", sources=[r.task_id for r in cluster])
-            except CodexError as e:  # rejected before, already pending, no change...
-                self._note_skip("refused_by_codex")
-                log.info("philosopher: codex refused a %s draft: %s",
-                         "templated" if d.templated else "drafted", e)
-                continue
-            with self._lock:
-                self.proposed.append(a.id)
-            self.bus.log("info", f"philosopher proposed an amendment to {a.persona}.{a.principle_id}"
-                         f" ({trigger}, {len(cluster)} tasks)", part="philosopher",
-                         proposal_id=a.id)
-            return a
+            a = self._propose(draft, cluster, trigger)
+            if a is not None:
+                return a
+            why = "the codex refused ALFRED's draft (see the log)"
+        return self._unusable(cluster, trigger, why)
+
+    def ask_draft(self, cluster: list[DissonanceRecord]) -> tuple[Draft | None, str]:
+        """(a usable draft, "") or (None, why ALFRED's draft is unusable)."""
+        alfred = self.protos.get("ALFRED")
+        messages = [{"role": "system", "content": alfred.get("system_prompt") or ""},
+                    {"role": "user", "content": self.draft_prompt(cluster)}]
+        try:
+            fields = self.protos.service("models").structured(
+                str(alfred.get("model_name")), messages, self.draft_schema())
+        except ModelError as e:
+            self.last_error = f"ALFRED could not draft: {type(e).__name__}: {e}"
+            log.warning("philosopher: %s", self.last_error)
+            return None, f"ALFRED gave no draft ({type(e).__name__}: {e})"
+        return self.check_draft(fields, cluster)
+
+    def _propose(self, d: Draft, cluster: list[DissonanceRecord], trigger: str) -> Amendment | None:
+        try:
+            a = self.codex.propose(d.persona, d.principle_id, d.text, d.rationale,
+                                   origin="philosopher", sources=[r.task_id for r in cluster])
+        except CodexError as e:  # rejected before, already pending, no change...
+            self._note_skip("refused_by_codex")
+            log.info("philosopher: codex refused a %s draft: %s",
+                     "templated" if d.templated else "drafted", e)
+            return None
+        with self._lock:
+            self.proposed.append(a.id)
+        self.bus.log("info", f"philosopher proposed an amendment to {a.persona}.{a.principle_id}"
+                     f" ({trigger}, {len(cluster)} tasks)", part="philosopher",
+                     proposal_id=a.id)
+        return a
+
+    def _unusable(self, cluster: list[DissonanceRecord], trigger: str, why: str) -> Amendment | None:
+        """No usable draft: say so. A template is proposed only if the settings ask, and
+        then its rationale says it is one."""
+        finding = {"sources": [r.task_id for r in cluster], "reason": why, "trigger": trigger,
+                   "evidence": self._evidence_line(cluster), "at": self.clock()}
+        with self._lock:
+            self.unresolved = (self.unresolved + [finding])[-MAX_UNRESOLVED:]
+        self._note_skip("unusable_draft")
+        if self.settings.philosopher.template_fallback:
+            a = self._propose(self.template_draft(cluster, why), cluster, trigger)
+            if a is not None:
+                return a
+        self.bus.publish("philosopher.no_draft", dict(finding))
+        self.bus.log("warning", f"philosopher: {len(cluster)} similar high-dissonance tasks "
+                     f"recur, but ALFRED's draft was unusable: {why}. Nothing was proposed; "
+                     f"propose an amendment yourself with `a4ps codex propose`.",
+                     part="philosopher", sources=finding["sources"])
         return None
 
     def draft_prompt(self, cluster: list[DissonanceRecord]) -> str:
@@ -368,11 +357,9 @@ class Philosopher:
                 + "\n".join(ev) + "\n\n" + notes_block
                 + "The current codex:\n" + "\n".join(codex_lines) + "\n\n"
                 "Draft ONE amendment: change one principle, or add a new one, so that they "
-                "converge on such tasks. Answer exactly in this form:\n"
-                "PERSONA: <ALFRED, BRICK or ROBIN>\n"
-                "PRINCIPLE: <the principle id to change, or a new snake_case id>\n"
-                "TEXT: <the new principle text, one sentence>\n"
-                "RATIONALE: <why, in one or two sentences>")
+                "converge on such tasks. Give the persona it belongs to, the principle id to "
+                "change (or a new snake_case id), the new principle text (one sentence) and "
+                "the rationale (one or two sentences).")
 
     def _reflection_notes(self, cluster: list[DissonanceRecord]) -> list[str]:
         if self.memory is None:
@@ -390,31 +377,35 @@ class Philosopher:
         return (f"Evidence: {len(cluster)} similar high-dissonance tasks "
                 f"({', '.join(r.task_id for r in cluster)}{mean}).")
 
-    def check_draft(self, fields: dict[str, str], cluster: list[DissonanceRecord]) -> Draft | None:
-        """A usable Draft from the parsed fields, or None (then the template is used)."""
+    def check_draft(self, fields: dict[str, Any], cluster: list[DissonanceRecord]
+                    ) -> tuple[Draft | None, str]:
+        """(a usable Draft, "") or (None, what is wrong with ALFRED's draft)."""
         personas = {n.upper(): n for n in self.codex.personas}
-        persona = personas.get(re.sub(r"[^A-Za-z]", "", fields.get("persona", "")).upper())
-        principle = _slug(fields.get("principle", ""))
-        text = " ".join(fields.get("text", "").split())
-        if persona is None or not principle or not re.match(r"^[a-z]", principle):
-            return None
-        if _is_placeholder(text) or _is_placeholder(fields.get("principle", "")):
-            return None
+        persona = personas.get(re.sub(r"[^A-Za-z]", "", str(fields.get("persona", ""))).upper())
+        raw_id = str(fields.get("principle_id", ""))
+        principle = _slug(raw_id)
+        text = " ".join(str(fields.get("text", "")).split())
+        if persona is None:
+            return None, f"it names no persona of the codex ({fields.get('persona')!r})"
+        if not principle or not re.match(r"^[a-z]", principle):
+            return None, f"its principle id {raw_id!r} is not usable"
+        if _is_placeholder(text) or _is_placeholder(raw_id):
+            return None, "it only echoes the instruction's placeholders"
         if not (4 <= len(text.split()) and len(text) <= MAX_PRINCIPLE_CHARS):
-            return None
+            return None, f"its principle text is too short or too long ({text[:60]!r})"
         current = self.codex.personas[persona].principles.get(principle, "")
         if current.strip() == text:
-            return None
+            return None, f"it repeats {persona}.{principle} unchanged"
         if self.codex.was_rejected(persona, principle, text):
             self._note_skip("rejected_before")
-            return None
-        why = " ".join(fields.get("rationale", "").split())
+            return None, f"it repeats an amendment you rejected before ({persona}.{principle})"
+        why = " ".join(str(fields.get("rationale", "")).split())
         why = "" if _is_placeholder(why) else clip(why, 600)
         rationale = f"{why} {self._evidence_line(cluster)}".strip()
-        return Draft(persona, principle, text, rationale, templated=False)
+        return Draft(persona, principle, text, rationale, templated=False), ""
 
-    def template_draft(self, cluster: list[DissonanceRecord]) -> Draft:
-        """A clearly templated amendment built only from the evidence."""
+    def template_draft(self, cluster: list[DissonanceRecord], why: str) -> Draft:
+        """A template built only from the evidence; its rationale says it is one."""
         # keywords shared by at least half the tasks, in the order the first one uses them
         per_text = [set(re.findall(r"[a-z]{3,}", r.text.lower())) - _STOP for r in cluster]
         counts = Counter(w for ws in per_text for w in ws)
@@ -424,6 +415,7 @@ class Philosopher:
         principle = _slug("reconcile_" + "_".join(top[:2]))
         text = (f"When BRICK and ROBIN diverge on questions about {', '.join(top)}, name the "
                 "disagreement plainly and weigh logic and care together before answering.")
-        rationale = (f"{TEMPLATE_MARK} ALFRED's draft was unusable, so this proposal was built "
-                     f"from the evidence. {self._evidence_line(cluster)}")
+        rationale = (f"{TEMPLATE_MARK} ALFRED's draft was unusable ({why}). This is not "
+                     f"ALFRED's proposal: the text is a generic template built from the "
+                     f"evidence; rewrite or reject it. {self._evidence_line(cluster)}")
         return Draft("ALFRED", principle, text, rationale, templated=True)
