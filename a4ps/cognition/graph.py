@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 # absolute imports: langgraph.json tooling may load this file by path
 from a4ps.cognition import decisions, generation, prompts
 from a4ps.cognition.answers import agree, final_answer
-from a4ps.cognition.checkpoints import is_postgres_url
+from a4ps.cognition.checkpoints import is_postgres_url, postgres_saver
 from a4ps.cognition.decisions import Decision
 from a4ps.cognition.prompts import ROUTES
 from a4ps.cognition.state import CognitiveState, TaskCancelled
@@ -66,10 +66,18 @@ from a4ps.cognition.streaming import TokenStream, TurnGuard
 from a4ps.events import json_safe
 from a4ps.models.errors import GenerationCancelled
 from a4ps.proto import MethodFault
+from a4ps.cognition.dissonance import DissonanceMeter
+from a4ps.tools.registry import tool_name
+from a4ps.tools.tool_forge import spec_from_request
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
-    from a4ps.events import EventBus
+    from a4ps.events import Bus
+    from a4ps.memory import MemoryStore
+    from a4ps.models.manager import ModelManager
+    from a4ps.proto import ProtoManager
+    from a4ps.tools.registry import ToolLookup
+    from a4ps.tools.tool_forge import Forger
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +116,11 @@ class CognitiveGraph:
     ``token_interval_s``: at most one ``task.token`` event per task this often.
     """
 
-    def __init__(self, protos: Any, models: Any, memory: Any, bus: EventBus,
-                 settings: Settings, *, forge: Any = None, registry: Any = None,
-                 dissonance: Any = None, checkpointer_path: Path | str | None | bool = None,
+    def __init__(self, protos: ProtoManager, models: ModelManager, memory: MemoryStore,
+                 bus: Bus, settings: Settings, *, forge: Forger | None = None,
+                 registry: ToolLookup | None = None,
+                 dissonance: DissonanceMeter | None = None,
+                 checkpointer_path: Path | str | None | bool = None,
                  turn_max_tokens: int | None = None, token_interval_s: float = 0.05) -> None:
         self.protos = protos
         self.models = models
@@ -179,7 +189,6 @@ class CognitiveGraph:
             if self._compiled is None:
                 saver = None
                 if self.checkpointer_url is not None:
-                    from a4ps.cognition.checkpoints import postgres_saver
                     saver, self._pool = postgres_saver(self.checkpointer_url)
                 elif self.checkpointer_path is not None:
                     from langgraph.checkpoint.sqlite import SqliteSaver
@@ -209,9 +218,8 @@ class CognitiveGraph:
             self._conn = self._pool = self._saver = self._compiled = None
 
     @property
-    def meter(self) -> Any:
+    def meter(self) -> DissonanceMeter:
         if self._meter is None:
-            from a4ps.cognition.dissonance import DissonanceMeter
             self._meter = DissonanceMeter(self.models)
         return self._meter
 
@@ -813,7 +821,6 @@ _NAME_STOPWORDS = frozenset(
 def _request_name(raw: Any, description: str) -> str:
     """The requested tool name as an identifier; without one, words of the description
     (never one fixed name, which would make every tool a new version of the last)."""
-    from a4ps.tools.registry import tool_name
     for candidate in (raw, "_".join([w for w in re.findall(r"[a-z]+", description.lower())
                                      if w not in _NAME_STOPWORDS][:4])):
         if isinstance(candidate, str) and candidate.strip():
@@ -836,7 +843,6 @@ def _tool_spec(request: dict[str, Any], state: CognitiveState) -> Any:
     Its arguments become the inputs and one example: the forged tool must run on
     exactly the call this task will make (``{}`` included).
     """
-    from a4ps.tools.tool_forge import spec_from_request
     args = request.get("args")
     extra: dict[str, Any] = {}
     if isinstance(args, dict):
