@@ -46,6 +46,7 @@ from typing import Any
 
 from ..config import PROJECT_ROOT
 from ..proto import ProtoError
+from .errors import FinetuneError as FinetuneError  # its home is errors.py
 from .eval_set import EvalSet, content_key, load_suite, row_answer, row_task
 from .evaluation import Comparison, GatePolicy, compare_set, decide, judge_answers
 from .judge import Judge
@@ -56,10 +57,6 @@ log = logging.getLogger(__name__)
 TRAINABLE = ("ALFRED", "BRICK", "ROBIN")
 WORKER_MODULE = "a4ps.fine_tuning.train_worker"
 JUDGE_ANSWER_TOKENS = 48     # each model's answer to a held-out task, for ALFRED to judge
-
-
-class FinetuneError(RuntimeError):
-    """A fine-tune request that cannot run as asked; the message says what to do."""
 
 
 @dataclass

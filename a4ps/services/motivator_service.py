@@ -29,7 +29,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..fine_tuning.eval_set import content_key
+from ..fine_tuning.keys import content_key
 from .ledger import Ledger
 from .service_thread import ServiceThread
 
