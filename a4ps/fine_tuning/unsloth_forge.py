@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PROJECT_ROOT
+from ..models.embedded import LORA_TAG, adapter_model_id, ensure_base_checkpoint, stage_adapter
+from ..models.ollama_backend import OllamaBackend
 from ..proto import ProtoError
 from .errors import FinetuneError as FinetuneError  # its home is errors.py
 from .eval_set import EvalSet, content_key, load_suite, row_answer, row_task
@@ -405,7 +407,6 @@ class PersonaFinetuner:
     def _base_dir(self) -> Path:
         if self._base_checkpoint is not None:
             return self._base_checkpoint
-        from ..models.embedded import ensure_base_checkpoint
         return Path(ensure_base_checkpoint(self.settings))
 
     @staticmethod
@@ -413,7 +414,6 @@ class PersonaFinetuner:
                          ) -> Path | None:
         """The live adapter to continue from (training resumes from what is live)."""
         if backend_kind == "embedded":
-            from ..models.embedded import LORA_TAG
             _, sep, adir = current_model.partition(LORA_TAG)
             if sep and (Path(adir) / "adapter_config.json").is_file():
                 return Path(adir)
@@ -433,7 +433,6 @@ class PersonaFinetuner:
         be = getattr(self.models, "backend", None)
         if be is not None and hasattr(be, "create_with_adapter"):
             return be
-        from ..models.ollama_backend import OllamaBackend
         self._ollama = OllamaBackend(self.settings)
         return self._ollama
 
@@ -450,7 +449,6 @@ class PersonaFinetuner:
             base = next((e["model_name"] for e in reversed(chain) if e.get("is_base")), current_model)
             tag = f"a4ps-{persona.lower()}:v{version}"
             return self._ollama_backend().create_with_adapter(tag, base, adapter)
-        from ..models.embedded import adapter_model_id, stage_adapter
         # make it runnable on the embedded engine now (CTranslate2 merges + converts
         # once), so neither the gate's judge nor the persona's next turn waits for it
         stage_adapter(self.settings, adapter)
