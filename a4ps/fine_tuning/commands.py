@@ -46,7 +46,7 @@ def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], *, timeout: float
         worker.start()
         try:
             while worker.is_alive():
-                if sub is None:
+                if sub is None or on_event is None:
                     worker.join(0.2)
                     continue
                 for ev in sub.poll(200, timeout_ms=200):
@@ -243,7 +243,7 @@ def _cmd_rollback(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("curate", help="one curation pass now: ALFRED scores new interactions")
     p.set_defaults(func=_cmd_curate)
     p.add_argument("--no-finetune", action="store_true",
