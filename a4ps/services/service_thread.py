@@ -22,7 +22,7 @@ class ServiceThread:
     submitted so far has run (tests, shutdown).
     """
 
-    def __init__(self, name: str, tick: Callable[[], None] | None = None,
+    def __init__(self, name: str, tick: Callable[[], object] | None = None,
                  tick_s: float = 1.0) -> None:
         self.name = name
         self._tick = tick
