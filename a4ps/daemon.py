@@ -54,11 +54,11 @@ from .protocol import ErrorCode, ProtocolError
 from .step_buffer import StepBuffer
 from .task_control import TaskSupervisor
 from .codex import CodexError
-from .fine_tuning.unsloth_forge import FinetuneError
-from .persona_file import PersonaFileError
+from .fine_tuning.errors import FinetuneError
+from .persona_file_errors import PersonaFileError
 from .proto import ProtoError
 from .services.motivator_service import IdleWatch
-from .snapshots import SnapshotConflict, SnapshotError, SnapshotNotFound
+from .snapshot_errors import SnapshotConflict, SnapshotError, SnapshotNotFound
 from .tasks import TaskNotFound
 
 if TYPE_CHECKING:

@@ -20,8 +20,9 @@ from a4ps.client import DaemonClient, DaemonError, DaemonUnavailable
 from a4ps.events import EventBus
 from a4ps.image import ImageStore
 from a4ps.offline import DaemonBusy, offline_system
-from a4ps.persona_file import PersonaFileError
-from a4ps.snapshots import SnapshotError, TimeMachine
+from a4ps.persona_file_errors import PersonaFileError
+from a4ps.snapshot_errors import SnapshotError
+from a4ps.snapshots import TimeMachine
 
 _NO_DAEMON = object()
 

@@ -55,6 +55,7 @@ from .codex import CodexError, PersonaCodex
 from .proto import Proto, ProtoError, compile_method
 from .models.embedded import checkpoint_dir, gguf_path
 from .models.errors import ModelError
+from .persona_file_errors import PersonaFileError as PersonaFileError  # its home
 
 if TYPE_CHECKING:
     import numpy as np
@@ -79,10 +80,6 @@ _CHUNK = 1 << 20
 _MEMORY_COLUMNS = ["id", "kind", "text", "persona", "task_id", "ts", "dissonance", "curated",
                    "meta"]
 LORA_TAG = "+lora:"            # the embedded backend's "<base>+lora:<adapter dir>" ids
-
-
-class PersonaFileError(ValueError):
-    """A persona file or request was refused; nothing was written."""
 
 
 @dataclass(frozen=True)

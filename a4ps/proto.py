@@ -140,7 +140,8 @@ def compile_method(name: str, source: str) -> Callable[..., Any]:
         raise ProtoError(f"method {name!r}: does not compile ({type(e).__name__}: {e})") from None
     namespace: dict[str, Any] = {"__name__": f"a4ps.proto.live.{name}"}
     exec(code, namespace)  # defines the function; no decorator or default runs user code
-    return namespace[name]
+    fn: Callable[..., Any] = namespace[name]
+    return fn
 
 
 # -- checking a slot value -------------------------------------------------------------
@@ -232,7 +233,7 @@ def _effective(p: Proto, key: str, changed: Proto | None = None,
     ``changed_slots`` instead of its own (a change being checked); _MISSING if none."""
     q: Proto | None = p
     while q is not None:
-        own = changed_slots if q is changed else q._slots
+        own = changed_slots if q is changed and changed_slots is not None else q._slots
         if key in own:
             return own[key]
         q = q._parent
@@ -304,7 +305,7 @@ def _raise_in(ident: int) -> bool:
     the thread's next bytecode; a blocking C call finishes first)."""
     n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
                                                    ctypes.py_object(MethodAbandoned))
-    return n == 1
+    return bool(n == 1)
 
 
 class MethodWatchdog:
@@ -328,7 +329,7 @@ class MethodWatchdog:
     def watching() -> bool:
         return _WATCH.get() is not None
 
-    def call(self, proto: Proto, key: str, fn: Callable[..., Any], args: tuple,
+    def call(self, proto: Proto, key: str, fn: Callable[..., Any], args: tuple[Any, ...],
              kwargs: dict[str, Any], owner: Proto | None = None) -> Any:
         """``proto.key(*args, **kwargs)`` under the budgets; ``owner``: the proto that
         defines the method (a parent, when ``proto`` inherits it): it is the one that
@@ -412,6 +413,18 @@ class MethodWatchdog:
 
 class Proto:
     """A prototype object. Read slots as attributes; write through the manager."""
+
+    # set in __init__ through object.__setattr__ (attribute writes go to the manager);
+    # declared here so a reader, and the type checker, see what a Proto holds
+    _name: str
+    _slots: dict[str, Any]
+    _parent: Proto | None
+    _methods: dict[str, str]
+    _compiled: dict[str, Callable[..., Any]]
+    _version: int
+    _manager: ProtoManager | None
+    _method_history: dict[str, list[str | None]]
+    _faults: dict[str, str]
 
     def __init__(self, name: str, slots: dict[str, Any] | None = None,
                  parent: Proto | None = None, methods: dict[str, str] | None = None):
@@ -970,5 +983,5 @@ class ProtoManager:
         return {"protos": self.image_state()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()
+        type(self).__init__(self)   # a fresh manager (locks, services) before the protos
         self.restore_image(state["protos"])

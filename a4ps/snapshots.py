@@ -36,6 +36,9 @@ from .codex import Codex
 from .image import ImageError, ImageStore
 from .image_diff import diff_parts, proto_delta
 from .proto import ProtoError, ProtoManager, compile_method
+from .snapshot_errors import SnapshotConflict as SnapshotConflict  # their home
+from .snapshot_errors import SnapshotError as SnapshotError
+from .snapshot_errors import SnapshotNotFound as SnapshotNotFound
 
 if TYPE_CHECKING:
     from .events import EventBus
@@ -46,18 +49,6 @@ SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 WIRE_KEYS = ("id", "name", "ts", "generation", "trigger", "size", "summary", "changes")
 MIN_SUFFIX = 4
 _FILE_NAME = re.compile(r"^live_image\.(\d+)\.dill$")
-
-
-class SnapshotError(ValueError):
-    """A time-travel request that cannot be done as asked; the message says why."""
-
-
-class SnapshotNotFound(SnapshotError):
-    pass
-
-
-class SnapshotConflict(SnapshotError):
-    pass
 
 
 class TaskGate:

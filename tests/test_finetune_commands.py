@@ -64,3 +64,30 @@ def test_models_commands_through_the_daemon(running, capsys):
         main(["finetune", "BRICK", "--steps", "1"])
     with pytest.raises(SystemExit, match="no persona"):
         main(["models", "lineage", "NOBODY"])
+
+
+def test_offline_path_under_a_silent_daemon_ends_with_what_to_do(tmp_path, monkeypatch):
+    """The commands build their offline System through a4ps.offline (one helper): a
+    daemon that holds the lock but does not answer ends the command, naming it."""
+    import subprocess
+    import sys
+
+    from a4ps.daemon import LOCK_NAME
+    monkeypatch.setenv("A4PS_BUS__COMMAND_ADDR", free_addr())
+    monkeypatch.setenv("A4PS_BUS__EVENT_ADDR", free_addr())
+    data = tmp_path / "data"
+    data.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from pathlib import Path; from a4ps.daemon import DaemonLock; "
+        f"DaemonLock(Path({str(data / LOCK_NAME)!r})).acquire(); "
+        "print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as ended:
+            main(["--data-dir", str(data), "models", "rollback", "ALFRED"])
+        message = str(ended.value.code)
+        assert message.startswith("a4ps models rollback: ") and "did not answer" in message
+        assert "`a4ps models rollback` again" in message
+    finally:
+        holder.kill()
+        holder.wait()

@@ -60,3 +60,23 @@ def test_entry_module_imports_fast(module: str) -> None:
     assert cost < BUDGET_S, (
         f"importing {module} costs {cost:.2f} s (> {BUDGET_S} s); run "
         f"`python -X importtime -c 'import {module}'` to see what is slow")
+
+
+# The daemon catches these parts' errors at its wire boundary; it builds the parts
+# through System (imported when it starts one), so importing it must not load them.
+CAUGHT_NOT_LOADED = ("a4ps.fine_tuning.unsloth_forge", "a4ps.persona_file", "a4ps.snapshots",
+                     "a4ps.config")
+
+_LOADED = """
+import json, sys
+import a4ps.daemon
+print(json.dumps({{"loaded": [m for m in {mods!r} if m in sys.modules]}}))
+"""
+
+
+def test_daemon_catches_errors_without_importing_their_parts() -> None:
+    _, report = _run(_LOADED.format(mods=CAUGHT_NOT_LOADED))
+    assert report["loaded"] == [], (
+        f"importing a4ps.daemon loaded {report['loaded']}: import the part's error "
+        "module (a4ps/fine_tuning/errors.py, a4ps/persona_file_errors.py, "
+        "a4ps/snapshot_errors.py) instead of the part")

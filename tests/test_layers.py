@@ -181,15 +181,6 @@ LAZY_ON_PURPOSE = {
     ("a4ps.cli", "a4ps.system"), ("a4ps.cli", "a4ps.memory"),
     ("a4ps.cli", "a4ps.models.embeddings"), ("a4ps.offline", "a4ps.system"),
 }
-# Not yet moved up: a4ps/fine_tuning/* is being reworked on another branch (issue 12);
-# move these once it has landed, then delete this list.
-NOT_YET_HOISTED = {
-    ("a4ps.fine_tuning.commands", "a4ps.client"), ("a4ps.fine_tuning.commands", "a4ps.daemon"),
-    ("a4ps.fine_tuning.commands", "a4ps.system"),
-    ("a4ps.fine_tuning.commands", "a4ps.fine_tuning.unsloth_forge"),
-    ("a4ps.fine_tuning.unsloth_forge", "a4ps.models.embedded"),
-    ("a4ps.fine_tuning.unsloth_forge", "a4ps.models.ollama_backend"),
-}
 
 
 def function_level_imports() -> list[tuple[str, str, int]]:
@@ -235,7 +226,7 @@ def _targets(mod: str, path: Path, node: ast.Import | ast.ImportFrom,
 def test_project_imports_are_at_module_top() -> None:
     """The real dependency graph is visible at the top of each file: project modules
     are imported there (heavy third-party libraries stay lazy, behind their seams)."""
-    allowed = LAZY_ON_PURPOSE | NOT_YET_HOISTED
+    allowed = LAZY_ON_PURPOSE
     hidden = [f"{m} imports {t} inside a function (line {line})"
               for m, t, line in function_level_imports() if (m, t) not in allowed]
     assert not hidden, ("move these imports to the top of the module (if that makes an "

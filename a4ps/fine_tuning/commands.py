@@ -15,7 +15,12 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from ..client import DaemonClient, DaemonError, DaemonUnavailable, EventSubscriber
+from ..offline import DaemonBusy, offline_system
+from .errors import FinetuneError
 
 _NO_DAEMON = object()
 
@@ -25,7 +30,6 @@ def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], *, timeout: float
     """The daemon's result for ``cmd``, or ``_NO_DAEMON`` when none answers.
 
     While a long command runs, ``on_event`` gets the daemon's events (progress)."""
-    from ..client import DaemonClient, DaemonError, DaemonUnavailable, EventSubscriber
     client = DaemonClient.if_running(settings, timeout=timeout)
     if client is None:
         return _NO_DAEMON
@@ -42,7 +46,7 @@ def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], *, timeout: float
         worker.start()
         try:
             while worker.is_alive():
-                if sub is None:
+                if sub is None or on_event is None:
                     worker.join(0.2)
                     continue
                 for ev in sub.poll(200, timeout_ms=200):
@@ -57,24 +61,13 @@ def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], *, timeout: float
 
 @contextlib.contextmanager
 def _offline_system(settings: Any, what: str) -> Iterator[Any]:
-    """A System on the image, with no service threads, under the daemon lock."""
-    from ..daemon import LOCK_NAME, DaemonLock, DaemonLockError
-    lock = DaemonLock(settings.data_dir / LOCK_NAME)
+    """:func:`a4ps.offline.offline_system`, a busy daemon ending the command with its
+    message (exit 1) as these commands always have."""
     try:
-        lock.acquire()
-    except DaemonLockError as e:
-        raise SystemExit(f"a4ps {what}: {e}\n(a daemon holds the data directory but did not "
-                         f"answer; wait for it or stop it, then try again)")
-    try:
-        from ..system import System
-        system = System(settings, lock=lock)      # the System writes under our lock
-        system.start(services=False)
-        try:
+        with offline_system(settings, what) as system:
             yield system
-        finally:
-            system.stop()       # saves the image
-    finally:
-        lock.release()
+    except DaemonBusy as e:
+        raise SystemExit(f"a4ps {what}: {e}") from None
 
 
 def _fmt(x: Any, nd: int = 4) -> str:
@@ -154,7 +147,6 @@ def _cmd_curate(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace, settings: Any) -> int:
-    from pathlib import Path
     persona = args.persona.upper()
     request = {"persona": persona, "steps": args.steps,
                "dataset": str(Path(args.dataset).resolve()) if args.dataset else None,
@@ -238,7 +230,6 @@ def _cmd_lineage(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace, settings: Any) -> int:
-    from .unsloth_forge import FinetuneError
     persona = args.persona.upper()
     out = _via_daemon(settings, "models.rollback", {"persona": persona}, timeout=30)
     if out is _NO_DAEMON:
@@ -252,7 +243,7 @@ def _cmd_rollback(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("curate", help="one curation pass now: ALFRED scores new interactions")
     p.set_defaults(func=_cmd_curate)
     p.add_argument("--no-finetune", action="store_true",

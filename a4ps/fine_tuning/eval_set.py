@@ -14,14 +14,12 @@ Now a candidate is judged on:
   same task can never land in both, and the file is never archived: it is frozen
   evidence that every later fine-tune is measured on.
 
-:func:`content_key` is the one normaliser both the router and the fine-tuner's
+:func:`content_key` (in keys.py) is the one normaliser both the router and the fine-tuner's
 leakage guard use.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import threading
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,6 +27,7 @@ from typing import Any, Iterable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import PROJECT_ROOT
+from .keys import content_key as content_key  # its home is keys.py
 
 SUITE_DIR = PROJECT_ROOT / "config" / "eval"
 EVAL_FILE = "eval.jsonl"
@@ -47,12 +46,6 @@ class SuiteItem(BaseModel):
     skill: str = Field(min_length=1, max_length=80)
     prompt: str = Field(min_length=1)
     reference: str = Field(min_length=1)
-
-
-def content_key(text: Any) -> str:
-    """A stable key for a task's text: case, spacing and punctuation do not matter."""
-    norm = " ".join(re.sub(r"[^\w\s]", " ", str(text or "").lower()).split())
-    return hashlib.sha256(norm.encode("utf-8")).hexdigest()
 
 
 def routes_to_eval(key: str, fraction: float) -> bool:

@@ -24,6 +24,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..models.base import Choice
 from ..models.errors import DecisionError, GenerationCancelled
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,8 @@ class Verdict:
 
 
 def _cut(text: Any, limit: int) -> str:
-    text = "" if text is None else str(text)
-    return text if len(text) <= limit else text[:limit] + " [...]"
+    s = "" if text is None else str(text)
+    return s if len(s) <= limit else s[:limit] + " [...]"
 
 
 def interaction_text(task: str, answer: str, turns: dict[str, str] | None = None,
@@ -206,8 +207,9 @@ class Judge:
              cancel: Any = None) -> str | None:
         model, system = self._judge()
         try:
-            return self.models.choose(model, vote_messages(system, task, answer, turns),
-                                      CANDIDATES, cancel=cancel).value
+            vote: Choice = self.models.choose(model, vote_messages(system, task, answer, turns),
+                                              CANDIDATES, cancel=cancel)
+            return vote.value
         except (DecisionError, GenerationCancelled) as e:
             log.info("judge: no persona vote (%s)", e)
             return None

@@ -320,10 +320,11 @@ def _sft_config(job: dict[str, Any], out_dir: Path, *, cuda: bool, bf16: bool, o
 
 
 def train(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one LoRA adapter as ``job`` says; evaluate the model before and after on the
+    held-out items; the ``done`` record (adapter dir, losses, timings, peak memory)."""
     t0 = time.monotonic()
     backend, why = choose_backend(job.get("backend", "auto"))
     import torch
-    from datasets import Dataset
 
     random.seed(int(job.get("seed", 3407)))
     torch.manual_seed(int(job.get("seed", 3407)))
@@ -334,6 +335,53 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     base_dir = str(job["base_dir"])
     out_dir = Path(job["out_dir"])
     adapter_out = out_dir / "adapter"
+    train_samples, heldout = _job_samples(job)
+    system_prompt = job.get("system_prompt") or None
+    current_adapter = job.get("current_adapter") or None
+    max_length = int(job["max_length"])
+    cuda = backend == "unsloth" or torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+
+    model, tokenizer, bf16, optim = _load_model(job, backend, base_dir, max_length,
+                                                current_adapter, cuda)
+    eos = _chat_tokens(tokenizer)
+
+    emit("start", backend=backend, why=why, device=device, base_dir=base_dir,
+         train_size=len(train_samples), heldout_size=len(heldout), max_steps=int(job["steps"]),
+         optim=optim, bf16=bf16, current_adapter=current_adapter, threads=threads)
+
+    # Before training the model IS the current one: a fresh LoRA starts with B=0 (the
+    # base exactly), a continued one starts from the live adapter.
+    eval_current, current_loss = (_evaluate("current", model, tokenizer, heldout, system_prompt,
+                                            eos, max_length, device)
+                                  if heldout else ([], float("nan")))
+
+    trainer, progress, train_seconds = _fit(job, backend, model, tokenizer, train_samples,
+                                            system_prompt, eos, out_dir, cuda=cuda, bf16=bf16,
+                                            optim=optim)
+    model = trainer.model
+
+    t_eval = time.monotonic()
+    eval_new, new_loss = (_evaluate("new", model, tokenizer, heldout, system_prompt, eos,
+                                    max_length, device) if heldout else ([], float("nan")))
+    eval_seconds = round(time.monotonic() - t_eval, 2)
+
+    adapter_bytes = _save_adapter(model, adapter_out, base_dir)
+    losses = progress.losses
+    return {"adapter_dir": str(adapter_out), "backend": backend, "why": why,
+            "steps": int(trainer.state.global_step),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "current_loss": current_loss, "new_loss": new_loss,
+            "eval_current": eval_current, "eval_new": eval_new, "eval_seconds": eval_seconds,
+            "train_seconds": round(train_seconds, 2),
+            "seconds": round(time.monotonic() - t0, 2), "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None),
+            "adapter_bytes": adapter_bytes}
+
+
+def _job_samples(job: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training samples, held-out items) the job names; refuses a job with nothing to train."""
     train_samples = read_samples(job["train_path"])
     if job.get("eval_path"):
         heldout = read_eval_items(job["eval_path"])
@@ -344,12 +392,14 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         heldout = []
     if not train_samples:
         raise ValueError(f"no usable samples in {job['train_path']}")
-    system_prompt = job.get("system_prompt") or None
-    current_adapter = job.get("current_adapter") or None
-    max_length = int(job["max_length"])
-    cuda = backend == "unsloth" or torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    return train_samples, heldout
 
+
+def _load_model(job: dict[str, Any], backend: str, base_dir: str, max_length: int,
+                current_adapter: str | None, cuda: bool) -> tuple[Any, Any, bool, str]:
+    """(model with a trainable LoRA, tokenizer, bf16, optimizer name): a fresh adapter,
+    or the live one continued. Unsloth on CUDA, transformers + PEFT otherwise."""
+    import torch
     if backend == "unsloth":
         from unsloth import FastLanguageModel, is_bfloat16_supported
         bf16 = bool(is_bfloat16_supported())
@@ -381,23 +431,26 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
                 target_modules=TARGET_MODULES, lora_dropout=0.0, bias="none",
                 task_type="CAUSAL_LM"))
         optim = "adamw_8bit" if cuda and _has_bnb() else "adamw_torch"
+    return model, tokenizer, bf16, optim
 
+
+def _chat_tokens(tokenizer: Any) -> str | None:
+    """The turn-end token samples are rendered with (None if the vocabulary has none);
+    gives the tokenizer a pad token when it lacks one."""
     vocab = tokenizer.get_vocab()
     eos = "<|im_end|>" if "<|im_end|>" in vocab else None
     pad = next((t for t in ("<|endoftext|>", "<pad>") if t in vocab), None)
     if tokenizer.pad_token is None and pad:
         tokenizer.pad_token = pad
+    return eos
 
-    emit("start", backend=backend, why=why, device=device, base_dir=base_dir,
-         train_size=len(train_samples), heldout_size=len(heldout), max_steps=int(job["steps"]),
-         optim=optim, bf16=bf16, current_adapter=current_adapter, threads=threads)
 
-    # Before training the model IS the current one: a fresh LoRA starts with B=0 (the
-    # base exactly), a continued one starts from the live adapter.
-    eval_current, current_loss = (_evaluate("current", model, tokenizer, heldout, system_prompt,
-                                            eos, max_length, device)
-                                  if heldout else ([], float("nan")))
-
+def _fit(job: dict[str, Any], backend: str, model: Any, tokenizer: Any,
+         train_samples: list[dict[str, Any]], system_prompt: str | None, eos: str | None,
+         out_dir: Path, *, cuda: bool, bf16: bool, optim: str) -> tuple[Any, Any, float]:
+    """Supervised fine-tuning on the rendered samples: (trainer, progress callback,
+    training seconds)."""
+    from datasets import Dataset
     texts = [render(tokenizer, s, system_prompt, eos) for s in train_samples]
     dataset = Dataset.from_list([{"text": t} for t in texts])
     trainer_cls = _trainer_class(cuda) if backend == "trl" else None
@@ -406,17 +459,14 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     args = _sft_config(job, out_dir, cuda=cuda, bf16=bf16, optim=optim, eos=eos)
     progress = _progress_callback(int(job["steps"]))
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[progress])
+                          processing_class=tokenizer, callbacks=[progress])
     t_train = time.monotonic()
     trainer.train()
-    train_seconds = time.monotonic() - t_train
-    model = trainer.model
+    return trainer, progress, time.monotonic() - t_train
 
-    t_eval = time.monotonic()
-    eval_new, new_loss = (_evaluate("new", model, tokenizer, heldout, system_prompt, eos,
-                                    max_length, device) if heldout else ([], float("nan")))
-    eval_seconds = round(time.monotonic() - t_eval, 2)
 
+def _save_adapter(model: Any, adapter_out: Path, base_dir: str) -> int:
+    """Save the adapter naming its base by a stable path; its size in bytes."""
     model.save_pretrained(str(adapter_out))
     # The adapter must name a base by a stable path, not the temp trainer dir.
     cfg_path = adapter_out / "adapter_config.json"
@@ -424,18 +474,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = base_dir
         cfg_path.write_text(json.dumps(cfg, indent=2))
-    adapter_bytes = sum(p.stat().st_size for p in adapter_out.rglob("*") if p.is_file())
-    losses = progress.losses
-    return {"adapter_dir": str(adapter_out), "backend": backend, "why": why,
-            "steps": int(trainer.state.global_step),
-            "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-            "current_loss": current_loss, "new_loss": new_loss,
-            "eval_current": eval_current, "eval_new": eval_new, "eval_seconds": eval_seconds,
-            "train_seconds": round(train_seconds, 2),
-            "seconds": round(time.monotonic() - t0, 2), "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None),
-            "adapter_bytes": adapter_bytes}
+    return sum(p.stat().st_size for p in adapter_out.rglob("*") if p.is_file())
 
 
 def _ppl(loss: float) -> float | None:

@@ -45,7 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PROJECT_ROOT
+from ..models.embedded import LORA_TAG, adapter_model_id, ensure_base_checkpoint, stage_adapter
+from ..models.ollama_backend import OllamaBackend
 from ..proto import ProtoError
+from .errors import FinetuneError as FinetuneError  # its home is errors.py
 from .eval_set import EvalSet, content_key, load_suite, row_answer, row_task
 from .evaluation import Comparison, GatePolicy, compare_set, decide, judge_answers
 from .judge import Judge
@@ -56,10 +59,6 @@ log = logging.getLogger(__name__)
 TRAINABLE = ("ALFRED", "BRICK", "ROBIN")
 WORKER_MODULE = "a4ps.fine_tuning.train_worker"
 JUDGE_ANSWER_TOKENS = 48     # each model's answer to a held-out task, for ALFRED to judge
-
-
-class FinetuneError(RuntimeError):
-    """A fine-tune request that cannot run as asked; the message says what to do."""
 
 
 @dataclass
@@ -253,8 +252,40 @@ class PersonaFinetuner:
 
     def _run(self, report: FinetuneReport, persona: str, dataset: Path, steps: int | None,
              heldout_path: Path | None) -> None:
-        cfg = self.settings.finetune
+        """Split the data, train a candidate in a child, stage it, gate it, swap it in.
+
+        Each step fills ``report``; a step that ends the run says why in ``report.reason``."""
         proto = self._persona(persona)
+        train_rows, items, steps = self._split_data(report, persona, dataset, steps, heldout_path)
+        current_model = str(proto.get("model_name"))
+        report.previous_model = current_model
+        backend_kind = self._model_backend(proto)
+        lineage = [dict(e) for e in (proto.get("model_lineage") or [])]
+        current_adapter = self._current_adapter(current_model, lineage, backend_kind)
+        version, vdir = self._version_dir(report, persona, lineage, train_rows, items)
+        self._write_job(vdir, proto, current_adapter, steps)
+        done = self._train_candidate(report, persona, version, vdir, steps)
+        if done is None:
+            return
+        candidate = self._stage_candidate(report, persona, proto, lineage, version,
+                                          current_model, backend_kind, done["adapter_dir"])
+        if candidate is None:
+            return
+        cmp = self._gate(report, persona, vdir, done, current_model, candidate, items, proto, steps)
+        if not cmp.passed:
+            report.reason = f"the gate refused v{version}: {cmp.reason}"
+            self._record(persona, proto, lineage, version, current_model, candidate, report,
+                         backend_kind, status="rejected", swap=False, cmp=cmp)
+            return
+        self._swap_in(report, persona, proto, lineage, version, current_model, candidate,
+                      backend_kind, cmp)
+
+    def _split_data(self, report: FinetuneReport, persona: str, dataset: Path,
+                    steps: int | None, heldout_path: Path | None
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+        """(rows to train on, evaluation items, steps): never train on what the gate
+        evaluates on."""
+        cfg = self.settings.finetune
         if not dataset.is_file():
             raise FinetuneError(f"dataset {dataset} does not exist")
         rows = read_golden(dataset)
@@ -280,13 +311,12 @@ class PersonaFinetuner:
         steps = int(steps or cfg.max_steps)
         if steps < 1:
             raise FinetuneError(f"steps must be >= 1, got {steps}")
+        return train_rows, items, steps
 
-        current_model = str(proto.get("model_name"))
-        report.previous_model = current_model
-        backend_kind = self._model_backend(proto)
-        lineage = [dict(e) for e in (proto.get("model_lineage") or [])]
-        current_adapter = self._current_adapter(current_model, lineage, backend_kind)
-
+    def _version_dir(self, report: FinetuneReport, persona: str, lineage: list[dict[str, Any]],
+                     train_rows: list[dict[str, Any]], items: list[dict[str, Any]]
+                     ) -> tuple[int, Path]:
+        """A fresh ``<adapter_dir>/<persona>/v<N>`` holding this run's train and eval data."""
         version = self._next_version(lineage)
         root = Path(self.settings.adapter_dir).resolve() / persona
         while (root / f"v{version}").exists():   # a failed or reset run kept its folder
@@ -296,7 +326,11 @@ class PersonaFinetuner:
         report.version = version
         _write_jsonl(vdir / "train.jsonl", train_rows)
         _write_jsonl(vdir / "eval.jsonl", items)
+        return version, vdir
 
+    def _write_job(self, vdir: Path, proto: Any, current_adapter: Path | None, steps: int) -> None:
+        """``job.json``: everything the training child needs, in one file."""
+        cfg = self.settings.finetune
         base_dir = self._base_dir()
         job = {
             "base_dir": str(base_dir), "train_path": str(vdir / "train.jsonl"),
@@ -311,6 +345,10 @@ class PersonaFinetuner:
         }
         (vdir / "job.json").write_text(json.dumps(job, indent=2), encoding="utf-8")
 
+    def _train_candidate(self, report: FinetuneReport, persona: str, version: int, vdir: Path,
+                         steps: int) -> dict[str, Any] | None:
+        """Run the training child; its ``done`` record, or None (``FAILED`` says why)."""
+        cfg = self.settings.finetune
         # One model in memory: the live model leaves before training starts.
         self.models.release()
         t_child = time.monotonic()
@@ -324,7 +362,7 @@ class PersonaFinetuner:
         if done is None or result.exit_code != 0:
             report.reason = self._failure_reason(result, vdir)
             (vdir / "FAILED").write_text(report.reason + "\n", encoding="utf-8")
-            return
+            return None
         report.ok = True
         for k in ("steps", "first_loss", "last_loss", "adapter_bytes", "peak_rss_mb", "peak_gpu_mb"):
             setattr(report, k, done.get(k))
@@ -337,10 +375,15 @@ class PersonaFinetuner:
             "backend": report.backend, "steps": report.steps, "first_loss": report.first_loss,
             "last_loss": report.last_loss, "train_size": report.train_size,
             "seconds": report.train_seconds})
+        return done
 
-        # Stage the candidate where the persona's backend can run it.
+    def _stage_candidate(self, report: FinetuneReport, persona: str, proto: Any,
+                         lineage: list[dict[str, Any]], version: int, current_model: str,
+                         backend_kind: str, adapter_dir: Any) -> str | None:
+        """Stage the candidate where the persona's backend can run it: its model id, or
+        None (recorded as a failed version; the persona keeps its model)."""
         try:
-            candidate = self.stage(persona, version, Path(report.adapter_dir), current_model,
+            candidate = self.stage(persona, version, Path(adapter_dir), current_model,
                                    lineage, backend_kind)
         except Exception as e:
             report.reason = (f"the adapter was trained but could not be staged on the "
@@ -348,9 +391,15 @@ class PersonaFinetuner:
                              f"{persona} keeps {current_model}")
             self._record(persona, proto, lineage, version, current_model, None, report,
                          backend_kind, status="failed", swap=False)
-            return
+            return None
         report.model_name = candidate
+        return candidate
 
+    def _gate(self, report: FinetuneReport, persona: str, vdir: Path, done: dict[str, Any],
+              current_model: str, candidate: str, items: list[dict[str, Any]], proto: Any,
+              steps: int) -> Comparison:
+        """Compare the candidate with the live model (:meth:`compare`); written to
+        ``comparison.json`` and announced as the ``gate`` stage."""
         t_gate = time.monotonic()
         cmp = self.compare(done, current_model, candidate, items, proto)
         report.comparison = cmp.to_dict()
@@ -360,11 +409,13 @@ class PersonaFinetuner:
         self.bus.publish("finetune.progress", {
             "persona": persona, "stage": "gate", "step": steps, "max_steps": steps,
             "loss": None, "passed": cmp.passed, "reason": cmp.reason})
-        if not cmp.passed:
-            report.reason = f"the gate refused v{version}: {cmp.reason}"
-            self._record(persona, proto, lineage, version, current_model, candidate, report,
-                         backend_kind, status="rejected", swap=False, cmp=cmp)
-            return
+        return cmp
+
+    def _swap_in(self, report: FinetuneReport, persona: str, proto: Any,
+                 lineage: list[dict[str, Any]], version: int, current_model: str,
+                 candidate: str, backend_kind: str, cmp: Comparison) -> None:
+        """Record the passed version as live and swap the persona onto it (unless its
+        model changed during training)."""
         t_swap = time.monotonic()
         swapped = self._record(persona, proto, lineage, version, current_model, candidate,
                                report, backend_kind, status="live", swap=True, cmp=cmp)
@@ -408,7 +459,6 @@ class PersonaFinetuner:
     def _base_dir(self) -> Path:
         if self._base_checkpoint is not None:
             return self._base_checkpoint
-        from ..models.embedded import ensure_base_checkpoint
         return Path(ensure_base_checkpoint(self.settings))
 
     @staticmethod
@@ -416,7 +466,6 @@ class PersonaFinetuner:
                          ) -> Path | None:
         """The live adapter to continue from (training resumes from what is live)."""
         if backend_kind == "embedded":
-            from ..models.embedded import LORA_TAG
             _, sep, adir = current_model.partition(LORA_TAG)
             if sep and (Path(adir) / "adapter_config.json").is_file():
                 return Path(adir)
@@ -436,7 +485,6 @@ class PersonaFinetuner:
         be = getattr(self.models, "backend", None)
         if be is not None and hasattr(be, "create_with_adapter"):
             return be
-        from ..models.ollama_backend import OllamaBackend
         self._ollama = OllamaBackend(self.settings)
         return self._ollama
 
@@ -453,7 +501,6 @@ class PersonaFinetuner:
             base = next((e["model_name"] for e in reversed(chain) if e.get("is_base")), current_model)
             tag = f"a4ps-{persona.lower()}:v{version}"
             return self._ollama_backend().create_with_adapter(tag, base, adapter)
-        from ..models.embedded import adapter_model_id, stage_adapter
         # make it runnable on the embedded engine now (CTranslate2 merges + converts
         # once), so neither the gate's judge nor the persona's next turn waits for it
         stage_adapter(self.settings, adapter)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
-from a4ps.models.base import CancelToken, Generation, OnToken
+from a4ps.models.base import CancelToken, Finish, Generation, OnToken
 from a4ps.models.errors import InvalidRequest
 from a4ps.models.tokens import ChatTokenizer, RepetitionGuard, TextStream
+
+if TYPE_CHECKING:
+    from a4ps.config import EmbeddedModelSettings
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class TokenEngine(Protocol):
 _GEN_KEYS = {"top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size", "seed"}
 
 
-def sampling_from(cfg, temperature: float | None, gen: dict[str, Any]) -> Sampling:
+def sampling_from(cfg: EmbeddedModelSettings, temperature: float | None,
+                  gen: dict[str, Any]) -> Sampling:
     """Per-call knobs over the settings' defaults; unknown knobs are a clear error."""
     unknown = set(gen) - _GEN_KEYS
     if unknown:
@@ -87,7 +91,7 @@ def run_generation(engine: TokenEngine, tok: ChatTokenizer, messages: list[dict[
     t0 = time.perf_counter()
     first: float | None = None
     n = 0
-    finish = "length"
+    finish: Finish = "length"
     it = engine.stream(ids, max_new=max_new, sampling=sampling)
     try:
         if cancel is not None and cancel.is_set():

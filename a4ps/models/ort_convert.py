@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from a4ps.models.ct2_convert import Progress, _report, merge_lora
 from a4ps.models.errors import ModelLoadError
@@ -77,7 +78,7 @@ def _write_merged(hf_dir: Path, adapter: Path, out: Path) -> None:
     """``hf_dir`` with the adapter folded into its weights, as a Hugging Face directory."""
     from safetensors.numpy import load_file, save_file
     out.mkdir(parents=True)
-    w: dict = {}
+    w: dict[str, Any] = {}
     for f in sorted(hf_dir.glob("*.safetensors")):
         w.update(load_file(str(f)))
     merge_lora(w, adapter)

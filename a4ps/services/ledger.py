@@ -65,7 +65,8 @@ class Ledger:
                 "SELECT at FROM spends WHERE kind = ? AND at >= ? ORDER BY at", (kind, since))]
 
     def refs(self, kind: str, since: float | None = None) -> set[str]:
-        sql, args = "SELECT ref FROM spends WHERE kind = ? AND ref IS NOT NULL", [kind]
+        sql = "SELECT ref FROM spends WHERE kind = ? AND ref IS NOT NULL"
+        args: list[str | float] = [kind]
         if since is not None:
             sql += " AND at >= ?"
             args.append(since)

@@ -29,7 +29,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..fine_tuning.eval_set import content_key
+from ..fine_tuning.keys import content_key
 from .ledger import Ledger
 from .service_thread import ServiceThread
 
@@ -505,10 +505,10 @@ class Motivator:
         if about_text:
             head += f" (\"{clip(about_text, 160)}\")"
         note = f"{head}: {str(answer).strip()}"
-        mem_id = self.memory.add(note, kind="reflection", persona="ALFRED", task_id=task_id,
-                                 dissonance=meta.get("dissonance"),
-                                 meta={"about_task_id": about, "reflection_task_id": task_id,
-                                       "note": True})
+        mem_id: str = self.memory.add(note, kind="reflection", persona="ALFRED", task_id=task_id,
+                                      dissonance=meta.get("dissonance"),
+                                      meta={"about_task_id": about, "reflection_task_id": task_id,
+                                            "note": True})
         with self._lock:
             self.reflections_stored += 1
         return mem_id

@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Literal
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +22,12 @@ class ServiceThread:
     submitted so far has run (tests, shutdown).
     """
 
-    def __init__(self, name: str, tick: Callable[[], None] | None = None,
+    def __init__(self, name: str, tick: Callable[[], object] | None = None,
                  tick_s: float = 1.0) -> None:
         self.name = name
         self._tick = tick
         self._tick_s = tick_s
-        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._q: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self._cond = threading.Condition()
         self._outstanding = 0
         self._thread: threading.Thread | None = None
@@ -52,7 +52,8 @@ class ServiceThread:
                         self.name, timeout)
         self._thread = None
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], object]) -> None:
+        """Run ``job`` on the service thread (its return value is dropped)."""
         with self._cond:
             self._outstanding += 1
         self._q.put(job)
@@ -75,6 +76,7 @@ class ServiceThread:
     def _loop(self) -> None:
         last_tick = time.monotonic()
         while True:
+            job: Callable[[], object] | Literal[False] | None
             try:
                 job = self._q.get(timeout=self._tick_s)
             except queue.Empty:
@@ -93,7 +95,7 @@ class ServiceThread:
                 last_tick = time.monotonic()
                 self._run(self._tick)
 
-    def _run(self, job: Callable[[], None]) -> None:
+    def _run(self, job: Callable[[], object]) -> None:
         try:
             job()
         except Exception:  # a bad reply or a broken part must not stop the service

@@ -116,4 +116,6 @@ def seed(registry: ToolRegistry, tools: tuple[SeedTool, ...] = SEED_TOOLS) -> li
 def verify(forge: Any, tool: SeedTool = CALCULATE) -> dict[str, Any]:
     """The forge's own test stage on a seed tool: its examples and tests in the sandbox,
     judged on the host (the verdict a forged tool must earn)."""
-    return forge.verify(ToolSpec.model_validate(tool.spec), tool.source, tool.tests)
+    verdict: dict[str, Any] = forge.verify(ToolSpec.model_validate(tool.spec), tool.source,
+                                           tool.tests)
+    return verdict
