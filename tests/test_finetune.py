@@ -319,10 +319,15 @@ def embedded_parts(default_recipe, bus, embedded_models):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)          # 20 steps of the default recipe on a busy 2-core CPU
-@pytest.mark.parametrize("steps", [5, 20])
-def test_gate_refuses_ten_rows_of_random_words_at_defaults(embedded_parts, tmp_path, steps):
+def test_gate_refuses_ten_rows_of_random_words_at_defaults(embedded_parts, tmp_path):
     """The issue's case: the adapter used to be swapped in (held-out loss 4.94 -> 4.76)
-    because the held-out rows were a slice of the same file."""
+    because the held-out rows were a slice of the same file.
+
+    20 steps, the stronger of the issue's two cases: 5 steps at the default warmup (4
+    of them) barely move the adapter, so a gate that refuses 20 steps of fitting the
+    noise refuses 5."""
+    from a4ps.models.embedded import ct2_dir
+    steps = 20
     settings, bus, protos, models = embedded_parts
     EvalSet(settings.golden_dir).append(_rows(HELD_OUT))        # what the curator held out
     rec = EventRecorder(bus, "model.swapped")
@@ -343,6 +348,8 @@ def test_gate_refuses_ten_rows_of_random_words_at_defaults(embedded_parts, tmp_p
     assert entry["status"] == "rejected" and entry["scores"]["passed"] is False
     assert entry["scores"]["heldout"]["ci_low"] == held["ci_low"]      # the numbers are kept
     assert rec.of("model.swapped") == []
+    if settings.models.embedded.engine == "ctranslate2":               # refused: never converted
+        assert not ct2_dir(settings, Path(report.adapter_dir)).exists()
 
 
 @pytest.mark.slow

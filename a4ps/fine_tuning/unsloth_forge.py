@@ -338,10 +338,19 @@ class PersonaFinetuner:
             "last_loss": report.last_loss, "train_size": report.train_size,
             "seconds": report.train_seconds})
 
+        # A candidate the losses already refuse is not staged: on the embedded engine
+        # staging merges the adapter and converts the whole model (its id costs nothing).
+        refused = None
+        if backend_kind == "embedded":
+            from ..models.embedded import adapter_model_id
+            refused = self._loss_comparison(done, current_model,
+                                            adapter_model_id(report.adapter_dir), items)
+            refused = None if refused.passed else refused
         # Stage the candidate where the persona's backend can run it.
         try:
-            candidate = self.stage(persona, version, Path(report.adapter_dir), current_model,
-                                   lineage, backend_kind)
+            candidate = (refused.candidate_model if refused is not None else
+                         self.stage(persona, version, Path(report.adapter_dir), current_model,
+                                    lineage, backend_kind))
         except Exception as e:
             report.reason = (f"the adapter was trained but could not be staged on the "
                              f"{backend_kind} backend: {type(e).__name__}: {e}; "
@@ -352,7 +361,7 @@ class PersonaFinetuner:
         report.model_name = candidate
 
         t_gate = time.monotonic()
-        cmp = self.compare(done, current_model, candidate, items, proto)
+        cmp = refused or self.compare(done, current_model, candidate, items, proto)
         report.comparison = cmp.to_dict()
         report.stages["gate"] = round(time.monotonic() - t_gate, 2)
         (vdir / "comparison.json").write_text(json.dumps(report.comparison, indent=2, default=str),
@@ -377,19 +386,8 @@ class PersonaFinetuner:
     def compare(self, done: dict[str, Any], current_model: str, candidate: str,
                 items: list[dict[str, Any]], proto: Any) -> Comparison:
         """The gate: the child's per-item losses, ALFRED's judgement, the decision."""
-        cfg = self.settings.finetune
-        policy = GatePolicy.from_settings(cfg)
-        cur_items, new_items = done.get("eval_current") or [], done.get("eval_new") or []
-        cmp = Comparison(current_model=current_model, candidate_model=candidate,
-                         current_loss=_num(done.get("current_loss")),
-                         new_loss=_num(done.get("new_loss")),
-                         heldout_size=sum(it["set"] == "heldout" for it in items))
-        cmp.current_ppl, cmp.new_ppl = _ppl(cmp.current_loss), _ppl(cmp.new_loss)
-        heldout = compare_set("heldout", cur_items, new_items, rounds=policy.bootstrap_rounds)
-        suite = compare_set("suite", cur_items, new_items, rounds=policy.bootstrap_rounds)
-        cmp.heldout = heldout if heldout.n else None
-        cmp.suite = suite if suite.n else None
-        decide(cmp, dataclasses.replace(policy, judge_samples=0))
+        policy = GatePolicy.from_settings(self.settings.finetune)
+        cmp = self._loss_comparison(done, current_model, candidate, items)
         if not cmp.passed:
             return cmp          # refused on the losses: no need to ask ALFRED
         if policy.judge_samples > 0 and "ALFRED" in self.protos:
@@ -400,6 +398,22 @@ class PersonaFinetuner:
                                       proto.get("system_prompt") or None)
             cmp.judge_current, cmp.judge_new = cmp.judge.current_mean, cmp.judge.new_mean
         return decide(cmp, policy)
+
+    def _loss_comparison(self, done: dict[str, Any], current_model: str, candidate: str,
+                         items: list[dict[str, Any]]) -> Comparison:
+        """The gate's checks on the per-item losses alone (no judge asked yet)."""
+        policy = GatePolicy.from_settings(self.settings.finetune)
+        cur_items, new_items = done.get("eval_current") or [], done.get("eval_new") or []
+        cmp = Comparison(current_model=current_model, candidate_model=candidate,
+                         current_loss=_num(done.get("current_loss")),
+                         new_loss=_num(done.get("new_loss")),
+                         heldout_size=sum(it["set"] == "heldout" for it in items))
+        cmp.current_ppl, cmp.new_ppl = _ppl(cmp.current_loss), _ppl(cmp.new_loss)
+        heldout = compare_set("heldout", cur_items, new_items, rounds=policy.bootstrap_rounds)
+        suite = compare_set("suite", cur_items, new_items, rounds=policy.bootstrap_rounds)
+        cmp.heldout = heldout if heldout.n else None
+        cmp.suite = suite if suite.n else None
+        return decide(cmp, dataclasses.replace(policy, judge_samples=0))
 
     # -- pieces ---------------------------------------------------------------------------
     def _model_backend(self, proto) -> str:
