@@ -540,3 +540,25 @@ def test_swap_is_atomic_for_running_tasks(scripted_parts):
     t.join()
     brick.invoke_llm("next question")
     assert [c[0] for c in backend.calls][-2:] == ["smollm2-135m", "smollm2-135m+lora:/tmp/x"]
+
+
+def test_the_judge_changes_model_twice_not_once_per_sample(scripted_parts):
+    """One model resident: the current model answers every task (ALFRED scores them),
+    then the candidate does; a sample whose answer fails is no evidence, the rest count."""
+    from a4ps.fine_tuning.evaluation import judge_answers
+    from a4ps.fine_tuning.judge import Judge
+    settings, bus, protos, models = scripted_parts
+    models.backend.models = None
+
+    def chat(model, msgs):
+        if msgs[-1]["content"] == "bad" and model == "candidate":
+            raise RuntimeError("candidate fell over")
+        return models.chat(model, msgs)
+    ev = judge_answers(Judge(models, protos), chat, [{"user": q} for q in ("a", "bad", "c")],
+                       "current", "candidate", None)
+    used = [c[0] for c in models.backend.calls]
+    changes = [m for i, m in enumerate(used) if i == 0 or used[i - 1] != m]
+    assert changes == ["current", "smollm2-135m", "candidate", "smollm2-135m"], used
+    assert ev.asked == 3 and ev.scored == 2 and ev.current_mean == ev.new_mean == 4
+    assert "candidate fell over" in ev.samples[1]["error"]
+    assert [s["task"] for s in ev.samples] == ["a", "bad", "c"]
