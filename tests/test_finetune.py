@@ -445,8 +445,9 @@ def test_killed_training_child_is_reported_and_system_keeps_running(scripted_par
     assert (Path(settings.adapter_dir) / "BRICK" / "v1" / "FAILED").is_file()
 
 
-@pytest.mark.slow
 def test_training_child_error_is_reported(scripted_parts, tmp_path):
+    """A real child that fails (a broken base checkpoint, caught before the training
+    stack imports, so this runs in a second)."""
     settings, bus, protos, models = scripted_parts
     broken = tmp_path / "broken-base"
     broken.mkdir()
@@ -455,6 +456,7 @@ def test_training_child_error_is_reported(scripted_parts, tmp_path):
     report = ft.finetune("BRICK", golden(tmp_path / "g.jsonl"), steps=2)
     assert not report.ok and report.exit_code == 1
     assert report.reason.startswith("training failed:") and "train.log" in report.reason
+    assert "not valid JSON" in report.reason and str(broken) in report.reason
     assert protos.get("BRICK").model_name == "smollm2-135m"
 
 

@@ -319,8 +319,23 @@ def _sft_config(job: dict[str, Any], out_dir: Path, *, cuda: bool, bf16: bool, o
     return SFTConfig(**kw)
 
 
+def check_base(base_dir: str | Path) -> None:
+    """A missing or broken base checkpoint fails here, in a second, not after the
+    training stack (torch, transformers, TRL) took tens of seconds to import."""
+    cfg = Path(base_dir) / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"the base checkpoint {base_dir} has no config.json; point the "
+                         f"fine-tuner at a complete checkpoint (or delete it to rebuild it)")
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"the base checkpoint's {cfg} is not valid JSON ({e}); delete "
+                         f"{base_dir} so it is rebuilt, or point at a complete one") from None
+
+
 def train(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
+    check_base(job["base_dir"])
     backend, why = choose_backend(job.get("backend", "auto"))
     import torch
     from datasets import Dataset
