@@ -422,7 +422,6 @@ def test_training_rows_that_are_evaluation_items_are_dropped(scripted_parts, tin
     assert not report.swapped and "at least 4" not in report.reason   # 4 held-out rows
 
 
-@pytest.mark.slow
 def test_killed_training_child_is_reported_and_system_keeps_running(scripted_parts, tiny_recipe,
                                                                    tmp_path):
     settings, bus, protos, models = scripted_parts
@@ -434,8 +433,11 @@ def test_killed_training_child_is_reported_and_system_keeps_running(scripted_par
             killed.append(event.payload["pid"])
             os.kill(event.payload["pid"], signal.SIGKILL)
     bus.subscribe("finetune.progress", kill_child)
+    rec = EventRecorder(bus, "finetune.progress")
     report = ft.finetune("BRICK", golden(tmp_path / "g.jsonl"), steps=50)
     assert killed
+    # the child says it is loading at once (the UI shows it), so it is killed then
+    assert rec.of("finetune.progress")[0].payload["stage"] == "loading"
     assert not report.ok and not report.swapped
     assert "killed by SIGKILL" in report.reason and "unchanged" in report.reason
     assert protos.get("BRICK").model_name == "smollm2-135m"

@@ -8,6 +8,7 @@ object per line from this process's stdout; everything else the libraries print 
 sent to stderr, which the parent keeps as ``train.log``.
 
 Lines written (``event`` key):
+  loading   {base_dir, max_steps}  (first, before the training stack is imported)
   start     {backend, device, why, base_dir, train_size, heldout_size, max_steps}
   eval      {which: "current"|"new", loss, ppl, tokens, items: [{id, set, loss, tokens}],
              seconds}
@@ -336,6 +337,8 @@ def check_base(base_dir: str | Path) -> None:
 def train(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
     check_base(job["base_dir"])
+    # importing the training stack and loading the model take a while: say so at once
+    emit("loading", base_dir=str(job["base_dir"]), max_steps=int(job["steps"]))
     backend, why = choose_backend(job.get("backend", "auto"))
     import torch
     from datasets import Dataset

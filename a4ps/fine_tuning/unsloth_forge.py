@@ -581,6 +581,10 @@ class PersonaFinetuner:
                     "persona": persona, "step": ev.get("step"),
                     "max_steps": ev.get("max_steps", steps), "loss": ev.get("loss"),
                     "pid": proc.pid})
+            elif kind == "loading":
+                self.bus.publish("finetune.progress", {
+                    "persona": persona, "step": 0, "max_steps": steps, "loss": None,
+                    "stage": "loading", "pid": proc.pid})
             elif kind == "start":
                 self.bus.publish("finetune.progress", {
                     "persona": persona, "step": 0, "max_steps": steps, "loss": None,
