@@ -10,14 +10,31 @@ import argparse
 import logging
 import sys
 import threading
-from typing import Callable
+from typing import Any, Callable, TextIO
 
 from .config import Settings, SettingsError, load_settings
 from .models.threads import apply_openmp_policy
+from .client import DaemonClient, DaemonError, DaemonUnavailable
+from .codex import Codex, CodexError
+from .cognition.checkpoints import CheckpointStoreError
+from .daemon import (Daemon, DaemonError as DaemonStartError, DaemonLock,
+                     DaemonLockError, LOCK_NAME)
+from .fine_tuning.commands import add_commands as add_finetune_commands
+from .image import ImageError, ImageStore
+from .image_commands import add_commands as add_image_commands
+from .lock import DataLock, DataLockHeld, describe_holder
+from .tasks import TaskQueueError
+from .tasks_postgres import TaskQueueUnavailable
+from .tools.commands import add_commands as add_tool_commands
+from .ui.launch import run_ui
 
+
+# _HEAVY: the System, the memory store and the embedders are imported inside the
+# commands that build them (the only project imports kept in functions here): they
+# pull numpy and every part, and a command that only talks to the daemon (`a4ps
+# status`, `a4ps ask`) must start in well under half a second (test_import_cost.py).
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from .client import DaemonClient, DaemonUnavailable
     try:
         with DaemonClient.from_settings(settings) as client:
             status = client.request("system.status", {}, timeout=args.timeout)
@@ -34,14 +51,11 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
-    from .ui.launch import run_ui
     return run_ui(settings, stop_daemon_on_exit=args.stop_daemon_on_exit,
                   start=not args.no_start, config_path=args.config)
 
 
 def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
-    from .daemon import Daemon, DaemonError
-    from .lock import DataLock, DataLockHeld
     try:
         lock = DataLock.for_data_dir(settings.data_dir).acquire(   # refuse fast
             kind="daemon", command_addr=settings.bus.command_addr,
@@ -49,13 +63,11 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     except DataLockHeld as e:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
-    from .cognition.checkpoints import CheckpointStoreError
-    from .memory import MemoryStoreError
-    from .tasks_postgres import TaskQueueUnavailable
     # a store named in the settings that cannot be used (docs/scaling.md): say which
+    from .memory import MemoryStoreError       # (see _HEAVY)
+    from .system import System
     stores = (TaskQueueUnavailable, CheckpointStoreError, MemoryStoreError)
     try:
-        from .system import System
         system = System(settings, lock=lock)
     except stores as e:
         lock.release()
@@ -67,7 +79,7 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     try:
         return Daemon(system, lock=lock, shutdown_grace_s=args.grace,
                       from_snapshot=args.from_snapshot).run()
-    except (DaemonError, *stores) as e:
+    except (DaemonStartError, *stores) as e:
         print(f"a4ps daemon: {e}", file=sys.stderr)
         return 1
     finally:
@@ -76,7 +88,7 @@ def _cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- ask / memory (the cognitive core) ----------------------------------------------
 
-def _say(out, who: str, text: str) -> None:
+def _say(out: TextIO, who: str, text: str) -> None:
     import textwrap
     lines = textwrap.wrap(text, 100) or [""]
     print(f"{who:<18}{lines[0]}", file=out)
@@ -84,7 +96,7 @@ def _say(out, who: str, text: str) -> None:
         print(f"{'':<18}{line}", file=out)
 
 
-def _print_step(p: dict, out=None) -> None:
+def _print_step(p: dict[str, Any], out: TextIO | None = None) -> None:
     """One ``task.step`` as a transcript line: persona, round, dissonance, text."""
     out = out or sys.stdout
     node, rnd, d = p.get("node"), p.get("round"), p.get("dissonance")
@@ -114,15 +126,15 @@ class _Transcript:
     that does not stream, events missed) is printed whole from the step, as before.
     """
 
-    def __init__(self, out=None) -> None:
+    def __init__(self, out: TextIO | None = None) -> None:
         self.out = out or sys.stdout
-        self.turn: tuple | None = None          # (node, persona, round) being streamed
-        self.streamed: set[tuple] = set()
+        self.turn: tuple[Any, ...] | None = None          # (node, persona, round) being streamed
+        self.streamed: set[tuple[Any, ...]] = set()
         self.next_seq: dict[str, int] = {}       # task_id -> next seq expected
-        self.pending: dict[str, dict[int, dict]] = {}
+        self.pending: dict[str, dict[int, dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
-    def token(self, p: dict) -> None:
+    def token(self, p: dict[str, Any]) -> None:
         with self._lock:
             task, seq = str(p.get("task_id")), p.get("seq")
             if not isinstance(seq, int):
@@ -136,7 +148,7 @@ class _Transcript:
                 self._write(self.pending[task].pop(self.next_seq[task]))
                 self.next_seq[task] += 1
 
-    def _write(self, p: dict) -> None:
+    def _write(self, p: dict[str, Any]) -> None:
         key = (p.get("node"), p.get("persona"), p.get("round"))
         if key != self.turn:
             self._end_line()
@@ -155,7 +167,7 @@ class _Transcript:
             self.out.flush()
             self.turn = None
 
-    def step(self, p: dict) -> None:
+    def step(self, p: dict[str, Any]) -> None:
         with self._lock:
             self._end_line()
             key = (p.get("node"), p.get("persona"), p.get("round"))
@@ -170,7 +182,7 @@ class _Transcript:
             self._end_line()
 
 
-def _print_result(result: dict, out=None) -> int:
+def _print_result(result: dict[str, Any], out: TextIO | None = None) -> int:
     out = out or sys.stdout
     rounds = result.get("rounds") or []
     if result.get("status") != "ok" or result.get("error"):
@@ -186,9 +198,8 @@ def _print_result(result: dict, out=None) -> int:
 
 def _ask_local(text: str, args: argparse.Namespace, settings: Settings) -> int:
     import uuid
-    from .lock import DataLockHeld, describe_holder
-    from .system import System
     view = _Transcript()
+    from .system import System                 # (see _HEAVY)
     system = System(settings)
     try:
         system.start(services=False)      # takes the data directory's lock
@@ -227,9 +238,8 @@ def _ask_local(text: str, args: argparse.Namespace, settings: Settings) -> int:
     return _print_result(result)
 
 
-def _ask_daemon(client, text: str, args: argparse.Namespace, settings: Settings) -> int:
+def _ask_daemon(client: DaemonClient, text: str, args: argparse.Namespace, settings: Settings) -> int:
     import time
-    from .client import DaemonError
     if args.route:
         print("a4ps: --route is ignored by the daemon (ALFRED decides)", file=sys.stderr)
     view = _Transcript()
@@ -270,7 +280,7 @@ def _ask_daemon(client, text: str, args: argparse.Namespace, settings: Settings)
     return 1
 
 
-def _finish_daemon(result: dict, args: argparse.Namespace) -> int:
+def _finish_daemon(result: dict[str, Any], args: argparse.Namespace) -> int:
     if args.json:
         import json
         print(json.dumps(result, indent=2, default=str))
@@ -286,7 +296,6 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         print("a4ps ask: say what you want, e.g. a4ps ask \"why is the sky blue?\"", file=sys.stderr)
         return 2
     if not args.local:
-        from .client import DaemonClient
         client = DaemonClient.if_running(settings, timeout=10.0)
         if client is not None:
             with client:
@@ -296,13 +305,13 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
     import datetime as dt
-    from .memory import MemoryManager
-    from .models.embeddings import make_embedder
     query = " ".join(args.query).strip()
     if not query:
         print("a4ps memory search: give a query", file=sys.stderr)
         return 2
     try:
+        from .memory import MemoryManager          # (see _HEAVY)
+        from .models.embeddings import make_embedder
         memory = MemoryManager(settings, make_embedder(settings))
         hits = memory.search(query, k=args.k, kind=args.kind)
     except (ValueError, RuntimeError) as e:
@@ -325,28 +334,27 @@ def _cmd_memory_search(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- codex: show, history, propose (through the daemon when one runs, else the image) ----
 
-def _codex_daemon(settings: Settings, cmd: str, args: dict, timeout: float):
+def _codex_daemon(settings: Settings, cmd: str, args: dict[str, Any],
+                  timeout: float) -> dict[str, Any] | None:
     """The daemon's reply to ``cmd``, or None when no daemon answers (then work in-process)."""
-    from .client import DaemonClient, DaemonUnavailable
     client = DaemonClient.if_running(settings, timeout=timeout)
     if client is None:
         return None
     with client:
         try:
-            return client.request(cmd, args, timeout=timeout)
+            reply: dict[str, Any] = client.request(cmd, args, timeout=timeout)
         except DaemonUnavailable:
             return None
+        return reply
 
 
-def _codex_local(settings: Settings):
+def _codex_local(settings: Settings) -> tuple[Codex, dict[str, Any], ImageStore]:
     """(codex, parts, store) from the image on disk; the seed codex when there is none."""
-    from .codex import Codex
-    from .image import ImageStore
-    from .system import CODEX_PATH
     store = ImageStore.from_settings(settings)
     loaded = store.load()
+    from .system import CODEX_PATH             # (see _HEAVY)
     codex = Codex.from_toml(CODEX_PATH)
-    parts: dict = {"protos": {}}
+    parts: dict[str, Any] = {"protos": {}}
     if loaded is not None:
         parts = loaded[0]
         if "codex" in parts:
@@ -354,8 +362,7 @@ def _codex_local(settings: Settings):
     return codex, parts, store
 
 
-def _codex_view(args: argparse.Namespace, settings: Settings) -> dict:
-    from .client import DaemonError
+def _codex_view(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     try:
         view = _codex_daemon(settings, "codex.get", {}, args.timeout)
     except DaemonError as e:
@@ -416,8 +423,6 @@ def _cmd_codex_history(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_codex_propose(args: argparse.Namespace, settings: Settings) -> int:
-    from .client import DaemonError
-    from .codex import CodexError
     text = " ".join(args.text).strip()
     wire = {"persona": args.persona, "principle_id": args.principle_id,
             "proposed_text": text, "rationale": args.rationale}
@@ -428,7 +433,6 @@ def _cmd_codex_propose(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     where = "daemon"
     if a is None:
-        from .daemon import LOCK_NAME, DaemonLock, DaemonLockError
         where = "image"
         lock = DaemonLock(settings.data_dir / LOCK_NAME)   # no daemon may start meanwhile
         try:
@@ -457,7 +461,7 @@ def _cmd_codex_propose(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _match_proposal(pending: list[dict], given: str) -> dict | None:
+def _match_proposal(pending: list[dict[str, Any]], given: str) -> dict[str, Any] | None:
     """The pending amendment whose id is ``given`` or starts with it (unambiguously)."""
     exact = [a for a in pending if a["id"] == given]
     if exact:
@@ -469,8 +473,6 @@ def _match_proposal(pending: list[dict], given: str) -> dict | None:
 def _cmd_codex_decide(args: argparse.Namespace, settings: Settings) -> int:
     """`a4ps codex approve|reject ID`: through the daemon if one runs, else on the image
     under the daemon lock (so no daemon starts on a half-written image)."""
-    from .client import DaemonError
-    from .codex import CodexError
     approve = args.codex_command == "approve"
     verb = "approve" if approve else "reject"
     try:
@@ -489,7 +491,6 @@ def _cmd_codex_decide(args: argparse.Namespace, settings: Settings) -> int:
     except DaemonError as e:
         print(f"a4ps codex {verb}: refused: {e.message}", file=sys.stderr)
         return 1
-    from .daemon import LOCK_NAME, DaemonLock, DaemonLockError
     lock = DaemonLock(settings.data_dir / LOCK_NAME)
     try:
         lock.acquire()
@@ -517,7 +518,7 @@ def _cmd_codex_decide(args: argparse.Namespace, settings: Settings) -> int:
         lock.release()
 
 
-def _print_decision(a: dict, where: str) -> int:
+def _print_decision(a: dict[str, Any], where: str) -> int:
     print(f"{a['status']} {a['id']} ({where}): {a['persona']}.{a['principle_id']}; "
           f"codex version {a.get('codex_version')}")
     return 0
@@ -600,13 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", help="why (kept in the codex history)")
         p.add_argument("--timeout", type=float, default=5.0)
 
-    from .tools.commands import add_commands as add_tool_commands
     add_tool_commands(sub)     # sandbox run FILE.py, tools list, tools show NAME
 
-    from .fine_tuning.commands import add_commands as add_finetune_commands
     add_finetune_commands(sub)  # curate, finetune PERSONA, models lineage|rollback PERSONA
 
-    from .image_commands import add_commands as add_image_commands
     add_image_commands(sub)     # image list|diff|restore|snapshot, persona export|import
 
     return parser
@@ -624,9 +622,6 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"a4ps: {e}", file=sys.stderr)
         return 2
-    from .image import ImageError
-    from .lock import DataLockHeld
-    from .tasks import TaskQueueError
     try:
         return args.func(args, settings) or 0
     except KeyboardInterrupt:

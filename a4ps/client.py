@@ -59,7 +59,7 @@ def read_token(path: Path | str) -> str:
                                 "that owns the daemon") from None
 
 
-def _configure(sock: zmq.Socket) -> None:
+def _configure(sock: zmq.Socket[bytes]) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.HEARTBEAT_IVL, _ZMTP_HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMTP_HEARTBEAT_TIMEOUT_MS)
@@ -77,7 +77,7 @@ class DaemonClient:
 
     def __init__(self, command_addr: str, event_addr: str | None = None, token: str = "",
                  timeout: float = 10.0, *, max_message_bytes: int | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
         self.command_addr = command_addr
         self.event_addr = event_addr
         self.token = token
@@ -85,7 +85,7 @@ class DaemonClient:
         self.max_message_bytes = max_message_bytes
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
-        self._sock: zmq.Socket | None = None
+        self._sock: zmq.Socket[bytes] | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-{id(self) & 0xffffff:x}-"
@@ -101,7 +101,7 @@ class DaemonClient:
                    **kw)
 
     # -- lifecycle -------------------------------------------------------------------
-    def _socket(self) -> zmq.Socket:
+    def _socket(self) -> zmq.Socket[bytes]:
         if self._closed:
             raise DaemonUnavailable("this client is closed")
         if self._sock is None:
@@ -217,7 +217,8 @@ class EventSubscriber:
 
     def __init__(self, event_addr: str, topics: Iterable[str] | None = None, *,
                  heartbeat_interval_s: float = 2.0, dead_after_s: float | None = None,
-                 context: zmq.Context | None = None, rcvhwm: int = 100_000) -> None:
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None,
+                 rcvhwm: int = 100_000) -> None:
         self.event_addr = event_addr
         self.topics = list(topics) if topics else [""]
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -225,7 +226,7 @@ class EventSubscriber:
         self.rcvhwm = rcvhwm
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
-        self._sock: zmq.Socket | None = None
+        self._sock: zmq.Socket[bytes] | None = None
         self._last_seen: float | None = None
         self._last_seq: int | None = None
         self._boot_id: str | None = None

@@ -220,6 +220,9 @@ class ForgeSettings(_Section):
     reuse_similarity: float = Field(
         0.75, ge=0, le=1, description="a registered tool whose description is at least this "
                                      "similar to a request's is called instead of forging one")
+    seed_tools: bool = Field(
+        True, description="give a new image the vetted seed tools (a4ps/tools/seed_tools.py: "
+                          "calculate, exact arithmetic and unit conversion)")
 
 
 class CuratorSettings(_Section):
@@ -321,8 +324,12 @@ class Settings(BaseSettings):
         return v if v.is_absolute() else (PROJECT_ROOT / v)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
-                                   dotenv_settings, file_secret_settings):
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
         # env beats init (the TOML file), so A4PS_* always wins.
         return (env_settings, init_settings)
 

@@ -48,14 +48,25 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import BaseModel
 
 from . import protocol as P
-from .lock import LOCK_NAME, DataLock, DataLockHeld
+from .lock import LOCK_NAME as LOCK_NAME  # re-exported: the daemon's lock file name
+from .lock import DataLock, DataLockHeld
 from .protocol import ErrorCode, ProtocolError
 from .step_buffer import StepBuffer
+from .task_control import TaskSupervisor
+from .codex import CodexError
+from .fine_tuning.unsloth_forge import FinetuneError
+from .persona_file import PersonaFileError
+from .proto import ProtoError
+from .services.motivator_service import IdleWatch
+from .snapshots import SnapshotConflict, SnapshotError, SnapshotNotFound
+from .tasks import TaskNotFound
 
 if TYPE_CHECKING:
     import zmq
 
     from .events import Event
+    from .system import System
+    from .tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +131,7 @@ class _Command:
 class Daemon:
     """Serve ``system`` over ZeroMQ and run its tasks. See the module docstring."""
 
-    def __init__(self, system: Any, *, lock: DaemonLock | None = None,
+    def __init__(self, system: System, *, lock: DaemonLock | None = None,
                  shutdown_grace_s: float = 20.0, handler_threads: int = 4,
                  from_snapshot: str | None = None) -> None:
         self.system = system
@@ -136,13 +147,13 @@ class Daemon:
         self.task_steps = StepBuffer()   # task.steps: what a running task said so far
         self._register_defaults()
         # bus-thread state
-        self._events: collections.deque = collections.deque(maxlen=EVENT_QUEUE_MAX)
-        self._replies: collections.deque = collections.deque()
+        self._events: collections.deque[Any] = collections.deque(maxlen=EVENT_QUEUE_MAX)
+        self._replies: collections.deque[Any] = collections.deque()
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._wake_r, self._wake_w = -1, -1
         self._wake_pending = False
-        self._ctx: zmq.Context | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._bus_thread: threading.Thread | None = None
         self._bus_ready = threading.Event()
         self._bus_error: BaseException | None = None
@@ -153,8 +164,7 @@ class Daemon:
         # worker state
         self._worker: threading.Thread | None = None
         self._worker_stop = threading.Event()
-        self.current_task: Any = None
-        from .task_control import TaskSupervisor
+        self.current_task: Task | None = None
         self.supervisor = TaskSupervisor(
             system.tasks, system.bus,
             preempt=getattr(getattr(self.settings, "motivator", None), "preempted_goals", "requeue"))
@@ -165,7 +175,7 @@ class Daemon:
         self.unsaved_at_stop: str | None = None
         self._stop_requested = threading.Event()
         self._stopped = False
-        self.stats = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
 
     # -- command table -------------------------------------------------------------
     def register(self, cmd: str, handler: Handler,
@@ -252,7 +262,6 @@ class Daemon:
         return {**snap, "daemon": {"boot_id": self.boot_id, "seq": seq, "pid": os.getpid()}}
 
     def _task(self, task_id: Any) -> Any:
-        from .tasks import TaskNotFound
         try:
             return self.system.tasks.get(str(task_id))
         except TaskNotFound:
@@ -291,7 +300,6 @@ class Daemon:
 
     def _proto_clone(self, a: P.ProtoCloneArgs) -> dict[str, Any]:
         """A new proto delegating to ``name`` (Self-style clone), e.g. from a morph's halo."""
-        from .proto import ProtoError
         self._proto(a.name)
         try:
             return self.system.protos.clone(a.name, a.new_name, **(a.slots or {})).to_dict()
@@ -300,7 +308,6 @@ class Daemon:
             raise CommandError(code, str(e)) from None
 
     def _proto_remove(self, a: P.ProtoNameArgs) -> dict[str, Any]:
-        from .proto import ProtoError
         self._proto(a.name)
         if a.name in self.system.codex.personas:
             raise CommandError(ErrorCode.CONFLICT, f"{a.name} is a codex persona the system "
@@ -319,7 +326,6 @@ class Daemon:
         return proto
 
     def _proto_update(self, a: P.ProtoUpdateArgs) -> dict[str, Any]:
-        from .proto import ProtoError
         proto = self._proto(a.name)
         if a.expected_version is not None and a.expected_version != proto.version:
             raise CommandError(ErrorCode.CONFLICT,
@@ -337,7 +343,6 @@ class Daemon:
 
     def _proto_revert(self, a: P.ProtoRevertArgs) -> dict[str, Any]:
         """Put back a method's previous source (the inspector's "revert")."""
-        from .proto import ProtoError
         self._proto(a.name)
         try:
             reverted = self.system.protos.revert_method(a.name, a.method,
@@ -356,7 +361,6 @@ class Daemon:
         return CommandError(ErrorCode.INVALID_ARGS, msg)
 
     def _codex_decide(self, a: P.CodexDecideArgs) -> dict[str, Any]:
-        from .codex import CodexError
         try:
             amendment = self.system.codex.decide(a.proposal_id, a.version, a.approve,
                                                  by="user", reason=a.reason or "")
@@ -365,7 +369,6 @@ class Daemon:
         return {**amendment.to_dict(), "codex_version": self.system.codex.version}
 
     def _codex_propose(self, a: P.CodexProposeArgs) -> dict[str, Any]:
-        from .codex import CodexError
         try:
             amendment = self.system.codex.propose(a.persona, a.principle_id, a.proposed_text,
                                                   a.rationale, origin="user")
@@ -399,7 +402,6 @@ class Daemon:
                 "lineage": self.system.finetuner.lineage(persona)}
 
     def _models_rollback(self, a: P.PersonaArgs) -> dict[str, Any]:
-        from .fine_tuning.unsloth_forge import FinetuneError
         try:
             return self.system.finetuner.rollback(self._persona_name(a.persona))
         except FinetuneError as e:
@@ -407,7 +409,6 @@ class Daemon:
 
     @staticmethod
     def _time_travel(fn: Callable[..., Any], *args: Any) -> Any:
-        from .snapshots import SnapshotConflict, SnapshotError, SnapshotNotFound
         try:
             return fn(*args)
         except SnapshotNotFound as e:
@@ -419,11 +420,12 @@ class Daemon:
 
     def _image_restore(self, a: P.ImageRestoreArgs) -> dict[str, Any]:
         """Waits for the running task to finish (image.restore_wait_s), then restores."""
-        return self._time_travel(self.system.timemachine.restore, a.snapshot)
+        restored: dict[str, Any] = self._time_travel(self.system.timemachine.restore, a.snapshot)
+        return restored
 
     @staticmethod
-    def _persona_file(fn: Callable[..., Any], path: str, **kw: Any) -> Any:
-        from .persona_file import PersonaFileError
+    def _persona_file(fn: Callable[..., dict[str, Any]], path: str,
+                      **kw: Any) -> dict[str, Any]:
         if not Path(path).is_absolute():
             raise CommandError(ErrorCode.INVALID_ARGS, f"path {path!r} must be absolute (it is "
                                "read or written by the daemon, not in your working folder)")
@@ -495,7 +497,6 @@ class Daemon:
         return self
 
     def _restore_at_start(self, ref: str) -> None:
-        from .snapshots import SnapshotError
         try:
             out = self.system.timemachine.restore(ref)
         except SnapshotError as e:
@@ -595,7 +596,6 @@ class Daemon:
         motivator = getattr(self.system, "motivator", None)
         idle = None
         if motivator is not None:
-            from .services.motivator_service import IdleWatch
             idle = IdleWatch(self.system.bus, self.system.settings.motivator.idle_after_s)
         while not self._worker_stop.is_set():
             try:

@@ -11,7 +11,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from .values import plain
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +41,21 @@ Subscriber = Callable[[Event], None]
 
 
 def json_safe(value: Any, unknown: Callable[[Any], Any] = repr) -> Any:
-    """Plain data for payloads and checkpoints; other objects go through ``unknown``
-    (their repr by default)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v, unknown) for v in value]
-    if isinstance(value, dict):
-        return {str(k): json_safe(v, unknown) for k, v in value.items()}
-    return unknown(value)
+    """Plain JSON data for payloads and checkpoints (:func:`a4ps.values.plain` with no
+    bytes); values with no plain form go through ``unknown`` (their repr by default)."""
+    return plain(value, unknown=unknown, keep_bytes=False)
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """The event seam every part publishes to (:class:`EventBus` in process; the
+    daemon forwards it to the PUB socket). Parts talk upward only through it."""
+
+    def publish(self, topic: str, payload: dict[str, Any] | None = None) -> Event: ...
+
+    def subscribe(self, topic: str, fn: Subscriber) -> Callable[[], None]: ...
+
+    def log(self, level: str, message: str, **extra: Any) -> None: ...
 
 
 class EventBus:

@@ -58,7 +58,7 @@ def _dumps(obj: Any) -> bytes:
     try:
         return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError):
-        return dill.dumps(obj, protocol=dill.HIGHEST_PROTOCOL)
+        return bytes(dill.dumps(obj, protocol=dill.HIGHEST_PROTOCOL))
 
 
 def _unchunk(parts: dict[str, Any]) -> dict[str, Any]:

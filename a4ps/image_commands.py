@@ -9,13 +9,19 @@ that writes. Registered by :func:`add_commands` from :func:`a4ps.cli.build_parse
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import difflib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from a4ps.client import DaemonClient, DaemonError, DaemonUnavailable
+from a4ps.events import EventBus
+from a4ps.image import ImageStore
+from a4ps.offline import DaemonBusy, offline_system
+from a4ps.persona_file import PersonaFileError
+from a4ps.snapshots import SnapshotError, TimeMachine
 
 _NO_DAEMON = object()
 
@@ -28,7 +34,6 @@ def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], timeout: float, *
                 progress_topic: str | None = None) -> Any:
     """The daemon's result, or ``_NO_DAEMON`` when none answers. With
     ``progress_topic``, that topic's events are shown while the command runs."""
-    from .client import DaemonClient, DaemonError, DaemonUnavailable
     client = DaemonClient.if_running(settings, timeout=timeout)
     if client is None:
         return _NO_DAEMON
@@ -68,34 +73,8 @@ def _show_progress(stage: str, done: int, total: int) -> None:
           file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def offline_system(settings: Any, what: str) -> Iterator[Any]:
-    """A System on ``data/`` with no service threads, holding the daemon's lock (so no
-    daemon starts meanwhile); saves the image when done."""
-    from .daemon import LOCK_NAME, DaemonLock, DaemonLockError
-    lock = DaemonLock(settings.data_dir / LOCK_NAME)
-    try:
-        lock.acquire()
-    except DaemonLockError as e:
-        raise _Refused(f"{e}\n(a daemon holds {settings.data_dir} but did not answer; wait "
-                       f"for it or stop it, then run `a4ps {what}` again)") from None
-    try:
-        from .system import System
-        system = System(settings, lock=lock)     # the System writes under our lock
-        system.start(services=False)
-        try:
-            yield system
-        finally:
-            system.stop()
-    finally:
-        lock.release()
-
-
 def _reader(settings: Any) -> Any:
     """A read-only TimeMachine on the image files (list and diff need no System)."""
-    from .events import EventBus
-    from .image import ImageStore
-    from .snapshots import SnapshotError, TimeMachine
     store = ImageStore.from_settings(settings)
 
     def live() -> dict[str, Any]:
@@ -110,7 +89,6 @@ def _reader(settings: Any) -> Any:
 
 
 def _local(fn: Any, *args: Any) -> Any:
-    from .snapshots import SnapshotError
     try:
         return fn(*args)
     except SnapshotError as e:
@@ -235,7 +213,6 @@ def _cmd_image_snapshot(args: argparse.Namespace, settings: Any) -> int:
 # -- persona -------------------------------------------------------------------------
 
 def _persona_local(fn: Any, *args: Any, **kw: Any) -> Any:
-    from .persona_file import PersonaFileError
     try:
         return fn(*args, **kw)
     except PersonaFileError as e:
@@ -273,18 +250,21 @@ def _cmd_persona_import(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _guard(fn: Any) -> Any:
+Command = Callable[[argparse.Namespace, Any], int]
+
+
+def _guard(fn: Command) -> Command:
     """Print a refusal as one line and exit 1 (never a traceback for bad input)."""
     def run(args: argparse.Namespace, settings: Any) -> int:
         try:
             return fn(args, settings)
-        except _Refused as e:
+        except (_Refused, DaemonBusy) as e:
             print(f"a4ps {args.command}: {e}", file=sys.stderr)
             return 1
     return run
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("image", help="the living image's snapshots: list, diff, restore, snapshot")
     isub = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND", required=True)
     q = isub.add_parser("list", help="every snapshot, newest first, with what changed")

@@ -35,9 +35,15 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .events import Bus
+    from .models.embeddings import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +126,32 @@ def _record(row: dict[str, Any]) -> MemoryRecord:
         score=None if dist is None else 1.0 - float(dist))
 
 
+@runtime_checkable
+class MemoryStore(Protocol):
+    """The long-term memory seam the graph and the services use (:class:`MemoryManager`
+    on LanceDB is the one implementation; tests may pass a smaller one)."""
+
+    def add(self, text: str, *, kind: str = "interaction", persona: str = "",
+            task_id: str = "", dissonance: float = 0.0,
+            meta: dict[str, Any] | None = None) -> str: ...
+
+    def search(self, query: str | Sequence[float] | np.ndarray, k: int = 5, *,
+               kind: str | None = None, filters: str | None = None,
+               hybrid: bool = False) -> list[MemoryRecord]: ...
+
+    def recent(self, n: int = 10, *, uncurated_only: bool = False,
+               kind: str | None = None) -> list[MemoryRecord]: ...
+
+    def mark_curated(self, ids: Iterable[str]) -> int: ...
+
+    def count(self, kind: str | None = None) -> int: ...
+
+
 class MemoryManager:
     """The system's long-term memory. Build one per process: ``MemoryManager(settings,
     embedder, bus)``; it opens (or creates) the table at ``settings.memory_dir``."""
 
-    def __init__(self, settings: Any, embedder: Any, bus: Any = None, *,
+    def __init__(self, settings: Settings, embedder: Embedder, bus: Bus | None = None, *,
                  auto_maintain: bool = True) -> None:
         import lancedb
         import pyarrow as pa
@@ -197,7 +224,7 @@ class MemoryManager:
 
     # -- helpers ----------------------------------------------------------------------
     @property
-    def _tuning_path(self):
+    def _tuning_path(self) -> Path:
         # object storage: the tuning stays with this daemon's data (a restart keeps it;
         # another daemon on the same memory tunes its own, from the safe defaults)
         if self.remote:
@@ -237,10 +264,10 @@ class MemoryManager:
         return vecs
 
     def _vector(self, v: Any) -> np.ndarray:
-        v = np.asarray(v, dtype=np.float32).reshape(-1)
-        if v.size != self.dim:
-            raise ValueError(f"query vector has {v.size} values; memory uses {self.dim}")
-        return v
+        vec: np.ndarray = np.asarray(v, dtype=np.float32).reshape(-1)
+        if vec.size != self.dim:
+            raise ValueError(f"query vector has {vec.size} values; memory uses {self.dim}")
+        return vec
 
     @staticmethod
     def _check_kind(kind: str) -> str:
@@ -382,7 +409,7 @@ class MemoryManager:
                 self.table.create_index("text", config=FTS(), replace=True)
             self._fts = True
 
-    def _ann(self, q):
+    def _ann(self, q: Any) -> Any:
         q = q.nprobes(self.nprobes)
         if self.ef:
             q = q.ef(self.ef)
@@ -420,7 +447,9 @@ class MemoryManager:
         return [_record(rows[i]) for i in ids if i in rows]
 
     def _fetch(self, ids: list[str]) -> list[dict[str, Any]]:
-        return self.table.search().where(_id_in(ids)).select(_COLUMNS).limit(len(ids)).to_list()
+        rows: list[dict[str, Any]] = (self.table.search().where(_id_in(ids)).select(_COLUMNS)
+                                      .limit(len(ids)).to_list())
+        return rows
 
     def get(self, memory_id: str) -> MemoryRecord:
         rows = self._fetch([str(memory_id)])
@@ -430,11 +459,11 @@ class MemoryManager:
 
     def count(self, kind: str | None = None) -> int:
         if kind is None:
-            return self.table.count_rows()
-        return self.table.count_rows(f"kind = {_quote(self._check_kind(kind))}")
+            return int(self.table.count_rows())
+        return int(self.table.count_rows(f"kind = {_quote(self._check_kind(kind))}"))
 
     # -- index and maintenance -------------------------------------------------------
-    def _index_config(self):
+    def _index_config(self) -> Any:
         from lancedb.index import IvfHnswSq, IvfPq
 
         if self.index_type == "ivf_pq":
@@ -490,7 +519,8 @@ class MemoryManager:
             self.last_index_report = rep
             return rep
 
-    def _recall_probe(self, n_queries: int, k: int, seed: int):
+    def _recall_probe(self, n_queries: int, k: int,
+                      seed: int) -> list[tuple[np.ndarray, set[str]]]:
         """Queries near stored vectors (a paraphrase-sized nudge) and their exact top-k."""
         keys = self.table.search().select(["id"]).limit(None).to_arrow()["id"].to_pylist()
         if not keys:
@@ -503,14 +533,14 @@ class MemoryManager:
         vecs = np.asarray(rows["vector"].to_pylist(), dtype=np.float32)
         vecs += (_PROBE_NOISE / np.sqrt(self.dim)) * rng.standard_normal(vecs.shape).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        probe = []
+        probe: list[tuple[np.ndarray, set[str]]] = []
         for v in vecs:
             exact = (self.table.search(v, vector_column_name="vector").distance_type("cosine")
                      .limit(k).bypass_vector_index().select(["id", "_distance"]).to_arrow())
             probe.append((v, set(exact["id"].to_pylist())))
         return probe
 
-    def _recall(self, probe, k: int) -> float:
+    def _recall(self, probe: list[tuple[np.ndarray, set[str]]], k: int) -> float:
         if not probe:
             return 1.0
         hits = 0

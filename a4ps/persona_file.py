@@ -48,15 +48,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
 from .codex import CodexError, PersonaCodex
 from .proto import Proto, ProtoError, compile_method
+from .models.embedded import checkpoint_dir, gguf_path
+from .models.errors import ModelError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .codex import Codex
+    from .memory import MemoryManager
+    from .models.embeddings import Embedder
+    from .models.manager import ModelManager
     from .events import EventBus
     from .proto import ProtoManager
 
@@ -189,7 +195,10 @@ def _make_dirs(path: Path, undo: list[Callable[[], None]]) -> None:
         p = p.parent
     path.mkdir(parents=True, exist_ok=True)
     for d in reversed(missing):             # undo runs backwards: deepest folder first
-        undo.append(lambda d=d: d.rmdir() if d.is_dir() and not any(d.iterdir()) else None)
+        def remove_if_empty(d: Path = d) -> None:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        undo.append(remove_if_empty)
 
 
 def _quote(s: str) -> str:
@@ -270,6 +279,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int,
     try:
         with zf.open(info) as src, (open(out, "wb") if out is not None else
                                     contextlib.nullcontext(buf)) as dst:
+            assert dst is not None               # a file, or the in-memory buffer
             while True:
                 chunk = src.read(_CHUNK)
                 if not chunk:
@@ -372,6 +382,7 @@ def read_persona_file(path: Path | str, staging: Path, limits: ImportLimits = Im
         if MANIFEST not in seen:
             raise PersonaFileError(f"{path} has no {MANIFEST}: not a persona file, or truncated")
         raw, _, _ = _read_member(zf, zf.getinfo(MANIFEST), limits.max_manifest_bytes)
+        assert raw is not None                   # read into memory (no ``out``)
         manifest = _manifest(_json(raw, MANIFEST), path)
         declared = set(manifest.parts)
         if declared - seen:
@@ -428,6 +439,7 @@ def _manifest(raw: Any, path: Path) -> Manifest:
 
 
 def _parse(manifest: Manifest, staging: Path, texts: dict[str, bytes]) -> PersonaArchive:
+    import numpy as np  # only when a persona file moves: the daemon starts light
     proto = _json(texts["proto.json"], "proto.json")
     if not isinstance(proto, dict) or not isinstance(proto.get("slots"), dict) \
             or not isinstance(proto.get("methods"), dict):
@@ -485,8 +497,9 @@ Progress = Callable[[str, int, int], None]
 class PersonaFiles:
     """Export and import personas for one System (its parts are passed in)."""
 
-    def __init__(self, settings: Any, protos: ProtoManager, codex: Codex, memory: Any,
-                 models: Any, embedder: Any, bus: EventBus, *,
+    def __init__(self, settings: Any, protos: ProtoManager, codex: Codex,
+                 memory: MemoryManager, models: ModelManager, embedder: Embedder,
+                 bus: EventBus, *,
                  save: Callable[..., Any] | None = None,
                  limits: ImportLimits = ImportLimits()) -> None:
         self.settings = settings
@@ -510,6 +523,7 @@ class PersonaFiles:
     def export(self, name: str, path: Path | str, *, golden: bool = False,
                overwrite: bool = False) -> dict[str, Any]:
         """Write persona ``name`` to ``path``; returns what went in."""
+        import numpy as np  # only when a persona file moves: the daemon starts light
         t0 = time.perf_counter()
         name = self.persona_name(name)
         path = Path(path).expanduser().resolve()
@@ -565,8 +579,8 @@ class PersonaFiles:
                     "parts": w.parts,
                 }
                 zf.writestr(MANIFEST, json.dumps(manifest, indent=1))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -628,6 +642,7 @@ class PersonaFiles:
         return {"id": model_name.partition(LORA_TAG)[0], "backend": backend}
 
     def _memories(self, name: str) -> tuple[list[dict[str, Any]], np.ndarray]:
+        import numpy as np  # only when a persona file moves: the daemon starts light
         dim = int(self.embedder.dim)
         tbl = (self.memory.table.search().where(f"persona = {_quote(name)}")
                .select(_MEMORY_COLUMNS + ["vector"]).limit(None).to_arrow())
@@ -709,11 +724,9 @@ class PersonaFiles:
                 "reembed": not same_embedder}
 
     def _check_base_present(self, base: str, backend: str) -> None:
-        from .models.errors import ModelError
         try:
             self.models.backend.estimate_bytes(base)
             if backend == "embedded":
-                from .models.embedded import checkpoint_dir, gguf_path
                 if not (checkpoint_dir(self.settings) / ".a4ps-complete").exists():
                     gguf_path(self.settings)      # raises ModelNotFound with the pip command
         except ModelError as e:
@@ -775,11 +788,11 @@ class PersonaFiles:
         vdir.mkdir()
         undo.append(lambda: shutil.rmtree(vdir, ignore_errors=True))
         target = vdir / "adapter"
+        assert archive.adapter_dir is not None, "a manifest with an adapter has its files"
         os.replace(archive.adapter_dir, target)
         (vdir / "IMPORTED").write_text(f"persona {m.persona} from a persona file, "
                                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         if plan["backend"] == "embedded":
-            from .models.embedded import checkpoint_dir
             cfg_path = target / "adapter_config.json"
             cfg = json.loads(cfg_path.read_text())
             cfg["base_model_name_or_path"] = str(checkpoint_dir(self.settings))
@@ -793,15 +806,17 @@ class PersonaFiles:
                                        f"{m.base_model.id}: {e}") from None
         else:
             model_name = f"{m.base_model.id}{LORA_TAG}{target}"
-        for e in lineage:
-            if e.get("status") == "live" and e.get("model_name") == m.model_name:
-                e.update(imported_from={"persona": m.persona, "model_name": e.get("model_name"),
-                                        "adapter_dir": e.get("adapter_dir")},
-                         model_name=model_name, adapter_dir=str(target), version=version)
+        for entry in lineage:
+            if entry.get("status") == "live" and entry.get("model_name") == m.model_name:
+                entry.update(imported_from={"persona": m.persona,
+                                            "model_name": entry.get("model_name"),
+                                            "adapter_dir": entry.get("adapter_dir")},
+                             model_name=model_name, adapter_dir=str(target), version=version)
         return model_name, lineage
 
     def _vectors(self, archive: PersonaArchive, plan: dict[str, Any],
                  progress: Progress | None) -> np.ndarray:
+        import numpy as np  # only when a persona file moves: the daemon starts light
         if not plan["reembed"]:
             return archive.vectors
         texts = [r["text"] for r in archive.rows]
@@ -825,7 +840,7 @@ class PersonaFiles:
         entries = [{"text": r["text"], "kind": r["kind"], "persona": name,
                     "task_id": r.get("task_id") or "", "ts": r.get("ts"),
                     "dissonance": r.get("dissonance") or 0.0, "curated": bool(r.get("curated")),
-                    "meta": {**(r.get("meta") if isinstance(r.get("meta"), dict) else {}),
+                    "meta": {**_map(r.get("meta")),
                              "imported_from": {"persona": old, "id": r.get("id")}}}
                    for r in archive.rows]
         ids = self.memory.add_many(entries, vectors=vectors)
@@ -887,3 +902,8 @@ class PersonaFiles:
             self.protos.create(name, slots, parent=parent_name, methods=methods)
         except ProtoError as e:
             raise PersonaFileError(f"the persona could not be created: {e}") from None
+
+
+def _map(value: Any) -> dict[str, Any]:
+    """``value`` when it is a map, else an empty one (a file from an older version)."""
+    return value if isinstance(value, dict) else {}

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import values
+
 if TYPE_CHECKING:
     from .events import EventBus
 
@@ -596,25 +598,16 @@ def _faulted(owner: str, key: str, fault: str) -> Callable[..., Any]:
     return faulted
 
 
-_PLAIN_DEPTH = 64
+def plain(value: Any) -> Any:
+    """A slot value as msgpack-friendly data for the wire and the inspector: the one
+    reducer (:func:`a4ps.values.plain`) with the inspector's extra, a proto becomes a
+    reference ``{"$proto": name}``. Nesting deeper than 64 levels (only an image from
+    before the slot checks can hold that) is cut, so listing such a proto never fails."""
+    return values.plain(value, ref=_proto_ref)
 
 
-def plain(value: Any, _depth: int = 0) -> Any:
-    """Reduce a slot value to msgpack-friendly data for the wire: bytes stay bytes,
-    sets become lists, a proto becomes {"$proto": name}, anything else {"$repr": ...}.
-    Deeper than 64 levels (only an image from before the slot checks can hold that)
-    the rest is cut, so listing such a proto never fails."""
-    if _depth > _PLAIN_DEPTH:
-        return {"$repr": f"<nested deeper than {_PLAIN_DEPTH} levels>"}
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return value
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [plain(v, _depth + 1) for v in value]
-    if isinstance(value, dict):
-        return {str(k): plain(v, _depth + 1) for k, v in value.items()}
-    if isinstance(value, Proto):
-        return {"$proto": value.name}
-    return {"$repr": repr(value)}
+def _proto_ref(value: Any) -> dict[str, str] | None:
+    return {"$proto": value.name} if isinstance(value, Proto) else None
 
 
 class ProtoManager:

@@ -18,15 +18,14 @@ command's model in pydantic *strict* mode: ``"5"`` is not an int and ``true`` is
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import enum
 import io
-import math
-from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
 import msgpack
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from .values import plain  # the one reducer (wire defaults); re-exported for callers
 
 PROTOCOL_VERSION = 1
 MAX_ID_LEN = 128
@@ -320,36 +319,6 @@ def _describe(err: ValidationError) -> str:
 
 # -- msgpack codec -----------------------------------------------------------------
 
-def plain(value: Any, _depth: int = 0) -> Any:
-    """Reduce any value to msgpack-friendly data (unknown objects become their repr)."""
-    if _depth > 64:
-        return repr(value)
-    if value is None or isinstance(value, (bool, int, str, bytes)):
-        if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
-            return str(value)
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {str(k): plain(v, _depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [plain(v, _depth + 1) for v in value]
-    if isinstance(value, BaseModel):
-        return plain(value.model_dump(mode="python"), _depth + 1)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return plain(dataclasses.asdict(value), _depth + 1)
-    if isinstance(value, enum.Enum):
-        return plain(value.value, _depth + 1)
-    if isinstance(value, (PurePath, _dt.datetime, _dt.date)):
-        return str(value) if isinstance(value, PurePath) else value.isoformat()
-    to_dict = getattr(value, "to_dict", None)
-    if callable(to_dict):
-        try:
-            return plain(to_dict(), _depth + 1)
-        except Exception:
-            pass
-    return {"$repr": repr(value)}
-
 
 def _default(value: Any) -> Any:
     reduced = plain(value)
@@ -361,9 +330,9 @@ def _default(value: Any) -> Any:
 def pack(obj: Any) -> bytes:
     """msgpack bytes; values msgpack can't hold are reduced with :func:`plain`."""
     try:
-        return msgpack.packb(obj, use_bin_type=True, default=_default)
+        return bytes(msgpack.packb(obj, use_bin_type=True, default=_default))
     except (TypeError, ValueError, OverflowError):
-        return msgpack.packb(plain(obj), use_bin_type=True)
+        return bytes(msgpack.packb(plain(obj), use_bin_type=True))
 
 
 def unpack(data: bytes, max_bytes: int | None = None) -> Any:
@@ -549,6 +518,7 @@ def decode_args(env: Envelope, *, max_depth: int = MAX_ARGS_DEPTH,
             if count > max_values:
                 raise ProtocolError(ErrorCode.INVALID_ARGS, f"args hold more than {max_values} "
                                     "values; send less per command", rid)
+            value: dict[Any, Any] | list[Any]
             if kind == "map":
                 n, value = u.read_map_header(), {}
             elif kind == "array":
@@ -645,7 +615,7 @@ def decode_event(frames: list[bytes]) -> EventMessage:
             or not isinstance(payload, (dict, type(None)))):
         raise ProtocolError(ErrorCode.BAD_REQUEST,
                             "invalid event: needs int seq, number ts and a map payload")
-    return _new_event(topic, seq, float(ts), payload or {})
+    return _new_event(topic, seq, float(ts), payload or {})  # type: ignore[no-any-return, arg-type]  # ts checked just above
 
 
 def _event_factory() -> Any:

@@ -24,6 +24,7 @@ Errors::
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import re
@@ -111,7 +112,7 @@ class TaskGate:
                 self._holder = None
                 self._cond.notify_all()
 
-    def running(self) -> list[str]:
+    def running(self) -> builtins.list[str]:
         with self._cond:
             return sorted(self._running.values())
 
@@ -177,7 +178,7 @@ class TimeMachine:
         self._restore_lock = threading.Lock()
 
     # -- reading ------------------------------------------------------------------------
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> builtins.list[dict[str, Any]]:
         """Every snapshot, newest first, in the ``image.snapshots`` wire shape."""
         return [wire(e) for e in self.store.catalog()]
 
@@ -258,7 +259,8 @@ class TimeMachine:
         log.info("restored snapshot %s (pre-restore snapshot %s)", entry["id"], pre)
         return {"restored": entry["id"], "pre_restore": pre}
 
-    def _publish_proto_changes(self, delta: tuple[list[str], list[str], dict[str, Any]],
+    def _publish_proto_changes(self, delta: tuple[builtins.list[str], builtins.list[str],
+                                                  dict[str, Any]],
                                live: dict[str, Any], restored: dict[str, Any]) -> None:
         added, removed, changed = delta
         for name in removed:

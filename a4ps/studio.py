@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from a4ps.cognition.graph import CognitiveGraph
 from a4ps.config import Settings, load_settings
+from a4ps.system import System
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ class StudioHost:
                 if self._make_system is not None:
                     system = self._make_system(self.settings)
                 else:
-                    from a4ps.system import System
                     system = System(self.settings)
                 system.start(services=False)
                 self._system = system

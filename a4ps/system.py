@@ -18,12 +18,29 @@ from typing import TYPE_CHECKING, Any
 
 from .codex import Codex
 from .cognition import generation
-from .config import PERSONAS, PROJECT_ROOT, Settings
+from .config import PERSONAS, PROJECT_ROOT, Settings, redact_url
 from .events import Event, EventBus
 from .image import ImageStore, LoadInfo, SaveRetry
 from .lock import DataLock
 from .proto import MethodWatchdog, ProtoManager
 from .snapshots import TaskGate, TimeMachine
+from .cognition.graph import CognitiveGraph
+from .fine_tuning.unsloth_forge import PersonaFinetuner
+from .memory import MemoryManager
+from .models.embeddings import make_embedder
+from .models.manager import ModelManager
+from .persona_file import PersonaFiles
+from .services.curator_service import Curator
+from .services.motivator_service import Motivator
+from .services.philosopher import Philosopher
+from .task_queues import open_task_queue
+from .tools.registry import ToolRegistry
+from .tools.sandbox import make_sandbox
+from .tools.tool_forge import ToolForge, build_prompt
+from .cognition.state import TaskCancelled
+from .services.ledger import Ledger
+from .task_control import finish_stopped
+from .tools.seed_tools import seed
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -96,35 +113,22 @@ class System:
         self._save_retry = SaveRetry()
         self.unsaved_at_stop: str | None = None
 
-        from .models.embeddings import make_embedder
-        from .models.manager import ModelManager
         self.embedder = embedder or make_embedder(settings)
         # no chat_backend: the manager builds the one settings.models.backend names
         self.models = ModelManager(settings, self.bus, backend=chat_backend, embedder=self.embedder)
 
-        from .memory import MemoryManager
-        from .tasks import open_task_queue
         self.memory = MemoryManager(settings, self.embedder, bus=self.bus)
         self.tasks = open_task_queue(settings, bus=self.bus)
 
-        from .tools.registry import ToolRegistry
-        from .tools.sandbox import make_sandbox
-        from .tools.tool_forge import ToolForge
         self.sandbox = sandbox or make_sandbox(settings)
         self.tools = ToolRegistry(self.protos, settings, self.bus, embedder=self.embedder,
                                   sandbox=self.sandbox)
         self.forge = ToolForge(self.tools, self.sandbox, self._brick_writes_tool, settings, self.bus)
 
-        from .cognition.graph import CognitiveGraph
         self.graph = CognitiveGraph(self.protos, self.models, self.memory, self.bus, settings,
                                     forge=self.forge, registry=self.tools)
 
-        from .fine_tuning.unsloth_forge import PersonaFinetuner
-        from .services.curator_service import Curator
-        from .services.motivator_service import Motivator
-        from .services.philosopher import Philosopher
         self.finetuner = PersonaFinetuner(settings, self.bus, self.protos, self.models)
-        from .services.ledger import Ledger
         self.curator = Curator(settings, self.bus, self.protos, self.memory, finetuner=self.finetuner,
                                embedder=self.embedder)
         self.ledger = Ledger(settings.data_dir / "motivator.sqlite")   # durable limits, pause
@@ -132,7 +136,6 @@ class System:
                                    self.codex, ledger=self.ledger)
         self.philosopher = Philosopher(settings, self.bus, self.protos, self.memory, self.codex,
                                        self.embedder)
-        from .persona_file import PersonaFiles
         self.personas = PersonaFiles(settings, self.protos, self.codex, self.memory, self.models,
                                      self.embedder, self.bus, save=self.save)
 
@@ -152,9 +155,8 @@ class System:
 
     # -- the tool forge's writer: BRICK ---------------------------------------------
     def _brick_writes_tool(self, spec: Any, feedback: str | None) -> str:
-        from .tools.tool_forge import build_prompt
-        return self.protos.get("BRICK").invoke_llm(
-            build_prompt(spec, feedback, allowed_imports=self.forge.allowed_imports))
+        return str(self.protos.get("BRICK").invoke_llm(
+            build_prompt(spec, feedback, allowed_imports=self.forge.allowed_imports)))
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, *, services: bool = True, lock: DataLock | None = None,
@@ -193,6 +195,7 @@ class System:
         if loaded is None:
             log.info("no image in %s: seeding personas from %s", self.settings.data_dir, CODEX_PATH)
             self._ensure_personas()
+            self._seed_tools()
             self.save()
             return
         parts, self.last_load = loaded
@@ -202,6 +205,7 @@ class System:
         self._codex_saved = self._codex_changes
         self.image.remember(self.image_parts())   # an unchanged image is not written again
         self._ensure_personas()
+        self._seed_tools()
         self.tools.sync_files()  # <data>/tools/ mirrors the image's tools
         log.info("loaded image %s (%d protos, codex v%d)", self.last_load.path,
                  len(self.protos), self.codex.version)
@@ -407,11 +411,20 @@ class System:
         if "status" in persona.own_slots():
             self.protos.update("persona", delete=["status"])
 
+    def _seed_tools(self) -> None:
+        """The vetted seed tools (a4ps/tools/seed_tools.py) an image has never had."""
+        if not self.settings.forge.seed_tools:
+            return
+        try:
+            seed(self.tools)
+        except Exception:      # a start never fails over a convenience
+            log.exception("seeding the tools failed; the forge still works")
+
     def _on_codex_decided(self, event: Event) -> None:
         self._codex_changes += 1
         if event.payload.get("approved"):
             persona = event.payload.get("persona")
-            if persona in self.protos:
+            if isinstance(persona, str) and persona in self.protos:
                 self.protos.update(persona, {"system_prompt": self.codex.system_prompt(persona)})
 
     # -- tasks ------------------------------------------------------------------------------
@@ -429,8 +442,6 @@ class System:
             return self._run_task(task, cancel)
 
     def _run_task(self, task: Task, cancel: Any = None) -> dict[str, Any] | None:
-        from .cognition.state import TaskCancelled
-        from .task_control import finish_stopped
         meta = {**task.meta, "origin": task.origin}
         try:    # the checkpoint store too: a task must never be left running on error
             resume = self.graph.has_checkpoint(task.id)
@@ -496,7 +507,6 @@ class System:
 
     def stores(self) -> dict[str, str]:
         """Where the task queue, checkpoints and memory live (passwords hidden)."""
-        from .config import redact_url
         s = self.settings
         return {"tasks": redact_url(s.tasks.queue), "checkpoints":
                 redact_url(s.cognition.checkpointer), "memory": redact_url(s.memory_uri)}

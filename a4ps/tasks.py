@@ -26,6 +26,7 @@ transaction, so it is also atomic across processes sharing the file.
 """
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -134,7 +135,7 @@ _COLS = ("id, text, origin, priority, status, created, started, finished, result
          "attempts, meta, cancel_requested, interrupted, interruptions")
 
 
-def _row(r: tuple) -> Task:
+def _row(r: tuple[Any, ...]) -> Task:
     return Task(id=r[0], text=r[1], origin=r[2], priority=r[3], status=r[4], created=r[5],
                 started=r[6], finished=r[7], result=_loads(r[8]), error=r[9],
                 attempts=r[10], meta=_loads(r[11]) or {}, cancel_requested=bool(r[12]),
@@ -159,7 +160,8 @@ class TaskQueue(Protocol):
 
     Two implementations: :class:`SqliteTaskQueue` (one machine, ``<data_dir>/tasks.sqlite``)
     and :class:`~a4ps.tasks_postgres.PostgresTaskQueue` (several daemons sharing one
-    PostgreSQL database). :func:`open_task_queue` builds the one ``tasks.queue`` names.
+    PostgreSQL database). :func:`a4ps.task_queues.open_task_queue` builds the one
+    ``tasks.queue`` names.
     Both keep the states, ordering and recovery rules in this module's docstring; the
     shared queue's ``recover`` requeues only the tasks of daemons that are gone.
     """
@@ -185,30 +187,15 @@ class TaskQueue(Protocol):
     def get(self, task_id: str) -> Task: ...
 
     def list(self, status: str | Iterable[str] | None = None,
-             limit: int = 50) -> list[Task]: ...
+             limit: int = 50) -> builtins.list[Task]: ...
 
     def pending_count(self, origin: str | None = None) -> int: ...
 
     def interrupt(self, task_id: str) -> bool: ...
 
-    def recover(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]: ...
+    def recover(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> builtins.list[Task]: ...
 
     def close(self) -> None: ...
-
-
-def open_task_queue(settings: Any, bus: Any = None) -> TaskQueue:
-    """The queue ``settings.tasks.queue`` names: ``"sqlite"`` or a PostgreSQL URL."""
-    url = settings.tasks.queue
-    if url.startswith(("postgres://", "postgresql://")):
-        from .tasks_postgres import PostgresTaskQueue, default_worker_name
-        if settings.cognition.checkpointer == "sqlite":
-            log.warning("tasks.queue is shared but cognition.checkpointer is this "
-                        "daemon's SQLite file: a task requeued from a crashed daemon "
-                        "starts over on another instead of resuming; set "
-                        "cognition.checkpointer to the PostgreSQL URL too")
-        return PostgresTaskQueue(url, bus=bus, worker_name=settings.tasks.worker_name
-                                 or default_worker_name(settings.data_dir))
-    return SqliteTaskQueue(settings.tasks_path, bus=bus)
 
 
 class SqliteTaskQueue:
@@ -399,7 +386,7 @@ class SqliteTaskQueue:
             self._check_open()
             return self._get(self._db, task_id)
 
-    def list(self, status: str | Iterable[str] | None = None, limit: int = 50) -> list[Task]:
+    def list(self, status: str | Iterable[str] | None = None, limit: int = 50) -> builtins.list[Task]:
         """Newest first, optionally only some statuses."""
         statuses = [status] if isinstance(status, str) else (list(status) if status else [])
         bad = [s for s in statuses if s not in STATUSES]
@@ -415,12 +402,13 @@ class SqliteTaskQueue:
 
     def pending_count(self, origin: str | None = None) -> int:
         """Queued tasks, optionally of one origin."""
-        sql, args = "SELECT COUNT(*) FROM tasks WHERE status = 'queued'", ()
+        sql = "SELECT COUNT(*) FROM tasks WHERE status = 'queued'"
+        args: tuple[str, ...] = ()
         if origin is not None:
             sql, args = sql + " AND origin = ?", (origin,)
         with self._lock:
             self._check_open()
-            return self._db.execute(sql, args).fetchone()[0]
+            return int(self._db.execute(sql, args).fetchone()[0])
 
     def interrupt(self, task_id: str) -> bool:
         """A graceful stop could not wait for this running task: mark it so the next
@@ -431,7 +419,7 @@ class SqliteTaskQueue:
                              (task_id,))
             return cur.rowcount == 1
 
-    def recover(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]:
+    def recover(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> builtins.list[Task]:
         """Call once at daemon start, before any worker claims.
 
         Tasks a graceful stop interrupted (:meth:`interrupt`) go back to ``queued`` as

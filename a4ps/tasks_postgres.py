@@ -28,6 +28,7 @@ psycopg is imported only here, only when a PostgreSQL queue is configured.
 """
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -90,7 +91,7 @@ class TaskQueueUnavailable(TaskQueueError):
     """The PostgreSQL queue cannot be reached or used; the message says what to do."""
 
 
-def _row(r: tuple) -> Task:
+def _row(r: tuple[Any, ...]) -> Task:
     return Task(id=r[0], text=r[1], origin=r[2], priority=r[3], status=r[4], created=r[5],
                 started=r[6], finished=r[7], result=r[8], error=r[9], attempts=r[10],
                 meta=r[11] or {}, cancel_requested=bool(r[12]), interrupted=bool(r[13]),
@@ -354,11 +355,11 @@ class PostgresTaskQueue:
                 "UPDATE a4ps_tasks SET interrupted = true WHERE id = %s AND status = 'running' "
                 "AND owner = %s RETURNING id", (task_id, self.worker_id)).fetchone() is not None
 
-    def running(self, *, all_daemons: bool = False) -> list[Task]:
+    def running(self, *, all_daemons: bool = False) -> builtins.list[Task]:
         """The tasks this daemon runs, oldest first (what the SQLite queue's ``running``
         means on one machine); ``all_daemons``: every daemon's."""
         sql = f"SELECT {_COLS} FROM a4ps_tasks WHERE status = 'running'"
-        args: tuple = ()
+        args: tuple[Any, ...] = ()
         if not all_daemons:
             sql, args = sql + " AND owner = %s", (self.worker_id,)
         with self._tx() as db:
@@ -372,7 +373,7 @@ class PostgresTaskQueue:
         with self._tx() as db:
             return self._get(db, task_id)
 
-    def list(self, status: str | Iterable[str] | None = None, limit: int = 50) -> list[Task]:
+    def list(self, status: str | Iterable[str] | None = None, limit: int = 50) -> builtins.list[Task]:
         """Newest first (every daemon's tasks), optionally only some statuses."""
         statuses = [status] if isinstance(status, str) else (list(status) if status else [])
         bad = [s for s in statuses if s not in STATUSES]
@@ -393,9 +394,9 @@ class PostgresTaskQueue:
         if origin is not None:
             sql, args = sql + " AND origin = %s", args + [origin]
         with self._tx() as db:
-            return db.execute(sql, args).fetchone()[0]
+            return int(db.execute(sql, args).fetchone()[0])
 
-    def recover(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Task]:
+    def recover(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> builtins.list[Task]:
         """Call at daemon start: requeue the tasks of workers that are gone.
 
         Unlike the SQLite queue, running tasks of *live* daemons are left alone. Those
@@ -408,7 +409,7 @@ class PostgresTaskQueue:
         self.max_attempts = max_attempts
         return self._sweep(max_attempts)
 
-    def _sweep(self, max_attempts: int) -> list[Task]:
+    def _sweep(self, max_attempts: int) -> builtins.list[Task]:
         self._last_sweep = time.monotonic()
         touched: list[Task] = []
         now = time.time()

@@ -19,8 +19,10 @@ mode, accuracy per kind, the decision parse rate (every route, tool-request and
 answer-choice decision the graph asked), the share of answers that came from a
 fallback, the routes taken, and the turns whose budget was filled by repetition;
 then the line ``suite accuracy: contrapunto X.XX single Y.YY`` to compare runs.
-``--forge`` lets the tool route forge and run tools in the gVisor sandbox (slow: BRICK
-writes the code); without it a tool request is answered "no tool forge configured".
+The tool route finds and calls the registered tools (a new image has the seed tool
+``calculate``) in the gVisor sandbox; ``--forge`` also lets it forge new ones (slow:
+BRICK writes the code); without it a request for a tool that does not exist is
+answered "no tool fits ... and no tool forge is configured".
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def build(args: argparse.Namespace):
     system = System(settings).start(services=False)
     graph = CognitiveGraph(system.protos, system.models, None, system.bus, settings,
                            forge=system.forge if args.forge else None,
-                           registry=system.tools if args.forge else None,
+                           registry=system.tools,
                            checkpointer_path=False, turn_max_tokens=args.max_tokens)
     return system, graph
 
@@ -111,15 +113,22 @@ def summarise(rows: list[dict], modes: list[str]) -> dict:
     decisions = [d for r in graph_rows for d in r["decisions"]]
     out["decisions"] = {k: (sum(d["parsed"] for d in decisions if d["kind"] == k),
                             sum(d["kind"] == k for d in decisions))
-                        for k in ("route", "tool_request", "answer")}
+                        for k in ("route", "tool", "tool_request", "answer")}
+    out["route_by"] = dict(Counter(("signal" if d.get("method") == "signal" else "model")
+                                   for d in decisions if d["kind"] == "route"))
     out["parse_rate"] = (sum(d["parsed"] for d in decisions) / len(decisions)
                          if decisions else float("nan"))
     out["fallback_share"] = (sum(r["fallback"] for r in graph_rows) / len(graph_rows)
                              if graph_rows else float("nan"))
     out["routes"] = dict(Counter(r["route"] for r in graph_rows))
-    fit = [r["route"] == EXPECTED_ROUTE[r["kind"]] for r in graph_rows
+    fit = [(r["kind"], r["route"] == EXPECTED_ROUTE[r["kind"]]) for r in graph_rows
            if r["decisions"] and r["decisions"][0]["kind"] == "route"]
-    out["route_fit"] = sum(fit) / len(fit) if fit else float("nan")
+    out["route_fit"] = sum(ok for _, ok in fit) / len(fit) if fit else float("nan")
+    out["route_fit_kinds"] = {k: sum(ok for kk, ok in fit if kk == k) / n
+                              for k in suite.KINDS
+                              if (n := sum(kk == k for kk, _ in fit))}
+    tools = [r["tool"] for r in graph_rows if r.get("tool")]
+    out["tool_calls"] = (sum(bool(t.get("ok")) and "output" in t for t in tools), len(tools))
     out["sources"] = dict(Counter(r["source"] for r in graph_rows))
     return out
 
@@ -142,8 +151,11 @@ def table(s: dict, modes: list[str]) -> str:
                  + (f"{s['parse_rate']:.2f}" if s["parse_rate"] == s["parse_rate"] else "n/a")
                  + " (" + ", ".join(f"{k} {a}/{b}" for k, (a, b) in d.items()) + ")")
     lines.append(f"answers from a fallback: {s['fallback_share']:.2f}   "
-                 f"routes: {s['routes']} (fit the kind: {s['route_fit']:.2f})   "
                  f"sources: {s['sources']}")
+    lines.append(f"routes: {s['routes']} decided by {s.get('route_by', {})}; fit the kind: "
+                 f"{s['route_fit']:.2f} ("
+                 + " ".join(f"{k[:5]}={v:.2f}" for k, v in s.get("route_fit_kinds", {}).items())
+                 + f")   tool calls answered: {s['tool_calls'][0]}/{s['tool_calls'][1]}")
     lines.append("turns whose budget repetition filled: " + ", ".join(
         f"{mode} {m['repetition_filled']}/{m['turns']} (at budget {m['length_finishes']})"
         for mode, m in s["modes"].items()))

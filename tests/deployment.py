@@ -50,7 +50,9 @@ def standin_reply(model: str, messages: list[dict], body: dict) -> str:
         choice = schema.get("properties", {}).get("choice", {})
         if "enum" in choice:
             opts = choice["enum"]
-            return json.dumps({"choice": "contrapunto" if "contrapunto" in opts else opts[0]})
+            # the dialogue route, offered as "contrapunto" or as the word "talk"
+            return json.dumps({"choice": next((o for o in ("contrapunto", "talk") if o in opts),
+                                              opts[0])})
         return json.dumps(example_of(schema))
     return demo_reply(messages)
 
@@ -60,15 +62,18 @@ def describe_call(body: dict) -> tuple[str | None, str]:
     route), ``"answer"`` (ALFRED's choice among the dialogue's answers, the task's one
     synthesis), ``"decision"`` (any other schema decision, e.g. a tool request) or the
     persona whose free text was asked for (``"BRICK"``, ``"ROBIN"``, ``"ALFRED"``)."""
-    text = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
-    job = _JOB.search(text)
+    # the task's job is the last one named in the last message: memories of earlier
+    # jobs come before the task there (prompts put context first, the task last)
+    last = str((body.get("messages") or [{}])[-1].get("content", ""))
+    jobs = _JOB.findall(last)
+    job = jobs[-1] if jobs else None
     fmt = body.get("response_format")
     m = re.search(r"You are (\w+)", str(body["messages"][0].get("content", "")))
     persona = m.group(1) if m else "?"
     if fmt:
         props = fmt.get("json_schema", {}).get("schema", {}).get("properties", {})
         options = props.get("choice", {}).get("enum")
-        if options and "contrapunto" in options:
+        if options and ("contrapunto" in options or "talk" in options):   # route's words
             kind = "route"
         elif options and persona == "ALFRED":
             kind = "answer"
@@ -78,7 +83,7 @@ def describe_call(body: dict) -> tuple[str | None, str]:
         kind = "route"
     else:
         kind = persona
-    return (job.group(0) if job else None), kind
+    return job, kind
 
 
 @dataclass

@@ -23,11 +23,18 @@ def persona_of(messages: list[dict[str, str]]) -> str:
 
 
 def is_route(messages: list[dict[str, str]]) -> bool:
-    return "How should this task be handled?" in messages[-1]["content"]
+    from a4ps.cognition.prompts import ROUTE_ASK
+    return ROUTE_ASK in messages[0]["content"]
 
 
 def is_answer_choice(messages: list[dict[str, str]]) -> bool:
-    return "Give the best answer to this task." in messages[-1]["content"]
+    """ALFRED's answer choice: the task under his bare name (prompts.answer_choice_messages)."""
+    return messages[0]["role"] == "system" and messages[0]["content"] == "You are ALFRED."
+
+
+def is_tool_choice(messages: list[dict[str, str]]) -> bool:
+    from a4ps.cognition.prompts import TOOL_ASK
+    return TOOL_ASK in messages[0]["content"]
 
 
 def is_tool_request(messages: list[dict[str, str]]) -> bool:
@@ -39,15 +46,18 @@ Say = str | Callable[[int], str]
 
 def script(*, route: str = "contrapunto", brick: Say = "BRICK analysis.",
            robin: Say = "ROBIN view.", answer: str = "ALFRED's final answer.",
-           pick: str = "BRICK", tool: Any = None,
+           pick: str = "BRICK", tool: Any = None, use: str = "none",
            log: list[str] | None = None) -> Callable[..., Any]:
     """A reply function for the ScriptedBackend's free text *and* decisions.
 
     ``brick``/``robin`` may be functions of their call number (1..). Decisions:
-    ``route`` (one of the routes, or any text to see a DecisionError), ``pick``
-    ("BRICK" or "ROBIN": ALFRED's answer choice) and ``tool`` (the tool-request object,
-    or a string that is not JSON; or a function of the request's number, 1..).
+    ``route`` (one of the routes, answered as the word the model is offered for it; or
+    any text to see a DecisionError), ``pick`` ("BRICK" or "ROBIN": ALFRED's answer
+    choice), ``use`` (BRICK's choice among registered tools, "none" for none) and
+    ``tool`` (the tool-request object, or a string that is not JSON; or a function of
+    the request's number, 1..).
     """
+    from a4ps.cognition.prompts import ROUTE_LABELS
     counts = {"BRICK": itertools.count(1), "ROBIN": itertools.count(1),
               "tool": itertools.count(1)}
 
@@ -56,7 +66,11 @@ def script(*, route: str = "contrapunto", brick: Say = "BRICK analysis.",
         if is_route(messages):
             if log is not None:
                 log.append("ALFRED/route")
-            return route
+            return ROUTE_LABELS.get(route, route)
+        if is_tool_choice(messages):
+            if log is not None:
+                log.append("BRICK/tool choice")
+            return use
         if is_answer_choice(messages):
             if log is not None:
                 log.append("ALFRED/choice")

@@ -72,7 +72,7 @@ def test_ask_local_json_and_route(local_system, data_dir, capsys):
 
 
 def test_ask_local_failure_is_reported_with_its_reason(local_system, data_dir, capsys):
-    local_system["replies"] = lambda m: "contrapunto" if graph_parts.is_route(m) else ""
+    local_system["replies"] = lambda m: "talk" if graph_parts.is_route(m) else ""   # contrapunto
     rc = cli.main(["--data-dir", str(data_dir), "ask", "--local", "anything"])
     out = capsys.readouterr().out
     assert rc == 1

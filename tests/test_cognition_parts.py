@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from a4ps.cognition import answers, decisions
+from a4ps.cognition.signals import exact_computation
 from a4ps.cognition.streaming import TokenStream, TurnGuard
 from a4ps.events import EventBus, EventRecorder
 from a4ps.models.errors import DecisionError
@@ -119,9 +120,14 @@ def test_route_decision_is_one_of_the_routes_or_no_decision():
 
     def decide(messages, options):
         asked.append(options)
-        return "tool"
-    d = decisions.decide_route(manager(decide), P(), "What is 17 times 23?")
-    assert d.parsed and d.value == "tool" and asked == [["direct", "contrapunto", "tool"]]
+        return "answer"
+    d = decisions.decide_route(manager(decide), P(), "Who wrote Hamlet?")
+    assert asked == [["answer", "talk", "calculate"]]       # the words the model weighs
+    assert d.parsed and d.value == "direct" and d.method != "signal"
+    asked.clear()
+    d = decisions.decide_route(manager(lambda m, o: asked.append(o) or "calculate"), P(),
+                               "Please think about this with me")
+    assert d.value == "tool" and set(d.scores) <= set(decisions.ROUTES)
     d = decisions.decide_route(manager(lambda m, o: "SUGGESTION if you need"), P(), "hi")
     assert not d.parsed and d.value is None and "route: no decision" in d.problem
     assert d.record()["parsed"] is False
@@ -140,6 +146,52 @@ def test_tool_request_decision_has_the_forge_shape():
     d = decisions.decide_tool_request(manager(lambda m, s: {"name": "today", "description": "",
                                                             "args": []}), P("BRICK"), "Date?")
     assert d.value == {"name": "today", "description": "today", "args": {}}
+
+
+@pytest.mark.parametrize("task, evidence", [
+    ("What is 17 times 23?", "17 times 23"),
+    ("What is 15% of 240?", "15% of 240"),
+    ("Convert 5 miles to kilometers.", "5 miles to kilometers"),
+    ("How many grams are in 2.5 kilograms?", "How many grams are in 2.5 kilograms"),
+    ("What is the square root of 144?", "square root of 144"),
+])
+def test_a_stated_computation_routes_to_the_tool_without_asking_the_model(task, evidence):
+    def decide(messages, options):
+        raise AssertionError("the model must not be asked")
+    d = decisions.decide_route(manager(decide), P(), task)
+    assert (d.value, d.method, d.evidence) == ("tool", "signal", evidence)
+    assert d.record()["evidence"] == evidence
+
+
+@pytest.mark.parametrize("task", [
+    "Who wrote Hamlet?", "In what year did World War II end?",
+    "My friend forgot my birthday and I feel hurt.", "List three primary colours.",
+    "If all bloops are razzies, are all bloops lazzies?"])
+def test_tasks_without_a_stated_computation_are_the_models_to_route(task):
+    assert exact_computation(task) is None
+
+
+def test_an_unusable_tool_name_is_asked_again_as_a_closed_choice():
+    """The CI failure: the embedded decoder wrote '17' as the name for 'What is 17
+    times 23?'. The name is then a choice among usable names; it always parses."""
+    asked = []
+
+    def decide(messages, asked_for):
+        asked.append(asked_for)
+        if isinstance(asked_for, dict):
+            return {"name": "17", "description": "multiplies two numbers",
+                    "args": [{"name": "a", "value": "17"}]}
+        return asked_for[1]
+    d = decisions.decide_tool_request(manager(decide), P("BRICK"), "What is 17 times 23?")
+    options = asked[1]
+    assert options[:2] == ["multiplies_two_numbers", "multiplies_two"]
+    assert set(decisions.GENERIC_TOOL_NAMES) <= set(options)
+    assert all(decisions.snake_case(o) == o for o in options)
+    assert d.parsed and d.method == "structured+choose"
+    assert d.value == {"name": "multiplies_two", "description": "multiplies two numbers",
+                       "args": {"a": 17}}
+    # nothing usable anywhere: the plain verbs are still there to choose
+    assert decisions.name_options("", "17 + 4 = ?") == list(decisions.GENERIC_TOOL_NAMES)
 
 
 def test_an_invalid_tool_request_is_no_decision():

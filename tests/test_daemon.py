@@ -14,7 +14,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,12 +25,7 @@ from a4ps import protocol as P
 from a4ps.client import DaemonClient, DaemonError, EventSubscriber
 from a4ps.config import PROJECT_ROOT, load_settings
 from a4ps.daemon import Daemon, DaemonLock, DaemonLockError, ensure_token
-
-
-def free_addr() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+from daemon_process import DaemonProcess, free_addr
 
 
 # -- a System stand-in made of the real light parts -----------------------------------
@@ -399,51 +393,11 @@ def test_stop_after_grace_leaves_the_task_to_resume(tmp_path, monkeypatch):
 
 # -- the real daemon in a subprocess ----------------------------------------------------
 
-class DaemonProc:
-    def __init__(self, data_dir: Path, cmd_addr: str, ev_addr: str, grace: float = 20,
-                 env: dict[str, str] | None = None, preexec_fn=None) -> None:
-        self.env = {**os.environ, "A4PS_DATA_DIR": str(data_dir),
-                    "A4PS_BUS__COMMAND_ADDR": cmd_addr, "A4PS_BUS__EVENT_ADDR": ev_addr,
-                    "A4PS_BUS__HEARTBEAT_INTERVAL_S": "0.5",
-                    "A4PS_MODELS__BACKEND": "scripted", "A4PS_MODELS__EMBEDDING_BACKEND": "hash",
-                    "A4PS_CURATOR__ENABLED": "false", "A4PS_MOTIVATOR__ENABLED": "false",
-                    "A4PS_PHILOSOPHER__ENABLED": "false",
-                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-        self.data_dir = data_dir
-        self.log = open(data_dir.parent / f"daemon-{time.time_ns()}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "a4ps", "daemon", "--grace", str(grace)],
-                                     cwd=PROJECT_ROOT, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
-        self.settings = load_settings(data_dir=data_dir)
-        self.settings.bus.command_addr, self.settings.bus.event_addr = cmd_addr, ev_addr
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
-            if self.settings.token_path.exists():
-                try:
-                    with DaemonClient.from_settings(self.settings, timeout=1) as c:
-                        c.request("system.ping")
-                        return
-                except Exception:
-                    pass
-            time.sleep(0.2)
-        raise AssertionError(f"daemon not ready in {timeout}s:\n{self.output()}")
-
-    def client(self) -> DaemonClient:
-        return DaemonClient.from_settings(self.settings, timeout=30)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+def DaemonProc(data_dir: Path, cmd_addr: str, ev_addr: str, grace: float = 20,
+               env: dict[str, str] | None = None, preexec_fn=None) -> DaemonProcess:
+    """A daemon subprocess, spawned (call ``wait_ready``): the one shared helper."""
+    return DaemonProcess(data_dir, cmd_addr, ev_addr, grace=grace, env=env,
+                         preexec_fn=preexec_fn).spawn()
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """Constrained decisions on the real embedded model (SmolLM2-135M): over 50 calls each,
 the route and the tool request always parse. Slow: real model calls.
 
-The tool-request test needs the embedded backend's constrained ``structured`` (the
-models team's work); until it lands the backend raises DecisionError and this test
-fails, as it should."""
+The tool request is the embedded backend's schema walk; its free-text name field once
+came back as '17' for "What is 17 times 23?" (CI), so an unusable name is asked again
+as a closed choice (decisions.decide_tool_request) and every request has a name."""
 from __future__ import annotations
 
 import pytest

@@ -411,7 +411,7 @@ def test_end_to_end_dissonance_reflection_note_and_amendment_through_the_graph(s
             return f"GOAL: {GOAL}"
         if who == "ALFRED":
             if is_route(messages):
-                return "contrapunto"
+                return "talk"          # the route is asked in words: answer / talk / calculate
             if is_answer_choice(messages):     # ALFRED chooses among the dialogue's answers
                 return next(o for o in asked if o in (robin_reflects, robin_says))
             return "Be honest, and be kind."

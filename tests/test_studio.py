@@ -39,12 +39,10 @@ def test_langgraph_json_graph_has_non_null_input_and_output_schemas(monkeypatch,
     value, cfg = load_like_langgraph_api(monkeypatch)
     assert cfg["env"]["A4PS_DATA_DIR"] == "data/studio"     # never the daemon's data/
     monkeypatch.setenv("A4PS_DATA_DIR", str(data_dir))
-    import a4ps.system
-
     def no_system(*a, **k):
         raise AssertionError("drawing the graph must not build the System")
-    monkeypatch.setattr(a4ps.system, "System", no_system)
     assert callable(value)
+    monkeypatch.setitem(value.__globals__, "System", no_system)   # the factory's own binding
     graph = value()             # a factory: the server calls it per request
     assert graph is value()     # ... and gets the same compiled graph each time
     schema_in, schema_out = graph.get_input_jsonschema(), graph.get_output_jsonschema()

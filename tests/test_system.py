@@ -218,3 +218,16 @@ def test_a_persona_damaged_in_an_old_image_is_repaired_at_start(data_dir):
         assert robin.role == system.codex.persona("ROBIN").role and robin.model_name
         listed = system.snapshot()["protos"]          # no RecursionError
         assert any(p["name"] == "ROBIN" for p in listed)
+
+
+def test_a_new_image_is_seeded_with_the_calculate_tool_once(data_dir, tmp_path):
+    with System(make_settings(data_dir)).start(services=False) as system:
+        tool = system.tools.get("calculate")
+        assert tool.get("created_by") == "seed"
+        system.tools.protos.remove(tool.name)          # a person deletes it
+    with System(make_settings(data_dir)).start(services=False) as again:
+        assert "calculate" not in again.tools           # the deletion stands over a restart
+    off = load_settings(data_dir=tmp_path / "off", forge={"seed_tools": False},
+                        models={"backend": "scripted", "embedding_backend": "hash"})
+    with System(off).start(services=False) as bare:
+        assert "calculate" not in bare.tools

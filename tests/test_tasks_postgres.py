@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from a4ps.events import EventRecorder
-from a4ps.tasks import SqliteTaskQueue, TaskNotFound, TaskQueue, open_task_queue
+from a4ps.task_queues import open_task_queue
+from a4ps.tasks import SqliteTaskQueue, TaskNotFound, TaskQueue
 from a4ps.tasks_postgres import PostgresTaskQueue, TaskQueueUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -45,7 +45,7 @@ def ui():
 def app(ui, daemon, tmp_path):
     from a4ps.ui.app import MorphicApp
     ui.set_size(ui_harness.WIDTH, ui_harness.HEIGHT)
-    app = ui.start(MorphicApp(daemon.settings(), poll_hz=30,
+    app = ui.start(MorphicApp(daemon.settings, poll_hz=30,
                               geometry_path=tmp_path / "ui_window.json"))
     ui.wait_until(lambda: app.controller.connected and app.controller.canvas.get("BRICK"),
                   30, "the UI to connect and show BRICK")
@@ -528,7 +528,7 @@ def seed_tool(daemon) -> None:
     """
     from a4ps.models.embeddings import HashEmbedder
     from a4ps.system import System
-    system = System(daemon.settings(), embedder=HashEmbedder()).start(services=False)
+    system = System(daemon.settings, embedder=HashEmbedder()).start(services=False)
     try:
         system.tools.register({"name": "fib", "description": "the n-th Fibonacci number"},
                               FIB_SOURCE, "assert fib(10) == 55\n", "BRICK",
@@ -605,12 +605,12 @@ def test_a4ps_ui_starts_a_daemon_stops_it_and_remembers_the_window(tmp_path):
                SDL_AUDIODRIVER="dummy")
     if not env.get("DISPLAY"):
         env["SDL_VIDEODRIVER"] = "offscreen"
-    assert not daemon_alive(d.settings(), timeout=0.5)
+    assert not daemon_alive(d.settings, timeout=0.5)
     try:
         out = subprocess.run([sys.executable, "-c", RUN_UI], env=env, capture_output=True,
                              text=True, timeout=240, cwd=os.getcwd())
     finally:   # never leave a daemon behind, whatever happened
-        if daemon_starting(d.settings()):
+        if daemon_starting(d.settings):
             import signal
             os.kill(int((tmp_path / "data" / "daemon.lock").read_text().splitlines()[0]),
                     signal.SIGTERM)
@@ -618,8 +618,8 @@ def test_a4ps_ui_starts_a_daemon_stops_it_and_remembers_the_window(tmp_path):
     assert out.returncode == 0, text[-3000:]
     assert "starting one" in text and "UI connected" in text and "'BRICK'" in text
     assert "stopping the daemon it started" in text
-    assert not daemon_alive(d.settings(), timeout=0.5)
-    assert not daemon_starting(d.settings())    # the lock names a process that is gone
+    assert not daemon_alive(d.settings, timeout=0.5)
+    assert not daemon_starting(d.settings)    # the lock names a process that is gone
     assert (tmp_path / "data" / "live_image.dill").exists()   # it saved on the way out
     saved = (tmp_path / "data" / "ui_window.json").read_text()
     assert '"width": 1000' in saved and '"height": 700' in saved, saved
@@ -631,7 +631,7 @@ def test_a4ps_ui_starts_a_daemon_stops_it_and_remembers_the_window(tmp_path):
 
 def test_launcher_sees_a_running_daemon(daemon):
     from a4ps.ui.launch import daemon_alive, daemon_starting
-    assert daemon_alive(daemon.settings()) and daemon_starting(daemon.settings())
+    assert daemon_alive(daemon.settings) and daemon_starting(daemon.settings)
 
 
 def test_goals_toggle_pauses_the_daemons_motivator(ui, app, daemon):

@@ -41,6 +41,8 @@ from kivy.config import Config  # noqa: E402  (after the environment above, befo
 Config.set("graphics", "width", str(MAX_SIZE[0]))
 Config.set("graphics", "height", str(MAX_SIZE[1]))
 
+import daemon_process  # noqa: E402  (the one daemon-subprocess helper)
+
 SCREENSHOT_DIR = Path(os.environ.get("A4PS_UI_SCREENSHOTS",
                                      Path(tempfile.gettempdir()) / "a4ps-ui-screenshots"))
 
@@ -201,77 +203,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class DaemonProcess:
-    """`python -m a4ps daemon` on a temp data dir and free ports, with the scripted
-    chat backend; ``restart()`` keeps the data dir and ports."""
-
-    def __init__(self, data_dir: Path, **env: str) -> None:
-        import sys
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ)
-        self.env.update({
-            "A4PS_DATA_DIR": str(self.data_dir),
-            "A4PS_BUS__COMMAND_ADDR": f"tcp://127.0.0.1:{free_port()}",
-            "A4PS_BUS__EVENT_ADDR": f"tcp://127.0.0.1:{free_port()}",
-            "A4PS_BUS__HEARTBEAT_INTERVAL_S": "0.5",
-            "A4PS_MODELS__BACKEND": "scripted",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        })
-        self.env.update(env)
-        self.python = sys.executable
-        self.proc = None
-        self.log_path = self.data_dir.parent / "daemon.log"
-
-    def settings(self):
-        """Settings as the daemon sees them (the same A4PS_* variables)."""
-        from unittest import mock
-        from a4ps.config import load_settings
-        keys = {k: v for k, v in self.env.items() if k.startswith("A4PS_")}
-        with mock.patch.dict(os.environ, keys):
-            return load_settings()
-
-    def client(self, timeout: float = 10.0):
-        from a4ps.client import DaemonClient
-        return DaemonClient.from_settings(self.settings(), timeout=timeout)
-
-    def start(self, timeout: float = 120.0) -> DaemonProcess:
-        import subprocess
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([self.python, "-m", "a4ps", "daemon"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited ({self.proc.returncode}):\n{self.log_tail()}")
-            if (self.data_dir / "daemon.token").exists():
-                from a4ps.client import DaemonUnavailable
-                try:
-                    with self.client(timeout=1.0) as c:
-                        self.boot_id = c.request("system.ping", timeout=1.0)["boot_id"]
-                    return self
-                except DaemonUnavailable:
-                    pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"daemon did not answer within {timeout}s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 60.0) -> None:
-        from a4ps.ui.launch import stop_daemon
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            stop_daemon(proc, grace_s=timeout)
-
-    def restart(self) -> DaemonProcess:
-        self.stop()
-        return self.start()
-
-    def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+def DaemonProcess(data_dir: Path, **env: str) -> daemon_process.DaemonProcess:
+    """`python -m a4ps daemon` on a temp data dir and free ports (the shared helper,
+    tests/daemon_process.py) with the scripted chat backend, the configured embedder and
+    the background services on, as a user's daemon; ``restart()`` keeps dir and ports."""
+    return daemon_process.DaemonProcess(data_dir, services=True, embeddings=None, env=env)
 
 
 # -- a real daemon in this process (threads), for tests that reach into its parts ------

@@ -7,8 +7,16 @@ outside what is allowed. A decision that cannot be made (the backend raises
 :class:`Decision` with ``value=None`` and a ``problem`` to record, never a default
 that pretends to be the model's answer.
 
-* :func:`decide_route` — ALFRED: ``direct`` | ``contrapunto`` | ``tool``.
-* :func:`decide_tool_request` — BRICK: ``{name, description, args}`` for the forge.
+* :func:`decide_route` — ALFRED: ``direct`` | ``contrapunto`` | ``tool``. A hybrid: a
+  task that states an exact computation goes to ``tool`` on that signal alone
+  (:mod:`a4ps.cognition.signals`, ``method="signal"``, the words that decided in
+  ``evidence``); the model decides every other task, as a closed choice among three
+  everyday words (:data:`ROUTE_LABELS`: SmolLM2-135M sorts tasks into "answer / talk /
+  calculate" far better than into the routes' own names; measured on the suite's tune
+  split, see docs/architecture.md).
+* :func:`decide_tool` — BRICK: which registered tool the task needs, or ``none``.
+* :func:`decide_tool_request` — BRICK: ``{name, description, args}`` for the forge (a
+  name he wrote unusably is asked again as a closed choice, so it always parses).
 * :func:`decide_answer` — ALFRED picks one of the candidate answers the dialogue produced.
 """
 from __future__ import annotations
@@ -19,9 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from a4ps.cognition import prompts
+from a4ps.cognition.signals import exact_computation
 from a4ps.models.errors import DecisionError
 
 ROUTES = prompts.ROUTES
+ROUTE_LABELS = prompts.ROUTE_LABELS          # route -> the word the model chooses
+NO_TOOL = prompts.NO_TOOL
 
 TOOL_REQUEST_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -47,6 +58,7 @@ class Decision:
     scores: dict[str, float] = field(default_factory=dict)
     method: str | None = None
     seconds: float = 0.0
+    evidence: str | None = None     # what decided, when it was not the model (a signal)
 
     @property
     def parsed(self) -> bool:
@@ -57,7 +69,7 @@ class Decision:
         return {"kind": self.kind, "value": self.value, "parsed": self.parsed,
                 "problem": self.problem, "method": self.method,
                 "scores": {k: round(v, 4) for k, v in self.scores.items()},
-                "seconds": round(self.seconds, 4)}
+                "seconds": round(self.seconds, 4), "evidence": self.evidence}
 
 
 def _ask(kind: str, fn: Any) -> tuple[Any, str | None, float]:
@@ -70,32 +82,88 @@ def _ask(kind: str, fn: Any) -> tuple[Any, str | None, float]:
 
 
 def decide_route(models: Any, alfred: Any, task: str, *, cancel: Any = None) -> Decision:
-    """ALFRED's route as a closed choice over :data:`ROUTES`."""
+    """ALFRED's route: the exact-computation signal, else a closed choice by the model
+    among :data:`ROUTE_LABELS` (reported under the routes' names)."""
+    evidence = exact_computation(task)
+    if evidence is not None:
+        return Decision("route", "tool", None, method="signal", evidence=evidence)
+    labels = [ROUTE_LABELS[r] for r in ROUTES]
     choice, problem, spent = _ask("route", lambda: models.choose(
-        alfred.model_name, prompts.route_messages(alfred, task), list(ROUTES), cancel=cancel))
+        alfred.model_name, prompts.route_messages(alfred, task), labels, cancel=cancel))
     if choice is None:
         return Decision("route", None, problem, seconds=spent)
-    return Decision("route", choice.value, None, dict(choice.scores), choice.method, spent)
+    route = ROUTES[labels.index(choice.value)]
+    scores = {ROUTES[labels.index(k)]: v for k, v in choice.scores.items() if k in labels}
+    return Decision("route", route, None, scores, choice.method, spent)
+
+
+def decide_tool(models: Any, brick: Any, task: str, tools: list[dict[str, Any]], *,
+                cancel: Any = None) -> Decision:
+    """BRICK's choice among the registered ``tools`` (``{"name", "description"}``) or
+    :data:`NO_TOOL` (none fits: a new tool is requested and forged)."""
+    names = [str(t["name"]) for t in tools]
+    options = names + [NO_TOOL]
+    choice, problem, spent = _ask("tool choice", lambda: models.choose(
+        brick.model_name, prompts.tool_choice_messages(brick, task, tools), options,
+        cancel=cancel))
+    if choice is None:
+        return Decision("tool", None, problem, seconds=spent)
+    return Decision("tool", choice.value, None, dict(choice.scores), choice.method, spent)
 
 
 def decide_tool_request(models: Any, brick: Any, task: str, *, cancel: Any = None) -> Decision:
     """BRICK's tool request under :data:`TOOL_REQUEST_SCHEMA`, as the forge's request shape
-    ``{"name": snake_case, "description": str, "args": dict}``; no usable name is no
-    decision."""
+    ``{"name": snake_case, "description": str, "args": dict}``.
+
+    The schema's ``name`` is free text, and a 135M model sometimes writes no name there
+    at all (``'17'`` for "What is 17 times 23?"). Then the name is asked again as a
+    closed choice (:func:`name_options`: names made of the words of BRICK's own
+    description and of the task, and a few plain verbs), so a request that was decoded
+    always carries a usable snake_case name (``method="structured+choose"``)."""
     raw, problem, spent = _ask("tool request", lambda: models.structured(
         brick.model_name, prompts.tool_request_messages(brick, task), TOOL_REQUEST_SCHEMA,
         cancel=cancel))
     if raw is None:
         return Decision("tool_request", None, problem, seconds=spent)
+    method = "structured"
+    description = " ".join(str(raw.get("description") or "").split())
     name = snake_case(raw.get("name", ""))
     if not name:
-        return Decision("tool_request", None,
-                        f"tool request: no usable tool name in {raw.get('name')!r}",
-                        method="structured", seconds=spent)
-    description = " ".join(str(raw.get("description") or "").split()) or name.replace("_", " ")
-    return Decision("tool_request", {"name": name, "description": description,
+        options = name_options(description, task)
+        choice, problem, more = _ask("tool name", lambda: models.choose(
+            brick.model_name, prompts.tool_name_messages(brick, task, description), options,
+            cancel=cancel))
+        spent += more
+        if choice is None:
+            return Decision("tool_request", None, problem, method=method, seconds=spent)
+        name, method = choice.value, "structured+choose"
+    return Decision("tool_request", {"name": name,
+                                     "description": description or name.replace("_", " "),
                                      "args": args_dict(raw.get("args") or [])},
-                    None, method="structured", seconds=spent)
+                    None, method=method, seconds=spent)
+
+
+#: names always offered when the model's own name was unusable (plain verbs a tool does)
+GENERIC_TOOL_NAMES = ("calculate", "convert_units", "look_up", "count_items", "format_text")
+_NAME_STOPWORDS = frozenset(
+    "a an the is are was were be of to in on at by for with and or what which who how "
+    "many much do does did this that it its my your me i you please can could would "
+    "should there here from into as than then so if".split())
+
+
+def name_options(description: str, task: str) -> list[str]:
+    """Candidate snake_case tool names: the first content words of ``description`` and
+    of ``task`` (two and three words), then :data:`GENERIC_TOOL_NAMES`. Never empty."""
+    out: list[str] = []
+    for text in (description, task):
+        words = [w for w in re.findall(r"[a-z]+", str(text or "").lower())
+                 if w not in _NAME_STOPWORDS and len(w) > 1]
+        for n in (3, 2):
+            name = snake_case("_".join(words[:n]))
+            if name and len(words) >= n:
+                out.append(name)
+    out.extend(GENERIC_TOOL_NAMES)
+    return list(dict.fromkeys(out))
 
 
 def decide_answer(models: Any, alfred: Any, task: str, candidates: list[str], *,

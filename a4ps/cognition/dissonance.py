@@ -14,19 +14,13 @@ asked in that case (an empty string embeds to some arbitrary vector).
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from a4ps.models.embeddings import Embedder  # the seam, owned by the models part
+
 MAX_DISSONANCE = 1.0
-
-
-class Embedder(Protocol):
-    """What the meter needs: ``embed(texts) -> float32 (n, dim)``, rows normalised."""
-
-    dim: int
-
-    def embed(self, texts: list[str]) -> np.ndarray: ...
 
 
 def dissonance(vec_a: Sequence[float] | np.ndarray, vec_b: Sequence[float] | np.ndarray) -> float:

@@ -5,8 +5,10 @@ picks the answer, and the exchange becomes memory.
 
     START -> alfred_route -> recall --contrapunto--> brick
                                     --direct-------> alfred_synthesize
-                                    --tool---------> tool_request --request--> forge -> brick
+                                    --tool---------> tool_request --request--> forge
                                                                   --none-----> brick
+    forge --answered--> alfred_synthesize       (the tool answered the task itself)
+          --consult---> brick                   (no answer from the tool: the dialogue)
     brick -> robin -> measure --disagree, rounds left--> brick
                               --agreed / round limit / unusable--> alfred_synthesize
     alfred_synthesize -> remember -> END
@@ -14,9 +16,13 @@ picks the answer, and the exchange becomes memory.
 (``CognitiveGraph.mermaid()`` draws it; tests/test_graph.py pins its edges.)
 
 Decisions are asked under constraint (:mod:`a4ps.cognition.decisions`): the route is
-``models.choose`` over the three routes, BRICK's tool request is ``models.structured``,
-and after a dialogue ALFRED's answer is a ``models.choose`` among the candidate answers
-BRICK and ROBIN gave (when their final answers agree there is nothing to choose). A
+the exact-computation signal or ``models.choose`` over the three routes, BRICK's tool
+is ``models.choose`` among the registered tools (or none: then his request for a new
+one is ``models.structured`` and the forge makes it), and after a dialogue ALFRED's
+answer is a ``models.choose`` among the candidate answers BRICK and ROBIN gave (when
+their final answers agree there is nothing to choose). A tool that answers the task
+itself (its output has an ``answer`` text, as the seed tool ``calculate`` does) gives
+the task's answer; any other output goes to BRICK and ROBIN as context. A
 decision that cannot be made is recorded as a problem and as an unparsed decision in
 ``result["decisions"]``; what the graph then does is said in the step, never passed
 off as the model's choice. Free text is only what the personas say.
@@ -52,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 # absolute imports: langgraph.json tooling may load this file by path
 from a4ps.cognition import decisions, generation, prompts
 from a4ps.cognition.answers import agree, final_answer
-from a4ps.cognition.checkpoints import is_postgres_url
+from a4ps.cognition.checkpoints import is_postgres_url, postgres_saver
 from a4ps.cognition.decisions import Decision
 from a4ps.cognition.prompts import ROUTES
 from a4ps.cognition.state import CognitiveState, TaskCancelled
@@ -60,10 +66,18 @@ from a4ps.cognition.streaming import TokenStream, TurnGuard
 from a4ps.events import json_safe
 from a4ps.models.errors import GenerationCancelled
 from a4ps.proto import MethodFault
+from a4ps.cognition.dissonance import DissonanceMeter
+from a4ps.tools.registry import tool_name
+from a4ps.tools.tool_forge import spec_from_request
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
-    from a4ps.events import EventBus
+    from a4ps.events import Bus
+    from a4ps.memory import MemoryStore
+    from a4ps.models.manager import ModelManager
+    from a4ps.proto import ProtoManager
+    from a4ps.tools.registry import ToolLookup
+    from a4ps.tools.tool_forge import Forger
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +116,11 @@ class CognitiveGraph:
     ``token_interval_s``: at most one ``task.token`` event per task this often.
     """
 
-    def __init__(self, protos: Any, models: Any, memory: Any, bus: EventBus,
-                 settings: Settings, *, forge: Any = None, registry: Any = None,
-                 dissonance: Any = None, checkpointer_path: Path | str | None | bool = None,
+    def __init__(self, protos: ProtoManager, models: ModelManager, memory: MemoryStore,
+                 bus: Bus, settings: Settings, *, forge: Forger | None = None,
+                 registry: ToolLookup | None = None,
+                 dissonance: DissonanceMeter | None = None,
+                 checkpointer_path: Path | str | None | bool = None,
                  turn_max_tokens: int | None = None, token_interval_s: float = 0.05) -> None:
         self.protos = protos
         self.models = models
@@ -145,7 +161,8 @@ class CognitiveGraph:
                                  "tool": "tool_request"})
         g.add_conditional_edges("tool_request", _after_tool_request,
                                 {"request": "forge", "none": "brick"})
-        g.add_edge("forge", "brick")
+        g.add_conditional_edges("forge", _after_forge,
+                                {"answered": "alfred_synthesize", "consult": "brick"})
         g.add_edge("brick", "robin")
         g.add_edge("robin", "measure")
         g.add_conditional_edges("measure", _after_measure,
@@ -172,7 +189,6 @@ class CognitiveGraph:
             if self._compiled is None:
                 saver = None
                 if self.checkpointer_url is not None:
-                    from a4ps.cognition.checkpoints import postgres_saver
                     saver, self._pool = postgres_saver(self.checkpointer_url)
                 elif self.checkpointer_path is not None:
                     from langgraph.checkpoint.sqlite import SqliteSaver
@@ -202,9 +218,8 @@ class CognitiveGraph:
             self._conn = self._pool = self._saver = self._compiled = None
 
     @property
-    def meter(self) -> Any:
+    def meter(self) -> DissonanceMeter:
         if self._meter is None:
-            from a4ps.cognition.dissonance import DissonanceMeter
             self._meter = DissonanceMeter(self.models)
         return self._meter
 
@@ -401,7 +416,9 @@ class CognitiveGraph:
         alfred = self.protos.get("ALFRED")
         d = self._decide(state, "alfred_route", "route", lambda cancel: decisions.decide_route(
             self.models, alfred, state["task"], cancel=cancel))
-        if d.parsed:
+        if d.parsed and d.method == "signal":
+            route, why = d.value, f"the task states an exact computation ({d.evidence!r})"
+        elif d.parsed:
             route, why = d.value, f"ALFRED chose {d.value} ({d.method})"
         else:
             route = "contrapunto"
@@ -434,18 +451,72 @@ class CognitiveGraph:
         return {"memories": memories}
 
     def _tool_request(self, state: CognitiveState) -> dict[str, Any]:
+        """BRICK's tool: a registered one he chooses (called with the task's own words
+        when it takes one text), or, when none fits, his request for a new one."""
         brick = self.protos.get("BRICK")
-        d = self._decide(state, "tool_request", "tool_request",
-                         lambda cancel: decisions.decide_tool_request(
-                             self.models, brick, state["task"], cancel=cancel))
-        text = (f"tool {d.value['name']}: {d.value['description']}" if d.parsed
-                else "no tool request: BRICK answers without a tool")
-        self._step(state, "tool_request", "BRICK", text, tool_request=d.value,
-                   problem=d.problem, decision=d.record())
-        update: dict[str, Any] = {"tool_request": d.value, "decisions": [d.record()]}
-        if d.problem:
-            update["problems"] = [d.problem]
+        records: list[dict[str, Any]] = []
+        problems: list[str] = []
+        request: dict[str, Any] | None = None
+        menu = self._tool_menu()
+        chosen = None
+        if menu:
+            c = self._decide(state, "tool_request", "tool",
+                             lambda cancel: decisions.decide_tool(
+                                 self.models, brick, state["task"], menu, cancel=cancel))
+            records.append(c.record())
+            if c.problem:
+                problems.append(c.problem)
+            if c.parsed and c.value != decisions.NO_TOOL:
+                chosen = next(t for t in menu if t["name"] == c.value)
+        if chosen is not None and chosen.get("text_input"):
+            request = {"name": chosen["name"], "description": chosen.get("description") or "",
+                       "args": {chosen["text_input"]: state["task"]}}
+            text = f"tool {chosen['name']}: called with the task's words"
+        else:
+            d = self._decide(state, "tool_request", "tool_request",
+                             lambda cancel: decisions.decide_tool_request(
+                                 self.models, brick, state["task"], cancel=cancel))
+            records.append(d.record())
+            if d.problem:
+                problems.append(d.problem)
+            request = d.value
+            if request is not None and chosen is not None:      # his tool, his arguments
+                request = {**request, "name": chosen["name"]}
+            text = (f"tool {request['name']}: {request['description']}" if request
+                    else "no tool request: BRICK answers without a tool")
+        self._step(state, "tool_request", "BRICK", text, tool_request=request,
+                   problem="; ".join(problems) or None, decision=records[-1])
+        update: dict[str, Any] = {"tool_request": request, "decisions": records}
+        if problems:
+            update["problems"] = problems
         return update
+
+    def _tool_menu(self) -> list[dict[str, Any]]:
+        """The registered tools BRICK may choose among: name, description and the one
+        text parameter that takes the task's words (None when it takes other inputs)."""
+        lister = getattr(self.registry, "list", None)
+        if not callable(lister):
+            return []
+        try:
+            tools = list(lister())
+        except Exception:
+            log.warning("listing the tools failed", exc_info=True)
+            return []
+        menu = []
+        for t in tools:
+            try:
+                spec = self.registry.get(t["name"]).get("spec") or {}
+            except Exception:
+                spec = {}
+            inputs = dict(spec.get("inputs") or {})
+            text_input = None
+            if len(inputs) == 1:
+                key, info = next(iter(inputs.items()))
+                if str((info or {}).get("type", "")).lower() in ("str", "string", "text"):
+                    text_input = key
+            menu.append({"name": t["name"], "description": t.get("description") or "",
+                         "text_input": text_input})
+        return menu
 
     def _brick(self, state: CognitiveState) -> dict[str, Any]:
         rnd = len(state.get("rounds") or []) + 1
@@ -466,8 +537,8 @@ class CognitiveGraph:
         rnd = len(state.get("rounds") or []) + 1
         robin = self.protos.get("ROBIN")
         turn = self._speak(state, "robin", "ROBIN", rnd, prompts.robin_messages(
-            robin, state["task"], brick_said=state.get("brick_text") or "",
-            memories=state.get("memories") or []))
+            robin, state["task"], brick_said=(state.get("brick_text") or None) if rnd > 1 else None,
+            memories=state.get("memories") or [], tool_result=state.get("tool_result")))
         self._step(state, "robin", "ROBIN", turn.text, round=rnd, problem=turn.problem,
                    finish=turn.finish)
         update: dict[str, Any] = {"robin_text": turn.text,
@@ -586,6 +657,8 @@ class CognitiveGraph:
         return {"output": output}
 
     def _alfred_synthesize(self, state: CognitiveState) -> dict[str, Any]:
+        if not state.get("rounds") and tool_answer(state.get("tool_result")):
+            return self._answer_from_tool(state)
         if not state.get("rounds"):
             return self._answer_alone(state)
         final_d = state.get("dissonance")
@@ -634,6 +707,14 @@ class CognitiveGraph:
                 "meta": _plain(meta)})
         return {**update, "answer": text, "answer_source": source, "status": "ok",
                 "error": None}
+
+    def _answer_from_tool(self, state: CognitiveState) -> dict[str, Any]:
+        """The tool answered the task itself: its answer is ALFRED's, named as the tool's."""
+        tool = state.get("tool_result") or {}
+        text = tool_answer(tool)
+        source = f"tool:{tool.get('name')}"
+        self._step(state, "alfred_synthesize", "ALFRED", text, source=source)
+        return {"answer": text, "answer_source": source, "status": "ok", "error": None}
 
     def _answer_alone(self, state: CognitiveState) -> dict[str, Any]:
         """The direct route: ALFRED answers in his own words."""
@@ -688,6 +769,20 @@ def _after_tool_request(state: CognitiveState) -> Literal["request", "none"]:
     return "request" if state.get("tool_request") else "none"
 
 
+def _after_forge(state: CognitiveState) -> Literal["answered", "consult"]:
+    return "answered" if tool_answer(state.get("tool_result")) else "consult"
+
+
+def tool_answer(tool_result: Any) -> str:
+    """The answer a tool gave to the task itself (its output's ``answer`` text), or ''."""
+    if not isinstance(tool_result, dict) or not tool_result.get("ok"):
+        return ""
+    output = tool_result.get("output")
+    if isinstance(output, dict) and isinstance(output.get("answer"), str):
+        return output["answer"].strip()
+    return ""
+
+
 def _after_measure(state: CognitiveState) -> Literal["again", "synthesize"]:
     return "synthesize" if state.get("stop") else "again"
 
@@ -726,7 +821,6 @@ _NAME_STOPWORDS = frozenset(
 def _request_name(raw: Any, description: str) -> str:
     """The requested tool name as an identifier; without one, words of the description
     (never one fixed name, which would make every tool a new version of the last)."""
-    from a4ps.tools.registry import tool_name
     for candidate in (raw, "_".join([w for w in re.findall(r"[a-z]+", description.lower())
                                      if w not in _NAME_STOPWORDS][:4])):
         if isinstance(candidate, str) and candidate.strip():
@@ -749,7 +843,6 @@ def _tool_spec(request: dict[str, Any], state: CognitiveState) -> Any:
     Its arguments become the inputs and one example: the forged tool must run on
     exactly the call this task will make (``{}`` included).
     """
-    from a4ps.tools.tool_forge import spec_from_request
     args = request.get("args")
     extra: dict[str, Any] = {}
     if isinstance(args, dict):

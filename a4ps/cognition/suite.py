@@ -36,6 +36,7 @@ from a4ps.cognition import generation, prompts
 from a4ps.cognition.answers import claims, repetition_cut, strip_repeats
 from a4ps.config import PROJECT_ROOT
 from a4ps.models.errors import DecisionError
+from a4ps.models.schema import validate
 
 SUITE_PATH = PROJECT_ROOT / "config" / "suite" / "tasks.jsonl"
 MODES = ("contrapunto", "single", "brick")
@@ -171,7 +172,6 @@ def _check(check: dict[str, Any], answer: str, task_text: str) -> Verdict:
 
 
 def _check_json(check: dict[str, Any], answer: str) -> Verdict:
-    from a4ps.models.schema import validate
     m = re.search(r"\{.*?\}", answer, re.S)
     if not m:
         return Verdict(False, 0.0, "no JSON object in the answer")

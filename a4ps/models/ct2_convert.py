@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from a4ps.models.errors import ModelLoadError
+from a4ps.models.gguf_import import UnsupportedGGUF, llama_checkpoint
 
 Progress = Callable[[float, str], None]
 COMPLETE = ".a4ps-complete"
@@ -136,7 +137,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.ji
 def _read_source(source: Path, progress: Progress | None):
     """(HF config, HF-named float32 weights, vocabulary by id, tokenizer files)."""
     if source.is_file():
-        from a4ps.models.gguf_import import llama_checkpoint
         ck = llama_checkpoint(source, lambda f, s: _report(progress, 0.05 + 0.35 * f, s))
         files = {k: v for k, v in ck.files.items() if k in _TOKENIZER_FILES}
         return ck.config, ck.weights, ck.tokens, files
@@ -217,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(f: float, stage: str) -> None:
         print(json.dumps({"progress": round(f, 3), "stage": stage}), flush=True)
-    from a4ps.models.gguf_import import UnsupportedGGUF
     try:
         convert_llama(args.source, args.out_dir, quantization=args.quantization,
                       adapter=args.adapter, progress=progress)

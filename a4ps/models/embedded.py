@@ -36,6 +36,11 @@ from a4ps.models.engine import run_generation, sampling_from
 from a4ps.models.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from a4ps.models.threads import resolve_threads
 from a4ps.models.tokens import ChatTokenizer
+from a4ps.models.ct2_engine import CT2Engine
+from a4ps.models.torch_engine import TorchEngine
+from a4ps.models.gguf_import import UnsupportedGGUF, llama_checkpoint
+from a4ps.models.ort_convert import COMPLETE as ORT_COMPLETE
+from a4ps.models.ort_engine import OrtEngine, require_onnxruntime_genai
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +119,6 @@ def _dequantize_with_numpy(src: Path, out: Path, progress: Progress | None) -> s
     """The GGUF's tensors through ``gguf``'s numpy dequantizers (seconds); a GGUF that
     reader does not handle (another architecture or tokenizer) goes through
     transformers' general GGUF reader instead (~20 s, a minute on busy cores)."""
-    from a4ps.models.gguf_import import UnsupportedGGUF, llama_checkpoint
     try:
         ck = llama_checkpoint(src, lambda f, s: _report(progress, 0.05 + 0.75 * f, s))
     except UnsupportedGGUF as e:
@@ -284,8 +288,6 @@ def ensure_ort_model(settings, adapter: Path | None = None,
                      progress: Progress | None = None) -> Path:
     """The ONNX Runtime GenAI model for the base (or base + adapter), built once from
     the dequantized checkpoint by ORT GenAI's model builder in a child process."""
-    from a4ps.models.ort_convert import COMPLETE as ORT_COMPLETE
-    from a4ps.models.ort_engine import require_onnxruntime_genai
     require_onnxruntime_genai()      # before a build that would fail after ~20 s
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise ModelNotFound(f"no PEFT adapter at {adapter} (adapter_config.json missing); "
@@ -401,7 +403,6 @@ class EmbeddedBackend:
             return self._load_ort(model, adapter, progress)
         reused = self.engine is not None
         if self.engine is None:
-            from a4ps.models.torch_engine import TorchEngine
             path = ensure_base_checkpoint(self.settings,
                                           lambda f, s: _report(progress, 0.8 * f, s))
             _report(progress, 0.85, "loading cached weights")
@@ -421,7 +422,6 @@ class EmbeddedBackend:
 
     def _load_ct2(self, model: str, adapter: Path | None,
                   progress: Progress | None) -> dict[str, Any]:
-        from a4ps.models.ct2_engine import CT2Engine
         path = ensure_ct2_model(self.settings, adapter, lambda f, s: _report(progress, 0.9 * f, s))
         _report(progress, 0.92, "loading the int8 model")
         self.unload()
@@ -437,7 +437,6 @@ class EmbeddedBackend:
 
     def _load_ort(self, model: str, adapter: Path | None,
                   progress: Progress | None) -> dict[str, Any]:
-        from a4ps.models.ort_engine import OrtEngine
         path = ensure_ort_model(self.settings, adapter, lambda f, s: _report(progress, 0.9 * f, s))
         _report(progress, 0.92, f"loading the {self.cfg.onnx_precision} ONNX model")
         self.unload()

@@ -9,10 +9,22 @@ import hashlib
 import os
 import re
 import threading
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from a4ps.models.errors import InvalidRequest, ModelLoadError, ModelNotFound
+from a4ps.models.ollama_backend import OllamaBackend
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """The embedding seam (memory, tool matching, dissonance, persona import use it)."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
@@ -129,7 +141,7 @@ def _check(texts) -> list[str]:
     return [str(t) for t in texts]
 
 
-def make_embedder(settings, backend=None):
+def make_embedder(settings: Any, backend: OllamaBackend | None = None) -> Embedder:
     """The embedder ``settings.models.embedding_backend`` names (MiniLM by default).
 
     ``backend``: an existing OllamaBackend to reuse for ``embedding_backend = "ollama"``.
@@ -143,7 +155,6 @@ def make_embedder(settings, backend=None):
         if not m.ollama.embed_model:
             raise InvalidRequest('models.embedding_backend = "ollama" needs '
                                  'models.ollama.embed_model (e.g. "nomic-embed-text")')
-        from a4ps.models.ollama_backend import OllamaBackend
         if not isinstance(backend, OllamaBackend):
             backend = OllamaBackend(settings)
         return OllamaEmbedder(backend, m.ollama.embed_model)

@@ -24,6 +24,11 @@ from a4ps.models.base import CancelToken, Choice, Generation, OnToken
 from a4ps.models.errors import (DecisionError, GenerationCancelled, InvalidRequest,
                                 ModelError, ModelTooLarge)
 from a4ps.models.schema import check_schema, validate
+from a4ps.models.embedded import EmbeddedBackend
+from a4ps.models.embeddings import Embedder, make_embedder
+from a4ps.models.ollama_backend import OllamaBackend
+from a4ps.models.openai_backend import OpenAIBackend
+from a4ps.models.scripted import demo_backend
 
 log = logging.getLogger(__name__)
 
@@ -249,17 +254,21 @@ class ModelManager:
     # -- embeddings ---------------------------------------------------------
 
     @property
-    def embedder(self):
+    def embedder(self) -> Embedder:
         if self._embedder is None:
             with self._embed_lock:
                 if self._embedder is None:
-                    from a4ps.models.embeddings import make_embedder
                     self._embedder = make_embedder(self.settings, backend=self.backend)
         return self._embedder
 
     @property
     def embedding_dim(self) -> int:
         return int(self.embedder.dim)
+
+    @property
+    def dim(self) -> int:
+        """The embedding width: the manager is itself an ``Embedder`` (the seam)."""
+        return self.embedding_dim
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length float32 vectors, shape (len(texts), embedding_dim)."""
@@ -293,16 +302,12 @@ class ModelManager:
 def _backend_for(settings):
     kind = settings.models.backend
     if kind == "embedded":
-        from a4ps.models.embedded import EmbeddedBackend
         return EmbeddedBackend(settings)
     if kind == "ollama":
-        from a4ps.models.ollama_backend import OllamaBackend
         return OllamaBackend(settings)
     if kind == "openai":
-        from a4ps.models.openai_backend import OpenAIBackend
         return OpenAIBackend(settings)
     if kind == "scripted":
-        from a4ps.models.scripted import demo_backend
         return demo_backend()
     raise InvalidRequest(f"unknown models.backend {kind!r}; use 'embedded', 'ollama' or 'openai'")
 

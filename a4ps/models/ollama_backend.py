@@ -19,6 +19,7 @@ from a4ps.models.base import CancelToken, Choice, Generation
 from a4ps.models.errors import (BackendUnavailable, DecisionError, InvalidRequest,
                                 ModelError, ModelNotFound, ModelTimeout)
 from a4ps.protocol import plain
+from a4ps.models.schema import validate
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,6 @@ class OllamaBackend:
         """``format=schema`` (Ollama constrains decoding to it), then strict validation."""
         import json
 
-        from a4ps.models.schema import validate
         model = self._resident
         if model is None:
             raise ModelError("no Ollama model is loaded; the ModelManager loads one first")

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 from a4ps.models.base import CancelToken, Choice, Generation
 from a4ps.models.errors import (BackendUnavailable, DecisionError, InvalidRequest,
                                 ModelError, ModelNotFound, ModelTimeout)
+from a4ps.models.schema import validate
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,6 @@ class OpenAIBackend:
     def structured(self, messages, schema: dict[str, Any], *,
                    cancel: CancelToken | None = None) -> dict[str, Any]:
         """``response_format`` json_schema (strict), then strict validation."""
-        from a4ps.models.schema import validate
         model = self._model()
         wire, plan = strict_schema(schema)
         r = self._call("chat", model, lambda: self.client.chat.completions.create(

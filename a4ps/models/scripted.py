@@ -181,18 +181,19 @@ def demo_reply(messages: list[dict[str, str]]) -> str:
         return "DIALOGUE"
     m = re.search(r"You are (\w+)", system)
     persona = m.group(1) if m else "ASSISTANT"
-    t = re.search(r"Task:\s*(.+)", last)
-    task = (t.group(1) if t else last).strip().splitlines()[0][:120] if last else ""
+    named = re.findall(r"Task:\s*(.+)", last)      # the last: memories of tasks come first
+    task = (named[-1] if named else last).strip().splitlines()[0][:120] if last else ""
     if persona == "ALFRED":
         return f"In sum: {task} — considered by logic and by care alike."
     return f"{persona.title()} reflects on the task: {task}"
 
 
 def demo_decision(messages: list[dict[str, str]], asked: Any) -> Any:
-    """The stand-in's decisions: the contrapunto route, else the first option; for a
-    schema, the smallest value that conforms (first enum value, minimum, empty text)."""
+    """The stand-in's decisions: the dialogue route (offered as "contrapunto", or as the
+    word "talk" the cognition asks the route in), else the first option; for a schema,
+    the smallest value that conforms (first enum value, minimum, empty text)."""
     if isinstance(asked, list):
-        return "contrapunto" if "contrapunto" in asked else asked[0]
+        return next((o for o in ("contrapunto", "talk") if o in asked), asked[0])
     return example_of(asked)
 
 

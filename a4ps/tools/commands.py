@@ -10,12 +10,16 @@ import json
 import sys
 from typing import Any
 
+from a4ps.image import ImageStore
+from a4ps.proto import ProtoManager
+from a4ps.tools.registry import ToolNotFound, ToolRegistry, _s
+from a4ps.tools.sandbox import SandboxError, SandboxUnavailable, make_sandbox
+
 
 def _cmd_sandbox_run(args: argparse.Namespace, settings: Any) -> int:
     """Run a script in exactly the sandbox the forge uses; print what happened."""
     from pathlib import Path
 
-    from .sandbox import SandboxError, SandboxUnavailable, make_sandbox
     path = Path(args.file)
     try:
         code = path.read_text(encoding="utf-8")
@@ -54,12 +58,9 @@ def _cmd_sandbox_run(args: argparse.Namespace, settings: Any) -> int:
     return res.exit_code if 0 <= res.exit_code < 256 else 1
 
 
-def _offline_registry(settings: Any):
+def _offline_registry(settings: Any) -> ToolRegistry:
     """A read-only registry over the saved image (no daemon, no sandbox needed)."""
-    from a4ps.image import ImageStore
-    from a4ps.proto import ProtoManager
 
-    from .registry import ToolRegistry
     protos = ProtoManager()
     loaded = ImageStore.from_settings(settings).load()
     if loaded is not None:
@@ -83,7 +84,6 @@ def _cmd_tools_list(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _cmd_tools_show(args: argparse.Namespace, settings: Any) -> int:
-    from .registry import ToolNotFound, _s
     reg = _offline_registry(settings)
     try:
         proto = reg.get_version(args.name, args.version) if args.version else reg.get(args.name)

@@ -32,6 +32,7 @@ import stat
 import sys
 import threading
 import time
+from typing import Any
 
 MARK = "\x1eA4PS_REPORT "
 NONCE_FILE = ".nonce"
@@ -47,7 +48,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 # -- the workload child (runs as nobody) ----------------------------------------------
 
-def _drop_privileges(cfg: dict) -> None:
+def _drop_privileges(cfg: dict[str, Any]) -> None:
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
@@ -75,7 +76,7 @@ def _flush() -> None:
 def _finish(status: int) -> None:
     """Python's own shutdown for the workload: threads, atexit, flushed streams."""
     try:
-        threading._shutdown()    # wait for the workload's non-daemon threads
+        getattr(threading, "_shutdown")()    # wait for the workload's non-daemon threads
     except Exception:
         pass
     try:
@@ -96,7 +97,7 @@ def _exit_status(code: object) -> int:
     return 1
 
 
-def _run_script(cfg: dict) -> int:
+def _run_script(cfg: dict[str, Any]) -> int:
     import traceback
     import types
     main = cfg.get("main", "main.py")
@@ -113,12 +114,12 @@ def _run_script(cfg: dict) -> int:
         return _exit_status(e.code)
     except BaseException as e:
         # drop this frame: the traceback starts in the script
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
         return 1
     return 0
 
 
-def _run_calls(cfg: dict, out_fd: int) -> int:
+def _run_calls(cfg: dict[str, Any], out_fd: int) -> int:
     import traceback
     dumps = json.dumps            # bound before the tool is imported
     cap = int(cfg["value_cap"])
@@ -128,16 +129,16 @@ def _run_calls(cfg: dict, out_fd: int) -> int:
             return list(obj)
         raise TypeError(f"{type(obj).__name__} is not JSON data")
 
-    def error(e: BaseException) -> dict:
+    def error(e: BaseException) -> dict[str, Any]:
         # from the frame below this harness: the traceback starts in the tool or test
-        tb = traceback.format_exception(type(e), e, e.__traceback__.tb_next)
+        tb = traceback.format_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
         text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         return {"ok": False, "error": text[:1000], "traceback": "".join(tb[-8:])[-3000:]}
 
-    def send(record: dict) -> None:
+    def send(record: dict[str, Any]) -> None:
         _write_all(out_fd, (dumps(record) + "\n").encode("utf-8", "replace"))
 
-    def value(v: object) -> dict:
+    def value(v: object) -> dict[str, Any]:
         try:
             text = dumps({"ok": True, "value": v}, default=jsonable)
         except (TypeError, ValueError, RecursionError) as e:
@@ -146,7 +147,8 @@ def _run_calls(cfg: dict, out_fd: int) -> int:
         if len(text) > cap:
             return {"ok": False, "error": f"the tool's output is too large ({len(text)} bytes; "
                                           f"limit {cap})"}
-        return json.loads(text)
+        decoded: dict[str, Any] = json.loads(text)   # what the host will read back
+        return decoded
 
     with open(os.path.join(IN_DIR, "calls.json"), encoding="utf-8") as f:
         calls = json.load(f)
@@ -181,7 +183,7 @@ def _run_calls(cfg: dict, out_fd: int) -> int:
     return 0
 
 
-def _child(cfg: dict, out_fd: int) -> None:
+def _child(cfg: dict[str, Any], out_fd: int) -> None:
     status = 70
     try:
         _drop_privileges(cfg)
@@ -256,8 +258,8 @@ def _kill_everyone_else() -> None:
         time.sleep(0.01)
 
 
-def _collect(names: list, cap: int) -> dict:
-    out: dict = {}
+def _collect(names: list[str], cap: int) -> dict[str, str]:
+    out: dict[str, str] = {}
     budget = cap * 2
     for name in names:
         path = os.path.join(WORK_DIR, name)
@@ -278,7 +280,7 @@ def _collect(names: list, cap: int) -> dict:
     return out
 
 
-def _disk() -> tuple:
+def _disk() -> tuple[int | None, bool | None]:
     try:
         st = os.statvfs(WORK_DIR)
     except OSError:
@@ -287,7 +289,7 @@ def _disk() -> tuple:
     return used, st.f_bavail == 0
 
 
-def _records(reader: _Reader) -> tuple:
+def _records(reader: _Reader) -> tuple[list[dict[str, Any]], int]:
     records, garbled = [], 0
     for line in bytes(reader.buf).split(b"\n"):
         if not line.strip():

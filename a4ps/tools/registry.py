@@ -15,6 +15,7 @@ is forged once and then called.
 """
 from __future__ import annotations
 
+import builtins
 import ast
 import keyword
 import logging
@@ -25,17 +26,19 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..events import json_safe
+from .sandbox import SandboxError
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
     from a4ps.events import EventBus
     from a4ps.proto import Proto, ProtoManager
-    from a4ps.tools.sandbox import Sandbox
+    from a4ps.models.embeddings import Embedder
+    from a4ps.tools.sandbox import SandboxRunner
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +147,23 @@ def signature_of(source: str, name: str) -> str:
     return f"{name}({ast.unparse(node.args)}){ret}"
 
 
+@runtime_checkable
+class ToolLookup(Protocol):
+    """The tool seam the graph uses: find a tool that serves a request, call it
+    (:class:`ToolRegistry` implements it)."""
+
+    def match(self, name: str | None, description: str | None,
+              args: dict[str, Any] | None = None) -> dict[str, Any] | None: ...
+
+    def call(self, name: str, args: dict[str, Any] | None = None, *,
+             version: int | None = None, timeout: float | None = None) -> Any: ...
+
+
 class ToolRegistry:
     """Forged tools as protos; :meth:`call` runs one in the sandbox."""
 
     def __init__(self, protos: ProtoManager, settings: Settings, bus: EventBus | None = None,
-                 embedder: Any = None, sandbox: Sandbox | None = None, *,
+                 embedder: Embedder | None = None, sandbox: SandboxRunner | None = None, *,
                  tools_dir: str | Path | None = None) -> None:
         self.protos = protos
         self.settings = settings
@@ -160,7 +175,7 @@ class ToolRegistry:
         self._vectors: dict[tuple[str, int, str], Any] = {}
 
     # -- reading ----------------------------------------------------------------------
-    def _current(self) -> list[Proto]:
+    def _current(self) -> builtins.list[Proto]:
         return sorted((p for p in self.protos if _CURRENT.match(p.name)), key=lambda p: p.name)
 
     def get(self, name: str) -> Proto:
@@ -182,7 +197,7 @@ class ToolRegistry:
         except ToolNotFound:
             return False
 
-    def versions(self, name: str) -> list[int]:
+    def versions(self, name: str) -> builtins.list[int]:
         key = tool_name(name)
         old = [int(m.group(2)) for p in self.protos
                if (m := _OLD.match(p.name)) and m.group(1) == key]
@@ -207,11 +222,11 @@ class ToolRegistry:
                 "tests_passed": results.get("passed"), "tests_total": results.get("total"),
                 "versions": self.versions(_s(proto, "name"))}
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> builtins.list[dict[str, Any]]:
         """Every tool's current version, as plain data (wire, UI, CLI)."""
         return [self.describe(p) for p in self._current()]
 
-    def find(self, query: str, k: int = 3) -> list[dict[str, Any]]:
+    def find(self, query: str, k: int = 3) -> builtins.list[dict[str, Any]]:
         """The ``k`` tools whose descriptions are nearest ``query`` (best first).
 
         A query that is a tool's exact name ranks that tool first.
@@ -229,7 +244,8 @@ class ToolRegistry:
         return [{**self.describe(p), "score": 1.0 if p.name == exact else round(float(s), 4)}
                 for p, s in ranked[:k]]
 
-    def _similarities(self, query: str, tools: list[Proto], texts: list[str]) -> list[float]:
+    def _similarities(self, query: str, tools: builtins.list[Proto],
+                      texts: builtins.list[str]) -> builtins.list[float]:
         if self.embedder is None:
             return [_overlap(query, t) for t in texts]
         try:
@@ -341,7 +357,7 @@ class ToolRegistry:
             self._mirror(_s(p, "name"), _s(p, "source") or "", p)
         return len(tools)
 
-    def move_legacy_mirrors(self, legacy: Path = LEGACY_TOOLS_DIR) -> list[Path]:
+    def move_legacy_mirrors(self, legacy: Path = LEGACY_TOOLS_DIR) -> builtins.list[Path]:
         """Move tool mirrors out of the package (``a4ps/tools/dynamic_tools/``, where an
         importable package made them code the host could run) into
         ``<tools_dir>/from-package/``; remove the emptied directory. Returns the moves."""
@@ -390,7 +406,6 @@ class ToolRegistry:
             raise ToolCallError(f"cannot call tool {key!r}: no sandbox configured")
         if not self.sandbox.available:
             raise ToolCallError(f"cannot call tool {key!r}: sandbox unavailable: {self.sandbox.reason}")
-        from a4ps.tools.sandbox import SandboxError
         try:
             res = self.sandbox.call(_s(proto, "source") or "", key, [args], timeout=timeout)
         except ValueError as e:

@@ -54,7 +54,7 @@ import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -367,6 +367,29 @@ def probe_cache_clear() -> None:
 
 # -- the interface -------------------------------------------------------------------
 
+@runtime_checkable
+class SandboxRunner(Protocol):
+    """The sandbox seam the registry, the forge and the CLI use (:class:`Sandbox` and
+    its runsc/docker backends implement it)."""
+
+    @property
+    def available(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    def run(self, code: str, *, files: dict[str, str] | None = None,
+            timeout: float | None = None, collect: list[str] | None = None) -> SandboxResult: ...
+
+    def call(self, source: str, name: str, calls: list[Any], *,
+             tests: str = "", test_names: list[str] | None = None,
+             timeout: float | None = None) -> CallResult: ...
+
+    def close(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
 class Sandbox(ABC):
     """A place to run untrusted Python. Subclasses implement :meth:`_execute`."""
 
@@ -480,7 +503,9 @@ def _finish(*, stdout: str, stderr_raw: str, nonce: str, code: int | None, timed
     if report is None and not (timed_out or output_hit or cpu_backstop):
         stderr += (f"\n[sandbox] the sandbox ended (exit {code}) without its supervisor's "
                    f"report{': out of memory' if oom else ''}\n")
-    files = rep.get("files") if isinstance(rep.get("files"), dict) else {}
+    files = rep.get("files")
+    if not isinstance(files, dict):
+        files = {}
     res = SandboxResult(stdout=stdout, stderr=stderr, exit_code=exit_code, signal=sig,
                         timed_out=timed_out, limit_hit=limit, wall_s=round(wall_s, 4),
                         cpu_s=cpu_s, sandbox_cpu_s=sandbox_cpu_s,
@@ -774,6 +799,7 @@ class RunscSandbox(Sandbox):
         }
 
     def _runsc_cmd(self, state: Path, *args: str) -> list[str]:
+        assert self._runsc is not None, "runsc was found (checked by reason)"
         return [self._runsc, "--root", str(state), "--rootless", "--network=none", *args]
 
     def _execute(self, files: dict[str, str], wall: float,
@@ -850,7 +876,7 @@ class RunscSandbox(Sandbox):
             self._record_success()
         return res, report
 
-    def _kill(self, proc: subprocess.Popen, state: Path, cid: str) -> None:
+    def _kill(self, proc: subprocess.Popen[bytes], state: Path, cid: str) -> None:
         """Kill the container (runsc then cleans up), then the whole process group."""
         try:
             subprocess.run(self._runsc_cmd(state, "kill", "--all", cid, "KILL"),
@@ -881,7 +907,8 @@ class RunscSandbox(Sandbox):
 class _Capture:
     """Reads a pipe in a thread, keeping at most ``cap`` bytes; sets ``over`` beyond."""
 
-    def __init__(self, pipe, cap: int, over: threading.Event) -> None:
+    def __init__(self, pipe: IO[bytes] | None, cap: int, over: threading.Event) -> None:
+        assert pipe is not None, "Popen was given stdout/stderr=PIPE"
         self._pipe, self._cap, self._over = pipe, cap, over
         self._buf = bytearray()
         self._thread = threading.Thread(target=self._read, daemon=True)

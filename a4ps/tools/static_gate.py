@@ -278,7 +278,9 @@ class _Visitor(ast.NodeVisitor):
         for name in node.names:
             self._bound(node, name)
 
-    visit_Nonlocal = visit_Global
+    def visit_Nonlocal(self, node: ast.Nonlocal) -> None:
+        for name in node.names:
+            self._bound(node, name)
 
     # -- attributes ---------------------------------------------------------------------
     def _attr_name(self, node: ast.AST, attr: str, where: str | None = None) -> bool:
@@ -347,8 +349,9 @@ class _Visitor(ast.NodeVisitor):
             self._check_open(node)
         else:
             self.visit(fn)
-        for child in [*node.args, *node.keywords]:
-            self.visit(child)
+        rest: list[ast.AST] = [*node.args, *node.keywords]
+        for part in rest:
+            self.visit(part)
 
     def _check_getattr(self, node: ast.Call, name: str) -> bool:
         """Check a getattr/hasattr call; True when its object was a module chain."""

@@ -20,18 +20,19 @@ import logging
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
 from a4ps.tools import static_gate, verdict
 from a4ps.tools.registry import TOOL_MODULE, ToolExample, ToolInput, ToolSpec, tool_name
+from a4ps.config import SandboxSettings
 
 if TYPE_CHECKING:
     from a4ps.config import Settings
     from a4ps.events import EventBus
     from a4ps.tools.registry import ToolRegistry
-    from a4ps.tools.sandbox import Sandbox
+    from a4ps.tools.sandbox import SandboxRunner
 
 __all__ = ["ToolForge", "ForgeOutcome", "ToolSpec", "ToolInput", "ToolExample",
            "build_prompt", "parse_reply", "ReplyError"]
@@ -62,7 +63,6 @@ def build_prompt(spec: ToolSpec, feedback: str | None = None, *,
     """The request to the writer, including the exact reply format the forge parses."""
     name = spec.name
     if not allowed_imports:   # the settings' default list, not a copy of it
-        from a4ps.config import SandboxSettings
         allowed_imports = SandboxSettings().allowed_imports
     allowed = ", ".join(allowed_imports)
     if spec.inputs:
@@ -173,7 +173,8 @@ def parse_reply(reply: str, name: str) -> tuple[str, str]:
 def _split(block: str) -> tuple[str, str]:
     tree = ast.parse(block)
     lines = block.splitlines()
-    tool_parts, test_parts = [], []
+    tool_parts: list[str] = []
+    test_parts: list[str] = []
     for node in tree.body:
         seg = "\n".join(lines[node.lineno - 1 - len(getattr(node, "decorator_list", [])):
                               node.end_lineno])
@@ -182,12 +183,20 @@ def _split(block: str) -> tuple[str, str]:
     return "\n\n".join(tool_parts) + "\n", "\n\n".join(test_parts) + "\n"
 
 
+@runtime_checkable
+class Forger(Protocol):
+    """The forge seam the graph uses: a spec in, an outcome (a registered tool or
+    the reason there is none) out (:class:`ToolForge` implements it)."""
+
+    def forge(self, spec: ToolSpec | dict[str, Any]) -> ForgeOutcome: ...
+
+
 class ToolForge:
     """Forges tools from specs with a writer (BRICK), the gate, the sandbox and the registry."""
 
     created_by = "BRICK"
 
-    def __init__(self, registry: ToolRegistry, sandbox: Sandbox | None, writer: Writer,
+    def __init__(self, registry: ToolRegistry, sandbox: SandboxRunner | None, writer: Writer,
                  settings: Settings, bus: EventBus | None = None) -> None:
         self.registry = registry
         self.sandbox = sandbox
@@ -294,6 +303,7 @@ class ToolForge:
         """
         host_cases, guest_tests, guest_names = verdict.split_tests(tests, spec.name)
         cases = verdict.cases_from_examples(spec) + host_cases
+        assert self.sandbox is not None, "verify() runs only when the forge is enabled"
         res = self.sandbox.call(source, spec.name, [c.call() for c in cases],
                                 tests=guest_tests, test_names=guest_names)
         return verdict.judge(cases, guest_names, res)

@@ -56,6 +56,7 @@ class GraphShape:
         succ = self.successors(node)
         if not succ:
             return None
+        target: str | None
         if len(succ) == 1:
             target = succ[0][0]
         else:

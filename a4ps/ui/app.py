@@ -30,6 +30,8 @@ from . import logview, plots, transcript  # noqa: F401  (widget classes morphic.
 from . import window as W
 from .controller import MorphicController
 from .panels import ConfirmDialog, TooltipManager
+from ..client import DaemonClient, EventSubscriber
+from .bus_client import CommandRunner
 
 KV_FILE = Path(__file__).with_name("morphic.kv")
 ESCAPE = 27
@@ -205,14 +207,11 @@ def disable_multitouch_emulation() -> None:
 
 def make_runner(settings: Any):
     """A CommandRunner on a DaemonClient for ``settings`` (re-made after failures)."""
-    from ..client import DaemonClient
-    from .bus_client import CommandRunner
     return CommandRunner(lambda: DaemonClient.from_settings(settings),
                          timeout=settings.bus.request_timeout_s)
 
 
 def subscriber_factory_for(settings: Any) -> Callable[[], Any]:
     def make():
-        from ..client import EventSubscriber
         return EventSubscriber.from_settings(settings)
     return make

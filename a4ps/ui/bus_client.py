@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from a4ps.client import DaemonError, DaemonUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ class CommandRunner:
         self._factory = client_factory
         self._timeout = timeout
         self._client: Any = None
-        self._jobs: queue.Queue = queue.Queue()
+        self._jobs: queue.Queue[Any] = queue.Queue()
         self._done: deque[tuple[Callback | None, Reply]] = deque()
         self._closed = False
         self._unanswered = 0     # queued or being sent
@@ -108,7 +110,6 @@ class CommandRunner:
                 pass
 
     def _work(self) -> None:
-        from ..client import DaemonError, DaemonUnavailable
         while True:
             job = self._jobs.get()
             if job is None:

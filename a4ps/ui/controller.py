@@ -38,6 +38,7 @@ from .tasklog import TaskRecord, record_from_task
 from .timetravel import SnapshotBrowser
 
 if TYPE_CHECKING:
+    from ..client import EventSubscriber
     from .bus_client import CommandRunner, Reply
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class MorphicController:
         self.root = root
         self.runner = runner
         self._sub_factory = subscriber_factory
-        self.subscriber: Any = None
+        self.subscriber: EventSubscriber | None = None
         self.max_events_per_tick = max_events_per_tick
         self.retry_s = retry_s
         self.shape = GraphShape()

@@ -15,11 +15,12 @@ import sys
 import time
 from typing import Any
 
+from a4ps.client import DaemonClient, DaemonUnavailable
+
 log = logging.getLogger(__name__)
 
 
 def daemon_alive(settings: Any, timeout: float = 2.0) -> bool:
-    from ..client import DaemonClient, DaemonUnavailable
     try:
         with DaemonClient.from_settings(settings, timeout=timeout) as client:
             return client.ping(timeout=timeout)
@@ -61,7 +62,7 @@ def wait_for_daemon(settings: Any, wait_s: float) -> bool:
 
 
 def start_daemon(settings: Any, config_path: str | None = None,
-                 wait_s: float = 120.0) -> subprocess.Popen:
+                 wait_s: float = 120.0) -> subprocess.Popen[bytes]:
     """Start `python -m a4ps daemon` in its own session; wait until it answers a ping."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, A4PS_DATA_DIR=str(settings.data_dir))
@@ -84,7 +85,7 @@ def start_daemon(settings: Any, config_path: str | None = None,
                        f"see {settings.data_dir / 'daemon.log'}")
 
 
-def stop_daemon(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+def stop_daemon(proc: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
     """SIGTERM lets the daemon finish its task and save the image; SIGKILL if it hangs."""
     if proc.poll() is not None:
         return
@@ -100,7 +101,7 @@ def run_ui(settings: Any, *, stop_daemon_on_exit: bool = False, start: bool = Tr
            config_path: str | None = None) -> int:
     """Run the client until its window closes; returns an exit code."""
     os.environ.setdefault("KIVY_NO_ARGS", "1")
-    started: subprocess.Popen | None = None
+    started: subprocess.Popen[bytes] | None = None
     if start and not daemon_alive(settings) and daemon_starting(settings):
         print("a4ps ui: a daemon is starting; waiting for it", file=sys.__stderr__)
         wait_for_daemon(settings, 120.0)

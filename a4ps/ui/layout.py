@@ -35,7 +35,8 @@ def saved_spot(value: Any) -> tuple[float, float] | None:
     if not isinstance(value, dict):
         return None
     left, top = value.get("left"), value.get("top")
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (left, top)):
+    if (isinstance(left, (int, float)) and isinstance(top, (int, float))
+            and not isinstance(left, bool) and not isinstance(top, bool)):
         return (float(left), float(top))
     return None
 

@@ -107,7 +107,7 @@ class DisplayRefresh:
         as applied."""
         wall = time.time() if wall is None else wall
         staged = self.staged[region]
-        out = []
+        out: list[tuple[Any, dict[str, Any]]] = []
         while staged and (limit is None or len(out) < limit):
             widget, props = staged.popitem(last=False)
             since = self.since[region].pop(widget, wall)

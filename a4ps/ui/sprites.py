@@ -28,7 +28,7 @@ class _Capture:
 
 
 def text_image(text: str, width: int, font_size: float, *, markup: bool = True,
-               color: tuple = (1, 1, 1, 1)) -> tuple[Any, int, int]:
+               color: tuple[float, ...] = (1, 1, 1, 1)) -> tuple[Any, int, int]:
     """(numpy RGBA array top row first, width, height) of ``text`` (Kivy markup, or
     plain text in ``color``, which renders about three times faster) wrapped at
     ``width`` px; height 0 when there is nothing to draw."""
@@ -59,15 +59,15 @@ class Look:
 
     width: int
     height: int
-    body: tuple
-    border: tuple
+    body: tuple[float, ...]
+    border: tuple[float, ...]
     double_border: bool
     shadow_alpha: float
     header: str
     font_size: float
     text: str = ""
     text_size: float = 11.0
-    text_color: tuple = (0.89, 0.9, 0.92, 1)
+    text_color: tuple[float, ...] = (0.89, 0.9, 0.92, 1)
 
 
 class Composer:
@@ -75,8 +75,8 @@ class Composer:
     changes are a new body text on the same frame and header."""
 
     def __init__(self) -> None:
-        self._frame: tuple | None = None
-        self._header: tuple | None = None
+        self._frame: tuple[Any, ...] | None = None
+        self._header: tuple[Any, ...] | None = None
 
     def frame(self, look: Look) -> Any:
         import numpy as np

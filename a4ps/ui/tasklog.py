@@ -79,7 +79,7 @@ class TaskRecord:
     timeline: list[NodeTime] = field(default_factory=list)
     applied_seq: int = 0        # highest PUB seq applied to this record
     rebuilding: bool = False    # a task.steps reply is awaited; events wait in `held`
-    held: list[tuple[str, dict, int, float]] = field(default_factory=list)
+    held: list[tuple[str, dict[str, Any], int, float]] = field(default_factory=list)
     _boundary: float | None = None   # when the node running now started
 
     @property
@@ -119,18 +119,18 @@ class TaskRecord:
         if self._boundary is None:
             self._boundary = self.started
         turn = turn_from_step(p)
-        part = self.partial
-        streamed = part is not None and part.node == turn.node
+        part = self.partial if self.partial is not None and \
+            self.partial.node == turn.node else None        # streamed this node
         self.timeline.append(NodeTime(
             node=turn.node or turn.persona, persona="" if turn.system else turn.persona,
             round=turn.round, start=self._boundary, end=ts,
             tokens=(part.tokens if part.counted else len(part.text) / CHARS_PER_TOKEN)
-            if streamed else 0.0,
-            estimated=not (streamed and part.counted),
-            stream_s=(part.last_ts - part.first_ts) if streamed and part.first_ts
+            if part is not None else 0.0,
+            estimated=not (part is not None and part.counted),
+            stream_s=(part.last_ts - part.first_ts) if part is not None and part.first_ts
             and part.last_ts and part.last_ts > part.first_ts else 0.0))
         self._boundary = ts
-        if streamed:
+        if part is not None:
             self.partial = None
         if turn.text or turn.dissonance is not None or turn.problem:
             self.turns.append(turn)

@@ -12,7 +12,7 @@ import difflib
 import json
 from typing import Any
 
-Path = tuple  # a path into a nested value: keys (dict) or indexes (list)
+Path = tuple[Any, ...]  # a path into a nested value: keys (dict) or indexes (list)
 
 
 class EditError(ValueError):
@@ -44,7 +44,7 @@ def format_value(value: Any) -> str:
     """Text shown in an editor for ``value`` (JSON for containers, readable for refs)."""
     kind = kind_of(value)
     if kind == "text":
-        return value
+        return str(value)
     if kind == "bool":
         return "true" if value else "false"
     if kind in ("int", "float"):
@@ -89,12 +89,12 @@ def parse_value(text: str, like: Any) -> Any:
             raise EditError(f"{text!r} is not a whole number: type digits like 3") from None
     if kind == "float":
         try:
-            value = float(stripped)
+            number = float(stripped)
         except ValueError:
             raise EditError(f"{text!r} is not a number: type a number like 0.7") from None
-        if value != value or value in (float("inf"), float("-inf")):
+        if number != number or number in (float("inf"), float("-inf")):
             raise EditError(f"{text!r} is not a finite number")
-        return value
+        return number
     if kind in ("list", "dict"):
         value = _literal(stripped)
         want = list if kind == "list" else dict
@@ -197,24 +197,24 @@ def image_diff_markup(diff: Any) -> str:
     if not isinstance(diff, dict):
         return "[color=9aa3ad]no differences reported[/color]"
     out: list[str] = []
-    protos = diff.get("protos") if isinstance(diff.get("protos"), dict) else {}
+    protos = _as_dict(diff.get("protos"))
     added, removed = protos.get("added") or [], protos.get("removed") or []
-    changed = protos.get("changed") if isinstance(protos.get("changed"), dict) else {}
+    changed = _as_dict(protos.get("changed"))
     if added:
         out.append("[b]protos only in the live image:[/b] " + _escape(", ".join(map(str, added))))
     if removed:
         out.append("[b]protos only in the snapshot:[/b] " + _escape(", ".join(map(str, removed))))
     for name in sorted(changed):
-        c = changed[name] if isinstance(changed[name], dict) else {}
+        c = _as_dict(changed[name])
         out.append(f"[b]{_escape(str(name))}[/b]")
         parent = c.get("parent") if isinstance(c.get("parent"), dict) else None
         if parent:
             out.append(f"  parent: [color=ff7a7a]{_escape(str(parent.get('before')))}[/color]"
                        f" \u2192 [color=7aff8a]{_escape(str(parent.get('after')))}[/color]")
         for kind in ("slots", "methods"):
-            items = c.get(kind) if isinstance(c.get(kind), dict) else {}
+            items = _as_dict(c.get(kind))
             for key in sorted(items):
-                d = items[key] if isinstance(items[key], dict) else {}
+                d = _as_dict(items[key])
                 label = f"{key}()" if kind == "methods" else key
                 out.append(f"  {_escape(label)}:")
                 before, after = d.get("before"), d.get("after")
@@ -237,7 +237,7 @@ def image_diff_markup(diff: Any) -> str:
                            "[/color]")
             else:
                 out.append("  " + _escape(short(item, 160)))
-    tools = diff.get("tools") if isinstance(diff.get("tools"), dict) else {}
+    tools = _as_dict(diff.get("tools"))
     for key, what in (("added", "tools forged since"), ("removed", "tools since removed")):
         if tools.get(key):
             out.append(f"[b]{what}:[/b] " + _escape(", ".join(map(str, tools[key]))))
@@ -247,3 +247,8 @@ def image_diff_markup(diff: Any) -> str:
 def _shown(value: Any) -> str:
     """A slot value in a diff; a slot that does not exist (None) says so."""
     return "(not set here)" if value is None else short(value, 120)
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    """``value`` when it is a map, else an empty one (a diff from an older daemon)."""
+    return value if isinstance(value, dict) else {}
