@@ -61,21 +61,28 @@ def model_cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded_models(tmp_path_factory, model_cache_dir):
+def minilm():
+    """The real MiniLM embedder (the product's), loaded once per session and shared."""
+    from a4ps.config import ModelSettings
+    from a4ps.models.embeddings import MiniLMEmbedder
+    return MiniLMEmbedder(batch_size=ModelSettings().embedding_batch_size)
+
+
+@pytest.fixture(scope="session")
+def embedded_models(tmp_path_factory, model_cache_dir, minilm):
     """A ModelManager on the real embedded backend (SmolLM2-135M) + MiniLM embedder.
 
     Session-scoped: load it once, share it. Its own bus is ``embedded_models.bus``.
     """
     from a4ps.config import load_settings
     from a4ps.events import EventBus
-    from a4ps.models.embeddings import MiniLMEmbedder
     from a4ps.models.embedded import EmbeddedBackend
     from a4ps.models.manager import ModelManager
     s = load_settings(data_dir=tmp_path_factory.mktemp("models-data"))
     s.models = s.models.model_copy(update={"embedded": s.models.embedded.model_copy(
         update={"cache_dir": model_cache_dir})})
     mm = ModelManager(s, EventBus(), backend=EmbeddedBackend(s),
-                      embedder=MiniLMEmbedder(batch_size=s.models.embedding_batch_size))
+                      embedder=minilm)
     yield mm
     mm.release()
 

@@ -477,8 +477,14 @@ def test_real_daemon_restart_lock_sigkill_and_sigterm(procs):
     third = procs()
     third.wait_ready()
     try:  # the same subscriber reconnects to the new daemon and asks for a resync
-        wait_alive(sub, timeout=20)
-        assert sub.last_heartbeat["boot_id"] != first_boot and sub.resync_needed
+        # wait for the new daemon's *heartbeat*: any event (its "daemon started" log)
+        # makes the subscriber alive, and under load that one can arrive first while
+        # last_heartbeat is still the old daemon's
+        deadline = time.monotonic() + 20
+        while sub.last_heartbeat["boot_id"] == first_boot and time.monotonic() < deadline:
+            sub.poll(100, timeout_ms=100)
+        assert sub.last_heartbeat["boot_id"] != first_boot, "no heartbeat from the new daemon"
+        assert sub.alive and sub.resync_needed
     finally:
         sub.close()
     with third.client() as c:

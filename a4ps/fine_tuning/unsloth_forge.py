@@ -267,11 +267,15 @@ class PersonaFinetuner:
         done = self._train_candidate(report, persona, version, vdir, steps)
         if done is None:
             return
+        refused = self._refused_on_losses(done, current_model, backend_kind,
+                                          done["adapter_dir"], items)
         candidate = self._stage_candidate(report, persona, proto, lineage, version,
-                                          current_model, backend_kind, done["adapter_dir"])
+                                          current_model, backend_kind, done["adapter_dir"],
+                                          refused)
         if candidate is None:
             return
-        cmp = self._gate(report, persona, vdir, done, current_model, candidate, items, proto, steps)
+        cmp = self._gate(report, persona, vdir, done, current_model, candidate, items, proto,
+                         steps, refused)
         if not cmp.passed:
             report.reason = f"the gate refused v{version}: {cmp.reason}"
             self._record(persona, proto, lineage, version, current_model, candidate, report,
@@ -377,14 +381,30 @@ class PersonaFinetuner:
             "seconds": report.train_seconds})
         return done
 
+    def _refused_on_losses(self, done: dict[str, Any], current_model: str, backend_kind: str,
+                           adapter_dir: Any, items: list[dict[str, Any]]) -> Comparison | None:
+        """The gate's verdict on the losses alone when it already refuses, else None.
+
+        A candidate the losses refuse is not staged: on the embedded engine staging merges
+        the adapter and converts the whole model (its id costs nothing). Ollama still
+        stages first, since creating the tag is how a missing base is found."""
+        if backend_kind != "embedded":
+            return None
+        cmp = self._loss_comparison(done, current_model, adapter_model_id(Path(adapter_dir)),
+                                    items)
+        return None if cmp.passed else cmp
+
     def _stage_candidate(self, report: FinetuneReport, persona: str, proto: Any,
                          lineage: list[dict[str, Any]], version: int, current_model: str,
-                         backend_kind: str, adapter_dir: Any) -> str | None:
+                         backend_kind: str, adapter_dir: Any,
+                         refused: Comparison | None = None) -> str | None:
         """Stage the candidate where the persona's backend can run it: its model id, or
-        None (recorded as a failed version; the persona keeps its model)."""
+        None (recorded as a failed version; the persona keeps its model). A candidate
+        already ``refused`` on its losses is named, never staged."""
         try:
-            candidate = self.stage(persona, version, Path(adapter_dir), current_model,
-                                   lineage, backend_kind)
+            candidate = (refused.candidate_model if refused is not None else
+                         self.stage(persona, version, Path(adapter_dir), current_model,
+                                    lineage, backend_kind))
         except Exception as e:
             report.reason = (f"the adapter was trained but could not be staged on the "
                              f"{backend_kind} backend: {type(e).__name__}: {e}; "
@@ -397,11 +417,12 @@ class PersonaFinetuner:
 
     def _gate(self, report: FinetuneReport, persona: str, vdir: Path, done: dict[str, Any],
               current_model: str, candidate: str, items: list[dict[str, Any]], proto: Any,
-              steps: int) -> Comparison:
-        """Compare the candidate with the live model (:meth:`compare`); written to
-        ``comparison.json`` and announced as the ``gate`` stage."""
+              steps: int, refused: Comparison | None = None) -> Comparison:
+        """Compare the candidate with the live model (:meth:`compare`, unless the losses
+        already ``refused`` it); written to ``comparison.json`` and announced as the
+        ``gate`` stage."""
         t_gate = time.monotonic()
-        cmp = self.compare(done, current_model, candidate, items, proto)
+        cmp = refused or self.compare(done, current_model, candidate, items, proto)
         report.comparison = cmp.to_dict()
         report.stages["gate"] = round(time.monotonic() - t_gate, 2)
         (vdir / "comparison.json").write_text(json.dumps(report.comparison, indent=2, default=str),
@@ -428,19 +449,8 @@ class PersonaFinetuner:
     def compare(self, done: dict[str, Any], current_model: str, candidate: str,
                 items: list[dict[str, Any]], proto: Any) -> Comparison:
         """The gate: the child's per-item losses, ALFRED's judgement, the decision."""
-        cfg = self.settings.finetune
-        policy = GatePolicy.from_settings(cfg)
-        cur_items, new_items = done.get("eval_current") or [], done.get("eval_new") or []
-        cmp = Comparison(current_model=current_model, candidate_model=candidate,
-                         current_loss=_num(done.get("current_loss")),
-                         new_loss=_num(done.get("new_loss")),
-                         heldout_size=sum(it["set"] == "heldout" for it in items))
-        cmp.current_ppl, cmp.new_ppl = _ppl(cmp.current_loss), _ppl(cmp.new_loss)
-        heldout = compare_set("heldout", cur_items, new_items, rounds=policy.bootstrap_rounds)
-        suite = compare_set("suite", cur_items, new_items, rounds=policy.bootstrap_rounds)
-        cmp.heldout = heldout if heldout.n else None
-        cmp.suite = suite if suite.n else None
-        decide(cmp, dataclasses.replace(policy, judge_samples=0))
+        policy = GatePolicy.from_settings(self.settings.finetune)
+        cmp = self._loss_comparison(done, current_model, candidate, items)
         if not cmp.passed:
             return cmp          # refused on the losses: no need to ask ALFRED
         if policy.judge_samples > 0 and "ALFRED" in self.protos:
@@ -451,6 +461,22 @@ class PersonaFinetuner:
                                       proto.get("system_prompt") or None)
             cmp.judge_current, cmp.judge_new = cmp.judge.current_mean, cmp.judge.new_mean
         return decide(cmp, policy)
+
+    def _loss_comparison(self, done: dict[str, Any], current_model: str, candidate: str,
+                         items: list[dict[str, Any]]) -> Comparison:
+        """The gate's checks on the per-item losses alone (no judge asked yet)."""
+        policy = GatePolicy.from_settings(self.settings.finetune)
+        cur_items, new_items = done.get("eval_current") or [], done.get("eval_new") or []
+        cmp = Comparison(current_model=current_model, candidate_model=candidate,
+                         current_loss=_num(done.get("current_loss")),
+                         new_loss=_num(done.get("new_loss")),
+                         heldout_size=sum(it["set"] == "heldout" for it in items))
+        cmp.current_ppl, cmp.new_ppl = _ppl(cmp.current_loss), _ppl(cmp.new_loss)
+        heldout = compare_set("heldout", cur_items, new_items, rounds=policy.bootstrap_rounds)
+        suite = compare_set("suite", cur_items, new_items, rounds=policy.bootstrap_rounds)
+        cmp.heldout = heldout if heldout.n else None
+        cmp.suite = suite if suite.n else None
+        return decide(cmp, dataclasses.replace(policy, judge_samples=0))
 
     # -- pieces ---------------------------------------------------------------------------
     def _model_backend(self, proto) -> str:
@@ -614,6 +640,10 @@ class PersonaFinetuner:
                     "persona": persona, "step": ev.get("step"),
                     "max_steps": ev.get("max_steps", steps), "loss": ev.get("loss"),
                     "pid": proc.pid})
+            elif kind == "loading":
+                self.bus.publish("finetune.progress", {
+                    "persona": persona, "step": 0, "max_steps": steps, "loss": None,
+                    "stage": "loading", "pid": proc.pid})
             elif kind == "start":
                 self.bus.publish("finetune.progress", {
                     "persona": persona, "step": 0, "max_steps": steps, "loss": None,
