@@ -817,6 +817,7 @@ def test_bad_events_do_not_break_the_stream(ui, app, sub):
     sub.push("log", {"message": "still alive"})
     ui.wait_until(lambda: app.root.ids.log_panel.data and
                   app.root.ids.log_panel.data[-1]["text"].endswith("still alive"), 5, "the log")
+    assert app.root.ids.log_panel.data[-1]["text"].endswith("still alive")
 
 
 def test_text_that_does_not_fit_ends_in_an_ellipsis_and_shows_in_a_tooltip(ui, app):

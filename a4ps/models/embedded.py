@@ -32,7 +32,7 @@ from a4ps.models.base import CancelToken, Choice, Generation
 from a4ps.models.ct2_convert import COMPLETE as CT2_COMPLETE
 from a4ps.models.ct2_convert import adapter_digest
 from a4ps.models.decide import Decider
-from a4ps.models.engine import run_generation, sampling_from
+from a4ps.models.engine import require_peft_adapter, run_generation, sampling_from
 from a4ps.models.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from a4ps.models.threads import resolve_threads
 from a4ps.models.tokens import ChatTokenizer
@@ -216,9 +216,8 @@ def ensure_ct2_model(settings, adapter: Path | None = None,
     same). A GGUF the numpy reader does not handle is dequantized by transformers
     first. Atomic and safe against concurrent callers, like the checkpoint.
     """
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        raise ModelNotFound(f"no PEFT adapter at {adapter} (adapter_config.json missing); "
-                            f"check the persona's model_name")
+    if adapter is not None:
+        require_peft_adapter(adapter)
     target = ct2_dir(settings, adapter)
     if (target / CT2_COMPLETE).exists():
         return target
@@ -289,9 +288,8 @@ def ensure_ort_model(settings, adapter: Path | None = None,
     """The ONNX Runtime GenAI model for the base (or base + adapter), built once from
     the dequantized checkpoint by ORT GenAI's model builder in a child process."""
     require_onnxruntime_genai()      # before a build that would fail after ~20 s
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        raise ModelNotFound(f"no PEFT adapter at {adapter} (adapter_config.json missing); "
-                            f"check the persona's model_name")
+    if adapter is not None:
+        require_peft_adapter(adapter)
     target = ort_dir(settings, adapter)
     if (target / ORT_COMPLETE).exists():
         return target

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 from a4ps.models.base import CancelToken, Finish, Generation, OnToken
-from a4ps.models.errors import InvalidRequest
+from a4ps.models.errors import InvalidRequest, ModelNotFound
 from a4ps.models.tokens import ChatTokenizer, RepetitionGuard, TextStream
 
 if TYPE_CHECKING:
@@ -50,6 +51,14 @@ class TokenEngine(Protocol):
 
 
 _GEN_KEYS = {"top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size", "seed"}
+
+
+def require_peft_adapter(adapter: Path) -> None:
+    """Refuse a persona model id that names a folder holding no PEFT adapter, before any
+    engine spends time merging, converting or loading it."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelNotFound(f"no PEFT adapter at {adapter} (adapter_config.json missing); "
+                            f"check the persona's model_name")
 
 
 def sampling_from(cfg: EmbeddedModelSettings, temperature: float | None,

@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from a4ps.models.engine import Sampling
-from a4ps.models.errors import ModelLoadError, ModelNotFound
+from a4ps.models.engine import Sampling, require_peft_adapter
+from a4ps.models.errors import ModelLoadError
 from a4ps.models.threads import apply_openmp_policy
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,7 @@ class TorchEngine:
             return
         key = str(adapter)
         if key not in self._adapters:
-            if not (adapter / "adapter_config.json").is_file():
-                raise ModelNotFound(
-                    f"no PEFT adapter at {adapter} (adapter_config.json missing); "
-                    f"check the persona's model_name")
+            require_peft_adapter(adapter)
             name = f"a{len(self._adapters)}_{abs(hash(key)) % 10**8}"
             try:
                 if not self._peft:
