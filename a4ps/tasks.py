@@ -135,6 +135,15 @@ _COLS = ("id, text, origin, priority, status, created, started, finished, result
          "attempts, meta, cancel_requested, interrupted, interruptions")
 
 
+def requeued_meta(meta: dict[str, Any], *, reason: str, by: str | None) -> dict[str, Any]:
+    """A requeued task's meta: one more ``preempted``, and why, by whom and when it
+    stopped (``last_stop``). Shared by every queue so they record a requeue alike."""
+    meta = dict(meta)
+    meta["preempted"] = int(meta.get("preempted") or 0) + 1
+    meta["last_stop"] = {"reason": reason, "by": by, "at": time.time()}
+    return meta
+
+
 def _row(r: tuple[Any, ...]) -> Task:
     return Task(id=r[0], text=r[1], origin=r[2], priority=r[3], status=r[4], created=r[5],
                 started=r[6], finished=r[7], result=_loads(r[8]), error=r[9],
@@ -361,9 +370,7 @@ class SqliteTaskQueue:
             t = self._get(db, task_id)
             if t.status != "running":
                 return False
-            meta = dict(t.meta)
-            meta["preempted"] = int(meta.get("preempted") or 0) + 1
-            meta["last_stop"] = {"reason": reason, "by": by, "at": time.time()}
+            meta = requeued_meta(t.meta, reason=reason, by=by)
             db.execute("UPDATE tasks SET status = 'queued', started = NULL, "
                        "cancel_requested = 0, meta = ? WHERE id = ?", (_dumps(meta), task_id))
         with self._cond:

@@ -41,7 +41,8 @@ from typing import Any, Iterable, Iterator
 
 from .config import redact_url
 from .tasks import (DEFAULT_MAX_ATTEMPTS, DEFAULT_SELF_PRIORITY, DEFAULT_USER_PRIORITY,
-                    STATUSES, TERMINAL, USER, Task, TaskNotFound, TaskQueueError)
+                    STATUSES, TERMINAL, USER, Task, TaskNotFound, TaskQueueError,
+                    requeued_meta)
 
 log = logging.getLogger(__name__)
 
@@ -333,9 +334,7 @@ class PostgresTaskQueue:
             t = self._get(db, task_id)
             if t.status != "running":
                 return False
-            meta = dict(t.meta)
-            meta["preempted"] = int(meta.get("preempted") or 0) + 1
-            meta["last_stop"] = {"reason": reason, "by": by, "at": time.time()}
+            meta = requeued_meta(t.meta, reason=reason, by=by)
             r = db.execute("UPDATE a4ps_tasks SET status = 'queued', started = NULL, "
                            "owner = NULL, cancel_requested = false, meta = %s "
                            "WHERE id = %s AND status = 'running' AND owner = %s RETURNING id",
