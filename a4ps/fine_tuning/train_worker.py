@@ -37,7 +37,12 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -122,7 +127,8 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
     return [sample_of(r) for r in read_golden(path)]
 
 
-def _messages(sample: dict[str, Any], system_prompt: str | None, with_answer: bool):
+def _messages(sample: dict[str, Any], system_prompt: str | None, with_answer: bool
+              ) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
     msgs.append({"role": "user", "content": sample["user"]})
     if with_answer:
@@ -130,8 +136,10 @@ def _messages(sample: dict[str, Any], system_prompt: str | None, with_answer: bo
     return msgs
 
 
-def render(tokenizer, sample, system_prompt, eos: str | None) -> str:
-    text = tokenizer.apply_chat_template(_messages(sample, system_prompt, True), tokenize=False)
+def render(tokenizer: PreTrainedTokenizerBase, sample: dict[str, Any],
+           system_prompt: str | None, eos: str | None) -> str:
+    text = str(tokenizer.apply_chat_template(_messages(sample, system_prompt, True),
+                                             tokenize=False))
     text = text.rstrip("\n")
     if eos and not text.endswith(eos):
         text += eos
@@ -140,7 +148,9 @@ def render(tokenizer, sample, system_prompt, eos: str | None) -> str:
 
 # -- evaluation --------------------------------------------------------------------------
 
-def item_losses(model, tokenizer, samples, system_prompt, eos, max_length, device, *,
+def item_losses(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                samples: list[dict[str, Any]], system_prompt: str | None, eos: str | None,
+                max_length: int, device: str, *,
                 content_only: bool = False) -> list[tuple[float, int]]:
     """(mean NLL over the answer tokens, answer tokens) per sample; prompt tokens are
     masked out. A sample with no answer token left after truncation gives (nan, 0).
@@ -178,7 +188,9 @@ def item_losses(model, tokenizer, samples, system_prompt, eos, max_length, devic
     return out_rows
 
 
-def answer_loss(model, tokenizer, samples, system_prompt, eos, max_length, device) -> tuple[float, int]:
+def answer_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                samples: list[dict[str, Any]], system_prompt: str | None, eos: str | None,
+                max_length: int, device: str) -> tuple[float, int]:
     """Mean NLL over all the samples' answer tokens (token-weighted)."""
     rows = [(loss, n) for loss, n in item_losses(model, tokenizer, samples, system_prompt, eos,
                                                   max_length, device) if n]
@@ -199,8 +211,9 @@ def read_eval_items(path: str | Path) -> list[dict[str, Any]]:
     return items
 
 
-def _evaluate(which: str, model, tokenizer, items, system_prompt, eos, max_length, device
-              ) -> tuple[list[dict[str, Any]], float]:
+def _evaluate(which: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+              items: list[dict[str, Any]], system_prompt: str | None, eos: str | None,
+              max_length: int, device: str) -> tuple[list[dict[str, Any]], float]:
     t0 = time.monotonic()
     rows = item_losses(model, tokenizer, items, system_prompt, eos, max_length, device,
                        content_only=True)
@@ -244,21 +257,22 @@ def choose_backend(requested: str) -> tuple[str, str]:
 
 # -- training ------------------------------------------------------------------------------
 
-def _progress_callback(max_steps: int):
+def _progress_callback(max_steps: int) -> TrainerCallback:
     from transformers import TrainerCallback
 
     parent = os.getppid()
 
     class Progress(TrainerCallback):
-        def __init__(self):
+        def __init__(self) -> None:
             self.losses: list[float] = []
 
-        def on_step_end(self, args, state, control, **kw):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             # the daemon died (we run in our own session): don't train on as an orphan
             if os.getppid() != parent:
                 raise SystemExit("the parent process is gone; training stopped")
 
-        def on_log(self, args, state, control, logs=None, **kw):
+        def on_log(self, args: Any, state: Any, control: Any,
+                   logs: dict[str, float] | None = None, **kw: Any) -> None:
             if logs and "loss" in logs:
                 loss = float(logs["loss"])
                 self.losses.append(loss)
@@ -267,7 +281,7 @@ def _progress_callback(max_steps: int):
     return Progress()
 
 
-def _trainer_class(cuda: bool):
+def _trainer_class(cuda: bool) -> type[SFTTrainer]:
     """SFTTrainer, or on the CPU a subclass computing the model's own cross-entropy.
 
     TRL 1.15 computes the SFT loss with Triton kernels (a fused LM head), which need
@@ -282,7 +296,8 @@ def _trainer_class(cuda: bool):
     from transformers import Trainer
 
     class PlainLossSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
@@ -290,9 +305,9 @@ def _trainer_class(cuda: bool):
 
 
 def _sft_config(job: dict[str, Any], out_dir: Path, *, cuda: bool, bf16: bool, optim: str,
-                eos: str | None):
+                eos: str | None) -> SFTConfig:
     from trl import SFTConfig
-    kw = dict(
+    kw: dict[str, Any] = dict(
         output_dir=str(out_dir / "trainer"),
         max_steps=int(job["steps"]),
         per_device_train_batch_size=int(job["batch_size"]),
@@ -440,7 +455,8 @@ def _load_model(job: dict[str, Any], backend: str, base_dir: str, max_length: in
         model = AutoModelForCausalLM.from_pretrained(
             base_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
         if cuda:
-            model = model.to("cuda")
+            # transformers types .to through functools.wraps, which drops the bound self
+            model = model.to("cuda")  # type: ignore[arg-type]
         if current_adapter:
             model = PeftModel.from_pretrained(model, current_adapter, is_trainable=True)
         else:
@@ -473,7 +489,8 @@ def _fit(job: dict[str, Any], backend: str, model: Any, tokenizer: Any,
     dataset = Dataset.from_list([{"text": t} for t in texts])
     trainer_cls = _trainer_class(cuda) if backend == "trl" else None
     if trainer_cls is None:
-        from trl import SFTTrainer as trainer_cls
+        from trl import SFTTrainer
+        trainer_cls = SFTTrainer
     args = _sft_config(job, out_dir, cuda=cuda, bf16=bf16, optim=optim, eos=eos)
     progress = _progress_callback(int(job["steps"]))
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset,
