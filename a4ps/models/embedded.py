@@ -91,13 +91,8 @@ def ensure_base_checkpoint(settings, progress: Progress | None = None) -> Path:
     the result appears atomically (built in a temp dir, then renamed).
     """
     target = checkpoint_dir(settings)
-    if (target / _COMPLETE).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / (target.name + ".lock")
-    with _file_lock(lock_path):
-        if (target / _COMPLETE).exists():      # another process built it meanwhile
-            return target
+
+    def build() -> None:
         _report(progress, 0.0, "dequantizing GGUF (first run only, a few seconds)")
         src = gguf_path(settings)
         t0 = time.perf_counter()
@@ -112,7 +107,8 @@ def ensure_base_checkpoint(settings, progress: Progress | None = None) -> Path:
         _report(progress, 1.0, "cached")
         log.info("dequantized %s into %s (%s) in %.1fs", src.name, target, how,
                  time.perf_counter() - t0)
-    return target
+
+    return build_once(target, _COMPLETE, build)
 
 
 def _dequantize_with_numpy(src: Path, out: Path, progress: Progress | None) -> str:
@@ -154,6 +150,27 @@ def _file_lock(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_once(target: Path, marker: str, build: Callable[[], None], *,
+               keep: int | None = None) -> Path:
+    """``target``, built by ``build`` unless its ``marker`` file says it is complete.
+
+    Built under a file lock next to it and checked again inside, so concurrent callers
+    (threads or processes) build it once; ``build`` writes the marker last (a failed
+    build raises and leaves none). ``keep``: after a build, keep at most that many
+    complete siblings (merged adapters), least recently built dropped first.
+    """
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / (target.name + ".lock")):
+        if (target / marker).exists():
+            return target
+        build()
+        if keep is not None:
+            _evict_adapters(target.parent, keep=keep, protect=target, marker=marker)
+    return target
 
 
 def _report(progress: Progress | None, fraction: float, stage: str) -> None:
@@ -219,12 +236,8 @@ def ensure_ct2_model(settings, adapter: Path | None = None,
     if adapter is not None:
         require_peft_adapter(adapter)
     target = ct2_dir(settings, adapter)
-    if (target / CT2_COMPLETE).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / (target.name + ".lock")):
-        if (target / CT2_COMPLETE).exists():
-            return target
+
+    def build() -> None:
         what = "merging the adapter and converting" if adapter else "converting to int8"
         hf = checkpoint_dir(settings)
         source = hf if (hf / _COMPLETE).exists() else gguf_path(settings)
@@ -238,10 +251,9 @@ def ensure_ct2_model(settings, adapter: Path | None = None,
                                  f"{err.strip().splitlines()[-1] if err.strip() else rc}"
                                  f"; set models.embedded.engine = \"transformers\" to run "
                                  f"without it")
-        if adapter is not None:
-            _evict_adapters(target.parent, keep=settings.models.embedded.max_converted_adapters,
-                            protect=target)
-    return target
+
+    return build_once(target, CT2_COMPLETE, build,
+                      keep=settings.models.embedded.max_converted_adapters if adapter else None)
 
 
 _UNSUPPORTED_GGUF = 3       # the converter's exit status for a GGUF numpy cannot read
@@ -291,12 +303,8 @@ def ensure_ort_model(settings, adapter: Path | None = None,
     if adapter is not None:
         require_peft_adapter(adapter)
     target = ort_dir(settings, adapter)
-    if (target / ORT_COMPLETE).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / (target.name + ".lock")):
-        if (target / ORT_COMPLETE).exists():
-            return target
+
+    def build() -> None:
         hf = ensure_base_checkpoint(settings, lambda f, s: _report(progress, 0.25 * f, s))
         what = "merging the adapter and building" if adapter else "building the ONNX model"
         rc, err = _convert(settings, hf, target, adapter, what,
@@ -308,10 +316,9 @@ def ensure_ort_model(settings, adapter: Path | None = None,
                                  f"{err.strip().splitlines()[-1] if err.strip() else rc}"
                                  f"; set models.embedded.engine = \"ctranslate2\" to run "
                                  f"without it")
-        if adapter is not None:
-            _evict_adapters(target.parent, keep=settings.models.embedded.max_converted_adapters,
-                            protect=target)
-    return target
+
+    return build_once(target, ORT_COMPLETE, build,
+                      keep=settings.models.embedded.max_converted_adapters if adapter else None)
 
 
 def _child_env() -> dict[str, str]:
@@ -322,10 +329,10 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _evict_adapters(folder: Path, keep: int, protect: Path) -> None:
+def _evict_adapters(folder: Path, keep: int, protect: Path, marker: str) -> None:
     """Drop the least recently used merged adapters beyond ``keep``."""
-    done = [d for d in folder.iterdir() if d.is_dir() and (d / CT2_COMPLETE).exists()]
-    done.sort(key=lambda d: (d / CT2_COMPLETE).stat().st_mtime, reverse=True)
+    done = [d for d in folder.iterdir() if d.is_dir() and (d / marker).exists()]
+    done.sort(key=lambda d: (d / marker).stat().st_mtime, reverse=True)
     for d in done[keep:]:
         if d != protect:
             shutil.rmtree(d, ignore_errors=True)
