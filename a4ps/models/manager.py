@@ -23,7 +23,7 @@ import numpy as np
 from a4ps.models.base import CancelToken, Choice, Generation, OnToken
 from a4ps.models.errors import (DecisionError, GenerationCancelled, InvalidRequest,
                                 ModelError, ModelTooLarge)
-from a4ps.models.schema import check_schema, validate
+from a4ps.models.schema import check_decision_schema, validate_object
 from a4ps.models.embedded import EmbeddedBackend
 from a4ps.models.embeddings import Embedder, make_embedder
 from a4ps.models.ollama_backend import OllamaBackend
@@ -147,13 +147,13 @@ class ModelManager:
                    ) -> dict[str, Any]:
         """An object conforming to ``schema`` (see :mod:`a4ps.models.schema`), or DecisionError."""
         msgs = normalise_messages(messages)
-        check_schema(schema)
+        check_decision_schema(schema)
         with self._lock:
             _raise_if_cancelled(cancel, model)
             try:
                 value = self._call(model, lambda: self.backend.structured(
                     msgs, schema, cancel=cancel))
-                result = validate(value, schema)
+                result = validate_object(value, schema)
             except DecisionError:
                 self._stats["decision_errors"] += 1
                 raise
