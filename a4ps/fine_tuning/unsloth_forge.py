@@ -42,9 +42,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import PROJECT_ROOT
+from ..models.base import AdapterHost
 from ..models.embedded import LORA_TAG, adapter_model_id, ensure_base_checkpoint, stage_adapter
 from ..models.ollama_backend import OllamaBackend
 from ..proto import ProtoError
@@ -60,13 +61,6 @@ if TYPE_CHECKING:
     from ..models.manager import ModelManager
     from ..proto import Proto, ProtoManager
 
-
-@runtime_checkable
-class AdapterHost(Protocol):
-    """Where an Ollama candidate is registered: base + LoRA adapter as a new model tag
-    (:class:`OllamaBackend` implements it)."""
-
-    def create_with_adapter(self, new_tag: str, base: str, adapter_dir: Path) -> str: ...
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,8 @@ from a4ps.models.ollama_backend import OllamaBackend
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+    from a4ps.config import Settings
+
 
 @runtime_checkable
 class Embedder(Protocol):
@@ -144,10 +146,11 @@ def _check(texts: object) -> list[str]:
     return [str(t) for t in texts]
 
 
-def make_embedder(settings: Any, backend: OllamaBackend | None = None) -> Embedder:
+def make_embedder(settings: Settings, backend: object = None) -> Embedder:
     """The embedder ``settings.models.embedding_backend`` names (MiniLM by default).
 
-    ``backend``: an existing OllamaBackend to reuse for ``embedding_backend = "ollama"``.
+    ``backend``: the manager's chat backend, reused for ``embedding_backend = "ollama"``
+    when it is an OllamaBackend.
     """
     m = settings.models
     if m.embedding_backend == "minilm":
