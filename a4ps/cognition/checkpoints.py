@@ -63,8 +63,9 @@ def postgres_saver(url: str, *, connect_timeout_s: float = 10.0
             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; "
             f"is the server running and the database created? (or set "
             f"cognition.checkpointer = \"sqlite\")") from e
-    pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(url, min_size=1, max_size=2, open=False, name="a4ps-checkpoints",
-                          check=ConnectionPool.check_connection, kwargs=kwargs)
+    pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
+        url, min_size=1, max_size=2, open=False, name="a4ps-checkpoints",
+        check=ConnectionPool.check_connection, kwargs=kwargs)
     try:
         pool.open(wait=True, timeout=connect_timeout_s)
         saver = PostgresSaver(pool)

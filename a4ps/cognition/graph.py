@@ -150,7 +150,8 @@ class CognitiveGraph:
             checkpointer_path = settings.cognition.checkpointer
             if not is_postgres_url(checkpointer_path):
                 checkpointer_path = Path(settings.checkpoint_dir) / "graph.sqlite"
-        self.checkpointer_url: str | None = checkpointer_path if is_postgres_url(checkpointer_path) else None
+        self.checkpointer_url: str | None = \
+            checkpointer_path if is_postgres_url(checkpointer_path) else None
         self.checkpointer_path = Path(checkpointer_path) \
             if checkpointer_path and self.checkpointer_url is None else None
         self._pool: Any = None
@@ -777,7 +778,9 @@ class CognitiveGraph:
 def _after_recall(state: CognitiveState) -> Literal["contrapunto", "direct", "tool"]:
     route = state.get("route")
     # one of ROUTES, checked here (the state's route is a plain str)
-    return cast(Literal["contrapunto", "direct", "tool"], route) if route in ROUTES else "contrapunto"
+    if route in ROUTES:
+        return cast(Literal["contrapunto", "direct", "tool"], route)
+    return "contrapunto"
 
 
 def _after_tool_request(state: CognitiveState) -> Literal["request", "none"]:

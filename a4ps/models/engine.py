@@ -41,12 +41,17 @@ class TokenEngine(Protocol):
 
     name: str
 
-    def stream(self, ids: list[int], *, max_new: int, sampling: Sampling) -> Generator[int, None, None]:
+    def stream(self, ids: list[int], *, max_new: int,
+               sampling: Sampling) -> Generator[int, None, None]:
         """Yield generated ids one by one; closing the generator stops the engine."""
         ...
 
     def score(self, prefix: list[int], continuations: Sequence[list[int]]) -> list[list[float]]:
         """Per-token log-probabilities of each continuation right after ``prefix``."""
+        ...
+
+    def close(self) -> None:
+        """Drop the weights now (the backend's unload)."""
         ...
 
 

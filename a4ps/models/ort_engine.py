@@ -69,7 +69,8 @@ class OrtEngine:
         """An ``og.Generator`` (the library is untyped)."""
         og = self._og
         params = og.GeneratorParams(self.model)
-        opts: dict[str, Any] = {"max_length": min(int(max_length), self.context), "do_sample": False}
+        opts: dict[str, Any] = {"max_length": min(int(max_length), self.context),
+                                "do_sample": False}
         if sampling is not None:
             opts.update(repetition_penalty=float(sampling.repetition_penalty),
                         no_repeat_ngram_size=int(sampling.no_repeat_ngram_size))
@@ -79,7 +80,8 @@ class OrtEngine:
         params.set_search_options(**opts)
         return og.Generator(self.model, params)
 
-    def stream(self, ids: list[int], *, max_new: int, sampling: Sampling) -> Generator[int, None, None]:
+    def stream(self, ids: list[int], *, max_new: int,
+               sampling: Sampling) -> Generator[int, None, None]:
         gen = self._generator(len(ids) + int(max_new), sampling)
         gen.append_tokens(list(ids))
         try:

@@ -88,7 +88,8 @@ class TorchEngine:
 
     # -- the TokenEngine protocol --------------------------------------------
 
-    def stream(self, ids: list[int], *, max_new: int, sampling: Sampling) -> Generator[int, None, None]:
+    def stream(self, ids: list[int], *, max_new: int,
+               sampling: Sampling) -> Generator[int, None, None]:
         import torch
         from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
                                   RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
