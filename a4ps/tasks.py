@@ -38,7 +38,10 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .events import Bus
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +213,7 @@ class TaskQueue(Protocol):
 class SqliteTaskQueue:
     """Durable queue of tasks in one SQLite file (``settings.tasks_path``)."""
 
-    def __init__(self, path: Path | str, bus: Any = None) -> None:
+    def __init__(self, path: Path | str, bus: Bus | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.bus = bus

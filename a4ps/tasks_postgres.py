@@ -37,12 +37,15 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .config import redact_url
 from .tasks import (DEFAULT_MAX_ATTEMPTS, DEFAULT_SELF_PRIORITY, DEFAULT_USER_PRIORITY,
                     STATUSES, TERMINAL, USER, Task, TaskNotFound, TaskQueueError,
                     requeued_meta)
+
+if TYPE_CHECKING:
+    from .events import Bus
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ def default_worker_name(data_dir: Any) -> str:
 class PostgresTaskQueue:
     """The durable priority task queue in a PostgreSQL database, shared by daemons."""
 
-    def __init__(self, url: str, bus: Any = None, *, worker_name: str | None = None,
+    def __init__(self, url: str, bus: Bus | None = None, *, worker_name: str | None = None,
                  connect_timeout_s: float = 10.0, sweep_interval_s: float = 1.0,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
         self.url = url

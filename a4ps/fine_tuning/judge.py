@@ -22,10 +22,14 @@ import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..models.base import Choice
 from ..models.errors import DecisionError, GenerationCancelled
+
+if TYPE_CHECKING:
+    from ..models.manager import ModelManager
+    from ..proto import ProtoManager
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +187,7 @@ class Judge:
     decision the model could not make returns a Verdict with ``score=None``.
     """
 
-    def __init__(self, models: Any, protos: Any, persona: str = JUDGE) -> None:
+    def __init__(self, models: ModelManager, protos: ProtoManager, persona: str = JUDGE) -> None:
         self.models = models
         self.protos = protos
         self.persona = persona
