@@ -59,6 +59,7 @@ from .models.errors import ModelError
 from .persona_file_errors import PersonaFileError as PersonaFileError  # its home
 
 if TYPE_CHECKING:
+    from .config import Settings
     import numpy as np
 
     from .codex import Codex
@@ -495,7 +496,7 @@ Progress = Callable[[str, int, int], None]
 class PersonaFiles:
     """Export and import personas for one System (its parts are passed in)."""
 
-    def __init__(self, settings: Any, protos: ProtoManager, codex: Codex,
+    def __init__(self, settings: Settings, protos: ProtoManager, codex: Codex,
                  memory: MemoryManager, models: ModelManager, embedder: Embedder,
                  bus: EventBus, *,
                  save: Callable[..., Any] | None = None,
