@@ -37,12 +37,36 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Required, TextIO, TypedDict
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+class TrainJob(TypedDict, total=False):
+    """``job.json``: what the fine-tuner asks of the training child (written by
+    ``PersonaFinetuner._write_job``); held-out items come from ``eval_path``, or from a
+    plain golden file at ``heldout_path``."""
+    base_dir: Required[str]
+    train_path: Required[str]
+    out_dir: Required[str]
+    steps: Required[int]
+    learning_rate: Required[float]
+    lora_r: Required[int]
+    lora_alpha: Required[int]
+    warmup_steps: Required[int]
+    batch_size: Required[int]
+    grad_accum: Required[int]
+    max_length: Required[int]
+    eval_path: str
+    heldout_path: str
+    current_adapter: str | None
+    system_prompt: str
+    backend: str                 # "auto" | "trl" | "unsloth"
+    seed: int
+    threads: int                 # 0: the idle cores
+
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -304,7 +328,7 @@ def _trainer_class(cuda: bool) -> type[SFTTrainer]:
     return PlainLossSFTTrainer
 
 
-def _sft_config(job: dict[str, Any], out_dir: Path, *, cuda: bool, bf16: bool, optim: str,
+def _sft_config(job: TrainJob, out_dir: Path, *, cuda: bool, bf16: bool, optim: str,
                 eos: str | None) -> SFTConfig:
     from trl import SFTConfig
     kw: dict[str, Any] = dict(
@@ -349,7 +373,7 @@ def check_base(base_dir: str | Path) -> None:
                          f"{base_dir} so it is rebuilt, or point at a complete one") from None
 
 
-def train(job: dict[str, Any]) -> dict[str, Any]:
+def train(job: TrainJob) -> dict[str, Any]:
     """Train one LoRA adapter as ``job`` says; evaluate the model before and after on the
     held-out items; the ``done`` record (adapter dir, losses, timings, peak memory)."""
     t0 = time.monotonic()
@@ -413,7 +437,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
             "adapter_bytes": adapter_bytes}
 
 
-def _job_samples(job: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _job_samples(job: TrainJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training samples, held-out items) the job names; refuses a job with nothing to train."""
     train_samples = read_samples(job["train_path"])
     if job.get("eval_path"):
@@ -428,7 +452,7 @@ def _job_samples(job: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[s
     return train_samples, heldout
 
 
-def _load_model(job: dict[str, Any], backend: str, base_dir: str, max_length: int,
+def _load_model(job: TrainJob, backend: str, base_dir: str, max_length: int,
                 current_adapter: str | None, cuda: bool) -> tuple[Any, Any, bool, str]:
     """(model with a trainable LoRA, tokenizer, bf16, optimizer name): a fresh adapter,
     or the live one continued. Unsloth on CUDA, transformers + PEFT otherwise."""
@@ -479,7 +503,7 @@ def _chat_tokens(tokenizer: Any) -> str | None:
     return eos
 
 
-def _fit(job: dict[str, Any], backend: str, model: Any, tokenizer: Any,
+def _fit(job: TrainJob, backend: str, model: Any, tokenizer: Any,
          train_samples: list[dict[str, Any]], system_prompt: str | None, eos: str | None,
          out_dir: Path, *, cuda: bool, bf16: bool, optim: str) -> tuple[Any, Any, float]:
     """Supervised fine-tuning on the rendered samples: (trainer, progress callback,

@@ -53,7 +53,7 @@ from .errors import FinetuneError as FinetuneError  # its home is errors.py
 from .eval_set import EvalSet, content_key, load_suite, row_answer, row_task
 from .evaluation import Comparison, GatePolicy, compare_set, decide, judge_answers
 from .judge import Judge
-from .train_worker import read_golden
+from .train_worker import TrainJob, read_golden
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -343,7 +343,7 @@ class PersonaFinetuner:
         """``job.json``: everything the training child needs, in one file."""
         cfg = self.settings.finetune
         base_dir = self._base_dir()
-        job = {
+        job: TrainJob = {
             "base_dir": str(base_dir), "train_path": str(vdir / "train.jsonl"),
             "eval_path": str(vdir / "eval.jsonl"), "out_dir": str(vdir),
             "current_adapter": str(current_adapter) if current_adapter else None,
