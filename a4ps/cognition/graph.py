@@ -77,7 +77,8 @@ if TYPE_CHECKING:
     from a4ps.events import Bus
     from a4ps.memory import MemoryStore
     from a4ps.models.manager import ModelManager
-    from a4ps.proto import ProtoManager
+    from a4ps.models.base import CancelToken
+    from a4ps.proto import Proto, ProtoManager
     from a4ps.tools.registry import ToolCatalog, ToolLookup
     from a4ps.tools.tool_forge import Forger
 
@@ -91,7 +92,7 @@ CANDIDATE_CHARS = 400        # an answer candidate ALFRED chooses among, at most
 @dataclass
 class _Run:
     """What one running task needs beyond its state: the cancel token and its stream."""
-    cancel: Any
+    cancel: CancelToken | None
     stream: TokenStream
     owned: bool = True          # False: made by a node (a run started outside run())
 
@@ -263,7 +264,7 @@ class CognitiveGraph:
 
     def run(self, task_id: str, text: str, *, resume: bool = False,
             route: str | None = None, meta: dict[str, Any] | None = None,
-            cancel: Any = None) -> dict[str, Any]:
+            cancel: CancelToken | None = None) -> dict[str, Any]:
         """Run one task to the end and return its result.
 
         ``resume=True`` continues from the task's last checkpoint if it has an
@@ -384,7 +385,7 @@ class CognitiveGraph:
             msgs = prompts.retry_nudge(messages, problem)
         return Turn("", f"{persona}: {problem} (after one retry)", spent, tokens, finish)
 
-    def _invoke(self, proto: Any, messages: list[dict[str, str]], guard: TurnGuard,
+    def _invoke(self, proto: Proto, messages: list[dict[str, str]], guard: TurnGuard,
                 gen: dict[str, Any]) -> Any:
         """The persona's live ``invoke_llm`` (so an edited method speaks), else the model."""
         if proto.has("invoke_llm"):
@@ -413,7 +414,7 @@ class CognitiveGraph:
             log.info("task %s: %s", state.get("task_id"), decision.problem)
         return decision
 
-    def _set_last_utterance(self, proto: Any, text: str) -> None:
+    def _set_last_utterance(self, proto: Proto, text: str) -> None:
         manager = getattr(proto, "_manager", None)
         if manager is None or not proto.has("last_utterance"):
             return

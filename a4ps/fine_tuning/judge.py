@@ -28,6 +28,7 @@ from ..models.base import Choice
 from ..models.errors import DecisionError, GenerationCancelled
 
 if TYPE_CHECKING:
+    from ..models.base import CancelToken
     from ..models.manager import ModelManager
     from ..proto import ProtoManager
 
@@ -197,7 +198,7 @@ class Judge:
         return str(proto.get("model_name")), proto.get("system_prompt") or None
 
     def score(self, task: str, answer: str, turns: dict[str, str] | None = None, *,
-              cancel: Any = None) -> Verdict:
+              cancel: CancelToken | None = None) -> Verdict:
         model, system = self._judge()
         try:
             choice = self.models.choose(model, score_messages(system, task, answer, turns),
@@ -208,7 +209,7 @@ class Judge:
                        scores=dict(choice.scores))
 
     def vote(self, task: str, answer: str, turns: dict[str, str] | None = None, *,
-             cancel: Any = None) -> str | None:
+             cancel: CancelToken | None = None) -> str | None:
         model, system = self._judge()
         try:
             vote: Choice = self.models.choose(model, vote_messages(system, task, answer, turns),
@@ -219,7 +220,7 @@ class Judge:
             return None
 
     def assess(self, task: str, answer: str, turns: dict[str, str] | None = None, *,
-               cancel: Any = None) -> Verdict:
+               cancel: CancelToken | None = None) -> Verdict:
         """Score and vote for one interaction. Raises ModelError if the model is down."""
         verdict = self.score(task, answer, turns, cancel=cancel)
         if verdict.score is not None:

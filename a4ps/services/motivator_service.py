@@ -182,7 +182,8 @@ class Motivator:
     """Self-generated goals (on idle) and reflections (on high dissonance), rate-limited."""
 
     def __init__(self, settings: Settings, bus: EventBus, protos: ProtoManager,
-                 memory: MemoryStore, tasks: TaskQueue, codex: Codex, clock: Callable[[], float] = time.time, *,
+                 memory: MemoryStore, tasks: TaskQueue, codex: Codex,
+                 clock: Callable[[], float] = time.time, *,
                  ledger: Ledger | None = None) -> None:
         self.settings = settings
         self.bus = bus

@@ -94,7 +94,8 @@ class Philosopher:
     """Turns recurring high dissonance into pending codex amendments (never applies them)."""
 
     def __init__(self, settings: Settings, bus: EventBus, protos: ProtoManager,
-                 memory: MemoryStore, codex: Codex, embedder: Embedder, clock: Callable[[], float] = time.time) -> None:
+                 memory: MemoryStore, codex: Codex, embedder: Embedder,
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.bus = bus
         self.protos = protos
