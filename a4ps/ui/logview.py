@@ -111,7 +111,7 @@ class LogPanel(BoxLayout):
         def settle(_dt: float) -> None:
             content = rv.children[0].height if rv.children else 0
             rv.scroll_y = 1 if content <= rv.height else 0
-        Clock.schedule_once(settle, 0)
+        Clock.schedule_once(settle, -1)     # after the layout, before this frame's drawing
 
 
 def _esc(text: Any) -> str:

@@ -227,7 +227,7 @@ class TranscriptPanel(BoxLayout):
         # only the chart on show is in the tree (a hidden one would still be drawn)
         self.plot, self.timeline = self.ids.plot.__self__, self.ids.timeline.__self__
         self.ids.chart_holder.remove_widget(self.timeline)
-        self._settle_scroll = Clock.create_trigger(self._settle, 0)
+        self._settle_scroll = Clock.create_trigger(self._settle, -1)   # same frame
         self.ids.scroll.bind(height=self._settle_scroll, scroll_y=self._scrolled)
         self.ids.turns.bind(height=self._settle_scroll)
         self.clear()
