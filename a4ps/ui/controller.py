@@ -245,8 +245,7 @@ class MorphicController:
             if item is None:
                 break
             widget, props, since = item
-            for key, value in props.items():
-                setattr(widget, key, value)
+            widget.apply_props(props)
             render = getattr(widget, "render_now", None)
             if render is not None and render(repaint=False):
                 made += 1

@@ -43,7 +43,7 @@ class Scene:
         self._members: dict[tuple[int, int], set[Hashable]] = {}
         self.dirty: set[tuple[int, int]] = set()
         self.geometry = 0      # counts changes of what covers what (see shows)
-        self._exposed: dict[Hashable, set[tuple[int, int]]] = {}
+        self._exposed: dict[tuple[Hashable, Rect], bool] = {}
         self._exposed_at = -1
 
     # -- changes -------------------------------------------------------------------------
@@ -108,28 +108,28 @@ class Scene:
 
     def shows(self, key: Hashable, rect: Rect) -> bool:
         """Whether any part of ``rect`` (inside ``key``'s picture) may be on screen:
-        it lies in a tile where ``key``'s picture is not all under one body above
-        it (conservative: a part covered only by several bodies together counts as
-        showing). What shows is worked out once per geometry, not per question."""
+        in some tile, that part is not under one body above ``key`` (conservative:
+        a part covered only by several bodies together counts as showing). Answers
+        are kept until the geometry changes: a morph asks about the same rects."""
         if self._exposed_at != self.geometry:
             self._exposed, self._exposed_at = {}, self.geometry
-        exposed = self._exposed.get(key)
-        if exposed is None:
-            exposed = self._exposed[key] = self._exposed_tiles(key)
-        return not exposed.isdisjoint(self._tiles_in(rect))
+        answer = self._exposed.get((key, rect))
+        if answer is None:
+            answer = self._exposed[(key, rect)] = self._shows(key, rect)
+        return answer
 
-    def _exposed_tiles(self, key: Hashable) -> set[tuple[int, int]]:
+    def _shows(self, key: Hashable, rect: Rect) -> bool:
         z = self._z.get(key)
         if z is None:
-            return set()
-        t, picture, out = self.tile, self.picture[key], set()
-        for (i, j) in self._tiles_of.get(key, ()):
-            part = intersect(picture, (i * t, j * t, (i + 1) * t, (j + 1) * t))
+            return False
+        t = self.tile
+        for (i, j) in self._tiles_in(rect):
+            part = intersect(rect, (i * t, j * t, (i + 1) * t, (j + 1) * t))
             if part is not None and not any(
                     self._z[k] > z and contains(self.body[k], part)
                     for k in self._members.get((i, j), ())):
-                out.add((i, j))
-        return out
+                return True
+        return False
 
     # -- what to draw ------------------------------------------------------------------
     def take(self) -> set[tuple[int, int]]:

@@ -139,6 +139,28 @@ class Morph(Widget):
     def _text(self, *_: Any) -> None:
         """Subclasses build ``display_text`` here."""
 
+    _batching = False
+    _text_wanted = False
+
+    def _retext(self, *_: Any) -> None:
+        if self._batching:
+            self._text_wanted = True     # once, after the whole batch (apply_props)
+        else:
+            self._text()
+
+    def apply_props(self, props: dict[str, Any]) -> None:
+        """Set display properties together: the text is rebuilt once for all of
+        them, not once per property."""
+        self._batching = True
+        try:
+            for key, value in props.items():
+                setattr(self, key, value)
+        finally:
+            self._batching = False
+        if self._text_wanted:
+            self._text_wanted = False
+            self._text()
+
     def _trimmed(self) -> int:
         """Lines to take off (reset when the morph's size changes)."""
         if self._trim_size != tuple(self.size):
@@ -245,7 +267,7 @@ class SpriteMorph(Morph):
         pw, ph = self.picture_size
         x, y = self.x, self.y - sprites.SHADOW
         if self._drawn_parts != (self.composer.frame_key(look), look.header) or \
-                tuple(self.size) != (pw - sprites.SHADOW, ph - sprites.SHADOW):
+                (int(self.width), int(self.height)) != (pw - sprites.SHADOW, ph - sprites.SHADOW):
             return (x, y, x + pw, y + ph)
         top = self.top - sprites.PAD[1] - self.composer.header_height()
         return (self.x + 1, self.y + 1, self.right - 1, max(self.y + 1, top))
@@ -270,10 +292,9 @@ class ProtoMorph(SpriteMorph):
     def __init__(self, **kw):
         kw.setdefault("size", (dp(PERSONA_SIZE[0]), dp(PERSONA_SIZE[1])))
         super().__init__(**kw)
-        self.bind(name=self._text, role=self._text, model_name=self._text,
-                  activity=self._text, status=self._text, dissonance=self._text,
-                  show_dissonance=self._text, utterance=self._text, streaming=self._text,
-                  size=self._text)
+        t = self._retext
+        self.bind(name=t, role=t, model_name=t, activity=t, status=t, dissonance=t,
+                  show_dissonance=t, utterance=t, streaming=t, size=t)
         self._text()
 
     def _text(self, *_):
@@ -333,8 +354,8 @@ class ToolMorph(SpriteMorph):
     def __init__(self, **kw):
         kw.setdefault("size", (dp(TOOL_SIZE[0]), dp(TOOL_SIZE[1])))
         super().__init__(**kw)
-        self.bind(tool_name=self._text, description=self._text, version=self._text,
-                  test_status=self._text, size=self._text)
+        t = self._retext
+        self.bind(tool_name=t, description=t, version=t, test_status=t, size=t)
         self._text()
 
     def _text(self, *_):
@@ -379,7 +400,7 @@ class PrototypeMorph(Morph):
         kw.setdefault("size", (dp(PROTOTYPE_SIZE[0]), dp(PROTOTYPE_SIZE[1])))
         kw.setdefault("draggable", False)
         super().__init__(**kw)
-        self.bind(name=self._text, clones=self._text)
+        self.bind(name=self._retext, clones=self._retext)
         self._text()
 
     def _text(self, *_):
