@@ -20,6 +20,7 @@ Tests drive it without sockets: :meth:`handle_event` takes an event directly and
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -101,27 +102,28 @@ class MorphicController:
         self.boot_id: str | None = None           # the daemon run the view was built from
 
     # -- widgets -------------------------------------------------------------------
-    @property
+    # (looked up once: every event reaches some of them, and ids lookups add up)
+    @functools.cached_property
     def canvas(self):
         return self.root.ids.canvas
 
-    @property
+    @functools.cached_property
     def transcript(self):
         return self.root.ids.transcript
 
-    @property
+    @functools.cached_property
     def status_bar(self):
         return self.root.ids.status_bar
 
-    @property
+    @functools.cached_property
     def desk(self):
         return self.root.ids.desk
 
-    @property
+    @functools.cached_property
     def shelf(self):
         return self.root.ids.shelf
 
-    @property
+    @functools.cached_property
     def strip(self):
         return self.root.ids.graph_strip
 

@@ -61,8 +61,10 @@ class Scene:
 
     def put(self, key: Hashable, picture: Rect, body: Rect) -> None:
         """Add ``key`` on top, or move/redraw it where it is in the z-order."""
-        if self.picture.get(key) != picture or self.body.get(key) != body:
-            self.geometry += 1
+        if self.picture.get(key) == picture and self.body.get(key) == body:
+            self.dirty |= self._tiles_of[key]        # a new picture in the same place
+            return
+        self.geometry += 1
         if key in self.picture:
             self.damage(self.picture[key])
             for tile in self._tiles_of.pop(key, ()):

@@ -173,8 +173,10 @@ def _paint(img: Any, src: Any, x: int, y: int, color: tuple[float, ...],
            body: tuple[float, ...]) -> None:
     """Draw one-colour text (``src``'s alpha is its coverage) onto a region of
     ``img`` that is all ``body`` colour: each pixel is one of 256 blends."""
+    import numpy as np
     th, tw = src.shape[0], src.shape[1]
-    img[y:y + th, x:x + tw, :3] = _blends(tuple(color[:3]), tuple(body[:3]))[src[..., 3]]
+    img[y:y + th, x:x + tw, :3] = np.take(_blends(tuple(color[:3]), tuple(body[:3])),
+                                          src[..., 3], axis=0)
 
 
 @functools.lru_cache(maxsize=64)
