@@ -20,7 +20,8 @@ from .values import _escape
 
 PERSONA_COLORS = {"ALFRED": "f0d27a", "BRICK": "7ab8ff", "ROBIN": "ff9ad5"}
 MAX_TURN_VIEWS = 120   # older turns of a very long task are summarised, not drawn
-MAX_NEW_PER_SYNC = 4   # turn widgets made per display refresh (a burst takes a few)
+MAX_NEW_PER_SYNC = 8   # turn widgets made per display refresh (a burst takes a few)
+MAX_BACKLOG = 16       # more new turns than this at a refresh: show the newest at once
 MAX_ROUNDS_PLOTTED = 20
 EMPTY = "no task yet"
 HOW_TO = ("[color=9aa3ad]No task yet. Type a question in the box above and press Enter "
@@ -87,10 +88,10 @@ class TranscriptPanel(BoxLayout):
     def sync(self, rec: TaskRecord, live: bool = True) -> bool:
         """Bring the view up to ``rec``: new turns, the streamed one, answer, plots.
         At most MAX_NEW_PER_SYNC new turn widgets a call; only the newest
-        MAX_TURN_VIEWS turns get widgets at all. ``live`` (the display refresh):
-        when more turns came since the last refresh than one makes, the view jumps
-        to the newest (those before join the "earlier turns" line) rather than
-        trail behind them; else True means call again for the rest."""
+        MAX_TURN_VIEWS turns get widgets at all; True means call again for the
+        rest. ``live`` (the display refresh): when more than MAX_BACKLOG turns came
+        since the last refresh, the view jumps to the newest (those before join the
+        "earlier turns" line) rather than trail seconds behind them."""
         if rec.task_id != self.task_id:
             return False
         self._rec = rec
@@ -104,7 +105,7 @@ class TranscriptPanel(BoxLayout):
                 self._answer_view = None
             skipped = max(0, len(new) - MAX_TURN_VIEWS)   # new turns never shown
             dropped = 0                                    # shown turns taken off
-            if live and len(new) > MAX_NEW_PER_SYNC:
+            if live and len(new) > MAX_BACKLOG:
                 skipped = len(new) - MAX_NEW_PER_SYNC     # a burst: show its newest
                 for old in [w for w in box.children if w is not self._earlier]:
                     box.remove_widget(old)
