@@ -4,9 +4,10 @@ It reads daemon events with one bounded, non-blocking poll per Clock tick (never
 ``schedule_once`` per message, which backs up under bursts), applies each event to
 the models (:class:`~a4ps.ui.activity.ActivityModel`, one
 :class:`~a4ps.ui.tasklog.TaskRecord` per task) on the main thread, and stages what the
-widgets should show. Staged changes are applied together at most ``refresh_hz`` times
-a second, oldest first and within a per-frame time budget, so a burst of events never
-makes one long frame and nothing waits much more than ``refresh_s``.
+widgets should show (the latest value per widget wins). All staged regions are applied
+in one frame at most ``refresh_hz`` times a second (see refresh.py); between those
+frames, morph changes are applied and their pictures composed, oldest first, within
+a per-frame time budget, so a burst of events never makes one long frame.
 
 Commands go through a :class:`CommandRunner` whose replies are drained in the same
 tick. On connect, after a daemon restart or after a gap in the event stream it asks
