@@ -966,3 +966,22 @@ def test_turns_past_the_view_limit_keep_appearing(ui, app, sub):
     tr.sync(rec)
     assert [w.text for w in tr.ids.turns.children][0].endswith("one more")
 
+
+
+def test_log_lines_are_appended_in_place_and_the_oldest_fall_out(ui, app):
+    log = app.root.ids.log_panel
+    log.max_lines = 50
+    log.add([{"level": "info", "source": "t", "message": f"old {i}"} for i in range(50)])
+    ui.pump(2)
+    rows = log.data
+    log.add([{"level": "warning", "source": "t", "message": f"new {i}"} for i in range(5)])
+    ui.pump(2)
+    # the same list, changed in place: the RecycleView sizes only the new rows
+    assert log.data is rows and len(rows) == 50
+    assert rows[0]["text"].endswith("old 5") and rows[-1]["text"].endswith("new 4")
+    assert [line["message"] for line in log.lines][-1] == "new 4"
+    log.show = "warnings"
+    ui.pump(2)
+    assert [r["text"][-5:] for r in log.data] == [f"new {i}" for i in range(5)]
+    log.show = "all"
+    log.max_lines = 1000
