@@ -14,9 +14,11 @@ against the cap: idle must read at most 60 fps, else the bench says the counter 
 wrong and exits 1.
 
 Columns: frames/s (frames shown), redraws/s (frames that repainted the window),
-worst frame (ms between two frames shown), display refreshes/s (region updates
-applied), staleness (the longest an event waited from being published to being on
-screen), and where the time went: the UI's own logic (reading events, applying them,
+display refreshes/s (region updates applied; all due regions go in one frame),
+pictures/s (morph pictures composed) and covered/s (morph changes applied that no
+part of the window showed, so not drawn), worst frame (ms between two frames shown),
+staleness (the longest an event waited from being published to the end of the frame
+that showed it), and where the time went: the UI's own logic (reading events, applying them,
 rendering text) and drawing (GL and the buffer swap, in Mesa's software rasteriser here). Targets at 1,000 events/s: >= 30 fps, no frame over 100 ms, staleness <= 0.5 s.
 
     .venv/bin/python bench/bench_ui.py            # re-runs itself under xvfb-run if no DISPLAY
