@@ -318,17 +318,24 @@ def embedded_parts(default_recipe, bus, embedded_models):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)          # 20 steps of the default recipe on a busy 2-core CPU
-def test_gate_refuses_ten_rows_of_random_words_at_defaults(embedded_parts, tmp_path):
+@pytest.mark.timeout(1500)          # 20 steps at the default rate on a busy 2-core CPU
+def test_gate_refuses_ten_rows_of_random_words_at_the_default_rate(embedded_parts, tmp_path):
     """The issue's case: the adapter used to be swapped in (held-out loss 4.94 -> 4.76)
     because the held-out rows were a slice of the same file.
 
     20 steps, the stronger of the issue's two cases: 5 steps at the default warmup (4
     of them) barely move the adapter, so a gate that refuses 20 steps of fitting the
-    noise refuses 5."""
+    noise refuses 5. The default recipe (learning rate, warmup, LoRA, batch of 2,
+    max_length) except one batch per step instead of four accumulated: the same 20
+    Adam steps on the same schedule, a quarter of the forward passes (train 107 -> 46 s).
+    The gate faced the same decision both ways (measured once each): held-out gain
+    14.6 % vs 14.1 %, lower bound 0.080 vs 0.077 against the 0.10 it needs: the
+    candidate learns something that carries over, and is refused because that gain
+    is not beyond its noise."""
     from a4ps.models.embedded import ct2_dir
     steps = 20
     settings, bus, protos, models = embedded_parts
+    settings.finetune.grad_accum = 1
     EvalSet(settings.golden_dir).append(_rows(HELD_OUT))        # what the curator held out
     rec = EventRecorder(bus, "model.swapped")
     ft = PersonaFinetuner(settings, bus, protos, models, backend="trl")
