@@ -498,9 +498,9 @@ def real_lora(settings, out: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_round_trip_answers_identically_and_finds_the_same_memories(tmp_path, model_cache_dir):
+def test_round_trip_answers_identically_and_finds_the_same_memories(tmp_path, model_cache_dir,
+                                                                    minilm):
     from a4ps.models.embedded import EmbeddedBackend, adapter_model_id
-    from a4ps.models.embeddings import MiniLMEmbedder
 
     def real_settings(d):
         return load_settings(data_dir=d, models={
@@ -508,7 +508,7 @@ def test_round_trip_answers_identically_and_finds_the_same_memories(tmp_path, mo
             "embedded": {"cache_dir": str(model_cache_dir)}})
     sa, sb = real_settings(tmp_path / "a"), real_settings(tmp_path / "b")
     backend = EmbeddedBackend(sa)            # one resident model for both systems
-    embed = MiniLMEmbedder()
+    embed = minilm                           # the session's MiniLM (the product's)
     a = System(sa, chat_backend=backend, embedder=embed).start(services=False)
     b = System(sb, chat_backend=backend, embedder=embed).start(services=False)
     try:
