@@ -14,10 +14,12 @@ against the cap: idle must read at most 60 fps, else the bench says the counter 
 wrong and exits 1.
 
 Columns: frames/s (frames shown), redraws/s (frames that repainted the window),
-worst frame (ms between two frames shown), display refreshes/s (region updates
-applied), staleness (the longest an event waited from being published to being on
-screen), and where the time went: the UI's own logic (reading events, applying them,
-rendering text) and drawing (GL, in Mesa's software rasteriser here). Targets at 1,000 events/s: >= 30 fps, no frame over 100 ms, staleness <= 0.5 s.
+display refreshes/s (region updates applied; all due regions go in one frame),
+pictures/s (morph pictures composed) and covered/s (morph changes applied that no
+part of the window showed, so not drawn), worst frame (ms between two frames shown),
+staleness (the longest an event waited from being published to the end of the frame
+that showed it), and where the time went: the UI's own logic (reading events, applying them,
+rendering text) and drawing (GL and the buffer swap, in Mesa's software rasteriser here). Targets at 1,000 events/s: >= 30 fps, no frame over 100 ms, staleness <= 0.5 s.
 
     .venv/bin/python bench/bench_ui.py            # re-runs itself under xvfb-run if no DISPLAY
     .venv/bin/python bench/bench_ui.py --seconds 5 --morphs 200 --rates 0,1000,5000
@@ -99,10 +101,18 @@ def main() -> int:
     def draw_start(*_):
         draw_s[1] = time.perf_counter()
 
-    def draw_end(*_):
-        draws[0] += 1
-        draw_s[0] += time.perf_counter() - draw_s[1]
-    h.window.bind(on_draw=draw_start, on_flip=draw_end)
+    # on_flip's handlers run before the window swaps its buffers, and with a
+    # software rasteriser most of a frame's cost is in that swap: time the swap too
+    window_flip = h.window.flip
+
+    def timed_flip():
+        try:
+            window_flip()
+        finally:
+            draws[0] += 1
+            draw_s[0] += time.perf_counter() - draw_s[1]
+    h.window.flip = timed_flip
+    h.window.bind(on_draw=draw_start)
     tick = c.tick
 
     def timed_tick(dt=0.0):
@@ -154,6 +164,7 @@ def main() -> int:
         h.pump_for(0.5)  # warm up
         c.max_staleness_s = 0.0
         handled0, refreshes0, draws0, sent0 = c.events_seen, c.refreshes, draws[0], sent[0]
+        pictures0, covered0 = c.pictures, c.covered
         draw0, tick0 = draw_s[0], tick_s[0]
         frames, worst = 0, 0.0
         t0 = last = time.perf_counter()
@@ -177,6 +188,8 @@ def main() -> int:
                      "handled": (c.events_seen - handled0) / elapsed, "fps": frames / elapsed,
                      "redraws": (draws[0] - draws0) / elapsed,
                      "refreshes": (c.refreshes - refreshes0) / elapsed,
+                     "pictures": (c.pictures - pictures0) / elapsed,
+                     "covered": (c.covered - covered0) / elapsed,
                      "worst_ms": worst * 1000, "stale_s": c.max_staleness_s,
                      "ui_cpu": (tick_s[0] - tick0) / elapsed, "draw": (draw_s[0] - draw0) / elapsed})
         # between runs: bring the transcript back to a bounded size
@@ -194,11 +207,11 @@ def main() -> int:
     print(f"\nUI with {args.morphs} morphs, {args.seconds:g}s per row, frames paced at "
           f"{CAP_HZ:g} Hz, display {os.environ.get('DISPLAY') or 'offscreen'}, GL {renderer}")
     print(f"{'offered ev/s':>13} {'sent ev/s':>10} {'handled ev/s':>13} {'frames/s':>9} "
-          f"{'redraws/s':>10} {'refreshes/s':>12} {'worst frame ms':>15} {'staleness s':>12} "
+          f"{'redraws/s':>10} {'refreshes/s':>12} {'pictures/s':>11} {'covered/s':>10} {'worst frame ms':>15} {'staleness s':>12} "
           f"{'UI logic %':>11} {'drawing %':>10}")
     for r in rows:
         print(f"{r['rate']:>13} {r['sent']:>10.0f} {r['handled']:>13.0f} {r['fps']:>9.1f} "
-              f"{r['redraws']:>10.1f} {r['refreshes']:>12.1f} {r['worst_ms']:>15.0f} "
+              f"{r['redraws']:>10.1f} {r['refreshes']:>12.1f} {r['pictures']:>11.0f} {r['covered']:>10.0f} {r['worst_ms']:>15.0f} "
               f"{r['stale_s']:>12.2f} {100 * r['ui_cpu']:>11.0f} {100 * r['draw']:>10.0f}")
     ok = True
     idle = next((r for r in rows if r["rate"] == 0), None)

@@ -187,25 +187,32 @@ def test_window_geometry_is_saved_and_loaded(tmp_path):
     assert W.load(path) == W.Geometry()
 
 
-def test_display_refresh_batches_due_regions_and_slows_down_when_drawing_costs():
+def test_display_refresh_applies_all_regions_together_and_slows_down_when_frames_cost():
     from a4ps.ui.refresh import DisplayRefresh
-    d = DisplayRefresh({"a": 0.1, "b": 0.1}, max_interval=0.3)
-    w1, w2 = object(), object()
+    d = DisplayRefresh(("a", "b", "c"), interval=0.1, max_interval=0.3,
+                       prepared=("p",))
+    w1, w2, w3 = object(), object(), object()
     d.stage("a", w1, {"x": 1}, at=100.0)
     d.stage("a", w1, {"x": 2, "y": 3}, at=100.5)       # the latest value wins
     d.stage("b", w2, {"x": 9}, at=100.2)
+    d.stage("p", w3, {"x": 5}, at=100.1)               # prepared: never "due"
     assert d.staged_value(w1, "x", None) == 2 and not d.settled
-    assert d.due(now=1000.0, wall=100.3) == ["a", "b"]
+    assert d.due(now=1000.0) == ["a", "b"]             # every pending region at once
     assert d.take("a", wall=100.4) == [(w1, {"x": 2, "y": 3})]
-    d.applied("a", now=1000.0)
+    assert d.take("b", wall=100.4) == [(w2, {"x": 9})]
+    d.applied(["a", "b"], now=1000.0)
     assert d.max_staleness_s == pytest.approx(0.4)
-    d.stage("a", w1, {"x": 4}, at=100.45)
-    assert d.due(now=1000.05, wall=100.5) == ["b"]     # a: refreshed 0.05 s ago
-    d.measured(["a"], 0.2)                             # a's frames cost 0.2 s to draw
-    assert d.interval("a") == 0.3                      # 3 x cost, capped at max_interval
-    assert d.due(now=1000.2, wall=100.6) == ["b"]
-    assert "a" in d.due(now=1000.2, wall=100.8)        # but never staler than 0.3 s
-    d.mark("log", 101.0) if "log" in d.base else None
+    d.drawn(0.2, wall=100.6)                           # on screen 0.6 s after the event
+    assert d.max_staleness_s == pytest.approx(0.6)
+    assert d.interval() == pytest.approx(0.3)          # 3 x the frame's cost, capped
+    d.stage("a", w1, {"x": 4}, at=100.65)
+    d.mark("c", 100.7)
+    assert d.due(now=1000.2) == []                     # not before the interval...
+    assert d.due(now=1000.31) == ["a", "c"]            # ...then all of them
+    assert d.take_one("p") == (w3, {"x": 5}, 100.1)    # prepared: one at a time
+    for _ in range(40):
+        d.drawn(0.01)                                  # cheap frames: back to the base
+    assert d.interval() == pytest.approx(0.1)
 
 
 def test_scene_repaints_only_what_shows_in_damaged_tiles():

@@ -1,15 +1,20 @@
-"""When the display catches up with the events: staged changes, one region per frame.
+"""When the display catches up with the events: staged changes, all regions at once.
 
 Events change models at once, but widgets only through :meth:`DisplayRefresh.stage`
-(the latest value wins). The window is split into regions that re-render on their own
-(each morph layer, the transcript, the log, the graph strip and status bar...): a
-frame re-renders only the regions whose changes it applies, and the others cost one
-quad each. A region is due ``interval`` seconds after its last refresh; the interval
-grows with what the frames that refreshed it cost to draw (measured), so repainting
-takes no more than about a third of the time, but never past ``max_interval``, which
-bounds how stale the display can get. The regions due at the same moment are applied
-together: on a software rasteriser every repaint has a fixed cost, so fewer repaints
-beat smaller ones. No Kivy here.
+(the latest value wins: a burst of changes to one widget is one change). The window
+is split into regions (the morph canvas, the transcript, the log, the graph strip,
+the status bar, the shelf). Kivy repaints the whole window whenever anything in it
+changed, and on a software rasteriser that repaint has a large fixed cost (tens of
+milliseconds at 1280×800, mostly the buffer swap), so the regions are not refreshed
+each on its own clock: every pending region is applied in the same frame, once per
+``interval``. The interval grows with what such a frame measured (drawing and swap
+included), so refreshing takes about a third of the time, but never past
+``max_interval``, which bounds how stale the display can get.
+
+Some regions are *prepared*: their staged changes are taken a few at a time in every
+frame, not at the refresh (morph pictures are composed on the CPU ahead of the
+repaint that shows them); what they prepared is :meth:`mark` ed on the region that
+shows it, with the time of its oldest event. No Kivy here.
 """
 from __future__ import annotations
 
@@ -19,21 +24,26 @@ from typing import Any, Iterable
 
 
 class DisplayRefresh:
-    """Staged widget changes and dirty marks, per region, and the choice of region."""
+    """Staged widget changes and dirty marks, per region, and when to apply them."""
 
-    def __init__(self, base: dict[str, float], *, max_interval: float = 0.3,
-                 cost_factor: float = 3.0) -> None:
-        self.base = dict(base)
+    def __init__(self, regions: Iterable[str], *, interval: float = 0.1,
+                 max_interval: float = 0.3, cost_factor: float = 3.0,
+                 prepared: Iterable[str] = ()) -> None:
+        self.regions = list(regions)
+        self.prepared = set(prepared)
+        self.base_interval = interval
         self.max_interval = max_interval
         self.cost_factor = cost_factor
-        self.staged: dict[str, OrderedDict[Any, dict[str, Any]]] = {r: OrderedDict() for r in base}
-        self.since: dict[str, dict[Any, float]] = {r: {} for r in base}
-        self.marked: dict[str, float] = {}          # region -> when it was first marked
+        names = self.regions + [r for r in self.prepared if r not in self.regions]
+        self.staged: dict[str, OrderedDict[Any, dict[str, Any]]] = {r: OrderedDict() for r in names}
+        self.since: dict[str, dict[Any, float]] = {r: {} for r in names}
+        self.marked: dict[str, float] = {}          # region -> its oldest unshown change
         self.region_of: dict[Any, str] = {}
-        self.last: dict[str, float] = {r: 0.0 for r in base}
-        self.cost: dict[str, float] = {r: 0.0 for r in base}
+        self.last = 0.0                             # monotonic time of the last refresh
+        self.cost = 0.0                             # what a refreshing frame costs (s)
         self.max_staleness_s = 0.0
         self.refreshes = 0
+        self._shown_oldest: float | None = None     # oldest change in the frame drawn now
 
     # -- staging -------------------------------------------------------------------
     def stage(self, region: str, widget: Any, props: dict[str, Any], at: float) -> None:
@@ -65,8 +75,10 @@ class DisplayRefresh:
             self.since[region].pop(widget, None)
 
     def mark(self, region: str, at: float) -> None:
-        """A region whose view is synced as a whole (the transcript, the log)."""
-        self.marked.setdefault(region, at)
+        """A region whose view is synced as a whole (the transcript, the log), or
+        that shows what a prepared region made (``at``: the oldest change's time)."""
+        old = self.marked.get(region)
+        self.marked[region] = at if old is None else min(old, at)
 
     # -- choosing ----------------------------------------------------------------------
     def pending(self, region: str) -> bool:
@@ -82,50 +94,63 @@ class DisplayRefresh:
             times.append(self.marked[region])
         return min(times) if times else None
 
-    def interval(self, region: str) -> float:
-        return min(self.max_interval, max(self.base[region],
-                                          self.cost_factor * self.cost[region]))
+    def interval(self) -> float:
+        return min(self.max_interval, max(self.base_interval, self.cost_factor * self.cost))
 
-    def due(self, now: float | None = None, wall: float | None = None) -> list[str]:
-        """The regions to refresh this frame: each pending one whose interval has
-        passed, or whose oldest change has waited ``max_interval``."""
+    def due(self, now: float | None = None) -> list[str]:
+        """The regions to refresh this frame: every pending one (prepared regions
+        excepted) once ``interval`` (at most ``max_interval``) has passed since the
+        last refresh; else none. (Refreshing sooner because a change is old would
+        not make it younger: it would only take time from what prepares it.)"""
         now = time.monotonic() if now is None else now
-        wall = time.time() if wall is None else wall
-        out = []
-        for region in self.base:
-            oldest = self.oldest(region)
-            if oldest is None:
-                continue
-            if now - self.last[region] >= self.interval(region) or \
-                    wall - oldest >= self.max_interval:
-                out.append(region)
-        return out
+        pending = [r for r in self.regions if r not in self.prepared and self.pending(r)]
+        if not pending:
+            return []
+        return pending if now - self.last >= self.interval() else []
 
     def take(self, region: str, wall: float | None = None,
              limit: int | None = None) -> list[tuple[Any, dict[str, Any]]]:
         """The region's staged changes (oldest first, at most ``limit``), now counted
-        as applied."""
+        as applied (a prepared region's are counted when the region showing them is)."""
         wall = time.time() if wall is None else wall
         staged = self.staged[region]
         out: list[tuple[Any, dict[str, Any]]] = []
         while staged and (limit is None or len(out) < limit):
             widget, props = staged.popitem(last=False)
             since = self.since[region].pop(widget, wall)
-            self.max_staleness_s = max(self.max_staleness_s, wall - since)
+            if region not in self.prepared:
+                self._applied_change(since, wall)
             self.region_of.pop(widget, None)
             out.append((widget, props))
-        marked = self.marked.pop(region, None)
+        marked = self.marked.pop(region, None) if region not in self.prepared else None
         if marked is not None:
-            self.max_staleness_s = max(self.max_staleness_s, wall - marked)
+            self._applied_change(marked, wall)
         return out
 
-    def applied(self, region: str, now: float | None = None) -> None:
-        self.last[region] = time.monotonic() if now is None else now
-        self.refreshes += 1
+    def take_one(self, region: str) -> tuple[Any, dict[str, Any], float] | None:
+        """The oldest staged change of a prepared region and its event time."""
+        staged = self.staged[region]
+        if not staged:
+            return None
+        widget, props = staged.popitem(last=False)
+        self.region_of.pop(widget, None)
+        return widget, props, self.since[region].pop(widget, time.time())
 
-    def measured(self, regions: Iterable[str], seconds: float) -> None:
-        """A frame that re-rendered ``regions`` took ``seconds`` to draw."""
-        for region in regions:
-            old = self.cost.get(region, 0.0)
-            # rises at once, decays slowly: one cheap frame must not hide a slow region
-            self.cost[region] = seconds if seconds > old else 0.8 * old + 0.2 * seconds
+    def _applied_change(self, since: float, wall: float) -> None:
+        self.max_staleness_s = max(self.max_staleness_s, wall - since)
+        if self._shown_oldest is None or since < self._shown_oldest:
+            self._shown_oldest = since
+
+    def applied(self, regions: Iterable[str], now: float | None = None) -> None:
+        self.last = time.monotonic() if now is None else now
+        self.refreshes += len(list(regions))
+
+    def drawn(self, seconds: float, wall: float | None = None) -> None:
+        """The frame that applied a refresh is on screen, ``seconds`` after it began:
+        the changes it showed were that stale, and refreshes cost that much."""
+        wall = time.time() if wall is None else wall
+        if self._shown_oldest is not None:
+            self.max_staleness_s = max(self.max_staleness_s, wall - self._shown_oldest)
+            self._shown_oldest = None
+        # rises at once, decays slowly: one cheap frame must not hide a slow refresh
+        self.cost = seconds if seconds > self.cost else 0.8 * self.cost + 0.2 * seconds
