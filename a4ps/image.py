@@ -187,9 +187,13 @@ class ImageStore:
 
     def snapshots(self) -> list[Path]:
         """Snapshot files, newest first."""
-        if not self.snapshot_dir.is_dir():
+        return self._snapshot_files(self.snapshot_dir)
+
+    def _snapshot_files(self, folder: Path) -> list[Path]:
+        """The snapshot files in ``folder`` (the ring or the kept ones), newest first."""
+        if not folder.is_dir():
             return []
-        snaps = [(int(m.group(1)), p) for p in self.snapshot_dir.iterdir()
+        snaps = [(int(m.group(1)), p) for p in folder.iterdir()
                  if (m := self._SNAP.match(p.name))]
         return [p for _, p in sorted(snaps, reverse=True)]
 
@@ -502,11 +506,7 @@ class ImageStore:
 
     def kept(self) -> list[Path]:
         """Pinned snapshot files, newest first."""
-        if not self.kept_dir.is_dir():
-            return []
-        snaps = [(int(m.group(1)), p) for p in self.kept_dir.iterdir()
-                 if (m := self._SNAP.match(p.name))]
-        return [p for _, p in sorted(snaps, reverse=True)]
+        return self._snapshot_files(self.kept_dir)
 
     def catalog(self) -> list[dict[str, Any]]:
         """Every snapshot (live image, ring, kept), newest first, one entry per id.

@@ -41,32 +41,21 @@ def _via_daemon(settings: Settings, cmd: str, args: dict[str, Any], timeout: flo
     client = DaemonClient.if_running(settings, timeout=timeout)
     if client is None:
         return _NO_DAEMON
-    with client:
-        box: dict[str, Any] = {}
 
-        def call() -> None:
-            try:
-                box["result"] = client.request(cmd, args, timeout=timeout)
-            except (DaemonError, DaemonUnavailable) as e:
-                box["error"] = e
-        if progress_topic is None:
-            call()
-        else:
-            import threading
-            worker = threading.Thread(target=call, daemon=True)
-            with client.subscriber(topics=[progress_topic]) as events:
-                worker.start()
-                while worker.is_alive():
-                    for ev in events.poll(100, timeout_ms=200):
-                        if ev.topic == progress_topic:
-                            _show_progress(ev.payload.get("stage", ""), ev.payload.get("done", 0),
-                                           ev.payload.get("total", 0))
-    err = box.get("error")
-    if isinstance(err, DaemonError):
-        raise _Refused(err.message)
-    if err is not None:
-        raise _Refused(f"the daemon stopped answering ({err}); check `a4ps status`")
-    return box["result"]
+    def show(topic: str, payload: dict[str, Any]) -> None:
+        if topic == progress_topic:
+            _show_progress(payload.get("stage", ""), payload.get("done", 0),
+                           payload.get("total", 0))
+    with client:
+        try:
+            if progress_topic is None:
+                return client.request(cmd, args, timeout=timeout)
+            return client.request_watching(cmd, args, show, topics=[progress_topic],
+                                           timeout=timeout)
+        except DaemonError as e:
+            raise _Refused(e.message) from None
+        except DaemonUnavailable as e:
+            raise _Refused(f"the daemon stopped answering ({e}); check `a4ps status`") from None
 
 
 def _show_progress(stage: str, done: int, total: int) -> None:

@@ -538,27 +538,26 @@ class CognitiveGraph:
         rnd = len(state.get("rounds") or []) + 1
         brick = self.protos.get("BRICK")
         robin_said = state.get("robin_text") if rnd > 1 else None
-        turn = self._speak(state, "brick", "BRICK", rnd, prompts.brick_messages(
+        return self._contrapunto_turn(state, "brick", "BRICK", rnd, prompts.brick_messages(
             brick, state["task"], memories=state.get("memories") or [],
             robin_said=robin_said, tool_result=state.get("tool_result")))
-        self._step(state, "brick", "BRICK", turn.text, round=rnd, problem=turn.problem,
-                   finish=turn.finish)
-        update: dict[str, Any] = {"brick_text": turn.text,
-                                  "turns": [_turn("BRICK", rnd, turn, None)]}
-        if turn.problem:
-            update["problems"] = [turn.problem]
-        return update
 
     def _robin(self, state: CognitiveState) -> dict[str, Any]:
         rnd = len(state.get("rounds") or []) + 1
         robin = self.protos.get("ROBIN")
-        turn = self._speak(state, "robin", "ROBIN", rnd, prompts.robin_messages(
+        return self._contrapunto_turn(state, "robin", "ROBIN", rnd, prompts.robin_messages(
             robin, state["task"], brick_said=(state.get("brick_text") or None) if rnd > 1 else None,
             memories=state.get("memories") or [], tool_result=state.get("tool_result")))
-        self._step(state, "robin", "ROBIN", turn.text, round=rnd, problem=turn.problem,
+
+    def _contrapunto_turn(self, state: CognitiveState, node: str, persona: str, rnd: int,
+                          messages: list[dict[str, str]]) -> dict[str, Any]:
+        """BRICK's or ROBIN's turn in a round: speak, record the step, and the state
+        update (``<node>_text``, the turn, the problem if there was one)."""
+        turn = self._speak(state, node, persona, rnd, messages)
+        self._step(state, node, persona, turn.text, round=rnd, problem=turn.problem,
                    finish=turn.finish)
-        update: dict[str, Any] = {"robin_text": turn.text,
-                                  "turns": [_turn("ROBIN", rnd, turn, None)]}
+        update: dict[str, Any] = {f"{node}_text": turn.text,
+                                  "turns": [_turn(persona, rnd, turn, None)]}
         if turn.problem:
             update["problems"] = [turn.problem]
         return update

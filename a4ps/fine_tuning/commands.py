@@ -13,12 +13,11 @@ import argparse
 import contextlib
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..client import DaemonClient, DaemonError, DaemonUnavailable, EventSubscriber
+from ..client import DaemonClient, DaemonError, DaemonUnavailable
 from ..offline import DaemonBusy, offline_system
 from .errors import FinetuneError
 
@@ -37,29 +36,10 @@ def _via_daemon(settings: Settings, cmd: str, args: dict[str, Any], *, timeout: 
     if client is None:
         return _NO_DAEMON
     with client:
-        sub = EventSubscriber.from_settings(settings) if on_event else None
-        box: dict[str, Any] = {}
-
-        def call() -> None:
-            try:
-                box["result"] = client.request(cmd, args, timeout=timeout)
-            except (DaemonError, DaemonUnavailable) as e:
-                box["error"] = e
-        worker = threading.Thread(target=call, daemon=True)
-        worker.start()
         try:
-            while worker.is_alive():
-                if sub is None or on_event is None:
-                    worker.join(0.2)
-                    continue
-                for ev in sub.poll(200, timeout_ms=200):
-                    on_event(ev.topic, ev.payload)
-        finally:
-            if sub is not None:
-                sub.close()
-        if "error" in box:
-            raise SystemExit(f"a4ps: the daemon refused {cmd}: {box['error']}")
-        return box["result"]
+            return client.request_watching(cmd, args, on_event, timeout=timeout)
+        except (DaemonError, DaemonUnavailable) as e:
+            raise SystemExit(f"a4ps: the daemon refused {cmd}: {e}") from None
 
 
 @contextlib.contextmanager

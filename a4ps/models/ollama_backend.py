@@ -13,14 +13,15 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from a4ps.models.base import CancelToken, Choice, Finish, Generation, Message, OnToken, Progress
-from a4ps.models.errors import (BackendUnavailable, DecisionError, InvalidRequest,
+from a4ps.models.base import (CancelToken, Finish, Generation, Message, OnToken, Progress,
+                              ServerBackend)
+from a4ps.models.errors import (BackendUnavailable, InvalidRequest,
                                 ModelError, ModelNotFound, ModelTimeout)
-from a4ps.models.schema import validate_object
+from a4ps.models.schema import parse_json_answer, validate_object
 from a4ps.values import plain
 
 if TYPE_CHECKING:
@@ -33,10 +34,11 @@ log = logging.getLogger(__name__)
 _ADAPTER_SUFFIXES = (".safetensors", ".json", ".gguf", ".bin")
 
 
-class OllamaBackend:
+class OllamaBackend(ServerBackend):
     """Chat, stream, embed, unload, list, ps and create-with-adapter against Ollama."""
 
     name = "ollama"
+    choice_method = "json-format"
 
     def __init__(self, settings: Settings, client: ollama.Client | None = None) -> None:
         import os
@@ -49,12 +51,6 @@ class OllamaBackend:
         self._resident: str | None = None
 
     # -- error translation --------------------------------------------------
-
-    def _call(self, what: str, model: str | None, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as e:
-            raise self._translate(e, what, model) from e
 
     def _translate(self, e: Exception, what: str, model: str | None) -> Exception:
         import httpx
@@ -181,9 +177,6 @@ class OllamaBackend:
 
     # -- the ModelManager backend protocol ------------------------------------
 
-    def resident(self) -> str | None:
-        return self._resident
-
     def estimate_bytes(self, model: str) -> int | None:
         """The model's size from ``ollama list`` (None if Ollama does not say)."""
         want = model if ":" in model else model + ":latest"
@@ -232,20 +225,9 @@ class OllamaBackend:
         return Generation("".join(pieces).strip(), tokens, time.perf_counter() - t0, first,
                           finish)
 
-    def choose(self, messages: builtins.list[Message], options: Sequence[str], *,
-               cancel: CancelToken | None = None) -> Choice:
-        """Ollama's structured outputs: a JSON object whose one field is an enum."""
-        schema = {"type": "object", "properties": {"choice": {"type": "string",
-                                                              "enum": list(options)}},
-                  "required": ["choice"]}
-        value = self.structured(messages, schema, cancel=cancel)
-        return Choice(value["choice"], {}, "json-format")
-
     def structured(self, messages: builtins.list[Message], schema: dict[str, Any], *,
                    cancel: CancelToken | None = None) -> dict[str, Any]:
         """``format=schema`` (Ollama constrains decoding to it), then strict validation."""
-        import json
-
         model = self._resident
         if model is None:
             raise ModelError("no Ollama model is loaded; the ModelManager loads one first")
@@ -253,11 +235,7 @@ class OllamaBackend:
             model=model, messages=messages, stream=False, format=schema,
             options={"temperature": 0.0}, keep_alive=self.cfg.keep_alive))
         raw = (r.message.content or "").strip()
-        try:
-            value = json.loads(raw)
-        except ValueError as e:
-            raise DecisionError(f"{model} answered no JSON for a decision: {raw[:80]!r}") from e
-        return validate_object(value, schema)
+        return validate_object(parse_json_answer(model, raw), schema)
 
 
 def _plain(m: Any) -> dict[str, Any]:

@@ -23,16 +23,16 @@ within ``models.openai.timeout_s`` -> ModelTimeout.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
-from a4ps.models.base import CancelToken, Choice, Finish, Generation, Message, OnToken, Progress
-from a4ps.models.errors import (BackendUnavailable, DecisionError, InvalidRequest,
+from a4ps.models.base import (CancelToken, Finish, Generation, Message, OnToken, Progress,
+                              ServerBackend)
+from a4ps.models.errors import (BackendUnavailable, InvalidRequest,
                                 ModelError, ModelNotFound, ModelTimeout)
-from a4ps.models.schema import validate_object
+from a4ps.models.schema import parse_json_answer, validate_object
 
 if TYPE_CHECKING:
     import openai
@@ -48,10 +48,11 @@ _START_HINT = ("start it (vLLM: `vllm serve MODEL --port 8000`; llama.cpp: "
                "server) or point models.openai.base_url / OPENAI_BASE_URL at it")
 
 
-class OpenAIBackend:
+class OpenAIBackend(ServerBackend):
     """Chat, stream and decide against an OpenAI-compatible server."""
 
     name = "openai"
+    choice_method = "json-schema"
 
     def __init__(self, settings: Settings, client: openai.OpenAI | None = None) -> None:
         import openai
@@ -66,12 +67,6 @@ class OpenAIBackend:
         self._resident: str | None = None
 
     # -- error translation --------------------------------------------------
-
-    def _call(self, what: str, model: str | None, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as e:
-            raise self._translate(e, what, model) from e
 
     def _translate(self, e: Exception, what: str, model: str | None) -> Exception:
         import openai
@@ -131,9 +126,6 @@ class OpenAIBackend:
         return kw
 
     # -- the ChatBackend protocol ----------------------------------------------
-
-    def resident(self) -> str | None:
-        return self._resident
 
     def estimate_bytes(self, model: str) -> int | None:
         """None: the model lives in the server's memory, not under our budget."""
@@ -203,15 +195,6 @@ class OpenAIBackend:
         return Generation("".join(pieces).strip(), tokens or len(pieces),
                           time.perf_counter() - t0, first, finish)
 
-    def choose(self, messages: list[Message], options: Sequence[str], *,
-               cancel: CancelToken | None = None) -> Choice:
-        """A JSON object whose one field is an enum of the options."""
-        schema = {"type": "object", "properties": {"choice": {"type": "string",
-                                                              "enum": list(options)}},
-                  "required": ["choice"]}
-        value = self.structured(messages, schema, cancel=cancel)
-        return Choice(value["choice"], {}, "json-schema")
-
     def structured(self, messages: list[Message], schema: dict[str, Any], *,
                    cancel: CancelToken | None = None) -> dict[str, Any]:
         """``response_format`` json_schema (strict), then strict validation."""
@@ -222,11 +205,7 @@ class OpenAIBackend:
             response_format={"type": "json_schema", "json_schema": {
                 "name": "decision", "schema": wire, "strict": True}}))
         raw = ((r.choices[0].message.content if r.choices else None) or "").strip()
-        try:
-            value = json.loads(raw)
-        except ValueError as e:
-            raise DecisionError(f"{model} answered no JSON for a decision: {raw[:80]!r}") from e
-        return validate_object(drop_optional_nulls(value, plan), schema)
+        return validate_object(drop_optional_nulls(parse_json_answer(model, raw), plan), schema)
 
 
 def strict_schema(schema: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

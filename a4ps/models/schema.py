@@ -16,8 +16,9 @@ only check it afterwards. Supported:
 """
 from __future__ import annotations
 
+import json
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from a4ps.models.errors import DecisionError, InvalidRequest
 
@@ -133,3 +134,21 @@ def validate_object(value: Any, schema: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(out, dict):
         raise DecisionError(f"$: expected an object, got {value!r}")
     return out
+
+
+def choice_schema(options: Sequence[str]) -> dict[str, Any]:
+    """A closed choice asked of a server that constrains decoding to a JSON schema
+    (Ollama's ``format``, OpenAI's ``response_format``): an object whose one field,
+    ``choice``, is an enum of the options."""
+    return {"type": "object", "properties": {"choice": {"type": "string",
+                                                        "enum": list(options)}},
+            "required": ["choice"]}
+
+
+def parse_json_answer(model: str, raw: str) -> Any:
+    """A server's decision text as JSON; text that is none is a DecisionError (no
+    decision), never a default."""
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise DecisionError(f"{model} answered no JSON for a decision: {raw[:80]!r}") from e
