@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from kivy.clock import Clock
-from kivy.graphics import Canvas, Color, Fbo, Rectangle
+from kivy.graphics import Callback, Canvas, Color, Fbo, Rectangle
+from kivy.graphics.opengl import GL_BLEND, glDisable, glEnable
 from kivy.metrics import dp, sp
 from kivy.properties import (BooleanProperty, ListProperty, NumericProperty,
                              ObjectProperty, StringProperty)
@@ -432,6 +433,14 @@ def _test_status(data: dict) -> str:
     return "unknown"
 
 
+def _blend_off(_instr: Any) -> None:
+    glDisable(GL_BLEND)
+
+
+def _blend_on(_instr: Any) -> None:
+    glEnable(GL_BLEND)
+
+
 class MorphCanvas(RelativeLayout):
     """The world: holds morphs by name, places them (see :mod:`a4ps.ui.layout`) and
     paints them.
@@ -453,8 +462,13 @@ class MorphCanvas(RelativeLayout):
         self.canvas = Canvas()
         with self.canvas:
             self.fbo = Fbo(size=(100, 100), with_stencilbuffer=False)
+            # the framebuffer is opaque (every tile has a background or a body):
+            # drawn without blending, llvmpipe does not read what is under it
+            self.opaque = (Callback(_blend_off), Callback(_blend_on))
+            self.canvas.remove(self.opaque[1])
             Color(1, 1, 1, 1)
             self.fbo_rect = Rectangle(pos=(0, 0), size=(100, 100), texture=self.fbo.texture)
+        self.canvas.add(self.opaque[1])
         self._ghost = Canvas()           # where the morph widgets' own canvases go
         self.scene = damage.Scene()
         self.morphs: dict[str, Morph] = {}
