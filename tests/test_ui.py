@@ -1014,3 +1014,28 @@ def test_the_canvas_framebuffer_is_drawn_opaque_and_blending_comes_back(ui, app)
     shadow = glReadPixels(sx, sy, 1, 1, GL_RGBA, GL_UNSIGNED_BYTE)
     assert sum(shadow[:3]) < sum(want), (list(shadow[:3]), want)   # darker, not cut out
     assert glIsEnabled(GL_BLEND)                    # on again for the text after it
+
+
+def test_new_words_on_a_morph_damage_only_the_tiles_under_its_words(ui, app, sub):
+    """A streamed token changes only a morph's body text: the canvas repaints the
+    tiles under the words, not the header's (fewer pixels into the framebuffer)."""
+    c = app.controller
+    cv = c.canvas
+    c.flush()
+    brick = cv.get("BRICK")
+    sub.push("task.queued", {"task_id": "td", "text": "damage"})
+    sub.push("task.token", {"task_id": "td", "node": "brick", "persona": "BRICK",
+                            "round": 1, "text": "first", "seq": 1})
+    c.tick()
+    c.flush()                        # speaking: its colour and header changed
+    sub.push("task.token", {"task_id": "td", "node": "brick", "persona": "BRICK",
+                            "round": 1, "text": " and more words", "seq": 2})
+    c.tick()
+    c.prepare_morphs(None)
+    damaged = set(cv.scene.dirty)
+    c.flush()
+    assert brick.utterance == "first and more words"
+    whole = cv.scene._tiles_of[brick]
+    assert damaged and damaged < whole, (len(damaged), len(whole))
+    header_row = max(j for _, j in whole)            # y up: its top row of tiles
+    assert all(j != header_row for _, j in damaged)

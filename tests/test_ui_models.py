@@ -339,6 +339,21 @@ def test_scene_repaints_only_what_shows_in_damaged_tiles():
     assert sc.order == ["top", "low"] and sc.dirty
 
 
+def test_scene_damages_only_the_changed_part_of_a_new_picture_in_place():
+    from a4ps.ui.damage import Scene
+    sc = Scene(tile=10)
+    sc.resize(100, 100)
+    sc.take()
+    sc.put("m", (0, 0, 60, 40), (1, 1, 59, 39))
+    assert len(sc.take()) == 24                             # new: all its tiles
+    sc.put("m", (0, 0, 60, 40), (1, 1, 59, 39), changed=(1, 1, 59, 19))   # its words
+    assert sc.take() == {(i, j) for i in range(6) for j in range(2)}
+    sc.put("m", (0, 0, 60, 40), (1, 1, 59, 39))             # all of it changed
+    assert len(sc.take()) == 24
+    sc.put("m", (20, 0, 80, 40), (21, 1, 79, 39), changed=(21, 1, 79, 19))  # moved
+    assert len(sc.take()) == 32                             # where it was and is
+
+
 def test_morph_picture_is_composed_with_its_text():
     import ui_harness  # noqa: F401  (Kivy's environment; text rendering needs it)
     from a4ps.ui import sprites

@@ -239,6 +239,7 @@ class SpriteMorph(Morph):
                 not canvas.shows(self, self._changed_rect(look)):
             canvas.hidden.add(self)
             return False
+        changed = self._changed_rect(look) if self.picture_size[0] else None
         self._dirty = False
         for _ in range(4):        # fit_text guesses; a line fewer until the text fits
             img, fits = self.composer.compose(look)
@@ -257,7 +258,7 @@ class SpriteMorph(Morph):
         if repaint:
             self._moved()
         elif hasattr(canvas, "morph_changed"):
-            canvas.morph_changed(self, repaint=False)
+            canvas.morph_changed(self, repaint=False, changed=changed)
         return True
 
     _drawn_parts: tuple = ()
@@ -497,16 +498,18 @@ class MorphCanvas(RelativeLayout):
             self._repaint_ev()
 
     # -- painting ------------------------------------------------------------------
-    def morph_changed(self, morph: SpriteMorph, repaint: bool = True) -> None:
+    def morph_changed(self, morph: SpriteMorph, repaint: bool = True,
+                      changed: tuple[float, float, float, float] | None = None) -> None:
         """A morph's picture, place or size changed: damage where it was and is
-        (``repaint``: paint it next frame; else the display refresh calls
+        (``changed``: a new picture in the same place differs only there, e.g. its
+        words; ``repaint``: paint it next frame; else the display refresh calls
         :meth:`repaint_now`)."""
         if self.morphs.get(morph.name) is not morph or not morph.picture_size[0]:
             return
         pw, ph = morph.picture_size
         x, y = morph.x, morph.y - sprites.SHADOW
         self.scene.put(morph, (x, y, x + pw, y + ph),
-                       (morph.x + 1, morph.y + 1, morph.right - 1, morph.top - 1))
+                       (morph.x + 1, morph.y + 1, morph.right - 1, morph.top - 1), changed)
         if repaint:
             self._repaint_ev()
 
