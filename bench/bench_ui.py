@@ -4,7 +4,8 @@ A publisher thread sends daemon-shaped events on a real PUB socket at a fixed ra
 the mix of :class:`Traffic`: a user's task every few seconds (queued, its turns'
 token streams and steps in graph order, done: the transcript, the graph strip and the
 speaking persona's morph all move), the crowd of 200 morphs' tokens and steps, log
-lines, model progress and status heartbeats. The app reads them with the real
+lines, model progress and status heartbeats (and, at every rate, idle included, the
+daemon's own heartbeat once a second). The app reads them with the real
 EventSubscriber through its Clock-driven bounded poll, exactly as it does from a daemon.
 
 Frames are paced like a 60 Hz vsync'd display: each frame runs one pass of Kivy's
@@ -156,6 +157,14 @@ def main() -> int:
     c = app.controller
     names = list(PERSONAS) + [f"P{i:03d}" for i in range(3, args.morphs)]
     rng0 = random.Random(0)
+    # as after a snapshot from a daemon: the graph's shape known (the strip)
+    from a4ps.ui.activity import GraphShape
+    c.shape = c.activity.shape = c.strip.shape = GraphShape({"edges": [
+        {"source": "alfred_route", "target": "brick", "conditional": True, "label": "contrapunto"},
+        {"source": "brick", "target": "robin"},
+        {"source": "robin", "target": "brick", "conditional": True, "label": "diverged"},
+        {"source": "robin", "target": "alfred_synthesize", "conditional": True,
+         "label": "converged"}]})
     c.apply_proto({"name": "persona", "version": 1, "slots": {"temperature": 0.7}})
     for i, name in enumerate(names):   # full-size morphs, overlapping as on a crowded desk
         c.apply_proto({"name": name, "version": 1, "parent": "persona", "slots": {
@@ -210,8 +219,14 @@ def main() -> int:
             seq = 0
             traffic = Traffic(names, rng)
             t0 = time.perf_counter()
+            beats = 0
             while not stop.is_set():
                 now = time.perf_counter() - t0
+                if now >= beats:                 # the daemon's own heartbeat: 1 a second
+                    beats += 1
+                    seq += 1
+                    pub.send_multipart(encode_event("heartbeat", seq, time.time(),
+                                                    {"queue_length": 0}))
                 due = int(now * rate)
                 while sent[0] < due:
                     seq += 1
@@ -222,10 +237,10 @@ def main() -> int:
                     sent[0] += 1
                 time.sleep(0.001)
 
-        thread = threading.Thread(target=publish, daemon=True) if rate else None
-        if thread:
-            thread.start()
+        thread = threading.Thread(target=publish, daemon=True)
+        thread.start()
         h.pump_for(0.5)  # warm up
+        c._set_connected(True, "bench publisher")
         c.max_staleness_s = 0.0
         handled0, refreshes0, draws0, sent0 = c.events_seen, c.refreshes, draws[0], sent[0]
         pictures0, covered0 = c.pictures, c.covered
@@ -246,8 +261,8 @@ def main() -> int:
             last = shown
         elapsed = last - t0
         stop.set()
-        if thread:
-            thread.join()
+        thread.join()
+        shot = h.screenshot("bench-ui")         # the last row's screen, as a user sees it
         rows.append({"rate": rate, "sent": (sent[0] - sent0) / elapsed,
                      "handled": (c.events_seen - handled0) / elapsed, "fps": frames / elapsed,
                      "redraws": (draws[0] - draws0) / elapsed,
@@ -260,7 +275,6 @@ def main() -> int:
         c.tasks.clear()
         c.transcript.clear()
         h.pump_for(0.3)
-    shot = h.screenshot("bench-ui")
     h.stop()
     pub.close(0)
     ctx.destroy(0)
