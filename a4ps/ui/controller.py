@@ -7,7 +7,9 @@ the models (:class:`~a4ps.ui.activity.ActivityModel`, one
 widgets should show (the latest value per widget wins). All staged regions are applied
 in one frame at most ``refresh_hz`` times a second (see refresh.py); between those
 frames, morph changes are applied and their pictures composed, oldest first, within
-a per-frame time budget, so a burst of events never makes one long frame.
+a per-frame time budget, so a burst of events never makes one long frame. A change
+about to miss ``staleness_s`` (event published -> on screen) brings the refresh
+forward, and the refresh composes the pictures that cannot wait (see refresh.py).
 
 Commands go through a :class:`CommandRunner` whose replies are drained in the same
 tick. On connect, after a daemon restart or after a gap in the event stream it asks
