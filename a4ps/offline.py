@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from .daemon import LOCK_NAME, DaemonLock, DaemonLockError
 
 if TYPE_CHECKING:
+    from .config import Settings
     from .system import System
 
 
@@ -22,7 +23,7 @@ class DaemonBusy(RuntimeError):
 
 
 @contextlib.contextmanager
-def offline_system(settings: Any, what: str) -> Iterator[System]:
+def offline_system(settings: Settings, what: str) -> Iterator[System]:
     """A started System (services off) under the daemon lock; stopped (image saved) after."""
     lock = DaemonLock(settings.data_dir / LOCK_NAME)
     try:

@@ -14,6 +14,7 @@ is the engine behind it (embedded, Ollama, the scripted fake). Two kinds of call
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 Message = dict[str, str]
@@ -71,3 +72,19 @@ class ChatBackend(Protocol):
 
     def structured(self, messages: list[Message], schema: dict[str, Any], *,
                    cancel: CancelToken | None = None) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class SwitchingBackend(Protocol):
+    """A backend that can move from one resident model to another without an unload
+    (the embedded one, between the base and its adapters)."""
+
+    def can_switch(self, current: str | None, new: str) -> bool: ...
+
+
+@runtime_checkable
+class AdapterHost(Protocol):
+    """A backend that registers base + LoRA adapter as a new model tag (Ollama); the
+    fine-tuner and persona import use it."""
+
+    def create_with_adapter(self, new_tag: str, base: str, adapter_dir: Path) -> str: ...

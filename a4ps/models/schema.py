@@ -116,3 +116,20 @@ def validate(value: Any, schema: dict[str, Any], path: str = "$") -> Any:
             raise DecisionError(f"{path}: missing keys {missing}")
         return {k: validate(v, props[k], f"{path}.{k}") for k, v in value.items()}
     raise DecisionError(f"{path}: unsupported schema {schema!r}")
+
+
+def check_decision_schema(schema: Any) -> None:
+    """:func:`check_schema`, and the top level is an object: a decision is a dict
+    (``ModelManager.structured`` returns one; the tool request, judge and votes read keys)."""
+    check_schema(schema)
+    if schema.get("type") != "object":
+        raise InvalidRequest(f"a decision's schema must be an object schema "
+                             f"({{\"type\": \"object\", \"properties\": ...}}), got {schema!r}")
+
+
+def validate_object(value: Any, schema: dict[str, Any]) -> dict[str, Any]:
+    """:func:`validate` for a decision's object schema: the conforming dict."""
+    out = validate(value, schema)
+    if not isinstance(out, dict):
+        raise DecisionError(f"$: expected an object, got {value!r}")
+    return out

@@ -204,5 +204,5 @@ def upload(img: Any, texture: Any = None) -> Any:
     texture = Texture.create(size=(w, h), colorfmt="rgba")
     texture.mag_filter = texture.min_filter = "nearest"
     flipped = np.ascontiguousarray(img[::-1])          # textures start at the bottom
-    texture.blit_buffer(memoryview(flipped).cast("B"), colorfmt="rgba", bufferfmt="ubyte")
+    texture.blit_buffer(flipped.data.cast("B"), colorfmt="rgba", bufferfmt="ubyte")
     return texture
