@@ -880,7 +880,7 @@ def test_a_frame_over_its_budget_leaves_the_rest_staged_for_the_next(ui, app, su
                                 "round": 1, "text": f"{name} speaks", "seq": i + 1})
     c.max_staleness_s = 0.0
     c._refresh_t0 = 0.0
-    c.display.last = time.monotonic()        # no refresh due in these frames
+    c.display.last = time.time()             # no refresh due in these frames
     for ev in sub.poll(100):
         c.handle_event(ev.topic, ev.payload, ev.seq, ev.ts)
     morphs = [c.canvas.get(n) for n in names]
@@ -985,3 +985,57 @@ def test_log_lines_are_appended_in_place_and_the_oldest_fall_out(ui, app):
     assert [r["text"][-5:] for r in log.data] == [f"new {i}" for i in range(5)]
     log.show = "all"
     log.max_lines = 1000
+
+
+def test_the_canvas_framebuffer_is_drawn_opaque_and_blending_comes_back(ui, app):
+    """The canvas's framebuffer quad is drawn with blending off (llvmpipe then does
+    not read what lies under 0.5 Mpx) and blending is back on for everything after
+    it: the canvas shows its background where no morph is, and the morphs' soft
+    shadows (blended inside the framebuffer) are still there."""
+    from kivy.graphics.opengl import (GL_BLEND, GL_RGBA, GL_UNSIGNED_BYTE, glIsEnabled,
+                                      glReadPixels)
+    c = app.controller
+    c.flush()
+    cv = c.canvas
+    kids = cv.canvas.children
+    off, on = cv.opaque
+    assert kids.index(off) < kids.index(cv.fbo_rect) < kids.index(on)
+    ui.window.canvas.ask_update()
+    ui.pump(2)
+
+    def on_screen(lx, ly):          # canvas coordinates -> window pixels
+        return (int(v) for v in cv.parent.to_window(*cv.to_parent(lx, ly)))
+    x, y = on_screen(cv.width - 3, 3)               # bottom right: no morph there
+    px = glReadPixels(x, y, 1, 1, GL_RGBA, GL_UNSIGNED_BYTE)
+    want = [round(255 * v) for v in cv.background[:3]]
+    assert all(abs(a - b) <= 2 for a, b in zip(px[:3], want)), (list(px[:3]), want)
+    m = next(iter(cv.morphs.values()))
+    sx, sy = on_screen(m.x + m.width / 2, m.y - 2)  # its shadow
+    shadow = glReadPixels(sx, sy, 1, 1, GL_RGBA, GL_UNSIGNED_BYTE)
+    assert sum(shadow[:3]) < sum(want), (list(shadow[:3]), want)   # darker, not cut out
+    assert glIsEnabled(GL_BLEND)                    # on again for the text after it
+
+
+def test_new_words_on_a_morph_damage_only_the_tiles_under_its_words(ui, app, sub):
+    """A streamed token changes only a morph's body text: the canvas repaints the
+    tiles under the words, not the header's (fewer pixels into the framebuffer)."""
+    c = app.controller
+    cv = c.canvas
+    c.flush()
+    brick = cv.get("BRICK")
+    sub.push("task.queued", {"task_id": "td", "text": "damage"})
+    sub.push("task.token", {"task_id": "td", "node": "brick", "persona": "BRICK",
+                            "round": 1, "text": "first", "seq": 1})
+    c.tick()
+    c.flush()                        # speaking: its colour and header changed
+    sub.push("task.token", {"task_id": "td", "node": "brick", "persona": "BRICK",
+                            "round": 1, "text": " and more words", "seq": 2})
+    c.tick()
+    c.prepare_morphs(None)
+    damaged = set(cv.scene.dirty)
+    c.flush()
+    assert brick.utterance == "first and more words"
+    whole = cv.scene._tiles_of[brick]
+    assert damaged and damaged < whole, (len(damaged), len(whole))
+    header_row = max(j for _, j in whole)            # y up: its top row of tiles
+    assert all(j != header_row for _, j in damaged)

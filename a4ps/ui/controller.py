@@ -7,7 +7,9 @@ the models (:class:`~a4ps.ui.activity.ActivityModel`, one
 widgets should show (the latest value per widget wins). All staged regions are applied
 in one frame at most ``refresh_hz`` times a second (see refresh.py); between those
 frames, morph changes are applied and their pictures composed, oldest first, within
-a per-frame time budget, so a burst of events never makes one long frame.
+a per-frame time budget, so a burst of events never makes one long frame. A change
+about to miss ``staleness_s`` (event published -> on screen) brings the refresh
+forward, and the refresh composes the pictures that cannot wait (see refresh.py).
 
 Commands go through a :class:`CommandRunner` whose replies are drained in the same
 tick. On connect, after a daemon restart or after a gap in the event stream it asks
@@ -59,7 +61,7 @@ class MorphicController:
     def __init__(self, root: Any, runner: CommandRunner | None,
                  subscriber_factory: Callable[[], Any] | None = None, *,
                  max_events_per_tick: int = 500, retry_s: float = 2.0,
-                 refresh_hz: float = 10.0) -> None:
+                 refresh_hz: float = 10.0, staleness_s: float = 0.5) -> None:
         self.root = root
         self.runner = runner
         self._sub_factory = subscriber_factory
@@ -81,11 +83,12 @@ class MorphicController:
         self._log_new: list[dict] = []        # lines not yet in the log panel
         # display changes from events are staged per region and applied together
         # (see refresh.py): at most refresh_hz times a second; morph pictures are
-        # composed a few per frame in between ("morphs" is prepared for "canvas")
+        # composed a few per frame in between ("morphs" is prepared for "canvas");
+        # no change waits longer than staleness_s from its event to the screen
         self.refresh_s = 1.0 / refresh_hz
         self.display = DisplayRefresh(
             ("canvas", "transcript", "strip", "bar", "shelf", "log"),
-            interval=self.refresh_s, prepared=("morphs",))
+            interval=self.refresh_s, prepared={"morphs": "canvas"}, budget_s=staleness_s)
         self._transcript_tasks: set[str] = set()
         self._refresh_t0 = 0.0        # perf_counter when the last refresh was applied
         self._event_ts: float | None = None
@@ -247,26 +250,33 @@ class MorphicController:
             item = self.display.take_one("morphs")
             if item is None:
                 break
-            widget, props, since = item
-            widget.apply_props(props)
-            render = getattr(widget, "render_now", None)
-            if render is not None and render(repaint=False):
-                made += 1
-                self.pictures += 1
-                self.display.mark("canvas", since)
-            else:
-                self.covered += 1
-                if self.canvas.damaged:        # moved or resized: repaint at the refresh
-                    self.display.mark("canvas", since)
+            made += self._compose(*item)
             if budget_s is not None and time.perf_counter() - t0 > budget_s:
                 break
         return made
+
+    def _compose(self, widget: Any, props: dict[str, Any], since: float) -> int:
+        """Apply a morph's staged change and compose its picture if it shows (1), else
+        count it covered (0); either way the canvas shows it at its next refresh."""
+        widget.apply_props(props)
+        render = getattr(widget, "render_now", None)
+        if render is not None and render(repaint=False):
+            self.pictures += 1
+            self.display.mark("canvas", since)
+            return 1
+        self.covered += 1
+        if self.canvas.damaged:        # moved or resized: repaint at the refresh
+            self.display.mark("canvas", since)
+        return 0
 
     def refresh(self) -> bool:
         """Apply every region that is due (see refresh.py) in this one frame."""
         due = self.display.due()
         if not due:
             return False
+        if "canvas" in due:      # morph changes that cannot wait for the next refresh
+            for item in self.display.take_overdue("morphs"):
+                self._compose(*item)
         for region in due:
             self._apply(region)
         self.display.applied(due)

@@ -59,10 +59,14 @@ class Scene:
     def damage(self, rect: Rect) -> None:
         self.dirty |= self._tiles_in(rect)
 
-    def put(self, key: Hashable, picture: Rect, body: Rect) -> None:
-        """Add ``key`` on top, or move/redraw it where it is in the z-order."""
+    def put(self, key: Hashable, picture: Rect, body: Rect,
+            changed: Rect | None = None) -> None:
+        """Add ``key`` on top, or move/redraw it where it is in the z-order
+        (``changed``: a new picture in the same place differs only inside it, so
+        only the tiles under it are damaged)."""
         if self.picture.get(key) == picture and self.body.get(key) == body:
-            self.dirty |= self._tiles_of[key]        # a new picture in the same place
+            tiles = self._tiles_of[key]              # a new picture in the same place
+            self.dirty |= tiles if changed is None else tiles & self._tiles_in(changed)
             return
         self.geometry += 1
         if key in self.picture:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from kivy.clock import Clock
-from kivy.graphics import Canvas, Color, Fbo, Rectangle
+from kivy.graphics import Callback, Canvas, Color, Fbo, Rectangle
+from kivy.graphics.opengl import GL_BLEND, glDisable, glEnable
 from kivy.metrics import dp, sp
 from kivy.properties import (BooleanProperty, ListProperty, NumericProperty,
                              ObjectProperty, StringProperty)
@@ -238,6 +239,7 @@ class SpriteMorph(Morph):
                 not canvas.shows(self, self._changed_rect(look)):
             canvas.hidden.add(self)
             return False
+        changed = self._changed_rect(look) if self.picture_size[0] else None
         self._dirty = False
         for _ in range(4):        # fit_text guesses; a line fewer until the text fits
             img, fits = self.composer.compose(look)
@@ -256,7 +258,7 @@ class SpriteMorph(Morph):
         if repaint:
             self._moved()
         elif hasattr(canvas, "morph_changed"):
-            canvas.morph_changed(self, repaint=False)
+            canvas.morph_changed(self, repaint=False, changed=changed)
         return True
 
     _drawn_parts: tuple = ()
@@ -432,6 +434,14 @@ def _test_status(data: dict) -> str:
     return "unknown"
 
 
+def _blend_off(_instr: Any) -> None:
+    glDisable(GL_BLEND)
+
+
+def _blend_on(_instr: Any) -> None:
+    glEnable(GL_BLEND)
+
+
 class MorphCanvas(RelativeLayout):
     """The world: holds morphs by name, places them (see :mod:`a4ps.ui.layout`) and
     paints them.
@@ -453,8 +463,13 @@ class MorphCanvas(RelativeLayout):
         self.canvas = Canvas()
         with self.canvas:
             self.fbo = Fbo(size=(100, 100), with_stencilbuffer=False)
+            # the framebuffer is opaque (every tile has a background or a body):
+            # drawn without blending, llvmpipe does not read what is under it
+            self.opaque = (Callback(_blend_off), Callback(_blend_on))
+            self.canvas.remove(self.opaque[1])
             Color(1, 1, 1, 1)
             self.fbo_rect = Rectangle(pos=(0, 0), size=(100, 100), texture=self.fbo.texture)
+        self.canvas.add(self.opaque[1])
         self._ghost = Canvas()           # where the morph widgets' own canvases go
         self.scene = damage.Scene()
         self.morphs: dict[str, Morph] = {}
@@ -483,16 +498,18 @@ class MorphCanvas(RelativeLayout):
             self._repaint_ev()
 
     # -- painting ------------------------------------------------------------------
-    def morph_changed(self, morph: SpriteMorph, repaint: bool = True) -> None:
+    def morph_changed(self, morph: SpriteMorph, repaint: bool = True,
+                      changed: tuple[float, float, float, float] | None = None) -> None:
         """A morph's picture, place or size changed: damage where it was and is
-        (``repaint``: paint it next frame; else the display refresh calls
+        (``changed``: a new picture in the same place differs only there, e.g. its
+        words; ``repaint``: paint it next frame; else the display refresh calls
         :meth:`repaint_now`)."""
         if self.morphs.get(morph.name) is not morph or not morph.picture_size[0]:
             return
         pw, ph = morph.picture_size
         x, y = morph.x, morph.y - sprites.SHADOW
         self.scene.put(morph, (x, y, x + pw, y + ph),
-                       (morph.x + 1, morph.y + 1, morph.right - 1, morph.top - 1))
+                       (morph.x + 1, morph.y + 1, morph.right - 1, morph.top - 1), changed)
         if repaint:
             self._repaint_ev()
 
