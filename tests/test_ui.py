@@ -1039,3 +1039,23 @@ def test_new_words_on_a_morph_damage_only_the_tiles_under_its_words(ui, app, sub
     assert damaged and damaged < whole, (len(damaged), len(whole))
     header_row = max(j for _, j in whole)            # y up: its top row of tiles
     assert all(j != header_row for _, j in damaged)
+
+
+def test_a_full_gc_runs_in_the_frame_after_a_refresh_never_in_it(ui, app, sub):
+    import gc
+
+    from a4ps.ui.gcpace import NEVER
+    c = app.controller
+    pacer = app.collector
+    assert pacer.active and c.collector is pacer and gc.get_threshold()[2] == NEVER
+    c.flush()
+    for _ in range(pacer.full_every):
+        gc.collect(1)                        # a full collection is due
+    ran = pacer.collections
+    sub.push("log", {"level": "info", "message": "refresh me"})
+    c._refresh_t0 = 0.0
+    c.display.last = 0.0                     # a refresh is due this frame
+    c.tick()
+    assert c._refresh_t0 and pacer.collections == ran      # refreshed; no GC in it
+    c.tick()                                 # the frame after: it runs there
+    assert pacer.collections == ran + 1 and gc.get_count()[2] == 0

@@ -34,6 +34,7 @@ from kivy.metrics import dp
 from . import layout as L
 from .activity import ActivityModel, GraphShape
 from .approval import ApprovalDialog, proposal_key
+from .gcpace import GcPacer
 from .inspector import Inspector
 from .morphs import Morph, PrototypeMorph, ProtoMorph, ToolMorph
 from .panels import ConfirmDialog
@@ -61,8 +62,10 @@ class MorphicController:
     def __init__(self, root: Any, runner: CommandRunner | None,
                  subscriber_factory: Callable[[], Any] | None = None, *,
                  max_events_per_tick: int = 500, retry_s: float = 2.0,
-                 refresh_hz: float = 10.0, staleness_s: float = 0.5) -> None:
+                 refresh_hz: float = 10.0, staleness_s: float = 0.5,
+                 collector: GcPacer | None = None) -> None:
         self.root = root
+        self.collector = collector        # full GCs after refreshes (see gcpace.py)
         self.runner = runner
         self._sub_factory = subscriber_factory
         self.subscriber: EventSubscriber | None = None
@@ -172,7 +175,8 @@ class MorphicController:
         """One Clock tick: a bounded poll of events, command replies, a few morph
         pictures, a display refresh."""
         self.ticks += 1
-        if self._refresh_t0:
+        drawn = bool(self._refresh_t0)
+        if drawn:
             # the last refresh's frame (its drawing and buffer swap included) is on
             # screen by now: what it cost sets how often to refresh
             self.display.drawn(time.perf_counter() - self._refresh_t0)
@@ -199,6 +203,8 @@ class MorphicController:
                     and time.monotonic() - self._last_retry > self.retry_s:
                 self.resync()
         if not self.refresh():                 # a refreshing frame is long enough
+            if drawn and self.collector is not None:
+                self.collector.after_refresh()   # never a full GC in a refresh
             self.prepare_morphs(MORPH_BUDGET_S)
         return n
 
@@ -447,6 +453,8 @@ class MorphicController:
         status = snap.get("status") if isinstance(snap.get("status"), dict) else snap
         self.apply_status(status)
         self.flush_morphs()
+        if self.collector is not None:
+            self.collector.settle()           # the morphs live on: out of full GCs
 
     def apply_status(self, status: dict[str, Any]) -> None:
         """Resident model and queue length from a status or heartbeat payload."""
