@@ -1032,7 +1032,7 @@ def test_new_words_on_a_morph_damage_only_the_tiles_under_its_words(ui, app, sub
                             "round": 1, "text": " and more words", "seq": 2})
     c.tick()
     c.prepare_morphs(None)
-    damaged = set(cv.scene.dirty)
+    damaged = set(cv.scene.dirty) | set(cv._planned)      # (planned ahead or not)
     c.flush()
     assert brick.utterance == "first and more words"
     whole = cv.scene._tiles_of[brick]
@@ -1059,3 +1059,37 @@ def test_a_full_gc_runs_in_the_frame_after_a_refresh_never_in_it(ui, app, sub):
     assert c._refresh_t0 and pacer.collections == ran      # refreshed; no GC in it
     c.tick()                                 # the frame after: it runs there
     assert pacer.collections == ran + 1 and gc.get_count()[2] == 0
+
+
+def test_tiles_planned_ahead_paint_what_a_full_repaint_paints(ui, app, sub):
+    """Between refreshes the canvas plans its damaged tiles (the refresh frame then
+    plans only what was damaged since); what the refresh paints from those plans is
+    pixel for pixel what painting every tile from scratch paints, also when a tile
+    planned ahead was damaged again before the refresh."""
+    c = app.controller
+    cv = c.canvas
+    c.flush()
+    ui.pump(2)
+    sub.push("task.queued", {"task_id": "tp", "text": "plan ahead"})
+    sub.push("task.token", {"task_id": "tp", "node": "brick", "persona": "BRICK",
+                            "round": 1, "text": "planned", "seq": 1})
+    c.display.last = time.time()             # no refresh due in these frames
+    repaints = cv.repaints
+    c.tick()                                 # a frame between refreshes plans...
+    c.prepare_morphs(None)
+    cv.plan_ahead()
+    assert not cv.scene.dirty and cv._planned
+    assert cv.damaged and cv.repaints == repaints     # ...and paints nothing
+    sub.push("task.token", {"task_id": "tp", "node": "brick", "persona": "BRICK",
+                            "round": 1, "text": " then more words", "seq": 2})
+    c.tick()
+    c.prepare_morphs(None)                   # the same tiles damaged again
+    c.flush()
+    ui.pump(2)
+    assert cv.repaints == repaints + 1 and not cv._planned and not cv.damaged
+    assert cv.get("BRICK").body_text.endswith("then more words")
+    planned = bytes(cv.fbo.pixels)
+    cv.scene.damage_all()
+    cv.repaint_now()
+    ui.pump(2)
+    assert bytes(cv.fbo.pixels) == planned

@@ -206,6 +206,7 @@ class MorphicController:
             if drawn and self.collector is not None:
                 self.collector.after_refresh()   # never a full GC in a refresh
             self.prepare_morphs(MORPH_BUDGET_S)
+            self.canvas.plan_ahead()             # the refresh then plans less
         return n
 
     # -- the display refresh -------------------------------------------------------
