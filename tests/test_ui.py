@@ -1093,3 +1093,31 @@ def test_tiles_planned_ahead_paint_what_a_full_repaint_paints(ui, app, sub):
     cv.repaint_now()
     ui.pump(2)
     assert bytes(cv.fbo.pixels) == planned
+
+
+def test_log_rows_rendered_ahead_are_shown_without_rendering_again(ui, app, sub):
+    """Between refreshes the log renders the rows its next refresh brings into view;
+    that refresh shows those very pictures (no second render in its frame), and they
+    are the pictures a row renders on its own."""
+    from kivy.uix.label import Label
+    c = app.controller
+    log = app.root.ids.log_panel
+    log.add([{"level": "info", "source": "t", "message": f"before {i}"} for i in range(40)])
+    c.flush()
+    ui.pump(3)
+    c.display.last = time.time()             # no refresh due in the next frames
+    for i in range(3):
+        sub.push("log", {"level": "warning", "message": f"ahead {i}"})
+    c.tick()                                 # a frame between refreshes
+    ahead = {k[0]: v[0] for k, v in log._rendered.items()}
+    assert [t for t in ahead if "ahead" in t] and not any("ahead" in r["text"] for r in log.data)
+    c.flush()
+    ui.pump(3)
+    views = [v for v in log.ids.rv.children[0].children if "ahead" in v.text]
+    assert len(views) == 3 and all(v.texture is ahead[v.text] for v in views)
+    fresh = Label.texture_update                 # what the row renders by itself
+    row = views[0]
+    pixels = bytes(row.texture.pixels)
+    row.rendered = None
+    fresh(row)
+    assert row.texture is not ahead[row.text] and bytes(row.texture.pixels) == pixels

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 _UNSET = object()
 MORPH_BUDGET_S = 0.008   # morph pictures composed per frame; the rest wait a frame
+LOG_BUDGET_S = 0.004     # log rows rendered ahead per frame (the refresh renders the rest)
 DISSONANCE_PERSONAS = ("BRICK", "ROBIN")
 LOG_LINES = 1000
 TASK_EVENTS = ("task.queued", "task.step", "task.token", "task.done", "task.failed",
@@ -207,6 +208,8 @@ class MorphicController:
                 self.collector.after_refresh()   # never a full GC in a refresh
             self.prepare_morphs(MORPH_BUDGET_S)
             self.canvas.plan_ahead()             # the refresh then plans less
+            if self._log_new:                    # and renders fewer log rows
+                self.root.ids.log_panel.render_ahead(self._log_new, LOG_BUDGET_S)
         return n
 
     # -- the display refresh -------------------------------------------------------
