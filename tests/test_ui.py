@@ -1059,6 +1059,13 @@ def test_a_full_gc_runs_in_the_frame_after_a_refresh_never_in_it(ui, app, sub):
     assert c._refresh_t0 and pacer.collections == ran      # refreshed; no GC in it
     c.tick()                                 # the frame after: it runs there
     assert pacer.collections == ran + 1 and gc.get_count()[2] == 0
+    for _ in range(pacer.full_every):
+        gc.collect(1)
+    c.flush()
+    c._refresh_t0 = 0.0
+    assert c.settled
+    c.tick()                                 # an idle window collects too
+    assert pacer.collections == ran + 2
 
 
 def test_tiles_planned_ahead_paint_what_a_full_repaint_paints(ui, app, sub):

@@ -396,12 +396,12 @@ def test_gc_pacer_runs_full_collections_only_when_asked_and_restores_cpython():
         del a, b
         gc.collect(0)                                     # young collections: not it
         pacer.full_every = gc.get_count()[2] + 3
-        assert not pacer.after_refresh() and dead() is not None   # not due yet
+        assert not pacer.collect_due() and dead() is not None   # not due yet
         for _ in range(3):
             gc.collect(1)                                 # what CPython would count
-        assert pacer.after_refresh() and dead() is None and pacer.collections == 1
-        assert not pacer.after_refresh()                  # the count starts again
+        assert pacer.collect_due() and dead() is None and pacer.collections == 1
+        assert not pacer.collect_due()                  # the count starts again
     finally:
         pacer.stop()
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
-    assert not pacer.after_refresh()                      # stopped: CPython decides
+    assert not pacer.collect_due()                      # stopped: CPython decides

@@ -204,8 +204,10 @@ class MorphicController:
                     and time.monotonic() - self._last_retry > self.retry_s:
                 self.resync()
         if not self.refresh():                 # a refreshing frame is long enough
-            if drawn and self.collector is not None:
-                self.collector.after_refresh()   # never a full GC in a refresh
+            if self.collector is not None and (drawn or self.display.settled):
+                # a full GC never in a refresh: the frame after one (the next is
+                # 0.1 s away), or when nothing waits to be shown
+                self.collector.collect_due()
             self.prepare_morphs(MORPH_BUDGET_S)
             self.canvas.plan_ahead()             # the refresh then plans less
             if self._log_new:                    # and renders fewer log rows

@@ -10,9 +10,11 @@ frame at 1,000 events/s 143 ms. So, while the app runs:
   and freezes what lives (``gc.freeze``): later collections do not walk the modules,
   widgets and morphs the UI lives on, so they cost what was made since;
 * full collections do not start on their own (the oldest generation's threshold is
-  out of reach); :meth:`GcPacer.after_refresh` runs the one CPython would have run,
-  in the frame after a refresh (the next refresh is at least its base interval away,
-  and that frame draws nothing), once the young collections since the last say so.
+  out of reach); :meth:`GcPacer.collect_due` runs the one CPython would have run,
+  once the young collections since the last say so, in a frame the controller
+  chooses: the one after a refresh (the next refresh is at least its base interval
+  away, and that frame draws nothing), or one where nothing waits to be shown (so an
+  idle window still collects).
 
 Frozen objects are still freed by reference counting; only a reference cycle among
 them waits for :meth:`stop` (which unfreezes and restores the thresholds it found).
@@ -54,9 +56,9 @@ class GcPacer:
         self.gc.collect()
         self.gc.freeze()
 
-    def after_refresh(self) -> bool:
-        """A refresh is on screen and the next is a base interval away: run the full
-        collection CPython's thresholds call for now, if any (True when one ran)."""
+    def collect_due(self) -> bool:
+        """In a frame where it delays no refresh: run the full collection CPython's
+        thresholds call for now, if any (True when one ran)."""
         if not self.active or self.gc.get_count()[2] < self.full_every:
             return False
         self.gc.collect(2)
