@@ -248,6 +248,9 @@ def _rss_mb() -> float:
     return 0.0
 
 
+UNSET = "\0unset"        # an env value that removes the variable from a child's environment
+
+
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # what the CLI does first thing
@@ -256,8 +259,9 @@ def _child_env(threads: int) -> dict[str, str]:
 
 def run_json(cmd: list[str], threads: int, timeout: int = 900,
              env: dict[str, str] | None = None) -> dict | None:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env={**_child_env(threads), **(env or {})}, cwd=ROOT)
+    full = {**_child_env(threads), **(env or {})}
+    full = {k: v for k, v in full.items() if v != UNSET}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full, cwd=ROOT)
     if r.returncode != 0:
         log(f"{' '.join(cmd[:4])} ... failed:\n{r.stderr[-2500:]}")
         return None
@@ -274,9 +278,10 @@ def ours(engine: str, cache: Path, args, env: dict[str, str] | None = None,
     return run_json(cmd, args.threads, env=env)
 
 
-def peer(py: Path, gguf: Path, prompt: str, args) -> dict | None:
+def peer(py: Path, gguf: Path, prompt: str, args,
+         env: dict[str, str] | None = None) -> dict | None:
     return run_json([str(py), "-c", PEER_SCRIPT, str(gguf), str(args.tokens),
-                     str(args.threads), prompt], args.threads)
+                     str(args.threads), prompt], args.threads, env=env)
 
 
 class Busy:
@@ -364,6 +369,9 @@ def ask_end_to_end(cache: Path, threads: int) -> dict | None:
 # one measured engine: (label, how to run it in a child process)
 ENGINES = {
     "llama": "llama.cpp Q4_1 GGUF (peer)",
+    # the peer as Ollama runs it: libgomp's default waits (spin, then sleep), where the
+    # peer above gets the same OMP_WAIT_POLICY=PASSIVE as every other row
+    "llama-omp": "llama.cpp, default OpenMP waits (as in Ollama)",
     "ct2": "CTranslate2 int8 (embedded default)",
     "ort": "ONNX Runtime GenAI int4 (engine = onnxruntime)",
     "torch": "transformers fp32 (fallback, training stack)",
@@ -546,6 +554,9 @@ def main() -> None:
         def run(key: str) -> dict | None:
             if key == "llama":
                 return peer(py, gguf, prompt, args) if py else None
+            if key == "llama-omp":
+                return peer(py, gguf, prompt, args, env={"OMP_WAIT_POLICY": UNSET}) \
+                    if py else None
             if key == "ct2":
                 return ours("ctranslate2", cache, args)
             if key == "ort":
@@ -570,8 +581,9 @@ def main() -> None:
                     out[k].append(res if res else {})
             return out
 
-        measured = [k for k in ("llama", "ct2", "ct2-raw", "ort", "ct2-1t")
-                    if not (k == "llama" and py is None) and not (k == "ort" and args.skip_onnx)]
+        measured = [k for k in ("llama", "ct2", "ct2-raw", "ort", "ct2-1t", "llama-omp")
+                    if not (k.startswith("llama") and py is None)
+                    and not (k == "ort" and args.skip_onnx)]
         idle = rounds(measured)
         idle.update({k: [run(k) or {}] for k in ("torch", "ct2-spin", "ct2-spin10k")})
         with Busy(2):
@@ -580,19 +592,21 @@ def main() -> None:
         def med(runs: list[dict], field: str) -> float | None:
             return _median([r[field] for r in runs if r.get(field) is not None])
 
-        def paired(runs: dict[str, list[dict]], key: str) -> float | None:
+        def paired(runs: dict[str, list[dict]], key: str, peer_key: str = "llama"
+                   ) -> float | None:
             """Median over rounds of ``key``'s decode rate over the peer's, same round."""
-            if "llama" not in runs or key not in runs:
+            if peer_key not in runs or key not in runs:
                 return None
             return _median([a["decode_tok_s"] / b["decode_tok_s"]
-                            for a, b in zip(runs[key], runs["llama"])
+                            for a, b in zip(runs[key], runs[peer_key])
                             if a.get("decode_tok_s") and b.get("decode_tok_s")])
 
         for key, label in ENGINES.items():
             runs = idle.get(key)
             if not runs or not any(runs):
-                why = {"ort": ort_note, "llama": "--skip-peer" if args.skip_peer
-                       else "build or run failed (see stderr)"}.get(key, "see stderr")
+                why = ort_note if key == "ort" else ("--skip-peer" if args.skip_peer else
+                                                     "build or run failed (see stderr)") \
+                    if key.startswith("llama") else "see stderr"
                 row(label, "unavailable", why)
                 continue
             n = sum(1 for r in runs if r)
@@ -617,7 +631,7 @@ def main() -> None:
         row("token check: every decode run produced the requested tokens",
             "yes" if not short else "NO", "; ".join(short) if short else
             f"{args.tokens} of {args.tokens} in every run of every engine")
-        for key in [k for k in measured if k != "ct2-1t"] + ["torch"]:
+        for key in [k for k in measured if k not in ("ct2-1t", "llama-omp")] + ["torch"]:
             text = next((r.get("text") for r in idle.get(key, []) if r and r.get("text")), None)
             if text:
                 row(f"text decoded: {ENGINES[key]}", f"{len(text)} chars",
@@ -633,8 +647,14 @@ def main() -> None:
                 f"stop strings + repetition guard + incremental detokenise + on_token{share}; "
                 f"bare loop {ov['bare']:.0f} us/token; prompt template+tokenise "
                 f"{ov['prompt_ms']:.1f} ms once per call")
+        for key in ("ct2", "ort"):
+            if key in measured and "llama-omp" in measured:
+                row(f"{ENGINES[key]} / llama.cpp as in Ollama",
+                    f"{paired(idle, key, 'llama-omp') or 0:.2f}",
+                    f"2 busy processes: {paired(contended, key, 'llama-omp') or 0:.2f}; "
+                    f"median of per-round ratios")
         for key in measured:
-            if key in ("llama", "ct2-1t"):
+            if key in ("llama", "ct2-1t", "llama-omp"):
                 continue
             ratios[f"{key}-idle"] = paired(idle, key)
             ratios[f"{key}-busy"] = paired(contended, key)

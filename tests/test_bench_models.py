@@ -65,3 +65,13 @@ def test_loop_overhead_replays_real_ids_through_the_real_loop(bench, model_cache
     ov = bench.loop_overhead_us(tok, ids, repeats=3)
     assert ov["loop"] > 0 and ov["bare"] > 0 and ov["prompt_ms"] > 0
     assert ov["loop"] < 5000                         # far below one token of any engine
+
+
+def test_peer_as_ollama_runs_it_gets_no_wait_policy(bench, monkeypatch):
+    """Every row runs with OMP_WAIT_POLICY=PASSIVE except the peer's default-waits row,
+    whose child must not see the variable at all (libgomp's default then applies)."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    show = [sys.executable, "-c",
+            "import json, os; print(json.dumps({'v': os.environ.get('OMP_WAIT_POLICY')}))"]
+    assert bench.run_json(show, 1) == {"v": "PASSIVE"}
+    assert bench.run_json(show, 1, env={"OMP_WAIT_POLICY": bench.UNSET}) == {"v": None}
