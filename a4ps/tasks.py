@@ -35,10 +35,11 @@ import stat
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Any, Iterable, Iterator, Protocol, Self, runtime_checkable
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,12 @@ def _dumps(obj: Any) -> str:
 
 _COLS = ("id, text, origin, priority, status, created, started, finished, result, error, "
          "attempts, meta, cancel_requested, interrupted, interruptions")
+# a running task's new state after its daemon stopped (a Recovery): finished and
+# started are set for a terminal state, cleared for a requeue; None keeps the error
+_RECOVER_SQL = ("UPDATE tasks SET status = ?, finished = ?, "
+                "started = CASE WHEN ? = 'queued' THEN NULL ELSE started END, attempts = ?, "
+                "interrupted = 0, interruptions = interruptions + ?, "
+                "error = COALESCE(?, error) WHERE id = ?")
 
 
 def requeued_meta(meta: dict[str, Any], *, reason: str, by: str | None) -> dict[str, Any]:
@@ -207,16 +214,173 @@ class TaskQueue(Protocol):
     def close(self) -> None: ...
 
 
-class SqliteTaskQueue:
+def new_task(text: str, *, origin: str = USER, priority: int | None = None,
+             meta: dict[str, Any] | None = None) -> Task:
+    """A queued task from what a caller submitted, or a ValueError saying what is wrong."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("task text must be a non-empty string")
+    if not isinstance(origin, str) or not origin.strip():
+        raise ValueError("task origin must be a non-empty string such as 'user' or 'motivator'")
+    if priority is None:
+        priority = DEFAULT_USER_PRIORITY if origin == USER else DEFAULT_SELF_PRIORITY
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"task priority must be an int (lower runs first), got {priority!r}")
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError(f"task meta must be a dict, got {type(meta).__name__}")
+    return Task(id=uuid.uuid4().hex, text=text, origin=origin, priority=priority,
+                status="queued", created=time.time(), meta=dict(meta or {}))
+
+
+def status_filter(status: str | Iterable[str] | None) -> builtins.list[str]:
+    """The statuses ``list()`` was asked for, checked against :data:`STATUSES`."""
+    statuses = [status] if isinstance(status, str) else (list(status) if status else [])
+    bad = [s for s in statuses if s not in STATUSES]
+    if bad:
+        raise ValueError(f"unknown task status {bad}; use one of {STATUSES}")
+    return statuses
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What becomes of a task found ``running`` after its daemon stopped (see
+    :func:`recovery_for`)."""
+    status: str                 # "cancelled" | "queued" | "failed"
+    attempts: int
+    clean: bool                 # a graceful stop: one more interruption, no attempt
+    error: str | None           # None keeps the task's error
+
+
+def recovery_for(task: Task, max_attempts: int) -> Recovery:
+    """One rule for every queue: a requested cancel ends the task ``cancelled``; a
+    graceful stop (``interrupted``) requeues it as it was; a crash requeues it with one
+    more attempt, and the ``max_attempts``-th crash fails it."""
+    attempts = task.attempts if task.interrupted else task.attempts + 1
+    if task.cancel_requested:
+        return Recovery("cancelled", attempts, False,
+                        "cancelled (its daemon stopped while it ran)")
+    if task.interrupted:
+        return Recovery("queued", attempts, True, None)
+    if attempts >= max_attempts:
+        return Recovery("failed", attempts, False,
+                        f"interrupted by a daemon crash {attempts} times "
+                        f"(max_attempts={max_attempts}); not retried again. It may be what "
+                        "crashes the daemon; resubmit it if you are sure it is safe.")
+    return Recovery("queued", attempts, False, None)
+
+
+class QueueBase(ABC):
+    """What every queue does alike, whatever stores it: checking what is submitted,
+    the blocking claim, the terminal verbs and their events. A store implements
+    ``_insert``, ``_claim_once``, ``_terminal``, ``get`` and ``close``;
+    ``_before_claim`` is its hook for housekeeping while a worker waits."""
+
+    path: Any
+    bus: Any
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"task queue {self.path} is closed")
+
+    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
+        if self.bus is not None:
+            self.bus.publish(topic, payload)
+
+    def _wake_waiters(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- what a store provides ------------------------------------------------------
+    @abstractmethod
+    def _insert(self, task: Task) -> None:
+        """Commit ``task`` (queued) so that it survives a crash."""
+
+    @abstractmethod
+    def _claim_once(self, allow_self_generated: bool) -> Task | None:
+        """Atomically mark the next task running and return it, or None."""
+
+    @abstractmethod
+    def _terminal(self, task_id: str, status: str, *, result: Any = None,
+                  error: str | None = None, allowed: Iterable[str] = ("running",)) -> bool:
+        """End a task in ``status`` if it is in one of ``allowed``; False if not."""
+
+    def _before_claim(self) -> None:
+        """Housekeeping before each claim attempt (the shared queue's sweep)."""
+
+    @abstractmethod
+    def get(self, task_id: str) -> Task:
+        """The task with that id, or :class:`TaskNotFound`."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store; blocked claim() calls return None."""
+
+    # -- API ------------------------------------------------------------------------
+    def submit(self, text: str, *, origin: str = USER, priority: int | None = None,
+               meta: dict[str, Any] | None = None) -> Task:
+        """Queue a task; once this returns the task is committed and survives a crash."""
+        task = new_task(text, origin=origin, priority=priority, meta=meta)
+        self._insert(task)
+        self._wake_waiters()
+        self._publish("task.queued", {"task_id": task.id, "text": task.text,
+                                      "origin": task.origin, "priority": task.priority})
+        return task
+
+    def claim(self, *, allow_self_generated: bool = True,
+              timeout: float | None = None) -> Task | None:
+        """Take the next task and mark it running, or return None.
+
+        ``timeout`` None or 0: do not wait. Otherwise wait up to that many seconds for
+        a task to arrive (from this process or another). ``allow_self_generated=False``
+        only hands out user tasks (e.g. while the motivator is paused).
+        """
+        deadline = None if not timeout else time.monotonic() + timeout
+        while True:
+            self._before_claim()
+            task = self._claim_once(allow_self_generated)
+            if task is not None or deadline is None:
+                return task
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            with self._cond:
+                if self._closed:
+                    return None
+                self._cond.wait(min(left, _POLL_S))
+
+    def finish(self, task_id: str, result: dict[str, Any]) -> bool:
+        """Mark a running task done with its result. False if it was no longer running
+        (on a shared queue: if another daemon runs it now)."""
+        return self._terminal(task_id, "done", result=result)
+
+    def fail(self, task_id: str, error: str) -> bool:
+        """Mark a task failed with a readable reason. False if already finished."""
+        return self._terminal(task_id, "failed", error=str(error),
+                              allowed=("running", "queued"))
+
+    def cancel_requested(self, task_id: str) -> bool:
+        """Cheap check a worker makes between graph steps."""
+        return self.get(task_id).cancel_requested
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class SqliteTaskQueue(QueueBase):
     """Durable queue of tasks in one SQLite file (``settings.tasks_path``)."""
 
     def __init__(self, path: Path | str, bus: Any = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.bus = bus
-        self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
-        self._closed = False
+        super().__init__()
         _private_file(self.path)   # SQLite's -wal/-shm files copy the database's mode
         try:
             self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
@@ -249,46 +413,19 @@ class SqliteTaskQueue:
                 raise
             self._db.execute("COMMIT")
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"task queue {self.path} is closed")
-
     def _get(self, db: sqlite3.Connection, task_id: str) -> Task:
         r = db.execute(f"SELECT {_COLS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if r is None:
             raise TaskNotFound(f"no task with id {task_id!r} (see `a4ps tasks` / list())")
         return _row(r)
 
-    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
-        if self.bus is not None:
-            self.bus.publish(topic, payload)
-
-    # -- API ------------------------------------------------------------------------
-    def submit(self, text: str, *, origin: str = USER, priority: int | None = None,
-               meta: dict[str, Any] | None = None) -> Task:
-        """Queue a task; once this returns the task is on disk and survives a crash."""
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("task text must be a non-empty string")
-        if not isinstance(origin, str) or not origin.strip():
-            raise ValueError("task origin must be a non-empty string such as 'user' or 'motivator'")
-        if priority is None:
-            priority = DEFAULT_USER_PRIORITY if origin == USER else DEFAULT_SELF_PRIORITY
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"task priority must be an int (lower runs first), got {priority!r}")
-        if meta is not None and not isinstance(meta, dict):
-            raise ValueError(f"task meta must be a dict, got {type(meta).__name__}")
-        task = Task(id=uuid.uuid4().hex, text=text, origin=origin, priority=priority,
-                    status="queued", created=time.time(), meta=dict(meta or {}))
+    # -- the store ------------------------------------------------------------------
+    def _insert(self, task: Task) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO tasks (id, text, origin, priority, status, created, meta) "
                 "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
                 (task.id, task.text, task.origin, task.priority, task.created, _dumps(task.meta)))
-        with self._cond:
-            self._cond.notify_all()
-        self._publish("task.queued", {"task_id": task.id, "text": task.text,
-                                      "origin": task.origin, "priority": task.priority})
-        return task
 
     def _claim_once(self, allow_self_generated: bool) -> Task | None:
         with self._tx() as db:
@@ -300,27 +437,6 @@ class SqliteTaskQueue:
             db.execute("UPDATE tasks SET status = 'running', started = ? WHERE id = ?",
                        (time.time(), r[0]))
             return self._get(db, r[0])
-
-    def claim(self, *, allow_self_generated: bool = True,
-              timeout: float | None = None) -> Task | None:
-        """Take the next task and mark it running, or return None.
-
-        ``timeout`` None or 0: do not wait. Otherwise wait up to that many seconds for
-        a task to arrive (from this process or another). ``allow_self_generated=False``
-        only hands out user tasks (e.g. while the motivator is paused).
-        """
-        deadline = None if not timeout else time.monotonic() + timeout
-        while True:
-            task = self._claim_once(allow_self_generated)
-            if task is not None or deadline is None:
-                return task
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            with self._cond:
-                if self._closed:
-                    return None
-                self._cond.wait(min(left, _POLL_S))
 
     def _terminal(self, task_id: str, status: str, *, result: Any = None,
                   error: str | None = None, allowed: Iterable[str] = ("running",)) -> bool:
@@ -334,15 +450,6 @@ class SqliteTaskQueue:
                        (status, time.time(), None if result is None else _dumps(result),
                         error, task_id))
             return True
-
-    def finish(self, task_id: str, result: dict[str, Any]) -> bool:
-        """Mark a running task done with its result. False if it was no longer running."""
-        return self._terminal(task_id, "done", result=result)
-
-    def fail(self, task_id: str, error: str) -> bool:
-        """Mark a task failed with a readable reason. False if already finished."""
-        return self._terminal(task_id, "failed", error=str(error),
-                              allowed=("running", "queued"))
 
     def cancel(self, task_id: str, *, force: bool = False, reason: str | None = None) -> bool:
         """Cancel a task. Queued: cancelled at once. Running: flagged ``cancel_requested``
@@ -373,8 +480,7 @@ class SqliteTaskQueue:
             meta = requeued_meta(t.meta, reason=reason, by=by)
             db.execute("UPDATE tasks SET status = 'queued', started = NULL, "
                        "cancel_requested = 0, meta = ? WHERE id = ?", (_dumps(meta), task_id))
-        with self._cond:
-            self._cond.notify_all()
+        self._wake_waiters()
         return True
 
     def running(self) -> list[Task]:
@@ -384,10 +490,6 @@ class SqliteTaskQueue:
             return [_row(r) for r in self._db.execute(
                 f"SELECT {_COLS} FROM tasks WHERE status = 'running' ORDER BY seq")]
 
-    def cancel_requested(self, task_id: str) -> bool:
-        """Cheap check a worker makes between graph steps."""
-        return self.get(task_id).cancel_requested
-
     def get(self, task_id: str) -> Task:
         with self._lock:
             self._check_open()
@@ -395,10 +497,7 @@ class SqliteTaskQueue:
 
     def list(self, status: str | Iterable[str] | None = None, limit: int = 50) -> builtins.list[Task]:
         """Newest first, optionally only some statuses."""
-        statuses = [status] if isinstance(status, str) else (list(status) if status else [])
-        bad = [s for s in statuses if s not in STATUSES]
-        if bad:
-            raise ValueError(f"unknown task status {bad}; use one of {STATUSES}")
+        statuses = status_filter(status)
         sql = f"SELECT {_COLS} FROM tasks"
         if statuses:
             sql += f" WHERE status IN ({','.join('?' * len(statuses))})"
@@ -441,30 +540,13 @@ class SqliteTaskQueue:
             rows = db.execute(f"SELECT {_COLS} FROM tasks WHERE status = 'running' "
                               "ORDER BY seq").fetchall()
             for t in map(_row, rows):
-                attempts = t.attempts if t.interrupted else t.attempts + 1
-                if t.cancel_requested:
-                    db.execute("UPDATE tasks SET status='cancelled', finished=?, attempts=?, "
-                               "interrupted=0, error='cancelled (daemon stopped while it ran)' "
-                               "WHERE id=?", (now, attempts, t.id))
-                elif t.interrupted:
-                    db.execute("UPDATE tasks SET status='queued', started=NULL, interrupted=0, "
-                               "interruptions=interruptions+1 WHERE id=?", (t.id,))
-                elif attempts >= max_attempts:
-                    db.execute(
-                        "UPDATE tasks SET status='failed', finished=?, attempts=?, error=? "
-                        "WHERE id=?",
-                        (now, attempts,
-                         f"interrupted by a daemon crash {attempts} times "
-                         f"(max_attempts={max_attempts}); not retried again. It may be what "
-                         "crashes the daemon; resubmit it if you are sure it is safe.", t.id))
-                else:
-                    db.execute("UPDATE tasks SET status='queued', started=NULL, attempts=? "
-                               "WHERE id=?", (attempts, t.id))
+                r = recovery_for(t, max_attempts)
+                db.execute(_RECOVER_SQL, (r.status, now if r.status != "queued" else None,
+                                          r.status, r.attempts, int(r.clean), r.error, t.id))
                 touched.append(t.id)
         if touched:
             log.info("recovered %d interrupted task(s)", len(touched))
-            with self._cond:
-                self._cond.notify_all()
+            self._wake_waiters()
         return [self.get(i) for i in touched]
 
     def close(self) -> None:
@@ -475,9 +557,3 @@ class SqliteTaskQueue:
             self._closed = True
             self._cond.notify_all()
             self._db.close()
-
-    def __enter__(self) -> "SqliteTaskQueue":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

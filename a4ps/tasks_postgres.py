@@ -33,20 +33,16 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
-import uuid
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 from .config import redact_url
-from .tasks import (DEFAULT_MAX_ATTEMPTS, DEFAULT_SELF_PRIORITY, DEFAULT_USER_PRIORITY,
-                    STATUSES, TERMINAL, USER, Task, TaskNotFound, TaskQueueError,
-                    requeued_meta)
+from .tasks import (DEFAULT_MAX_ATTEMPTS, TERMINAL, USER, QueueBase, Task, TaskNotFound,
+                    TaskQueueError, recovery_for, requeued_meta, status_filter)
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.25            # a blocking claim() re-checks the table this often
 _LOCK_NS = 0x0A4B5        # advisory-lock namespace: (namespace, worker id)
 
 _SCHEMA = """
@@ -86,6 +82,11 @@ CREATE TABLE IF NOT EXISTS a4ps_task_workers (
 
 _COLS = ("id, text, origin, priority, status, created, started, finished, result, error, "
          "attempts, meta, cancel_requested, interrupted, interruptions")
+# a4ps.tasks' _RECOVER_SQL for this table: the task also leaves its (gone) owner
+_RECOVER_SQL = ("UPDATE a4ps_tasks SET status = %s, finished = %s, "
+                "started = CASE WHEN %s = 'queued' THEN NULL ELSE started END, attempts = %s, "
+                "owner = NULL, interrupted = false, interruptions = interruptions + %s, "
+                "error = COALESCE(%s, error) WHERE id = %s")
 
 
 class TaskQueueUnavailable(TaskQueueError):
@@ -110,7 +111,7 @@ def default_worker_name(data_dir: Any) -> str:
     return f"{socket.gethostname()}:{data_dir}"
 
 
-class PostgresTaskQueue:
+class PostgresTaskQueue(QueueBase):
     """The durable priority task queue in a PostgreSQL database, shared by daemons."""
 
     def __init__(self, url: str, bus: Any = None, *, worker_name: str | None = None,
@@ -123,9 +124,7 @@ class PostgresTaskQueue:
         self.connect_timeout_s = connect_timeout_s
         self.sweep_interval_s = sweep_interval_s
         self.max_attempts = max_attempts
-        self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
-        self._closed = False
+        super().__init__()
         self._last_sweep = 0.0
         self._db: Any = None
         self._live: Any = None
@@ -200,48 +199,26 @@ class PostgresTaskQueue:
             with self._db.transaction():
                 yield self._db
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"task queue {self.path} is closed")
-
     def _get(self, db: Any, task_id: str) -> Task:
         r = db.execute(f"SELECT {_COLS} FROM a4ps_tasks WHERE id = %s", (task_id,)).fetchone()
         if r is None:
             raise TaskNotFound(f"no task with id {task_id!r} (see `a4ps tasks` / list())")
         return _row(r)
 
-    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
-        if self.bus is not None:
-            self.bus.publish(topic, payload)
-
-    # -- API ------------------------------------------------------------------------
-    def submit(self, text: str, *, origin: str = USER, priority: int | None = None,
-               meta: dict[str, Any] | None = None) -> Task:
-        """Queue a task; once this returns the task is committed in the database."""
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("task text must be a non-empty string")
-        if not isinstance(origin, str) or not origin.strip():
-            raise ValueError("task origin must be a non-empty string such as 'user' or 'motivator'")
-        if priority is None:
-            priority = DEFAULT_USER_PRIORITY if origin == USER else DEFAULT_SELF_PRIORITY
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"task priority must be an int (lower runs first), got {priority!r}")
-        if meta is not None and not isinstance(meta, dict):
-            raise ValueError(f"task meta must be a dict, got {type(meta).__name__}")
-        task = Task(id=uuid.uuid4().hex, text=text, origin=origin, priority=priority,
-                    status="queued", created=time.time(), meta=dict(meta or {}))
-        pinned = None if origin == USER else self.worker_name
+    # -- the store ------------------------------------------------------------------
+    def _insert(self, task: Task) -> None:
+        pinned = None if task.origin == USER else self.worker_name
         with self._tx() as db:
             db.execute(
                 "INSERT INTO a4ps_tasks (id, text, origin, priority, status, created, meta, "
                 "pinned) VALUES (%s, %s, %s, %s, 'queued', %s, %s, %s)",
                 (task.id, task.text, task.origin, task.priority, task.created,
                  _jsonb(task.meta), pinned))
-        with self._cond:
-            self._cond.notify_all()
-        self._publish("task.queued", {"task_id": task.id, "text": task.text,
-                                      "origin": task.origin, "priority": task.priority})
-        return task
+
+    def _before_claim(self) -> None:
+        """Requeue dead daemons' tasks every ``sweep_interval_s`` while claiming."""
+        if time.monotonic() - self._last_sweep >= self.sweep_interval_s:
+            self._sweep(self.max_attempts)
 
     def _claim_once(self, allow_self_generated: bool) -> Task | None:
         self._probe_liveness()     # never claim under a lock we no longer hold
@@ -256,28 +233,6 @@ class PostgresTaskQueue:
                 f"RETURNING {_COLS}",
                 (time.time(), self.worker_id, self.worker_name)).fetchone()
             return None if r is None else _row(r)
-
-    def claim(self, *, allow_self_generated: bool = True,
-              timeout: float | None = None) -> Task | None:
-        """Take the next task and mark it running (owned by this worker), or None.
-
-        ``timeout`` None or 0: do not wait. Otherwise wait up to that many seconds for
-        a task (from any daemon), requeueing dead daemons' tasks while waiting.
-        """
-        deadline = None if not timeout else time.monotonic() + timeout
-        while True:
-            if time.monotonic() - self._last_sweep >= self.sweep_interval_s:
-                self._sweep(self.max_attempts)
-            task = self._claim_once(allow_self_generated)
-            if task is not None or deadline is None:
-                return task
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            with self._cond:
-                if self._closed:
-                    return None
-                self._cond.wait(min(left, _POLL_S))
 
     def _terminal(self, task_id: str, status: str, *, result: Any = None,
                   error: str | None = None, allowed: Iterable[str] = ("running",)) -> bool:
@@ -296,15 +251,6 @@ class PostgresTaskQueue:
                             task_id, status)
                 return False
             return True
-
-    def finish(self, task_id: str, result: dict[str, Any]) -> bool:
-        """Mark a task this worker runs done with its result. False if it no longer runs it."""
-        return self._terminal(task_id, "done", result=result)
-
-    def fail(self, task_id: str, error: str) -> bool:
-        """Mark a task failed with a readable reason. False if already finished."""
-        return self._terminal(task_id, "failed", error=str(error),
-                              allowed=("running", "queued"))
 
     def cancel(self, task_id: str, *, force: bool = False, reason: str | None = None) -> bool:
         """Cancel a task. Queued: cancelled at once. Running: flagged ``cancel_requested``
@@ -341,8 +287,7 @@ class PostgresTaskQueue:
                            (_jsonb(meta), task_id, self.worker_id)).fetchone()
         if r is None:
             return False
-        with self._cond:
-            self._cond.notify_all()
+        self._wake_waiters()
         return True
 
     def interrupt(self, task_id: str) -> bool:
@@ -364,20 +309,13 @@ class PostgresTaskQueue:
         with self._tx() as db:
             return [_row(r) for r in db.execute(sql + " ORDER BY seq", args)]
 
-    def cancel_requested(self, task_id: str) -> bool:
-        """Cheap check a worker makes between graph steps."""
-        return self.get(task_id).cancel_requested
-
     def get(self, task_id: str) -> Task:
         with self._tx() as db:
             return self._get(db, task_id)
 
     def list(self, status: str | Iterable[str] | None = None, limit: int = 50) -> builtins.list[Task]:
         """Newest first (every daemon's tasks), optionally only some statuses."""
-        statuses = [status] if isinstance(status, str) else (list(status) if status else [])
-        bad = [s for s in statuses if s not in STATUSES]
-        if bad:
-            raise ValueError(f"unknown task status {bad}; use one of {STATUSES}")
+        statuses = status_filter(status)
         sql, args = f"SELECT {_COLS} FROM a4ps_tasks", []
         if statuses:
             sql, args = sql + " WHERE status = ANY(%s)", [statuses]
@@ -427,34 +365,14 @@ class PostgresTaskQueue:
                 f"SELECT {_COLS} FROM a4ps_tasks WHERE status = 'running' "
                 f"AND owner = ANY(%s) ORDER BY seq FOR UPDATE", (dead,)).fetchall()
             for t in map(_row, rows):
-                clean = t.interrupted                # a graceful stop, not a crash
-                attempts = t.attempts if clean else t.attempts + 1
-                if t.cancel_requested:
-                    db.execute("UPDATE a4ps_tasks SET status='cancelled', finished=%s, "
-                               "attempts=%s, owner=NULL, interrupted=false, error='cancelled "
-                               "(its daemon stopped while it ran)' WHERE id=%s",
-                               (now, attempts, t.id))
-                elif clean:
-                    db.execute("UPDATE a4ps_tasks SET status='queued', started=NULL, "
-                               "owner=NULL, interrupted=false, "
-                               "interruptions=interruptions+1 WHERE id=%s", (t.id,))
-                elif attempts >= max_attempts:
-                    db.execute(
-                        "UPDATE a4ps_tasks SET status='failed', finished=%s, attempts=%s, "
-                        "owner=NULL, error=%s WHERE id=%s",
-                        (now, attempts,
-                         f"interrupted by a daemon crash {attempts} times "
-                         f"(max_attempts={max_attempts}); not retried again. It may be what "
-                         "crashes the daemon; resubmit it if you are sure it is safe.", t.id))
-                else:
-                    db.execute("UPDATE a4ps_tasks SET status='queued', started=NULL, "
-                               "attempts=%s, owner=NULL WHERE id=%s", (attempts, t.id))
+                r = recovery_for(t, max_attempts)
+                db.execute(_RECOVER_SQL, (r.status, now if r.status != "queued" else None,
+                                          r.status, r.attempts, int(r.clean), r.error, t.id))
                 touched.append(self._get(db, t.id))
         if touched:
             log.info("requeued %d task(s) of stopped daemon(s): %s", len(touched),
                      [t.id for t in touched])
-            with self._cond:
-                self._cond.notify_all()
+            self._wake_waiters()
         return touched
 
     def close(self) -> None:
@@ -470,9 +388,3 @@ class PostgresTaskQueue:
                         conn.close()
                 except Exception:
                     log.exception("closing a task queue connection failed")
-
-    def __enter__(self) -> "PostgresTaskQueue":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

@@ -4,7 +4,11 @@ real ModelManager over the ScriptedBackend, HashEmbedder, real LanceDB memory.""
 from __future__ import annotations
 
 import itertools
+import signal
+import subprocess
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 PROMPTS = {
@@ -145,3 +149,29 @@ def _takes_two(fn: Any) -> bool:
         return len(inspect.signature(fn).parameters) >= 2
     except (TypeError, ValueError):
         return False
+
+
+def kill_worker_mid_task(cmd: list[str], calls: Path, env: dict[str, str],
+                         after_calls: int = 4) -> list[str]:
+    """Start ``tests/graph_worker.py`` (``cmd``), SIGKILL it once it has made
+    ``after_calls`` model calls, and return the lines of its ``calls.log``."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if calls.exists() and len(calls.read_text().splitlines()) >= after_calls:
+                break
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                raise AssertionError(f"worker exited early: {out[-2000:]}")
+            time.sleep(0.02)
+        else:
+            raise AssertionError("worker made no progress")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stdout:
+            proc.stdout.close()
+    return calls.read_text().splitlines()

@@ -16,8 +16,10 @@ import json
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
+
+from standin_server import LocalStandInServer
 
 
 def _now() -> str:
@@ -29,7 +31,7 @@ def _details() -> dict[str, Any]:
             "parameter_size": "135M", "quantization_level": "Q4_1"}
 
 
-class OllamaStandIn:
+class OllamaStandIn(LocalStandInServer):
     """Start with ``with OllamaStandIn(models={...}) as srv: srv.url``."""
 
     def __init__(self, models: dict[str, int] | None = None,
@@ -45,7 +47,6 @@ class OllamaStandIn:
         self.blobs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, Any]] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
 
     def _add_model(self, name: str, size: int, adapters: dict | None = None,
                    parent: str = "") -> None:
@@ -61,41 +62,12 @@ class OllamaStandIn:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def start(self) -> "OllamaStandIn":
-        srv = _QuietServer(("127.0.0.1", 0), _handler_for(self))
-        srv.daemon_threads = True
-        self._server = srv
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "start() first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> "OllamaStandIn":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        return _handler_for(self)
 
     def embedding(self, text: str) -> list[float]:
         h = hashlib.sha256(text.encode()).digest()
         return [(b - 127.5) / 127.5 for b in h[: self.embed_dim]]
-
-
-class _QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address) -> None:
-        import sys
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            super().handle_error(request, client_address)   # a client that timed out is fine
 
 
 def _handler_for(state: OllamaStandIn):

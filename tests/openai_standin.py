@@ -20,12 +20,16 @@ import json
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
 
+from standin_server import LocalStandInServer
 
-class OpenAIStandIn:
+
+class OpenAIStandIn(LocalStandInServer):
     """Start with ``with OpenAIStandIn(models=[...]) as srv: srv.url`` (ends in /v1)."""
+
+    _url_path = "/v1"
 
     def __init__(self, models: list[str] | None = None,
                  reply_fn: Callable[[str, list[dict], dict], str] | None = None, *,
@@ -40,42 +44,12 @@ class OpenAIStandIn:
         self.calls: list[tuple[str | None, dict]] = []     # (API key, chat request body)
         self.aborted: list[int] = []
         self.finished = threading.Event()      # set when a stream ends (fully or aborted)
-        self._server: ThreadingHTTPServer | None = None
-
-    def start(self) -> "OpenAIStandIn":
-        srv = _QuietServer(("127.0.0.1", 0), _handler_for(self))
-        srv.daemon_threads = True
-        self._server = srv
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "start() first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
     def bodies(self, path: str = "/v1/chat/completions") -> list[Any]:
         return [b for _m, p, b in self.requests if p == path]
 
-    def __enter__(self) -> "OpenAIStandIn":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class _QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address) -> None:
-        import sys
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            super().handle_error(request, client_address)
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        return _handler_for(self)
 
 
 def _handler_for(state: OpenAIStandIn):

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -93,24 +91,7 @@ def test_sigkill_mid_task_then_resume_on_postgres(tmp_path, pg_dsn):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "A4PS_COGNITION__CHECKPOINTER": pg_dsn}
     worker = [sys.executable, str(ROOT / "tests" / "graph_worker.py")]
     calls = first_dir / "calls.log"
-    proc = subprocess.Popen(worker + [str(first_dir), "t-kill"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if calls.exists() and len(calls.read_text().splitlines()) >= 4:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"worker exited early: {proc.stdout.read().decode()[-2000:]}")
-            time.sleep(0.02)
-        else:
-            pytest.fail("worker made no progress")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    first = calls.read_text().splitlines()
+    first = graph_parts.kill_worker_mid_task(worker + [str(first_dir), "t-kill"], calls, env)
     first_pid = first[0].split()[0]
     assert len(first) < 8, "the worker finished before it was killed"
     assert not (first_dir / "checkpoints").exists()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -501,23 +500,7 @@ def test_sigkill_mid_task_then_resume(data_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     worker = [sys.executable, str(ROOT / "tests" / "graph_worker.py"), str(data_dir), "t-kill"]
     calls = data_dir / "calls.log"
-    proc = subprocess.Popen(worker, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if calls.exists() and len(calls.read_text().splitlines()) >= 4:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"worker exited early: {proc.stdout.read().decode()[-2000:]}")
-            time.sleep(0.02)
-        else:
-            pytest.fail("worker made no progress")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    first = calls.read_text().splitlines()
+    first = graph_parts.kill_worker_mid_task(worker, calls, env)
     first_pid = first[0].split()[0]
     assert len(first) < 8, "the worker finished before it was killed"
 
