@@ -97,6 +97,12 @@ def ensure_peer() -> Path | None:
 # --------------------------------------------------------------------------- workers
 # Each runs in a child process and prints one JSON line.
 
+def _worker_data(args) -> Path:
+    """A worker's data dir inside the bench's work dir (removed when the bench ends),
+    not a fresh temp dir per worker left behind in /tmp."""
+    return Path(tempfile.mkdtemp(prefix="worker-data-", dir=Path(args.cache).parent))
+
+
 def worker_decisions(args) -> dict:
     """Accuracy of each choose method on tests/decision_cases.py, default engine."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -106,7 +112,7 @@ def worker_decisions(args) -> dict:
     from a4ps.models.decide import METHODS
     from a4ps.models.embedded import BASE_ID, EmbeddedBackend
     from a4ps.models.manager import ModelManager
-    s = load_settings(data_dir=Path(tempfile.mkdtemp(prefix="a4ps-bench-")))
+    s = load_settings(data_dir=_worker_data(args))
     s.models.embedded.cache_dir = Path(args.cache)
     s.models.embedded.threads = args.threads
     s.models.embedded.engine = args.engine or s.models.embedded.engine
@@ -134,7 +140,7 @@ def worker_embedded(args) -> dict:
     from a4ps.events import EventBus
     from a4ps.models.embedded import BASE_ID, EmbeddedBackend
     from a4ps.models.manager import ModelManager
-    s = load_settings(data_dir=Path(tempfile.mkdtemp(prefix="a4ps-bench-")))
+    s = load_settings(data_dir=_worker_data(args))
     s.models.embedded.cache_dir = Path(args.cache)
     s.models.embedded.engine = args.engine
     s.models.embedded.onnx_precision = args.precision
@@ -167,7 +173,7 @@ def worker_ct2_raw(args) -> dict:
     from a4ps.models.embedded import ct2_dir
     from a4ps.models.threads import apply_openmp_policy
     from a4ps.models.tokens import ChatTokenizer
-    s = load_settings(data_dir=Path(tempfile.mkdtemp(prefix="a4ps-bench-")))
+    s = load_settings(data_dir=_worker_data(args))
     s.models.embedded.cache_dir = Path(args.cache)
     path = ct2_dir(s)
     apply_openmp_policy()
