@@ -17,12 +17,12 @@ from .models.threads import apply_openmp_policy
 from .client import DaemonClient, DaemonError, DaemonUnavailable
 from .codex import Codex, CodexError
 from .cognition.checkpoints import CheckpointStoreError
-from .daemon import (Daemon, DaemonError as DaemonStartError, DaemonLock,
-                     DaemonLockError, LOCK_NAME)
+from .daemon import Daemon, DaemonError as DaemonStartError
 from .fine_tuning.commands import add_commands as add_finetune_commands
 from .image import ImageError, ImageStore
 from .image_commands import add_commands as add_image_commands
 from .lock import DataLock, DataLockHeld, describe_holder
+from .offline import DaemonBusy, image_lock
 from .tasks import TaskQueueError
 from .tasks_postgres import TaskQueueUnavailable
 from .tools.commands import add_commands as add_tool_commands
@@ -434,24 +434,19 @@ def _cmd_codex_propose(args: argparse.Namespace, settings: Settings) -> int:
     where = "daemon"
     if a is None:
         where = "image"
-        lock = DaemonLock(settings.data_dir / LOCK_NAME)   # no daemon may start meanwhile
         try:
-            lock.acquire()
-        except DaemonLockError as e:
-            print(f"a4ps codex propose: a daemon holds the image but did not answer: {e}",
-                  file=sys.stderr)
+            with image_lock(settings, "codex propose"):
+                codex, parts, store = _codex_local(settings)
+                try:
+                    a = codex.propose(args.persona, args.principle_id, text, args.rationale,
+                                      origin="user").to_dict()
+                except CodexError as e:
+                    print(f"a4ps codex propose: refused: {e}", file=sys.stderr)
+                    return 1
+                store.save({**parts, "codex": codex.image_state()})
+        except DaemonBusy as e:
+            print(f"a4ps codex propose: {e}", file=sys.stderr)
             return 1
-        try:
-            codex, parts, store = _codex_local(settings)
-            try:
-                a = codex.propose(args.persona, args.principle_id, text, args.rationale,
-                                  origin="user").to_dict()
-            except CodexError as e:
-                print(f"a4ps codex propose: refused: {e}", file=sys.stderr)
-                return 1
-            store.save({**parts, "codex": codex.image_state()})
-        finally:
-            lock.release()
     if isinstance(a, dict) and "amendment" in a and "id" not in a:
         a = a["amendment"]
     print(f"proposed {a['id']} ({where}): {a['persona']}.{a['principle_id']}")
@@ -491,31 +486,27 @@ def _cmd_codex_decide(args: argparse.Namespace, settings: Settings) -> int:
     except DaemonError as e:
         print(f"a4ps codex {verb}: refused: {e.message}", file=sys.stderr)
         return 1
-    lock = DaemonLock(settings.data_dir / LOCK_NAME)
     try:
-        lock.acquire()
-    except DaemonLockError as e:
-        print(f"a4ps codex {verb}: a daemon holds the image but did not answer: {e}",
-              file=sys.stderr)
+        with image_lock(settings, f"codex {verb}"):
+            codex, parts, store = _codex_local(settings)
+            a = _match_proposal([x.to_dict() for x in codex.pending()], args.id)
+            if a is None:
+                print(f"a4ps codex {verb}: no pending amendment {args.id!r}; "
+                      f"`a4ps codex show` lists them", file=sys.stderr)
+                return 1
+            try:
+                amendment = codex.decide(a["id"], codex.version, approve, by="user",
+                                         reason=args.reason or "")
+            except CodexError as e:
+                print(f"a4ps codex {verb}: refused: {e}", file=sys.stderr)
+                return 1
+            # the personas' prompts follow the codex when the image is next loaded
+            store.save({**parts, "codex": codex.image_state()})
+            return _print_decision({**amendment.to_dict(), "codex_version": codex.version},
+                                   "image")
+    except DaemonBusy as e:
+        print(f"a4ps codex {verb}: {e}", file=sys.stderr)
         return 1
-    try:
-        codex, parts, store = _codex_local(settings)
-        a = _match_proposal([x.to_dict() for x in codex.pending()], args.id)
-        if a is None:
-            print(f"a4ps codex {verb}: no pending amendment {args.id!r}; "
-                  f"`a4ps codex show` lists them", file=sys.stderr)
-            return 1
-        try:
-            amendment = codex.decide(a["id"], codex.version, approve, by="user",
-                                     reason=args.reason or "")
-        except CodexError as e:
-            print(f"a4ps codex {verb}: refused: {e}", file=sys.stderr)
-            return 1
-        # the personas' prompts follow the codex when the image is next loaded
-        store.save({**parts, "codex": codex.image_state()})
-        return _print_decision({**amendment.to_dict(), "codex_version": codex.version}, "image")
-    finally:
-        lock.release()
 
 
 def _print_decision(a: dict[str, Any], where: str) -> int:

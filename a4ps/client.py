@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import zmq
 
@@ -183,6 +183,38 @@ class DaemonClient:
                     continue
                 raise DaemonError(err.code if err else ErrorCode.INTERNAL.value,
                                   err.message if err else "error reply without details")
+
+    def request_watching(self, cmd: str, args: dict[str, Any] | None = None,
+                         on_event: Callable[[str, dict[str, Any]], None] | None = None, *,
+                         topics: Iterable[str] | None = None,
+                         timeout: float | None = None) -> Any:
+        """:meth:`request` for a long command (curate, finetune, image restore): it runs
+        on a worker thread while this one hands the daemon's events (``topics``; all by
+        default) to ``on_event``, so progress shows and Ctrl-C still stops the wait.
+        Raises what :meth:`request` raises."""
+        box: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                box["result"] = self.request(cmd, args, timeout=timeout)
+            except Exception as e:       # handed to the waiting thread, raised there
+                box["error"] = e
+        worker = threading.Thread(target=call, daemon=True)
+        events = self.subscriber(topics=topics) if on_event is not None else None
+        try:
+            worker.start()
+            while worker.is_alive():
+                if events is None or on_event is None:
+                    worker.join(0.2)
+                    continue
+                for ev in events.poll(200, timeout_ms=200):
+                    on_event(ev.topic, ev.payload)
+        finally:
+            if events is not None:
+                events.close()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
     @classmethod
     def if_running(cls, settings: Settings, timeout: float | None = None) -> DaemonClient | None:

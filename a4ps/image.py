@@ -33,11 +33,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import dill
 
 from .image_diff import describe_changes
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .lock import DataLock
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +148,13 @@ class ImageStore:
     _SNAP = re.compile(r"^live_image\.(\d+)\.dill$")
 
     @classmethod
-    def from_settings(cls, settings: Any, *, lock: Any = None) -> ImageStore:
+    def from_settings(cls, settings: Settings, *, lock: DataLock | None = None) -> ImageStore:
         """The store for ``settings``' data directory (data/live_image.dill + snapshots/)."""
         return cls(settings.image_path, settings.snapshot_dir, settings.image.snapshot_ring,
                    kept=settings.image.kept_snapshots, lock=lock)
 
     def __init__(self, path: Path, snapshot_dir: Path, ring: int = 5, *, kept: int = 20,
-                 lock: Any = None) -> None:
+                 lock: DataLock | None = None) -> None:
         self.path = Path(path)
         self.snapshot_dir = Path(snapshot_dir)
         self.kept_dir = self.snapshot_dir / KEPT_DIR
@@ -183,9 +187,13 @@ class ImageStore:
 
     def snapshots(self) -> list[Path]:
         """Snapshot files, newest first."""
-        if not self.snapshot_dir.is_dir():
+        return self._snapshot_files(self.snapshot_dir)
+
+    def _snapshot_files(self, folder: Path) -> list[Path]:
+        """The snapshot files in ``folder`` (the ring or the kept ones), newest first."""
+        if not folder.is_dir():
             return []
-        snaps = [(int(m.group(1)), p) for p in self.snapshot_dir.iterdir()
+        snaps = [(int(m.group(1)), p) for p in folder.iterdir()
                  if (m := self._SNAP.match(p.name))]
         return [p for _, p in sorted(snaps, reverse=True)]
 
@@ -498,11 +506,7 @@ class ImageStore:
 
     def kept(self) -> list[Path]:
         """Pinned snapshot files, newest first."""
-        if not self.kept_dir.is_dir():
-            return []
-        snaps = [(int(m.group(1)), p) for p in self.kept_dir.iterdir()
-                 if (m := self._SNAP.match(p.name))]
-        return [p for _, p in sorted(snaps, reverse=True)]
+        return self._snapshot_files(self.kept_dir)
 
     def catalog(self) -> list[dict[str, Any]]:
         """Every snapshot (live image, ring, kept), newest first, one entry per id.

@@ -14,7 +14,7 @@ import difflib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from a4ps.client import DaemonClient, DaemonError, DaemonUnavailable
 from a4ps.events import EventBus
@@ -24,6 +24,9 @@ from a4ps.persona_file_errors import PersonaFileError
 from a4ps.snapshot_errors import SnapshotError
 from a4ps.snapshots import TimeMachine
 
+if TYPE_CHECKING:
+    from .config import Settings
+
 _NO_DAEMON = object()
 
 
@@ -31,39 +34,28 @@ class _Refused(Exception):
     """The daemon (or the local part) refused; the message is for the user."""
 
 
-def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], timeout: float, *,
+def _via_daemon(settings: Settings, cmd: str, args: dict[str, Any], timeout: float, *,
                 progress_topic: str | None = None) -> Any:
     """The daemon's result, or ``_NO_DAEMON`` when none answers. With
     ``progress_topic``, that topic's events are shown while the command runs."""
     client = DaemonClient.if_running(settings, timeout=timeout)
     if client is None:
         return _NO_DAEMON
-    with client:
-        box: dict[str, Any] = {}
 
-        def call() -> None:
-            try:
-                box["result"] = client.request(cmd, args, timeout=timeout)
-            except (DaemonError, DaemonUnavailable) as e:
-                box["error"] = e
-        if progress_topic is None:
-            call()
-        else:
-            import threading
-            worker = threading.Thread(target=call, daemon=True)
-            with client.subscriber(topics=[progress_topic]) as events:
-                worker.start()
-                while worker.is_alive():
-                    for ev in events.poll(100, timeout_ms=200):
-                        if ev.topic == progress_topic:
-                            _show_progress(ev.payload.get("stage", ""), ev.payload.get("done", 0),
-                                           ev.payload.get("total", 0))
-    err = box.get("error")
-    if isinstance(err, DaemonError):
-        raise _Refused(err.message)
-    if err is not None:
-        raise _Refused(f"the daemon stopped answering ({err}); check `a4ps status`")
-    return box["result"]
+    def show(topic: str, payload: dict[str, Any]) -> None:
+        if topic == progress_topic:
+            _show_progress(payload.get("stage", ""), payload.get("done", 0),
+                           payload.get("total", 0))
+    with client:
+        try:
+            if progress_topic is None:
+                return client.request(cmd, args, timeout=timeout)
+            return client.request_watching(cmd, args, show, topics=[progress_topic],
+                                           timeout=timeout)
+        except DaemonError as e:
+            raise _Refused(e.message) from None
+        except DaemonUnavailable as e:
+            raise _Refused(f"the daemon stopped answering ({e}); check `a4ps status`") from None
 
 
 def _show_progress(stage: str, done: int, total: int) -> None:
@@ -74,7 +66,7 @@ def _show_progress(stage: str, done: int, total: int) -> None:
           file=sys.stderr, flush=True)
 
 
-def _reader(settings: Any) -> Any:
+def _reader(settings: Settings) -> Any:
     """A read-only TimeMachine on the image files (list and diff need no System)."""
     store = ImageStore.from_settings(settings)
 
@@ -111,7 +103,7 @@ def _size(n: Any) -> str:
 
 # -- image ---------------------------------------------------------------------------
 
-def _cmd_image_list(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_image_list(args: argparse.Namespace, settings: Settings) -> int:
     out = _via_daemon(settings, "image.snapshots", {}, args.timeout)
     snaps = out["snapshots"] if out is not _NO_DAEMON else _local(_reader(settings).list)
     if args.json:
@@ -175,7 +167,7 @@ def print_diff(d: dict[str, Any], label_before: str, label_after: str, out: Any 
         print(f"no differences between {label_before} and {label_after}", file=out)
 
 
-def _cmd_image_diff(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_image_diff(args: argparse.Namespace, settings: Settings) -> int:
     wire = {"snapshot": args.snapshot, "against": args.against}
     d = _via_daemon(settings, "image.diff", wire, args.timeout)
     if d is _NO_DAEMON:
@@ -188,7 +180,7 @@ def _cmd_image_diff(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _cmd_image_restore(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_image_restore(args: argparse.Namespace, settings: Settings) -> int:
     timeout = settings.image.restore_wait_s + 60
     out = _via_daemon(settings, "image.restore", {"snapshot": args.snapshot}, timeout)
     where = "the running daemon"
@@ -202,7 +194,7 @@ def _cmd_image_restore(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _cmd_image_snapshot(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_image_snapshot(args: argparse.Namespace, settings: Settings) -> int:
     out = _via_daemon(settings, "image.snapshot", {"name": args.name}, args.timeout)
     if out is _NO_DAEMON:
         with offline_system(settings, f"image snapshot {args.name}") as system:
@@ -220,7 +212,7 @@ def _persona_local(fn: Any, *args: Any, **kw: Any) -> Any:
         raise _Refused(str(e)) from None
 
 
-def _cmd_persona_export(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_persona_export(args: argparse.Namespace, settings: Settings) -> int:
     path = str(Path(args.output).expanduser().resolve())
     wire = {"name": args.name, "path": path, "golden": args.golden, "overwrite": args.force}
     out = _via_daemon(settings, "persona.export", wire, args.timeout)
@@ -234,7 +226,7 @@ def _cmd_persona_export(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _cmd_persona_import(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_persona_import(args: argparse.Namespace, settings: Settings) -> int:
     path = str(Path(args.file).expanduser().resolve())
     wire = {"path": path, "as": args.as_name}
     out = _via_daemon(settings, "persona.import", wire, args.timeout,
@@ -256,7 +248,7 @@ Command = Callable[[argparse.Namespace, Any], int]
 
 def _guard(fn: Command) -> Command:
     """Print a refusal as one line and exit 1 (never a traceback for bad input)."""
-    def run(args: argparse.Namespace, settings: Any) -> int:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             return fn(args, settings)
         except (_Refused, DaemonBusy) as e:

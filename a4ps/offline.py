@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from .daemon import LOCK_NAME, DaemonLock, DaemonLockError
 
 if TYPE_CHECKING:
+    from .config import Settings
     from .system import System
 
 
@@ -22,8 +23,9 @@ class DaemonBusy(RuntimeError):
 
 
 @contextlib.contextmanager
-def offline_system(settings: Any, what: str) -> Iterator[System]:
-    """A started System (services off) under the daemon lock; stopped (image saved) after."""
+def image_lock(settings: Settings, what: str) -> Iterator[DaemonLock]:
+    """The daemon's lock, held while a command (``a4ps {what}``) works on the image
+    itself, so no daemon starts on a half-written image; DaemonBusy when one holds it."""
     lock = DaemonLock(settings.data_dir / LOCK_NAME)
     try:
         lock.acquire()
@@ -31,6 +33,15 @@ def offline_system(settings: Any, what: str) -> Iterator[System]:
         raise DaemonBusy(f"{e}\n(a daemon holds {settings.data_dir} but did not answer; wait "
                          f"for it or stop it, then run `a4ps {what}` again)") from None
     try:
+        yield lock
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def offline_system(settings: Settings, what: str) -> Iterator[System]:
+    """A started System (services off) under the daemon lock; stopped (image saved) after."""
+    with image_lock(settings, what) as lock:
         from .system import System               # every part (numpy, …): only when used
         system = System(settings, lock=lock)     # the System writes under our lock
         system.start(services=False)
@@ -38,5 +49,3 @@ def offline_system(settings: Any, what: str) -> Iterator[System]:
             yield system
         finally:
             system.stop()                        # saves the image
-    finally:
-        lock.release()

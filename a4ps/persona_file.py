@@ -53,11 +53,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import __version__
 from .codex import CodexError, PersonaCodex
 from .proto import Proto, ProtoError, compile_method
+from .models.base import AdapterHost
 from .models.embedded import checkpoint_dir, gguf_path
 from .models.errors import ModelError
 from .persona_file_errors import PersonaFileError as PersonaFileError  # its home
 
 if TYPE_CHECKING:
+    from .config import Settings
     import numpy as np
 
     from .codex import Codex
@@ -494,7 +496,7 @@ Progress = Callable[[str, int, int], None]
 class PersonaFiles:
     """Export and import personas for one System (its parts are passed in)."""
 
-    def __init__(self, settings: Any, protos: ProtoManager, codex: Codex,
+    def __init__(self, settings: Settings, protos: ProtoManager, codex: Codex,
                  memory: MemoryManager, models: ModelManager, embedder: Embedder,
                  bus: EventBus, *,
                  save: Callable[..., Any] | None = None,
@@ -796,8 +798,11 @@ class PersonaFiles:
             cfg_path.write_text(json.dumps(cfg, indent=2))
         if plan["backend"] == "ollama":
             tag = f"a4ps-{plan['name'].lower()}:v{version}"
+            backend = self.models.backend
             try:
-                model_name = self.models.backend.create_with_adapter(tag, m.base_model.id, target)
+                if not isinstance(backend, AdapterHost):
+                    raise ModelError(f"the {backend.name} backend cannot register adapters")
+                model_name = backend.create_with_adapter(tag, m.base_model.id, target)
             except Exception as e:   # the model's error, not ours: refuse with its message
                 raise PersonaFileError(f"Ollama could not create {tag} over "
                                        f"{m.base_model.id}: {e}") from None

@@ -186,19 +186,21 @@ def check_slot_value(key: str, value: Any, *, max_bytes: int = DEFAULT_MAX_SLOT_
 
 class PersonaSlots(BaseModel):
     """Types of the persona slots the graph, the models and the UI rely on (strict:
-    ``"0.7"`` is not a temperature). Other slots are free."""
+    ``"0.7"`` is not a temperature). Other slots are free. A slot left unset is None here:
+    only the values present are validated (None is never a value a persona may hold
+    for an essential slot: :func:`_check_persona_values` refuses it first)."""
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: str = Field(None, min_length=1, max_length=200)
-    system_prompt: str = Field(None, min_length=1, max_length=100_000)
-    model_name: str = Field(None, min_length=1, max_length=1000)
-    model_backend: str = Field(None, min_length=1, max_length=64)
-    temperature: float = Field(None, ge=0, le=2)
-    top_p: float = Field(None, gt=0, le=1)
-    repetition_penalty: float = Field(None, gt=0, le=10)
-    no_repeat_ngram_size: int = Field(None, ge=0, le=64)
-    stop: list[str] = Field(None, max_length=16)
-    max_tokens: int = Field(None, ge=1, le=32_768)
-    model_lineage: list[Any] = Field(None)
+    role: str | None = Field(None, min_length=1, max_length=200)
+    system_prompt: str | None = Field(None, min_length=1, max_length=100_000)
+    model_name: str | None = Field(None, min_length=1, max_length=1000)
+    model_backend: str | None = Field(None, min_length=1, max_length=64)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=64)
+    stop: list[str] | None = Field(None, max_length=16)
+    max_tokens: int | None = Field(None, ge=1, le=32_768)
+    model_lineage: list[Any] | None = Field(None)
 
 
 PERSONA_SLOTS = tuple(PersonaSlots.model_fields)

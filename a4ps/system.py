@@ -43,7 +43,10 @@ from .task_control import finish_stopped
 from .tools.seed_tools import seed
 
 if TYPE_CHECKING:
+    from .models.base import ChatBackend
+    from .models.embeddings import Embedder
     from .tasks import Task
+    from .tools.sandbox import SandboxRunner
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,9 @@ class System:
     """Owns: bus, protos, image, codex, models, memory, tasks, tools, forge, graph,
     curator, motivator, philosopher. Parts get what they need passed in explicitly."""
 
-    def __init__(self, settings: Settings, *, chat_backend: Any = None, embedder: Any = None,
-                 sandbox: Any = None, lock: DataLock | None = None) -> None:
+    def __init__(self, settings: Settings, *, chat_backend: ChatBackend | None = None,
+                 embedder: Embedder | None = None, sandbox: SandboxRunner | None = None,
+                 lock: DataLock | None = None) -> None:
         self.settings = settings
         self.state = SystemState.CREATED
         self.started_at: float | None = None

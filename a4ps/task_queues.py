@@ -7,15 +7,19 @@ psycopg stays lazy inside ``PostgresTaskQueue``.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .tasks import SqliteTaskQueue, TaskQueue
 from .tasks_postgres import PostgresTaskQueue, default_worker_name
 
+if TYPE_CHECKING:
+    from .config import Settings
+    from .events import Bus
+
 log = logging.getLogger(__name__)
 
 
-def open_task_queue(settings: Any, bus: Any = None) -> TaskQueue:
+def open_task_queue(settings: Settings, bus: Bus | None = None) -> TaskQueue:
     """The queue ``settings.tasks.queue`` names: ``"sqlite"`` or a PostgreSQL URL."""
     url = settings.tasks.queue
     if url.startswith(("postgres://", "postgresql://")):

@@ -39,7 +39,10 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, Self, runtime_checkable
+
+if TYPE_CHECKING:
+    from .events import Bus
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +278,7 @@ class QueueBase(ABC):
     ``_before_claim`` is its hook for housekeeping while a worker waits."""
 
     path: Any
-    bus: Any
+    bus: Bus | None
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -376,7 +379,7 @@ class QueueBase(ABC):
 class SqliteTaskQueue(QueueBase):
     """Durable queue of tasks in one SQLite file (``settings.tasks_path``)."""
 
-    def __init__(self, path: Path | str, bus: Any = None) -> None:
+    def __init__(self, path: Path | str, bus: Bus | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.bus = bus

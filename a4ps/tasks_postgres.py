@@ -35,11 +35,14 @@ import os
 import socket
 import time
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .config import redact_url
 from .tasks import (DEFAULT_MAX_ATTEMPTS, TERMINAL, USER, QueueBase, Task, TaskNotFound,
                     TaskQueueError, recovery_for, requeued_meta, status_filter)
+
+if TYPE_CHECKING:
+    from .events import Bus
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ def default_worker_name(data_dir: Any) -> str:
 class PostgresTaskQueue(QueueBase):
     """The durable priority task queue in a PostgreSQL database, shared by daemons."""
 
-    def __init__(self, url: str, bus: Any = None, *, worker_name: str | None = None,
+    def __init__(self, url: str, bus: Bus | None = None, *, worker_name: str | None = None,
                  connect_timeout_s: float = 10.0, sweep_interval_s: float = 1.0,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
         self.url = url

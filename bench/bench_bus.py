@@ -33,12 +33,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import msgpack  # noqa: E402
 import zmq  # noqa: E402
 
 from a4ps.client import DaemonClient, EventSubscriber  # noqa: E402
-from a4ps.config import load_settings  # noqa: E402
+from a4ps.config import BusSettings, load_settings  # noqa: E402
+from daemon_process import DaemonProcess  # noqa: E402
 
 PAYLOAD = {"text": "x" * 170, "round": 1, "node": "brick"}   # ~200 bytes packed
 
@@ -99,7 +101,7 @@ class _BusOnlySystem:
         self.settings, self.bus = settings, EventBus()
         self.protos, self.tasks = ProtoManager(self.bus), _Tasks()
 
-    def start(self, lock=None):
+    def start(self, lock=None, skip_newer_image=False):   # System.start's keywords
         pass
 
     def stop(self):
@@ -146,30 +148,15 @@ def daemon_throughput(n: int, data_dir: Path) -> tuple[float, int, float]:
 
 
 def start_daemon(data_dir: Path, **extra_env: str) -> tuple[subprocess.Popen, object]:
-    env = {**os.environ, "A4PS_DATA_DIR": str(data_dir), "A4PS_MODELS__BACKEND": "scripted",
-           "A4PS_MODELS__EMBEDDING_BACKEND": "hash",
-           "A4PS_BUS__COMMAND_ADDR": free_addr(), "A4PS_BUS__EVENT_ADDR": free_addr(),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra_env}
-    settings = load_settings(data_dir=data_dir)
-    settings.bus.command_addr = env["A4PS_BUS__COMMAND_ADDR"]
-    settings.bus.event_addr = env["A4PS_BUS__EVENT_ADDR"]
-    log = open(data_dir.parent / "daemon.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "a4ps", "daemon"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"daemon exited {proc.returncode}; see {log.name}")
-        if settings.token_path.exists():
-            try:
-                with DaemonClient.from_settings(settings, timeout=1) as c:
-                    c.request("system.ping")
-                    return proc, settings
-            except Exception:
-                pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("daemon did not start in 180 s")
+    """The real daemon through the tests' one helper, services on, the default heartbeat."""
+    heartbeat = BusSettings.model_fields["heartbeat_interval_s"].default
+    daemon = DaemonProcess(data_dir, services=True, embeddings="hash",
+                           env={"A4PS_BUS__HEARTBEAT_INTERVAL_S": str(heartbeat), **extra_env})
+    try:
+        daemon.start(timeout=180)
+    except AssertionError as e:
+        raise SystemExit(f"the daemon did not start: {str(e)[-2000:]}") from None
+    return daemon.proc, daemon.settings
 
 
 def rtt(settings, cmd: str, args: dict, n: int) -> tuple[float, float]:

@@ -66,13 +66,13 @@ def throughput(pg: PostgresCluster, tasks: int, latency_s: float) -> list[tuple]
         submitter = dep.queue("bench")
         try:
             a = dep.start_daemon("daemon-a")
-            a.wait_ready()
+            a.wait_ready(180)
             run_batch(submitter, 2, "warm-a")            # first-task costs
             calls0 = len(server.calls)
             one = run_batch(submitter, tasks, "one")
             per_task = (len(server.calls) - calls0) / tasks
             b = dep.start_daemon("daemon-b")
-            b.wait_ready()
+            b.wait_ready(180)
             run_batch(submitter, 2, "warm-b")
             two = run_batch(submitter, tasks, "two")
             floor = per_task * latency_s

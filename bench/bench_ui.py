@@ -1,9 +1,12 @@
 """UI frame rate and display staleness with 200 morphs while events arrive over ZeroMQ.
 
-A publisher thread sends daemon-shaped events on a real PUB socket at a fixed rate
-(task.token and task.step for random morphs, log, model.loading); the app reads them
-with the real EventSubscriber through its Clock-driven bounded poll, exactly as it
-does from a daemon.
+A publisher thread sends daemon-shaped events on a real PUB socket at a fixed rate, in
+the mix of :class:`Traffic`: a user's task every few seconds (queued, its turns'
+token streams and steps in graph order, done: the transcript, the graph strip and the
+speaking persona's morph all move), the crowd of 200 morphs' tokens and steps, log
+lines, model progress and status heartbeats (and, at every rate, idle included, the
+daemon's own heartbeat once a second). The app reads them with the real
+EventSubscriber through its Clock-driven bounded poll, exactly as it does from a daemon.
 
 Frames are paced like a 60 Hz vsync'd display: each frame runs one pass of Kivy's
 loop (input, clock, the UI's poll, drawing) and then waits for the next 1/60 s
@@ -14,10 +17,12 @@ against the cap: idle must read at most 60 fps, else the bench says the counter 
 wrong and exits 1.
 
 Columns: frames/s (frames shown), redraws/s (frames that repainted the window),
-worst frame (ms between two frames shown), display refreshes/s (region updates
-applied), staleness (the longest an event waited from being published to being on
-screen), and where the time went: the UI's own logic (reading events, applying them,
-rendering text) and drawing (GL, in Mesa's software rasteriser here). Targets at 1,000 events/s: >= 30 fps, no frame over 100 ms, staleness <= 0.5 s.
+display refreshes/s (region updates applied; all due regions go in one frame),
+pictures/s (morph pictures composed) and covered/s (morph changes applied that no
+part of the window showed, so not drawn), worst frame (ms between two frames shown),
+staleness (the longest an event waited from being published to the end of the frame
+that showed it), and where the time went: the UI's own logic (reading events, applying them,
+rendering text) and drawing (GL and the buffer swap, in Mesa's software rasteriser here). Targets at 1,000 events/s: >= 30 fps, no frame over 100 ms, staleness <= 0.5 s.
 
     .venv/bin/python bench/bench_ui.py            # re-runs itself under xvfb-run if no DISPLAY
     .venv/bin/python bench/bench_ui.py --seconds 5 --morphs 200 --rates 0,1000,5000
@@ -37,6 +42,79 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CAP_HZ = 60.0
 TARGET = {"rate": 1000, "fps": 30.0, "worst_ms": 100.0, "stale_s": 0.5}
+
+
+PERSONAS = ("ALFRED", "BRICK", "ROBIN")
+TASK_EVERY_S = 3.0
+# one task's turns, as the graph runs them: (node, persona, round)
+TURNS = [("alfred_route", "ALFRED", 0)] + [
+    (node, persona, rnd) for rnd in (1, 2, 3)
+    for node, persona in (("brick", "BRICK"), ("robin", "ROBIN"))] + \
+    [("alfred_synthesize", "ALFRED", 3)]
+
+
+class Traffic:
+    """What a daemon sends while a user watches, mixed per event slot (of 20):
+
+    * 8 (40%) the running task: a ``task.queued`` every ``TASK_EVERY_S`` seconds, then
+      its turns in graph order, each a ``task.token`` stream of the speaking persona
+      closed by its ``task.step`` (ROBIN's with dissonance), and ``task.done``;
+    * 6 (30%) the crowd: tokens and steps for the 200 morphs' personas (a stress on
+      the canvas, under a task nobody watches);
+    * 4 (20%) log lines; 1 ``model.loading`` progress; 1 ``heartbeat`` (status).
+    """
+
+    def __init__(self, names: list[str], rng: random.Random) -> None:
+        self.names, self.rng = names, rng
+        self.task = -1             # the task running now (index)
+        self.turn = -1             # its turn being spoken
+        self.words = 0
+
+    def _task_event(self, now: float) -> tuple[str, dict]:
+        task = int(now // TASK_EVERY_S)
+        tid = f"user-{task}"
+        if task != self.task:                    # a new question: queued
+            self.task, self.turn, self.words = task, 0, 0
+            return "task.queued", {"task_id": tid, "text": f"question {task}",
+                                   "queue_length": 1}
+        if self.turn >= len(TURNS):              # answered; idle until the next
+            return "log", {"level": "info", "message": f"{tid} idle"}
+        turn = min(len(TURNS), int((now % TASK_EVERY_S) / (0.9 * TASK_EVERY_S) * len(TURNS)))
+        node, persona, rnd = TURNS[self.turn]
+        if turn > self.turn:                     # that turn ended: its step
+            self.turn += 1
+            text = " ".join(f"w{i}" for i in range(self.words)) or "done"
+            step = {"task_id": tid, "node": node, "persona": persona, "round": rnd,
+                    "text": text}
+            if node == "alfred_route":
+                step["route"] = "contrapunto"
+            if persona == "ROBIN":
+                step["dissonance"] = self.rng.random()
+            self.words = 0
+            if self.turn == len(TURNS):
+                return "task.done", {"task_id": tid, "answer": text}
+            return "task.step", step
+        self.words += 1
+        return "task.token", {"task_id": tid, "node": node, "persona": persona,
+                              "round": rnd, "text": f" w{self.words - 1}"}
+
+    def next(self, now: float, n: int) -> tuple[str, dict]:
+        k = n % 20
+        if k < 8:
+            return self._task_event(now)
+        who = self.rng.choice(self.names)
+        if k < 11:
+            return "task.token", {"task_id": "crowd", "node": "brick", "persona": who,
+                                  "round": 1, "text": f" word{n}"}
+        if k < 14:
+            return "task.step", {"task_id": "crowd", "node": self.rng.choice(["brick", "robin"]),
+                                 "persona": who, "round": 1 + n % 3,
+                                 "text": f"utterance {n}", "dissonance": self.rng.random()}
+        if k < 18:
+            return "log", {"level": "info", "message": f"log {n}"}
+        if k < 19:
+            return "model.loading", {"model": "m", "progress": (n % 100) / 100}
+        return "heartbeat", {"queue_length": 1 if self.turn < len(TURNS) else 0}
 
 
 def main() -> int:
@@ -77,8 +155,16 @@ def main() -> int:
                              subscriber_factory=lambda: EventSubscriber(addr, context=ctx),
                              poll_hz=CAP_HZ, max_events_per_tick=500))
     c = app.controller
-    names = [f"P{i:03d}" for i in range(args.morphs)]
+    names = list(PERSONAS) + [f"P{i:03d}" for i in range(3, args.morphs)]
     rng0 = random.Random(0)
+    # as after a snapshot from a daemon: the graph's shape known (the strip)
+    from a4ps.ui.activity import GraphShape
+    c.shape = c.activity.shape = c.strip.shape = GraphShape({"edges": [
+        {"source": "alfred_route", "target": "brick", "conditional": True, "label": "contrapunto"},
+        {"source": "brick", "target": "robin"},
+        {"source": "robin", "target": "brick", "conditional": True, "label": "diverged"},
+        {"source": "robin", "target": "alfred_synthesize", "conditional": True,
+         "label": "converged"}]})
     c.apply_proto({"name": "persona", "version": 1, "slots": {"temperature": 0.7}})
     for i, name in enumerate(names):   # full-size morphs, overlapping as on a crowded desk
         c.apply_proto({"name": name, "version": 1, "parent": "persona", "slots": {
@@ -99,10 +185,18 @@ def main() -> int:
     def draw_start(*_):
         draw_s[1] = time.perf_counter()
 
-    def draw_end(*_):
-        draws[0] += 1
-        draw_s[0] += time.perf_counter() - draw_s[1]
-    h.window.bind(on_draw=draw_start, on_flip=draw_end)
+    # on_flip's handlers run before the window swaps its buffers, and with a
+    # software rasteriser most of a frame's cost is in that swap: time the swap too
+    window_flip = h.window.flip
+
+    def timed_flip():
+        try:
+            window_flip()
+        finally:
+            draws[0] += 1
+            draw_s[0] += time.perf_counter() - draw_s[1]
+    h.window.flip = timed_flip
+    h.window.bind(on_draw=draw_start)
     tick = c.tick
 
     def timed_tick(dt=0.0):
@@ -123,37 +217,33 @@ def main() -> int:
         def publish(rate=rate):
             rng = random.Random(1)
             seq = 0
+            traffic = Traffic(names, rng)
             t0 = time.perf_counter()
+            beats = 0
             while not stop.is_set():
-                due = int((time.perf_counter() - t0) * rate)
+                now = time.perf_counter() - t0
+                if now >= beats:                 # the daemon's own heartbeat: 1 a second
+                    beats += 1
+                    seq += 1
+                    pub.send_multipart(encode_event("heartbeat", seq, time.time(),
+                                                    {"queue_length": 0}))
+                due = int(now * rate)
                 while sent[0] < due:
                     seq += 1
-                    k = sent[0] % 10
-                    who = rng.choice(names)
-                    if k < 4:
-                        topic, payload = "task.token", {
-                            "task_id": "bench", "node": "brick", "persona": who,
-                            "round": 1, "text": f" word{sent[0]}", "seq": seq}
-                    elif k < 7:
-                        topic, payload = "task.step", {
-                            "task_id": "bench", "node": rng.choice(["brick", "robin"]),
-                            "persona": who, "round": 1 + sent[0] % 3,
-                            "text": f"utterance {sent[0]}", "dissonance": rng.random()}
-                    elif k < 9:
-                        topic, payload = "log", {"level": "info", "message": f"log {sent[0]}"}
-                    else:
-                        topic, payload = "model.loading", {"model": "m",
-                                                           "progress": (sent[0] % 100) / 100}
+                    topic, payload = traffic.next(now, sent[0])
+                    if topic == "task.token":
+                        payload["seq"] = seq
                     pub.send_multipart(encode_event(topic, seq, time.time(), payload))
                     sent[0] += 1
                 time.sleep(0.001)
 
-        thread = threading.Thread(target=publish, daemon=True) if rate else None
-        if thread:
-            thread.start()
+        thread = threading.Thread(target=publish, daemon=True)
+        thread.start()
         h.pump_for(0.5)  # warm up
+        c._set_connected(True, "bench publisher")
         c.max_staleness_s = 0.0
         handled0, refreshes0, draws0, sent0 = c.events_seen, c.refreshes, draws[0], sent[0]
+        pictures0, covered0 = c.pictures, c.covered
         draw0, tick0 = draw_s[0], tick_s[0]
         frames, worst = 0, 0.0
         t0 = last = time.perf_counter()
@@ -171,19 +261,20 @@ def main() -> int:
             last = shown
         elapsed = last - t0
         stop.set()
-        if thread:
-            thread.join()
+        thread.join()
+        shot = h.screenshot("bench-ui")         # the last row's screen, as a user sees it
         rows.append({"rate": rate, "sent": (sent[0] - sent0) / elapsed,
                      "handled": (c.events_seen - handled0) / elapsed, "fps": frames / elapsed,
                      "redraws": (draws[0] - draws0) / elapsed,
                      "refreshes": (c.refreshes - refreshes0) / elapsed,
+                     "pictures": (c.pictures - pictures0) / elapsed,
+                     "covered": (c.covered - covered0) / elapsed,
                      "worst_ms": worst * 1000, "stale_s": c.max_staleness_s,
                      "ui_cpu": (tick_s[0] - tick0) / elapsed, "draw": (draw_s[0] - draw0) / elapsed})
         # between runs: bring the transcript back to a bounded size
         c.tasks.clear()
         c.transcript.clear()
         h.pump_for(0.3)
-    shot = h.screenshot("bench-ui")
     h.stop()
     pub.close(0)
     ctx.destroy(0)
@@ -194,11 +285,11 @@ def main() -> int:
     print(f"\nUI with {args.morphs} morphs, {args.seconds:g}s per row, frames paced at "
           f"{CAP_HZ:g} Hz, display {os.environ.get('DISPLAY') or 'offscreen'}, GL {renderer}")
     print(f"{'offered ev/s':>13} {'sent ev/s':>10} {'handled ev/s':>13} {'frames/s':>9} "
-          f"{'redraws/s':>10} {'refreshes/s':>12} {'worst frame ms':>15} {'staleness s':>12} "
+          f"{'redraws/s':>10} {'refreshes/s':>12} {'pictures/s':>11} {'covered/s':>10} {'worst frame ms':>15} {'staleness s':>12} "
           f"{'UI logic %':>11} {'drawing %':>10}")
     for r in rows:
         print(f"{r['rate']:>13} {r['sent']:>10.0f} {r['handled']:>13.0f} {r['fps']:>9.1f} "
-              f"{r['redraws']:>10.1f} {r['refreshes']:>12.1f} {r['worst_ms']:>15.0f} "
+              f"{r['redraws']:>10.1f} {r['refreshes']:>12.1f} {r['pictures']:>11.0f} {r['covered']:>10.0f} {r['worst_ms']:>15.0f} "
               f"{r['stale_s']:>12.2f} {100 * r['ui_cpu']:>11.0f} {100 * r['draw']:>10.0f}")
     ok = True
     idle = next((r for r in rows if r["rate"] == 0), None)

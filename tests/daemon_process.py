@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Sequence
 from unittest import mock
 
 from a4ps.client import DaemonClient, DaemonUnavailable
@@ -42,8 +42,10 @@ class DaemonProcess:
                  event_addr: str | None = None, *, grace: float = 20.0,
                  services: bool = False, embeddings: str | None = "hash",
                  env: dict[str, str] | None = None,
-                 preexec_fn: Callable[[], Any] | None = None) -> None:
+                 preexec_fn: Callable[[], Any] | None = None,
+                 args: Sequence[str] = ()) -> None:
         self.data_dir = Path(data_dir)
+        self.args = list(args)         # more `a4ps daemon` flags (e.g. --from-snapshot)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.grace = grace
         self.preexec_fn = preexec_fn
@@ -71,7 +73,7 @@ class DaemonProcess:
     def spawn(self) -> DaemonProcess:
         self.log = open(self.log_path, "ab")     # closed by stop()/kill(); the child has its own
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "a4ps", "daemon", "--grace", str(self.grace)],
+            [sys.executable, "-m", "a4ps", "daemon", "--grace", str(self.grace), *self.args],
             cwd=PROJECT_ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
             preexec_fn=self.preexec_fn)
         return self
@@ -100,12 +102,14 @@ class DaemonProcess:
             self.kill()
             raise
 
-    def stop(self, timeout: float | None = None) -> None:
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Its exit status (None if it was not running)."""
         proc, self.proc = self.proc, None
         if proc is not None:
             stop_daemon(proc, grace_s=self.grace * 3 if timeout is None else timeout)
         if self.log is not None:
             self.log.close()
+        return None if proc is None else proc.returncode
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -11,29 +11,17 @@ so the stand-in's ``calls`` say which daemon asked what.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from a4ps.client import DaemonClient
-from a4ps.config import PERSONAS, PROJECT_ROOT, load_settings
+from a4ps.config import PERSONAS, PROJECT_ROOT
 from a4ps.models.scripted import demo_reply, example_of
+from daemon_process import DaemonProcess
 
 MODEL = "standin-model"
 _JOB = re.compile(r"job-\d+")
-
-
-def free_addr() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def _die_with_parent() -> None:
@@ -86,56 +74,6 @@ def describe_call(body: dict) -> tuple[str | None, str]:
     return job, kind
 
 
-@dataclass
-class DaemonProc:
-    name: str
-    data_dir: Path
-    env: dict[str, str]
-    proc: subprocess.Popen
-    log_path: Path
-    settings: Any = field(default=None)
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon {self.name} exited {self.proc.returncode}:\n"
-                                     f"{self.output()[-4000:]}")
-            if self.settings.token_path.exists():
-                try:
-                    with DaemonClient.from_settings(self.settings, timeout=1) as c:
-                        c.request("system.ping")
-                        return
-                except Exception:
-                    pass
-            time.sleep(0.2)
-        raise AssertionError(f"daemon {self.name} not ready in {timeout}s:\n"
-                             f"{self.output()[-4000:]}")
-
-    def client(self) -> DaemonClient:
-        return DaemonClient.from_settings(self.settings, timeout=30)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-
 class Deployment:
     """Start daemons sharing ``pg_dsn`` and the inference server at ``inference_url``."""
 
@@ -146,38 +84,23 @@ class Deployment:
         self.inference_url = inference_url
         self.max_rounds = max_rounds
         self.extra_env = dict(env or {})
-        self.daemons: list[DaemonProc] = []
+        self.daemons: list[DaemonProcess] = []
 
-    def start_daemon(self, name: str, *, grace_s: float | None = None) -> DaemonProc:
-        data_dir = self.root / name
-        data_dir.mkdir(parents=True, exist_ok=True)
-        cmd_addr, ev_addr = free_addr(), free_addr()
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT),
-               "A4PS_DATA_DIR": str(data_dir),
-               "A4PS_BUS__COMMAND_ADDR": cmd_addr, "A4PS_BUS__EVENT_ADDR": ev_addr,
-               "A4PS_BUS__HEARTBEAT_INTERVAL_S": "0.5",
+    def start_daemon(self, name: str, *, grace_s: float | None = None) -> DaemonProcess:
+        """Spawn daemon ``name`` (call ``wait_ready``) through the one shared helper."""
+        env = {"PYTHONPATH": str(PROJECT_ROOT),
                "A4PS_MODELS__BACKEND": "openai",
                "A4PS_MODELS__OPENAI__BASE_URL": self.inference_url,
                "A4PS_MODELS__OPENAI__API_KEY": name,
                "A4PS_MODELS__OPENAI__MAX_RETRIES": "0",
                "A4PS_MODELS__OPENAI_PERSONAS": json.dumps({p: MODEL for p in PERSONAS}),
-               "A4PS_MODELS__EMBEDDING_BACKEND": "hash",
                "A4PS_TASKS__QUEUE": self.pg_dsn, "A4PS_TASKS__WORKER_NAME": name,
                "A4PS_COGNITION__CHECKPOINTER": self.pg_dsn,
                "A4PS_COGNITION__MAX_ROUNDS": str(self.max_rounds),
-               "A4PS_CURATOR__ENABLED": "false", "A4PS_MOTIVATOR__ENABLED": "false",
-               "A4PS_PHILOSOPHER__ENABLED": "false", "A4PS_FORGE__ENABLED": "false",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.extra_env}
-        log_path = self.root / f"{name}.log"
-        with open(log_path, "ab") as log:
-            args = ["--grace", str(grace_s)] if grace_s is not None else []
-            proc = subprocess.Popen([sys.executable, "-m", "a4ps", "daemon", *args],
-                                    cwd=PROJECT_ROOT,
-                                    env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent)
-        settings = load_settings(data_dir=data_dir)
-        settings.bus.command_addr, settings.bus.event_addr = cmd_addr, ev_addr
-        d = DaemonProc(name, data_dir, env, proc, log_path, settings)
+               "A4PS_FORGE__ENABLED": "false", **self.extra_env}
+        d = DaemonProcess(self.root / name, grace=20.0 if grace_s is None else grace_s,
+                          services=False, embeddings="hash", env=env,
+                          preexec_fn=_die_with_parent).spawn()
         self.daemons.append(d)
         return d
 

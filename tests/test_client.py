@@ -164,3 +164,43 @@ def test_subscriber_alive_gaps_and_reconnect(addr):
     finally:
         sub.close()
         ctx.destroy(linger=0)
+
+
+def test_request_watching_hands_events_over_while_the_command_runs(addr):
+    """A long command (curate, image restore) runs on a worker thread while its
+    progress events reach ``on_event``; the daemon's refusal is raised to the caller."""
+    event_addr = free_addr()
+    server = MiniServer(addr)
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(event_addr)
+    stop = threading.Event()
+
+    def publish() -> None:
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            for topic in ("progress", "other"):
+                pub.send_multipart(p.encode_event(topic, seq, time.time(), {"done": seq}))
+            time.sleep(0.05)
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    client = DaemonClient(addr, event_addr, "tok", timeout=5)
+    try:
+        seen: list[tuple[str, dict]] = []
+        out = client.request_watching("slow", {"s": 1.0},
+                                      lambda topic, payload: seen.append((topic, payload)),
+                                      topics=["progress"])
+        assert out == "late"
+        assert seen and {t for t, _ in seen} == {"progress"}
+        with pytest.raises(DaemonError) as e:
+            client.request_watching("nope", {}, lambda *_: None)
+        assert e.value.code == p.ErrorCode.UNKNOWN_COMMAND.value
+        assert client.request_watching("echo", {"x": 1}) == {"x": 1}   # no events asked
+    finally:
+        stop.set()
+        publisher.join()
+        client.close()
+        server.close()
+        ctx.destroy(linger=0)

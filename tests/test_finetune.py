@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from a4ps.events import EventRecorder
-from a4ps.fine_tuning.eval_set import EvalSet, content_key, load_suite
+from a4ps.fine_tuning.eval_set import SUITE_DIR, EvalSet, content_key, load_suite
 from a4ps.fine_tuning.evaluation import (Comparison, GatePolicy, JudgeEvidence, compare_set,
                                          decide, paired_bootstrap)
 from a4ps.fine_tuning.unsloth_forge import (FinetuneError, PersonaFinetuner, eval_items,
@@ -79,6 +79,16 @@ def random_words(path: Path, n=10, seed=0) -> Path:
 def status_reports(places):
     return _rows([(f"Give the status report for {p}.",
                    f"STATUS REPORT: {p} is secure. No anomalies. End of report.") for p in places])
+
+
+def small_suite(root: Path, persona: str = "BRICK", n: int = 2) -> Path:
+    """A capability-suite directory holding the first ``n`` items of the persona's
+    shipped suite, for tests about something other than the suite: the training child
+    scores every suite item before and after training (16 for BRICK)."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = (SUITE_DIR / f"{persona}.jsonl").read_text(encoding="utf-8").splitlines()
+    (root / f"{persona}.jsonl").write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
+    return root
 
 
 def noise(path: Path, n=8, seed=0) -> Path:
@@ -318,17 +328,24 @@ def embedded_parts(default_recipe, bus, embedded_models):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)          # 20 steps of the default recipe on a busy 2-core CPU
-def test_gate_refuses_ten_rows_of_random_words_at_defaults(embedded_parts, tmp_path):
+@pytest.mark.timeout(1500)          # 20 steps at the default rate on a busy 2-core CPU
+def test_gate_refuses_ten_rows_of_random_words_at_the_default_rate(embedded_parts, tmp_path):
     """The issue's case: the adapter used to be swapped in (held-out loss 4.94 -> 4.76)
     because the held-out rows were a slice of the same file.
 
     20 steps, the stronger of the issue's two cases: 5 steps at the default warmup (4
     of them) barely move the adapter, so a gate that refuses 20 steps of fitting the
-    noise refuses 5."""
+    noise refuses 5. The default recipe (learning rate, warmup, LoRA, batch of 2,
+    max_length) except one batch per step instead of four accumulated: the same 20
+    Adam steps on the same schedule, a quarter of the forward passes (train 107 -> 46 s).
+    The gate faced the same decision both ways (measured once each): held-out gain
+    14.6 % vs 14.1 %, lower bound 0.080 vs 0.077 against the 0.10 it needs: the
+    candidate learns something that carries over, and is refused because that gain
+    is not beyond its noise."""
     from a4ps.models.embedded import ct2_dir
     steps = 20
     settings, bus, protos, models = embedded_parts
+    settings.finetune.grad_accum = 1
     EvalSet(settings.golden_dir).append(_rows(HELD_OUT))        # what the curator held out
     rec = EventRecorder(bus, "model.swapped")
     ft = PersonaFinetuner(settings, bus, protos, models, backend="trl")
@@ -407,16 +424,20 @@ def test_gate_accepts_a_narrow_learnable_task_then_swap_and_rollback(embedded_pa
 
 @pytest.mark.slow
 def test_training_rows_that_are_evaluation_items_are_dropped(scripted_parts, tiny_recipe, tmp_path):
-    """No leakage: a golden row whose task is a held-out or suite item is not trained on."""
+    """No leakage: a golden row whose task is a held-out or suite item is not trained on.
+    The suite is two items of BRICK's shipped one (the child scores each twice)."""
     settings, bus, protos, models = scripted_parts
     EvalSet(settings.golden_dir).append(_rows(HELD_OUT[:4]))
-    suite_q = load_suite("BRICK")[0].prompt
+    suite = small_suite(tmp_path / "suite")
+    suite_q = load_suite("BRICK", suite)[0].prompt
+    assert suite_q == load_suite("BRICK")[0].prompt
     data = _write(tmp_path / "g.jsonl", _rows([(HELD_OUT[0][0].upper(), "leaked"),
                                                (suite_q, "leaked too"),
                                                ("Tell me about owls.", "Owls hunt at night.")]))
-    ft = PersonaFinetuner(settings, bus, protos, models, backend="trl")
+    ft = PersonaFinetuner(settings, bus, protos, models, backend="trl", suite_root=suite)
     report = ft.finetune("BRICK", data, steps=1)
     assert report.ok and report.leaked == 2 and report.train_size == 1
+    assert report.suite_size == 2
     trained = read_golden(Path(settings.adapter_dir) / "BRICK" / "v1" / "train.jsonl")
     assert [r["messages"][0]["content"] for r in trained] == ["Tell me about owls."]
     assert not report.swapped and "at least 4" not in report.reason   # 4 held-out rows
@@ -478,6 +499,7 @@ def test_ollama_swap_path(tiny_recipe, bus, tmp_path):
     settings.finetune.judge_samples = 1
     settings.finetune.learning_rate = 3e-3
     settings.finetune.suite_tolerance = 0.9      # this test is about the swap path, not the suite
+    suite = small_suite(tmp_path / "suite")      # (so two suite items, not BRICK's 16)
 
     def reply(model, msgs):
         text = msgs[-1]["content"]
@@ -497,7 +519,7 @@ def test_ollama_swap_path(tiny_recipe, bus, tmp_path):
             protos.clone("persona", name, model_name="smollm2:135m", model_backend="ollama",
                          system_prompt=f"You are {name}.", model_lineage=[])
         protos.update("BRICK", {"model_name": "missing:base"})
-        ft = PersonaFinetuner(settings, bus, protos, models, backend="trl")
+        ft = PersonaFinetuner(settings, bus, protos, models, backend="trl", suite_root=suite)
         data = golden(tmp_path / "g.jsonl", TOPICS[:8])
         held = golden(tmp_path / "h.jsonl", TOPICS[8:])
 

@@ -16,6 +16,7 @@ from a4ps.client import DaemonClient, DaemonError, EventSubscriber
 from a4ps.config import PROJECT_ROOT, load_settings
 from a4ps.daemon import Daemon, DaemonError as StartError
 from a4ps.system import System
+from daemon_process import DaemonProcess
 
 GREET_V1 = "def greet(self):\n    return 'hello from ' + self.name"
 GREET_V2 = "def greet(self):\n    return 'HOWDY ' + self.name.lower()"
@@ -210,25 +211,14 @@ def test_real_daemon_process_from_snapshot_flag(fast_env, tmp_path):
         s.protos.update("persona", methods={"greet": GREET_V1})
         s.timemachine.snapshot("v1")
         s.protos.update("persona", methods={"greet": GREET_V2})
-    log = open(tmp_path / "daemon.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "a4ps", "daemon", "--from-snapshot", "v1"],
-                            cwd=PROJECT_ROOT, env=dict(os.environ), stdout=log,
-                            stderr=subprocess.STDOUT)
+    daemon = DaemonProcess(fast_env.data_dir, fast_env.bus.command_addr,
+                           fast_env.bus.event_addr, args=["--from-snapshot", "v1"])
     try:
-        deadline = time.monotonic() + 120
-        client = None
-        while time.monotonic() < deadline and client is None:
-            assert proc.poll() is None, log.seek(0) or log.read()
-            client = DaemonClient.if_running(fast_env, timeout=2)
-            time.sleep(0.2)
-        assert client is not None
-        with client:
+        with daemon.start().client() as client:
             brick = client.request("proto.get", {"name": "persona"})
             assert brick["methods"]["greet"] == GREET_V1
     finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+        daemon.stop()
     bad = subprocess.run([sys.executable, "-m", "a4ps", "daemon", "--from-snapshot", "nope"],
                          cwd=PROJECT_ROOT, env=dict(os.environ), capture_output=True, text=True,
                          timeout=120)

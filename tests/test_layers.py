@@ -231,3 +231,44 @@ def test_project_imports_are_at_module_top() -> None:
               for m, t, line in function_level_imports() if (m, t) not in allowed]
     assert not hidden, ("move these imports to the top of the module (if that makes an "
                         "import circle, the layering is wrong):\n" + "\n".join(hidden))
+
+
+def daemon_spawns(folder: Path) -> list[str]:
+    """``file:line`` of every ``Popen([... "a4ps", "daemon" ...])`` under ``folder``."""
+    out: list[str] = []
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and node.args
+                    and getattr(node.func, "attr", getattr(node.func, "id", "")) == "Popen"):
+                continue
+            words = [e.value for e in getattr(node.args[0], "elts", [])
+                     if isinstance(e, ast.Constant)]
+            if "daemon" in words and "a4ps" in words:
+                out.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return out
+
+
+def test_one_helper_starts_daemon_subprocesses() -> None:
+    """tests/daemon_process.py is the one place a test or bench spawns `a4ps daemon`
+    (one environment, one grace, one readiness wait); the others use its DaemonProcess."""
+    spawns = daemon_spawns(ROOT / "tests") + daemon_spawns(ROOT / "bench")
+    assert [s.split(":")[0] for s in spawns] == ["tests/daemon_process.py"], (
+        "spawn the daemon through tests/daemon_process.DaemonProcess instead: "
+        f"{spawns}")
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def test_no_function_is_over_100_lines() -> None:
+    """Long functions are split into named steps (issue 19: PersonaFinetuner._run and
+    train_worker.train were 110 and 108 lines); counted from ``def`` to its last line."""
+    long = []
+    for mod, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
+    assert not long, ("split these into named steps (one job each):\n" + "\n".join(long))

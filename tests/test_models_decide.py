@@ -173,9 +173,43 @@ def _route_questions():
     return decision_cases.cases()
 
 
+class _ScoredOnce:
+    """The real engine, each (prefix, continuations) scored once: a case's raw sum is
+    the calibrated score's first half, so the "sum" pass re-uses its forward passes.
+    Everything else (``stream`` for the schema walk) is the engine's own."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.memo = engine, {}
+
+    def score(self, prefix, continuations):
+        key = (tuple(prefix), tuple(tuple(c) for c in continuations))
+        if key not in self.memo:
+            self.memo[key] = self.engine.score(prefix, continuations)
+        return self.memo[key]
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+@pytest.fixture(scope="module")
+def shipped_decider(embedded_models):
+    """The embedded backend's own Decider, its engine's forward passes kept for this
+    module: the 40 labelled choices the parse test asks through the manager are the
+    calibrated measurement's own forward passes (same prompts, same engine), so the
+    measurement re-uses them instead of running them a second time (~20 s)."""
+    from a4ps.models.embedded import BASE_ID
+    embedded_models.load(BASE_ID)
+    shipped = embedded_models.backend._decide()
+    real = shipped.engine
+    shipped.engine = _ScoredOnce(real)
+    yield shipped
+    shipped.engine = real
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)     # 60 real decisions: about 1 min idle, far more on a busy box
-def test_fifty_real_choices_and_structured_decisions_always_parse(embedded_models):
+def test_fifty_real_choices_and_structured_decisions_always_parse(embedded_models,
+                                                                  shipped_decider):
     """Every labelled choice (40) and every schema x task structured call (20) on
     SmolLM2 (default engine): each returns an allowed option / a valid object.
     Decisions are greedy, so asking a case twice (as the first 50 + 50 loop did for 40
@@ -197,29 +231,12 @@ def test_fifty_real_choices_and_structured_decisions_always_parse(embedded_model
         assert validate(out, schema) == out
 
 
-class _ScoredOnce:
-    """The real engine, each (prefix, continuations) scored once: a case's raw sum is
-    the calibrated score's first half, so the "sum" pass re-uses its forward passes."""
-
-    def __init__(self, engine) -> None:
-        self.engine, self.memo = engine, {}
-
-    def score(self, prefix, continuations):
-        key = (tuple(prefix), tuple(tuple(c) for c in continuations))
-        if key not in self.memo:
-            self.memo[key] = self.engine.score(prefix, continuations)
-        return self.memo[key]
-
-
 @pytest.mark.slow
-def test_calibrated_choice_beats_raw_scores_on_the_labelled_set(embedded_models):
+def test_calibrated_choice_beats_raw_scores_on_the_labelled_set(shipped_decider):
     """The measurement that chose the default: calibrated accuracy on
     tests/decision_cases.py is at least the raw sum's, and clearly above chance."""
     import decision_cases
-    from a4ps.models.embedded import BASE_ID
-    embedded_models.load(BASE_ID)
-    shipped = embedded_models.backend._decide()
-    d = Decider(_ScoredOnce(shipped.engine), shipped.tok)
+    d = Decider(shipped_decider.engine, shipped_decider.tok)
     acc = {m: decision_cases.accuracy(lambda msgs, o, mm: d.choose(msgs, o, method=mm).value, m)
            for m in ("calibrated", "sum")}
     chance = 0.40        # the set's mix of 2-, 3- and 4-way choices

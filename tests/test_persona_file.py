@@ -54,7 +54,14 @@ def memory_texts(n: int) -> list[str]:
 def source(tmp_path):
     """A system whose BRICK has an edited method, an amended principle, a live adapter,
     memories and golden data."""
-    s = System(make_settings(tmp_path / "a")).start(services=False)
+    s = source_system(tmp_path / "a")
+    yield s
+    s.stop()
+
+
+def source_system(data_dir: Path) -> System:
+    """The :func:`source` fixture's system, started (the caller stops it)."""
+    s = System(make_settings(data_dir)).start(services=False)
     s.protos.update("persona", methods={"greet": GREET})       # BRICK inherits this
     s.protos.update("BRICK", {"temperature": 0.15, "catchphrase": "by the numbers"},
                     methods={"square": "def square(self, x):\n    return x * x"})
@@ -75,8 +82,7 @@ def source(tmp_path):
     (gdir / "golden.jsonl").write_text("".join(json.dumps(
         {"messages": [{"role": "user", "content": f"q{i}"}],
          "meta": {"critical_persona": "BRICK" if i % 2 else "ROBIN"}}) + "\n" for i in range(6)))
-    yield s
-    s.stop()
+    return s
 
 
 @pytest.fixture
@@ -353,10 +359,26 @@ BAD = {
 }
 
 
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    """One good persona file for the bad-input cases, which only read it (each of the
+    17 used to build and export its own source system)."""
+    d = tmp_path_factory.mktemp("good-source")
+    s = source_system(d / "a")
+    try:
+        f = d / "good.a4persona"
+        s.personas.export("BRICK", f, golden=True)
+    finally:
+        s.stop()
+    return f
+
+
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_persona_files_are_refused_with_nothing_written(case, good, target, tmp_path):
+def test_bad_persona_files_are_refused_with_nothing_written(case, good_file, target, tmp_path):
     build, message = BAD[case]
-    bad = build(good, tmp_path)
+    good_bytes = good_file.read_bytes()
+    bad = build(good_file, tmp_path)
+    assert good_file.read_bytes() == good_bytes             # the shared file is only read
     before = state_of(target)
     with pytest.raises(PersonaFileError, match=message):
         target.personas.import_(bad, as_name="BRICK2")
@@ -476,9 +498,9 @@ def real_lora(settings, out: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_round_trip_answers_identically_and_finds_the_same_memories(tmp_path, model_cache_dir):
+def test_round_trip_answers_identically_and_finds_the_same_memories(tmp_path, model_cache_dir,
+                                                                    minilm):
     from a4ps.models.embedded import EmbeddedBackend, adapter_model_id
-    from a4ps.models.embeddings import MiniLMEmbedder
 
     def real_settings(d):
         return load_settings(data_dir=d, models={
@@ -486,7 +508,7 @@ def test_round_trip_answers_identically_and_finds_the_same_memories(tmp_path, mo
             "embedded": {"cache_dir": str(model_cache_dir)}})
     sa, sb = real_settings(tmp_path / "a"), real_settings(tmp_path / "b")
     backend = EmbeddedBackend(sa)            # one resident model for both systems
-    embed = MiniLMEmbedder()
+    embed = minilm                           # the session's MiniLM (the product's)
     a = System(sa, chat_backend=backend, embedder=embed).start(services=False)
     b = System(sb, chat_backend=backend, embedder=embed).start(services=False)
     try:

@@ -282,13 +282,12 @@ def test_choose_threshold_caps_false_merges():
 
 
 @pytest.mark.slow
-def test_the_shipped_threshold_is_the_one_the_shipped_embedder_calls_for(settings):
+def test_the_shipped_threshold_is_the_one_the_shipped_embedder_calls_for(settings, minilm):
     """Paraphrases of the same dilemma vs different dilemmas vs unrelated tasks, with
     MiniLM: the default philosopher.similarity is what choose_threshold picks, it
     merges most paraphrases (the old 0.75 merged under a quarter) and almost nothing else."""
-    from a4ps.models.embeddings import MiniLMEmbedder
     from a4ps.services.similarity import choose_threshold, load_calibration, similarity_report
-    rep = similarity_report(MiniLMEmbedder(), *load_calibration())
+    rep = similarity_report(minilm, *load_calibration())     # the session's (the product's)
     shipped = settings.philosopher.similarity
     assert abs(choose_threshold(rep) - shipped) <= 0.02
     recall, false_merge = rep.rates(shipped)
@@ -300,17 +299,16 @@ def test_the_shipped_threshold_is_the_one_the_shipped_embedder_calls_for(setting
 
 @pytest.mark.slow
 def test_real_embedded_alfred_draft_is_reported_not_dressed(phil_settings, bus, codex,
-                                                            embedded_models):
+                                                            embedded_models, minilm):
     """SmolLM2 asked for a structured draft: a usable one is proposed as ALFRED's; an
     unusable one (or a backend that cannot decode to a schema yet) is reported."""
-    from a4ps.models.embeddings import MiniLMEmbedder
     from a4ps.proto import ProtoManager
     phil_settings.philosopher.similarity = 0.51
     pm = ProtoManager(bus)
     pm.provide("models", embedded_models)
     pm.create("ALFRED", {"model_name": "smollm2-135m", "system_prompt": codex.system_prompt("ALFRED")})
     rec = EventRecorder(bus)
-    p = Philosopher(phil_settings, bus, pm, None, codex, MiniLMEmbedder())
+    p = Philosopher(phil_settings, bus, pm, None, codex, minilm)
     out = [p.observe(event(i, t)) for i, t in enumerate(SIMILAR[:3])]
     if out[-1] is not None:                          # a usable, schema-valid draft
         a = out[-1]

@@ -159,9 +159,9 @@ def test_cli_tools_list_and_show_read_the_saved_image(settings, sandbox, tmp_pat
 
 
 @pytest.mark.slow
-def test_find_with_the_real_minilm_embedder_understands_paraphrases(settings, bus, tmp_path):
-    from a4ps.models.embeddings import MiniLMEmbedder
-    reg = ToolRegistry(ProtoManager(bus), settings, bus, embedder=MiniLMEmbedder(),
+def test_find_with_the_real_minilm_embedder_understands_paraphrases(settings, bus, tmp_path,
+                                                                    minilm):
+    reg = ToolRegistry(ProtoManager(bus), settings, bus, embedder=minilm,
                        tools_dir=tmp_path / "t")
     reg.register(MEAN_SPEC, MEAN_V1, "", "BRICK")
     reg.register(DAYS_SPEC, DAYS, "", "BRICK")

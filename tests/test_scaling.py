@@ -35,8 +35,8 @@ def test_two_daemons_share_one_queue_and_every_task_runs_once_through_a_sigkill(
         observer = None
         try:
             a, b = dep.start_daemon("daemon-a"), dep.start_daemon("daemon-b")
-            a.wait_ready()
-            b.wait_ready()
+            a.wait_ready(180)
+            b.wait_ready(180)
             ids: dict[str, str] = {}
             with a.client() as ca, b.client() as cb:     # either daemon takes submissions
                 for i in range(N_TASKS):
@@ -92,7 +92,7 @@ def test_two_daemons_share_one_queue_and_every_task_runs_once_through_a_sigkill(
             ran = collections.Counter(calls[-1][0] for calls in by_job.values())
             assert ran["daemon-a"] >= 1 and ran["daemon-b"] >= 2, ran
             assert all(t.result and t.result.get("answer") for t in tasks.values())
-            assert b.stop() == 0, b.output()[-3000:]
+            assert b.stop(60) == 0, b.output()[-3000:]
         finally:
             if observer is not None:
                 observer.close()
@@ -111,7 +111,7 @@ def test_a_graceful_stop_hands_the_running_task_to_the_other_daemon_without_an_a
         observer = None
         try:
             a = dep.start_daemon("daemon-a", grace_s=0.2)
-            a.wait_ready()
+            a.wait_ready(180)
             with a.client() as ca:
                 task_id = ca.request("task.submit", {"text": "job-0: share 9 apples"})["id"]
             observer = dep.queue()
@@ -119,11 +119,11 @@ def test_a_graceful_stop_hands_the_running_task_to_the_other_daemon_without_an_a
             while not any(k == "BRICK" for _, k in _calls_by_job(server).get("job-0", [])):
                 assert time.monotonic() < deadline, a.output()[-3000:]
                 time.sleep(0.01)
-            assert a.stop() == 0, a.output()[-3000:]
+            assert a.stop(60) == 0, a.output()[-3000:]
             t = observer.get(task_id)
             assert t.status == "running" and t.interrupted, (t, a.output()[-3000:])
             b = dep.start_daemon("daemon-b")
-            b.wait_ready()
+            b.wait_ready(180)
             deadline = time.monotonic() + 120
             while observer.get(task_id).status != "done":
                 assert time.monotonic() < deadline, b.output()[-3000:]

@@ -170,12 +170,11 @@ def test_a_call_that_fails_is_reported_and_published(world, bus):
 
 
 @pytest.mark.slow
-def test_reuse_with_the_real_minilm_embedder(settings, bus, sandbox):
+def test_reuse_with_the_real_minilm_embedder(settings, bus, sandbox, minilm):
     """Paraphrases find the tool; a different capability, or parameters that do not fit
     (celsius vs fahrenheit read alike to MiniLM), forge a new one."""
-    from a4ps.models.embeddings import MiniLMEmbedder
     from a4ps.tools.registry import ToolSpec
-    reg = ToolRegistry(ProtoManager(bus), settings, bus, embedder=MiniLMEmbedder(), sandbox=sandbox)
+    reg = ToolRegistry(ProtoManager(bus), settings, bus, embedder=minilm, sandbox=sandbox)
     reg.register(ToolSpec(name="mean", description="arithmetic mean (average) of a list of numbers"),
                  "import statistics\n\ndef mean(values):\n    return statistics.mean(values)\n", "", "BRICK")
     reg.register(ToolSpec(name="c_to_f", description="convert a temperature from celsius to fahrenheit"),

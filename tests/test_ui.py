@@ -834,3 +834,208 @@ def test_text_that_does_not_fit_ends_in_an_ellipsis_and_shows_in_a_tooltip(ui, a
     ui.window.mouse_pos = (5, 5)       # moving away hides it
     ui.pump(2)
     assert tips.bubble.opacity == 0
+
+
+# -- the display under load (speed itself is measured in bench/bench_ui.py) -------------
+
+def _count_pictures(morph):
+    """Texts of the pictures ``morph`` composes from now on."""
+    made = []
+    real = morph.composer.compose
+
+    def compose(look):
+        made.append(look.text)
+        return real(look)
+    morph.composer.compose = compose
+    return made
+
+
+def test_a_burst_for_one_morph_is_applied_and_drawn_once_with_its_last_state(ui, app, sub):
+    c = app.controller
+    brick = c.canvas.get("BRICK")
+    c.flush()
+    made = _count_pictures(brick)
+    words = [f"w{i}" for i in range(60)]
+    sub.push("task.queued", {"task_id": "tb", "text": "burst"})
+    tokens(sub, "tb", "brick", "BRICK", 1, " ".join(words))
+    c.tick()                                 # all 61 events in one frame
+    assert not sub.queue
+    assert c.staged(brick, "utterance").endswith("w58 w59")   # staged: the latest only
+    for _ in range(3):
+        c.tick()
+        ui.pump(1)
+    c.flush()
+    assert brick.streaming and brick.utterance == " ".join(words)    # in seq order
+    assert len(made) == 1 and made[0].endswith("w59")   # one picture, of the last state
+    assert c.tasks["tb"].partial.text == " ".join(words)
+
+
+def test_a_frame_over_its_budget_leaves_the_rest_staged_for_the_next(ui, app, sub):
+    c = app.controller
+    c.flush()
+    names = ["ALFRED", "BRICK", "ROBIN"]
+    sub.push("task.queued", {"task_id": "tq", "text": "budget"})
+    for i, name in enumerate(names):
+        sub.push("task.token", {"task_id": "tq", "node": name.lower(), "persona": name,
+                                "round": 1, "text": f"{name} speaks", "seq": i + 1})
+    c.max_staleness_s = 0.0
+    c._refresh_t0 = 0.0
+    c.display.last = time.time()             # no refresh due in these frames
+    for ev in sub.poll(100):
+        c.handle_event(ev.topic, ev.payload, ev.seq, ev.ts)
+    morphs = [c.canvas.get(n) for n in names]
+    assert all(c.staged(m, "utterance").endswith("speaks") for m in morphs)
+    done = []
+    for _ in names:                          # a spent budget: one morph per frame
+        c.prepare_morphs(0.0)
+        done.append([m.utterance.endswith("speaks") for m in morphs])
+    assert done == [[True, False, False], [True, True, False], [True, True, True]]
+    assert c.display.pending("canvas")       # composed; shown at the next refresh
+    c.flush()
+    assert c.settled and all(m.body_text.endswith("speaks") for m in morphs)
+
+
+def test_a_covered_morph_is_drawn_when_it_is_uncovered(ui, app, sub):
+    c = app.controller
+    cv = c.canvas
+    brick, robin = cv.get("BRICK"), cv.get("ROBIN")
+    spot = cv.spot_of(robin)
+    cv.set_spot("BRICK", spot)
+    cv.set_spot("ROBIN", spot)
+    cv.raise_morph(brick)                    # BRICK lies exactly over ROBIN
+    ui.pump(2)
+    c.flush()
+    sub.push("task.queued", {"task_id": "tc", "text": "cover"})
+    sub.push("task.token", {"task_id": "tc", "node": "robin", "persona": "ROBIN",
+                            "round": 1, "text": "seen", "seq": 1})
+    c.tick()
+    c.flush()             # ROBIN speaks: its colour changes, and its edges show
+    made = _count_pictures(robin)
+    covered0 = c.covered
+    sub.push("task.token", {"task_id": "tc", "node": "robin", "persona": "ROBIN",
+                            "round": 1, "text": " unseen words", "seq": 2})
+    c.tick()
+    c.flush()
+    assert robin.utterance == "seen unseen words"     # the state is applied...
+    assert made == [] and c.covered > covered0        # ...but only its words changed,
+    assert robin in cv.hidden                         # and they lie under BRICK
+    cv.raise_morph(robin)                             # now they show: drawn before painting
+    ui.pump(2)
+    assert len(made) == 1 and "unseen words" in made[0] and robin not in cv.hidden
+    cv.set_spot("BRICK", None)
+    cv.set_spot("ROBIN", None)
+
+
+def test_a_burst_of_turns_shows_the_newest_at_once_and_counts_the_rest(ui, app, sub):
+    from a4ps.ui.transcript import MAX_NEW_PER_SYNC
+    c = app.controller
+    tr = c.transcript
+    sub.push("task.queued", {"task_id": "tt", "text": "many turns"})
+    c.tick()
+    c.flush()
+    assert tr.task_id == "tt"
+    for i in range(40):
+        sub.push("task.step", {"task_id": "tt", "node": "brick", "persona": "BRICK",
+                               "text": f"turn {i}", "round": 1 + i // 2})
+    c.tick()
+    c.flush()                                 # one refresh, not ten
+    views = [w.text for w in reversed(tr.ids.turns.children)]
+    assert f"{40 - MAX_NEW_PER_SYNC} earlier turns" in views[0]
+    assert [v.split("\n")[-1] for v in views[1:]] == \
+        [f"turn {i}" for i in range(40 - MAX_NEW_PER_SYNC, 40)]
+    rec = c.tasks["tt"]
+    assert tr._hidden + len(views) - 1 == len(rec.turns)     # every turn accounted for
+
+
+def test_turns_past_the_view_limit_keep_appearing(ui, app, sub):
+    from a4ps.ui import transcript as T
+    c = app.controller
+    tr = c.transcript
+    sub.push("task.queued", {"task_id": "tl", "text": "long"})
+    c.tick()
+    c.flush()
+    rec = c.tasks["tl"]
+    for i in range(T.MAX_TURN_VIEWS + 3):
+        rec.apply_step({"task_id": "tl", "node": "brick", "persona": "BRICK",
+                        "text": f"turn {i}", "round": 1}, time.time(), 0)
+        tr.sync(rec)                          # one at a time, as a task runs
+    last = [w.text for w in tr.ids.turns.children][0]
+    assert last.endswith(f"turn {T.MAX_TURN_VIEWS + 2}")
+    rec.apply_step({"task_id": "tl", "node": "robin", "persona": "ROBIN",
+                    "text": "one more", "round": 1}, time.time(), 0)
+    tr.sync(rec)
+    assert [w.text for w in tr.ids.turns.children][0].endswith("one more")
+
+
+
+def test_log_lines_are_appended_in_place_and_the_oldest_fall_out(ui, app):
+    log = app.root.ids.log_panel
+    log.max_lines = 50
+    log.add([{"level": "info", "source": "t", "message": f"old {i}"} for i in range(50)])
+    ui.pump(2)
+    rows = log.data
+    log.add([{"level": "warning", "source": "t", "message": f"new {i}"} for i in range(5)])
+    ui.pump(2)
+    # the same list, changed in place: the RecycleView sizes only the new rows
+    assert log.data is rows and len(rows) == 50
+    assert rows[0]["text"].endswith("old 5") and rows[-1]["text"].endswith("new 4")
+    assert [line["message"] for line in log.lines][-1] == "new 4"
+    log.show = "warnings"
+    ui.pump(2)
+    assert [r["text"][-5:] for r in log.data] == [f"new {i}" for i in range(5)]
+    log.show = "all"
+    log.max_lines = 1000
+
+
+def test_the_canvas_framebuffer_is_drawn_opaque_and_blending_comes_back(ui, app):
+    """The canvas's framebuffer quad is drawn with blending off (llvmpipe then does
+    not read what lies under 0.5 Mpx) and blending is back on for everything after
+    it: the canvas shows its background where no morph is, and the morphs' soft
+    shadows (blended inside the framebuffer) are still there."""
+    from kivy.graphics.opengl import (GL_BLEND, GL_RGBA, GL_UNSIGNED_BYTE, glIsEnabled,
+                                      glReadPixels)
+    c = app.controller
+    c.flush()
+    cv = c.canvas
+    kids = cv.canvas.children
+    off, on = cv.opaque
+    assert kids.index(off) < kids.index(cv.fbo_rect) < kids.index(on)
+    ui.window.canvas.ask_update()
+    ui.pump(2)
+
+    def on_screen(lx, ly):          # canvas coordinates -> window pixels
+        return (int(v) for v in cv.parent.to_window(*cv.to_parent(lx, ly)))
+    x, y = on_screen(cv.width - 3, 3)               # bottom right: no morph there
+    px = glReadPixels(x, y, 1, 1, GL_RGBA, GL_UNSIGNED_BYTE)
+    want = [round(255 * v) for v in cv.background[:3]]
+    assert all(abs(a - b) <= 2 for a, b in zip(px[:3], want)), (list(px[:3]), want)
+    m = next(iter(cv.morphs.values()))
+    sx, sy = on_screen(m.x + m.width / 2, m.y - 2)  # its shadow
+    shadow = glReadPixels(sx, sy, 1, 1, GL_RGBA, GL_UNSIGNED_BYTE)
+    assert sum(shadow[:3]) < sum(want), (list(shadow[:3]), want)   # darker, not cut out
+    assert glIsEnabled(GL_BLEND)                    # on again for the text after it
+
+
+def test_new_words_on_a_morph_damage_only_the_tiles_under_its_words(ui, app, sub):
+    """A streamed token changes only a morph's body text: the canvas repaints the
+    tiles under the words, not the header's (fewer pixels into the framebuffer)."""
+    c = app.controller
+    cv = c.canvas
+    c.flush()
+    brick = cv.get("BRICK")
+    sub.push("task.queued", {"task_id": "td", "text": "damage"})
+    sub.push("task.token", {"task_id": "td", "node": "brick", "persona": "BRICK",
+                            "round": 1, "text": "first", "seq": 1})
+    c.tick()
+    c.flush()                        # speaking: its colour and header changed
+    sub.push("task.token", {"task_id": "td", "node": "brick", "persona": "BRICK",
+                            "round": 1, "text": " and more words", "seq": 2})
+    c.tick()
+    c.prepare_morphs(None)
+    damaged = set(cv.scene.dirty)
+    c.flush()
+    assert brick.utterance == "first and more words"
+    whole = cv.scene._tiles_of[brick]
+    assert damaged and damaged < whole, (len(damaged), len(whole))
+    header_row = max(j for _, j in whole)            # y up: its top row of tiles
+    assert all(j != header_row for _, j in damaged)

@@ -187,25 +187,132 @@ def test_window_geometry_is_saved_and_loaded(tmp_path):
     assert W.load(path) == W.Geometry()
 
 
-def test_display_refresh_batches_due_regions_and_slows_down_when_drawing_costs():
+def test_display_refresh_applies_all_regions_together_and_slows_down_when_frames_cost():
     from a4ps.ui.refresh import DisplayRefresh
-    d = DisplayRefresh({"a": 0.1, "b": 0.1}, max_interval=0.3)
-    w1, w2 = object(), object()
+    d = DisplayRefresh(("a", "b", "c"), interval=0.1, max_interval=0.3,
+                       prepared={"p": "a"}, budget_s=0.5, lead_s=0.05)
+    w1, w2, w3 = object(), object(), object()
     d.stage("a", w1, {"x": 1}, at=100.0)
-    d.stage("a", w1, {"x": 2, "y": 3}, at=100.5)       # the latest value wins
-    d.stage("b", w2, {"x": 9}, at=100.2)
+    d.stage("a", w1, {"x": 2, "y": 3}, at=100.05)      # the latest value wins
+    d.stage("b", w2, {"x": 9}, at=100.02)
+    d.stage("p", w3, {"x": 5}, at=100.01)              # prepared: not due by itself
     assert d.staged_value(w1, "x", None) == 2 and not d.settled
-    assert d.due(now=1000.0, wall=100.3) == ["a", "b"]
-    assert d.take("a", wall=100.4) == [(w1, {"x": 2, "y": 3})]
-    d.applied("a", now=1000.0)
-    assert d.max_staleness_s == pytest.approx(0.4)
-    d.stage("a", w1, {"x": 4}, at=100.45)
-    assert d.due(now=1000.05, wall=100.5) == ["b"]     # a: refreshed 0.05 s ago
-    d.measured(["a"], 0.2)                             # a's frames cost 0.2 s to draw
-    assert d.interval("a") == 0.3                      # 3 x cost, capped at max_interval
-    assert d.due(now=1000.2, wall=100.6) == ["b"]
-    assert "a" in d.due(now=1000.2, wall=100.8)        # but never staler than 0.3 s
-    d.mark("log", 101.0) if "log" in d.base else None
+    assert d.due(now=100.1) == ["a", "b"]              # every pending region at once
+    assert d.take("a", wall=100.1) == [(w1, {"x": 2, "y": 3})]
+    assert d.take("b", wall=100.1) == [(w2, {"x": 9})]
+    d.applied(["a", "b"], now=100.1)
+    assert d.max_staleness_s == pytest.approx(0.1)
+    d.drawn(0.1, wall=100.2)                           # on screen 0.2 s after the event
+    assert d.max_staleness_s == pytest.approx(0.2)
+    assert d.interval() == pytest.approx(0.3)          # 3 x the frame's cost, capped
+    d.stage("a", w1, {"x": 4}, at=100.25)
+    d.mark("c", 100.26)
+    assert d.due(now=100.3) == []                      # not before the interval...
+    assert d.due(now=100.41) == ["a", "c"]             # ...then all of them
+    assert d.take_one("p") == (w3, {"x": 5}, 100.01)   # prepared: one at a time
+    for _ in range(40):
+        d.drawn(0.01)                                  # cheap frames: back to the base
+    assert d.interval() == pytest.approx(0.1)
+
+
+def test_display_refresh_deadline_brings_a_refresh_forward_and_composes_overdue():
+    from a4ps.ui.refresh import DisplayRefresh
+    d = DisplayRefresh(("canvas", "log"), interval=0.1, max_interval=0.3,
+                       prepared={"morphs": "canvas"}, budget_s=0.5, lead_s=0.05)
+    d.drawn(0.2, wall=0.0)                             # frames cost 0.2 s
+    assert d.deadline_age() == pytest.approx(0.25)     # 0.5 - 0.2 - 0.05
+    assert d.interval() == pytest.approx(0.25)         # the pace never passes it
+    d.applied(["log"], now=10.0)
+    old, new = object(), object()
+    d.stage("morphs", old, {"x": 1}, at=9.8)           # arrived late: 0.2 s old already
+    d.stage("morphs", new, {"x": 2}, at=10.1)
+    assert d.due(now=10.04) == []                      # never within the base interval
+    assert d.due(now=10.11) == ["canvas"]              # 0.31 s old: refresh now
+    assert [w for w, _, _ in d.take_overdue("morphs", now=10.11)] == [old]
+    assert d.staged["morphs"] and d.since["morphs"] == {new: 10.1}
+
+
+def _simulate_pacing(d, *, seconds, costs, delivery_lag, per_frame, rng):
+    """Drive ``d`` like the controller does, on a fake clock: events staged on a
+    plain region and a prepared one (composed ``per_frame`` a frame, marked on the
+    canvas), a refresh frame costing ``costs()``. Returns the worst staleness seen,
+    measured here per change (event time -> end of the frame that showed it)."""
+    now, period = 0.0, 1 / 60
+    d.clock = lambda: now
+    widgets = {"morphs": [object() for _ in range(200)], "log": [object() for _ in range(20)]}
+    staged_at: dict = {}          # widget -> first event time not yet shown
+    shown_in_next_frame: list[float] = []
+    worst = 0.0
+    composed_since: list[float] = []
+    while now < seconds:
+        for _ in range(rng.randint(0, 30)):             # ~1,000 events/s
+            region = "morphs" if rng.random() < 0.7 else "log"
+            w = rng.choice(widgets[region])
+            at = now - rng.uniform(0, delivery_lag)
+            d.stage(region, w, {"v": at}, at)
+            staged_at.setdefault((region, w), at)
+        due = d.due()
+        if due:
+            if "canvas" in due:
+                for w, _props, since in d.take_overdue("morphs"):
+                    composed_since.append(staged_at.pop(("morphs", w)))
+                    d.mark("canvas", since)
+            shown = list(composed_since)
+            composed_since.clear()
+            for region in due:
+                for w, _props in d.take(region):
+                    shown.append(staged_at.pop((region, w)))
+            d.applied(due)
+            cost = costs()
+            now += cost
+            d.drawn(cost)
+            worst = max([worst] + [now - t for t in shown])
+        else:
+            for _ in range(per_frame):
+                item = d.take_one("morphs")
+                if item is None:
+                    break
+                composed_since.append(staged_at.pop(("morphs", item[0])))
+                d.mark("canvas", item[2])
+            now += period
+    return worst
+
+
+def test_display_pacing_bounds_staleness_by_construction():
+    """No timing assertion: a fake clock, frames costing 60-180 ms, events arriving
+    up to 40 ms late, and pictures composed too slowly for the events (2 a frame):
+    every change is on screen within the 0.5 s budget. Without the deadline (a plain
+    0.3 s pace) or without composing overdue pictures at the refresh, it is not."""
+    import random
+    from a4ps.ui.refresh import DisplayRefresh
+
+    def run(**kw):
+        rng = random.Random(7)
+        d = DisplayRefresh(("canvas", "log"), interval=0.1, max_interval=0.3,
+                           prepared={"morphs": "canvas"}, budget_s=0.5, lead_s=0.05, **kw)
+        d.drawn(0.18, wall=0.0)                         # a first slow frame was seen
+        worst = _simulate_pacing(d, seconds=30, costs=lambda: rng.uniform(0.06, 0.18),
+                                 delivery_lag=0.04, per_frame=2, rng=rng)
+        return worst, d
+    worst, d = run()
+    assert worst <= 0.5, worst
+    assert d.max_staleness_s <= 0.5 and d.forced > 0
+
+    class NoDeadline(DisplayRefresh):                   # the old pacing, for contrast
+        def deadline_age(self):
+            return 10.0
+
+    class NoOverdue(DisplayRefresh):                    # pictures only at frame budget
+        def take_overdue(self, region, now=None):
+            return []
+    for broken in (NoDeadline, NoOverdue):
+        rng = random.Random(7)
+        d = broken(("canvas", "log"), interval=0.1, max_interval=0.3,
+                   prepared={"morphs": "canvas"})
+        d.drawn(0.18, wall=0.0)
+        worst = _simulate_pacing(d, seconds=30, costs=lambda: rng.uniform(0.06, 0.18),
+                                 delivery_lag=0.04, per_frame=2, rng=rng)
+        assert worst > 0.5, broken.__name__
 
 
 def test_scene_repaints_only_what_shows_in_damaged_tiles():
@@ -230,6 +337,21 @@ def test_scene_repaints_only_what_shows_in_damaged_tiles():
     assert keys.index("top") > max(i for i, k in enumerate(keys) if k == "low")
     sc.raise_("low")
     assert sc.order == ["top", "low"] and sc.dirty
+
+
+def test_scene_damages_only_the_changed_part_of_a_new_picture_in_place():
+    from a4ps.ui.damage import Scene
+    sc = Scene(tile=10)
+    sc.resize(100, 100)
+    sc.take()
+    sc.put("m", (0, 0, 60, 40), (1, 1, 59, 39))
+    assert len(sc.take()) == 24                             # new: all its tiles
+    sc.put("m", (0, 0, 60, 40), (1, 1, 59, 39), changed=(1, 1, 59, 19))   # its words
+    assert sc.take() == {(i, j) for i in range(6) for j in range(2)}
+    sc.put("m", (0, 0, 60, 40), (1, 1, 59, 39))             # all of it changed
+    assert len(sc.take()) == 24
+    sc.put("m", (20, 0, 80, 40), (21, 1, 79, 39), changed=(21, 1, 79, 19))  # moved
+    assert len(sc.take()) == 32                             # where it was and is
 
 
 def test_morph_picture_is_composed_with_its_text():

@@ -11,9 +11,15 @@ psycopg and the saver are imported only here, only when a Postgres URL is config
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from a4ps.config import redact_url as redact
+
+if TYPE_CHECKING:
+    from langgraph.checkpoint.postgres import PostgresSaver
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+    from psycopg_pool import ConnectionPool
 
 POSTGRES_SCHEMES = ("postgres://", "postgresql://")
 _SETUP_LOCK = 0x0A4B6      # advisory-lock namespace for creating the checkpoint tables
@@ -24,11 +30,12 @@ class CheckpointStoreError(RuntimeError):
     """The checkpoint database cannot be used; the message says what to do."""
 
 
-def is_postgres_url(value: Any) -> bool:
+def is_postgres_url(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and value.startswith(POSTGRES_SCHEMES)
 
 
-def postgres_saver(url: str, *, connect_timeout_s: float = 10.0) -> tuple[Any, Any]:
+def postgres_saver(url: str, *, connect_timeout_s: float = 10.0
+                   ) -> tuple[PostgresSaver, ConnectionPool[Connection[DictRow]]]:
     """(a set-up ``PostgresSaver``, the pool to close) on the database at ``url``.
 
     A small pool that checks each connection before use, so a database restart costs
@@ -39,18 +46,26 @@ def postgres_saver(url: str, *, connect_timeout_s: float = 10.0) -> tuple[Any, A
     from psycopg.rows import dict_row
     from psycopg_pool import ConnectionPool
 
-    kwargs = {"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row,
-              "connect_timeout": max(1, int(connect_timeout_s))}
+    kwargs: dict[str, Any] = {"autocommit": True, "prepare_threshold": 0,
+                              "row_factory": dict_row,
+                              "connect_timeout": max(1, int(connect_timeout_s))}
+
+    def connect() -> psycopg.Connection[DictRow]:
+        return psycopg.connect(url, autocommit=True, prepare_threshold=0,
+                               row_factory=dict_row,
+                               connect_timeout=max(1, int(connect_timeout_s)))
+
     try:    # one plain connection first: a refusal is immediate and says why
-        psycopg.connect(url, **kwargs).close()
+        connect().close()
     except psycopg.Error as e:
         raise CheckpointStoreError(
             f"cannot reach PostgreSQL for graph checkpoints at {redact(url)}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; "
             f"is the server running and the database created? (or set "
             f"cognition.checkpointer = \"sqlite\")") from e
-    pool = ConnectionPool(url, min_size=1, max_size=2, open=False, name="a4ps-checkpoints",
-                          check=ConnectionPool.check_connection, kwargs=kwargs)
+    pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
+        url, min_size=1, max_size=2, open=False, name="a4ps-checkpoints",
+        check=ConnectionPool.check_connection, kwargs=kwargs)
     try:
         pool.open(wait=True, timeout=connect_timeout_s)
         saver = PostgresSaver(pool)
@@ -58,10 +73,15 @@ def postgres_saver(url: str, *, connect_timeout_s: float = 10.0) -> tuple[Any, A
         # starting together): one at a time, under a session advisory lock. Polled, not
         # waited for in SQL: a migration builds an index CONCURRENTLY, which waits for
         # every open transaction, so a waiter blocked inside SELECT would deadlock it.
-        with psycopg.connect(url, **kwargs) as guard:
+        with connect() as guard:
             deadline = time.monotonic() + _SETUP_WAIT_S
-            while not guard.execute("SELECT pg_try_advisory_lock(%s, 1) AS got",
-                                    (_SETUP_LOCK,)).fetchone()["got"]:
+
+            def locked() -> bool:
+                row = guard.execute("SELECT pg_try_advisory_lock(%s, 1) AS got",
+                                    (_SETUP_LOCK,)).fetchone()
+                return bool(row and row["got"])
+
+            while not locked():
                 if time.monotonic() > deadline:
                     raise CheckpointStoreError(
                         f"another process has been creating the checkpoint tables for "

@@ -24,11 +24,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from a4ps.cognition import prompts
 from a4ps.cognition.signals import exact_computation
 from a4ps.models.errors import DecisionError
+
+if TYPE_CHECKING:
+    from a4ps.models.base import CancelToken
+    from a4ps.models.manager import ModelManager
+    from a4ps.proto import Proto
 
 ROUTES = prompts.ROUTES
 ROUTE_LABELS = prompts.ROUTE_LABELS          # route -> the word the model chooses
@@ -81,7 +86,8 @@ def _ask(kind: str, fn: Any) -> tuple[Any, str | None, float]:
         return None, f"{kind}: no decision ({e})", time.perf_counter() - t0
 
 
-def decide_route(models: Any, alfred: Any, task: str, *, cancel: Any = None) -> Decision:
+def decide_route(models: ModelManager, alfred: Proto, task: str, *,
+                 cancel: CancelToken | None = None) -> Decision:
     """ALFRED's route: the exact-computation signal, else a closed choice by the model
     among :data:`ROUTE_LABELS` (reported under the routes' names)."""
     evidence = exact_computation(task)
@@ -97,8 +103,8 @@ def decide_route(models: Any, alfred: Any, task: str, *, cancel: Any = None) -> 
     return Decision("route", route, None, scores, choice.method, spent)
 
 
-def decide_tool(models: Any, brick: Any, task: str, tools: list[dict[str, Any]], *,
-                cancel: Any = None) -> Decision:
+def decide_tool(models: ModelManager, brick: Proto, task: str, tools: list[dict[str, Any]], *,
+                cancel: CancelToken | None = None) -> Decision:
     """BRICK's choice among the registered ``tools`` (``{"name", "description"}``) or
     :data:`NO_TOOL` (none fits: a new tool is requested and forged)."""
     names = [str(t["name"]) for t in tools]
@@ -111,7 +117,8 @@ def decide_tool(models: Any, brick: Any, task: str, tools: list[dict[str, Any]],
     return Decision("tool", choice.value, None, dict(choice.scores), choice.method, spent)
 
 
-def decide_tool_request(models: Any, brick: Any, task: str, *, cancel: Any = None) -> Decision:
+def decide_tool_request(models: ModelManager, brick: Proto, task: str, *,
+                        cancel: CancelToken | None = None) -> Decision:
     """BRICK's tool request under :data:`TOOL_REQUEST_SCHEMA`, as the forge's request shape
     ``{"name": snake_case, "description": str, "args": dict}``.
 
@@ -166,8 +173,9 @@ def name_options(description: str, task: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def decide_answer(models: Any, alfred: Any, task: str, candidates: list[str], *,
-                  tool_result: dict[str, Any] | None = None, cancel: Any = None) -> Decision:
+def decide_answer(models: ModelManager, alfred: Proto, task: str, candidates: list[str], *,
+                  tool_result: dict[str, Any] | None = None,
+                  cancel: CancelToken | None = None) -> Decision:
     """ALFRED's choice of the best answer among the (distinct) candidates."""
     choice, problem, spent = _ask("answer choice", lambda: models.choose(
         alfred.model_name, prompts.answer_choice_messages(alfred, task, tool_result),

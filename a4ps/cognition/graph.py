@@ -53,7 +53,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, TypeGuard, cast
 
 # absolute imports: langgraph.json tooling may load this file by path
 from a4ps.cognition import decisions, generation, prompts
@@ -71,12 +71,15 @@ from a4ps.tools.registry import tool_name
 from a4ps.tools.tool_forge import spec_from_request
 
 if TYPE_CHECKING:
+    from langgraph.checkpoint.base import BaseCheckpointSaver
+
     from a4ps.config import Settings
     from a4ps.events import Bus
     from a4ps.memory import MemoryStore
     from a4ps.models.manager import ModelManager
-    from a4ps.proto import ProtoManager
-    from a4ps.tools.registry import ToolLookup
+    from a4ps.models.base import CancelToken
+    from a4ps.proto import Proto, ProtoManager
+    from a4ps.tools.registry import ToolCatalog, ToolLookup
     from a4ps.tools.tool_forge import Forger
 
 log = logging.getLogger(__name__)
@@ -89,7 +92,7 @@ CANDIDATE_CHARS = 400        # an answer candidate ALFRED chooses among, at most
 @dataclass
 class _Run:
     """What one running task needs beyond its state: the cancel token and its stream."""
-    cancel: Any
+    cancel: CancelToken | None
     stream: TokenStream
     owned: bool = True          # False: made by a node (a run started outside run())
 
@@ -102,6 +105,18 @@ class Turn:
     model_s: float
     tokens: int
     finish: str | None
+
+
+class StateNode(Protocol):
+    """A node as LangGraph's ``add_node`` types it: the parameter is named ``state``
+    (a plain ``Callable[[CognitiveState], ...]`` does not match its protocol)."""
+
+    def __call__(self, state: CognitiveState) -> dict[str, Any]: ...
+
+
+def _is_catalog(registry: object) -> TypeGuard[ToolCatalog]:
+    """Whether the tool seam can also list its tools (a minimal one may not)."""
+    return callable(getattr(registry, "list", None))
 
 
 class CognitiveGraph:
@@ -136,7 +151,8 @@ class CognitiveGraph:
             checkpointer_path = settings.cognition.checkpointer
             if not is_postgres_url(checkpointer_path):
                 checkpointer_path = Path(settings.checkpoint_dir) / "graph.sqlite"
-        self.checkpointer_url = checkpointer_path if is_postgres_url(checkpointer_path) else None
+        self.checkpointer_url: str | None = \
+            checkpointer_path if is_postgres_url(checkpointer_path) else None
         self.checkpointer_path = Path(checkpointer_path) \
             if checkpointer_path and self.checkpointer_url is None else None
         self._pool: Any = None
@@ -171,8 +187,7 @@ class CognitiveGraph:
         g.add_edge("remember", END)
         return g
 
-    def _node(self, name: str, fn: Callable[[CognitiveState], dict[str, Any]]
-              ) -> Callable[[CognitiveState], dict[str, Any]]:
+    def _node(self, name: str, fn: Callable[[CognitiveState], dict[str, Any]]) -> StateNode:
         """``fn`` behind the node-boundary cancel check."""
         def node(state: CognitiveState) -> dict[str, Any]:
             self._check_cancel(state, name)
@@ -187,7 +202,7 @@ class CognitiveGraph:
         """The compiled graph (with the SQLite checkpointer when configured), built once."""
         with self._lock:
             if self._compiled is None:
-                saver = None
+                saver: BaseCheckpointSaver[str] | None = None
                 if self.checkpointer_url is not None:
                     saver, self._pool = postgres_saver(self.checkpointer_url)
                 elif self.checkpointer_path is not None:
@@ -200,14 +215,15 @@ class CognitiveGraph:
                     # killed (SIGKILL); only an OS crash could lose the last one
                     self._conn.execute("PRAGMA journal_mode=WAL")
                     self._conn.execute("PRAGMA synchronous=NORMAL")
-                    saver = SqliteSaver(self._conn)
-                    saver.setup()
+                    sqlite_saver = SqliteSaver(self._conn)
+                    sqlite_saver.setup()
+                    saver = sqlite_saver
                 self._saver = saver
                 self._compiled = self.compile(saver)
             return self._compiled
 
     def mermaid(self) -> str:
-        return self.compile().get_graph().draw_mermaid()
+        return str(self.compile().get_graph().draw_mermaid())
 
     def close(self) -> None:
         with self._lock:
@@ -248,7 +264,7 @@ class CognitiveGraph:
 
     def run(self, task_id: str, text: str, *, resume: bool = False,
             route: str | None = None, meta: dict[str, Any] | None = None,
-            cancel: Any = None) -> dict[str, Any]:
+            cancel: CancelToken | None = None) -> dict[str, Any]:
         """Run one task to the end and return its result.
 
         ``resume=True`` continues from the task's last checkpoint if it has an
@@ -332,7 +348,7 @@ class CognitiveGraph:
         for _attempt in range(2):
             guard = TurnGuard(run.stream, node, persona, rnd, run.cancel)
             t0 = time.perf_counter()
-            text = ""
+            text: Any = ""     # a live invoke_llm may return anything: reply_problem says so
             try:
                 out = self._invoke(proto, msgs, guard, gen)
                 if isinstance(out, str):      # a live invoke_llm that returns text only
@@ -369,7 +385,7 @@ class CognitiveGraph:
             msgs = prompts.retry_nudge(messages, problem)
         return Turn("", f"{persona}: {problem} (after one retry)", spent, tokens, finish)
 
-    def _invoke(self, proto: Any, messages: list[dict[str, str]], guard: TurnGuard,
+    def _invoke(self, proto: Proto, messages: list[dict[str, str]], guard: TurnGuard,
                 gen: dict[str, Any]) -> Any:
         """The persona's live ``invoke_llm`` (so an edited method speaks), else the model."""
         if proto.has("invoke_llm"):
@@ -398,7 +414,7 @@ class CognitiveGraph:
             log.info("task %s: %s", state.get("task_id"), decision.problem)
         return decision
 
-    def _set_last_utterance(self, proto: Any, text: str) -> None:
+    def _set_last_utterance(self, proto: Proto, text: str) -> None:
         manager = getattr(proto, "_manager", None)
         if manager is None or not proto.has("last_utterance"):
             return
@@ -494,18 +510,18 @@ class CognitiveGraph:
     def _tool_menu(self) -> list[dict[str, Any]]:
         """The registered tools BRICK may choose among: name, description and the one
         text parameter that takes the task's words (None when it takes other inputs)."""
-        lister = getattr(self.registry, "list", None)
-        if not callable(lister):
+        registry = self.registry
+        if not _is_catalog(registry):
             return []
         try:
-            tools = list(lister())
+            tools = list(registry.list())
         except Exception:
             log.warning("listing the tools failed", exc_info=True)
             return []
         menu = []
         for t in tools:
             try:
-                spec = self.registry.get(t["name"]).get("spec") or {}
+                spec = registry.get(t["name"]).get("spec") or {}
             except Exception:
                 spec = {}
             inputs = dict(spec.get("inputs") or {})
@@ -522,27 +538,26 @@ class CognitiveGraph:
         rnd = len(state.get("rounds") or []) + 1
         brick = self.protos.get("BRICK")
         robin_said = state.get("robin_text") if rnd > 1 else None
-        turn = self._speak(state, "brick", "BRICK", rnd, prompts.brick_messages(
+        return self._contrapunto_turn(state, "brick", "BRICK", rnd, prompts.brick_messages(
             brick, state["task"], memories=state.get("memories") or [],
             robin_said=robin_said, tool_result=state.get("tool_result")))
-        self._step(state, "brick", "BRICK", turn.text, round=rnd, problem=turn.problem,
-                   finish=turn.finish)
-        update: dict[str, Any] = {"brick_text": turn.text,
-                                  "turns": [_turn("BRICK", rnd, turn, None)]}
-        if turn.problem:
-            update["problems"] = [turn.problem]
-        return update
 
     def _robin(self, state: CognitiveState) -> dict[str, Any]:
         rnd = len(state.get("rounds") or []) + 1
         robin = self.protos.get("ROBIN")
-        turn = self._speak(state, "robin", "ROBIN", rnd, prompts.robin_messages(
+        return self._contrapunto_turn(state, "robin", "ROBIN", rnd, prompts.robin_messages(
             robin, state["task"], brick_said=(state.get("brick_text") or None) if rnd > 1 else None,
             memories=state.get("memories") or [], tool_result=state.get("tool_result")))
-        self._step(state, "robin", "ROBIN", turn.text, round=rnd, problem=turn.problem,
+
+    def _contrapunto_turn(self, state: CognitiveState, node: str, persona: str, rnd: int,
+                          messages: list[dict[str, str]]) -> dict[str, Any]:
+        """BRICK's or ROBIN's turn in a round: speak, record the step, and the state
+        update (``<node>_text``, the turn, the problem if there was one)."""
+        turn = self._speak(state, node, persona, rnd, messages)
+        self._step(state, node, persona, turn.text, round=rnd, problem=turn.problem,
                    finish=turn.finish)
-        update: dict[str, Any] = {"robin_text": turn.text,
-                                  "turns": [_turn("ROBIN", rnd, turn, None)]}
+        update: dict[str, Any] = {f"{node}_text": turn.text,
+                                  "turns": [_turn(persona, rnd, turn, None)]}
         if turn.problem:
             update["problems"] = [turn.problem]
         return update
@@ -634,16 +649,16 @@ class CognitiveGraph:
             log.warning("task %s: tool request failed", state.get("task_id"), exc_info=True)
             return {**base, "reason": f"{type(e).__name__}: {e}"}
         if self.registry is not None:
-            result.update(self._call_tool(state, result, call_args))
+            result.update(self._call_tool(self.registry, state, result, call_args))
         return result
 
-    def _call_tool(self, state: CognitiveState, tool: dict[str, Any],
+    def _call_tool(self, registry: ToolLookup, state: CognitiveState, tool: dict[str, Any],
                    args: dict[str, Any]) -> dict[str, Any]:
         """Call a found or forged tool; publish ``tool.invoked`` either way."""
         t0 = time.perf_counter()
         error = None
         try:
-            output = _plain(self.registry.call(tool["name"], args))
+            output = _plain(registry.call(tool["name"], args))
         except Exception as e:
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.warning("task %s: calling tool %s failed: %s", state.get("task_id"), tool["name"], e)
@@ -744,8 +759,8 @@ class CognitiveGraph:
         try:
             mid = self.memory.add(
                 f"Task: {state['task']}\nAnswer: {state.get('answer', '')}",
-                kind="interaction", persona="ALFRED", task_id=state.get("task_id"),
-                dissonance=state.get("dissonance"),
+                kind="interaction", persona="ALFRED", task_id=state.get("task_id") or "",
+                dissonance=state.get("dissonance") or 0.0,
                 meta={**(state.get("meta") or {}), "route": state.get("route"), "rounds": len(rounds),
                       "stop": state.get("stop"), "brick": state.get("brick_text"),
                       "robin": state.get("robin_text"), "source": state.get("answer_source")})
@@ -762,7 +777,10 @@ class CognitiveGraph:
 
 def _after_recall(state: CognitiveState) -> Literal["contrapunto", "direct", "tool"]:
     route = state.get("route")
-    return route if route in ROUTES else "contrapunto"
+    # one of ROUTES, checked here (the state's route is a plain str)
+    if route in ROUTES:
+        return cast(Literal["contrapunto", "direct", "tool"], route)
+    return "contrapunto"
 
 
 def _after_tool_request(state: CognitiveState) -> Literal["request", "none"]:
@@ -779,7 +797,7 @@ def tool_answer(tool_result: Any) -> str:
         return ""
     output = tool_result.get("output")
     if isinstance(output, dict) and isinstance(output.get("answer"), str):
-        return output["answer"].strip()
+        return str(output["answer"]).strip()
     return ""
 
 

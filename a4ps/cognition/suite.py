@@ -30,13 +30,18 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from a4ps.cognition import generation, prompts
 from a4ps.cognition.answers import claims, repetition_cut, strip_repeats
 from a4ps.config import PROJECT_ROOT
 from a4ps.models.errors import DecisionError
 from a4ps.models.schema import validate
+
+if TYPE_CHECKING:
+    from a4ps.cognition.graph import CognitiveGraph
+    from a4ps.models.manager import ModelManager
+    from a4ps.proto import ProtoManager
 
 SUITE_PATH = PROJECT_ROOT / "config" / "suite" / "tasks.jsonl"
 MODES = ("contrapunto", "single", "brick")
@@ -190,7 +195,7 @@ def _check_json(check: dict[str, Any], answer: str) -> Verdict:
 class SuiteRunner:
     """Runs suite tasks in a mode over one graph, its models and its persona protos."""
 
-    def __init__(self, graph: Any, models: Any, protos: Any) -> None:
+    def __init__(self, graph: CognitiveGraph, models: ModelManager, protos: ProtoManager) -> None:
         self.graph = graph
         self.models = models
         self.protos = protos

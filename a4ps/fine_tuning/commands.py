@@ -13,19 +13,21 @@ import argparse
 import contextlib
 import json
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..client import DaemonClient, DaemonError, DaemonUnavailable, EventSubscriber
+from ..client import DaemonClient, DaemonError, DaemonUnavailable
 from ..offline import DaemonBusy, offline_system
 from .errors import FinetuneError
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 _NO_DAEMON = object()
 
 
-def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], *, timeout: float,
+def _via_daemon(settings: Settings, cmd: str, args: dict[str, Any], *, timeout: float,
                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> Any:
     """The daemon's result for ``cmd``, or ``_NO_DAEMON`` when none answers.
 
@@ -34,33 +36,14 @@ def _via_daemon(settings: Any, cmd: str, args: dict[str, Any], *, timeout: float
     if client is None:
         return _NO_DAEMON
     with client:
-        sub = EventSubscriber.from_settings(settings) if on_event else None
-        box: dict[str, Any] = {}
-
-        def call() -> None:
-            try:
-                box["result"] = client.request(cmd, args, timeout=timeout)
-            except (DaemonError, DaemonUnavailable) as e:
-                box["error"] = e
-        worker = threading.Thread(target=call, daemon=True)
-        worker.start()
         try:
-            while worker.is_alive():
-                if sub is None or on_event is None:
-                    worker.join(0.2)
-                    continue
-                for ev in sub.poll(200, timeout_ms=200):
-                    on_event(ev.topic, ev.payload)
-        finally:
-            if sub is not None:
-                sub.close()
-        if "error" in box:
-            raise SystemExit(f"a4ps: the daemon refused {cmd}: {box['error']}")
-        return box["result"]
+            return client.request_watching(cmd, args, on_event, timeout=timeout)
+        except (DaemonError, DaemonUnavailable) as e:
+            raise SystemExit(f"a4ps: the daemon refused {cmd}: {e}") from None
 
 
 @contextlib.contextmanager
-def _offline_system(settings: Any, what: str) -> Iterator[Any]:
+def _offline_system(settings: Settings, what: str) -> Iterator[Any]:
     """:func:`a4ps.offline.offline_system`, a busy daemon ending the command with its
     message (exit 1) as these commands always have."""
     try:
@@ -112,7 +95,7 @@ def _print_comparison(r: dict[str, Any]) -> None:
     print(("SWAPPED: " if r.get("swapped") else "NOT SWAPPED: ") + str(r.get("reason")))
 
 
-def _cmd_curate(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_curate(args: argparse.Namespace, settings: Settings) -> int:
     report = _via_daemon(settings, "curator.run", {"finetune": not args.no_finetune},
                          timeout=settings.finetune.timeout_s, on_event=_progress_event)
     if report is _NO_DAEMON:
@@ -146,7 +129,7 @@ def _cmd_curate(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _cmd_finetune(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
     persona = args.persona.upper()
     request = {"persona": persona, "steps": args.steps,
                "dataset": str(Path(args.dataset).resolve()) if args.dataset else None,
@@ -198,7 +181,7 @@ def _progress(p: dict[str, Any]) -> None:
         print(f"\rstep {p.get('step')}/{p.get('max_steps')}  loss {p['loss']:.4f}", end="", flush=True)
 
 
-def _cmd_lineage(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_lineage(args: argparse.Namespace, settings: Settings) -> int:
     persona = args.persona.upper()
     view = _via_daemon(settings, "models.lineage", {"persona": persona}, timeout=10)
     if view is not _NO_DAEMON:
@@ -231,7 +214,7 @@ def _cmd_lineage(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _cmd_rollback(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     persona = args.persona.upper()
     out = _via_daemon(settings, "models.rollback", {"persona": persona}, timeout=30)
     if out is _NO_DAEMON:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeGuard
 
 
 from .judge import Judge
@@ -220,6 +220,7 @@ def decide(cmp: Comparison, policy: GatePolicy) -> Comparison:
             check("judge", False, f"ALFRED's judgement gave no evidence ({j.scored} of "
                                   f"{j.asked} answer pairs scored); no evidence is not a pass")
         else:
+            assert j.new_mean is not None and j.current_mean is not None  # scored >= 1 sets both
             diff = j.new_mean - j.current_mean
             pairs = [(r["current_score"], r["new_score"]) for r in j.samples
                      if r.get("current_score") is not None and r.get("new_score") is not None]
@@ -298,5 +299,5 @@ def _upper_diff(pairs: list[tuple[float, float]], rounds: int, seed: int = 0) ->
     return float(np.quantile(d[idx].mean(axis=1), 1.0 - (1.0 - CONFIDENCE) / 2.0))
 
 
-def _finite(x: Any) -> bool:
+def _finite(x: Any) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

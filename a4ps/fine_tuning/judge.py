@@ -22,10 +22,15 @@ import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..models.base import Choice
 from ..models.errors import DecisionError, GenerationCancelled
+
+if TYPE_CHECKING:
+    from ..models.base import CancelToken
+    from ..models.manager import ModelManager
+    from ..proto import ProtoManager
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +188,7 @@ class Judge:
     decision the model could not make returns a Verdict with ``score=None``.
     """
 
-    def __init__(self, models: Any, protos: Any, persona: str = JUDGE) -> None:
+    def __init__(self, models: ModelManager, protos: ProtoManager, persona: str = JUDGE) -> None:
         self.models = models
         self.protos = protos
         self.persona = persona
@@ -193,7 +198,7 @@ class Judge:
         return str(proto.get("model_name")), proto.get("system_prompt") or None
 
     def score(self, task: str, answer: str, turns: dict[str, str] | None = None, *,
-              cancel: Any = None) -> Verdict:
+              cancel: CancelToken | None = None) -> Verdict:
         model, system = self._judge()
         try:
             choice = self.models.choose(model, score_messages(system, task, answer, turns),
@@ -204,7 +209,7 @@ class Judge:
                        scores=dict(choice.scores))
 
     def vote(self, task: str, answer: str, turns: dict[str, str] | None = None, *,
-             cancel: Any = None) -> str | None:
+             cancel: CancelToken | None = None) -> str | None:
         model, system = self._judge()
         try:
             vote: Choice = self.models.choose(model, vote_messages(system, task, answer, turns),
@@ -215,7 +220,7 @@ class Judge:
             return None
 
     def assess(self, task: str, answer: str, turns: dict[str, str] | None = None, *,
-               cancel: Any = None) -> Verdict:
+               cancel: CancelToken | None = None) -> Verdict:
         """Score and vote for one interaction. Raises ModelError if the model is down."""
         verdict = self.score(task, answer, turns, cancel=cancel)
         if verdict.score is not None:

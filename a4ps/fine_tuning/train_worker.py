@@ -37,7 +37,36 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, Required, TextIO, TypedDict
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+class TrainJob(TypedDict, total=False):
+    """``job.json``: what the fine-tuner asks of the training child (written by
+    ``PersonaFinetuner._write_job``); held-out items come from ``eval_path``, or from a
+    plain golden file at ``heldout_path``."""
+    base_dir: Required[str]
+    train_path: Required[str]
+    out_dir: Required[str]
+    steps: Required[int]
+    learning_rate: Required[float]
+    lora_r: Required[int]
+    lora_alpha: Required[int]
+    warmup_steps: Required[int]
+    batch_size: Required[int]
+    grad_accum: Required[int]
+    max_length: Required[int]
+    eval_path: str
+    heldout_path: str
+    current_adapter: str | None
+    system_prompt: str
+    backend: str                 # "auto" | "trl" | "unsloth"
+    seed: int
+    threads: int                 # 0: the idle cores
+
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -122,7 +151,8 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
     return [sample_of(r) for r in read_golden(path)]
 
 
-def _messages(sample: dict[str, Any], system_prompt: str | None, with_answer: bool):
+def _messages(sample: dict[str, Any], system_prompt: str | None, with_answer: bool
+              ) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
     msgs.append({"role": "user", "content": sample["user"]})
     if with_answer:
@@ -130,8 +160,10 @@ def _messages(sample: dict[str, Any], system_prompt: str | None, with_answer: bo
     return msgs
 
 
-def render(tokenizer, sample, system_prompt, eos: str | None) -> str:
-    text = tokenizer.apply_chat_template(_messages(sample, system_prompt, True), tokenize=False)
+def render(tokenizer: PreTrainedTokenizerBase, sample: dict[str, Any],
+           system_prompt: str | None, eos: str | None) -> str:
+    text = str(tokenizer.apply_chat_template(_messages(sample, system_prompt, True),
+                                             tokenize=False))
     text = text.rstrip("\n")
     if eos and not text.endswith(eos):
         text += eos
@@ -140,7 +172,9 @@ def render(tokenizer, sample, system_prompt, eos: str | None) -> str:
 
 # -- evaluation --------------------------------------------------------------------------
 
-def item_losses(model, tokenizer, samples, system_prompt, eos, max_length, device, *,
+def item_losses(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                samples: list[dict[str, Any]], system_prompt: str | None, eos: str | None,
+                max_length: int, device: str, *,
                 content_only: bool = False) -> list[tuple[float, int]]:
     """(mean NLL over the answer tokens, answer tokens) per sample; prompt tokens are
     masked out. A sample with no answer token left after truncation gives (nan, 0).
@@ -178,7 +212,9 @@ def item_losses(model, tokenizer, samples, system_prompt, eos, max_length, devic
     return out_rows
 
 
-def answer_loss(model, tokenizer, samples, system_prompt, eos, max_length, device) -> tuple[float, int]:
+def answer_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                samples: list[dict[str, Any]], system_prompt: str | None, eos: str | None,
+                max_length: int, device: str) -> tuple[float, int]:
     """Mean NLL over all the samples' answer tokens (token-weighted)."""
     rows = [(loss, n) for loss, n in item_losses(model, tokenizer, samples, system_prompt, eos,
                                                   max_length, device) if n]
@@ -199,8 +235,9 @@ def read_eval_items(path: str | Path) -> list[dict[str, Any]]:
     return items
 
 
-def _evaluate(which: str, model, tokenizer, items, system_prompt, eos, max_length, device
-              ) -> tuple[list[dict[str, Any]], float]:
+def _evaluate(which: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+              items: list[dict[str, Any]], system_prompt: str | None, eos: str | None,
+              max_length: int, device: str) -> tuple[list[dict[str, Any]], float]:
     t0 = time.monotonic()
     rows = item_losses(model, tokenizer, items, system_prompt, eos, max_length, device,
                        content_only=True)
@@ -244,21 +281,22 @@ def choose_backend(requested: str) -> tuple[str, str]:
 
 # -- training ------------------------------------------------------------------------------
 
-def _progress_callback(max_steps: int):
+def _progress_callback(max_steps: int) -> TrainerCallback:
     from transformers import TrainerCallback
 
     parent = os.getppid()
 
     class Progress(TrainerCallback):
-        def __init__(self):
+        def __init__(self) -> None:
             self.losses: list[float] = []
 
-        def on_step_end(self, args, state, control, **kw):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             # the daemon died (we run in our own session): don't train on as an orphan
             if os.getppid() != parent:
                 raise SystemExit("the parent process is gone; training stopped")
 
-        def on_log(self, args, state, control, logs=None, **kw):
+        def on_log(self, args: Any, state: Any, control: Any,
+                   logs: dict[str, float] | None = None, **kw: Any) -> None:
             if logs and "loss" in logs:
                 loss = float(logs["loss"])
                 self.losses.append(loss)
@@ -267,7 +305,7 @@ def _progress_callback(max_steps: int):
     return Progress()
 
 
-def _trainer_class(cuda: bool):
+def _trainer_class(cuda: bool) -> type[SFTTrainer]:
     """SFTTrainer, or on the CPU a subclass computing the model's own cross-entropy.
 
     TRL 1.15 computes the SFT loss with Triton kernels (a fused LM head), which need
@@ -282,17 +320,18 @@ def _trainer_class(cuda: bool):
     from transformers import Trainer
 
     class PlainLossSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
     return PlainLossSFTTrainer
 
 
-def _sft_config(job: dict[str, Any], out_dir: Path, *, cuda: bool, bf16: bool, optim: str,
-                eos: str | None):
+def _sft_config(job: TrainJob, out_dir: Path, *, cuda: bool, bf16: bool, optim: str,
+                eos: str | None) -> SFTConfig:
     from trl import SFTConfig
-    kw = dict(
+    kw: dict[str, Any] = dict(
         output_dir=str(out_dir / "trainer"),
         max_steps=int(job["steps"]),
         per_device_train_batch_size=int(job["batch_size"]),
@@ -334,7 +373,7 @@ def check_base(base_dir: str | Path) -> None:
                          f"{base_dir} so it is rebuilt, or point at a complete one") from None
 
 
-def train(job: dict[str, Any]) -> dict[str, Any]:
+def train(job: TrainJob) -> dict[str, Any]:
     """Train one LoRA adapter as ``job`` says; evaluate the model before and after on the
     held-out items; the ``done`` record (adapter dir, losses, timings, peak memory)."""
     t0 = time.monotonic()
@@ -398,7 +437,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
             "adapter_bytes": adapter_bytes}
 
 
-def _job_samples(job: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _job_samples(job: TrainJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training samples, held-out items) the job names; refuses a job with nothing to train."""
     train_samples = read_samples(job["train_path"])
     if job.get("eval_path"):
@@ -413,7 +452,7 @@ def _job_samples(job: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[s
     return train_samples, heldout
 
 
-def _load_model(job: dict[str, Any], backend: str, base_dir: str, max_length: int,
+def _load_model(job: TrainJob, backend: str, base_dir: str, max_length: int,
                 current_adapter: str | None, cuda: bool) -> tuple[Any, Any, bool, str]:
     """(model with a trainable LoRA, tokenizer, bf16, optimizer name): a fresh adapter,
     or the live one continued. Unsloth on CUDA, transformers + PEFT otherwise."""
@@ -440,7 +479,8 @@ def _load_model(job: dict[str, Any], backend: str, base_dir: str, max_length: in
         model = AutoModelForCausalLM.from_pretrained(
             base_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
         if cuda:
-            model = model.to("cuda")
+            # transformers types .to through functools.wraps, which drops the bound self
+            model = model.to("cuda")  # type: ignore[arg-type]
         if current_adapter:
             model = PeftModel.from_pretrained(model, current_adapter, is_trainable=True)
         else:
@@ -463,7 +503,7 @@ def _chat_tokens(tokenizer: Any) -> str | None:
     return eos
 
 
-def _fit(job: dict[str, Any], backend: str, model: Any, tokenizer: Any,
+def _fit(job: TrainJob, backend: str, model: Any, tokenizer: Any,
          train_samples: list[dict[str, Any]], system_prompt: str | None, eos: str | None,
          out_dir: Path, *, cuda: bool, bf16: bool, optim: str) -> tuple[Any, Any, float]:
     """Supervised fine-tuning on the rendered samples: (trainer, progress callback,
@@ -473,7 +513,8 @@ def _fit(job: dict[str, Any], backend: str, model: Any, tokenizer: Any,
     dataset = Dataset.from_list([{"text": t} for t in texts])
     trainer_cls = _trainer_class(cuda) if backend == "trl" else None
     if trainer_cls is None:
-        from trl import SFTTrainer as trainer_cls
+        from trl import SFTTrainer
+        trainer_cls = SFTTrainer
     args = _sft_config(job, out_dir, cuda=cuda, bf16=bf16, optim=optim, eos=eos)
     progress = _progress_callback(int(job["steps"]))
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset,

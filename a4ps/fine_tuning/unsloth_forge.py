@@ -42,9 +42,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import PROJECT_ROOT
+from ..models.base import AdapterHost
 from ..models.embedded import LORA_TAG, adapter_model_id, ensure_base_checkpoint, stage_adapter
 from ..models.ollama_backend import OllamaBackend
 from ..proto import ProtoError
@@ -52,7 +53,14 @@ from .errors import FinetuneError as FinetuneError  # its home is errors.py
 from .eval_set import EvalSet, content_key, load_suite, row_answer, row_task
 from .evaluation import Comparison, GatePolicy, compare_set, decide, judge_answers
 from .judge import Judge
-from .train_worker import read_golden
+from .train_worker import TrainJob, read_golden
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..events import EventBus
+    from ..models.manager import ModelManager
+    from ..proto import Proto, ProtoManager
+
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +96,8 @@ class FinetuneReport:
     train_seconds: float | None = None
     peak_rss_mb: float | None = None
     peak_gpu_mb: float | None = None
-    stages: dict[str, float] = field(default_factory=dict)   # wall seconds per stage
+    # wall seconds per stage (None: the child did not say)
+    stages: dict[str, float | None] = field(default_factory=dict)
     exit_code: int | None = None
     log_path: str | None = None
 
@@ -103,10 +112,7 @@ class _ChildResult:
     timed_out: bool
 
     def last(self, name: str) -> dict[str, Any] | None:
-        for e in reversed(self.events):
-            if e.get("event") == name:
-                return e
-        return None
+        return next((e for e in reversed(self.events) if e.get("event") == name), None)
 
 
 def eval_items(persona: str, heldout_rows: list[dict[str, Any]], suite_root: Path | None = None
@@ -140,8 +146,9 @@ class PersonaFinetuner:
     where the capability suites are (default ``config/eval``).
     """
 
-    def __init__(self, settings, bus, protos, models, *, backend: str = "auto",
-                 python: str | None = None, ollama: Any = None,
+    def __init__(self, settings: Settings, bus: EventBus, protos: ProtoManager,
+                 models: ModelManager, *, backend: str = "auto",
+                 python: str | None = None, ollama: AdapterHost | None = None,
                  base_checkpoint: Path | str | None = None,
                  suite_root: Path | str | None = None) -> None:
         if backend not in ("auto", "trl", "unsloth"):
@@ -155,7 +162,7 @@ class PersonaFinetuner:
         self._ollama = ollama
         self._base_checkpoint = Path(base_checkpoint) if base_checkpoint else None
         self._busy = threading.Lock()
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self.suite_root = Path(suite_root) if suite_root else None
 
     # -- public ------------------------------------------------------------------------
@@ -243,7 +250,7 @@ class PersonaFinetuner:
         return out
 
     # -- the run -------------------------------------------------------------------------
-    def _persona(self, persona: str):
+    def _persona(self, persona: str) -> Proto:
         proto = self.protos.find(persona)
         if proto is None:
             raise FinetuneError(f"no persona proto named {persona!r}; personas are "
@@ -336,7 +343,7 @@ class PersonaFinetuner:
         """``job.json``: everything the training child needs, in one file."""
         cfg = self.settings.finetune
         base_dir = self._base_dir()
-        job = {
+        job: TrainJob = {
             "base_dir": str(base_dir), "train_path": str(vdir / "train.jsonl"),
             "eval_path": str(vdir / "eval.jsonl"), "out_dir": str(vdir),
             "current_adapter": str(current_adapter) if current_adapter else None,
@@ -479,7 +486,7 @@ class PersonaFinetuner:
         return decide(cmp, dataclasses.replace(policy, judge_samples=0))
 
     # -- pieces ---------------------------------------------------------------------------
-    def _model_backend(self, proto) -> str:
+    def _model_backend(self, proto: Proto) -> str:
         return str(proto.get("model_backend") or self.settings.models.backend)
 
     def _base_dir(self) -> Path:
@@ -498,18 +505,19 @@ class PersonaFinetuner:
             return None
         live = next((e for e in reversed(lineage) if e.get("status") == "live"
                      and e.get("model_name") == current_model), None)
-        adir = live.get("adapter_dir") if live else None
-        return Path(adir) if adir and (Path(adir) / "adapter_config.json").is_file() else None
+        live_dir = live.get("adapter_dir") if live else None
+        return (Path(live_dir) if live_dir and (Path(live_dir) / "adapter_config.json").is_file()
+                else None)
 
     @staticmethod
     def _next_version(lineage: list[dict[str, Any]]) -> int:
         return max([int(e.get("version", 0)) for e in lineage] + [0]) + 1
 
-    def _ollama_backend(self):
+    def _ollama_backend(self) -> AdapterHost:
         if self._ollama is not None:
             return self._ollama
         be = getattr(self.models, "backend", None)
-        if be is not None and hasattr(be, "create_with_adapter"):
+        if isinstance(be, AdapterHost):      # has create_with_adapter
             return be
         self._ollama = OllamaBackend(self.settings)
         return self._ollama
@@ -532,14 +540,15 @@ class PersonaFinetuner:
         stage_adapter(self.settings, adapter)
         return adapter_model_id(adapter)
 
-    def _answer_with(self, proto):  # noqa: ARG002 - per-persona options may come later
+    def _answer_with(self, proto: Proto  # noqa: ARG002 - per-persona options may come later
+                     ) -> Callable[[str, list[dict[str, str]]], str]:
         def chat(model: str, messages: list[dict[str, str]]) -> str:
             # greedy, so the two models are compared on their most likely answers
             return self.models.chat(model, messages, temperature=0.0,
                                     max_tokens=JUDGE_ANSWER_TOKENS)
         return chat
 
-    def _record(self, persona: str, proto, lineage: list[dict[str, Any]], version: int,
+    def _record(self, persona: str, proto: Proto, lineage: list[dict[str, Any]], version: int,
                 current_model: str, candidate: str | None, report: FinetuneReport,
                 backend_kind: str, *, status: str, swap: bool,
                 cmp: Comparison | None = None) -> bool:
@@ -616,14 +625,14 @@ class PersonaFinetuner:
         return _ChildResult(events, proc.returncode, timed_out)
 
     @staticmethod
-    def _kill(proc: subprocess.Popen) -> None:
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             proc.kill()
         proc.wait(timeout=30)
 
-    def _read_child(self, proc: subprocess.Popen, persona: str, steps: int,
+    def _read_child(self, proc: subprocess.Popen[bytes], persona: str, steps: int,
                     events: list[dict[str, Any]]) -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:

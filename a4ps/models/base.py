@@ -14,7 +14,11 @@ is the engine behind it (embedded, Ollama, the scripted fake). Two kinds of call
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, Protocol, Sequence, runtime_checkable
+
+from a4ps.models.errors import ModelError
+from a4ps.models.schema import choice_schema
 
 Message = dict[str, str]
 Progress = Callable[[float, str], None]
@@ -71,3 +75,50 @@ class ChatBackend(Protocol):
 
     def structured(self, messages: list[Message], schema: dict[str, Any], *,
                    cancel: CancelToken | None = None) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class SwitchingBackend(Protocol):
+    """A backend that can move from one resident model to another without an unload
+    (the embedded one, between the base and its adapters)."""
+
+    def can_switch(self, current: str | None, new: str) -> bool: ...
+
+
+@runtime_checkable
+class AdapterHost(Protocol):
+    """A backend that registers base + LoRA adapter as a new model tag (Ollama); the
+    fine-tuner and persona import use it."""
+
+    def create_with_adapter(self, new_tag: str, base: str, adapter_dir: Path) -> str: ...
+
+
+class ServerBackend:
+    """What the backends on a model server (Ollama, OpenAI-compatible) share: every
+    call's failure becomes a typed ModelError saying what to do next (``_translate``,
+    per server), the selected model, and a closed choice asked as a JSON object whose
+    one field is an enum of the options (``structured``, per server)."""
+
+    choice_method: ClassVar[str]
+    _resident: str | None
+
+    def _translate(self, e: Exception, what: str, model: str | None) -> Exception:
+        raise NotImplementedError
+
+    def _call(self, what: str, model: str | None, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as e:
+            raise self._translate(e, what, model) from e
+
+    def resident(self) -> str | None:
+        return self._resident
+
+    def structured(self, messages: list[Message], schema: dict[str, Any], *,
+                   cancel: CancelToken | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def choose(self, messages: list[Message], options: Sequence[str], *,
+               cancel: CancelToken | None = None) -> Choice:
+        value = self.structured(messages, choice_schema(options), cancel=cancel)
+        return Choice(value["choice"], {}, self.choice_method)

@@ -20,10 +20,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from a4ps.models.errors import ModelLoadError
 from a4ps.models.gguf_import import UnsupportedGGUF, llama_checkpoint
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Progress = Callable[[float, str], None]
 COMPLETE = ".a4ps-complete"
@@ -78,7 +81,7 @@ def convert_llama(source: Path, out_dir: Path, *, quantization: str = "int8",
     dec = spec.decoder
     dec.scale_embeddings = False
 
-    def t(name: str):
+    def t(name: str) -> np.ndarray:
         try:
             return np.ascontiguousarray(w[name], dtype=np.float32)
         except KeyError:
@@ -134,7 +137,8 @@ def convert_llama(source: Path, out_dir: Path, *, quantization: str = "int8",
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-def _read_source(source: Path, progress: Progress | None):
+def _read_source(source: Path, progress: Progress | None
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str], dict[str, str]]:
     """(HF config, HF-named float32 weights, vocabulary by id, tokenizer files)."""
     if source.is_file():
         ck = llama_checkpoint(source, lambda f, s: _report(progress, 0.05 + 0.35 * f, s))
@@ -142,7 +146,7 @@ def _read_source(source: Path, progress: Progress | None):
         return ck.config, ck.weights, ck.tokens, files
     from safetensors.numpy import load_file
     cfg = json.loads((source / "config.json").read_text())
-    w: dict = {}
+    w: dict[str, np.ndarray] = {}
     for f in sorted(source.glob("*.safetensors")):
         w.update(load_file(str(f)))
     files = {n: (source / n).read_text() for n in _TOKENIZER_FILES if (source / n).is_file()}
@@ -154,7 +158,7 @@ def _read_source(source: Path, progress: Progress | None):
     return cfg, w, tokens, files
 
 
-def merge_lora(weights: dict, adapter: Path) -> None:
+def merge_lora(weights: dict[str, np.ndarray], adapter: Path) -> None:
     """Fold a PEFT LoRA adapter into ``weights`` (name -> float32 array) in place."""
     import numpy as np
     from safetensors.numpy import load_file

@@ -8,7 +8,7 @@ LoRA, so an adapter is merged and converted once (see :mod:`a4ps.models.ct2_conv
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Generator, Sequence
 
 from a4ps.models.engine import Sampling
 from a4ps.models.errors import ModelLoadError
@@ -38,7 +38,8 @@ class CT2Engine:
     def _strings(self, ids: Sequence[int]) -> list[str]:
         return self.tok.token_strings(ids)
 
-    def stream(self, ids: list[int], *, max_new: int, sampling: Sampling) -> Iterator[int]:
+    def stream(self, ids: list[int], *, max_new: int,
+               sampling: Sampling) -> Generator[int, None, None]:
         kw = dict(max_length=int(max_new), end_token=sorted(self.tok.end_ids),
                   repetition_penalty=float(sampling.repetition_penalty),
                   no_repeat_ngram_size=int(sampling.no_repeat_ngram_size))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from a4ps.models.base import CancelToken, Choice, Message
 from a4ps.models.engine import Sampling, TokenEngine
@@ -49,7 +49,8 @@ class Decider:
         self.engine = engine
         self.tok = tok
         self.method = method
-        self._cf_cache: OrderedDict[tuple, list[float]] = OrderedDict()
+        self._cf_cache: OrderedDict[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]],
+                                    list[float]] = OrderedDict()
         self._cache_size = cache_size
 
     # -- choose -------------------------------------------------------------
@@ -73,7 +74,8 @@ class Decider:
         return Choice(options[best], dict(zip(options, flat)), f"scored-{method}")
 
     def _scores(self, prefix: list[int], conts: list[list[int]], method: str,
-                cancel: CancelToken | None, cf_prefix, groups: list[int] | None = None
+                cancel: CancelToken | None, cf_prefix: Callable[[], list[int]],
+                groups: list[int] | None = None
                 ) -> list[float]:
         """One score per group of continuations (groups of 1 unless given): the
         group's log-probability (log-sum-exp), calibrated or raw as ``method`` says."""
@@ -116,7 +118,8 @@ class Decider:
 class _Walk:
     """One schema walk: the JSON text written so far and the prompt it follows."""
 
-    def __init__(self, decider: Decider, prompt: list[int], cf_prompt, cancel) -> None:
+    def __init__(self, decider: Decider, prompt: list[int], cf_prompt: Callable[[], list[int]],
+                 cancel: CancelToken | None) -> None:
         self.d = decider
         self.tok = decider.tok
         self.prompt = prompt
@@ -228,7 +231,7 @@ class _Walk:
         self.text += " " + json.dumps(value)
         return value
 
-    def _extend(self, done, max_new: int) -> str:
+    def _extend(self, done: Callable[[str], bool], max_new: int) -> str:
         """Greedy text after the current JSON, until ``done(text)`` or ``max_new`` tokens."""
         _check(self.cancel)
         ids: list[int] = []
@@ -293,7 +296,7 @@ def _opening(schema: dict[str, Any]) -> str:
     if "enum" in schema:
         return " " + json.dumps(schema["enum"][0])
     return {"object": "{", "array": " [", "string": ' "', "boolean": " true",
-            "null": " null", "integer": " 1", "number": " 1"}.get(schema.get("type"), " ")
+            "null": " null", "integer": " 1", "number": " 1"}.get(str(schema.get("type")), " ")
 
 
 def _spellings(option: str) -> list[str]:
@@ -315,7 +318,7 @@ def _unescape(raw: str) -> str:
     if "\\" not in raw:
         return raw
     try:
-        return json.loads('"' + raw.rstrip("\\") + '"')
+        return str(json.loads('"' + raw.rstrip("\\") + '"'))
     except ValueError:
         return raw.replace("\\", "")
 
@@ -334,7 +337,7 @@ def _parse_number(raw: str, integer: bool) -> int | float | None:
     return v
 
 
-def _candidates(lo, hi, integer: bool) -> list[int | float]:
+def _candidates(lo: float | None, hi: float | None, integer: bool) -> list[int | float]:
     lo_v = lo if lo is not None else (0 if hi is None or hi >= 0 else hi)
     hi_v = hi if hi is not None else lo_v + 100
     mid = (lo_v + hi_v) / 2

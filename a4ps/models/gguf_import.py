@@ -21,9 +21,12 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from a4ps.models.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Progress = Callable[[float, str], None]
 
@@ -65,7 +68,7 @@ class GGUFFile:
     tensors: dict[str, GGUFTensor]
     _data: Any = field(repr=False, default=None)
 
-    def raw(self, name: str):
+    def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as stored (uint8 rows of quantized blocks)."""
         import numpy as np
         t = self.tensors[name]
@@ -73,7 +76,7 @@ class GGUFFile:
             self._data = np.memmap(self.path, mode="r", dtype=np.uint8)
         return np.asarray(self._data[t.offset:t.offset + t.nbytes])
 
-    def dequantized(self, name: str):
+    def dequantized(self, name: str) -> np.ndarray:
         """The tensor as float32 in its numpy shape (``gguf.quants`` dequantizers)."""
         import numpy as np
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -104,10 +107,10 @@ def read_gguf(path: Path) -> GGUFFile:
         if version not in (2, 3):
             raise UnsupportedGGUF(f"{path.name}: GGUF version {version} is not read here")
     buf = np.memmap(path, mode="r", dtype=np.uint8)
-    mv = memoryview(buf)
+    mv = buf.data              # a memoryview of the mapped bytes
     pos = 24
 
-    def scalar(fmt: str):
+    def scalar(fmt: str) -> Any:
         nonlocal pos
         v = struct.unpack_from(fmt, mv, pos)[0]
         pos += struct.calcsize(fmt)
@@ -121,7 +124,7 @@ def read_gguf(path: Path) -> GGUFFile:
         pos += n
         return s
 
-    def value(vtype: int):
+    def value(vtype: int) -> Any:
         nonlocal pos
         if vtype == _STRING:
             return string()
@@ -225,7 +228,7 @@ def _hf_name(name: str) -> str | None:
     return None
 
 
-def _unpermute(w, n_heads: int):
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (its RoPE pairs adjacent rows; Hugging Face
     pairs row i with row i + head_dim/2): the inverse of ``convert_hf_to_gguf.permute``."""
     half = w.shape[0] // n_heads // 2
@@ -236,7 +239,7 @@ def _llama_config(f: GGUFFile) -> dict[str, Any]:
     m = f.metadata
     a = "llama."
 
-    def need(key: str):
+    def need(key: str) -> Any:
         if a + key not in m:
             raise UnsupportedGGUF(f"{f.path.name}: metadata {a + key} is missing")
         return m[a + key]
@@ -273,9 +276,9 @@ def _tokenizer_files(f: GGUFFile) -> dict[str, str]:
     if kind != "gpt2" or "tokenizer.ggml.merges" not in m:
         raise UnsupportedGGUF(f"{f.path.name}: tokenizer {kind!r} is not byte-level BPE")
     tokens: list[str] = list(m["tokenizer.ggml.tokens"])
-    types = m.get("tokenizer.ggml.token_type")
-    special = {i for i, t in enumerate(types if types is not None else ())
-               if int(t) in (_CONTROL, _USER_DEFINED)}
+    raw_types = m.get("tokenizer.ggml.token_type")
+    types = list(raw_types) if raw_types is not None else []
+    special = {i for i, t in enumerate(types) if int(t) in (_CONTROL, _USER_DEFINED)}
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False,
               "rstrip": False, "normalized": False,
               "special": int(types[i]) == _CONTROL} for i in sorted(special)]

@@ -16,19 +16,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
-from a4ps.models.base import CancelToken, Choice, Generation, OnToken
+from a4ps.models.base import (CancelToken, ChatBackend, Choice, Generation, OnToken,
+                              SwitchingBackend)
 from a4ps.models.errors import (DecisionError, GenerationCancelled, InvalidRequest,
                                 ModelError, ModelTooLarge)
-from a4ps.models.schema import check_schema, validate
+from a4ps.models.schema import check_decision_schema, validate_object
 from a4ps.models.embedded import EmbeddedBackend
 from a4ps.models.embeddings import Embedder, make_embedder
 from a4ps.models.ollama_backend import OllamaBackend
 from a4ps.models.openai_backend import OpenAIBackend
 from a4ps.models.scripted import demo_backend
+
+if TYPE_CHECKING:
+    from a4ps.config import Settings
+    from a4ps.events import Bus
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +65,11 @@ class ModelManager:
     overlap and a ``release()`` (the fine-tuner's) waits for the current one.
     """
 
-    def __init__(self, settings, bus, backend=None, embedder=None) -> None:
+    def __init__(self, settings: Settings, bus: Bus, backend: ChatBackend | None = None,
+                 embedder: Embedder | None = None) -> None:
         self.settings = settings
         self.bus = bus
-        self.backend = backend if backend is not None else _backend_for(settings)
+        self.backend: ChatBackend = backend if backend is not None else _backend_for(settings)
         self._embedder = embedder
         self._lock = threading.RLock()
         self._embed_lock = threading.Lock()
@@ -77,7 +83,8 @@ class ModelManager:
         }
 
     @classmethod
-    def from_settings(cls, settings, bus, embedder=None) -> "ModelManager":
+    def from_settings(cls, settings: Settings, bus: Bus,
+                      embedder: Embedder | None = None) -> ModelManager:
         """The manager on the backend ``settings.models.backend`` names."""
         return cls(settings, bus, backend=_backend_for(settings), embedder=embedder)
 
@@ -147,13 +154,13 @@ class ModelManager:
                    ) -> dict[str, Any]:
         """An object conforming to ``schema`` (see :mod:`a4ps.models.schema`), or DecisionError."""
         msgs = normalise_messages(messages)
-        check_schema(schema)
+        check_decision_schema(schema)
         with self._lock:
             _raise_if_cancelled(cancel, model)
             try:
                 value = self._call(model, lambda: self.backend.structured(
                     msgs, schema, cancel=cancel))
-                result = validate(value, schema)
+                result = validate_object(value, schema)
             except DecisionError:
                 self._stats["decision_errors"] += 1
                 raise
@@ -188,7 +195,7 @@ class ModelManager:
             raise ModelTooLarge(
                 f"{model} needs about {need / 1e9:.1f} GB but models.memory_budget_gb is "
                 f"{self.budget_bytes / 1e9:.1f}; pick a smaller model or raise the budget")
-        swap = current is not None and getattr(self.backend, "can_switch", None) is not None \
+        swap = current is not None and isinstance(self.backend, SwitchingBackend) \
             and self.backend.can_switch(current, model)
         if current is not None and not swap:
             self._unload_locked()
@@ -299,7 +306,7 @@ class ModelManager:
         return s
 
 
-def _backend_for(settings):
+def _backend_for(settings: Settings) -> ChatBackend:
     kind = settings.models.backend
     if kind == "embedded":
         return EmbeddedBackend(settings)
@@ -318,7 +325,7 @@ def _raise_if_cancelled(cancel: CancelToken | None, model: str) -> None:
 
 
 def _safe_callback(fn: Callable[[str], None]) -> Callable[[str], None]:
-    failed = []
+    failed: list[bool] = []
 
     def call(piece: str) -> None:
         if failed:

@@ -8,30 +8,39 @@ when the model is missing.
 """
 from __future__ import annotations
 
+import builtins
+import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from a4ps.models.base import CancelToken, Choice, Generation
-from a4ps.models.errors import (BackendUnavailable, DecisionError, InvalidRequest,
+from a4ps.models.base import (CancelToken, Finish, Generation, Message, OnToken, Progress,
+                              ServerBackend)
+from a4ps.models.errors import (BackendUnavailable, InvalidRequest,
                                 ModelError, ModelNotFound, ModelTimeout)
-from a4ps.protocol import plain
-from a4ps.models.schema import validate
+from a4ps.models.schema import parse_json_answer, validate_object
+from a4ps.values import plain
+
+if TYPE_CHECKING:
+    import ollama
+
+    from a4ps.config import Settings
 
 log = logging.getLogger(__name__)
 
 _ADAPTER_SUFFIXES = (".safetensors", ".json", ".gguf", ".bin")
 
 
-class OllamaBackend:
+class OllamaBackend(ServerBackend):
     """Chat, stream, embed, unload, list, ps and create-with-adapter against Ollama."""
 
     name = "ollama"
+    choice_method = "json-format"
 
-    def __init__(self, settings, client=None) -> None:
+    def __init__(self, settings: Settings, client: ollama.Client | None = None) -> None:
         import os
 
         import ollama
@@ -42,12 +51,6 @@ class OllamaBackend:
         self._resident: str | None = None
 
     # -- error translation --------------------------------------------------
-
-    def _call(self, what: str, model: str | None, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as e:
-            raise self._translate(e, what, model) from e
 
     def _translate(self, e: Exception, what: str, model: str | None) -> Exception:
         import httpx
@@ -72,16 +75,18 @@ class OllamaBackend:
 
     # -- the raw API (what personas and the fine-tuner use directly) ----------
 
-    def _options(self, temperature, max_tokens, stop, gen: dict[str, Any] | None = None
+    def _options(self, temperature: float | None, max_tokens: int | None,
+                 stop: Sequence[str] | None, gen: dict[str, Any] | None = None
                  ) -> dict[str, Any]:
         """Ollama's options: ``top_p``, ``top_k``, ``repetition_penalty`` (its
         ``repeat_penalty``) and ``seed`` pass through; ``no_repeat_ngram_size`` has no
         Ollama equivalent and is ignored."""
         opts: dict[str, Any] = {}
+        knobs = gen or {}
         for ours, theirs in (("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
                              ("repetition_penalty", "repeat_penalty")):
-            if (gen or {}).get(ours) is not None:
-                opts[theirs] = gen[ours]
+            if knobs.get(ours) is not None:
+                opts[theirs] = knobs[ours]
         if temperature is not None:
             opts["temperature"] = float(temperature)
         if max_tokens is not None:
@@ -109,7 +114,9 @@ class OllamaBackend:
             if part.message and part.message.content:
                 yield part.message.content
 
-    def _stream_parts(self, model, messages, temperature, max_tokens, stop, gen=None):
+    def _stream_parts(self, model: str, messages: list[Message], temperature: float | None,
+                      max_tokens: int | None, stop: Sequence[str] | None,
+                      gen: dict[str, Any] | None = None) -> Iterator[ollama.ChatResponse]:
         it = self._call("chat", model, lambda: self.client.chat(
             model=model, messages=messages, stream=True,
             options=self._options(temperature, max_tokens, stop, gen),
@@ -131,7 +138,7 @@ class OllamaBackend:
         r = self._call("list", None, self.client.list)
         return [_plain(m) for m in r.models]
 
-    def ps(self) -> list[dict[str, Any]]:
+    def ps(self) -> builtins.list[dict[str, Any]]:
         """Loaded models: [{name, size, size_vram, expires_at, ...}]."""
         r = self._call("ps", None, self.client.ps)
         return [_plain(m) for m in r.models]
@@ -150,7 +157,8 @@ class OllamaBackend:
             raise InvalidRequest(f"no adapter files (*.safetensors, adapter_config.json) "
                                  f"in {adapter_dir}")
         digests = {p.name: self._call("create_blob", None,
-                                      lambda p=p: self.client.create_blob(p)) for p in files}
+                                      functools.partial(self.client.create_blob, p))
+                   for p in files}
         r = self._call("create", base, lambda: self.client.create(
             model=new_tag, from_=base, adapters=digests, stream=False))
         if getattr(r, "status", "success") not in ("success", None):
@@ -169,9 +177,6 @@ class OllamaBackend:
 
     # -- the ModelManager backend protocol ------------------------------------
 
-    def resident(self) -> str | None:
-        return self._resident
-
     def estimate_bytes(self, model: str) -> int | None:
         """The model's size from ``ollama list`` (None if Ollama does not say)."""
         want = model if ":" in model else model + ":latest"
@@ -180,7 +185,7 @@ class OllamaBackend:
                 return int(m["size"]) if m.get("size") else None
         raise ModelNotFound(f"Ollama has no model {model!r}: run `ollama pull {model}`")
 
-    def load(self, model: str, progress=None) -> dict[str, Any]:
+    def load(self, model: str, progress: Progress | None = None) -> dict[str, Any]:
         if progress:
             progress(0.1, "asking Ollama to load")
         r = self._call("load", model, lambda: self.client.chat(
@@ -188,8 +193,10 @@ class OllamaBackend:
         self._resident = model
         return {"load_duration_s": (getattr(r, "load_duration", None) or 0) / 1e9}
 
-    def generate(self, messages, *, temperature=None, max_tokens=None, stop=None,
-                 on_token=None, cancel: CancelToken | None = None, **gen: Any) -> Generation:
+    def generate(self, messages: builtins.list[Message], *, temperature: float | None = None,
+                 max_tokens: int | None = None, stop: builtins.list[str] | None = None,
+                 on_token: OnToken | None = None, cancel: CancelToken | None = None,
+                 **gen: Any) -> Generation:
         model = self._resident
         if model is None:
             raise ModelError("no Ollama model is loaded; the ModelManager loads one first")
@@ -197,7 +204,7 @@ class OllamaBackend:
         first: float | None = None
         pieces: list[str] = []
         tokens = 0
-        finish = "eos"
+        finish: Finish = "eos"
         for part in self._stream_parts(model, messages, temperature, max_tokens, stop, gen):
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"        # closing the stream stops Ollama generating
@@ -218,20 +225,9 @@ class OllamaBackend:
         return Generation("".join(pieces).strip(), tokens, time.perf_counter() - t0, first,
                           finish)
 
-    def choose(self, messages, options: Sequence[str], *,
-               cancel: CancelToken | None = None) -> Choice:
-        """Ollama's structured outputs: a JSON object whose one field is an enum."""
-        schema = {"type": "object", "properties": {"choice": {"type": "string",
-                                                              "enum": list(options)}},
-                  "required": ["choice"]}
-        value = self.structured(messages, schema, cancel=cancel)
-        return Choice(value["choice"], {}, "json-format")
-
-    def structured(self, messages, schema: dict[str, Any], *,
+    def structured(self, messages: builtins.list[Message], schema: dict[str, Any], *,
                    cancel: CancelToken | None = None) -> dict[str, Any]:
         """``format=schema`` (Ollama constrains decoding to it), then strict validation."""
-        import json
-
         model = self._resident
         if model is None:
             raise ModelError("no Ollama model is loaded; the ModelManager loads one first")
@@ -239,14 +235,12 @@ class OllamaBackend:
             model=model, messages=messages, stream=False, format=schema,
             options={"temperature": 0.0}, keep_alive=self.cfg.keep_alive))
         raw = (r.message.content or "").strip()
-        try:
-            value = json.loads(raw)
-        except ValueError as e:
-            raise DecisionError(f"{model} answered no JSON for a decision: {raw[:80]!r}") from e
-        return validate(value, schema)
+        return validate_object(parse_json_answer(model, raw), schema)
 
 
 def _plain(m: Any) -> dict[str, Any]:
     d = plain(m)            # the wire codec's reduction: datetimes become ISO strings
+    if not isinstance(d, dict):         # ollama's Model/ProcessResponse entries are objects
+        raise ModelError(f"Ollama listed {m!r}, not a model record")
     d.setdefault("name", d.get("model"))
     return d

@@ -23,16 +23,22 @@ within ``models.openai.timeout_s`` -> ModelTimeout.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
-from a4ps.models.base import CancelToken, Choice, Generation
-from a4ps.models.errors import (BackendUnavailable, DecisionError, InvalidRequest,
+from a4ps.models.base import (CancelToken, Finish, Generation, Message, OnToken, Progress,
+                              ServerBackend)
+from a4ps.models.errors import (BackendUnavailable, InvalidRequest,
                                 ModelError, ModelNotFound, ModelTimeout)
-from a4ps.models.schema import validate
+from a4ps.models.schema import parse_json_answer, validate_object
+
+if TYPE_CHECKING:
+    import openai
+    from openai.types.chat import ChatCompletionMessageParam
+
+    from a4ps.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +48,13 @@ _START_HINT = ("start it (vLLM: `vllm serve MODEL --port 8000`; llama.cpp: "
                "server) or point models.openai.base_url / OPENAI_BASE_URL at it")
 
 
-class OpenAIBackend:
+class OpenAIBackend(ServerBackend):
     """Chat, stream and decide against an OpenAI-compatible server."""
 
     name = "openai"
+    choice_method = "json-schema"
 
-    def __init__(self, settings, client=None) -> None:
+    def __init__(self, settings: Settings, client: openai.OpenAI | None = None) -> None:
         import openai
         self.settings = settings
         self.cfg = settings.models.openai
@@ -60,12 +67,6 @@ class OpenAIBackend:
         self._resident: str | None = None
 
     # -- error translation --------------------------------------------------
-
-    def _call(self, what: str, model: str | None, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as e:
-            raise self._translate(e, what, model) from e
 
     def _translate(self, e: Exception, what: str, model: str | None) -> Exception:
         import openai
@@ -108,7 +109,8 @@ class OpenAIBackend:
         except Exception as e:
             raise self._translate(e, "list models", None) from e
 
-    def _sampling(self, temperature, max_tokens, stop, gen: dict[str, Any]) -> dict[str, Any]:
+    def _sampling(self, temperature: float | None, max_tokens: int | None,
+                  stop: Sequence[str] | None, gen: dict[str, Any]) -> dict[str, Any]:
         kw: dict[str, Any] = {}
         if temperature is not None:
             kw["temperature"] = float(temperature)
@@ -125,14 +127,11 @@ class OpenAIBackend:
 
     # -- the ChatBackend protocol ----------------------------------------------
 
-    def resident(self) -> str | None:
-        return self._resident
-
     def estimate_bytes(self, model: str) -> int | None:
         """None: the model lives in the server's memory, not under our budget."""
         return None
 
-    def load(self, model: str, progress=None) -> dict[str, Any]:
+    def load(self, model: str, progress: Progress | None = None) -> dict[str, Any]:
         if progress:
             progress(0.1, f"asking {self.base_url} which models it serves")
         served = self.served_models()
@@ -155,18 +154,20 @@ class OpenAIBackend:
                              "ModelManager loads one first")
         return self._resident
 
-    def generate(self, messages, *, temperature=None, max_tokens=None, stop=None,
-                 on_token=None, cancel: CancelToken | None = None, **gen: Any) -> Generation:
+    def generate(self, messages: list[Message], *, temperature: float | None = None,
+                 max_tokens: int | None = None, stop: list[str] | None = None,
+                 on_token: OnToken | None = None, cancel: CancelToken | None = None,
+                 **gen: Any) -> Generation:
         model = self._model()
         t0 = time.perf_counter()
         stream = self._call("chat", model, lambda: self.client.chat.completions.create(
-            model=model, messages=messages, stream=True,
+            model=model, messages=_wire_messages(messages), stream=True,
             stream_options={"include_usage": True},
             **self._sampling(temperature, max_tokens, stop, gen)))
         first: float | None = None
         pieces: list[str] = []
         tokens = 0
-        finish = "eos"
+        finish: Finish = "eos"
         try:
             for chunk in stream:     # errors (a read timeout) surface while iterating
                 if cancel is not None and cancel.is_set():
@@ -194,30 +195,17 @@ class OpenAIBackend:
         return Generation("".join(pieces).strip(), tokens or len(pieces),
                           time.perf_counter() - t0, first, finish)
 
-    def choose(self, messages, options: Sequence[str], *,
-               cancel: CancelToken | None = None) -> Choice:
-        """A JSON object whose one field is an enum of the options."""
-        schema = {"type": "object", "properties": {"choice": {"type": "string",
-                                                              "enum": list(options)}},
-                  "required": ["choice"]}
-        value = self.structured(messages, schema, cancel=cancel)
-        return Choice(value["choice"], {}, "json-schema")
-
-    def structured(self, messages, schema: dict[str, Any], *,
+    def structured(self, messages: list[Message], schema: dict[str, Any], *,
                    cancel: CancelToken | None = None) -> dict[str, Any]:
         """``response_format`` json_schema (strict), then strict validation."""
         model = self._model()
         wire, plan = strict_schema(schema)
         r = self._call("chat", model, lambda: self.client.chat.completions.create(
-            model=model, messages=messages, temperature=0.0,
+            model=model, messages=_wire_messages(messages), temperature=0.0,
             response_format={"type": "json_schema", "json_schema": {
                 "name": "decision", "schema": wire, "strict": True}}))
         raw = ((r.choices[0].message.content if r.choices else None) or "").strip()
-        try:
-            value = json.loads(raw)
-        except ValueError as e:
-            raise DecisionError(f"{model} answered no JSON for a decision: {raw[:80]!r}") from e
-        return validate(drop_optional_nulls(value, plan), schema)
+        return validate_object(drop_optional_nulls(parse_json_answer(model, raw), plan), schema)
 
 
 def strict_schema(schema: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -270,3 +258,9 @@ def _is_transport_timeout(e: BaseException) -> bool:
     """A read timeout from the HTTP transport the openai client uses (httpx or httpx2)."""
     return any(c.__name__ == "TimeoutException" and c.__module__.startswith("httpx")
                for c in type(e).__mro__)
+
+
+def _wire_messages(messages: list[Message]) -> list[ChatCompletionMessageParam]:
+    """Our checked ``{role, content}`` dicts as the client's message type (the same
+    dicts: the manager has already refused unknown roles)."""
+    return cast("list[ChatCompletionMessageParam]", messages)

@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Sequence
 
 from a4ps.models.engine import Sampling
 from a4ps.models.errors import ModelLoadError
 from a4ps.models.threads import apply_openmp_policy
 from a4ps.models.tokens import ChatTokenizer
 
+if TYPE_CHECKING:
+    import numpy as np
+
 
 ONNX_REQUIREMENTS = "requirements-onnx.txt"
 
 
-def require_onnxruntime_genai():
+def require_onnxruntime_genai() -> Any:
     """The ``onnxruntime_genai`` module, or a clear error: the engine is opt-in and its
     wheels (onnxruntime-genai, onnxruntime, onnx, onnx-ir) are not in requirements.txt."""
     try:
@@ -65,10 +68,12 @@ class OrtEngine:
         self.model_dir = model_dir
         self.context = int(genai["model"].get("context_length") or 8192)
 
-    def _generator(self, max_length: int, sampling: Sampling | None = None):
+    def _generator(self, max_length: int, sampling: Sampling | None = None) -> Any:
+        """An ``og.Generator`` (the library is untyped)."""
         og = self._og
         params = og.GeneratorParams(self.model)
-        opts: dict = {"max_length": min(int(max_length), self.context), "do_sample": False}
+        opts: dict[str, Any] = {"max_length": min(int(max_length), self.context),
+                                "do_sample": False}
         if sampling is not None:
             opts.update(repetition_penalty=float(sampling.repetition_penalty),
                         no_repeat_ngram_size=int(sampling.no_repeat_ngram_size))
@@ -78,7 +83,8 @@ class OrtEngine:
         params.set_search_options(**opts)
         return og.Generator(self.model, params)
 
-    def stream(self, ids: list[int], *, max_new: int, sampling: Sampling) -> Iterator[int]:
+    def stream(self, ids: list[int], *, max_new: int,
+               sampling: Sampling) -> Generator[int, None, None]:
         gen = self._generator(len(ids) + int(max_new), sampling)
         gen.append_tokens(list(ids))
         try:
@@ -103,10 +109,11 @@ class OrtEngine:
         n = len(prefix)
         longest = max(len(s) for s in stems)
 
-        def logp(gen) -> np.ndarray:
+        def logp(gen: Any) -> np.ndarray:
             x = np.asarray(gen.get_logits(), dtype=np.float64).reshape(-1)
             x = x - x.max()
-            return x - np.log(np.exp(x).sum())
+            lp: np.ndarray = x - np.log(np.exp(x).sum())
+            return lp
 
         gen = self._generator(n + longest + 1)
         gen.append_tokens(list(prefix))

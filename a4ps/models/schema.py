@@ -16,8 +16,9 @@ only check it afterwards. Supported:
 """
 from __future__ import annotations
 
+import json
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from a4ps.models.errors import DecisionError, InvalidRequest
 
@@ -116,3 +117,38 @@ def validate(value: Any, schema: dict[str, Any], path: str = "$") -> Any:
             raise DecisionError(f"{path}: missing keys {missing}")
         return {k: validate(v, props[k], f"{path}.{k}") for k, v in value.items()}
     raise DecisionError(f"{path}: unsupported schema {schema!r}")
+
+
+def check_decision_schema(schema: Any) -> None:
+    """:func:`check_schema`, and the top level is an object: a decision is a dict
+    (``ModelManager.structured`` returns one; the tool request, judge and votes read keys)."""
+    check_schema(schema)
+    if schema.get("type") != "object":
+        raise InvalidRequest(f"a decision's schema must be an object schema "
+                             f"({{\"type\": \"object\", \"properties\": ...}}), got {schema!r}")
+
+
+def validate_object(value: Any, schema: dict[str, Any]) -> dict[str, Any]:
+    """:func:`validate` for a decision's object schema: the conforming dict."""
+    out = validate(value, schema)
+    if not isinstance(out, dict):
+        raise DecisionError(f"$: expected an object, got {value!r}")
+    return out
+
+
+def choice_schema(options: Sequence[str]) -> dict[str, Any]:
+    """A closed choice asked of a server that constrains decoding to a JSON schema
+    (Ollama's ``format``, OpenAI's ``response_format``): an object whose one field,
+    ``choice``, is an enum of the options."""
+    return {"type": "object", "properties": {"choice": {"type": "string",
+                                                        "enum": list(options)}},
+            "required": ["choice"]}
+
+
+def parse_json_answer(model: str, raw: str) -> Any:
+    """A server's decision text as JSON; text that is none is a DecisionError (no
+    decision), never a default."""
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise DecisionError(f"{model} answered no JSON for a decision: {raw[:80]!r}") from e

@@ -26,9 +26,9 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from a4ps.models.base import CancelToken, Choice, Generation
+from a4ps.models.base import CancelToken, Choice, Finish, Generation, Message, OnToken, Progress
 from a4ps.models.errors import DecisionError, ModelError, ModelNotFound
-from a4ps.models.schema import validate
+from a4ps.models.schema import validate_object
 
 Reply = str | Callable[[list[dict[str, str]]], str]
 
@@ -66,7 +66,7 @@ class ScriptedBackend:
         self._check(model)
         return self.sizes.get(model, 100_000_000)
 
-    def load(self, model: str, progress=None) -> dict[str, Any]:
+    def load(self, model: str, progress: Progress | None = None) -> dict[str, Any]:
         self._check(model)
         if self.load_latency_s:
             time.sleep(self.load_latency_s)
@@ -102,8 +102,10 @@ class ScriptedBackend:
             self._i += 1
             return reply
 
-    def generate(self, messages, *, temperature=None, max_tokens=None, stop=None,
-                 on_token=None, cancel: CancelToken | None = None, **gen: Any) -> Generation:
+    def generate(self, messages: list[Message], *, temperature: float | None = None,
+                 max_tokens: int | None = None, stop: list[str] | None = None,
+                 on_token: OnToken | None = None, cancel: CancelToken | None = None,
+                 **gen: Any) -> Generation:
         if self._resident is None:
             raise ModelError("no model loaded")
         t0 = time.perf_counter()
@@ -111,7 +113,7 @@ class ScriptedBackend:
                            {"temperature": temperature, "max_tokens": max_tokens, "stop": stop,
                             **gen}))
         text = self._next(list(messages), self._resident)
-        finish = "eos"
+        finish: Finish = "eos"
         for s in stop or []:
             if s and s in text:
                 text = text[:text.index(s)]
@@ -135,7 +137,7 @@ class ScriptedBackend:
         return Generation("".join(out).strip(), len(out), seconds,
                           seconds if out else None, finish)
 
-    def choose(self, messages, options: Sequence[str], *,
+    def choose(self, messages: list[Message], options: Sequence[str], *,
                cancel: CancelToken | None = None) -> Choice:
         answer = self._decision(messages, list(options))
         if answer in options:
@@ -147,7 +149,7 @@ class ScriptedBackend:
             return Choice((exact or named)[0], {}, "scripted")
         raise DecisionError(f"scripted reply {answer!r} names none of {list(options)}")
 
-    def structured(self, messages, schema: dict[str, Any], *,
+    def structured(self, messages: list[Message], schema: dict[str, Any], *,
                    cancel: CancelToken | None = None) -> dict[str, Any]:
         import json
         answer = self._decision(messages, schema)
@@ -156,9 +158,9 @@ class ScriptedBackend:
                 answer = json.loads(answer)
             except ValueError as e:
                 raise DecisionError(f"scripted reply is not JSON: {answer[:60]!r}") from e
-        return validate(answer, schema)
+        return validate_object(answer, schema)
 
-    def _decision(self, messages, asked: Any) -> Any:
+    def _decision(self, messages: list[Message], asked: Any) -> Any:
         if self._resident is None:
             raise ModelError("no model loaded")
         self.calls.append((self._resident, list(messages), {"decision": asked}))
@@ -209,7 +211,7 @@ def example_of(schema: dict[str, Any]) -> Any:
                 if k in schema.get("required", [])}
     if kind in ("integer", "number"):
         return schema.get("minimum", 0)
-    return {"string": "", "boolean": False, "array": [], "null": None}[kind]
+    return {"string": "", "boolean": False, "array": [], "null": None}[str(kind)]
 
 
 def demo_backend() -> ScriptedBackend:

@@ -33,9 +33,9 @@ def available_cpus() -> set[int]:
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs' worth of time the cgroup quota allows (cgroup v2 cpu.max or v1), or None."""
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        if quota != "max":
-            return int(quota) / int(period)
+        max_quota, max_period = (root / "cpu.max").read_text().split()[:2]
+        if max_quota != "max":
+            return int(max_quota) / int(max_period)
         return None
     except (OSError, ValueError):
         pass

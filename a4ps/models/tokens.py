@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from a4ps.models.base import Message
-from a4ps.models.errors import ModelLoadError
+from a4ps.models.errors import InvalidRequest, ModelLoadError
 
 # Which token ends a turn: SmolLM2's GGUF names <|im_start|> as EOS; the model really
 # ends a reply with <|im_end|>. Any of these stops a generation.
@@ -71,7 +71,11 @@ class ChatTokenizer:
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         """The vocabulary entries of ``ids`` (what CTranslate2 takes as input)."""
-        return [self.tok.id_to_token(int(i)) for i in ids]
+        strings = [self.tok.id_to_token(int(i)) for i in ids]
+        if None in strings:      # an id from another vocabulary: say so, not fail in C++
+            bad = [int(i) for i, t in zip(ids, strings) if t is None]
+            raise InvalidRequest(f"token ids {bad[:5]} are not in this model's vocabulary")
+        return [t for t in strings if t is not None]
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         return self.template.render(messages=messages,

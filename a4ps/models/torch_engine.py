@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Sequence, cast
 
 from a4ps.models.engine import Sampling, require_peft_adapter
 from a4ps.models.errors import ModelLoadError
 from a4ps.models.threads import apply_openmp_policy
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class TorchEngine:
         from transformers import AutoModelForCausalLM
         torch.set_num_threads(max(1, int(threads)))
         torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        model: Any      # a PreTrainedModel, later wrapped by PEFT
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
         except Exception as e:
@@ -73,7 +77,7 @@ class TorchEngine:
         self.model.set_adapter(self._adapters[key])
         self._current = key
 
-    def _ctx(self):
+    def _ctx(self) -> contextlib.ExitStack[bool | None]:
         """Inference mode, with the adapters switched off while the base is active."""
         import torch
         stack = contextlib.ExitStack()
@@ -84,7 +88,8 @@ class TorchEngine:
 
     # -- the TokenEngine protocol --------------------------------------------
 
-    def stream(self, ids: list[int], *, max_new: int, sampling: Sampling) -> Iterator[int]:
+    def stream(self, ids: list[int], *, max_new: int,
+               sampling: Sampling) -> Generator[int, None, None]:
         import torch
         from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
                                   RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
@@ -107,7 +112,8 @@ class TorchEngine:
             with self._ctx():
                 out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
                 past = out.past_key_values
-                logits = procs(seq, out.logits[:, -1, :].float())
+                # seq is a torch.long tensor: what transformers' LongTensor annotation means
+                logits = procs(cast("torch.LongTensor", seq), out.logits[:, -1, :].float())
                 if sampling.greedy:
                     nxt = int(torch.argmax(logits, dim=-1))
                 else:

@@ -31,13 +31,20 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ..fine_tuning.eval_set import EvalSet, content_key, routes_to_eval
 from ..fine_tuning.judge import CANDIDATES, Judge
+from ..memory import MemoryStore
+from ..models.embeddings import Embedder
 from ..models.errors import ModelError
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..events import EventBus
+    from ..proto import ProtoManager
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +146,19 @@ def _turns(meta: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+class FinetuneOutcome(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class Finetuner(Protocol):
+    """The fine-tuning seam the curator triggers (:class:`PersonaFinetuner` is the one
+    implementation; ``running`` is read with getattr, so a minimal one may omit it)."""
+
+    def finetune(self, persona: str, dataset_path: Path) -> FinetuneOutcome: ...
+
+    def cancel(self) -> bool: ...
+
+
 class Curator:
     """ALFRED-as-judge over memory, the golden and eval sets, the vote, the trigger.
 
@@ -148,8 +168,9 @@ class Curator:
     near-duplicate check (default: the memory's).
     """
 
-    def __init__(self, settings, bus, protos, memory, finetuner=None, *,
-                 judge: Any = None, embedder: Any = None) -> None:
+    def __init__(self, settings: Settings, bus: EventBus, protos: ProtoManager,
+                 memory: MemoryStore, finetuner: Finetuner | None = None, *,
+                 judge: Any = None, embedder: Embedder | None = None) -> None:
         self.settings = settings
         self.bus = bus
         self.protos = protos
@@ -396,7 +417,7 @@ class Curator:
                              f"{persona} (votes {votes}) on {archived.name}")
         try:
             ft = self.finetuner.finetune(persona, archived)
-            report.finetune = ft.to_dict() if hasattr(ft, "to_dict") else dict(ft)
+            report.finetune = ft.to_dict()
         except Exception as e:  # the curator survives a broken forge
             log.exception("fine-tune of %s failed", persona)
             report.finetune = {"persona": persona, "ok": False, "swapped": False,

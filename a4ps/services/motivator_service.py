@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from ..codex import Codex
     from ..config import Settings
     from ..events import Event, EventBus
+    from ..memory import MemoryStore
     from ..proto import ProtoManager
+    from ..tasks import TaskQueue
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +181,9 @@ def parse_goal(reply: Any) -> str | None:
 class Motivator:
     """Self-generated goals (on idle) and reflections (on high dissonance), rate-limited."""
 
-    def __init__(self, settings: Settings, bus: EventBus, protos: ProtoManager, memory: Any,
-                 tasks: Any, codex: Codex, clock: Callable[[], float] = time.time, *,
+    def __init__(self, settings: Settings, bus: EventBus, protos: ProtoManager,
+                 memory: MemoryStore, tasks: TaskQueue, codex: Codex,
+                 clock: Callable[[], float] = time.time, *,
                  ledger: Ledger | None = None) -> None:
         self.settings = settings
         self.bus = bus
@@ -506,7 +509,7 @@ class Motivator:
             head += f" (\"{clip(about_text, 160)}\")"
         note = f"{head}: {str(answer).strip()}"
         mem_id: str = self.memory.add(note, kind="reflection", persona="ALFRED", task_id=task_id,
-                                      dissonance=meta.get("dissonance"),
+                                      dissonance=meta.get("dissonance") or 0.0,
                                       meta={"about_task_id": about, "reflection_task_id": task_id,
                                             "note": True})
         with self._lock:

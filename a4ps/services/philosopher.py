@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from ..codex import Amendment, Codex
     from ..config import Settings
     from ..events import Event, EventBus
+    from ..memory import MemoryStore
+    from ..models.embeddings import Embedder
     from ..proto import ProtoManager
 
 log = logging.getLogger(__name__)
@@ -91,8 +93,9 @@ def _is_placeholder(text: str) -> bool:
 class Philosopher:
     """Turns recurring high dissonance into pending codex amendments (never applies them)."""
 
-    def __init__(self, settings: Settings, bus: EventBus, protos: ProtoManager, memory: Any,
-                 codex: Codex, embedder: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Settings, bus: EventBus, protos: ProtoManager,
+                 memory: MemoryStore, codex: Codex, embedder: Embedder,
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.bus = bus
         self.protos = protos

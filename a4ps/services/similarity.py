@@ -21,11 +21,11 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..fine_tuning.eval_set import SUITE_DIR
+from ..models.embeddings import Embedder
 
 MAX_FALSE_MERGE = 0.001
 
@@ -67,13 +67,16 @@ class SimilarityReport:
         return float((pos >= threshold).mean()), float((neg >= threshold).mean())
 
 
-def similarity_report(embedder: Any, groups: list[list[str]], unrelated: list[str]
+def similarity_report(embedder: Embedder, groups: list[list[str]], unrelated: list[str]
                       ) -> SimilarityReport:
     texts = [t for g in groups for t in g] + list(unrelated)
     vecs = np.asarray(embedder.embed(texts), dtype=np.float64)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     at = {t: vecs[i] for i, t in enumerate(texts)}
-    cos = lambda a, b: float(at[a] @ at[b])
+
+    def cos(a: str, b: str) -> float:
+        return float(at[a] @ at[b])
+
     rep = SimilarityReport()
     rep.paraphrase = [cos(a, b) for g in groups for a, b in itertools.combinations(g, 2)]
     rep.other_dilemma = [cos(a, b) for g1, g2 in itertools.combinations(groups, 2)

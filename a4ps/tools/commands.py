@@ -8,15 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from a4ps.image import ImageStore
 from a4ps.proto import ProtoManager
 from a4ps.tools.registry import ToolNotFound, ToolRegistry, _s
 from a4ps.tools.sandbox import SandboxError, SandboxUnavailable, make_sandbox
 
+if TYPE_CHECKING:
+    from ..config import Settings
 
-def _cmd_sandbox_run(args: argparse.Namespace, settings: Any) -> int:
+
+def _cmd_sandbox_run(args: argparse.Namespace, settings: Settings) -> int:
     """Run a script in exactly the sandbox the forge uses; print what happened."""
     from pathlib import Path
 
@@ -58,7 +61,7 @@ def _cmd_sandbox_run(args: argparse.Namespace, settings: Any) -> int:
     return res.exit_code if 0 <= res.exit_code < 256 else 1
 
 
-def _offline_registry(settings: Any) -> ToolRegistry:
+def _offline_registry(settings: Settings) -> ToolRegistry:
     """A read-only registry over the saved image (no daemon, no sandbox needed)."""
 
     protos = ProtoManager()
@@ -68,7 +71,7 @@ def _offline_registry(settings: Any) -> ToolRegistry:
     return ToolRegistry(protos, settings, None)
 
 
-def _cmd_tools_list(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_tools_list(args: argparse.Namespace, settings: Settings) -> int:
     tools = _offline_registry(settings).list()
     if args.json:
         print(json.dumps(tools, indent=2, default=str))
@@ -83,7 +86,7 @@ def _cmd_tools_list(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _cmd_tools_show(args: argparse.Namespace, settings: Any) -> int:
+def _cmd_tools_show(args: argparse.Namespace, settings: Settings) -> int:
     reg = _offline_registry(settings)
     try:
         proto = reg.get_version(args.name, args.version) if args.version else reg.get(args.name)

@@ -159,6 +159,15 @@ class ToolLookup(Protocol):
              version: int | None = None, timeout: float | None = None) -> Any: ...
 
 
+class ToolCatalog(ToolLookup, Protocol):
+    """A tool seam that can also list its tools and give one's proto (the graph's
+    tool menu uses it when the registry offers it; :class:`ToolRegistry` does)."""
+
+    def list(self) -> builtins.list[dict[str, Any]]: ...
+
+    def get(self, name: str) -> Proto: ...
+
+
 class ToolRegistry:
     """Forged tools as protos; :meth:`call` runs one in the sandbox."""
 

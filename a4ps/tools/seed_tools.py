@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from a4ps.tools.registry import TOOL_PARENT, ToolSpec
 
 if TYPE_CHECKING:
+    from a4ps.tools.tool_forge import ToolForge
     from a4ps.tools.registry import ToolRegistry
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def seed(registry: ToolRegistry, tools: tuple[SeedTool, ...] = SEED_TOOLS) -> li
     return added
 
 
-def verify(forge: Any, tool: SeedTool = CALCULATE) -> dict[str, Any]:
+def verify(forge: ToolForge, tool: SeedTool = CALCULATE) -> dict[str, Any]:
     """The forge's own test stage on a seed tool: its examples and tests in the sandbox,
     judged on the host (the verdict a forged tool must earn)."""
     verdict: dict[str, Any] = forge.verify(ToolSpec.model_validate(tool.spec), tool.source,

@@ -4,9 +4,12 @@ It reads daemon events with one bounded, non-blocking poll per Clock tick (never
 ``schedule_once`` per message, which backs up under bursts), applies each event to
 the models (:class:`~a4ps.ui.activity.ActivityModel`, one
 :class:`~a4ps.ui.tasklog.TaskRecord` per task) on the main thread, and stages what the
-widgets should show. Staged changes are applied together at most ``refresh_hz`` times
-a second, oldest first and within a per-frame time budget, so a burst of events never
-makes one long frame and nothing waits much more than ``refresh_s``.
+widgets should show (the latest value per widget wins). All staged regions are applied
+in one frame at most ``refresh_hz`` times a second (see refresh.py); between those
+frames, morph changes are applied and their pictures composed, oldest first, within
+a per-frame time budget, so a burst of events never makes one long frame. A change
+about to miss ``staleness_s`` (event published -> on screen) brings the refresh
+forward, and the refresh composes the pictures that cannot wait (see refresh.py).
 
 Commands go through a :class:`CommandRunner` whose replies are drained in the same
 tick. On connect, after a daemon restart or after a gap in the event stream it asks
@@ -20,6 +23,7 @@ Tests drive it without sockets: :meth:`handle_event` takes an event directly and
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _UNSET = object()
-MORPH_BUDGET_S = 0.012   # morph pictures re-composed per frame; the rest wait a frame
+MORPH_BUDGET_S = 0.008   # morph pictures composed per frame; the rest wait a frame
 DISSONANCE_PERSONAS = ("BRICK", "ROBIN")
 LOG_LINES = 1000
 TASK_EVENTS = ("task.queued", "task.step", "task.token", "task.done", "task.failed",
@@ -57,7 +61,7 @@ class MorphicController:
     def __init__(self, root: Any, runner: CommandRunner | None,
                  subscriber_factory: Callable[[], Any] | None = None, *,
                  max_events_per_tick: int = 500, retry_s: float = 2.0,
-                 refresh_hz: float = 10.0) -> None:
+                 refresh_hz: float = 10.0, staleness_s: float = 0.5) -> None:
         self.root = root
         self.runner = runner
         self._sub_factory = subscriber_factory
@@ -77,17 +81,16 @@ class MorphicController:
         self.selected: Morph | None = None
         self.log_lines: deque[dict] = deque(maxlen=LOG_LINES)
         self._log_new: list[dict] = []        # lines not yet in the log panel
-        # display changes from events are staged per region and applied when the
-        # region is due (see refresh.py): at most refresh_hz times a second
+        # display changes from events are staged per region and applied together
+        # (see refresh.py): at most refresh_hz times a second; morph pictures are
+        # composed a few per frame in between ("morphs" is prepared for "canvas");
+        # no change waits longer than staleness_s from its event to the screen
         self.refresh_s = 1.0 / refresh_hz
-        regions = dict.fromkeys(("canvas", "transcript", "strip", "bar", "shelf"),
-                                self.refresh_s)
-        # a new log line moves every visible row: each is a text texture to redo
-        regions["log"] = 2.5 * self.refresh_s
-        self.display = DisplayRefresh(regions)
+        self.display = DisplayRefresh(
+            ("canvas", "transcript", "strip", "bar", "shelf", "log"),
+            interval=self.refresh_s, prepared={"morphs": "canvas"}, budget_s=staleness_s)
         self._transcript_tasks: set[str] = set()
-        self._frame_regions: set[str] = set()
-        self._draw_t0 = 0.0
+        self._refresh_t0 = 0.0        # perf_counter when the last refresh was applied
         self._event_ts: float | None = None
         self._fetching: set[str] = set()          # proto.get in flight
         self._refetch: set[str] = set()           # changed again while in flight
@@ -95,33 +98,36 @@ class MorphicController:
         self._last_retry = 0.0
         self.connected = False
         self.events_seen = 0
+        self.pictures = 0                         # morph pictures composed (benchmark)
+        self.covered = 0                          # morph changes nothing showed
         self.ticks = 0
         self._queue_len: int | None = None
         self.codex_version = 0
         self.boot_id: str | None = None           # the daemon run the view was built from
 
     # -- widgets -------------------------------------------------------------------
-    @property
+    # (looked up once: every event reaches some of them, and ids lookups add up)
+    @functools.cached_property
     def canvas(self):
         return self.root.ids.canvas
 
-    @property
+    @functools.cached_property
     def transcript(self):
         return self.root.ids.transcript
 
-    @property
+    @functools.cached_property
     def status_bar(self):
         return self.root.ids.status_bar
 
-    @property
+    @functools.cached_property
     def desk(self):
         return self.root.ids.desk
 
-    @property
+    @functools.cached_property
     def shelf(self):
         return self.root.ids.shelf
 
-    @property
+    @functools.cached_property
     def strip(self):
         return self.root.ids.graph_strip
 
@@ -146,9 +152,7 @@ class MorphicController:
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         """Open the event stream and ask for the first snapshot."""
-        from kivy.core.window import Window
         self.canvas.controller = self
-        Window.bind(on_draw=self._draw_started, on_flip=self._drawn)
         if self._sub_factory is not None and self.subscriber is None:
             try:
                 self.subscriber = self._sub_factory()
@@ -158,8 +162,6 @@ class MorphicController:
         self.resync()
 
     def stop(self) -> None:
-        from kivy.core.window import Window
-        Window.unbind(on_draw=self._draw_started, on_flip=self._drawn)
         if self.runner is not None:
             self.runner.close()
         sub, self.subscriber = self.subscriber, None
@@ -167,8 +169,14 @@ class MorphicController:
             sub.close()
 
     def tick(self, dt: float = 0.0) -> int:
-        """One Clock tick: a bounded poll of events, command replies, a display refresh."""
+        """One Clock tick: a bounded poll of events, command replies, a few morph
+        pictures, a display refresh."""
         self.ticks += 1
+        if self._refresh_t0:
+            # the last refresh's frame (its drawing and buffer swap included) is on
+            # screen by now: what it cost sets how often to refresh
+            self.display.drawn(time.perf_counter() - self._refresh_t0)
+            self._refresh_t0 = 0.0
         n = 0
         sub = self.subscriber
         if sub is not None:
@@ -190,14 +198,15 @@ class MorphicController:
             if not self.connected and not self._snapshot_in_flight \
                     and time.monotonic() - self._last_retry > self.retry_s:
                 self.resync()
-        self.refresh()
+        if not self.refresh():                 # a refreshing frame is long enough
+            self.prepare_morphs(MORPH_BUDGET_S)
         return n
 
     # -- the display refresh -------------------------------------------------------
     def _region(self, widget: Any) -> str:
         """Which separately re-rendered part of the window ``widget`` draws in."""
         if isinstance(widget, Morph):
-            return "canvas" if self._on_canvas(widget) else "shelf"
+            return "morphs" if self._on_canvas(widget) else "shelf"
         if widget == self.strip:
             return "strip"
         return "bar"
@@ -230,51 +239,81 @@ class MorphicController:
             self._transcript_tasks.add(tid)
         self.display.mark(region, self._event_ts or time.time())
 
-    def refresh(self) -> None:
-        """Apply the regions that are due (see refresh.py); morph pictures for at most
-        MORPH_BUDGET_S a frame, the oldest changes first (the rest wait a frame: on a
-        slow machine the morphs lag, the window does not freeze). The frame's drawing
-        cost is charged to what it applied."""
-        for region in self.display.due():
-            self._apply(region, MORPH_BUDGET_S if region == "canvas" else None)
-            self._frame_regions.add(region)
+    def prepare_morphs(self, budget_s: float | None) -> int:
+        """Apply staged morph changes, the oldest first, and compose the pictures
+        that show, for at most ``budget_s`` (None: all); the rest wait for the next
+        frame, still staged (the latest value wins meanwhile). A composed picture
+        is on screen at the next refresh of the canvas. Returns pictures composed."""
+        t0 = time.perf_counter()
+        made = 0
+        while True:
+            item = self.display.take_one("morphs")
+            if item is None:
+                break
+            made += self._compose(*item)
+            if budget_s is not None and time.perf_counter() - t0 > budget_s:
+                break
+        return made
+
+    def _compose(self, widget: Any, props: dict[str, Any], since: float) -> int:
+        """Apply a morph's staged change and compose its picture if it shows (1), else
+        count it covered (0); either way the canvas shows it at its next refresh."""
+        widget.apply_props(props)
+        render = getattr(widget, "render_now", None)
+        if render is not None and render(repaint=False):
+            self.pictures += 1
+            self.display.mark("canvas", since)
+            return 1
+        self.covered += 1
+        if self.canvas.damaged:        # moved or resized: repaint at the refresh
+            self.display.mark("canvas", since)
+        return 0
+
+    def refresh(self) -> bool:
+        """Apply every region that is due (see refresh.py) in this one frame."""
+        due = self.display.due()
+        if not due:
+            return False
+        if "canvas" in due:      # morph changes that cannot wait for the next refresh
+            for item in self.display.take_overdue("morphs"):
+                self._compose(*item)
+        for region in due:
+            self._apply(region)
+        self.display.applied(due)
+        self._refresh_t0 = time.perf_counter()
+        return True
 
     def flush(self) -> None:
         """Apply everything staged now (tests, a screenshot, a new snapshot)."""
-        for region in list(self.display.base):
-            if self.display.pending(region):
-                self._apply(region)
+        self.prepare_morphs(None)
+        due = [r for r in self.display.regions if self.display.pending(r)]
+        for region in due:
+            self._apply(region)
+        if due:
+            self.display.applied(due)
 
     flush_morphs = flush
 
-    def _apply(self, region: str, budget_s: float | None = None) -> None:
-        more = set()
-        if region == "transcript":
+    def _apply(self, region: str) -> None:
+        if region == "canvas":
+            self.canvas.repaint_now()
+        elif region == "transcript":
+            more = set()
             for tid in list(self._transcript_tasks):
                 rec = self.tasks.get(tid)
                 if rec is not None and self.transcript.sync(rec):
-                    more.add(tid)                 # a burst: the rest next frame
+                    more.add(tid)                 # a burst: the rest next refresh
             self._transcript_tasks.clear()
+            for tid in more:
+                self._transcript_tasks.add(tid)
         elif region == "log":
             new, self._log_new = self._log_new[-LOG_LINES:], []
             self.root.ids.log_panel.add(new)
-        t0 = time.perf_counter()
-        while True:
-            for widget, props in self.display.take(region, limit=1 if budget_s else None):
-                for key, value in props.items():
-                    setattr(widget, key, value)
-                render = getattr(widget, "render_now", None)
-                if render is not None:
-                    render()
-            if not self.display.staged[region] or budget_s is None or \
-                    time.perf_counter() - t0 > budget_s:
-                break
-        for tid in more:
-            self._mark("transcript", tid)
-        if not self.display.pending(region):
-            self.display.applied(region)      # (a region left half done stays due)
-        else:
-            self.display.refreshes += 1
+        for widget, props in self.display.take(region):
+            for key, value in props.items():
+                setattr(widget, key, value)
+        if region == "transcript" and self._transcript_tasks:
+            self._mark("transcript")          # (marked now: the rest is not stale)
 
     @property
     def refreshes(self) -> int:
@@ -289,16 +328,6 @@ class MorphicController:
     @max_staleness_s.setter
     def max_staleness_s(self, value: float) -> None:
         self.display.max_staleness_s = value
-
-    def _draw_started(self, *_: Any) -> None:
-        self._draw_t0 = time.perf_counter()
-
-    def _drawn(self, *_: Any) -> None:
-        """A frame was drawn: what it cost goes to the regions it re-rendered."""
-        if self._frame_regions and self._draw_t0:
-            self.display.measured(self._frame_regions, time.perf_counter() - self._draw_t0)
-        self._frame_regions = set()
-        self._draw_t0 = 0.0
 
     def _set_connected(self, ok: bool, text: str | None = None) -> None:
         self.connected = ok

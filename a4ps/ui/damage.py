@@ -42,10 +42,14 @@ class Scene:
         self._tiles_of: dict[Hashable, set[tuple[int, int]]] = {}
         self._members: dict[tuple[int, int], set[Hashable]] = {}
         self.dirty: set[tuple[int, int]] = set()
+        self.geometry = 0      # counts changes of what covers what (see shows)
+        self._exposed: dict[tuple[Hashable, Rect], bool] = {}
+        self._exposed_at = -1
 
     # -- changes -------------------------------------------------------------------------
     def resize(self, width: int, height: int) -> None:
         self.width, self.height = int(width), int(height)
+        self.geometry += 1
         self.damage_all()
 
     def damage_all(self) -> None:
@@ -55,8 +59,16 @@ class Scene:
     def damage(self, rect: Rect) -> None:
         self.dirty |= self._tiles_in(rect)
 
-    def put(self, key: Hashable, picture: Rect, body: Rect) -> None:
-        """Add ``key`` on top, or move/redraw it where it is in the z-order."""
+    def put(self, key: Hashable, picture: Rect, body: Rect,
+            changed: Rect | None = None) -> None:
+        """Add ``key`` on top, or move/redraw it where it is in the z-order
+        (``changed``: a new picture in the same place differs only inside it, so
+        only the tiles under it are damaged)."""
+        if self.picture.get(key) == picture and self.body.get(key) == body:
+            tiles = self._tiles_of[key]              # a new picture in the same place
+            self.dirty |= tiles if changed is None else tiles & self._tiles_in(changed)
+            return
+        self.geometry += 1
         if key in self.picture:
             self.damage(self.picture[key])
             for tile in self._tiles_of.pop(key, ()):
@@ -80,12 +92,14 @@ class Scene:
             self._members.get(tile, set()).discard(key)
         self.order.remove(key)
         self._reindex()
+        self.geometry += 1
 
     def raise_(self, key: Hashable) -> None:
         if key in self._z and self.order[-1] != key:
             self.order.remove(key)
             self.order.append(key)
             self._reindex()
+            self.geometry += 1
             self.damage(self.picture[key])
 
     def _reindex(self) -> None:
@@ -97,6 +111,31 @@ class Scene:
         x1 = min(-(-self.width // t), int(-(-rect[2] // t)))
         y1 = min(-(-self.height // t), int(-(-rect[3] // t)))
         return {(i, j) for i in range(x0, x1) for j in range(y0, y1)}
+
+    def shows(self, key: Hashable, rect: Rect) -> bool:
+        """Whether any part of ``rect`` (inside ``key``'s picture) may be on screen:
+        in some tile, that part is not under one body above ``key`` (conservative:
+        a part covered only by several bodies together counts as showing). Answers
+        are kept until the geometry changes: a morph asks about the same rects."""
+        if self._exposed_at != self.geometry:
+            self._exposed, self._exposed_at = {}, self.geometry
+        answer = self._exposed.get((key, rect))
+        if answer is None:
+            answer = self._exposed[(key, rect)] = self._shows(key, rect)
+        return answer
+
+    def _shows(self, key: Hashable, rect: Rect) -> bool:
+        z = self._z.get(key)
+        if z is None:
+            return False
+        t = self.tile
+        for (i, j) in self._tiles_in(rect):
+            part = intersect(rect, (i * t, j * t, (i + 1) * t, (j + 1) * t))
+            if part is not None and not any(
+                    self._z[k] > z and contains(self.body[k], part)
+                    for k in self._members.get((i, j), ())):
+                return True
+        return False
 
     # -- what to draw ------------------------------------------------------------------
     def take(self) -> set[tuple[int, int]]:

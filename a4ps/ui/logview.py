@@ -66,7 +66,12 @@ class LogPanel(BoxLayout):
         rv = self.ids.rv
         following = rv.scroll_y <= 0.02 or not rv.children or \
             rv.height >= rv.children[0].height
-        rv.data = (rv.data[dropped:] if dropped else list(rv.data)) + rows
+        # changed in place (a removal and an append), not replaced: the RecycleView
+        # then sizes only the new rows instead of all of them again
+        if dropped:
+            del rv.data[:dropped]
+        if rows:
+            rv.data.extend(rows)
         self._counts()
         if following:
             self._settle()
@@ -111,7 +116,7 @@ class LogPanel(BoxLayout):
         def settle(_dt: float) -> None:
             content = rv.children[0].height if rv.children else 0
             rv.scroll_y = 1 if content <= rv.height else 0
-        Clock.schedule_once(settle, 0)
+        Clock.schedule_once(settle, -1)     # after the layout, before this frame's drawing
 
 
 def _esc(text: Any) -> str:

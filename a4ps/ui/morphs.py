@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from kivy.clock import Clock
-from kivy.graphics import Canvas, Color, Fbo, Rectangle
+from kivy.graphics import Callback, Canvas, Color, Fbo, Rectangle
+from kivy.graphics.opengl import GL_BLEND, glDisable, glEnable
 from kivy.metrics import dp, sp
 from kivy.properties import (BooleanProperty, ListProperty, NumericProperty,
                              ObjectProperty, StringProperty)
@@ -139,6 +140,28 @@ class Morph(Widget):
     def _text(self, *_: Any) -> None:
         """Subclasses build ``display_text`` here."""
 
+    _batching = False
+    _text_wanted = False
+
+    def _retext(self, *_: Any) -> None:
+        if self._batching:
+            self._text_wanted = True     # once, after the whole batch (apply_props)
+        else:
+            self._text()
+
+    def apply_props(self, props: dict[str, Any]) -> None:
+        """Set display properties together: the text is rebuilt once for all of
+        them, not once per property."""
+        self._batching = True
+        try:
+            for key, value in props.items():
+                setattr(self, key, value)
+        finally:
+            self._batching = False
+        if self._text_wanted:
+            self._text_wanted = False
+            self._text()
+
     def _trimmed(self) -> int:
         """Lines to take off (reset when the morph's size changes)."""
         if self._trim_size != tuple(self.size):
@@ -202,22 +225,54 @@ class SpriteMorph(Morph):
                             highlighted, 0.6 if self.dragging else 0.4, self.header_text,
                             sp(12) * self.zoom, self.body_text, sp(11) * self.zoom)
 
-    def render_now(self) -> None:
+    def render_now(self, repaint: bool = True) -> bool:
+        """Compose the picture now if what changed shows (True when it did). A change
+        that no part of the window shows (the morph is covered there) waits, marked,
+        until the canvas uncovers it: a crowd of 200 busy morphs costs what shows.
+        ``repaint``: also repaint the canvas now (False: at the display refresh)."""
         self._render_ev.cancel()
         if not self._dirty or self.parent is None or self.width < 4:
-            return
+            return False
+        canvas = self.parent
+        look = self.look()
+        if self.picture_size[0] and hasattr(canvas, "shows") and \
+                not canvas.shows(self, self._changed_rect(look)):
+            canvas.hidden.add(self)
+            return False
+        changed = self._changed_rect(look) if self.picture_size[0] else None
         self._dirty = False
         for _ in range(4):        # fit_text guesses; a line fewer until the text fits
-            img, fits = self.composer.compose(self.look())
+            img, fits = self.composer.compose(look)
             if fits or self._trimmed() >= 6:
                 break
             self._trim += 1
             self._text()
             self._dirty = False
+            look = self.look()
         self.text_fits = fits
         self.texture = sprites.upload(img, self.texture)
         self.picture_size = (img.shape[1], img.shape[0])
-        self._moved()
+        self._drawn_parts = (self.composer.frame_key(look), look.header)
+        if hasattr(canvas, "hidden"):
+            canvas.hidden.discard(self)
+        if repaint:
+            self._moved()
+        elif hasattr(canvas, "morph_changed"):
+            canvas.morph_changed(self, repaint=False, changed=changed)
+        return True
+
+    _drawn_parts: tuple = ()
+
+    def _changed_rect(self, look: sprites.Look) -> tuple[float, float, float, float]:
+        """Where the picture changes (canvas px, y up): only the body text's area
+        when the frame and the header are as last drawn, else all of it."""
+        pw, ph = self.picture_size
+        x, y = self.x, self.y - sprites.SHADOW
+        if self._drawn_parts != (self.composer.frame_key(look), look.header) or \
+                (int(self.width), int(self.height)) != (pw - sprites.SHADOW, ph - sprites.SHADOW):
+            return (x, y, x + pw, y + ph)
+        top = self.top - sprites.PAD[1] - self.composer.header_height()
+        return (self.x + 1, self.y + 1, self.right - 1, max(self.y + 1, top))
 
 
 class ProtoMorph(SpriteMorph):
@@ -239,10 +294,9 @@ class ProtoMorph(SpriteMorph):
     def __init__(self, **kw):
         kw.setdefault("size", (dp(PERSONA_SIZE[0]), dp(PERSONA_SIZE[1])))
         super().__init__(**kw)
-        self.bind(name=self._text, role=self._text, model_name=self._text,
-                  activity=self._text, status=self._text, dissonance=self._text,
-                  show_dissonance=self._text, utterance=self._text, streaming=self._text,
-                  size=self._text)
+        t = self._retext
+        self.bind(name=t, role=t, model_name=t, activity=t, status=t, dissonance=t,
+                  show_dissonance=t, utterance=t, streaming=t, size=t)
         self._text()
 
     def _text(self, *_):
@@ -302,8 +356,8 @@ class ToolMorph(SpriteMorph):
     def __init__(self, **kw):
         kw.setdefault("size", (dp(TOOL_SIZE[0]), dp(TOOL_SIZE[1])))
         super().__init__(**kw)
-        self.bind(tool_name=self._text, description=self._text, version=self._text,
-                  test_status=self._text, size=self._text)
+        t = self._retext
+        self.bind(tool_name=t, description=t, version=t, test_status=t, size=t)
         self._text()
 
     def _text(self, *_):
@@ -348,7 +402,7 @@ class PrototypeMorph(Morph):
         kw.setdefault("size", (dp(PROTOTYPE_SIZE[0]), dp(PROTOTYPE_SIZE[1])))
         kw.setdefault("draggable", False)
         super().__init__(**kw)
-        self.bind(name=self._text, clones=self._text)
+        self.bind(name=self._retext, clones=self._retext)
         self._text()
 
     def _text(self, *_):
@@ -380,6 +434,14 @@ def _test_status(data: dict) -> str:
     return "unknown"
 
 
+def _blend_off(_instr: Any) -> None:
+    glDisable(GL_BLEND)
+
+
+def _blend_on(_instr: Any) -> None:
+    glEnable(GL_BLEND)
+
+
 class MorphCanvas(RelativeLayout):
     """The world: holds morphs by name, places them (see :mod:`a4ps.ui.layout`) and
     paints them.
@@ -401,14 +463,21 @@ class MorphCanvas(RelativeLayout):
         self.canvas = Canvas()
         with self.canvas:
             self.fbo = Fbo(size=(100, 100), with_stencilbuffer=False)
+            # the framebuffer is opaque (every tile has a background or a body):
+            # drawn without blending, llvmpipe does not read what is under it
+            self.opaque = (Callback(_blend_off), Callback(_blend_on))
+            self.canvas.remove(self.opaque[1])
             Color(1, 1, 1, 1)
             self.fbo_rect = Rectangle(pos=(0, 0), size=(100, 100), texture=self.fbo.texture)
+        self.canvas.add(self.opaque[1])
         self._ghost = Canvas()           # where the morph widgets' own canvases go
         self.scene = damage.Scene()
         self.morphs: dict[str, Morph] = {}
         self.spots: dict[str, tuple[float, float] | None] = {}   # saved (left, top) dp
         self._repaint_ev = Clock.create_trigger(self._repaint, -1)
         self.repaints = 0
+        self.hidden: set[Morph] = set()        # changed where nothing shows (see shows)
+        self._geometry_seen = -1
         super().__init__(**kw)
 
     def add_widget(self, widget, *args, **kw):
@@ -425,24 +494,56 @@ class MorphCanvas(RelativeLayout):
         finally:
             self.canvas = canvas
             self.scene.remove(widget)
+            self.hidden.discard(widget)
             self._repaint_ev()
 
     # -- painting ------------------------------------------------------------------
-    def morph_changed(self, morph: SpriteMorph) -> None:
-        """A morph's picture, place or size changed: damage where it was and is."""
+    def morph_changed(self, morph: SpriteMorph, repaint: bool = True,
+                      changed: tuple[float, float, float, float] | None = None) -> None:
+        """A morph's picture, place or size changed: damage where it was and is
+        (``changed``: a new picture in the same place differs only there, e.g. its
+        words; ``repaint``: paint it next frame; else the display refresh calls
+        :meth:`repaint_now`)."""
         if self.morphs.get(morph.name) is not morph or not morph.picture_size[0]:
             return
         pw, ph = morph.picture_size
         x, y = morph.x, morph.y - sprites.SHADOW
         self.scene.put(morph, (x, y, x + pw, y + ph),
-                       (morph.x + 1, morph.y + 1, morph.right - 1, morph.top - 1))
-        self._repaint_ev()
+                       (morph.x + 1, morph.y + 1, morph.right - 1, morph.top - 1), changed)
+        if repaint:
+            self._repaint_ev()
+
+    def shows(self, morph: Morph, rect: tuple[float, float, float, float]) -> bool:
+        """Whether any of ``rect`` (canvas px) of ``morph`` is on screen."""
+        return self.scene.shows(morph, rect)
+
+    @property
+    def damaged(self) -> bool:
+        """Tiles wait to be repainted."""
+        return bool(self.scene.dirty)
+
+    def repaint_now(self) -> None:
+        self._repaint_ev.cancel()
+        self._repaint()
+
+    def _uncover(self) -> None:
+        """Morphs whose changes were covered: the scene moved, compose those now
+        uncovered (before the tiles they damage are painted)."""
+        if self.scene.geometry == self._geometry_seen:
+            return
+        self._geometry_seen = self.scene.geometry
+        for m in list(self.hidden):
+            if self.morphs.get(m.name) is not m:
+                self.hidden.discard(m)
+            else:
+                m.render_now(repaint=False)
 
     def _repaint(self, *_: Any) -> None:
         """Paint the damaged tiles into the framebuffer (the rest of it stays): the
         background where nothing covers a tile, then each morph's visible parts as
         one mesh of its own texture."""
         from kivy.graphics import Mesh
+        self._uncover()
         tiles = self.scene.take()
         if not tiles:
             return

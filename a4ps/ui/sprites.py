@@ -11,6 +11,7 @@ text renderer (the same fonts and markup as a Label), without creating a texture
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,17 +72,24 @@ class Look:
 
 
 class Composer:
-    """Composes pictures, keeping the last frame and header of each morph: most
-    changes are a new body text on the same frame and header."""
+    """Composes pictures, keeping each morph's last frame with its header drawn on
+    it: most changes are a new body text on the same frame and header, and then
+    only that text is laid out and drawn (one table lookup per pixel, no blending
+    arithmetic: the text is one colour on the body's one colour)."""
 
     def __init__(self) -> None:
         self._frame: tuple[Any, ...] | None = None
         self._header: tuple[Any, ...] | None = None
+        self._base: tuple[Any, ...] | None = None    # frame + header, and where text goes
+
+    @staticmethod
+    def frame_key(look: Look) -> tuple[Any, ...]:
+        return (look.width, look.height, look.body, look.border, look.double_border,
+                look.shadow_alpha)
 
     def frame(self, look: Look) -> Any:
         import numpy as np
-        key = (look.width, look.height, look.body, look.border, look.double_border,
-               look.shadow_alpha)
+        key = self.frame_key(look)
         if self._frame is not None and self._frame[0] == key:
             return self._frame[1]
         w, h = look.width, look.height
@@ -107,27 +115,47 @@ class Composer:
             self._header = (key, text_image(look.header, width, look.font_size)[0])
         return self._header[1]
 
+    def header_height(self) -> int:
+        """Pixels the last header took (0 before any)."""
+        return self._header[1].shape[0] if self._header is not None else 0
+
+    def _with_header(self, look: Look) -> tuple[Any, int, bool]:
+        """The frame with the header drawn on it, the row where the body text starts
+        and whether the header fitted (cached: both change rarely)."""
+        key = (self.frame_key(look), look.header, look.font_size)
+        if self._base is not None and self._base[0] == key:
+            return self._base[1:]
+        img = self.frame(look).copy()
+        room_w, room_h = max(look.width - 2 * PAD[0], 8), look.height - 2 * PAD[1]
+        y, fits = PAD[1], True
+        if look.header:
+            part = self.header(look, room_w)
+            th, tw = part.shape[0], part.shape[1]
+            if th > room_h or tw > room_w:
+                fits = False
+                part = part[:max(0, room_h), :room_w]
+                th = part.shape[0]
+            if th:
+                _blend(img, part, PAD[0], y)
+            y += th
+        self._base = (key, img, y, fits)
+        return img, y, fits
+
     def compose(self, look: Look) -> tuple[Any, bool]:
         """The picture (numpy RGBA, top row first, SHADOW px wider and taller than
         the body) and whether all the text fitted inside the body."""
-        img = self.frame(look).copy()
-        w, h = look.width, look.height
-        room_w, room_h = max(w - 2 * PAD[0], 8), h - 2 * PAD[1]
-        fits = True
-        y = PAD[1]
-        parts = [self.header(look, room_w)] if look.header else []
-        if look.text:
-            parts.append(text_image(look.text, room_w, look.text_size, markup=False,
-                                    color=look.text_color)[0])
-        for part in parts:
+        base, y, fits = self._with_header(look)
+        img = base.copy()
+        room_w, room_h = max(look.width - 2 * PAD[0], 8), look.height - 2 * PAD[1]
+        if look.text and fits:
+            part = text_image(look.text, room_w, look.text_size, markup=False,
+                              color=look.text_color)[0]
             th, tw = part.shape[0], part.shape[1]
             if y + th > PAD[1] + room_h or tw > room_w:
                 fits = False
                 part = part[:max(0, PAD[1] + room_h - y), :room_w]
-                th, tw = part.shape[0], part.shape[1]
-            if th:
-                _blend(img, part, PAD[0], y)
-            y += th
+            if part.shape[0]:
+                _paint(img, part, PAD[0], y, look.text_color, look.body)
         return img, fits
 
 
@@ -139,6 +167,26 @@ def _blend(img: Any, src: Any, x: int, y: int) -> None:
     a = src[..., 3:4].astype(np.uint16)
     rgb = (src[..., :3].astype(np.uint16) * a + dst[..., :3].astype(np.uint16) * (255 - a)) // 255
     dst[..., :3] = rgb.astype(np.uint8)
+
+
+def _paint(img: Any, src: Any, x: int, y: int, color: tuple[float, ...],
+           body: tuple[float, ...]) -> None:
+    """Draw one-colour text (``src``'s alpha is its coverage) onto a region of
+    ``img`` that is all ``body`` colour: each pixel is one of 256 blends."""
+    import numpy as np
+    th, tw = src.shape[0], src.shape[1]
+    img[y:y + th, x:x + tw, :3] = np.take(_blends(tuple(color[:3]), tuple(body[:3])),
+                                          src[..., 3], axis=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _blends(color: tuple[float, ...], body: tuple[float, ...]) -> Any:
+    """The 256 blends of ``color`` over ``body`` (row = coverage)."""
+    import numpy as np
+    a = np.arange(256, dtype=np.float32)[:, None] / 255.0
+    fg = np.array([255 * c for c in color], np.float32)
+    bg = np.array([255 * c for c in body], np.float32)
+    return np.rint(fg * a + bg * (1 - a)).astype(np.uint8)
 
 
 def compose(look: Look) -> tuple[Any, bool]:
@@ -156,5 +204,5 @@ def upload(img: Any, texture: Any = None) -> Any:
     texture = Texture.create(size=(w, h), colorfmt="rgba")
     texture.mag_filter = texture.min_filter = "nearest"
     flipped = np.ascontiguousarray(img[::-1])          # textures start at the bottom
-    texture.blit_buffer(flipped.tobytes(), colorfmt="rgba", bufferfmt="ubyte")
+    texture.blit_buffer(flipped.data.cast("B"), colorfmt="rgba", bufferfmt="ubyte")
     return texture

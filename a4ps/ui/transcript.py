@@ -20,7 +20,8 @@ from .values import _escape
 
 PERSONA_COLORS = {"ALFRED": "f0d27a", "BRICK": "7ab8ff", "ROBIN": "ff9ad5"}
 MAX_TURN_VIEWS = 120   # older turns of a very long task are summarised, not drawn
-MAX_NEW_PER_SYNC = 4   # turn widgets made per display refresh (a burst takes a few)
+MAX_NEW_PER_SYNC = 8   # turn widgets made per display refresh (a burst takes a few)
+MAX_BACKLOG = 16       # more new turns than this at a refresh: show the newest at once
 MAX_ROUNDS_PLOTTED = 20
 EMPTY = "no task yet"
 HOW_TO = ("[color=9aa3ad]No task yet. Type a question in the box above and press Enter "
@@ -81,13 +82,16 @@ class TranscriptPanel(BoxLayout):
         self.ids.turns.clear_widgets()
         self._stream_view = self._answer_view = self._earlier = None
         self._shown = self._hidden = 0
-        while self.sync(rec):
+        while self.sync(rec, live=False):
             pass
 
-    def sync(self, rec: TaskRecord) -> bool:
+    def sync(self, rec: TaskRecord, live: bool = True) -> bool:
         """Bring the view up to ``rec``: new turns, the streamed one, answer, plots.
-        At most MAX_NEW_PER_SYNC new turn widgets a call (True: call again for the
-        rest); only the newest MAX_TURN_VIEWS turns get widgets at all."""
+        At most MAX_NEW_PER_SYNC new turn widgets a call; only the newest
+        MAX_TURN_VIEWS turns get widgets at all; True means call again for the
+        rest. ``live`` (the display refresh): when more than MAX_BACKLOG turns came
+        since the last refresh, the view jumps to the newest (those before join the
+        "earlier turns" line) rather than trail seconds behind them."""
         if rec.task_id != self.task_id:
             return False
         self._rec = rec
@@ -99,7 +103,13 @@ class TranscriptPanel(BoxLayout):
             if self._answer_view is not None:
                 box.remove_widget(self._answer_view)
                 self._answer_view = None
-            skipped = max(0, len(new) - MAX_TURN_VIEWS)   # too many ever to show
+            skipped = max(0, len(new) - MAX_TURN_VIEWS)   # new turns never shown
+            dropped = 0                                    # shown turns taken off
+            if live and len(new) > MAX_BACKLOG:
+                skipped = len(new) - MAX_NEW_PER_SYNC     # a burst: show its newest
+                for old in [w for w in box.children if w is not self._earlier]:
+                    box.remove_widget(old)
+                    dropped += 1
             new = new[skipped:]
             more = len(new) > MAX_NEW_PER_SYNC
             if more:
@@ -109,8 +119,8 @@ class TranscriptPanel(BoxLayout):
             views = [w for w in box.children if w is not self._earlier]
             for old in views[MAX_TURN_VIEWS:]:      # children are newest first
                 box.remove_widget(old)
-                skipped += 1
-            self._hidden += skipped
+                dropped += 1
+            self._hidden += skipped + dropped
             self._shown += skipped + len(new)
             if self._hidden:
                 text = f"[color=9aa3ad]\u2026 {self._hidden} earlier turns (not shown)[/color]"
@@ -126,7 +136,7 @@ class TranscriptPanel(BoxLayout):
 
     def append(self, rec: TaskRecord, turn: Turn) -> None:
         """(``turn`` is already in ``rec.turns``.)"""
-        while self.sync(rec):
+        while self.sync(rec, live=False):
             pass
 
     def update(self, rec: TaskRecord) -> None:
@@ -227,7 +237,7 @@ class TranscriptPanel(BoxLayout):
         # only the chart on show is in the tree (a hidden one would still be drawn)
         self.plot, self.timeline = self.ids.plot.__self__, self.ids.timeline.__self__
         self.ids.chart_holder.remove_widget(self.timeline)
-        self._settle_scroll = Clock.create_trigger(self._settle, 0)
+        self._settle_scroll = Clock.create_trigger(self._settle, -1)   # same frame
         self.ids.scroll.bind(height=self._settle_scroll, scroll_y=self._scrolled)
         self.ids.turns.bind(height=self._settle_scroll)
         self.clear()
