@@ -1,7 +1,10 @@
-"""The ONNX Runtime GenAI token engine: int4 (or int8) weights, the fastest wheel-only
-engine measured here (bench/bench_models.py: int4 ahead of CTranslate2 int8 in every
-run, and of llama.cpp whenever other work competes for the cores; but int4 loses some
-closed-choice accuracy, so it is opt-in: ``models.embedded.engine = "onnxruntime"``).
+"""The ONNX Runtime GenAI token engine: int4 (or int8) weights, the least CPU per token
+of the wheel-only engines measured here (bench/bench_models.py: ~9 ms on 1 thread,
+against ~26 for CTranslate2 int8 and ~13 for llama.cpp). Its own thread pool spins
+while it waits, which no genai_config setting turns off in 0.18: far ahead of
+llama.cpp on a quiet machine, behind it when other work competes for the cores. Opt-in
+(``models.embedded.engine = "onnxruntime"``); see docs/architecture.md for what making
+it the default would take.
 
 ``onnxruntime-genai`` ships as a manylinux wheel; the model is built once by its own
 model builder (MatMulNBits blocks of 32, fused attention and rotary) from the
