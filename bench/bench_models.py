@@ -14,12 +14,21 @@ memory never touch another's), same prompt, same threads, greedy:
   the time after the first) for CTranslate2 int8 (the default), ONNX Runtime GenAI
   int4 (opt-in), llama.cpp (the peer); transformers fp32 (the fallback) and
   CTranslate2 with spinning OpenMP waits once each;
+* CTranslate2 alone on the same converted model (``generate_tokens``, no a4ps code) in
+  the same rounds, and a4ps's generation loop with the engine replaced by replayed ids
+  (stop strings, repetition guard, detokenising, ``on_token``): "the engine" and "our
+  overhead" as separate figures; the default engine on 1 thread, for the thread policy;
+* every decode row says how many tokens each run produced and its CPU time per token
+  (all threads: what the engine costs, which other work moves far less than wall
+  time); a token check line names any run that did not produce ``--tokens`` tokens,
+  and each engine's decoded text is printed (a fast rate of gibberish is no rate);
 * the same with two busy processes competing for the cores (``contended``).
   The machine may be shared: engines run interleaved in ``--rounds`` rounds (the
   order rotates each round), rows are medians, and each ratio is the median of the
   per-round ratios (a round's runs sit close in time, so load drifts cancel);
 * accuracy of each ``choose`` method on the labelled set tests/decision_cases.py
-  (default engine; the calibrated method on ONNX Runtime too);
+  (default engine; the calibrated method on ONNX Runtime too), with n and a 95% Wilson
+  interval, and the two engines compared case by case (exact McNemar test);
 * ``a4ps ask "What is the capital of France?"`` end to end through a running daemon
   with the model resident: time to the first printed token and to the answer.
 
@@ -88,6 +97,12 @@ def ensure_peer() -> Path | None:
 # --------------------------------------------------------------------------- workers
 # Each runs in a child process and prints one JSON line.
 
+def _worker_data(args) -> Path:
+    """A worker's data dir inside the bench's work dir (removed when the bench ends),
+    not a fresh temp dir per worker left behind in /tmp."""
+    return Path(tempfile.mkdtemp(prefix="worker-data-", dir=Path(args.cache).parent))
+
+
 def worker_decisions(args) -> dict:
     """Accuracy of each choose method on tests/decision_cases.py, default engine."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -97,7 +112,7 @@ def worker_decisions(args) -> dict:
     from a4ps.models.decide import METHODS
     from a4ps.models.embedded import BASE_ID, EmbeddedBackend
     from a4ps.models.manager import ModelManager
-    s = load_settings(data_dir=Path(tempfile.mkdtemp(prefix="a4ps-bench-")))
+    s = load_settings(data_dir=_worker_data(args))
     s.models.embedded.cache_dir = Path(args.cache)
     s.models.embedded.threads = args.threads
     s.models.embedded.engine = args.engine or s.models.embedded.engine
@@ -106,11 +121,17 @@ def worker_decisions(args) -> dict:
     mm.load(BASE_ID)
     d = mm.backend._decide()
     out = {}
+    cases = decision_cases.cases()
     for m in (args.methods.split(",") if args.methods else METHODS):
         t0 = time.perf_counter()
-        acc, per = decision_cases.accuracy(lambda msgs, o, mm_: d.choose(msgs, o, method=mm_).value, m)
-        out[m] = {"accuracy": acc, "per_family": per,
-                  "seconds_per_choice": (time.perf_counter() - t0) / len(decision_cases.cases())}
+        correct = [d.choose(msgs, opts, method=m).value == answer
+                   for _, msgs, opts, answer in cases]
+        per: dict[str, list[bool]] = {}
+        for (family, *_), ok in zip(cases, correct):
+            per.setdefault(family, []).append(ok)
+        out[m] = {"accuracy": sum(correct) / len(correct), "correct": correct,
+                  "per_family": {f: sum(v) / len(v) for f, v in per.items()},
+                  "seconds_per_choice": (time.perf_counter() - t0) / len(cases)}
     return out
 
 
@@ -119,7 +140,7 @@ def worker_embedded(args) -> dict:
     from a4ps.events import EventBus
     from a4ps.models.embedded import BASE_ID, EmbeddedBackend
     from a4ps.models.manager import ModelManager
-    s = load_settings(data_dir=Path(tempfile.mkdtemp(prefix="a4ps-bench-")))
+    s = load_settings(data_dir=_worker_data(args))
     s.models.embedded.cache_dir = Path(args.cache)
     s.models.embedded.engine = args.engine
     s.models.embedded.onnx_precision = args.precision
@@ -130,10 +151,60 @@ def worker_embedded(args) -> dict:
     mm.load(BASE_ID)
     load = time.perf_counter() - t0
     mm.generate(BASE_ID, PROMPT, max_tokens=8)                  # warm-up
-    g = mm.generate(BASE_ID, PROMPT, max_tokens=args.tokens, on_token=lambda piece: None)
+    cpu: list[float] = []              # process CPU time (all threads) at the first piece
+
+    def first_piece(piece: str) -> None:
+        if not cpu:
+            cpu.append(time.process_time())
+    g = mm.generate(BASE_ID, PROMPT, max_tokens=args.tokens, on_token=first_piece)
+    cpu_ms = (time.process_time() - cpu[0]) * 1e3 / (g.tokens - 1) if cpu and g.tokens > 1 \
+        else None
     decode = (g.tokens - 1) / (g.seconds - g.ttft_s) if g.tokens > 1 else None
     return {"load_s": load, "ttft_s": g.ttft_s, "tokens": g.tokens, "decode_tok_s": decode,
-            "rss_mb": _rss_mb(), "threads": mm.backend.threads}
+            "cpu_ms_per_token": cpu_ms, "finish": g.finish, "text": g.text, "rss_mb": _rss_mb(),
+            "threads": mm.backend.threads}
+
+
+def worker_ct2_raw(args) -> dict:
+    """CTranslate2 alone on our converted model: ``Generator.generate_tokens`` on the same
+    prompt ids, no a4ps code in the loop (what our engine path costs on top of it is the
+    difference to the ``ct2`` row)."""
+    from a4ps.config import load_settings
+    from a4ps.models.embedded import ct2_dir
+    from a4ps.models.threads import apply_openmp_policy
+    from a4ps.models.tokens import ChatTokenizer
+    s = load_settings(data_dir=_worker_data(args))
+    s.models.embedded.cache_dir = Path(args.cache)
+    path = ct2_dir(s)
+    apply_openmp_policy()
+    t0 = time.perf_counter()
+    import ctranslate2
+    tok = ChatTokenizer(path)
+    gen = ctranslate2.Generator(str(path), device="cpu", compute_type="int8",
+                                inter_threads=1, intra_threads=args.threads)
+    load = time.perf_counter() - t0
+    prompt = tok.token_strings(tok.chat_ids(PROMPT))
+    end = sorted(tok.end_ids)
+
+    def run(n: int) -> tuple[float, list[float], list[int]]:
+        t0_, stamps, ids = time.perf_counter(), [], []
+        for step in gen.generate_tokens(prompt, max_length=n, sampling_topk=1, end_token=end):
+            stamps.append(time.perf_counter())
+            ids.append(int(step.token_id))
+            if len(ids) == 1:
+                cpu.append(time.process_time())
+        cpu.append(time.process_time())
+        return t0_, stamps, ids
+    cpu: list[float] = []
+    run(8)
+    cpu.clear()
+    t0, st, ids = run(args.tokens)
+    n = len(st)
+    return {"load_s": load, "ttft_s": st[0] - t0, "tokens": n,
+            "decode_tok_s": (n - 1) / (st[-1] - st[0]) if n > 1 else None,
+            "cpu_ms_per_token": (cpu[-1] - cpu[0]) * 1e3 / (n - 1) if n > 1 else None,
+            "finish": "length" if n >= args.tokens else "eos", "text": tok.decode(ids),
+            "ids": ids, "rss_mb": _rss_mb(), "threads": args.threads}
 
 
 PEER_SCRIPT = r"""
@@ -144,18 +215,33 @@ from llama_cpp import Llama
 llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
             verbose=False)
 load = time.perf_counter() - t0
+ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+END = {b"<|im_end|>", b"<|endoftext|>", b"<|im_start|>"}
 def run(n):
-    t0 = time.perf_counter(); stamps = []
-    for chunk in llm.create_completion(prompt, max_tokens=n, temperature=0.0, top_k=1,
-                                       stream=True):
+    # token by token (llm.generate), so the count is exact: create_completion's stream
+    # adds a closing chunk and joins pieces of a multi-byte character
+    llm.reset()
+    t0 = time.perf_counter(); stamps = []; out = []; finish = "length"
+    for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
         stamps.append(time.perf_counter())
-    return t0, stamps
+        if len(stamps) == 1:
+            cpu[:] = [time.process_time()]
+        if llm.detokenize([t], special=True) in END:
+            finish = "eos"
+            break
+        out.append(t)
+        if len(out) >= n:
+            break
+    cpu.append(time.process_time())
+    return t0, stamps, out, finish
+cpu = []
 run(8)
-llm.reset()
-t0, st = run(n_tokens)
-n = len(st)
+t0, st, out, finish = run(n_tokens)
+n = len(out)
 print(json.dumps({"load_s": load, "ttft_s": st[0] - t0, "tokens": n,
-                  "decode_tok_s": (n - 1) / (st[-1] - st[0]) if n > 1 else None,
+                  "cpu_ms_per_token": (cpu[-1] - cpu[0]) * 1e3 / (n - 1) if n > 1 else None,
+                  "decode_tok_s": (n - 1) / (st[n - 1] - st[0]) if n > 1 else None,
+                  "finish": finish, "text": llm.detokenize(out).decode(errors="replace"),
                   "threads": threads,
                   "rss_mb": [int(l.split()[1]) / 1024 for l in open("/proc/self/status")
                              if l.startswith("VmRSS:")][0]}))
@@ -168,6 +254,9 @@ def _rss_mb() -> float:
     return 0.0
 
 
+UNSET = "\0unset"        # an env value that removes the variable from a child's environment
+
+
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # what the CLI does first thing
@@ -176,8 +265,9 @@ def _child_env(threads: int) -> dict[str, str]:
 
 def run_json(cmd: list[str], threads: int, timeout: int = 900,
              env: dict[str, str] | None = None) -> dict | None:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env={**_child_env(threads), **(env or {})}, cwd=ROOT)
+    full = {**_child_env(threads), **(env or {})}
+    full = {k: v for k, v in full.items() if v != UNSET}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full, cwd=ROOT)
     if r.returncode != 0:
         log(f"{' '.join(cmd[:4])} ... failed:\n{r.stderr[-2500:]}")
         return None
@@ -185,18 +275,19 @@ def run_json(cmd: list[str], threads: int, timeout: int = 900,
 
 
 def ours(engine: str, cache: Path, args, env: dict[str, str] | None = None,
-         precision: str = "int4", methods: str = "") -> dict | None:
+         precision: str = "int4", methods: str = "", threads: int = 0) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", engine, "--cache", str(cache),
-           "--tokens", str(args.tokens), "--threads", str(args.threads),
+           "--tokens", str(args.tokens), "--threads", str(threads or args.threads),
            "--precision", precision]
     if methods:
         cmd += ["--methods", methods]
     return run_json(cmd, args.threads, env=env)
 
 
-def peer(py: Path, gguf: Path, prompt: str, args) -> dict | None:
+def peer(py: Path, gguf: Path, prompt: str, args,
+         env: dict[str, str] | None = None) -> dict | None:
     return run_json([str(py), "-c", PEER_SCRIPT, str(gguf), str(args.tokens),
-                     str(args.threads), prompt], args.threads)
+                     str(args.threads), prompt], args.threads, env=env)
 
 
 class Busy:
@@ -284,6 +375,9 @@ def ask_end_to_end(cache: Path, threads: int) -> dict | None:
 # one measured engine: (label, how to run it in a child process)
 ENGINES = {
     "llama": "llama.cpp Q4_1 GGUF (peer)",
+    # the peer as Ollama runs it: libgomp's default waits (spin, then sleep), where the
+    # peer above gets the same OMP_WAIT_POLICY=PASSIVE as every other row
+    "llama-omp": "llama.cpp, default OpenMP waits (as in Ollama)",
     "ct2": "CTranslate2 int8 (embedded default)",
     "ort": "ONNX Runtime GenAI int4 (engine = onnxruntime)",
     "torch": "transformers fp32 (fallback, training stack)",
@@ -292,6 +386,10 @@ ENGINES = {
     # gaps between a token's parallel regions; in 4 paired rounds on the loaded shared
     # machine it decoded at 0.71x (idle) / 0.76x (2 busy) of the passive default
     "ct2-spin10k": "CTranslate2 int8, PASSIVE + GOMP_SPINCOUNT=10000 (bounded spin)",
+    # same rounds as the default: splits "the engine" from "our code around it"
+    "ct2-raw": "CTranslate2 int8 alone (generate_tokens, no a4ps code)",
+    # the thread policy's alternative under contention
+    "ct2-1t": "CTranslate2 int8 (embedded default), 1 thread",
 }
 DEFAULT_KEY = {"ctranslate2": "ct2", "onnxruntime": "ort", "transformers": "torch"}
 
@@ -299,6 +397,85 @@ DEFAULT_KEY = {"ctranslate2": "ct2", "onnxruntime": "ort", "transformers": "torc
 def _median(xs: list[float]) -> float | None:
     import statistics
     return statistics.median(xs) if xs else None
+
+
+def _cpu(runs: list[dict]) -> str:
+    """CPU time per decoded token (all threads): what the engine costs, which other
+    work on a shared machine moves much less than it moves wall time."""
+    xs = [r["cpu_ms_per_token"] for r in runs if r and r.get("cpu_ms_per_token")]
+    return f"; CPU {_median(xs):.1f} ms/token" if xs else ""
+
+
+def _counts(runs: list[dict]) -> str:
+    return ", ".join(str(r.get("tokens")) for r in runs if r) or "-"
+
+
+def token_shortfalls(runs: dict[str, list[dict]], wanted: int) -> list[str]:
+    """Each measured run that did not decode ``wanted`` tokens (or failed), said why: a
+    rate from 40 tokens and one from 128 are not the same measurement."""
+    out = []
+    for key, rs in runs.items():
+        for i, r in enumerate(rs):
+            if not r:
+                out.append(f"{key} run {i + 1}: failed (see stderr)")
+            elif r.get("tokens") != wanted:
+                out.append(f"{key} run {i + 1}: {r.get('tokens')} of {wanted} tokens "
+                           f"(finish {r.get('finish')})")
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def mcnemar_exact(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """Paired comparison of two deciders on the same cases: (cases only ``a`` got
+    right, cases only ``b`` got right, exact two-sided McNemar p-value)."""
+    from math import comb
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    n = only_a + only_b
+    if n == 0:
+        return 0, 0, 1.0
+    tail = sum(comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return only_a, only_b, min(1.0, 2 * tail)
+
+
+def loop_overhead_us(tok, ids: list[int], repeats: int = 20) -> dict[str, float]:
+    """What a4ps's generation loop costs per token with the engine taken out: the ids a
+    real run produced replayed through :func:`a4ps.models.engine.run_generation` (stop
+    strings, the repetition guard, incremental detokenising, ``on_token``), and the
+    prompt's templating and tokenising once per call (``prompt_ms``)."""
+    from a4ps.models.engine import Sampling, run_generation
+
+    class Replay:
+        name = "replay"
+
+        def stream(self, ids_, *, max_new, sampling):
+            yield from ids[:max_new]
+
+    best = {}
+    for label, kw in (("loop", dict(stop=["\nUser:", "</answer>"], repetition_guard=True,
+                                     on_token=lambda d: None)),
+                      ("bare", dict(stop=[], repetition_guard=False, on_token=None))):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            g = run_generation(Replay(), tok, PROMPT, max_new=len(ids), sampling=Sampling(),
+                               **kw)
+            times.append((time.perf_counter() - t0) / max(1, g.tokens))
+        best[label] = min(times) * 1e6
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        tok.chat_ids(PROMPT, reserve=len(ids))
+    best["prompt_ms"] = (time.perf_counter() - t0) / repeats * 1e3
+    return best
 
 
 def main() -> None:
@@ -324,6 +501,9 @@ def main() -> None:
     if args.worker == "decisions":
         print(json.dumps(worker_decisions(args)))
         return
+    if args.worker == "ct2-raw":
+        print(json.dumps(worker_ct2_raw(args)))
+        return
     if args.worker:
         print(json.dumps(worker_embedded(argparse.Namespace(**{**vars(args),
                                                                "engine": args.worker}))))
@@ -332,7 +512,7 @@ def main() -> None:
         sys.exit(0 if ensure_peer() else 1)
 
     from a4ps.config import load_settings
-    from a4ps.models.embedded import (ensure_base_checkpoint, ensure_ct2_model,
+    from a4ps.models.embedded import (ct2_dir, ensure_base_checkpoint, ensure_ct2_model,
                                       ensure_ort_model, gguf_path)
     from a4ps.models.tokens import ChatTokenizer
     load_before = os.getloadavg()[0]
@@ -380,12 +560,19 @@ def main() -> None:
         def run(key: str) -> dict | None:
             if key == "llama":
                 return peer(py, gguf, prompt, args) if py else None
+            if key == "llama-omp":
+                return peer(py, gguf, prompt, args, env={"OMP_WAIT_POLICY": UNSET}) \
+                    if py else None
             if key == "ct2":
                 return ours("ctranslate2", cache, args)
             if key == "ort":
                 return ours("onnxruntime", cache, args, precision="int4")
             if key == "torch":
                 return ours("transformers", cache, args)
+            if key == "ct2-raw":
+                return ours("ct2-raw", cache, args)
+            if key == "ct2-1t":
+                return ours("ctranslate2", cache, args, threads=1)
             if key == "ct2-spin10k":
                 return ours("ctranslate2", cache, args, env={"GOMP_SPINCOUNT": "10000"})
             return ours("ctranslate2", cache, args, env={"OMP_WAIT_POLICY": "ACTIVE"})
@@ -400,8 +587,9 @@ def main() -> None:
                     out[k].append(res if res else {})
             return out
 
-        measured = [k for k in ("llama", "ct2", "ort")
-                    if not (k == "llama" and py is None) and not (k == "ort" and args.skip_onnx)]
+        measured = [k for k in ("llama", "ct2", "ct2-raw", "ort", "ct2-1t", "llama-omp")
+                    if not (k.startswith("llama") and py is None)
+                    and not (k == "ort" and args.skip_onnx)]
         idle = rounds(measured)
         idle.update({k: [run(k) or {}] for k in ("torch", "ct2-spin", "ct2-spin10k")})
         with Busy(2):
@@ -410,19 +598,21 @@ def main() -> None:
         def med(runs: list[dict], field: str) -> float | None:
             return _median([r[field] for r in runs if r.get(field) is not None])
 
-        def paired(runs: dict[str, list[dict]], key: str) -> float | None:
+        def paired(runs: dict[str, list[dict]], key: str, peer_key: str = "llama"
+                   ) -> float | None:
             """Median over rounds of ``key``'s decode rate over the peer's, same round."""
-            if "llama" not in runs or key not in runs:
+            if peer_key not in runs or key not in runs:
                 return None
             return _median([a["decode_tok_s"] / b["decode_tok_s"]
-                            for a, b in zip(runs[key], runs["llama"])
+                            for a, b in zip(runs[key], runs[peer_key])
                             if a.get("decode_tok_s") and b.get("decode_tok_s")])
 
         for key, label in ENGINES.items():
             runs = idle.get(key)
             if not runs or not any(runs):
-                why = {"ort": ort_note, "llama": "--skip-peer" if args.skip_peer
-                       else "build or run failed (see stderr)"}.get(key, "see stderr")
+                why = ort_note if key == "ort" else ("--skip-peer" if args.skip_peer else
+                                                     "build or run failed (see stderr)") \
+                    if key.startswith("llama") else "see stderr"
                 row(label, "unavailable", why)
                 continue
             n = sum(1 for r in runs if r)
@@ -432,17 +622,45 @@ def main() -> None:
             row(f"{label}: time to first token", f"{med(runs, 'ttft_s') * 1000:.0f} ms",
                 "target < 150 ms" if key == default_key else "")
             row(f"{label}: decode", f"{med(runs, 'decode_tok_s'):.1f} tok/s",
-                f"median of {n} run(s), {args.tokens} tokens: "
-                + ", ".join(f"{r['decode_tok_s']:.1f}" for r in runs if r))
+                f"median of {n} run(s); tokens/run {_counts(runs)}: "
+                + ", ".join(f"{r['decode_tok_s']:.1f}" for r in runs if r) + _cpu(runs))
         for key in measured:
             runs = contended.get(key) or []
             if any(runs):
                 row(f"{ENGINES[key]}: decode, 2 busy processes",
                     f"{med(runs, 'decode_tok_s'):.1f} tok/s",
-                    f"TTFT {med(runs, 'ttft_s') * 1000:.0f} ms; runs: "
-                    + ", ".join(f"{r['decode_tok_s']:.1f}" for r in runs if r))
+                    f"TTFT {med(runs, 'ttft_s') * 1000:.0f} ms; tokens/run {_counts(runs)}: "
+                    + ", ".join(f"{r['decode_tok_s']:.1f}" for r in runs if r) + _cpu(runs))
+        short = token_shortfalls({**{k: v for k, v in idle.items()},
+                                  **{f"{k} (busy)": v for k, v in contended.items()}},
+                                 args.tokens)
+        row("token check: every decode run produced the requested tokens",
+            "yes" if not short else "NO", "; ".join(short) if short else
+            f"{args.tokens} of {args.tokens} in every run of every engine")
+        for key in [k for k in measured if k not in ("ct2-1t", "llama-omp")] + ["torch"]:
+            text = next((r.get("text") for r in idle.get(key, []) if r and r.get("text")), None)
+            if text:
+                row(f"text decoded: {ENGINES[key]}", f"{len(text)} chars",
+                    json.dumps(" ".join(text.split())[:90]))
+        raw_ids = next((r["ids"] for r in idle.get("ct2-raw", []) if r and r.get("ids")), None)
+        if raw_ids:
+            ov = loop_overhead_us(ChatTokenizer(ct2_dir(settings)), raw_ids)
+            ct2_rate = med(idle.get("ct2", []), "decode_tok_s")
+            share = f" = {ov['loop'] / (1e6 / ct2_rate):.2%} of one CTranslate2 token" \
+                if ct2_rate else ""
+            row("a4ps generation loop, engine replaced by the ids CTranslate2 produced",
+                f"{ov['loop']:.0f} us/token",
+                f"stop strings + repetition guard + incremental detokenise + on_token{share}; "
+                f"bare loop {ov['bare']:.0f} us/token; prompt template+tokenise "
+                f"{ov['prompt_ms']:.1f} ms once per call")
+        for key in ("ct2", "ort"):
+            if key in measured and "llama-omp" in measured:
+                row(f"{ENGINES[key]} / llama.cpp as in Ollama",
+                    f"{paired(idle, key, 'llama-omp') or 0:.2f}",
+                    f"2 busy processes: {paired(contended, key, 'llama-omp') or 0:.2f}; "
+                    f"median of per-round ratios")
         for key in measured:
-            if key == "llama":
+            if key in ("llama", "ct2-1t", "llama-omp"):
                 continue
             ratios[f"{key}-idle"] = paired(idle, key)
             ratios[f"{key}-busy"] = paired(contended, key)
@@ -455,6 +673,7 @@ def main() -> None:
                     "median of per-round ratios")
 
         if not args.skip_decisions:
+            decided: dict[str, dict] = {}
             for key, engine, methods in (("ct2", "ctranslate2", ""),
                                          ("ort", "onnxruntime", "calibrated")):
                 if key == "ort" and args.skip_onnx:
@@ -462,11 +681,23 @@ def main() -> None:
                 dec = run_json([sys.executable, __file__, "--worker", "decisions", "--cache",
                                 str(cache), "--threads", str(args.threads), "--engine", engine,
                                 "--methods", methods], args.threads)
+                decided[key] = dec or {}
                 for m, r in (dec or {}).items():
                     fam = ", ".join(f"{k} {v:.0%}" for k, v in r["per_family"].items())
+                    k, n = sum(r["correct"]), len(r["correct"])
+                    lo, hi = wilson(k, n)
                     row(f"choose on tests/decision_cases.py, {ENGINES[key].split(' (')[0]}, "
-                        f"method {m}", f"{r['accuracy']:.0%}",
-                        f"{fam}; {r['seconds_per_choice']:.2f} s per choice")
+                        f"method {m}", f"{k}/{n} = {r['accuracy']:.0%}",
+                        f"95% CI {lo:.0%}-{hi:.0%}; {fam}; "
+                        f"{r['seconds_per_choice']:.2f} s per choice")
+            a = decided.get("ct2", {}).get("calibrated")
+            b = decided.get("ort", {}).get("calibrated")
+            if a and b:
+                only_a, only_b, p = mcnemar_exact(a["correct"], b["correct"])
+                row("choose, calibrated: CTranslate2 int8 vs ONNX int4, same cases",
+                    f"{only_a} vs {only_b}",
+                    f"cases only CT2 / only ONNX got right of {len(a['correct'])}; exact "
+                    f"McNemar p = {p:.2f} (p > 0.05: no difference this set can show)")
 
         if not args.skip_ask:
             a = ask_end_to_end(cache, args.threads)

@@ -145,6 +145,21 @@ def test_openmp_waits_passively_unless_the_user_chose(monkeypatch):
 
 # -- every backend is a ChatBackend ------------------------------------------------
 
+def test_onnx_runtime_pools_do_not_spin_unless_the_user_chose(monkeypatch):
+    """ORT's own pool ignores OMP_WAIT_POLICY and spins by default (it collapsed beside
+    two busy processes); its session options follow the same policy."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    opts = threads.ort_session_options(2)
+    assert opts["session.intra_op.allow_spinning"] == "0"
+    assert opts["session.inter_op.allow_spinning"] == "0"
+    assert (opts["intra_op_num_threads"], opts["inter_op_num_threads"]) == (2, 1)
+    assert threads.ort_session_options(0)["intra_op_num_threads"] == 1
+    # genai_config takes config entries only as strings (a number is a load error)
+    assert all(isinstance(v, str) for k, v in opts.items() if k.startswith("session."))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    assert threads.ort_session_options(2)["session.intra_op.allow_spinning"] == "1"
+
+
 def test_every_backend_class_conforms_to_the_protocol():
     from a4ps.models.embedded import EmbeddedBackend
     from a4ps.models.ollama_backend import OllamaBackend

@@ -1,7 +1,12 @@
-"""The ONNX Runtime GenAI token engine: int4 (or int8) weights, the fastest wheel-only
-engine measured here (bench/bench_models.py: int4 ahead of CTranslate2 int8 in every
-run, and of llama.cpp whenever other work competes for the cores; but int4 loses some
-closed-choice accuracy, so it is opt-in: ``models.embedded.engine = "onnxruntime"``).
+"""The ONNX Runtime GenAI token engine: int4 (or int8) weights, the least CPU per token
+of the wheel-only engines measured here (bench/bench_models.py: ~9 ms on 1 thread,
+against ~26 for CTranslate2 int8 and ~13 for llama.cpp). ORT's own thread pool spins
+while it waits by default, which collapses when other work competes for the cores; the
+session options from :func:`a4ps.models.threads.ort_session_options` turn that off
+(``session.intra_op.allow_spinning = "0"``, a session config entry that genai_config
+passes through) unless the user set ``OMP_WAIT_POLICY=ACTIVE``. Opt-in
+(``models.embedded.engine = "onnxruntime"``); see docs/architecture.md for what making
+it the default would take.
 
 ``onnxruntime-genai`` ships as a manylinux wheel; the model is built once by its own
 model builder (MatMulNBits blocks of 32, fused attention and rotary) from the
@@ -19,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Generator, Sequence
 
 from a4ps.models.engine import Sampling
 from a4ps.models.errors import ModelLoadError
-from a4ps.models.threads import apply_openmp_policy
+from a4ps.models.threads import apply_openmp_policy, ort_session_options
 from a4ps.models.tokens import ChatTokenizer
 
 if TYPE_CHECKING:
@@ -53,8 +58,8 @@ class OrtEngine:
         model_dir = Path(model_dir)
         try:
             cfg = og.Config(str(model_dir))
-            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": max(1, int(threads)), "inter_op_num_threads": 1}}}}))
+            cfg.overlay(json.dumps({"model": {"decoder": {
+                "session_options": ort_session_options(threads)}}}))
             self.model = og.Model(cfg)
             genai = json.loads((model_dir / "genai_config.json").read_text())
         except Exception as e:

@@ -78,3 +78,21 @@ def resolve_threads(setting: int | None) -> int:
 def apply_openmp_policy() -> None:
     """Make OpenMP pools sleep instead of spin while they wait (unless the user chose)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def spinning_allowed() -> bool:
+    """Whether thread pools may spin while they wait: only if the user asked for it
+    (``OMP_WAIT_POLICY=ACTIVE``). Pools that are not OpenMP (ONNX Runtime's own) take
+    the same answer, so one setting governs every engine."""
+    return os.environ.get("OMP_WAIT_POLICY", "PASSIVE").strip().upper() == "ACTIVE"
+
+
+def ort_session_options(threads: int) -> dict[str, int | str]:
+    """ONNX Runtime session options for the thread policy: ``threads`` intra-op
+    threads, one inter-op, and no spinning unless allowed (ORT's pool spins by default,
+    and a spinning pool collapses when another process competes for the cores).
+    Unknown keys in genai_config's ``session_options`` are ORT session config entries."""
+    spin = "1" if spinning_allowed() else "0"
+    return {"intra_op_num_threads": max(1, int(threads)), "inter_op_num_threads": 1,
+            "session.intra_op.allow_spinning": spin,
+            "session.inter_op.allow_spinning": spin}
