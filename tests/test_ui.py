@@ -1057,8 +1057,9 @@ def test_a_full_gc_runs_in_the_frame_after_a_refresh_never_in_it(ui, app, sub):
     c.display.last = 0.0                     # a refresh is due this frame
     c.tick()
     assert c._refresh_t0 and pacer.collections == ran      # refreshed; no GC in it
+    assert not gc.isenabled()                # not even a young one, until...
     c.tick()                                 # the frame after: it runs there
-    assert pacer.collections == ran + 1 and gc.get_count()[2] == 0
+    assert pacer.collections == ran + 1 and gc.get_count()[2] == 0 and gc.isenabled()
     for _ in range(pacer.full_every):
         gc.collect(1)
     c.flush()

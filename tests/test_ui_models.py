@@ -401,7 +401,13 @@ def test_gc_pacer_runs_full_collections_only_when_asked_and_restores_cpython():
             gc.collect(1)                                 # what CPython would count
         assert pacer.collect_due() and dead() is None and pacer.collections == 1
         assert not pacer.collect_due()                  # the count starts again
+        pacer.hold()                                      # a refresh frame: none at all
+        assert not gc.isenabled()
+        pacer.release()
+        assert gc.isenabled()
+        pacer.hold()
     finally:
         pacer.stop()
+    assert gc.isenabled()                                 # stopped while held: back on
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
     assert not pacer.collect_due()                      # stopped: CPython decides

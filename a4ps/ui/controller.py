@@ -177,6 +177,8 @@ class MorphicController:
         pictures, a display refresh."""
         self.ticks += 1
         drawn = bool(self._refresh_t0)
+        if drawn and self.collector is not None:
+            self.collector.release()            # the refresh frame is over
         if drawn:
             # the last refresh's frame (its drawing and buffer swap included) is on
             # screen by now: what it cost sets how often to refresh
@@ -286,6 +288,8 @@ class MorphicController:
         due = self.display.due()
         if not due:
             return False
+        if self.collector is not None:
+            self.collector.hold()             # no GC in this frame (released next tick)
         if "canvas" in due:      # morph changes that cannot wait for the next refresh
             for item in self.display.take_overdue("morphs"):
                 self._compose(*item)

@@ -16,9 +16,13 @@ frame at 1,000 events/s 143 ms. So, while the app runs:
   away, and that frame draws nothing), or one where nothing waits to be shown (so an
   idle window still collects).
 
+Young collections (generations 0 and 1, ~1-6 ms each with the heap frozen) are
+held back too while a refresh frame runs (:meth:`hold` when the refresh starts,
+:meth:`release` in the next frame: ``gc.disable``/``gc.enable``; CPython then
+collects what that frame left at its next allocation).
+
 Frozen objects are still freed by reference counting; only a reference cycle among
 them waits for :meth:`stop` (which unfreezes and restores the thresholds it found).
-Young collections (generations 0 and 1) run as CPython decides: they are short.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ class GcPacer:
         self._threshold: tuple[int, ...] | None = None   # CPython's, while paced
         self.full_every = 10                             # young collections per full
         self.collections = 0                             # full ones this pacer ran
+        self.held = False                                # collections off this frame
 
     @property
     def active(self) -> bool:
@@ -65,7 +70,19 @@ class GcPacer:
         self.collections += 1
         return True
 
+    def hold(self) -> None:
+        """No collection at all until :meth:`release` (a refresh frame runs)."""
+        if self.active and not self.held and self.gc.isenabled():
+            self.gc.disable()
+            self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.gc.enable()
+
     def stop(self) -> None:
+        self.release()
         if not self.active:
             return
         self.gc.set_threshold(*self._threshold)
