@@ -175,6 +175,7 @@ def main() -> int:
     for i in range(1000):
         c.add_log("info", f"earlier line {i}")
     c.flush_morphs()
+    c.collector.settle()   # as apply_snapshot does once the daemon's morphs are built
     h.pump_for(1.0)
     time.sleep(0.3)   # SUB connects
 

@@ -1032,10 +1032,100 @@ def test_new_words_on_a_morph_damage_only_the_tiles_under_its_words(ui, app, sub
                             "round": 1, "text": " and more words", "seq": 2})
     c.tick()
     c.prepare_morphs(None)
-    damaged = set(cv.scene.dirty)
+    damaged = set(cv.scene.dirty) | set(cv._planned)      # (planned ahead or not)
     c.flush()
     assert brick.utterance == "first and more words"
     whole = cv.scene._tiles_of[brick]
     assert damaged and damaged < whole, (len(damaged), len(whole))
     header_row = max(j for _, j in whole)            # y up: its top row of tiles
     assert all(j != header_row for _, j in damaged)
+
+
+def test_a_full_gc_runs_in_the_frame_after_a_refresh_never_in_it(ui, app, sub):
+    import gc
+
+    from a4ps.ui.gcpace import NEVER
+    c = app.controller
+    pacer = app.collector
+    assert pacer.active and c.collector is pacer and gc.get_threshold()[2] == NEVER
+    c.flush()
+    for _ in range(pacer.full_every):
+        gc.collect(1)                        # a full collection is due
+    ran = pacer.collections
+    sub.push("log", {"level": "info", "message": "refresh me"})
+    c._refresh_t0 = 0.0
+    c.display.last = 0.0                     # a refresh is due this frame
+    c.tick()
+    assert c._refresh_t0 and pacer.collections == ran      # refreshed; no GC in it
+    assert not gc.isenabled()                # not even a young one, until...
+    c.tick()                                 # the frame after: it runs there
+    assert pacer.collections == ran + 1 and gc.get_count()[2] == 0 and gc.isenabled()
+    for _ in range(pacer.full_every):
+        gc.collect(1)
+    c.flush()
+    c._refresh_t0 = 0.0
+    assert c.settled
+    c.tick()                                 # an idle window collects too
+    assert pacer.collections == ran + 2
+
+
+def test_tiles_planned_ahead_paint_what_a_full_repaint_paints(ui, app, sub):
+    """Between refreshes the canvas plans its damaged tiles (the refresh frame then
+    plans only what was damaged since); what the refresh paints from those plans is
+    pixel for pixel what painting every tile from scratch paints, also when a tile
+    planned ahead was damaged again before the refresh."""
+    c = app.controller
+    cv = c.canvas
+    c.flush()
+    ui.pump(2)
+    sub.push("task.queued", {"task_id": "tp", "text": "plan ahead"})
+    sub.push("task.token", {"task_id": "tp", "node": "brick", "persona": "BRICK",
+                            "round": 1, "text": "planned", "seq": 1})
+    c.display.last = time.time()             # no refresh due in these frames
+    repaints = cv.repaints
+    c.tick()                                 # a frame between refreshes plans...
+    c.prepare_morphs(None)
+    cv.plan_ahead()
+    assert not cv.scene.dirty and cv._planned
+    assert cv.damaged and cv.repaints == repaints     # ...and paints nothing
+    sub.push("task.token", {"task_id": "tp", "node": "brick", "persona": "BRICK",
+                            "round": 1, "text": " then more words", "seq": 2})
+    c.tick()
+    c.prepare_morphs(None)                   # the same tiles damaged again
+    c.flush()
+    ui.pump(2)
+    assert cv.repaints == repaints + 1 and not cv._planned and not cv.damaged
+    assert cv.get("BRICK").body_text.endswith("then more words")
+    planned = bytes(cv.fbo.pixels)
+    cv.scene.damage_all()
+    cv.repaint_now()
+    ui.pump(2)
+    assert bytes(cv.fbo.pixels) == planned
+
+
+def test_log_rows_rendered_ahead_are_shown_without_rendering_again(ui, app, sub):
+    """Between refreshes the log renders the rows its next refresh brings into view;
+    that refresh shows those very pictures (no second render in its frame), and they
+    are the pictures a row renders on its own."""
+    from kivy.uix.label import Label
+    c = app.controller
+    log = app.root.ids.log_panel
+    log.add([{"level": "info", "source": "t", "message": f"before {i}"} for i in range(40)])
+    c.flush()
+    ui.pump(3)
+    c.display.last = time.time()             # no refresh due in the next frames
+    for i in range(3):
+        sub.push("log", {"level": "warning", "message": f"ahead {i}"})
+    c.tick()                                 # a frame between refreshes
+    ahead = {k[0]: v[0] for k, v in log._rendered.items()}
+    assert [t for t in ahead if "ahead" in t] and not any("ahead" in r["text"] for r in log.data)
+    c.flush()
+    ui.pump(3)
+    views = [v for v in log.ids.rv.children[0].children if "ahead" in v.text]
+    assert len(views) == 3 and all(v.texture is ahead[v.text] for v in views)
+    fresh = Label.texture_update                 # what the row renders by itself
+    row = views[0]
+    pixels = bytes(row.texture.pixels)
+    row.rendered = None
+    fresh(row)
+    assert row.texture is not ahead[row.text] and bytes(row.texture.pixels) == pixels

@@ -369,3 +369,45 @@ def test_morph_picture_is_composed_with_its_text():
                         "[b]BRICK[/b]", 12, "word " * 100, 11)
     img, fits = sprites.Composer().compose(long)
     assert not fits and img.shape[0] == 40 + sprites.SHADOW   # cut, and it says so
+
+
+def test_gc_pacer_runs_full_collections_only_when_asked_and_restores_cpython():
+    """A full GC (~55 ms with the UI's heap) must not start inside a display refresh:
+    the pacer freezes what lives, takes automatic full collections out and runs the
+    due one when the controller says a refresh is on screen."""
+    import gc
+    import weakref
+
+    from a4ps.ui.gcpace import NEVER, GcPacer
+
+    class Node:
+        pass
+
+    before = gc.get_threshold()
+    pacer = GcPacer()
+    pacer.start()
+    try:
+        assert gc.get_threshold() == (before[0], before[1], NEVER)
+        assert gc.get_freeze_count() > 0                  # the long-lived heap is out
+        a, b = Node(), Node()
+        a.other, b.other = b, a                           # a cycle only a GC frees
+        gc.collect(1)                                     # now in the oldest generation
+        dead = weakref.ref(a)
+        del a, b
+        gc.collect(0)                                     # young collections: not it
+        pacer.full_every = gc.get_count()[2] + 3
+        assert not pacer.collect_due() and dead() is not None   # not due yet
+        for _ in range(3):
+            gc.collect(1)                                 # what CPython would count
+        assert pacer.collect_due() and dead() is None and pacer.collections == 1
+        assert not pacer.collect_due()                  # the count starts again
+        pacer.hold()                                      # a refresh frame: none at all
+        assert not gc.isenabled()
+        pacer.release()
+        assert gc.isenabled()
+        pacer.hold()
+    finally:
+        pacer.stop()
+    assert gc.isenabled()                                 # stopped while held: back on
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    assert not pacer.collect_due()                      # stopped: CPython decides

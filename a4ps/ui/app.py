@@ -29,6 +29,7 @@ from kivy.uix.floatlayout import FloatLayout
 from . import logview, plots, transcript  # noqa: F401  (widget classes morphic.kv names)
 from . import window as W
 from .controller import MorphicController
+from .gcpace import GcPacer
 from .panels import ConfirmDialog, TooltipManager
 from ..client import DaemonClient, EventSubscriber
 from .bus_client import CommandRunner
@@ -95,6 +96,7 @@ class MorphicApp(App):
         self.geometry_path = geometry_path if geometry_path is not None else \
             W.path_for(getattr(settings, "data_dir", None))
         self.controller: MorphicController | None = None
+        self.collector: GcPacer | None = None
         self.tooltips: TooltipManager | None = None
         self.quit_dialog: ConfirmDialog | None = None
         self._tick_ev = None
@@ -114,8 +116,10 @@ class MorphicApp(App):
             if self._sub_factory is None:
                 self._sub_factory = subscriber_factory_for(self.settings)
         root = MorphicRoot()
+        self.collector = GcPacer()
         self.controller = MorphicController(root, self._runner, self._sub_factory,
-                                            max_events_per_tick=self.max_events_per_tick)
+                                            max_events_per_tick=self.max_events_per_tick,
+                                            collector=self.collector)
         root.controller = self.controller
         root.ids.transcript.controller = self.controller
         root.ids.halo.controller = self.controller
@@ -132,6 +136,7 @@ class MorphicApp(App):
                     top=self._geometry_changed)
         self.tooltips = TooltipManager(self.root.ids.desk)
         self.controller.start()
+        self.collector.start()      # full GCs only after refreshes (see gcpace.py)
         self._tick_ev = Clock.schedule_interval(self.controller.tick, 1.0 / self.poll_hz)
 
     def on_stop(self):
@@ -148,6 +153,8 @@ class MorphicApp(App):
             self._tick_ev = None
         if self.controller is not None:
             self.controller.stop()
+        if self.collector is not None:
+            self.collector.stop()
         if self._on_exit is not None:
             self._on_exit()
 

@@ -34,6 +34,7 @@ from kivy.metrics import dp
 from . import layout as L
 from .activity import ActivityModel, GraphShape
 from .approval import ApprovalDialog, proposal_key
+from .gcpace import GcPacer
 from .inspector import Inspector
 from .morphs import Morph, PrototypeMorph, ProtoMorph, ToolMorph
 from .panels import ConfirmDialog
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 _UNSET = object()
 MORPH_BUDGET_S = 0.008   # morph pictures composed per frame; the rest wait a frame
+LOG_BUDGET_S = 0.004     # log rows rendered ahead per frame (the refresh renders the rest)
 DISSONANCE_PERSONAS = ("BRICK", "ROBIN")
 LOG_LINES = 1000
 TASK_EVENTS = ("task.queued", "task.step", "task.token", "task.done", "task.failed",
@@ -61,8 +63,10 @@ class MorphicController:
     def __init__(self, root: Any, runner: CommandRunner | None,
                  subscriber_factory: Callable[[], Any] | None = None, *,
                  max_events_per_tick: int = 500, retry_s: float = 2.0,
-                 refresh_hz: float = 10.0, staleness_s: float = 0.5) -> None:
+                 refresh_hz: float = 10.0, staleness_s: float = 0.5,
+                 collector: GcPacer | None = None) -> None:
         self.root = root
+        self.collector = collector        # full GCs after refreshes (see gcpace.py)
         self.runner = runner
         self._sub_factory = subscriber_factory
         self.subscriber: EventSubscriber | None = None
@@ -172,7 +176,10 @@ class MorphicController:
         """One Clock tick: a bounded poll of events, command replies, a few morph
         pictures, a display refresh."""
         self.ticks += 1
-        if self._refresh_t0:
+        drawn = bool(self._refresh_t0)
+        if drawn and self.collector is not None:
+            self.collector.release()            # the refresh frame is over
+        if drawn:
             # the last refresh's frame (its drawing and buffer swap included) is on
             # screen by now: what it cost sets how often to refresh
             self.display.drawn(time.perf_counter() - self._refresh_t0)
@@ -199,7 +206,14 @@ class MorphicController:
                     and time.monotonic() - self._last_retry > self.retry_s:
                 self.resync()
         if not self.refresh():                 # a refreshing frame is long enough
+            if self.collector is not None and (drawn or self.display.settled):
+                # a full GC never in a refresh: the frame after one (the next is
+                # 0.1 s away), or when nothing waits to be shown
+                self.collector.collect_due()
             self.prepare_morphs(MORPH_BUDGET_S)
+            self.canvas.plan_ahead()             # the refresh then plans less
+            if self._log_new:                    # and renders fewer log rows
+                self.root.ids.log_panel.render_ahead(self._log_new, LOG_BUDGET_S)
         return n
 
     # -- the display refresh -------------------------------------------------------
@@ -274,6 +288,8 @@ class MorphicController:
         due = self.display.due()
         if not due:
             return False
+        if self.collector is not None:
+            self.collector.hold()             # no GC in this frame (released next tick)
         if "canvas" in due:      # morph changes that cannot wait for the next refresh
             for item in self.display.take_overdue("morphs"):
                 self._compose(*item)
@@ -447,6 +463,8 @@ class MorphicController:
         status = snap.get("status") if isinstance(snap.get("status"), dict) else snap
         self.apply_status(status)
         self.flush_morphs()
+        if self.collector is not None:
+            self.collector.settle()           # the morphs live on: out of full GCs
 
     def apply_status(self, status: dict[str, Any]) -> None:
         """Resident model and queue length from a status or heartbeat payload."""

@@ -8,16 +8,20 @@ ellipsis; hovering it shows all of it.
 """
 from __future__ import annotations
 
+import time
+from collections import OrderedDict, deque
 from typing import Any
 
-from collections import deque
-
-from kivy.properties import NumericProperty, StringProperty
+from kivy.properties import NumericProperty, ObjectProperty, StringProperty
 from kivy.uix.boxlayout import BoxLayout
+from kivy.uix.label import Label
+
+from .panels import FitLabel
 
 LEVELS = {"debug": 0, "info": 1, "warning": 2, "warn": 2, "error": 3, "critical": 3}
 LEVEL_COLORS = {"debug": "8a929c", "info": "9fd0ff", "warning": "ffcf6b", "error": "ff7a7a"}
 FILTERS = {"all": 0, "warnings": 2, "errors": 3}
+RENDERED_KEEP = 128      # row pictures rendered ahead, kept (a few screens' worth)
 
 
 def level_of(name: str) -> str:
@@ -25,6 +29,22 @@ def level_of(name: str) -> str:
     if LEVELS.get(name, 1) >= 3:
         return "error"
     return {"warn": "warning"}.get(name, name if name in LEVEL_COLORS else "info")
+
+
+class LogLine(FitLabel):
+    """One row of the log; its picture may have been rendered ahead of the refresh
+    that shows it (:meth:`LogPanel.render_ahead`): then it is not rendered again."""
+
+    rendered = ObjectProperty(None, allownone=True)   # the panel's pictures, by row
+
+    def texture_update(self, *largs: Any) -> None:
+        ahead = None if self.rendered is None else \
+            self.rendered.get((self.text, int(self.width), int(self.height)))
+        if ahead is None:
+            super().texture_update(*largs)
+            return
+        self.texture, self.is_shortened = ahead
+        self.texture_size = list(self.texture.size)
 
 
 class LogPanel(BoxLayout):
@@ -39,6 +59,9 @@ class LogPanel(BoxLayout):
     def __init__(self, **kw: Any) -> None:
         self._lines: deque[dict] = deque()
         self._warnings = 0
+        # (row text, width, height) -> (texture, shortened): rows rendered ahead
+        self._rendered: OrderedDict[tuple[str, int, int], tuple[Any, bool]] = OrderedDict()
+        self._template: LogLine | None = None
         super().__init__(**kw)
 
     @property
@@ -76,6 +99,39 @@ class LogPanel(BoxLayout):
         if following:
             self._settle()
 
+    def render_ahead(self, lines: list[dict], budget_s: float | None = None) -> int:
+        """Render the pictures of lines not yet added (the newest, as many as the view
+        shows), so the refresh that adds them does not: Kivy would render each row
+        that scrolls into view in that frame. Returns the rows rendered."""
+        rv = self.ids.rv
+        views = rv.children[0].children if rv.children else []
+        if not views or not lines:
+            return 0
+        w, h = int(views[0].width), int(views[0].height)
+        if w <= 0 or h <= 0:
+            return 0
+        floor = FILTERS.get(self.show, 0)
+        t0 = time.perf_counter()
+        made = 0
+        for line in reversed(lines[-(int(rv.height // h) + 1):]):    # newest first
+            row = self._row(line, floor)
+            if row is None or (row["text"], w, h) in self._rendered:
+                continue
+            tpl = self._template = self._template or LogLine()
+            tpl.size = (w, h)
+            tpl.text = row["text"]
+            tpl._label.texture = None          # a new texture, not the last one's
+            Label.texture_update(tpl)
+            tpl._trigger_texture.cancel()      # rendered now, not again before drawing
+            if tpl.texture is not None:
+                self._rendered[(row["text"], w, h)] = (tpl.texture, tpl.is_shortened)
+            while len(self._rendered) > RENDERED_KEEP:
+                self._rendered.popitem(last=False)
+            made += 1
+            if budget_s is not None and time.perf_counter() - t0 > budget_s:
+                break
+        return made
+
     def on_show(self, *_: Any) -> None:
         floor = FILTERS.get(self.show, 0)
         self.ids.rv.data = [r for r in (self._row(line, floor) for line in self._lines)
@@ -106,7 +162,8 @@ class LogPanel(BoxLayout):
                         f"[color=8a929c]{_esc(line.get('source', ''))}[/color] "
                         f"{_esc(line.get('message', ''))}",
                 "tooltip": f"{level.upper()} {line.get('source', '')}: "
-                           f"{line.get('message', '')}"}
+                           f"{line.get('message', '')}",
+                "rendered": self._rendered}
 
     def _settle(self, *_: Any) -> None:
         """Few lines start at the top; many keep the newest in view at the bottom."""

@@ -478,6 +478,9 @@ class MorphCanvas(RelativeLayout):
         self.repaints = 0
         self.hidden: set[Morph] = set()        # changed where nothing shows (see shows)
         self._geometry_seen = -1
+        # tile -> its draws [(morph or BACKGROUND, texture, quad)], planned ahead of
+        # the refresh that paints them (see plan_ahead)
+        self._planned: dict[tuple[int, int], list[tuple[Any, Any, tuple]]] = {}
         super().__init__(**kw)
 
     def add_widget(self, widget, *args, **kw):
@@ -519,8 +522,8 @@ class MorphCanvas(RelativeLayout):
 
     @property
     def damaged(self) -> bool:
-        """Tiles wait to be repainted."""
-        return bool(self.scene.dirty)
+        """Tiles wait to be repainted (planned ahead or not)."""
+        return bool(self.scene.dirty or self._planned)
 
     def repaint_now(self) -> None:
         self._repaint_ev.cancel()
@@ -538,17 +541,22 @@ class MorphCanvas(RelativeLayout):
             else:
                 m.render_now(repaint=False)
 
-    def _repaint(self, *_: Any) -> None:
-        """Paint the damaged tiles into the framebuffer (the rest of it stays): the
-        background where nothing covers a tile, then each morph's visible parts as
-        one mesh of its own texture."""
-        from kivy.graphics import Mesh
+    def plan_ahead(self) -> int:
+        """Between refreshes: plan the tiles damaged so far (what to draw in each, as
+        quads), so the refresh frame plans only what was damaged since. A tile damaged
+        again is planned again (its old plan is dropped); nothing is drawn until the
+        canvas's next refresh. Returns the tiles planned."""
         self._uncover()
         tiles = self.scene.take()
-        if not tiles:
-            return
-        self.fbo.clear()
-        groups: list[tuple[Any, list[float]]] = []
+        if tiles:
+            self._plan_tiles(tiles)
+        return len(tiles)
+
+    def _plan_tiles(self, tiles: set[tuple[int, int]]) -> None:
+        t = self.scene.tile
+        for tile in tiles:
+            self._planned[tile] = []
+        planned = self._planned
         for key, (x0, y0, x1, y1) in self.scene.plan(tiles):
             if key is damage.BACKGROUND:
                 tex, quad = None, (x0, y0, 0, 0, x1, y0, 0, 0, x1, y1, 0, 0, x0, y1, 0, 0)
@@ -558,6 +566,25 @@ class MorphCanvas(RelativeLayout):
                 px, py = key.x, key.y - sprites.SHADOW
                 u0, v0, u1, v1 = (x0 - px) / tw, (y0 - py) / th, (x1 - px) / tw, (y1 - py) / th
                 quad = (x0, y0, u0, v0, x1, y0, u1, v0, x1, y1, u1, v1, x0, y1, u0, v1)
+            planned[(int(x0 // t), int(y0 // t))].append((key, tex, quad))
+
+    def _repaint(self, *_: Any) -> None:
+        """Paint the damaged tiles into the framebuffer (the rest of it stays): the
+        background where nothing covers a tile, then each morph's visible parts as
+        one mesh of its own texture (tiles planned ahead by :meth:`plan_ahead` and
+        the rest planned now)."""
+        from kivy.graphics import Mesh
+        self.plan_ahead()
+        planned, self._planned = self._planned, {}
+        if not planned:
+            return
+        z = self.scene._z
+        draws = [d for tile_draws in planned.values() for d in tile_draws]
+        # backgrounds first, then each morph's draws together, bottom morph first
+        draws.sort(key=lambda d: -1 if d[0] is damage.BACKGROUND else z.get(d[0], -1))
+        self.fbo.clear()
+        groups: list[tuple[Any, list[float]]] = []
+        for _key, tex, quad in draws:
             if not groups or groups[-1][0] is not tex or len(groups[-1][1]) >= 16 * 4000:
                 groups.append((tex, []))
             groups[-1][1].extend(quad)
@@ -583,6 +610,7 @@ class MorphCanvas(RelativeLayout):
         self.fbo.size = (w, h)
         self.fbo_rect.size = (w, h)
         self.fbo_rect.texture = self.fbo.texture
+        self._planned.clear()            # planned for the old size
         self.scene.resize(w, h)          # a new framebuffer: paint all of it
         self._repaint_ev()
         zoom = round(min(max(min(w / dp(ZOOM_AT[0]), h / dp(ZOOM_AT[1])), 1.0), MAX_ZOOM), 2)
