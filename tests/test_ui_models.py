@@ -411,3 +411,32 @@ def test_gc_pacer_runs_full_collections_only_when_asked_and_restores_cpython():
     assert gc.isenabled()                                 # stopped while held: back on
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
     assert not pacer.collect_due()                      # stopped: CPython decides
+
+
+def test_gc_pacer_frees_a_frozen_cycle_that_died_at_the_next_settle():
+    """settle() freezes what lives; a cycle frozen then and dropped later (a deleted
+    morph's widgets) must be freed by the next settle (the next snapshot), not only
+    when the app stops."""
+    import gc
+    import weakref
+
+    from a4ps.ui.gcpace import GcPacer
+
+    class Node:
+        pass
+
+    pacer = GcPacer()
+    pacer.start()
+    try:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        pacer.settle()                                    # a morph built: frozen
+        dead = weakref.ref(a)
+        del a, b
+        gc.collect()                                      # frozen: no GC sees it
+        assert dead() is not None
+        pacer.settle()                                    # the next snapshot
+        assert dead() is None
+        assert gc.get_freeze_count() > 0                  # the living are frozen again
+    finally:
+        pacer.stop()

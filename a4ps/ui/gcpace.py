@@ -21,8 +21,9 @@ held back too while a refresh frame runs (:meth:`hold` when the refresh starts,
 :meth:`release` in the next frame: ``gc.disable``/``gc.enable``; CPython then
 collects what that frame left at its next allocation).
 
-Frozen objects are still freed by reference counting; only a reference cycle among
-them waits for :meth:`stop` (which unfreezes and restores the thresholds it found).
+Frozen objects are still freed by reference counting; a reference cycle among them
+waits for the next :meth:`settle` (a new snapshot) or :meth:`stop` (which unfreezes
+and restores the thresholds it found).
 """
 from __future__ import annotations
 
@@ -55,9 +56,14 @@ class GcPacer:
         self.settle()
 
     def settle(self) -> None:
-        """Collect what is garbage now and freeze the rest (the UI's long-lived parts)."""
+        """Collect what is garbage now and freeze the rest (the UI's long-lived parts).
+
+        Unfreezes first, so a cycle frozen at the last settle that has died since
+        (a deleted morph, a transcript turn scrolled out) is freed now instead of
+        waiting for :meth:`stop`: what leaks between two snapshots stays bounded."""
         if not self.active:
             return
+        self.gc.unfreeze()
         self.gc.collect()
         self.gc.freeze()
 
