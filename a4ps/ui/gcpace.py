@@ -89,8 +89,8 @@ class GcPacer:
 
     def stop(self) -> None:
         self.release()
-        if not self.active:
+        threshold, self._threshold = self._threshold, None
+        if threshold is None:
             return
-        self.gc.set_threshold(*self._threshold)
-        self._threshold = None
+        self.gc.set_threshold(*threshold)
         self.gc.unfreeze()
