@@ -38,6 +38,19 @@ def embedder():
     return HashEmbedder(dim=384)
 
 
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    """The real runsc sandbox with the default limits, one per test module (a module
+    that needs other limits defines its own ``sandbox``)."""
+    from a4ps.config import load_settings
+    from a4ps.tools.sandbox import make_sandbox
+    sb = make_sandbox(load_settings(data_dir=tmp_path_factory.mktemp("sb")))
+    assert sb.available, sb.reason
+    yield sb
+    sb.close()
+
+
 # --- models (issue 3): one real embedded model per test session -------------------
 
 def _shared_model_cache() -> Path:

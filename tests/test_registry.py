@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from a4ps.config import load_settings
 from a4ps.events import EventBus
 from a4ps.image import ImageStore
 from a4ps.proto import ProtoManager
@@ -23,14 +22,6 @@ DAYS_SPEC = ToolSpec(name="days_between", description="Number of calendar days b
 DAYS = ("from datetime import date\n\ndef days_between(start: str, end: str) -> int:\n"
         "    return (date.fromisoformat(end) - date.fromisoformat(start)).days\n")
 BROKEN = "def broken(x):\n    return 1 / x\n"
-
-
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory):
-    sb = make_sandbox(load_settings(data_dir=tmp_path_factory.mktemp("sbdata")))
-    assert sb.available, sb.reason
-    yield sb
-    sb.close()
 
 
 @pytest.fixture

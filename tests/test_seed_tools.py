@@ -81,16 +81,6 @@ def test_seeding_registers_once_and_respects_a_deleted_seed_tool(settings, bus):
 
 # -- in the real runsc sandbox -------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory):
-    from a4ps.config import load_settings
-    from a4ps.tools.sandbox import make_sandbox
-    sb = make_sandbox(load_settings(data_dir=tmp_path_factory.mktemp("sb")))
-    assert sb.available, sb.reason
-    yield sb
-    sb.close()
-
-
 def test_the_seed_tool_earns_the_forges_verdict_in_the_sandbox(settings, bus, sandbox):
     from a4ps.tools.seed_tools import verify
     from a4ps.tools.tool_forge import ToolForge

@@ -11,7 +11,6 @@ from a4ps.events import EventRecorder
 from a4ps.models.embeddings import HashEmbedder
 from a4ps.proto import ProtoManager
 from a4ps.tools.registry import ToolRegistry
-from a4ps.tools.sandbox import make_sandbox
 from a4ps.tools.tool_forge import ToolForge
 
 AGREE = "The answer is exactly what the tool computed."
@@ -56,15 +55,6 @@ class ScriptedWriter:
     def __call__(self, spec, feedback):
         self.calls += 1
         return self.reply
-
-
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory):
-    from a4ps.config import load_settings
-    sb = make_sandbox(load_settings(data_dir=tmp_path_factory.mktemp("sb")))
-    assert sb.available, sb.reason
-    yield sb
-    sb.close()
 
 
 @pytest.fixture
