@@ -211,7 +211,9 @@ def main() -> int:
     app._tick_ev = Clock.schedule_interval(timed_tick, 1.0 / CAP_HZ)
     period = 1.0 / CAP_HZ
     rows = []
-    for rate in [int(r) for r in args.rates.split(",") if r.strip()]:
+    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    shot = None
+    for rate in rates:
         stop = threading.Event()
         sent = [0]
 
@@ -263,7 +265,8 @@ def main() -> int:
         elapsed = last - t0
         stop.set()
         thread.join()
-        shot = h.screenshot("bench-ui")         # the last row's screen, as a user sees it
+        if rate == rates[-1]:                   # the last row's screen, as a user sees it
+            shot = h.screenshot("bench-ui")     # (before the transcript is cleared below)
         rows.append({"rate": rate, "sent": (sent[0] - sent0) / elapsed,
                      "handled": (c.events_seen - handled0) / elapsed, "fps": frames / elapsed,
                      "redraws": (draws[0] - draws0) / elapsed,

@@ -38,7 +38,6 @@ def embedder():
     return HashEmbedder(dim=384)
 
 
-
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     """The real runsc sandbox with the default limits, one per test module (a module

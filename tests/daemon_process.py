@@ -10,7 +10,6 @@ a test's steps), heartbeats every 0.5 s; pass ``services=True``,
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +20,7 @@ from unittest import mock
 from a4ps.client import DaemonClient, DaemonUnavailable
 from a4ps.config import PROJECT_ROOT, Settings, load_settings
 from a4ps.ui.launch import stop_daemon
-
-
-def free_addr() -> str:
-    """A TCP address on localhost nobody listens on (now)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+from ports import free_addr
 
 
 class DaemonProcess:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ports import free_port
 
 SUPERUSER = "a4ps"
 
@@ -61,12 +62,6 @@ def find_bin_dir() -> Path:
     raise PostgresUnavailable(
         "no PostgreSQL server binaries (initdb, postgres) found: install them (Debian: "
         "`apt-get install postgresql`) or set A4PS_TEST_PG_BIN to their directory")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresCluster:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 
@@ -11,6 +10,7 @@ import pytest
 
 import graph_parts
 from a4ps import cli
+from ports import free_port as _free_port
 
 LOGIC = ["apples divide into equal integer shares by arithmetic",
          "two each and one apple left, cut the last apple in three"]
@@ -86,12 +86,6 @@ def test_ask_with_empty_text_says_what_to_do(data_dir, capsys):
 
 
 # -- through a daemon ----------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class FakeDaemon:
     """Just enough of the daemon's wire behaviour: ping, task.submit, task.get, events."""

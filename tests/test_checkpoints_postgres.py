@@ -71,7 +71,7 @@ def test_crash_mid_task_resumes_from_postgres_on_another_data_dir(tmp_path, bus,
 def test_bad_checkpointer_settings_are_refused_clearly(tmp_path, bus):
     with pytest.raises(SettingsError, match=r"cognition.checkpointer.*PostgreSQL URL"):
         load_settings(data_dir=tmp_path, cognition={"checkpointer": "mysql://x/y"})
-    from pg_cluster import free_port
+    from ports import free_port
     url = f"postgres://bob:s3cret@127.0.0.1:{free_port()}/a4ps"     # nothing listens
     s = load_settings(data_dir=tmp_path, cognition={"checkpointer": url})
     p = graph_parts.build(s, bus, graph_parts.script(), memory=False)
@@ -149,7 +149,7 @@ def test_two_graphs_set_up_the_same_fresh_database_at_once(tmp_path, bus, pg_dsn
 def test_a_checkpoint_store_failure_fails_the_task_instead_of_leaving_it_running(data_dir,
                                                                                     pg_dsn):
     from a4ps.system import System
-    from pg_cluster import free_port
+    from ports import free_port
     s = load_settings(data_dir=data_dir, models={"backend": "scripted",
                                                  "embedding_backend": "hash"},
                       cognition={"checkpointer": pg_dsn})
@@ -169,7 +169,7 @@ def test_a_checkpoint_store_failure_fails_the_task_instead_of_leaving_it_running
 def test_the_daemon_refuses_to_start_on_a_store_it_cannot_use(tmp_path, monkeypatch, capsys,
                                                               store):
     from a4ps.cli import main
-    from pg_cluster import free_port
+    from ports import free_port
     gone = f"postgres://a4ps:pw@127.0.0.1:{free_port()}/gone"
     env = {"tasks": {"A4PS_TASKS__QUEUE": gone},
            "cognition": {"A4PS_COGNITION__CHECKPOINTER": gone},

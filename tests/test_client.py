@@ -1,7 +1,6 @@
 """The client library against a tiny real ROUTER/PUB server on loopback."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -11,12 +10,7 @@ import zmq
 from a4ps import protocol as p
 from a4ps.client import (DaemonClient, DaemonError, DaemonTimeout, DaemonUnavailable,
                          EventSubscriber, read_token)
-
-
-def free_addr() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+from ports import free_addr
 
 
 class MiniServer:

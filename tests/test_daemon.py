@@ -25,7 +25,8 @@ from a4ps import protocol as P
 from a4ps.client import DaemonClient, DaemonError, EventSubscriber
 from a4ps.config import PROJECT_ROOT, load_settings
 from a4ps.daemon import Daemon, DaemonLock, DaemonLockError, ensure_token
-from daemon_process import DaemonProcess, free_addr
+from daemon_process import DaemonProcess
+from ports import free_addr
 
 
 # -- a System stand-in made of the real light parts -----------------------------------

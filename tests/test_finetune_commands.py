@@ -6,7 +6,6 @@ real sockets; the CLI's offline path would fail here, since the daemon holds the
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
@@ -15,12 +14,7 @@ from a4ps.cli import main
 from a4ps.config import load_settings
 from a4ps.daemon import Daemon
 from a4ps.system import System
-
-
-def free_addr() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+from ports import free_addr
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ with and without a daemon, and `a4ps daemon --from-snapshot`."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,10 @@ from a4ps.config import PROJECT_ROOT, load_settings
 from a4ps.daemon import Daemon, DaemonError as StartError
 from a4ps.system import System
 from daemon_process import DaemonProcess
+from ports import free_addr
 
 GREET_V1 = "def greet(self):\n    return 'hello from ' + self.name"
 GREET_V2 = "def greet(self):\n    return 'HOWDY ' + self.name.lower()"
-
-
-def free_addr() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture

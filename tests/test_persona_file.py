@@ -24,6 +24,7 @@ from a4ps.events import EventRecorder
 from a4ps.models.embeddings import HashEmbedder
 from a4ps.persona_file import FORMAT_VERSION, ImportLimits, PersonaFileError
 from a4ps.system import System
+from ports import free_addr
 
 GREET = "def greet(self):\n    return 'hello, I am ' + self.role"
 RULE = "Count the assumptions before answering."
@@ -439,13 +440,6 @@ def test_cli_export_and_import_without_a_daemon(tmp_path, monkeypatch, capsys):
     with System(load_settings(data_dir=b)).start(services=False) as s:
         assert s.protos.get("ROBIN2").favourite == "tea"
         assert s.memory.search("rain", k=1)[0].persona == "ROBIN2"
-
-
-def free_addr() -> str:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def test_import_goes_through_a_running_daemon(tmp_path, monkeypatch, good, capsys):

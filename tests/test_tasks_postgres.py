@@ -274,7 +274,7 @@ def test_a_daemon_cut_off_loses_its_task_and_cannot_overwrite_it(pg_queues):
 
 def test_unreachable_database_and_bad_settings_are_explained(tmp_path):
     from a4ps.config import SettingsError, load_settings
-    from pg_cluster import free_port
+    from ports import free_port
     with pytest.raises(SettingsError, match=r"tasks.queue.*PostgreSQL URL"):
         load_settings(data_dir=tmp_path, tasks={"queue": "redis://localhost/0"})
     with pytest.raises(TaskQueueUnavailable, match=r"cannot reach the PostgreSQL task queue "

@@ -42,6 +42,7 @@ Config.set("graphics", "width", str(MAX_SIZE[0]))
 Config.set("graphics", "height", str(MAX_SIZE[1]))
 
 import daemon_process  # noqa: E402  (the one daemon-subprocess helper)
+from ports import free_addr, free_port
 
 SCREENSHOT_DIR = Path(os.environ.get("A4PS_UI_SCREENSHOTS",
                                      Path(tempfile.gettempdir()) / "a4ps-ui-screenshots"))
@@ -196,13 +197,6 @@ class FakeEvent:
 
 # -- a real daemon in a subprocess -------------------------------------------------------
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def DaemonProcess(data_dir: Path, **env: str) -> daemon_process.DaemonProcess:
     """`python -m a4ps daemon` on a temp data dir and free ports (the shared helper,
     tests/daemon_process.py) with the scripted chat backend, the configured embedder and
@@ -222,7 +216,7 @@ class InProcessDaemon:
     def __init__(self, data_dir: Path, *, latency_s: float = 0.0) -> None:
         self.data_dir = Path(data_dir)
         self.latency_s = latency_s
-        self.addrs = (f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+        self.addrs = (free_addr(), free_addr())
         self.system: Any = None
         self.daemon: Any = None
 
