@@ -12,7 +12,7 @@ import sys
 import threading
 from typing import Any, Callable, TextIO
 
-from .config import Settings, SettingsError, load_settings
+from .config import CODEX_PATH, Settings, SettingsError, load_settings
 from .models.threads import apply_openmp_policy
 from .client import DaemonClient, DaemonError, DaemonUnavailable
 from .codex import Codex, CodexError
@@ -352,7 +352,6 @@ def _codex_local(settings: Settings) -> tuple[Codex, dict[str, Any], ImageStore]
     """(codex, parts, store) from the image on disk; the seed codex when there is none."""
     store = ImageStore.from_settings(settings)
     loaded = store.load()
-    from .system import CODEX_PATH             # (see _HEAVY)
     codex = Codex.from_toml(CODEX_PATH)
     parts: dict[str, Any] = {"protos": {}}
     if loaded is not None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CODEX_PATH = PROJECT_ROOT / "config" / "codex.toml"     # the seed codex a new image starts from
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "settings.toml"
 PERSONAS = ("ALFRED", "BRICK", "ROBIN")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .daemon import LOCK_NAME, DaemonLock, DaemonLockError
+from .lock import DataLock, DataLockHeld
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -23,13 +23,13 @@ class DaemonBusy(RuntimeError):
 
 
 @contextlib.contextmanager
-def image_lock(settings: Settings, what: str) -> Iterator[DaemonLock]:
+def image_lock(settings: Settings, what: str) -> Iterator[DataLock]:
     """The daemon's lock, held while a command (``a4ps {what}``) works on the image
     itself, so no daemon starts on a half-written image; DaemonBusy when one holds it."""
-    lock = DaemonLock(settings.data_dir / LOCK_NAME)
+    lock = DataLock.for_data_dir(settings.data_dir)
     try:
         lock.acquire()
-    except DaemonLockError as e:
+    except DataLockHeld as e:
         raise DaemonBusy(f"{e}\n(a daemon holds {settings.data_dir} but did not answer; wait "
                          f"for it or stop it, then run `a4ps {what}` again)") from None
     try:

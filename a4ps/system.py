@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from .codex import Codex
 from .cognition import generation
-from .config import PERSONAS, PROJECT_ROOT, Settings, redact_url
+from .config import CODEX_PATH as CODEX_PATH  # re-exported: tests and services read it here
+from .config import PERSONAS, Settings, redact_url
 from .events import Event, EventBus
 from .image import ImageStore, LoadInfo, SaveRetry
 from .lock import DataLock
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CODEX_PATH = PROJECT_ROOT / "config" / "codex.toml"
 
 # The live method every persona inherits from the "persona" proto. Kept as source so
 # it can be edited in the inspector while the system runs.

@@ -435,7 +435,9 @@ def test_gc_pacer_frees_a_frozen_cycle_that_died_at_the_next_settle():
         del a, b
         gc.collect()                                      # frozen: no GC sees it
         assert dead() is not None
-        pacer.settle()                                    # the next snapshot
+        pacer.settle_later()                              # the next snapshot's frame:
+        assert dead() is not None                         # not in that busy frame...
+        assert pacer.collect_due()                        # ...but in the next quiet one
         assert dead() is None
         assert gc.get_freeze_count() > 0                  # the living are frozen again
     finally:

@@ -51,9 +51,9 @@ def postgres_saver(url: str, *, connect_timeout_s: float = 10.0
                               "connect_timeout": max(1, int(connect_timeout_s))}
 
     def connect() -> psycopg.Connection[DictRow]:
-        return psycopg.connect(url, autocommit=True, prepare_threshold=0,
-                               row_factory=dict_row,
-                               connect_timeout=max(1, int(connect_timeout_s)))
+        """One connection with the pool's own options (the same ``kwargs``)."""
+        conn: psycopg.Connection[DictRow] = psycopg.connect(url, **kwargs)
+        return conn
 
     try:    # one plain connection first: a refusal is immediate and says why
         connect().close()

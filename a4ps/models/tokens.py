@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 from a4ps.models.base import Message
 from a4ps.models.errors import InvalidRequest, ModelLoadError
@@ -75,7 +75,7 @@ class ChatTokenizer:
         if None in strings:      # an id from another vocabulary: say so, not fail in C++
             bad = [int(i) for i, t in zip(ids, strings) if t is None]
             raise InvalidRequest(f"token ids {bad[:5]} are not in this model's vocabulary")
-        return [t for t in strings if t is not None]
+        return cast(list[str], strings)       # no None: checked above
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         return self.template.render(messages=messages,

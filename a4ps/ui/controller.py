@@ -464,7 +464,7 @@ class MorphicController:
         self.apply_status(status)
         self.flush_morphs()
         if self.collector is not None:
-            self.collector.settle()           # the morphs live on: out of full GCs
+            self.collector.settle_later()     # the morphs live on: out of full GCs
 
     def apply_status(self, status: dict[str, Any]) -> None:
         """Resident model and queue length from a status or heartbeat payload."""

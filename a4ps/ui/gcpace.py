@@ -6,7 +6,8 @@ CPython starts one whenever enough young collections have happened, in whatever 
 that is. Measured: it landed in a display refresh (itself ~60 ms) and made the worst
 frame at 1,000 events/s 143 ms. So, while the app runs:
 
-* :meth:`GcPacer.settle` (at start, after a snapshot built the morphs) collects once
+* :meth:`GcPacer.settle` (at start; after a snapshot built the morphs, in the next
+  quiet frame through :meth:`GcPacer.settle_later`) collects once
   and freezes what lives (``gc.freeze``): later collections do not walk the modules,
   widgets and morphs the UI lives on, so they cost what was made since;
 * full collections do not start on their own (the oldest generation's threshold is
@@ -42,6 +43,7 @@ class GcPacer:
         self.full_every = 10                             # young collections per full
         self.collections = 0                             # full ones this pacer ran
         self.held = False                                # collections off this frame
+        self._settle_due = False                         # settle() at the next collect_due()
 
     @property
     def active(self) -> bool:
@@ -67,9 +69,19 @@ class GcPacer:
         self.gc.collect()
         self.gc.freeze()
 
+    def settle_later(self) -> None:
+        """:meth:`settle` in the next frame that runs :meth:`collect_due` (a snapshot's
+        frame already applies every region: its collection waits for a quiet one)."""
+        self._settle_due = self.active
+
     def collect_due(self) -> bool:
-        """In a frame where it delays no refresh: run the full collection CPython's
-        thresholds call for now, if any (True when one ran)."""
+        """In a frame where it delays no refresh: a settle asked for, else the full
+        collection CPython's thresholds call for now, if any (True when one ran)."""
+        if self._settle_due:
+            self._settle_due = False
+            self.settle()
+            self.collections += 1
+            return True
         if not self.active or self.gc.get_count()[2] < self.full_every:
             return False
         self.gc.collect(2)

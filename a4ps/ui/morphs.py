@@ -235,11 +235,11 @@ class SpriteMorph(Morph):
             return False
         canvas = self.parent
         look = self.look()
-        if self.picture_size[0] and hasattr(canvas, "shows") and \
-                not canvas.shows(self, self._changed_rect(look)):
+        changed = self._changed_rect(look) if self.picture_size[0] else None
+        if changed is not None and hasattr(canvas, "shows") and \
+                not canvas.shows(self, changed):
             canvas.hidden.add(self)
             return False
-        changed = self._changed_rect(look) if self.picture_size[0] else None
         self._dirty = False
         for _ in range(4):        # fit_text guesses; a line fewer until the text fits
             img, fits = self.composer.compose(look)

@@ -105,12 +105,6 @@ class DisplayRefresh:
     def settled(self) -> bool:
         return not self.marked and not any(self.staged.values())
 
-    def oldest(self, region: str) -> float | None:
-        times = list(self.since[region].values())
-        if region in self.marked:
-            times.append(self.marked[region])
-        return min(times) if times else None
-
     @property
     def peak_cost(self) -> float:
         """The slowest of the recent refreshing frames (what the next may cost)."""
