@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
@@ -60,7 +61,6 @@ from .persona_file_errors import PersonaFileError as PersonaFileError  # its hom
 
 if TYPE_CHECKING:
     from .config import Settings
-    import numpy as np
 
     from .codex import Codex
     from .memory import MemoryManager
@@ -438,7 +438,6 @@ def _manifest(raw: Any, path: Path) -> Manifest:
 
 
 def _parse(manifest: Manifest, staging: Path, texts: dict[str, bytes]) -> PersonaArchive:
-    import numpy as np  # only when a persona file moves: the daemon starts light
     proto = _json(texts["proto.json"], "proto.json")
     if not isinstance(proto, dict) or not isinstance(proto.get("slots"), dict) \
             or not isinstance(proto.get("methods"), dict):
@@ -522,7 +521,6 @@ class PersonaFiles:
     def export(self, name: str, path: Path | str, *, golden: bool = False,
                overwrite: bool = False) -> dict[str, Any]:
         """Write persona ``name`` to ``path``; returns what went in."""
-        import numpy as np  # only when a persona file moves: the daemon starts light
         t0 = time.perf_counter()
         name = self.persona_name(name)
         path = Path(path).expanduser().resolve()
@@ -641,7 +639,6 @@ class PersonaFiles:
         return {"id": model_name.partition(LORA_TAG)[0], "backend": backend}
 
     def _memories(self, name: str) -> tuple[list[dict[str, Any]], np.ndarray]:
-        import numpy as np  # only when a persona file moves: the daemon starts light
         dim = int(self.embedder.dim)
         tbl = (self.memory.table.search().where(f"persona = {_quote(name)}")
                .select(_MEMORY_COLUMNS + ["vector"]).limit(None).to_arrow())
@@ -818,7 +815,6 @@ class PersonaFiles:
 
     def _vectors(self, archive: PersonaArchive, plan: dict[str, Any],
                  progress: Progress | None) -> np.ndarray:
-        import numpy as np  # only when a persona file moves: the daemon starts light
         if not plan["reembed"]:
             return archive.vectors
         texts = [r["text"] for r in archive.rows]

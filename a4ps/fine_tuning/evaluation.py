@@ -29,6 +29,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence, TypeGuard
 
+import numpy as np
 
 from .judge import Judge
 
@@ -63,7 +64,6 @@ def paired_bootstrap(current: Sequence[float], new: Sequence[float], *, rounds: 
     Items are resampled with replacement, *pairs kept together*, so what one item
     costs both models cancels out and only the difference between them varies.
     """
-    import numpy as np  # only when comparing: the daemon imports this module's errors
     cur = np.asarray(current, dtype=np.float64)
     nw = np.asarray(new, dtype=np.float64)
     if cur.shape != nw.shape or cur.size == 0:
@@ -84,7 +84,6 @@ def compare_set(name: str, current: list[dict[str, Any]], new: list[dict[str, An
                 *, rounds: int = 2000, seed: int = 0) -> SetEvidence:
     """Pair the two models' item losses of one set (items either model could not score
     are left out) and bootstrap the difference."""
-    import numpy as np  # only when comparing: the daemon imports this module's errors
     new_by_id = {(r["set"], r["id"]): r for r in new}
     items = []
     for r in current:
@@ -289,7 +288,6 @@ def judge_answers(judge: Judge, chat: Callable[[str, list[dict[str, str]]], str]
 
 def _upper_diff(pairs: list[tuple[float, float]], rounds: int, seed: int = 0) -> float:
     """Upper confidence bound of the mean (new - current) judge score over the pairs."""
-    import numpy as np  # only when comparing: the daemon imports this module's errors
     d = np.asarray([b - a for a, b in pairs], dtype=np.float64)
     if d.size == 0:
         return 0.0
