@@ -351,6 +351,25 @@ def test_inspectors_are_non_modal_several_and_movable(ui, app):
     assert c.inspector is None and not c.inspectors
 
 
+def test_a_late_ok_for_an_earlier_edit_keeps_a_later_edits_error(ui, app, daemon):
+    """The daemon's reply to an edit can arrive after the user's next one: an "ok" for
+    0.15 landing after "lukewarm" was refused must not clear the refusal (seen as a
+    flaky test_ui_daemon run)."""
+    insp = open_inspector(ui, app, "BRICK")
+    row = insp.rows["temperature"]
+    replies = []
+    real = app.controller.update_proto
+    app.controller.update_proto = lambda *a, **kw: replies.append(kw)
+    try:
+        ui.type_into(row.editor, "0.15")                  # sent; its reply is held back
+        ui.type_into(row.editor, "lukewarm")              # refused in the UI
+        assert "not a number" in row.error
+        replies[0]["on_ok"]()                             # the late reply to 0.15
+        assert "not a number" in row.error and "not a number" in insp.error
+    finally:
+        app.controller.update_proto = real
+
+
 def test_inspector_edits_and_refusals(ui, app, daemon):
     insp = open_inspector(ui, app, "BRICK")
     row = insp.rows["temperature"]

@@ -38,6 +38,7 @@ class SlotRow(BoxLayout):
     kind = StringProperty("text")       # values.kind_of(...)
     inherited_from = StringProperty("")
     error = StringProperty("")
+    edit_seq = 0          # which edit of this row the daemon's reply answers
     drillable = BooleanProperty(False)
     inspector = ObjectProperty(None, allownone=True)
     editor = ObjectProperty(None, allownone=True)
@@ -100,6 +101,7 @@ class MethodRow(BoxLayout):
     kind = StringProperty("method")
     inherited_from = StringProperty("")
     error = StringProperty("")
+    edit_seq = 0          # which edit of this row the daemon's reply answers
     drillable = BooleanProperty(False)
     dirty = BooleanProperty(False)       # the editor holds text the daemon doesn't have
     inspector = ObjectProperty(None, allownone=True)
@@ -286,8 +288,12 @@ class Inspector(FloatingPanel):
 
     # -- editing -------------------------------------------------------------------
     def commit_row(self, row: SlotRow | MethodRow) -> None:
-        """Parse the row's text and send it; a parse error stays local."""
+        """Parse the row's text and send it; a parse error stays local. Replies carry
+        the edit they answer: a late "ok" for an earlier edit must not clear the
+        error of a later one."""
         self.error = ""
+        row.edit_seq += 1
+        seq = row.edit_seq
         slot = row.path[0]
         if row.kind == "method":
             row.error = ""
@@ -296,13 +302,13 @@ class Inspector(FloatingPanel):
                 self.busy = True
                 self.controller.update_proto(
                     self.proto_name, methods={slot: row.text},
-                    on_error=lambda msg: self._refused(row, msg),
-                    on_ok=lambda: self._accepted(row))
+                    on_error=lambda msg: self._refused(row, msg, seq),
+                    on_ok=lambda: self._accepted(row, seq))
             return
         try:
             new = V.parse_value(row.text, row.value)
         except V.EditError as e:
-            self._refused(row, str(e))
+            self._refused(row, str(e), seq)
             return
         top, _ = self._all_slots().get(slot, (None, ""))
         value = V.replace_at(top, tuple(row.path[1:]), new) if len(row.path) > 1 else new
@@ -310,19 +316,23 @@ class Inspector(FloatingPanel):
             self.busy = True
             self.controller.update_proto(self.proto_name, slots={slot: value},
                                          expected_version=self.proto_version,
-                                         on_error=lambda msg: self._refused(row, msg),
-                                         on_ok=lambda: self._accepted(row))
+                                         on_error=lambda msg: self._refused(row, msg, seq),
+                                         on_ok=lambda: self._accepted(row, seq))
 
-    def _accepted(self, row: SlotRow | MethodRow) -> None:
+    def _accepted(self, row: SlotRow | MethodRow, seq: int) -> None:
         self.busy = False
+        if seq != row.edit_seq:          # answers an edit the user has since replaced
+            return
         row.error = ""
         if row.kind == "method":
             row.dirty = False
         if self.error.startswith(row.label + ":"):
             self.error = ""
 
-    def _refused(self, row: SlotRow | MethodRow, message: str) -> None:
+    def _refused(self, row: SlotRow | MethodRow, message: str, seq: int) -> None:
         self.busy = False
+        if seq != row.edit_seq:          # answers an edit the user has since replaced
+            return
         self.error = f"{row.label}: {message}"
         row.refused(message)
         if row.parent is not None:
