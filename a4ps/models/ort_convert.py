@@ -24,15 +24,17 @@ from a4ps.models.ct2_convert import Progress, _report, merge_lora
 from a4ps.models.errors import ModelLoadError
 
 COMPLETE = ".a4ps-complete"
+PRECISIONS = ("int4", "int8", "fp32")
 _OURS = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def convert_llama(hf_dir: Path, out_dir: Path, *, precision: str = "int4",
                   adapter: Path | None = None, progress: Progress | None = None) -> Path:
     """Build ``out_dir`` (an ONNX Runtime GenAI model, ``precision`` int4 or int8
-    weights in blocks of 32) from ``hf_dir``; atomic."""
-    if precision not in ("int4", "int8"):
-        raise ModelLoadError(f"onnx precision {precision!r}: use int4 or int8")
+    weights in blocks of 32, or fp32: the checkpoint's own numbers) from ``hf_dir``;
+    atomic."""
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"onnx precision {precision!r}: use int4, int8 or fp32")
     t0 = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -47,11 +49,13 @@ def convert_llama(hf_dir: Path, out_dir: Path, *, precision: str = "int4",
             _write_merged(hf_dir, adapter, src)
         _report(progress, 0.15, f"building the {precision} ONNX model")
         model = tmp / "model"
+        root = str(Path(__file__).resolve().parent.parent.parent)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-        r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder",
-                            "-i", str(src), "-o", str(model), "-p", precision, "-e", "cpu",
-                            "-c", str(tmp / "builder-cache")],
+                   OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                   PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH"))
+                                              if p))
+        r = subprocess.run([sys.executable, "-c", _RUN_BUILDER,
+                            *builder_args(src, model, precision, tmp / "builder-cache")],
                            capture_output=True, text=True, env=env)
         if r.returncode != 0 or not (model / "genai_config.json").is_file():
             tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
@@ -72,6 +76,24 @@ def convert_llama(hf_dir: Path, out_dir: Path, *, precision: str = "int4",
         shutil.rmtree(tmp, ignore_errors=True)
     _report(progress, 1.0, "converted")
     return out_dir
+
+
+_RUN_BUILDER = "import sys; from a4ps.models.ort_convert import run_builder; run_builder(sys.argv[1:])"
+
+
+def builder_args(src: Path, out: Path, precision: str, cache: Path) -> list[str]:
+    """The model builder's command line for ``precision``."""
+    return ["-i", str(src), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
+
+
+def run_builder(argv: list[str]) -> None:
+    """ONNX Runtime GenAI's model builder CLI, in this (child) process, without
+    scikit-learn: transformers imports it (for assisted decoding, which the builder
+    never runs) only because it is installed, a tenth of the build's time."""
+    import runpy
+    sys.modules.setdefault("sklearn", None)  # type: ignore[arg-type]  # find_spec -> None
+    sys.argv = ["onnxruntime_genai.models.builder", *argv]
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
 
 
 def _write_merged(hf_dir: Path, adapter: Path, out: Path) -> None:
@@ -96,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("hf_dir", type=Path)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--adapter", type=Path)
-    ap.add_argument("--precision", default="int4", choices=("int4", "int8"))
+    ap.add_argument("--precision", default="int4", choices=PRECISIONS)
     args = ap.parse_args(argv)
 
     def progress(f: float, stage: str) -> None:
