@@ -463,7 +463,8 @@ class PersonaFinetuner:
         if policy.judge_samples > 0 and "ALFRED" in self.protos:
             samples = [{"user": it["user"], "assistant": it["assistant"]}
                        for it in items if it["set"] == "heldout"][:policy.judge_samples]
-            cmp.judge = judge_answers(Judge(self.models, self.protos), self._answer_with(proto),
+            judge = Judge(self.models, self.protos, embedder=self.models.embedder)
+            cmp.judge = judge_answers(judge, self._answer_with(proto),
                                       samples, current_model, candidate,
                                       proto.get("system_prompt") or None)
             cmp.judge_current, cmp.judge_new = cmp.judge.current_mean, cmp.judge.new_mean

@@ -1,0 +1,143 @@
+"""Cheap checks a 135M judge cannot be trusted with, run before ALFRED is asked.
+
+Measured on tests/judge_cases.py, SmolLM2-135M asked "how good is this answer, 1-5"
+scores an empty answer, a sentence repeated five times, the task given back and a
+refusal as it scores a right answer (5, nearly always). These shapes are plain to
+see without a model, so they are checked here and cap the score (with the reason
+recorded) whatever the model says:
+
+* ``empty``: no word at all;
+* ``loop``: the same sentence three or more times, or mostly repeated word 4-grams
+  (degenerate generation);
+* ``echo``: the answer's words are the task's words (the task given back);
+* ``refusal``: a short answer that declines ("I'm sorry, but I can't help...", "As an
+  AI..."); not "I'm sorry to hear that", which is sympathy;
+* ``terse``: a single word (too little to train a persona on, even when right);
+* ``off_topic``: the answer's meaning is far from the task's (cosine of the
+  embeddings under a floor); only with an embedder whose floor was measured
+  (:data:`RELEVANCE_FLOOR`), and only for answers long enough to have a topic.
+
+Each check returns a :class:`Flag` (name, cap, reason) or None.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..models.embeddings import Embedder
+
+#: cosine(task, answer) under which an answer is off topic, per embedder class name.
+#: MiniLM on tests/judge_cases.py: right answers 0.58..0.88, off-topic ones -0.04..0.18;
+#: but a right answer can share no words or topic with its task (a joke for "Tell me a
+#: joke." scores 0.07, a hash for "Compute the SHA-256 of banana" 0.18), so the floor
+#: only catches the clearly unrelated (8 of the 12 off-topic answers); the grounding
+#: score (judge.py) catches the rest. An embedder not listed here is not used.
+RELEVANCE_FLOOR = {"MiniLMEmbedder": 0.05}
+#: answers shorter than this (words) are not checked for topic: too little meaning
+RELEVANCE_MIN_WORDS = 4
+
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+_REFUSAL = re.compile(
+    r"\bi\s*(?:'m\s+|am\s+)?(?:can'?t|cannot|can not|won'?t|will not|unable to|not able to|"
+    r"don'?t|do not)\s+(?:help|assist|answer|provide|do|give|explain|describe|discuss|"
+    r"translate|comply|respond|know)\b"
+    r"|\bas an ai\b",
+    re.IGNORECASE)
+REFUSAL_MAX_WORDS = 40
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A check that failed: ``name``, the score it caps at, and why (for the log/UI)."""
+
+    name: str
+    cap: float
+    reason: str
+
+
+def words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text or "")]
+
+
+def empty(answer: str) -> Flag | None:
+    if not words(answer):
+        return Flag("empty", 1.0, "the answer is empty")
+    return None
+
+
+def loop(answer: str) -> Flag | None:
+    sentences = [" ".join(words(s)) for s in _SENTENCE.split(answer or "")]
+    counts = Counter(s for s in sentences if s)
+    if counts:
+        text, n = counts.most_common(1)[0]
+        if n >= 3:
+            return Flag("loop", 1.0, f"a sentence repeated {n} times: {text[:60]!r}")
+    ws = words(answer)
+    if len(ws) >= 16:
+        grams = [tuple(ws[i:i + 4]) for i in range(len(ws) - 3)]
+        distinct = len(set(grams)) / len(grams)
+        if distinct < 0.5:
+            return Flag("loop", 1.0, f"repetitive: only {100 * distinct:.0f}% of its word "
+                                     "4-grams are distinct")
+    return None
+
+
+def echo(task: str, answer: str) -> Flag | None:
+    a, t = set(words(answer)), set(words(task))
+    if a and t and a <= t and len(a) >= 0.6 * len(t):
+        return Flag("echo", 1.0, "the answer gives the task back")
+    return None
+
+
+def refusal(answer: str) -> Flag | None:
+    first = _SENTENCE.split((answer or "").strip(), maxsplit=1)[0]
+    if len(words(answer)) <= REFUSAL_MAX_WORDS and _REFUSAL.search(first):
+        return Flag("refusal", 1.0, f"the answer declines: {first[:60]!r}")
+    return None
+
+
+def terse(answer: str) -> Flag | None:
+    if len(words(answer)) == 1:
+        return Flag("terse", 2.0, "a one-word answer: too little to learn from")
+    return None
+
+
+def relevance_floor(embedder: Embedder | None) -> float | None:
+    """The measured off-topic floor for this embedder, or None (check not used)."""
+    return None if embedder is None else RELEVANCE_FLOOR.get(type(embedder).__name__)
+
+
+def similarity(embedder: Embedder, task: str, answer: str) -> float:
+    v = np.asarray(embedder.embed([task, answer]), dtype=np.float64)
+    n = np.linalg.norm(v, axis=1)
+    return float(np.dot(v[0], v[1]) / max(float(n[0] * n[1]), 1e-12))
+
+
+def off_topic(task: str, answer: str, embedder: Embedder | None,
+              floor: float | None = None) -> Flag | None:
+    floor = relevance_floor(embedder) if floor is None else floor
+    if embedder is None or floor is None or len(words(answer)) < RELEVANCE_MIN_WORDS:
+        return None
+    sim = similarity(embedder, task, answer)
+    if sim < floor:
+        return Flag("off_topic", 1.0, f"the answer is not about the task (similarity "
+                                      f"{sim:.2f} < {floor:.2f})")
+    return None
+
+
+def check(task: str, answer: str, embedder: Embedder | None = None, *,
+          floor: float | None = None) -> list[Flag]:
+    """Every check that fails for this answer (cheapest first; the embedder last)."""
+    flags = [f for f in (empty(answer), loop(answer), echo(task, answer), refusal(answer),
+                         terse(answer)) if f is not None]
+    if not flags:
+        f = off_topic(task, answer, embedder, floor)
+        if f is not None:
+            flags.append(f)
+    return flags
