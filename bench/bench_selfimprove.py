@@ -207,17 +207,18 @@ def judge_discrimination(models, threshold: float) -> dict:
     out = {}
     judges = {"before": Judge(models, protos, method="rubric", checks=False),
               "after": Judge(models, protos, embedder=models.embedder)}
-    cases = judge_cases.cases()
-    for name, judge in judges.items():
-        t0 = time.monotonic()
-        scored = []
-        for i, c in enumerate(cases, 1):
-            scored.append((c, judge.score(c.task, c.answer).score))
-            if i % 20 == 0:
-                _say(f"judge {name}: {i}/{len(cases)}")
-        res = judge_cases.discrimination(scored, threshold)
-        res["s"] = (time.monotonic() - t0) / len(cases)
-        out[name] = res
+    for held_out in (False, True):
+        cases = judge_cases.cases(held_out=held_out)
+        for name, judge in judges.items():
+            t0 = time.monotonic()
+            scored = []
+            for i, c in enumerate(cases, 1):
+                scored.append((c, judge.score(c.task, c.answer).score))
+                if i % 20 == 0:
+                    _say(f"judge {name}: {i}/{len(cases)}")
+            res = judge_cases.discrimination(scored, threshold)
+            res["s"] = (time.monotonic() - t0) / len(cases)
+            out[(name, "held-out" if held_out else "set")] = res
     return out
 
 
@@ -302,18 +303,22 @@ def main() -> None:
                    f"{100 * j['con_vote']:>8.0f}% {j['con_s']:>8.2f}  {dict(sorted(j['con_dist'].items()))}")
         thr = base.curator.score_threshold
         d = judge_discrimination(models, thr)
-        kinds = list(d["before"]["per_kind"])
-        out.append(f"\nCan the judge tell good from bad? tests/judge_cases.py, "
-                   f"{d['before']['n']} answers (1 good + {len(kinds)} bad per task)")
-        out.append(f"{'judge':8} {'pairwise':>8} {'AUROC':>6} {'s/case':>6}  per bad kind "
+        first = d[("before", "set")]
+        kinds = list(first["per_kind"])
+        out.append(f"\nCan the judge tell good from bad? tests/judge_cases.py: the set "
+                   f"({first['n']} answers) and the held-out set ({d[('before', 'held-out')]['n']}), "
+                   f"1 good + {len(kinds)} bad per task; before = the bare 1..5 choice, "
+                   f"after = checks + grounding")
+        out.append(f"{'judge':17} {'pairwise':>8} {'AUROC':>6} {'s/case':>6}  per bad kind "
                    f"(pairwise): " + " ".join(f"{k:>9}" for k in kinds))
-        for name, r in d.items():
-            out.append(f"{name:8} {r['pairwise']:>8.3f} {r['auroc']:>6.3f} {r['s']:>6.2f}  "
-                       f"{'':21}" + " ".join(f"{r['per_kind'][k]:>9.2f}" for k in kinds))
-        for name, r in d.items():
+        for (name, subset), r in d.items():
+            out.append(f"{name + ' ' + subset:17} {r['pairwise']:>8.3f} {r['auroc']:>6.3f} "
+                       f"{r['s']:>6.2f}  {'':21}"
+                       + " ".join(f"{r['per_kind'][k]:>9.2f}" for k in kinds))
+        for (name, subset), r in d.items():
             kept = " ".join(f"{k} {100 * v:.0f}%" for k, v in r["kept"].items())
-            out.append(f"{name:8} kept at threshold {thr:g}: {kept}")
-            out.append(f"{'':8} scores given: {r['distribution']}")
+            out.append(f"{name + ' ' + subset:17} kept at {thr:g}: {kept}; "
+                       f"scores per unit {r['distribution']}")
     if args.only in (None, "threshold"):
         from a4ps.services.similarity import choose_threshold, load_calibration, similarity_report
         rep = similarity_report(models.embedder, *load_calibration())

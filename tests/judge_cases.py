@@ -145,14 +145,78 @@ _TASKS: list[tuple[str, str, dict[str, str]]] = [
 ]
 
 
-def cases() -> list[JudgeCase]:
-    """Every (task, answer, kind) in the set: one good and six bad per task."""
+# Written after the judge's checks were built on the set above, with other phrasings of
+# each bad kind, and measured without tuning anything on it: a check that only knew
+# the first set's sentences would show here.
+_HELD_OUT: list[tuple[str, str, dict[str, str]]] = [
+    ("Who wrote the play Romeo and Juliet?",
+     "Romeo and Juliet was written by William Shakespeare.",
+     {"wrong": "Romeo and Juliet was written by Charles Dickens.",
+      "off_topic": "Volcanoes form where magma rises through cracks in the Earth's crust.",
+      "short": "Yes",
+      "loop": "Romeo and Juliet is a play. It is a play. It is a play. It is a play.",
+      "refusal": "I won't answer that question.",
+      "echo": "Who wrote the play Romeo and Juliet"}),
+    ("How many days are there in a week?",
+     "There are seven days in a week.",
+     {"wrong": "There are ten days in a week.",
+      "off_topic": "Penguins live mostly in the Southern Hemisphere and cannot fly.",
+      "short": "",
+      "loop": "days days days days days days days days days days days days days days days days",
+      "refusal": "Unfortunately I am not able to answer questions about time.",
+      "echo": "how many days are there in a week"}),
+    ("What gas do plants take in from the air to make food?",
+     "Plants take in carbon dioxide from the air and use sunlight to turn it into sugar.",
+     {"wrong": "Plants take in helium from the air and turn it into sugar.",
+      "off_topic": "The guitar usually has six strings and is played by strumming.",
+      "short": "Air.",
+      "loop": _loop("Plants need air to live.", 4),
+      "refusal": "Sorry, but I cannot help with biology homework.",
+      "echo": "What gas do plants take in from the air to make food? What gas do plants "
+              "take in from the air to make food?"}),
+    ("Suggest a name for a friendly orange cat.",
+     "How about Marmalade? It suits a warm, friendly orange cat.",
+     {"wrong": "How about Rex? It is a great name for a large guard dog.",
+      "off_topic": "Interest rates are set by the central bank to control inflation.",
+      "short": "Cat.",
+      "loop": _loop("Orange cat orange cat.", 6),
+      "refusal": "I'm sorry, I can't suggest names.",
+      "echo": "Suggest a name for a friendly orange cat."}),
+    ("What should I pack for a day at the beach?",
+     "Pack sunscreen, a hat, a towel, plenty of water, a snack and a swimsuit.",
+     {"wrong": "Pack a heavy winter coat, snow boots and an ice scraper.",
+      "off_topic": "The French Revolution began in 1789 with the storming of the Bastille.",
+      "short": "Stuff.",
+      "loop": _loop("Pack for the beach.", 5),
+      "refusal": "As an AI, I do not go to the beach.",
+      "echo": "What should I pack for a day at the beach?"}),
+    ("What is the opposite of the word 'hot'?",
+     "The opposite of 'hot' is 'cold'.",
+     {"wrong": "The opposite of 'hot' is 'warm'.",
+      "off_topic": "Saturn has a large system of rings made of ice and rock.",
+      "short": "",
+      "loop": _loop("Hot is hot.", 7),
+      "refusal": "I cannot provide antonyms.",
+      "echo": "What is the opposite of the word hot?"}),
+]
+
+
+def cases(held_out: bool = False) -> list[JudgeCase]:
+    """Every (task, answer, kind) in the set (or the held-out set): one good and six
+    bad per task."""
     out: list[JudgeCase] = []
-    for g, (task, good, bad) in enumerate(_TASKS):
+    for g, (task, good, bad) in enumerate(_HELD_OUT if held_out else _TASKS):
         assert set(bad) == set(BAD_KINDS), task
         out.append(JudgeCase(task, good, "good", g))
         out.extend(JudgeCase(task, bad[k], k, g) for k in BAD_KINDS)
     return out
+
+
+def _bucket(score: float | None) -> str:
+    """Scores are continuous (1..5): counted per unit, "1" = [1, 2) ... "5" = 5."""
+    if score is None:
+        return "none"
+    return str(min(5, int(score)))
 
 
 def _rank(score: float | None) -> float:
@@ -190,8 +254,7 @@ def discrimination(scored: Iterable[tuple[JudgeCase, float | None]],
     kept = {k: [s is not None and s >= threshold for c, s in rows if c.kind == k] for k in kinds}
     dist: dict[str, int] = {}
     for _, s in rows:
-        key = "none" if s is None else f"{s:g}"
-        dist[key] = dist.get(key, 0) + 1
+        dist[_bucket(s)] = dist.get(_bucket(s), 0) + 1
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")   # noqa: E731
     return {"n": len(rows), "pairwise": mean(pairs), "auroc": mean(auroc),
             "per_kind": {k: mean(v) for k, v in per_kind.items()},

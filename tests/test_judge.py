@@ -128,13 +128,14 @@ def test_free_text_prompt_is_the_old_form():
 
 @pytest.mark.slow
 def test_real_embedded_judge_always_answers_in_the_scale(embedded_models, bus):
-    """SmolLM2 asked under constraint gives a score every time (in free text it mostly
-    did not: bench/bench_selfimprove.py measures both)."""
+    """SmolLM2 asked the rubric under constraint gives a score every time (in free text
+    it mostly did not: bench/bench_selfimprove.py measures both). Whether the score
+    means anything is tests/test_judge_discrimination.py's question."""
     from a4ps.proto import ProtoManager
     protos = ProtoManager(bus)
     protos.create("ALFRED", {"model_name": "smollm2-135m",
                              "system_prompt": "You are ALFRED, the steward."})
-    judge = Judge(embedded_models, protos)
+    judge = Judge(embedded_models, protos, method="rubric")
     cases = [("What is the capital of France?", "Paris is the capital of France."),
              ("What is the capital of France?", "Bananas are yellow and I like trains.")]
     for task, answer in cases:       # (each option is a forward pass on the CPU: few cases)

@@ -38,6 +38,9 @@ FLAGGED = [   # (task, answer, the check that must fail)
     ("Why is the sky blue?", "I am unable to explain that.", "refusal"),
     ("Why is the sky blue?", "Sorry, I don't know how to answer.", "refusal"),
     ("Why is the sky blue?", "Maybe.", "terse"),
+    ("Suggest a name for a cat.", "I'm sorry, I can't suggest names.", "refusal"),
+    ("What time is it?", "Unfortunately I am not able to tell the time.", "refusal"),
+    ("Who wrote Hamlet?", "I won't answer that question.", "refusal"),
 ]
 
 NOT_FLAGGED = [   # right answers in the shapes the checks must leave alone
@@ -50,10 +53,14 @@ NOT_FLAGGED = [   # right answers in the shapes the checks must leave alone
                                       "3. Take a short walk between blocks."),
     ("What is the capital of France?", "The capital of France is Paris."),
     ("What is 7 times 8?", "56 (7 times 8)."),
+    ("What is 7 times 8?", "56"),
+    ("Give me a UUID.", "3f2b8c1e-4d5a-4e6f-9a7b-1c2d3e4f5a6b"),
     ("What is the capital of France? Answer in a sentence.", "The capital of France is Paris."),
     ("Can you refuse politely?", "Of course: 'Thank you, but I can't make it this time.'"),
     ("Repeat after me: hello world.", "Hello world, as you asked."),
     ("Write a line of a song.", "Row, row, row your boat, gently down the stream."),
+    ("What did she text you?", "She said: 'I can't come tonight, I am ill.'"),
+    ("Do you like rain?", "Honestly, I do like rain: the sound of it on the roof is calming."),
 ]
 
 
@@ -103,10 +110,12 @@ def test_discrimination_of_a_blind_judge_is_chance_and_of_a_perfect_one_is_one()
     assert none_bad["distribution"]["none"] == len(cs) - len(judge_cases._TASKS)
 
 
-def test_the_labelled_set_has_every_bad_kind_for_every_task():
-    cs = judge_cases.cases()
-    assert len(cs) == 7 * len(judge_cases._TASKS) and len(judge_cases._TASKS) >= 12
-    for g in range(len(judge_cases._TASKS)):
+@pytest.mark.parametrize("held_out", [False, True])
+def test_the_labelled_set_has_every_bad_kind_for_every_task(held_out):
+    tasks = judge_cases._HELD_OUT if held_out else judge_cases._TASKS
+    cs = judge_cases.cases(held_out=held_out)
+    assert len(cs) == 7 * len(tasks) and len(tasks) >= 6
+    for g in range(len(tasks)):
         assert sorted(c.kind for c in cs if c.group == g) == sorted(("good",) + judge_cases.BAD_KINDS)
 
 
@@ -128,16 +137,17 @@ def test_a_blind_model_is_no_longer_trusted_with_what_the_checks_see(settings, b
     refusing and one-word answer, and the curator's threshold keeps none of them."""
     backend = ScriptedBackend(decide=lambda msgs, asked: "5")
     judge = _judge(settings, bus, backend)
-    res = judge_cases.measure(lambda t, a: judge.score(t, a).score)
-    for kind in ("short", "loop", "refusal", "echo"):
-        assert res["per_kind"][kind] == 1.0, (kind, res)
-        assert res["kept"][kind] == 0.0, (kind, res)
-    assert res["kept"]["good"] == 1.0
+    every = judge_cases.cases() + judge_cases.cases(held_out=True)
+    for subset in (judge_cases.cases(), judge_cases.cases(held_out=True)):
+        res = judge_cases.measure(lambda t, a: judge.score(t, a).score, subset)
+        for kind in ("short", "loop", "refusal", "echo"):
+            assert res["per_kind"][kind] == 1.0, (kind, res)
+            assert res["kept"][kind] == 0.0, (kind, res)
+        assert res["kept"]["good"] == 1.0
     # the model was not asked about the answers the checks rejected outright
-    asked = len(backend.calls)
-    n_hard = sum(1 for c in judge_cases.cases()
+    n_hard = sum(1 for c in every
                  if any(f.cap <= 1.0 for f in judge_checks.check(c.task, c.answer)))
-    assert asked == len(judge_cases.cases()) - n_hard
+    assert len(backend.calls) == len(every) - n_hard
 
 
 def test_a_rejected_answer_says_why_and_a_capped_one_keeps_the_cap(settings, bus):
@@ -230,13 +240,16 @@ PAIRWISE_FLOOR, AUROC_FLOOR, KIND_FLOOR = 0.85, 0.80, 0.75
 
 
 @pytest.mark.slow
-def test_real_judge_tells_good_answers_from_bad(embedded_models, bus):
+@pytest.mark.parametrize("held_out", [False, True], ids=["set", "held-out"])
+def test_real_judge_tells_good_answers_from_bad(embedded_models, bus, held_out):
     from a4ps.proto import ProtoManager
     protos = ProtoManager(bus)
     protos.create("ALFRED", {"model_name": "smollm2-135m",
                              "system_prompt": "You are ALFRED, the steward."})
     judge = Judge(embedded_models, protos, embedder=embedded_models.embedder)
-    res = judge_cases.measure(lambda t, a: judge.score(t, a).score)
+    res = judge_cases.measure(lambda t, a: judge.score(t, a).score,
+                              judge_cases.cases(held_out=held_out))
+    print(res)
     assert res["pairwise"] >= PAIRWISE_FLOOR and res["auroc"] >= AUROC_FLOOR, res
     per_kind = res["per_kind"]
     assert isinstance(per_kind, dict)

@@ -11,8 +11,10 @@ recorded) whatever the model says:
   (degenerate generation);
 * ``echo``: the answer's words are the task's words (the task given back);
 * ``refusal``: a short answer that declines ("I'm sorry, but I can't help...", "As an
-  AI..."); not "I'm sorry to hear that", which is sympathy;
-* ``terse``: a single word (too little to train a persona on, even when right);
+  AI...", "I won't answer that"); not "I'm sorry to hear that" or "I'm sorry you
+  can't sleep", which are sympathy;
+* ``terse``: a single bare word (too little to train a persona on, even when right;
+  a number or a code such as a hash is left to the model);
 * ``off_topic``: the answer's meaning is far from the task's (cosine of the
   embeddings under a floor); only with an embedder whose floor was measured
   (:data:`RELEVANCE_FLOOR`), and only for answers long enough to have a topic.
@@ -43,13 +45,20 @@ RELEVANCE_MIN_WORDS = 4
 
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+_NEGATED = (r"\bi\s*(?:'m\s+|am\s+)?(?:can'?t|cannot|can not|won'?t|will not|unable to|"
+            r"not able to|don'?t|do not)\s+")
 _REFUSAL = re.compile(
-    r"\bi\s*(?:'m\s+|am\s+)?(?:can'?t|cannot|can not|won'?t|will not|unable to|not able to|"
-    r"don'?t|do not)\s+(?:help|assist|answer|provide|do|give|explain|describe|discuss|"
-    r"translate|comply|respond|know)\b"
+    _NEGATED + r"(?:help|assist|answer|provide|do|give|explain|describe|discuss|translate|"
+    r"comply|respond|know|suggest|share|offer|say|tell|write|talk)\b"
     r"|\bas an ai\b",
     re.IGNORECASE)
+# "I can't <any verb>" in a short answer declines too ("I'm sorry, I can't suggest
+# names."), when it opens the answer (within its first words: not a quoted line further
+# on) and is not an idiom of sympathy ("I can't imagine how hard that is")
+_DECLINES = re.compile(r"^\W*(?:[\w']+[\s,;:!-]+){0,4}?" + _NEGATED
+                       + r"(?!imagine|believe|wait|stop|help but)[a-z]+", re.IGNORECASE)
 REFUSAL_MAX_WORDS = 40
+DECLINE_MAX_WORDS = 15
 
 
 @dataclass(frozen=True)
@@ -97,13 +106,18 @@ def echo(task: str, answer: str) -> Flag | None:
 
 def refusal(answer: str) -> Flag | None:
     first = _SENTENCE.split((answer or "").strip(), maxsplit=1)[0]
-    if len(words(answer)) <= REFUSAL_MAX_WORDS and _REFUSAL.search(first):
+    n = len(words(answer))
+    if (n <= REFUSAL_MAX_WORDS and _REFUSAL.search(first)) or \
+            (n <= DECLINE_MAX_WORDS and _DECLINES.match(first)):
         return Flag("refusal", 1.0, f"the answer declines: {first[:60]!r}")
     return None
 
 
 def terse(answer: str) -> Flag | None:
-    if len(words(answer)) == 1:
+    """One bare word ("Maybe.", "Legs."); a number or a code (a hash) may be the whole
+    right answer, so those go to the model."""
+    ws = words(answer)
+    if len(ws) == 1 and ws[0].replace("'", "").isalpha() and len(ws[0]) <= 15:
         return Flag("terse", 2.0, "a one-word answer: too little to learn from")
     return None
 
