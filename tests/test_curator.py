@@ -334,9 +334,14 @@ def test_cli_curate_lineage_rollback(tmp_path, monkeypatch, capsys):
     with System(settings) as system:
         system.curator.stop()
         _remember(system.memory, 2)
+        system.memory.add("Task: How do clocks work?\nAnswer: " + "Clocks tick. " * 4,
+                          kind="interaction", persona="ALFRED", task_id="loop",
+                          meta={"origin": "user"})
     assert main(["--data-dir", str(data), "curate"]) == 0
     out = capsys.readouterr().out
     assert "task t1" in out and "task t0" in out and "golden set 0/" in out
+    # why the looping answer was not kept is printed
+    assert "score 1.00" in out and "not kept: a sentence repeated 4 times" in out
     assert main(["--data-dir", str(data), "curate"]) == 0          # nothing new the 2nd time
     assert "nothing new" in capsys.readouterr().out
     assert main(["--data-dir", str(data), "models", "lineage", "brick"]) == 0

@@ -41,6 +41,15 @@ FLAGGED = [   # (task, answer, the check that must fail)
     ("Suggest a name for a cat.", "I'm sorry, I can't suggest names.", "refusal"),
     ("What time is it?", "Unfortunately I am not able to tell the time.", "refusal"),
     ("Who wrote Hamlet?", "I won't answer that question.", "refusal"),
+    # SmolLM2's own answers (greedy, 48 tokens): it grounds them well, having written them
+    ("What is 7 multiplied by 8?", "To solve this problem, we need to find the product of 7 "
+                                   "and 8. \n\n7 * 8 = 54\n\nSo, 7 multiplied by 8 is 54.",
+     "arithmetic"),
+    ("What is 12 plus 30?", "12 plus 30 equals 43.", "arithmetic"),
+    ("Who wrote Romeo and Juliet?", "The play Romeo and Juliet by William Shakespeare is the "
+                                    "story of a tragic ball scene in the balcony of", "unfinished"),
+    ("Why do we sleep?", "Sleep restores the body. During sleep the brain sorts the memories "
+                         "of the day, which", "unfinished"),
 ]
 
 NOT_FLAGGED = [   # right answers in the shapes the checks must leave alone
@@ -61,6 +70,14 @@ NOT_FLAGGED = [   # right answers in the shapes the checks must leave alone
     ("Write a line of a song.", "Row, row, row your boat, gently down the stream."),
     ("What did she text you?", "She said: 'I can't come tonight, I am ill.'"),
     ("Do you like rain?", "Honestly, I do like rain: the sound of it on the roof is calming."),
+    ("What is 7 times 8?", "7 * 8 = 56, and 56 / 8 = 7 checks it."),
+    ("What is 10 divided by 3?", "10 / 3 = 3.33 (rounded to two decimals)."),
+    ("When was the war?", "It lasted from 1939-1945 is what most books say."),
+    ("Show the steps.", "First add the numbers:\n- 1,000 + 2,000 = 3,000\n- then double it"),
+    ("Write a short poem.", "Leaves fall in the lane\nthe quiet hush of the rain\n"
+                            "and the day goes grey"),
+    ("Write a short poem.", "Leaves fall slowly in the narrow lane\nthe quiet hush of the "
+                            "falling rain\nand all the day goes soft and grey"),
 ]
 
 

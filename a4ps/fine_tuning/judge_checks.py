@@ -15,6 +15,9 @@ recorded) whatever the model says:
   can't sleep", which are sympathy;
 * ``terse``: a single bare word (too little to train a persona on, even when right;
   a number or a code such as a hash is left to the model);
+* ``arithmetic``: a sum stated wrongly ("7 * 8 = 54"): a small model's own answers
+  hold many, and it scores them as right (it wrote them);
+* ``unfinished``: prose cut off mid-sentence (a generation stopped at its token limit);
 * ``off_topic``: the answer's meaning is far from the task's (cosine of the
   embeddings under a floor); only with an embedder whose floor was measured
   (:data:`RELEVANCE_FLOOR`), and only for answers long enough to have a topic.
@@ -122,6 +125,56 @@ def terse(answer: str) -> Flag | None:
     return None
 
 
+_NUM = r"(-?\d[\d,]*(?:\.\d+)?)"
+_ARITH = re.compile(
+    _NUM + r"\s+(\+|-|\*|×|x|/|÷|plus|minus|times|multiplied by|divided by)\s+" + _NUM
+    + r"\s*(?:=|\bis\b|\bequals\b|\bmakes\b|\bgives\b)\s*" + _NUM, re.IGNORECASE)
+_OPS = {"+": "+", "plus": "+", "-": "-", "minus": "-", "*": "*", "×": "*", "x": "*",
+        "times": "*", "multiplied by": "*", "/": "/", "÷": "/", "divided by": "/"}
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def arithmetic(answer: str) -> Flag | None:
+    """A sum the answer states wrongly ("7 * 8 = 54", "7 multiplied by 8 is 54"): the
+    model that wrote it believes it, so only arithmetic can tell."""
+    for m in _ARITH.finditer(answer or ""):
+        a, b, said = _number(m.group(1)), _number(m.group(3)), _number(m.group(4))
+        op = _OPS[m.group(2).lower()]
+        if a is None or b is None or said is None or (op == "/" and b == 0):
+            continue
+        value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else 0.0}[op]
+        decimals = len(m.group(4).partition(".")[2])
+        if round(value, decimals) != round(said, decimals) and abs(value - said) > 1e-9:
+            shown = f"{value:.{decimals}f}" if decimals else f"{value:g}"
+            return Flag("arithmetic", 1.0, f"states {m.group(0).strip()!r}, but it is {shown}")
+    return None
+
+
+_END = re.compile(r"[.!?)\]\"'`*:;…]\s*$")
+_DANGLING = {"a", "an", "the", "of", "to", "in", "on", "at", "by", "for", "with", "from",
+             "and", "or", "but", "is", "are", "was", "were", "which", "that", "who", "as",
+             "into", "than", "their", "its", "his", "her", "our", "your", "my"}
+
+
+def unfinished(answer: str) -> Flag | None:
+    """Prose cut off mid-sentence (a generation stopped by its token limit): the last
+    line has no closing punctuation and is either a long sentence (12+ words; a poem's
+    lines are shorter) or ends on a word no sentence ends on ("of", "the", "which")."""
+    text = (answer or "").strip()
+    last = text.splitlines()[-1] if text else ""
+    lw = words(last)
+    cut = len(lw) >= 12 or (len(lw) >= 6 and lw[-1] in _DANGLING)
+    if len(words(text)) >= 12 and cut and not _END.search(last):
+        return Flag("unfinished", 2.0, f"the answer stops mid-sentence: ...{last[-40:]!r}")
+    return None
+
+
 def relevance_floor(embedder: Embedder | None) -> float | None:
     """The measured off-topic floor for this embedder, or None (check not used)."""
     return None if embedder is None else RELEVANCE_FLOOR.get(type(embedder).__name__)
@@ -149,7 +202,8 @@ def check(task: str, answer: str, embedder: Embedder | None = None, *,
           floor: float | None = None) -> list[Flag]:
     """Every check that fails for this answer (cheapest first; the embedder last)."""
     flags = [f for f in (empty(answer), loop(answer), echo(task, answer), refusal(answer),
-                         terse(answer)) if f is not None]
+                         terse(answer), arithmetic(answer), unfinished(answer))
+             if f is not None]
     if not flags:
         f = off_topic(task, answer, embedder, floor)
         if f is not None:
