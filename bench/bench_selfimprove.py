@@ -219,6 +219,17 @@ def judge_discrimination(models, threshold: float) -> dict:
             res = judge_cases.discrimination(scored, threshold)
             res["s"] = (time.monotonic() - t0) / len(cases)
             out[(name, "held-out" if held_out else "set")] = res
+    # the model's own answers (greedy, 48 tokens, as the gate asks): unlabelled, so only
+    # what the judge keeps and which checks fail; printed for a person to read
+    own = []
+    for c in judge_cases.cases() + judge_cases.cases(held_out=True):
+        if c.kind == "good":
+            a = models.chat("smollm2-135m", [{"role": "user", "content": c.task}],
+                            temperature=0.0, max_tokens=48)
+            v = judges["after"].score(c.task, a)
+            own.append({"task": c.task, "answer": a, "score": v.score, "flags": v.flags,
+                        "before": judges["before"].score(c.task, a).score})
+    out[("own", "answers")] = own
     return out
 
 
@@ -311,6 +322,7 @@ def main() -> None:
                    f"after = checks + grounding")
         out.append(f"{'judge':17} {'pairwise':>8} {'AUROC':>6} {'s/case':>6}  per bad kind "
                    f"(pairwise): " + " ".join(f"{k:>9}" for k in kinds))
+        own = d.pop(("own", "answers"))
         for (name, subset), r in d.items():
             out.append(f"{name + ' ' + subset:17} {r['pairwise']:>8.3f} {r['auroc']:>6.3f} "
                        f"{r['s']:>6.2f}  {'':21}"
@@ -319,6 +331,14 @@ def main() -> None:
             kept = " ".join(f"{k} {100 * v:.0f}%" for k, v in r["kept"].items())
             out.append(f"{name + ' ' + subset:17} kept at {thr:g}: {kept}; "
                        f"scores per unit {r['distribution']}")
+        flagged = collections.Counter(f for o in own for f in o["flags"])
+        out.append(f"SmolLM2's own answers to the {len(own)} tasks (unlabelled; read them): kept "
+                   f"before {sum((o['before'] or 0) >= thr for o in own)}, after "
+                   f"{sum((o['score'] or 0) >= thr for o in own)}; flagged {dict(flagged)}")
+        for o in own:
+            out.append(f"  {o['score'] if o['score'] is not None else '-':>6} "
+                       f"{','.join(o['flags']) or '-':>12}  {o['task'][:40]!r} -> "
+                       f"{' '.join(o['answer'].split())[:110]!r}")
     if args.only in (None, "threshold"):
         from a4ps.services.similarity import choose_threshold, load_calibration, similarity_report
         rep = similarity_report(models.embedder, *load_calibration())

@@ -505,7 +505,8 @@ def test_ollama_swap_path(tiny_recipe, bus, tmp_path):
         text = msgs[-1]["content"]
         if "one digit" in text:             # the judge's score, a JSON object (format=schema)
             return '{"choice": "4"}'
-        return f"{model} says hello"
+        # an answer on the task's topic: the judge's checks reject an off-topic one
+        return f"{model} says: here is my answer to {text[:80]!r}."
 
     with OllamaStandIn(models={"smollm2:135m": 100_000_000}, reply_fn=reply) as srv:
         settings.models = settings.models.model_copy(update={

@@ -33,6 +33,12 @@ ones). So the score is now built from what such a model *can* tell:
 The score is capped by the checks in every case. ``Verdict.method`` says which
 evidence gave it (``checks``, ``grounding``, ``choose:<method>``).
 
+What grounding cannot do: tell a wrong fact from a right one in absolute terms (the
+threshold keeps most fluent wrong answers), or doubt the model's *own* answers (a
+greedy answer is the likeliest reply by construction: SmolLM2's "7 * 8 = 54" grounds
+at 5.0, which is why the checks read sums). bench/bench_selfimprove.py --only judge
+prints both sides.
+
 :func:`parse_score` / :func:`parse_vote` stay for the free text that still reaches us
 (a backend reply read by hand, the bench's "before" column); they are strict: one
 score in the stated scale or nothing.
