@@ -182,6 +182,19 @@ def test_a_rejected_answer_says_why_and_a_capped_one_keeps_the_cap(settings, bus
     assert v.score is None and "DecisionError" in v.error and v.flags == ["terse"]
 
 
+def test_a_check_can_be_ignored_where_the_caller_made_the_shape(settings, bus):
+    """The gate cuts answers at a token limit itself: it ignores ``unfinished``."""
+    cut = ("Sleep restores the body. During sleep the brain sorts the memories of the "
+           "day, which")
+    backend = ScriptedBackend(decide=lambda msgs, asked: "5")
+    assert _judge(settings, bus, backend).score("Why do we sleep?", cut).score == 2.0
+    gate = _judge(settings, bus, backend, ignore=("unfinished",))
+    assert gate.score("Why do we sleep?", cut).score == 5.0
+    assert gate.score("Why do we sleep?", "Sleep. " * 4).flags == ["loop"]   # the rest apply
+    with pytest.raises(ValueError, match="unknown judge checks"):
+        _judge(settings, bus, backend, ignore=("unfinshed",))
+
+
 def test_checks_can_be_turned_off_for_the_bare_model(settings, bus):
     backend = ScriptedBackend(decide=lambda msgs, asked: "5")
     judge = _judge(settings, bus, backend, checks=False)

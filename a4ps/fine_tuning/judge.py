@@ -49,7 +49,7 @@ import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..models.base import Choice
 from ..models.errors import DecisionError, GenerationCancelled
@@ -241,7 +241,7 @@ class Judge:
 
     def __init__(self, models: ModelManager, protos: ProtoManager, persona: str = JUDGE, *,
                  embedder: Embedder | None = None, method: str = "auto",
-                 checks: bool = True) -> None:
+                 checks: bool = True, ignore: Sequence[str] = ()) -> None:
         if method not in JUDGE_METHODS:
             raise ValueError(f"judge method must be one of {JUDGE_METHODS}, not {method!r}")
         self.models = models
@@ -250,6 +250,8 @@ class Judge:
         self.embedder = embedder          # for the off-topic check (None: not checked)
         self.method = method              # auto: grounding where the backend scores options
         self.checks = checks              # False: the bare model (the bench's "before")
+        self.ignore = tuple(ignore)       # checks not to apply (judge_checks.CHECKS)
+        judge_checks.check("", "", ignore=self.ignore)     # an unknown name fails here
 
     def _judge(self) -> tuple[str, str | None]:
         proto = self.protos.get(self.persona)
@@ -258,7 +260,8 @@ class Judge:
     def score(self, task: str, answer: str, turns: dict[str, str] | None = None, *,
               cancel: CancelToken | None = None) -> Verdict:
         """The checks, then the model's evidence, capped by the checks."""
-        flags = judge_checks.check(task, answer, self.embedder) if self.checks else []
+        flags = (judge_checks.check(task, answer, self.embedder, ignore=self.ignore)
+                 if self.checks else [])
         cap = min((f.cap for f in flags), default=SCORE_MAX)
         reason = "; ".join(f.reason for f in flags) or None
         names = [f.name for f in flags]

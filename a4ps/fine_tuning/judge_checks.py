@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Collection
 
 import numpy as np
 
@@ -198,13 +198,21 @@ def off_topic(task: str, answer: str, embedder: Embedder | None,
     return None
 
 
+CHECKS = ("empty", "loop", "echo", "refusal", "terse", "arithmetic", "unfinished", "off_topic")
+
+
 def check(task: str, answer: str, embedder: Embedder | None = None, *,
-          floor: float | None = None) -> list[Flag]:
-    """Every check that fails for this answer (cheapest first; the embedder last)."""
-    flags = [f for f in (empty(answer), loop(answer), echo(task, answer), refusal(answer),
-                         terse(answer), arithmetic(answer), unfinished(answer))
-             if f is not None]
-    if not flags:
+          floor: float | None = None, ignore: Collection[str] = ()) -> list[Flag]:
+    """Every check that fails for this answer (cheapest first; the embedder last),
+    but those named in ``ignore`` (the gate cuts its answers at a token limit itself,
+    so it ignores ``unfinished``)."""
+    unknown = set(ignore) - set(CHECKS)
+    if unknown:
+        raise ValueError(f"unknown judge checks {sorted(unknown)}; they are {CHECKS}")
+    found = (empty(answer), loop(answer), echo(task, answer), refusal(answer),
+             terse(answer), arithmetic(answer), unfinished(answer))
+    flags = [f for f in found if f is not None and f.name not in ignore]
+    if not flags and "off_topic" not in ignore:
         f = off_topic(task, answer, embedder, floor)
         if f is not None:
             flags.append(f)
