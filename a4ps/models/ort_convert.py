@@ -7,7 +7,9 @@ onnxruntime_genai.models.builder -p int4 -e cpu``): it knows the contrib operato
 and is maintained with the runtime. It reads a Hugging Face directory through
 transformers, so a merged adapter is written as one first (numpy merge, shared with
 the CTranslate2 path). Output is built in a temp directory and renamed into place;
-the tokenizer files are ours (the same ids on every engine).
+the tokenizer files are ours (the same ids on every engine). The builder runs in a
+child (:func:`run_builder`) that hides scikit-learn and scipy, which transformers
+would import for nothing.
 """
 from __future__ import annotations
 
