@@ -122,6 +122,26 @@ def test_decisions_parse_and_validate(ort_models):
     assert set(out) == {"city", "sure"} and isinstance(out["sure"], bool)
 
 
+@pytest.mark.slow
+def test_ngram_ban_holds_when_greedy_and_when_sampled(ort_models):
+    """The ban is applied to the logits ORT then picks from (set_logits), for greedy
+    turns and for sampled ones (ROBIN's temperature 0.3, top_p 0.9): no n-gram of the
+    generated tokens repeats, while the prompt's own n-grams stay allowed."""
+    ort_models.load(BASE_ID)
+    engine: TokenEngine = ort_models.backend.engine
+    ids = ort_models.backend.tok.chat_ids(
+        [{"role": "user", "content": "Write a long story about the sea."}])
+    for s in (Sampling(no_repeat_ngram_size=2),
+              Sampling(temperature=0.3, top_p=0.9, repetition_penalty=1.15,
+                       no_repeat_ngram_size=3)):
+        it = engine.stream(ids, max_new=80, sampling=s)
+        out = [t for _, t in zip(range(80), it)]
+        it.close()
+        n = s.no_repeat_ngram_size
+        grams = [tuple(out[i:i + n]) for i in range(len(out) - n + 1)]
+        assert len(out) >= 40 and len(grams) == len(set(grams)), s
+
+
 # suite tasks where ORT GenAI's own penalty (which counts the prompt) parted from the
 # reference within a few tokens: "The largest of the seven seas that make up ..."
 _PERSONA_TASKS = ("What is the chemical symbol for water?", "Which ocean is the largest?",
