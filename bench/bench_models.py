@@ -679,6 +679,8 @@ def main() -> None:
             return _median(out)
 
         for key, label in ENGINES.items():
+            if key in ("ct2-other", "llama-chosen") and key not in measured:
+                continue              # one thread count: the row would repeat another
             runs = idle.get(key)
             if not runs or not any(runs):
                 why = ort_note if key == "ort" else ("--skip-peer" if args.skip_peer else

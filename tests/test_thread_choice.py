@@ -61,7 +61,8 @@ def test_the_choice_is_remembered_and_read_not_measured_again(tmp_path):
     assert time.perf_counter() - t0 < 0.1
     assert (again.threads, again.source, again.rates) == (1, "cache", first.rates)
     assert again.info() == {"threads": 1, "policy": 2, "source": "cache",
-                            "tokens_per_s": {"1": 50.0, "2": 33.3}}
+                            "tokens_per_s": {"1": 50.0, "2": 33.3},
+                            "load_average": first.load}
 
 
 @pytest.mark.parametrize("change", [{"cpu": "another cpu"}, {"cpus": 4}, {"cores": 1},

@@ -116,7 +116,7 @@ def load_with_thread_choice(model_dir: Path, tok: ChatTokenizer, *, setting: int
                 on_probe(f"timing 1 and {policy} threads (first load on this machine)")
             engines[threads] = CT2Engine(model_dir, tok, threads=threads,
                                          compute_type=compute_type)
-            engines[threads].decode_seconds(ids, 4)         # warm-up: first-call allocations
+            engines[threads].decode_seconds(ids, 2)         # warm-up: first-call allocations
         return engines[threads].decode_seconds(ids, tokens)
 
     import ctranslate2

@@ -43,18 +43,21 @@ class ThreadChoice:
     policy: int
     source: Source
     rates: dict[int, float] = field(default_factory=dict)   # tokens/s per thread count
+    load: float | None = None          # the 1-minute load average when it was timed
 
     def info(self) -> dict[str, Any]:
         """Plain data for ``model.loaded`` and ``system.status``."""
         return {"threads": self.threads, "policy": self.policy, "source": self.source,
-                "tokens_per_s": {str(k): round(v, 1) for k, v in sorted(self.rates.items())}}
+                "tokens_per_s": {str(k): round(v, 1) for k, v in sorted(self.rates.items())},
+                "load_average": self.load}
 
     def describe(self) -> str:
         rates = ", ".join(f"{k} thread{'s' if k > 1 else ''} {v:.1f} tok/s"
                           for k, v in sorted(self.rates.items()))
         how = {"setting": "models.embedded.threads", "policy": "the thread policy",
                "probe": "timed now", "cache": "timed earlier on this machine"}[self.source]
-        return f"{self.threads} thread(s) ({how}" + (f": {rates}" if rates else "") + ")"
+        at = f" at load average {self.load:.1f}" if self.load is not None else ""
+        return f"{self.threads} thread(s) ({how}" + (f": {rates}{at}" if rates else "") + ")"
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -104,8 +107,10 @@ def read_cached(path: Path, key: dict[str, Any]) -> ThreadChoice | None:
         data = json.loads(path.read_text())
         if data.get("key") != key:
             return None
+        load = data.get("load_average")
         return ThreadChoice(int(data["threads"]), int(key["policy"]), "cache",
-                            {int(k): float(v) for k, v in data.get("rates", {}).items()})
+                            {int(k): float(v) for k, v in data.get("rates", {}).items()},
+                            float(load) if load is not None else None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -117,6 +122,7 @@ def write_cached(path: Path, key: dict[str, Any], choice: ThreadChoice) -> None:
     try:
         tmp.write_text(json.dumps({"key": key, "threads": choice.threads,
                                    "rates": {str(k): v for k, v in choice.rates.items()},
+                                   "load_average": choice.load,
                                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                 time.gmtime())}, indent=1))
         os.replace(tmp, path)
@@ -124,6 +130,15 @@ def write_cached(path: Path, key: dict[str, Any], choice: ThreadChoice) -> None:
         log.warning("could not remember the thread choice in %s (%s); the next load "
                     "times it again", path, e)
         tmp.unlink(missing_ok=True)
+
+
+def _load_average() -> float | None:
+    """What else the machine was doing while the probe ran (a saturated machine can
+    favour more threads: each runnable thread gets its own share of the CPU)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def choose_threads(setting: int, policy: int, cache: Path, key: dict[str, Any],
@@ -139,6 +154,6 @@ def choose_threads(setting: int, policy: int, cache: Path, key: dict[str, Any],
     if cached is not None:
         return cached
     rates = measure((1, policy), timer)
-    choice = ThreadChoice(fastest(rates, policy), policy, "probe", rates)
+    choice = ThreadChoice(fastest(rates, policy), policy, "probe", rates, _load_average())
     write_cached(cache, key, choice)
     return choice
