@@ -32,9 +32,21 @@ def test_the_faster_thread_count_is_kept(tmp_path):
                           fake_timer({1: 0.025, 2: 0.036}, calls))
     assert (c.threads, c.source) == (1, "probe")
     assert c.rates[1] == pytest.approx(40.0) and c.rates[2] == pytest.approx(1 / 0.036)
-    assert calls == [1, 2, 2, 1]               # alternating and mirrored
+    assert calls == [1, 2, 2, 1, 1, 2, 2, 1]   # alternating and mirrored
     c2 = tc.choose_threads(0, 2, tmp_path / "u.json", KEY, fake_timer({1: 0.03, 2: 0.02}))
     assert (c2.threads, c2.source) == (2, "probe")
+
+
+def test_a_burst_of_other_work_in_one_round_does_not_decide():
+    """One round of the faster count lands on a burst of other work (5x slower): the
+    median of the rounds still sees it as the faster."""
+    slow = iter([False, False, False, True] + [False] * 10)
+
+    def bursty(threads: int, tokens: int) -> float:
+        base = 0.025 if threads == 1 else 0.035
+        return base * 5 if threads == 1 and next(slow) else base
+    rates = tc.measure((1, 2), bursty)
+    assert tc.fastest(rates, policy=2) == 1 and rates[1] == pytest.approx(40.0)
 
 
 def test_a_load_that_drifts_during_the_probe_weighs_on_both_alike():

@@ -7,7 +7,7 @@ them is a property of the machine, not a rule: each op is tiny, and waking a pas
 OpenMP thread for every op can cost more than splitting it saves. On a 2-core AMD VM,
 CTranslate2 decoded at 40 tokens/s on one thread and 28 on two; elsewhere two threads
 win. So the first load on a machine times a few greedy decode steps on one thread and
-on the policy's N (alternating, mirrored: 1, N, N, 1), keeps the faster, and writes the
+on the policy's N (alternating, mirrored: 1, N, N, 1, ...), keeps the faster, and writes the
 choice to a small JSON file beside the converted model, keyed by what would change the
 answer (CPU model, CPU set, cgroup quota, policy, engine version, model shape). Later
 loads read it (no measuring). ``models.embedded.threads`` overrides it all.
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 Source = Literal["setting", "policy", "probe", "cache"]
 # seconds per decoded token at a thread count, ``tokens`` steps long
 DecodeTimer = Callable[[int, int], float]
-PROBE_TOKENS = 16
-PROBE_ROUNDS = 2
+PROBE_TOKENS = 12
+PROBE_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -83,16 +83,18 @@ def machine_key(policy: int, engine: str, model_shape: str) -> dict[str, Any]:
 
 def measure(candidates: Sequence[int], timer: DecodeTimer, *, tokens: int = PROBE_TOKENS,
             rounds: int = PROBE_ROUNDS) -> dict[int, float]:
-    """Tokens/s per candidate thread count. Rounds alternate and mirror (1, N, N, 1), so
-    a load that rises or falls during the probe weighs on both alike."""
-    spent = {c: 0.0 for c in candidates}
-    done = {c: 0 for c in candidates}
+    """Tokens/s per candidate thread count: the median of its rounds. Rounds alternate
+    and mirror (1, N, N, 1, 1, N, N, 1), so a load that rises or falls during the probe
+    weighs on both alike, and the median ignores a burst of other work that lands on
+    one round (on the shared VM a sum let one such burst pick the slower count)."""
+    import statistics
+    seconds: dict[int, list[float]] = {c: [] for c in candidates}
     order = list(candidates)
     for r in range(max(1, rounds)):
         for c in (order if r % 2 == 0 else order[::-1]):
-            spent[c] += timer(c, tokens) * tokens
-            done[c] += tokens
-    return {c: done[c] / spent[c] if spent[c] > 0 else float("inf") for c in candidates}
+            seconds[c].append(timer(c, tokens))
+    return {c: 1.0 / m if (m := statistics.median(v)) > 0 else float("inf")
+            for c, v in seconds.items()}
 
 
 def fastest(rates: Mapping[int, float], policy: int) -> int:
