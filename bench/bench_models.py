@@ -813,9 +813,11 @@ def main() -> None:
     print(f"contended embedded/llama.cpp ratio: {busy_r:.2f}" if busy_r else
           "contended embedded/llama.cpp ratio: unavailable (peer or engine failed)")
     if peers:
-        print(f"(both ratios: {ENGINES[default_key]} against, in each round, the faster of "
-              + " and ".join(ENGINES[p].split(':')[0].split(', our')[0] for p in peers)
-              + "; the per-peer ratios are rows of the table)")
+        names = [ENGINES[p].split(':')[0].split(', our')[0] for p in peers]
+        print(f"(both ratios: {ENGINES[default_key]} against "
+              + (f"{names[0]} (our chosen count is the policy's N)" if len(names) == 1 else
+                 "in each round the faster of " + " and ".join(names)
+                 + "; the per-peer ratios are rows of the table") + ")")
     if ratios.get(f"{default_key}-self"):
         print(f"contended/idle embedded: {ratios[f'{default_key}-self']:.2f}")
     for key in ("ct2", "ort"):
