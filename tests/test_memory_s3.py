@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -111,6 +112,84 @@ def test_two_writers_at_once_lose_nothing(tmp_path, local_s3, bucket):
     got = sorted(r.text.split()[0] for r in mem.recent(100))
     assert got == sorted(f"{w}-{i}" for w in "ab" for i in range(15))
     mem.close()
+
+
+@pytest.fixture
+def slow_puts(monkeypatch):
+    """Widen the gap between moto's 'does the key exist?' and its write of keys that
+    match a pattern (what a loaded server does), so concurrent writes of them overlap."""
+    from moto.s3.models import S3Backend
+
+    real = S3Backend.put_object
+    slow: dict[str, float] = {}
+
+    def put_object(self, bucket_name, key_name, *a, **kw):
+        for pattern, seconds in slow.items():
+            if pattern in key_name:
+                time.sleep(seconds)
+        return real(self, bucket_name, key_name, *a, **kw)
+
+    monkeypatch.setattr(S3Backend, "put_object", put_object)
+    return slow
+
+
+def _at_once(*calls):
+    """Run the calls on threads released together; returns their results in order."""
+    go = threading.Barrier(len(calls))
+    out: list = [None] * len(calls)
+
+    def run(i, call):
+        go.wait()
+        try:
+            out[i] = call()
+        except Exception as e:      # returned, so the test can assert on it
+            out[i] = e
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_the_stand_in_lets_one_of_two_concurrent_put_if_absent_win(local_s3, bucket, slow_puts):
+    """S3 semantics Lance relies on: of two concurrent If-None-Match PUTs of one new key,
+    exactly one succeeds and the other gets 412 (moto alone let both succeed)."""
+    from botocore.exceptions import ClientError
+
+    slow_puts["race/key"] = 0.3
+    clients = [local_s3.client(), local_s3.client()]
+
+    def put(i):
+        try:
+            clients[i].put_object(Bucket=bucket, Key="race/key", Body=f"writer {i}".encode(),
+                                  IfNoneMatch="*")
+            return 200
+        except ClientError as e:
+            return int(e.response["ResponseMetadata"]["HTTPStatusCode"])
+    assert sorted(_at_once(lambda: put(0), lambda: put(1))) == [200, 412]
+    body = local_s3.client().get_object(Bucket=bucket, Key="race/key")["Body"].read()
+    assert body in (b"writer 0", b"writer 1")
+
+
+def test_two_writers_racing_for_one_version_both_land(tmp_path, local_s3, bucket, slow_puts):
+    """Two writers that read the same table version and commit at once: the store refuses
+    one manifest (412), Lance re-reads and commits it as the next version; no row lost."""
+    mems = [MemoryManager(s3_settings(tmp_path / w, local_s3, bucket), HashEmbedder(dim=384),
+                          auto_maintain=False) for w in ("a", "b")]
+    slow_puts["/_versions/"] = 0.3          # both commits are in flight at once
+    seen = len(local_s3.conditional_writes)
+    for r in range(2):
+        ids = _at_once(*[lambda m=m, w=w: m.add(f"{w}-{r} remembers pears", persona=w)
+                         for m, w in zip(mems, "ab")])
+        assert all(isinstance(i, str) for i in ids), ids
+    slow_puts.clear()
+    refused = [p for p, status in local_s3.conditional_writes[seen:] if status == 412]
+    assert refused, "the two commits never raced; the test proves nothing"
+    texts = sorted(r.text.split()[0] for r in mems[0].recent(10))
+    assert texts == ["a-0", "a-1", "b-0", "b-1"]
+    for m in mems:
+        m.close()
 
 
 def test_bad_uri_and_missing_bucket_are_explained(tmp_path, local_s3):
