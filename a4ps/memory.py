@@ -17,6 +17,13 @@ Design notes (lancedb 0.40):
   (``a4ps memory search`` next to a running daemon) sees the daemon's writes at once.
 - Writes from this process are serialised by a lock; reads never take it. LanceDB
   reads a consistent table version, so searches run safely while rows are appended.
+- Writers in other processes (daemons sharing one memory) race for each version: the
+  loser's manifest put is refused (412) and Lance rebases and retries, for about 30 s.
+  Past that it raises "Too many concurrent writers" / "Commit conflict"; :meth:`_commit`
+  then checks whether the write landed after all (an append is all-or-nothing, so one
+  id tells) and otherwise runs it again, until ``memory.commit_retry_s``; only then does
+  the caller get a :class:`MemoryStoreError`. A row is stored once or the caller hears
+  it was not: never dropped silently, never stored twice.
 - Small tables are searched exactly (brute force is a few ms for thousands of rows).
   Once ``memory.index_min_rows`` rows exist, :meth:`MemoryManager.ensure_index` builds an
   ANN index (IVF-HNSW-SQ by default, or IVF-PQ) with cosine distance, then measures
@@ -30,13 +37,15 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence, TypeVar,
+                    runtime_checkable)
 
 import numpy as np
 
@@ -60,6 +69,20 @@ _MAX_NPROBES = 512
 # single-row appends from piling up thousands of tiny fragments).
 _MAINTAIN_EVERY = 32
 _COLUMNS = ["id", "kind", "text", "persona", "task_id", "ts", "dissonance", "curated", "meta"]
+# What LanceDB's errors say when a commit lost to other writers (lance's
+# TooMuchWriteContention, CommitConflict, RetryableCommitConflict): the write did not
+# happen and may be run again on the newer version.
+_CONFLICT_MARKERS = ("too many concurrent writers", "commit conflict", "toomuchwritecontention",
+                     "commitconflict")
+_RETRY_FIRST_S = 0.05
+_RETRY_MAX_S = 2.0
+_T = TypeVar("_T")
+
+
+def is_commit_conflict(error: BaseException) -> bool:
+    """True when ``error`` is LanceDB saying other writers won the commit."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return isinstance(error, Exception) and any(m in text for m in _CONFLICT_MARKERS)
 
 
 class MemoryStoreError(RuntimeError):
@@ -178,6 +201,8 @@ class MemoryManager:
         self._mlock = threading.Lock()       # one maintain()/ensure_index() at a time
         self._maint_thread: threading.Thread | None = None
         self._adds = 0
+        self.commit_retry_s = float(mem.commit_retry_s)
+        self.commit_retries = 0     # writes run again after losing to other writers
         self._closed = False
         self.last_index_report: IndexReport | None = None
         self.schema = pa.schema([
@@ -331,7 +356,8 @@ class MemoryManager:
                      for e in entries],
         }, schema=self.schema)
         with self._wlock:
-            self.table.add(data)
+            self._commit(f"storing {len(ids)} memories", lambda: self.table.add(data),
+                         landed=lambda: self._has_id(ids[0]))
             self._adds += 1
             due = self.auto_maintain and self._adds % _MAINTAIN_EVERY == 0
         if due or (self.auto_maintain and not self._indexed and len(entries) > 1
@@ -344,9 +370,43 @@ class MemoryManager:
         ids = [str(i) for i in ids]
         if not ids:
             return 0
-        with self._wlock:
-            res = self.table.update(where=_id_in(ids), values={"curated": True})
+        with self._wlock:   # setting a flag twice is harmless: a lost update just reruns
+            res = self._commit(f"marking {len(ids)} memories curated",
+                               lambda: self.table.update(where=_id_in(ids),
+                                                         values={"curated": True}))
         return int(getattr(res, "rows_updated", len(ids)))
+
+    def _has_id(self, memory_id: str) -> bool:
+        return int(self.table.count_rows(f"id = {_quote(memory_id)}")) > 0
+
+    def _commit(self, what: str, write: Callable[[], _T],
+                landed: Callable[[], bool] | None = None) -> _T | None:
+        """Run one LanceDB write; when other writers keep winning the commit, check
+        ``landed`` (did it commit although LanceDB reported a conflict?) and otherwise
+        run it again with jittered backoff, for up to ``memory.commit_retry_s``."""
+        deadline = time.monotonic() + self.commit_retry_s
+        delay, attempts = _RETRY_FIRST_S, 0
+        while True:
+            attempts += 1
+            try:
+                return write()
+            except Exception as e:
+                if not is_commit_conflict(e):
+                    raise
+                if landed is not None and landed():
+                    log.info("memory: %s committed although LanceDB reported: %s", what, e)
+                    return None
+                if time.monotonic() + delay > deadline:
+                    raise MemoryStoreError(
+                        f"memory at {self.uri}: {what} failed: other writers won the commit "
+                        f"{attempts} time(s) over {self.commit_retry_s:.0f} s (last: "
+                        f"{str(e)[:200]}); nothing was stored. Retry later, raise "
+                        f"memory.commit_retry_s, or give fewer daemons this memory") from e
+                self.commit_retries += 1
+                log.info("memory: %s lost a commit to another writer (attempt %d), "
+                         "retrying: %s", what, attempts, str(e)[:200])
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, _RETRY_MAX_S)
 
     # -- reads ------------------------------------------------------------------------
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 5, *,
