@@ -376,6 +376,16 @@ class MemoryManager:
                                                          values={"curated": True}))
         return int(getattr(res, "rows_updated", len(ids)))
 
+    def delete(self, ids: Iterable[str]) -> None:
+        """Remove records by id (an import's undo); deleting twice is harmless, so a
+        delete that lost the commit to another writer just runs again."""
+        ids = [str(i) for i in ids]
+        with self._wlock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                self._commit(f"deleting {len(chunk)} memories",
+                             lambda: self.table.delete(_id_in(chunk)))
+
     def _has_id(self, memory_id: str) -> bool:
         return int(self.table.count_rows(f"id = {_quote(memory_id)}")) > 0
 

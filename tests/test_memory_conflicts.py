@@ -168,3 +168,15 @@ def test_three_processes_on_one_local_memory_lose_nothing(tmp_path):
     got = sorted(r.text.split()[0] for r in mem.recent(1000))
     assert got == sorted(f"{w}-{i}" for w in "abc" for i in range(20))
     mem.close()
+
+
+def test_an_undo_delete_is_rerun_after_a_conflict(mem):
+    keep = mem.add("kept")
+    gone = mem.add_many([{"text": f"imported {i}"} for i in range(3)])
+
+    class LosingDeletes(LosingTable):
+        def delete(self, *a, **kw):
+            return self._write("delete", *a, **kw)
+    mem.table = LosingDeletes(mem.table, lose=1, error=CONFLICT)
+    mem.delete(gone)
+    assert mem.table.calls == 2 and [r.id for r in mem.recent(10)] == [keep]

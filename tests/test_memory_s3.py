@@ -63,8 +63,8 @@ def test_memory_lives_in_the_bucket_and_another_data_dir_sees_it(tmp_path, local
     other.close()
 
 
-def _worker(data_dir: Path, who: str, n: int, local_s3: LocalS3, bucket: str):
-    env = {**os.environ, "PYTHONPATH": str(ROOT),
+def _worker(data_dir: Path, who: str, n: int, local_s3: LocalS3, bucket: str, **extra_env):
+    env = {**os.environ, **extra_env, "PYTHONPATH": str(ROOT),
            "A4PS_MEMORY__URI": f"s3://{bucket}/a4ps",
            "A4PS_MEMORY__STORAGE_OPTIONS": json.dumps(local_s3.storage_options)}
     return subprocess.Popen([sys.executable, str(ROOT / "tests" / "memory_worker.py"),
@@ -112,6 +112,27 @@ def test_two_writers_at_once_lose_nothing(tmp_path, local_s3, bucket):
     got = sorted(r.text.split()[0] for r in mem.recent(100))
     assert got == sorted(f"{w}-{i}" for w in "ab" for i in range(15))
     mem.close()
+
+
+@pytest.mark.slow   # four interpreters, ~60 commits racing through one S3 server
+def test_four_writers_whose_lance_gives_up_fast_still_lose_nothing(tmp_path, local_s3, bucket):
+    """Real contention past LanceDB's own retries: each writer's Lance gives up after
+    1 s of lost commits (LANCE_COMMIT_RETRY_TIMEOUT_SECS; 30 s by default, which four
+    writers on a loaded 2-core machine exhausted), so MemoryManager's retry must carry
+    the write; every row lands exactly once."""
+    MemoryManager(s3_settings(tmp_path / "x", local_s3, bucket), HashEmbedder(dim=384),
+                  auto_maintain=False).close()
+    writers = "abcd"
+    procs = [_worker(tmp_path / w, w, 15, local_s3, bucket,
+                     LANCE_COMMIT_RETRY_TIMEOUT_SECS="1") for w in writers]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(writers), outs
+    mem = MemoryManager(s3_settings(tmp_path / "x", local_s3, bucket), HashEmbedder(dim=384),
+                        auto_maintain=False)
+    got = sorted(r.text.split()[0] for r in mem.recent(1000))
+    assert got == sorted(f"{w}-{i}" for w in writers for i in range(15))
+    mem.close()
+    print("commit retries per writer:", [o.split("commit_retries=")[-1].strip() for o in outs])
 
 
 @pytest.fixture
