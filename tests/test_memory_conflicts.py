@@ -118,11 +118,10 @@ def test_marking_curated_is_rerun_after_a_conflict_with_compaction(mem):
 
 # -- real contention on local disk ---------------------------------------------------
 
-def test_two_connections_racing_on_local_disk_lose_nothing(tmp_path):
-    """Two managers (two LanceDB connections, like two daemons) on one local memory,
+def race_appends_curation_and_compaction(s) -> None:
+    """Two managers (two LanceDB connections, like two daemons) on one memory,
     appending, marking curated and compacting at once: every row lands once and
     every curated flag sticks."""
-    s = load_settings(data_dir=tmp_path / "d", memory={"uri": str(tmp_path / "shared")})
     a, b = (MemoryManager(s, HashEmbedder(dim=64), auto_maintain=False) for _ in "ab")
     seed = [a.add(f"seed {i}") for i in range(12)]
     errors: list[BaseException] = []
@@ -150,6 +149,11 @@ def test_two_connections_racing_on_local_disk_lose_nothing(tmp_path):
     assert all(a.get(i).curated for i in seed)
     a.close()
     b.close()
+
+
+def test_two_connections_racing_on_local_disk_lose_nothing(tmp_path):
+    race_appends_curation_and_compaction(
+        load_settings(data_dir=tmp_path / "d", memory={"uri": str(tmp_path / "shared")}))
 
 
 @pytest.mark.slow   # three interpreters appending to one local memory at once
