@@ -194,6 +194,15 @@ def test_an_unusable_tool_name_is_asked_again_as_a_closed_choice():
     assert decisions.name_options("", "17 + 4 = ?") == list(decisions.GENERIC_TOOL_NAMES)
 
 
+
+def test_tool_names_from_words_skip_the_same_request_verbs_everywhere():
+    """BRICK's name options and the forge's fallback name read words the same way: a
+    request verb ("please compute") never becomes the tool's name."""
+    from a4ps.cognition.graph import _request_name
+    text = "Please compute the area of a circle"
+    assert decisions.name_options(text, "")[0] == "area_circle"
+    assert _request_name(None, text) == "area_circle"
+
 def test_an_invalid_tool_request_is_no_decision():
     d = decisions.decide_tool_request(manager(lambda m, s: {"name": "x"}), P("BRICK"), "q")
     assert not d.parsed and "missing keys" in d.problem

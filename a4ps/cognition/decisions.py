@@ -152,10 +152,18 @@ def decide_tool_request(models: ModelManager, brick: Proto, task: str, *,
 
 #: names always offered when the model's own name was unusable (plain verbs a tool does)
 GENERIC_TOOL_NAMES = ("calculate", "convert_units", "look_up", "count_items", "format_text")
+#: words that never name a tool: function words, and request verbs ("please compute")
 _NAME_STOPWORDS = frozenset(
     "a an the is are was were be of to in on at by for with and or what which who how "
     "many much do does did this that it its my your me i you please can could would "
-    "should there here from into as than then so if".split())
+    "should there here from into as than then so if some give tell find get compute "
+    "calculate".split())
+
+
+def content_words(text: str) -> list[str]:
+    """The words of ``text`` (lower case, letters only) that could name a tool."""
+    return [w for w in re.findall(r"[a-z]+", str(text or "").lower())
+            if w not in _NAME_STOPWORDS and len(w) > 1]
 
 
 def name_options(description: str, task: str) -> list[str]:
@@ -163,8 +171,7 @@ def name_options(description: str, task: str) -> list[str]:
     of ``task`` (two and three words), then :data:`GENERIC_TOOL_NAMES`. Never empty."""
     out: list[str] = []
     for text in (description, task):
-        words = [w for w in re.findall(r"[a-z]+", str(text or "").lower())
-                 if w not in _NAME_STOPWORDS and len(w) > 1]
+        words = content_words(text)
         for n in (3, 2):
             name = snake_case("_".join(words[:n]))
             if name and len(words) >= n:

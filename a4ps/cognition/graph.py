@@ -47,7 +47,6 @@ call, so editing BRICK's system prompt or temperature changes BRICK's next turn.
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
 import threading
 import time
@@ -831,16 +830,10 @@ def _memory_dict(rec: Any) -> dict[str, Any]:
             ("id", "text", "persona", "task_id", "ts", "dissonance", "score")}
 
 
-_NAME_STOPWORDS = frozenset(
-    "a an the of to for and or in on by with from what which how is are be many much "
-    "please me my i you it this that some give tell find get compute calculate".split())
-
-
 def _request_name(raw: Any, description: str) -> str:
     """The requested tool name as an identifier; without one, words of the description
     (never one fixed name, which would make every tool a new version of the last)."""
-    for candidate in (raw, "_".join([w for w in re.findall(r"[a-z]+", description.lower())
-                                     if w not in _NAME_STOPWORDS][:4])):
+    for candidate in (raw, "_".join(decisions.content_words(description)[:4])):
         if isinstance(candidate, str) and candidate.strip():
             try:
                 return tool_name(candidate)
