@@ -222,6 +222,8 @@ class MemoryManager:
                 f"cannot open the memory at {self.uri}: {type(e).__name__}: "
                 f"{str(e)[:300]}; check memory.uri (does the bucket exist?) and "
                 f"memory.storage_options (endpoint, region, credentials)") from e
+        if self.uri.startswith("s3://") and mem.check_put_if_absent:
+            self._check_put_if_absent()
         vtype = self.table.schema.field("vector").type
         have = getattr(vtype, "list_size", None)
         if have != self.dim:
@@ -246,6 +248,56 @@ class MemoryManager:
                 self.table = self._db.create_table(TABLE, schema=self.schema)
             except (ValueError, OSError):  # another process created it meanwhile
                 self.table = self._db.open_table(TABLE)
+
+    def _check_put_if_absent(self) -> None:
+        """Refuse an S3 store that ignores ``If-None-Match: *``: Lance commits every
+        version with it, and on a store that ignores it two writers silently replace
+        each other's versions (rows lost). Only positive evidence refuses; a probe that
+        cannot run (credentials boto3 does not find, say) is logged and skipped."""
+        try:
+            import boto3
+            from botocore.config import Config
+            from botocore.exceptions import ClientError
+        except ImportError:   # pragma: no cover - boto3 is in requirements.txt
+            return
+        opts = {k.lower(): v for k, v in self.settings.memory.storage_options.items()}
+
+        def opt(*names: str) -> str | None:
+            return next((opts[n] for n in names if opts.get(n)), None)
+        bucket, _, prefix = self.uri[len("s3://"):].partition("/")
+        key = "/".join(p for p in (prefix.strip("/"), "_a4ps_probe", uuid.uuid4().hex) if p)
+        client = boto3.client(
+            "s3", endpoint_url=opt("aws_endpoint", "aws_endpoint_url", "endpoint"),
+            region_name=opt("aws_region", "region", "aws_default_region"),
+            aws_access_key_id=opt("aws_access_key_id", "access_key_id"),
+            aws_secret_access_key=opt("aws_secret_access_key", "secret_access_key"),
+            aws_session_token=opt("aws_session_token", "session_token", "aws_token"),
+            config=Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 2}))
+        ignored = False
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=b"1", IfNoneMatch="*")
+            try:
+                client.put_object(Bucket=bucket, Key=key, Body=b"2", IfNoneMatch="*")
+                ignored = True
+            except ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (412, 409):
+                    raise
+        except Exception as e:
+            log.warning("memory: could not check that %s refuses a second put-if-absent "
+                        "(%s: %s); continuing", self.uri, type(e).__name__, str(e)[:200])
+        finally:
+            try:
+                client.delete_object(Bucket=bucket, Key=key)
+            except Exception:
+                pass
+        if ignored:
+            raise MemoryStoreError(
+                f"the object store behind {self.uri} ignores conditional writes "
+                f"(If-None-Match: *): a second put-if-absent of one key succeeded. LanceDB "
+                f"commits rely on it; there, two writers silently overwrite each other's "
+                f"memories. Use a store that supports it (AWS S3, recent MinIO, R2), "
+                f"memory.uri = 's3+ddb://...' with a DynamoDB commit table, or (one writer "
+                f"only) memory.check_put_if_absent = false")
 
     # -- helpers ----------------------------------------------------------------------
     @property

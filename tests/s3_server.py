@@ -13,7 +13,8 @@ threaded server, so two writers could both get 200 for the same manifest and one
 commit silently replaced the other (a lost memory row, see tests/test_memory_s3.py).
 This stand-in therefore runs every write request (PUT/POST/DELETE) one at a time, which
 makes moto's check-and-write atomic as S3's is; reads stay concurrent.
-``conditional_writes`` records (path, status) of each conditional write it served.
+``conditional_writes`` records (path, status) of each conditional write it served;
+``LocalS3(honour_conditional_writes=False)`` plays a store that ignores the headers.
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ class _AtomicWrites:
                  start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") not in _WRITES:
             return self.app(environ, start_response)  # type: ignore[no-any-return]
+        if not self.owner.honour_conditional_writes:   # a store that ignores them
+            environ.pop("HTTP_IF_NONE_MATCH", None)
+            environ.pop("HTTP_IF_MATCH", None)
         conditional = bool(environ.get("HTTP_IF_NONE_MATCH") or environ.get("HTTP_IF_MATCH"))
         status: list[str] = []
 
@@ -54,7 +58,9 @@ class _AtomicWrites:
 
 
 class LocalS3:
-    def __init__(self) -> None:
+    def __init__(self, *, honour_conditional_writes: bool = True) -> None:
+        # False: drop If-None-Match / If-Match, as some S3-compatible stores do
+        self.honour_conditional_writes = honour_conditional_writes
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.endpoint: str | None = None

@@ -217,6 +217,19 @@ def test_appends_curation_and_compaction_racing_on_s3_lose_nothing(tmp_path, loc
     race_appends_curation_and_compaction(s3_settings(tmp_path / "d", local_s3, bucket))
 
 
+def test_a_store_that_ignores_put_if_absent_is_refused(tmp_path, local_s3, bucket):
+    with LocalS3(honour_conditional_writes=False) as careless:
+        s = s3_settings(tmp_path, careless, careless.create_bucket("mem"))
+        with pytest.raises(MemoryStoreError, match=r"ignores conditional writes.*overwrite "
+                                                   r"each other.*s3\+ddb"):
+            MemoryManager(s, HashEmbedder(dim=384), auto_maintain=False)
+        assert not careless.keys("mem", "a4ps/_a4ps_probe/")       # the probe cleaned up
+    # the honest store passes the same check, and leaves no probe behind
+    MemoryManager(s3_settings(tmp_path, local_s3, bucket), HashEmbedder(dim=384),
+                  auto_maintain=False).close()
+    assert not local_s3.keys(bucket, "a4ps/_a4ps_probe/")
+
+
 def test_bad_uri_and_missing_bucket_are_explained(tmp_path, local_s3):
     with pytest.raises(SettingsError, match=r"memory.uri.*object-store URI"):
         load_settings(data_dir=tmp_path, memory={"uri": "ftp://host/mem"})
