@@ -74,8 +74,8 @@ _COLUMNS = ["id", "kind", "text", "persona", "task_id", "ts", "dissonance", "cur
 # happen and may be run again on the newer version.
 _CONFLICT_MARKERS = ("too many concurrent writers", "commit conflict", "toomuchwritecontention",
                      "commitconflict")
-_RETRY_FIRST_S = 0.05
-_RETRY_MAX_S = 2.0
+_RETRY_FIRST_S = 1.0    # LanceDB already retried for ~30 s; a second more is nothing
+_RETRY_MAX_S = 8.0
 _T = TypeVar("_T")
 
 
@@ -455,10 +455,13 @@ class MemoryManager:
             except Exception as e:
                 if not is_commit_conflict(e):
                     raise
+                # LanceDB's retry budget can expire with a manifest put still in flight:
+                # wait before looking, so a late landing is seen and not written twice
+                time.sleep(delay * random.uniform(0.5, 1.5))
                 if landed is not None and landed():
                     log.info("memory: %s committed although LanceDB reported: %s", what, e)
                     return None
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() >= deadline:
                     raise MemoryStoreError(
                         f"memory at {self.uri}: {what} failed: other writers won the commit "
                         f"{attempts} time(s) over {self.commit_retry_s:.0f} s (last: "
@@ -467,7 +470,6 @@ class MemoryManager:
                 self.commit_retries += 1
                 log.info("memory: %s lost a commit to another writer (attempt %d), "
                          "retrying: %s", what, attempts, str(e)[:200])
-                time.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, _RETRY_MAX_S)
 
     # -- reads ------------------------------------------------------------------------

@@ -64,6 +64,12 @@ class LosingTable:
         return getattr(self._table, name)
 
 
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    import a4ps.memory as memory_mod
+    monkeypatch.setattr(memory_mod, "_RETRY_FIRST_S", 0.01)
+
+
 @pytest.fixture
 def mem(data_dir):
     m = MemoryManager(load_settings(data_dir=data_dir, memory={"commit_retry_s": 10}),
@@ -184,3 +190,23 @@ def test_an_undo_delete_is_rerun_after_a_conflict(mem):
     mem.table = LosingDeletes(mem.table, lose=1, error=CONFLICT)
     mem.delete(gone)
     assert mem.table.calls == 2 and [r.id for r in mem.recent(10)] == [keep]
+
+
+def test_a_commit_landing_just_after_lancedb_gave_up_is_not_stored_twice(mem, monkeypatch):
+    """LanceDB's retry budget can expire while its last manifest put is still in
+    flight; the put then lands a moment later. The retry waits before it looks."""
+    import a4ps.memory as memory_mod
+
+    monkeypatch.setattr(memory_mod, "_RETRY_FIRST_S", 0.6)
+    real = mem.table
+
+    class LateLanding(LosingTable):
+        def add(self, *a, **kw):
+            self.calls += 1
+            if self.calls == 1:
+                threading.Timer(0.1, lambda: real.add(*a, **kw)).start()
+                raise CONTENTION
+            return real.add(*a, **kw)
+    mem.table = LateLanding(real, lose=0)
+    mem.add("landed late")
+    assert mem.table.calls == 1 and mem.count() == 1
