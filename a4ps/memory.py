@@ -530,7 +530,9 @@ class MemoryManager:
 
         with self._mlock:
             if not any("text" in i.columns for i in self.table.list_indices()):
-                self.table.create_index("text", config=FTS(), replace=True)
+                # a search must not fail because another daemon committed meanwhile
+                self._commit("building the full-text index",
+                             lambda: self.table.create_index("text", config=FTS(), replace=True))
             self._fts = True
 
     def _ann(self, q: Any) -> Any:

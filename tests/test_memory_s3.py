@@ -173,6 +173,26 @@ def _at_once(*calls):
     return out
 
 
+@pytest.mark.slow   # ~8 s on a loaded machine; guards a race that is handled today
+def test_two_daemons_creating_the_memory_at_once_both_open_it(tmp_path, local_s3, bucket,
+                                                              slow_puts):
+    """An empty bucket and two daemons starting together: both commit version 1, the
+    store refuses one (412), and that one opens the table the other created."""
+    slow_puts["/_versions/"] = 0.3
+    seen = len(local_s3.conditional_writes)
+    mems = _at_once(*[lambda w=w: MemoryManager(s3_settings(tmp_path / w, local_s3, bucket),
+                                                HashEmbedder(dim=384), auto_maintain=False)
+                      for w in "ab"])
+    slow_puts.clear()
+    assert all(isinstance(m, MemoryManager) for m in mems), mems
+    assert any(p.endswith(".manifest") and status == 412
+               for p, status in local_s3.conditional_writes[seen:]), "they never raced"
+    ids = [m.add(f"{w} was here") for m, w in zip(mems, "ab")]
+    assert {r.id for r in mems[1].recent(5)} == set(ids)
+    for m in mems:
+        m.close()
+
+
 def test_the_stand_in_lets_one_of_two_concurrent_put_if_absent_win(local_s3, bucket, slow_puts):
     """S3 semantics Lance relies on: of two concurrent If-None-Match PUTs of one new key,
     exactly one succeeds and the other gets 412 (moto alone let both succeed)."""
