@@ -24,6 +24,10 @@ Design notes (lancedb 0.40):
   id tells) and otherwise runs it again, until ``memory.commit_retry_s``; only then does
   the caller get a :class:`MemoryStoreError`. A row is stored once or the caller hears
   it was not: never dropped silently, never stored twice.
+- All of that needs a store whose put-if-absent is atomic. On ``s3://`` the manager
+  checks at open that a second put-if-absent of one probe key is refused, and refuses a
+  store that ignores the header (``memory.check_put_if_absent``). Atomicity itself
+  cannot be probed: moto 5.2 honoured the header but not atomically (tests/s3_server.py).
 - Small tables are searched exactly (brute force is a few ms for thousands of rows).
   Once ``memory.index_min_rows`` rows exist, :meth:`MemoryManager.ensure_index` builds an
   ANN index (IVF-HNSW-SQ by default, or IVF-PQ) with cosine distance, then measures
