@@ -138,6 +138,12 @@ class MemorySettings(_Section):
     index_type: Literal["ivf_hnsw_sq", "ivf_pq"] = "ivf_hnsw_sq"
     nprobes: int = Field(20, ge=1)
     refine_factor: int = Field(10, ge=1)
+    # how long a write keeps retrying when other writers (daemons sharing the memory)
+    # keep winning the commit, past LanceDB's own ~30 s of retries; then it fails loudly
+    commit_retry_s: float = Field(120.0, ge=0)
+    # on s3://, check at open that the store refuses a second put-if-absent of one key
+    # (Lance's commits rely on it); a store that ignores it is refused
+    check_put_if_absent: bool = True
 
     @field_validator("uri")
     @classmethod
@@ -229,6 +235,9 @@ class ForgeSettings(_Section):
 class CuratorSettings(_Section):
     enabled: bool = True
     interval_s: float = Field(900.0, gt=0)
+    # keep an interaction whose judge score (1..5, a float) is at least this: a failed
+    # cheap check caps it at 1 (empty, loop, echo, refusal, off topic) or 2 (one word);
+    # on the embedded model 4.0 means a grounding of about 12.4 nats (fine_tuning/judge.py)
     score_threshold: float = Field(4.0, ge=1, le=5)
     batch_size: int = Field(20, ge=1)
     trigger_size: int = Field(20, ge=2)

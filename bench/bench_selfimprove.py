@@ -27,6 +27,13 @@ distribution is printed too: a constrained judge can still be a poor one.
     .venv/bin/python bench/bench_selfimprove.py --only judge --replies 50
     .venv/bin/python bench/bench_selfimprove.py --score-threshold 1   # keep all ALFRED scored
 
+Part 2 also measures whether the judge can tell good answers from bad ones, on the
+labelled set tests/judge_cases.py (a right answer per task, and wrong, off-topic,
+empty/one-word, looping, refusing and echoing ones): pairwise accuracy (the right
+answer scored above the bad one of the same task), AUROC, per bad kind and the share
+of each kind the curator's threshold would keep; "before" is the bare 1..5 choice
+(the judge as it was), "after" the judge with its cheap checks and grounding score.
+
 Part 3 prints the philosopher's similarity distribution (see a4ps/services/similarity.py).
 """
 from __future__ import annotations
@@ -155,7 +162,7 @@ def judge_parse_rate(models, n: int) -> dict:
     protos = ProtoManager(EventBus())
     protos.create("ALFRED", {"model_name": "smollm2-135m",
                              "system_prompt": codex.system_prompt("ALFRED")})
-    judge = Judge(models, protos)
+    judge = Judge(models, protos, embedder=models.embedder)
     cases = []
     for persona, (q, a) in STYLE.items():
         for t in TOPICS:
@@ -184,6 +191,52 @@ def judge_parse_rate(models, n: int) -> dict:
             "free_dist": collections.Counter(x for x in free_scores if x is not None),
             "con_dist": collections.Counter(x for x in con_scores if x is not None),
             "free_s": free_s / len(cases), "con_s": con_s / len(cases)}
+
+
+def judge_discrimination(models, threshold: float) -> dict:
+    """The judge before (bare 1..5 choice) and after (checks + grounding) on the
+    labelled set tests/judge_cases.py, with the seconds each took per case."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import judge_cases
+    from a4ps.events import EventBus
+    from a4ps.fine_tuning.judge import Judge
+    from a4ps.proto import ProtoManager
+    protos = ProtoManager(EventBus())
+    protos.create("ALFRED", {"model_name": "smollm2-135m",
+                             "system_prompt": _alfred_prompt()})
+    out = {}
+    judges = {"before": Judge(models, protos, method="rubric", checks=False),
+              "after": Judge(models, protos, embedder=models.embedder)}
+    for held_out in (False, True):
+        cases = judge_cases.cases(held_out=held_out)
+        for name, judge in judges.items():
+            t0 = time.monotonic()
+            scored = []
+            for i, c in enumerate(cases, 1):
+                scored.append((c, judge.score(c.task, c.answer).score))
+                if i % 20 == 0:
+                    _say(f"judge {name}: {i}/{len(cases)}")
+            res = judge_cases.discrimination(scored, threshold)
+            res["s"] = (time.monotonic() - t0) / len(cases)
+            out[(name, "held-out" if held_out else "set")] = res
+    # the model's own answers (greedy, 48 tokens, as the gate asks): unlabelled, so only
+    # what the judge keeps and which checks fail; printed for a person to read
+    own = []
+    for c in judge_cases.cases() + judge_cases.cases(held_out=True):
+        if c.kind == "good":
+            a = models.chat("smollm2-135m", [{"role": "user", "content": c.task}],
+                            temperature=0.0, max_tokens=48)
+            v = judges["after"].score(c.task, a)
+            own.append({"task": c.task, "answer": a, "score": v.score, "flags": v.flags,
+                        "before": judges["before"].score(c.task, a).score})
+    out[("own", "answers")] = own
+    return out
+
+
+def _alfred_prompt() -> str:
+    from a4ps.codex import Codex
+    from a4ps.system import CODEX_PATH
+    return Codex.from_toml(CODEX_PATH).system_prompt("ALFRED")
 
 
 def _pct(x) -> str:
@@ -257,8 +310,35 @@ def main() -> None:
         out.append(f"{'asked as':28} {'score rate':>10} {'vote rate':>9} {'s/reply':>8}  scores given")
         out.append(f"{'free text + strict parser':28} {100 * j['free_score']:>9.0f}% "
                    f"{100 * j['free_vote']:>8.0f}% {j['free_s']:>8.2f}  {dict(sorted(j['free_dist'].items()))}")
-        out.append(f"{'choose (constrained)':28} {100 * j['con_score']:>9.0f}% "
+        out.append(f"{'judge (checks + grounding)':28} {100 * j['con_score']:>9.0f}% "
                    f"{100 * j['con_vote']:>8.0f}% {j['con_s']:>8.2f}  {dict(sorted(j['con_dist'].items()))}")
+        thr = base.curator.score_threshold
+        d = judge_discrimination(models, thr)
+        first = d[("before", "set")]
+        kinds = list(first["per_kind"])
+        out.append(f"\nCan the judge tell good from bad? tests/judge_cases.py: the set "
+                   f"({first['n']} answers) and the held-out set ({d[('before', 'held-out')]['n']}), "
+                   f"1 good + {len(kinds)} bad per task; before = the bare 1..5 choice, "
+                   f"after = checks + grounding")
+        out.append(f"{'judge':17} {'pairwise':>8} {'AUROC':>6} {'s/case':>6}  per bad kind "
+                   f"(pairwise): " + " ".join(f"{k:>9}" for k in kinds))
+        own = d.pop(("own", "answers"))
+        for (name, subset), r in d.items():
+            out.append(f"{name + ' ' + subset:17} {r['pairwise']:>8.3f} {r['auroc']:>6.3f} "
+                       f"{r['s']:>6.2f}  {'':21}"
+                       + " ".join(f"{r['per_kind'][k]:>9.2f}" for k in kinds))
+        for (name, subset), r in d.items():
+            kept = " ".join(f"{k} {100 * v:.0f}%" for k, v in r["kept"].items())
+            out.append(f"{name + ' ' + subset:17} kept at {thr:g}: {kept}; "
+                       f"scores per unit {r['distribution']}")
+        flagged = collections.Counter(f for o in own for f in o["flags"])
+        out.append(f"SmolLM2's own answers to the {len(own)} tasks (unlabelled; read them): kept "
+                   f"before {sum((o['before'] or 0) >= thr for o in own)}, after "
+                   f"{sum((o['score'] or 0) >= thr for o in own)}; flagged {dict(flagged)}")
+        for o in own:
+            out.append(f"  {o['score'] if o['score'] is not None else '-':>6} "
+                       f"{','.join(o['flags']) or '-':>12}  {o['task'][:40]!r} -> "
+                       f"{' '.join(o['answer'].split())[:110]!r}")
     if args.only in (None, "threshold"):
         from a4ps.services.similarity import choose_threshold, load_calibration, similarity_report
         rep = similarity_report(models.embedder, *load_calibration())

@@ -334,12 +334,41 @@ def test_cli_curate_lineage_rollback(tmp_path, monkeypatch, capsys):
     with System(settings) as system:
         system.curator.stop()
         _remember(system.memory, 2)
+        system.memory.add("Task: How do clocks work?\nAnswer: " + "Clocks tick. " * 4,
+                          kind="interaction", persona="ALFRED", task_id="loop",
+                          meta={"origin": "user"})
     assert main(["--data-dir", str(data), "curate"]) == 0
     out = capsys.readouterr().out
     assert "task t1" in out and "task t0" in out and "golden set 0/" in out
+    # why the looping answer was not kept is printed
+    assert "score 1.00" in out and "not kept: a sentence repeated 4 times" in out
     assert main(["--data-dir", str(data), "curate"]) == 0          # nothing new the 2nd time
     assert "nothing new" in capsys.readouterr().out
     assert main(["--data-dir", str(data), "models", "lineage", "brick"]) == 0
     assert "no fine-tuned versions yet" in capsys.readouterr().out
     assert main(["--data-dir", str(data), "models", "rollback", "BRICK"]) == 1
     assert "empty" in capsys.readouterr().err
+
+
+def test_why_an_interaction_was_not_kept_is_recorded(no_eval):
+    """A failed cheap check (here a repetition loop) rejects without asking ALFRED and
+    says why; a low score says it was below the threshold; both reach the event."""
+    settings, bus, protos, memory, judge = no_eval
+    settings.curator.score_threshold = 4.0
+    rec = EventRecorder(bus, "curator.scored")
+    memory.add("Task: How does a bridge work?\nAnswer: " + "A bridge is a bridge. " * 5,
+               kind="interaction", persona="ALFRED", task_id="loop", meta={"origin": "user"})
+    time.sleep(0.002)
+    memory.add("Task: Name a colour.\nAnswer: Blue is a colour.", kind="interaction",
+               persona="ALFRED", task_id="low", meta={"origin": "user"})
+    judge.replies[:] = ["2"]                # only the second is put to ALFRED
+    report = Curator(settings, bus, protos, memory).run_once()
+    low, loop = report.scored                # newest first
+    assert loop.kept is False and loop.score == 1.0 and loop.flags == ["loop"]
+    assert "repeated 5 times" in loop.reason and loop.method == "checks"
+    assert low.kept is False and low.score == 2.0 and "below the threshold 4" in low.reason
+    assert len(judge.prompts) == 1 and "Name a colour." in judge.prompts[0]
+    events = {e.payload["task_id"]: e.payload for e in rec.of("curator.scored")}
+    assert events["loop"]["flags"] == ["loop"] and "repeated" in events["loop"]["reason"]
+    assert "below the threshold" in events["low"]["reason"]
+    assert report.added == 0

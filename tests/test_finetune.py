@@ -397,7 +397,7 @@ def test_gate_accepts_a_narrow_learnable_task_then_swap_and_rollback(embedded_pa
     assert cmp["heldout"]["ci_low"] > settings.finetune.gate_min_gain
     assert -cmp["suite"]["gain"] <= settings.finetune.suite_tolerance
     judge = cmp["judge"]
-    assert judge["scored"] == 1 and judge["samples"][0]["current_score"] in (1, 2, 3, 4, 5)
+    assert judge["scored"] == 1 and 1 <= judge["samples"][0]["current_score"] <= 5
     judged = judge["samples"][0]
     assert judged["new_answer"] != judged["current_answer"]          # it answers differently
     assert report.swapped
@@ -505,7 +505,8 @@ def test_ollama_swap_path(tiny_recipe, bus, tmp_path):
         text = msgs[-1]["content"]
         if "one digit" in text:             # the judge's score, a JSON object (format=schema)
             return '{"choice": "4"}'
-        return f"{model} says hello"
+        # an answer on the task's topic: the judge's checks reject an off-topic one
+        return f"{model} says: here is my answer to {text[:80]!r}."
 
     with OllamaStandIn(models={"smollm2:135m": 100_000_000}, reply_fn=reply) as srv:
         settings.models = settings.models.model_copy(update={

@@ -96,20 +96,21 @@ def judged(settings, bus):
 def test_judge_asks_a_closed_choice_and_reads_the_value(judged):
     judge, script, backend = judged
     script[:] = ["4", "ROBIN"]
-    v = judge.assess("What is 2+2?", "4", {"BRICK": "2+2=4", "ROBIN": "Happy to help: 4"})
+    v = judge.assess("What is 2+2?", "2 + 2 = 4", {"BRICK": "2+2=4", "ROBIN": "Happy to help: 4"})
     assert v.score == 4.0 and v.vote == "ROBIN" and v.error is None
-    assert v.method.startswith("choose:")
+    assert v.method.startswith("choose:") and v.flags == [] and v.reason is None
     (model, msgs, kw), (_, msgs2, kw2) = backend.calls
     assert model == "alfred-model" and msgs[0]["content"] == "You are ALFRED."
     assert kw["decision"] == list(SCORE_OPTIONS) and kw2["decision"] == ["BRICK", "ROBIN"]
-    assert "BRICK SAID:\n2+2=4" in msgs[-1]["content"] and "FINAL ANSWER:\n4" in msgs[-1]["content"]
+    assert "BRICK SAID:\n2+2=4" in msgs[-1]["content"]
+    assert "FINAL ANSWER:\n2 + 2 = 4" in msgs[-1]["content"]
 
 
 @pytest.mark.parametrize("reply", ["seven", "4/10 or 5", "SCORE: <n>", "I give it 4. Actually 2."])
 def test_a_decision_the_model_could_not_make_is_no_evidence(judged, reply):
     judge, script, _ = judged
     script[:] = [reply]
-    v = judge.assess("task", "answer")
+    v = judge.assess("Name a colour.", "Blue is a colour.")
     assert v.score is None and v.vote is None and "DecisionError" in v.error
 
 
@@ -117,7 +118,7 @@ def test_a_model_that_is_down_raises_for_the_caller_to_retry(judged):
     from a4ps.models.errors import ModelError
     judge, script, _ = judged
     with pytest.raises(ModelError):
-        judge.assess("task", "answer")        # empty script: the backend fails
+        judge.assess("Name a colour.", "Blue is a colour.")   # empty script: the backend fails
 
 
 def test_free_text_prompt_is_the_old_form():
@@ -127,13 +128,14 @@ def test_free_text_prompt_is_the_old_form():
 
 @pytest.mark.slow
 def test_real_embedded_judge_always_answers_in_the_scale(embedded_models, bus):
-    """SmolLM2 asked under constraint gives a score every time (in free text it mostly
-    did not: bench/bench_selfimprove.py measures both)."""
+    """SmolLM2 asked the rubric under constraint gives a score every time (in free text
+    it mostly did not: bench/bench_selfimprove.py measures both). Whether the score
+    means anything is tests/test_judge_discrimination.py's question."""
     from a4ps.proto import ProtoManager
     protos = ProtoManager(bus)
     protos.create("ALFRED", {"model_name": "smollm2-135m",
                              "system_prompt": "You are ALFRED, the steward."})
-    judge = Judge(embedded_models, protos)
+    judge = Judge(embedded_models, protos, method="rubric")
     cases = [("What is the capital of France?", "Paris is the capital of France."),
              ("What is the capital of France?", "Bananas are yellow and I like trains.")]
     for task, answer in cases:       # (each option is a forward pass on the CPU: few cases)

@@ -112,10 +112,11 @@ def _cmd_curate(args: argparse.Namespace, settings: Settings) -> int:
             mark, err = "skipped", f": {s['skipped']}"
         else:
             mark = (f"kept ({s.get('route')})" if s.get("kept")
-                    else ("no score" if s.get("error") else "below threshold"))
-            err = f": {s['error']}" if s.get("error") else ""
+                    else ("no score" if s.get("error") else "not kept"))
+            why = s.get("error") or (None if s.get("kept") else s.get("reason"))
+            err = f": {why}" if why else ""
         print(f"{str(s.get('memory_id'))[:12]:12}  task {str(s.get('task_id'))[:14]:14}  "
-              f"score {_fmt(s.get('score'), 1):>4}  vote {s.get('vote') or '-':5}  {mark}{err}")
+              f"score {_fmt(s.get('score'), 2):>4}  vote {s.get('vote') or '-':5}  {mark}{err}")
     print(f"added {report.get('added')} to train, {report.get('held_out', 0)} held out; golden set "
           f"{report.get('dataset_size')}/{settings.curator.trigger_size}; eval set "
           f"{report.get('eval_size', 0)}; votes {report.get('votes')}")

@@ -12,6 +12,33 @@ score at all. Now both decisions go through the model seam's constrained path:
 A decision that fails (:class:`~a4ps.models.errors.DecisionError`, a model error) is
 *no evidence*: ``score`` is None and callers must never read that as a pass.
 
+A constrained judge can still be a blind one. On SmolLM2-135M the 1..5 choice scored
+5 for nearly everything (tests/judge_cases.py: pairwise accuracy 0.52, AUROC 0.52
+between right answers and wrong, off-topic, empty, looping, refusing or echoing
+ones). So the score is now built from what such a model *can* tell:
+
+1. cheap checks first (:mod:`.judge_checks`): empty, repetition loop, task echo,
+   refusal, one word, off topic by MiniLM similarity. A failed check caps the score
+   and says why (``Verdict.flags`` / ``Verdict.reason``); a hard failure (cap 1) is
+   decided without asking the model at all;
+2. on a backend that *scores* options (the embedded one), the **grounding**: how much
+   more likely the judge model finds the answer as a reply to the task than as a reply
+   to nothing (``choose`` over the single option ``answer``, whose calibrated score is
+   log P(answer | task) - log P(answer | "N/A"), in nats). Off-topic and refusing
+   answers score below 0; right answers above wrong ones for the same task in 83%
+   of pairs. Mapped to 1..5 by :func:`grounding_score` (about 12 nats scores 4);
+3. on a backend that only *picks* (Ollama, OpenAI-compatible: ``Choice.scores`` is
+   empty), the rubric's 1..5 choice as before: a large model can read a rubric.
+
+The score is capped by the checks in every case. ``Verdict.method`` says which
+evidence gave it (``checks``, ``grounding``, ``choose:<method>``).
+
+What grounding cannot do: tell a wrong fact from a right one in absolute terms (the
+threshold keeps most fluent wrong answers), or doubt the model's *own* answers (a
+greedy answer is the likeliest reply by construction: SmolLM2's "7 * 8 = 54" grounds
+at 5.0, which is why the checks read sums). bench/bench_selfimprove.py --only judge
+prints both sides.
+
 :func:`parse_score` / :func:`parse_vote` stay for the free text that still reaches us
 (a backend reply read by hand, the bench's "before" column); they are strict: one
 score in the stated scale or nothing.
@@ -22,13 +49,15 @@ import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..models.base import Choice
 from ..models.errors import DecisionError, GenerationCancelled
+from . import judge_checks
 
 if TYPE_CHECKING:
     from ..models.base import CancelToken
+    from ..models.embeddings import Embedder
     from ..models.manager import ModelManager
     from ..proto import ProtoManager
 
@@ -137,6 +166,8 @@ class Verdict:
     method: str = ""
     scores: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    flags: list[str] = field(default_factory=list)    # the cheap checks that failed
+    reason: str | None = None                         # why the score was capped
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,6 +205,26 @@ def vote_messages(system_prompt: str | None, task: str, answer: str,
     return msgs
 
 
+#: grounding (nats) -> score: 1 + 4 * sigmoid((g - CENTER) / SCALE). A grounding of 0
+#: (the task makes the answer no likelier) scores 1.5; about 12.4 nats scores 4.0 (the
+#: curator's default threshold); measured on tests/judge_cases.py, where right answers
+#: ground 9.7..44 nats, wrong ones 8.4..34 and off-topic ones -14..-2.
+GROUNDING_CENTER, GROUNDING_SCALE = 8.0, 4.0
+JUDGE_METHODS = ("auto", "grounding", "rubric")
+
+
+def grounding_score(nats: float) -> float:
+    """The 1..5 score of an answer grounded ``nats`` in its task (monotone, no ties)."""
+    z = (nats - GROUNDING_CENTER) / GROUNDING_SCALE
+    sig = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+    return round(SCORE_MIN + (SCORE_MAX - SCORE_MIN) * sig, 4)
+
+
+def grounding_messages(task: str, limit: int = 1200) -> list[dict[str, str]]:
+    """The task alone, as the user's message the answer would reply to."""
+    return [{"role": "user", "content": _cut(task, limit)}]
+
+
 def free_text_prompt(task: str, answer: str, turns: dict[str, str] | None = None) -> str:
     """The judge prompt in its old free-text form (for measuring parse rates)."""
     return interaction_text(task, answer, turns) + "\n\n" + FREE_TEXT_FORM
@@ -188,10 +239,19 @@ class Judge:
     decision the model could not make returns a Verdict with ``score=None``.
     """
 
-    def __init__(self, models: ModelManager, protos: ProtoManager, persona: str = JUDGE) -> None:
+    def __init__(self, models: ModelManager, protos: ProtoManager, persona: str = JUDGE, *,
+                 embedder: Embedder | None = None, method: str = "auto",
+                 checks: bool = True, ignore: Sequence[str] = ()) -> None:
+        if method not in JUDGE_METHODS:
+            raise ValueError(f"judge method must be one of {JUDGE_METHODS}, not {method!r}")
         self.models = models
         self.protos = protos
         self.persona = persona
+        self.embedder = embedder          # for the off-topic check (None: not checked)
+        self.method = method              # auto: grounding where the backend scores options
+        self.checks = checks              # False: the bare model (the bench's "before")
+        self.ignore = tuple(ignore)       # checks not to apply (judge_checks.CHECKS)
+        judge_checks.check("", "", ignore=self.ignore)     # an unknown name fails here
 
     def _judge(self) -> tuple[str, str | None]:
         proto = self.protos.get(self.persona)
@@ -199,12 +259,54 @@ class Judge:
 
     def score(self, task: str, answer: str, turns: dict[str, str] | None = None, *,
               cancel: CancelToken | None = None) -> Verdict:
+        """The checks, then the model's evidence, capped by the checks."""
+        flags = (judge_checks.check(task, answer, self.embedder, ignore=self.ignore)
+                 if self.checks else [])
+        cap = min((f.cap for f in flags), default=SCORE_MAX)
+        reason = "; ".join(f.reason for f in flags) or None
+        names = [f.name for f in flags]
+        if cap <= SCORE_MIN:                # nothing the model says could lift it
+            return Verdict(score=cap, method="checks", flags=names, reason=reason)
         model, system = self._judge()
         try:
-            choice = self.models.choose(model, score_messages(system, task, answer, turns),
-                                        SCORE_OPTIONS, cancel=cancel)
+            if self._grounded():
+                verdict = self._grounding(model, task, answer, cancel)
+            else:
+                verdict = self._rubric(model, system, task, answer, turns, cancel)
         except (DecisionError, GenerationCancelled) as e:
-            return Verdict(error=f"no score: {type(e).__name__}: {e}")
+            return Verdict(error=f"no score: {type(e).__name__}: {e}", flags=names, reason=reason)
+        verdict.flags, verdict.reason = names, reason
+        if verdict.score is not None and verdict.score > cap:
+            verdict.score = cap
+        return verdict
+
+    def _grounded(self) -> bool:
+        """Whether to score by grounding: asked, or (auto) the backend scores options.
+
+        A backend declares it (``scores_options``, the embedded one): a server backend
+        only picks (Ollama's enum format returns no scores), and asking it to "choose"
+        a whole answer would make it write the answer out."""
+        if self.method != "auto":
+            return self.method == "grounding"
+        return bool(getattr(self.models.backend, "scores_options", False))
+
+    def _grounding(self, model: str, task: str, answer: str,
+                   cancel: CancelToken | None) -> Verdict:
+        option = answer[:1200]
+        if not option.strip():
+            return Verdict(error="no score: there is no answer to ground")
+        choice = self.models.choose(model, grounding_messages(task), [option], cancel=cancel)
+        nats = choice.scores.get(option)
+        if nats is None or not math.isfinite(nats):
+            return Verdict(error=f"no score: the backend gave no grounding score "
+                                 f"({choice.method}); use the rubric judge (method='rubric')")
+        return Verdict(score=grounding_score(nats), method=f"grounding:{choice.method}",
+                       scores={"grounding_nats": round(float(nats), 4)})
+
+    def _rubric(self, model: str, system: str | None, task: str, answer: str,
+                turns: dict[str, str] | None, cancel: CancelToken | None) -> Verdict:
+        choice = self.models.choose(model, score_messages(system, task, answer, turns),
+                                    SCORE_OPTIONS, cancel=cancel)
         return Verdict(score=float(choice.value), method=f"choose:{choice.method}",
                        scores=dict(choice.scores))
 

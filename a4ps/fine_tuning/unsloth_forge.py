@@ -463,7 +463,11 @@ class PersonaFinetuner:
         if policy.judge_samples > 0 and "ALFRED" in self.protos:
             samples = [{"user": it["user"], "assistant": it["assistant"]}
                        for it in items if it["set"] == "heldout"][:policy.judge_samples]
-            cmp.judge = judge_answers(Judge(self.models, self.protos), self._answer_with(proto),
+            # the gate cuts both models' answers at JUDGE_ANSWER_TOKENS itself: a cut-off
+            # sentence there is not the answer's fault (both would tie at the cap)
+            judge = Judge(self.models, self.protos, embedder=self.models.embedder,
+                          ignore=("unfinished",))
+            cmp.judge = judge_answers(judge, self._answer_with(proto),
                                       samples, current_model, candidate,
                                       proto.get("system_prompt") or None)
             cmp.judge_current, cmp.judge_new = cmp.judge.current_mean, cmp.judge.new_mean

@@ -370,6 +370,9 @@ class EmbeddedBackend:
     """
 
     name = "embedded"
+    #: ``choose`` weighs every option and returns its calibrated log-probability in
+    #: ``Choice.scores`` (the judge's grounding score reads it; server backends only pick)
+    scores_options = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

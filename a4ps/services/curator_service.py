@@ -8,9 +8,13 @@ by a semantic query) and:
    reflections carry their origin through memory and are not trained on;
 2. collapses near-duplicates (the same task and answer, or a cosine of the two above
    ``curator.dedup_similarity`` to a row already kept);
-3. asks ALFRED, through the constrained judge (:class:`~a4ps.fine_tuning.judge.Judge`),
-   for a score on a fixed rubric and which persona, BRICK or ROBIN, mattered more. A
-   judgement the model could not make is no score, never a default;
+3. asks ALFRED, through the judge (:class:`~a4ps.fine_tuning.judge.Judge`), for a
+   score in 1..5 and which persona, BRICK or ROBIN, mattered more. The judge first
+   runs cheap checks (empty, repetition loop, task echo, refusal, one word, off topic
+   by embedding similarity) that cap the score with a reason, then asks the model
+   (see judge.py for what a 135M model is asked). A judgement the model could not
+   make is no score, never a default; why a sample was not kept is recorded
+   (``ScoredSample.reason``, the ``curator.scored`` event);
 4. keeps samples at or above ``curator.score_threshold`` in chat format (user = task,
    assistant = final answer; persona turns, score and vote in ``meta``), routed by a
    hash of the task's text either to the golden (training) set
@@ -81,6 +85,8 @@ class ScoredSample:
     origin: str = USER_ORIGIN
     method: str = ""
     error: str | None = None
+    reason: str | None = None         # why it was not kept (a failed check, or the score)
+    flags: list[str] = field(default_factory=list)   # the judge's failed cheap checks
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,7 +216,8 @@ class Curator:
     @property
     def judge(self) -> Any:
         if self._judge is None:
-            self._judge = Judge(self.protos.service("models"), self.protos)
+            self._judge = Judge(self.protos.service("models"), self.protos,
+                                embedder=self.embedder)
         return self._judge
 
     def votes(self) -> dict[str, int]:
@@ -333,9 +340,15 @@ class Curator:
                 self._publish(sample)
                 break
             sample.score, sample.vote, sample.method = verdict.score, verdict.vote, verdict.method
+            sample.flags = list(getattr(verdict, "flags", None) or [])
+            sample.reason = getattr(verdict, "reason", None)
             if sample.score is None:
                 sample.error = verdict.error or "ALFRED gave no score"
                 log.info("curator: no judgement for %s: %s", rec.id, sample.error)
+            elif sample.score < float(cfg.score_threshold):
+                sample.reason = (sample.reason or f"score {sample.score:g} is below the "
+                                 f"threshold {float(cfg.score_threshold):g}")
+                log.info("curator: not kept %s: %s", rec.id, sample.reason)
             elif sample.score >= float(cfg.score_threshold):
                 sample.kept = True
                 key = content_key(task)
@@ -388,7 +401,8 @@ class Curator:
         self.bus.publish("curator.scored", {
             "memory_id": s.memory_id, "task_id": s.task_id, "score": s.score, "vote": s.vote,
             "kept": s.kept, "route": s.route, "skipped": s.skipped, "origin": s.origin,
-            "threshold": float(self.settings.curator.score_threshold), "error": s.error})
+            "threshold": float(self.settings.curator.score_threshold), "error": s.error,
+            "reason": s.reason, "flags": s.flags})
 
     def _append(self, rows: list[dict[str, Any]]) -> None:
         path = self.golden_path
