@@ -139,6 +139,12 @@ class MemorySettings(_Section):
     index_type: Literal["ivf_hnsw_sq", "ivf_pq"] = "ivf_hnsw_sq"
     nprobes: int = Field(20, ge=1)
     refine_factor: int = Field(10, ge=1)
+    # how long a write keeps retrying when other writers (daemons sharing the memory)
+    # keep winning the commit, past LanceDB's own ~30 s of retries; then it fails loudly
+    commit_retry_s: float = Field(120.0, ge=0)
+    # on s3://, check at open that the store refuses a second put-if-absent of one key
+    # (Lance's commits rely on it); a store that ignores it is refused
+    check_put_if_absent: bool = True
 
     @field_validator("uri")
     @classmethod

@@ -17,6 +17,17 @@ Design notes (lancedb 0.40):
   (``a4ps memory search`` next to a running daemon) sees the daemon's writes at once.
 - Writes from this process are serialised by a lock; reads never take it. LanceDB
   reads a consistent table version, so searches run safely while rows are appended.
+- Writers in other processes (daemons sharing one memory) race for each version: the
+  loser's manifest put is refused (412) and Lance rebases and retries, for about 30 s.
+  Past that it raises "Too many concurrent writers" / "Commit conflict"; :meth:`_commit`
+  then checks whether the write landed after all (an append is all-or-nothing, so one
+  id tells) and otherwise runs it again, until ``memory.commit_retry_s``; only then does
+  the caller get a :class:`MemoryStoreError`. A row is stored once or the caller hears
+  it was not: never dropped silently, never stored twice.
+- All of that needs a store whose put-if-absent is atomic. On ``s3://`` the manager
+  checks at open that a second put-if-absent of one probe key is refused, and refuses a
+  store that ignores the header (``memory.check_put_if_absent``). Atomicity itself
+  cannot be probed: moto 5.2 honoured the header but not atomically (tests/s3_server.py).
 - Small tables are searched exactly (brute force is a few ms for thousands of rows).
   Once ``memory.index_min_rows`` rows exist, :meth:`MemoryManager.ensure_index` builds an
   ANN index (IVF-HNSW-SQ by default, or IVF-PQ) with cosine distance, then measures
@@ -30,13 +41,15 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence, TypeVar,
+                    runtime_checkable)
 
 import numpy as np
 
@@ -60,6 +73,20 @@ _MAX_NPROBES = 512
 # single-row appends from piling up thousands of tiny fragments).
 _MAINTAIN_EVERY = 32
 _COLUMNS = ["id", "kind", "text", "persona", "task_id", "ts", "dissonance", "curated", "meta"]
+# What LanceDB's errors say when a commit lost to other writers (lance's
+# TooMuchWriteContention, CommitConflict, RetryableCommitConflict): the write did not
+# happen and may be run again on the newer version.
+_CONFLICT_MARKERS = ("too many concurrent writers", "commit conflict", "toomuchwritecontention",
+                     "commitconflict")
+_RETRY_FIRST_S = 1.0    # LanceDB already retried for ~30 s; a second more is nothing
+_RETRY_MAX_S = 8.0
+_T = TypeVar("_T")
+
+
+def is_commit_conflict(error: BaseException) -> bool:
+    """True when ``error`` is LanceDB saying other writers won the commit."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return isinstance(error, Exception) and any(m in text for m in _CONFLICT_MARKERS)
 
 
 class MemoryStoreError(RuntimeError):
@@ -178,6 +205,8 @@ class MemoryManager:
         self._mlock = threading.Lock()       # one maintain()/ensure_index() at a time
         self._maint_thread: threading.Thread | None = None
         self._adds = 0
+        self.commit_retry_s = float(mem.commit_retry_s)
+        self.commit_retries = 0     # writes run again after losing to other writers
         self._closed = False
         self.last_index_report: IndexReport | None = None
         self.schema = pa.schema([
@@ -197,6 +226,8 @@ class MemoryManager:
                 f"cannot open the memory at {self.uri}: {type(e).__name__}: "
                 f"{str(e)[:300]}; check memory.uri (does the bucket exist?) and "
                 f"memory.storage_options (endpoint, region, credentials)") from e
+        if self.uri.startswith("s3://") and mem.check_put_if_absent:
+            self._check_put_if_absent()
         vtype = self.table.schema.field("vector").type
         have = getattr(vtype, "list_size", None)
         if have != self.dim:
@@ -221,6 +252,56 @@ class MemoryManager:
                 self.table = self._db.create_table(TABLE, schema=self.schema)
             except (ValueError, OSError):  # another process created it meanwhile
                 self.table = self._db.open_table(TABLE)
+
+    def _check_put_if_absent(self) -> None:
+        """Refuse an S3 store that ignores ``If-None-Match: *``: Lance commits every
+        version with it, and on a store that ignores it two writers silently replace
+        each other's versions (rows lost). Only positive evidence refuses; a probe that
+        cannot run (credentials boto3 does not find, say) is logged and skipped."""
+        try:
+            import boto3
+            from botocore.config import Config
+            from botocore.exceptions import ClientError
+        except ImportError:   # pragma: no cover - boto3 is in requirements.txt
+            return
+        opts = {k.lower(): v for k, v in self.settings.memory.storage_options.items()}
+
+        def opt(*names: str) -> str | None:
+            return next((opts[n] for n in names if opts.get(n)), None)
+        bucket, _, prefix = self.uri[len("s3://"):].partition("/")
+        key = "/".join(p for p in (prefix.strip("/"), "_a4ps_probe", uuid.uuid4().hex) if p)
+        client = boto3.client(
+            "s3", endpoint_url=opt("aws_endpoint", "aws_endpoint_url", "endpoint"),
+            region_name=opt("aws_region", "region", "aws_default_region"),
+            aws_access_key_id=opt("aws_access_key_id", "access_key_id"),
+            aws_secret_access_key=opt("aws_secret_access_key", "secret_access_key"),
+            aws_session_token=opt("aws_session_token", "session_token", "aws_token"),
+            config=Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 2}))
+        ignored = False
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=b"1", IfNoneMatch="*")
+            try:
+                client.put_object(Bucket=bucket, Key=key, Body=b"2", IfNoneMatch="*")
+                ignored = True
+            except ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (412, 409):
+                    raise
+        except Exception as e:
+            log.warning("memory: could not check that %s refuses a second put-if-absent "
+                        "(%s: %s); continuing", self.uri, type(e).__name__, str(e)[:200])
+        finally:
+            try:
+                client.delete_object(Bucket=bucket, Key=key)
+            except Exception:
+                pass
+        if ignored:
+            raise MemoryStoreError(
+                f"the object store behind {self.uri} ignores conditional writes "
+                f"(If-None-Match: *): a second put-if-absent of one key succeeded. LanceDB "
+                f"commits rely on it; there, two writers silently overwrite each other's "
+                f"memories. Use a store that supports it (AWS S3, recent MinIO, R2), "
+                f"memory.uri = 's3+ddb://...' with a DynamoDB commit table, or (one writer "
+                f"only) memory.check_put_if_absent = false")
 
     # -- helpers ----------------------------------------------------------------------
     @property
@@ -331,7 +412,8 @@ class MemoryManager:
                      for e in entries],
         }, schema=self.schema)
         with self._wlock:
-            self.table.add(data)
+            self._commit(f"storing {len(ids)} memories", lambda: self.table.add(data),
+                         landed=lambda: self._has_id(ids[0]))
             self._adds += 1
             due = self.auto_maintain and self._adds % _MAINTAIN_EVERY == 0
         if due or (self.auto_maintain and not self._indexed and len(entries) > 1
@@ -344,9 +426,55 @@ class MemoryManager:
         ids = [str(i) for i in ids]
         if not ids:
             return 0
-        with self._wlock:
-            res = self.table.update(where=_id_in(ids), values={"curated": True})
+        with self._wlock:   # setting a flag twice is harmless: a lost update just reruns
+            res = self._commit(f"marking {len(ids)} memories curated",
+                               lambda: self.table.update(where=_id_in(ids),
+                                                         values={"curated": True}))
         return int(getattr(res, "rows_updated", len(ids)))
+
+    def delete(self, ids: Iterable[str]) -> None:
+        """Remove records by id (an import's undo); deleting twice is harmless, so a
+        delete that lost the commit to another writer just runs again."""
+        ids = [str(i) for i in ids]
+        with self._wlock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                self._commit(f"deleting {len(chunk)} memories",
+                             lambda: self.table.delete(_id_in(chunk)))
+
+    def _has_id(self, memory_id: str) -> bool:
+        return int(self.table.count_rows(f"id = {_quote(memory_id)}")) > 0
+
+    def _commit(self, what: str, write: Callable[[], _T],
+                landed: Callable[[], bool] | None = None) -> _T | None:
+        """Run one LanceDB write; when other writers keep winning the commit, check
+        ``landed`` (did it commit although LanceDB reported a conflict?) and otherwise
+        run it again with jittered backoff, for up to ``memory.commit_retry_s``."""
+        deadline = time.monotonic() + self.commit_retry_s
+        delay, attempts = _RETRY_FIRST_S, 0
+        while True:
+            attempts += 1
+            try:
+                return write()
+            except Exception as e:
+                if not is_commit_conflict(e):
+                    raise
+                # LanceDB's retry budget can expire with a manifest put still in flight:
+                # wait before looking, so a late landing is seen and not written twice
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                if landed is not None and landed():
+                    log.info("memory: %s committed although LanceDB reported: %s", what, e)
+                    return None
+                if time.monotonic() >= deadline:
+                    raise MemoryStoreError(
+                        f"memory at {self.uri}: {what} failed: other writers won the commit "
+                        f"{attempts} time(s) over {self.commit_retry_s:.0f} s (last: "
+                        f"{str(e)[:200]}); nothing was stored. Retry later, raise "
+                        f"memory.commit_retry_s, or give fewer daemons this memory") from e
+                self.commit_retries += 1
+                log.info("memory: %s lost a commit to another writer (attempt %d), "
+                         "retrying: %s", what, attempts, str(e)[:200])
+                delay = min(delay * 2, _RETRY_MAX_S)
 
     # -- reads ------------------------------------------------------------------------
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 5, *,
@@ -406,7 +534,9 @@ class MemoryManager:
 
         with self._mlock:
             if not any("text" in i.columns for i in self.table.list_indices()):
-                self.table.create_index("text", config=FTS(), replace=True)
+                # a search must not fail because another daemon committed meanwhile
+                self._commit("building the full-text index",
+                             lambda: self.table.create_index("text", config=FTS(), replace=True))
             self._fts = True
 
     def _ann(self, q: Any) -> Any:

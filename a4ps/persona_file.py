@@ -844,9 +844,7 @@ class PersonaFiles:
         ids = self.memory.add_many(entries, vectors=vectors)
 
         def forget() -> None:
-            for i in range(0, len(ids), 500):
-                chunk = ", ".join(_quote(x) for x in ids[i:i + 500])
-                self.memory.table.delete(f"id IN ({chunk})")
+            self.memory.delete(ids)
         undo.append(forget)
         return ids
 

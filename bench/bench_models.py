@@ -14,10 +14,15 @@ memory never touch another's), same prompt, same threads, greedy:
   the time after the first) for CTranslate2 int8 (the default), ONNX Runtime GenAI
   int4 (opt-in), llama.cpp (the peer); transformers fp32 (the fallback) and
   CTranslate2 with spinning OpenMP waits once each;
+* the default engine as the product runs it: its first load on the bench's fresh cache
+  times 1 thread against the policy's N (:mod:`a4ps.models.thread_choice`) and every
+  later load reads that choice; the count not chosen is measured too, and llama.cpp
+  runs on the policy's N (as Ollama would here) and on our chosen count. The two ratio
+  lines divide our rate by the faster llama.cpp of each round;
 * CTranslate2 alone on the same converted model (``generate_tokens``, no a4ps code) in
   the same rounds, and a4ps's generation loop with the engine replaced by replayed ids
   (stop strings, repetition guard, detokenising, ``on_token``): "the engine" and "our
-  overhead" as separate figures; the default engine on 1 thread, for the thread policy;
+  overhead" as separate figures;
 * every decode row says how many tokens each run produced and its CPU time per token
   (all threads: what the engine costs, which other work moves far less than wall
   time); a token check line names any run that did not produce ``--tokens`` tokens,
@@ -146,6 +151,8 @@ def worker_embedded(args) -> dict:
     s.models.embedded.onnx_precision = args.precision
     s.models.embedded.threads = args.threads
     s.models.embedded.repetition_guard = False      # measure N tokens of decoding
+    if args.as_product:          # the product's threads: the choice timed at first load
+        s.models.embedded.threads = 0
     t0 = time.perf_counter()
     mm = ModelManager(s, EventBus(), backend=EmbeddedBackend(s))
     mm.load(BASE_ID)
@@ -163,6 +170,23 @@ def worker_embedded(args) -> dict:
     return {"load_s": load, "ttft_s": g.ttft_s, "tokens": g.tokens, "decode_tok_s": decode,
             "cpu_ms_per_token": cpu_ms, "finish": g.finish, "text": g.text, "rss_mb": _rss_mb(),
             "threads": mm.backend.threads}
+
+
+def worker_thread_choice(args) -> dict:
+    """The first load on a fresh cache, as the product does it: the thread probe runs
+    (1 thread against the policy's N) and its choice is remembered for every later
+    load in this bench (the ``ct2`` rows and the daemon of the ``a4ps ask`` row)."""
+    from a4ps.config import load_settings
+    from a4ps.events import EventBus
+    from a4ps.models.embedded import BASE_ID, EmbeddedBackend
+    from a4ps.models.manager import ModelManager
+    s = load_settings(data_dir=_worker_data(args))
+    s.models.embedded.cache_dir = Path(args.cache)
+    s.models.embedded.threads = 0
+    mm = ModelManager(s, EventBus(), backend=EmbeddedBackend(s))
+    t0 = time.perf_counter()
+    mm.load(BASE_ID)
+    return {"load_s": time.perf_counter() - t0, **(mm.stats()["thread_choice"] or {})}
 
 
 def worker_ct2_raw(args) -> dict:
@@ -275,19 +299,22 @@ def run_json(cmd: list[str], threads: int, timeout: int = 900,
 
 
 def ours(engine: str, cache: Path, args, env: dict[str, str] | None = None,
-         precision: str = "int4", methods: str = "", threads: int = 0) -> dict | None:
+         precision: str = "int4", methods: str = "", threads: int = 0,
+         as_product: bool = False) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", engine, "--cache", str(cache),
            "--tokens", str(args.tokens), "--threads", str(threads or args.threads),
            "--precision", precision]
     if methods:
         cmd += ["--methods", methods]
+    if as_product:
+        cmd += ["--as-product"]
     return run_json(cmd, args.threads, env=env)
 
 
 def peer(py: Path, gguf: Path, prompt: str, args,
-         env: dict[str, str] | None = None) -> dict | None:
+         env: dict[str, str] | None = None, threads: int = 0) -> dict | None:
     return run_json([str(py), "-c", PEER_SCRIPT, str(gguf), str(args.tokens),
-                     str(args.threads), prompt], args.threads, env=env)
+                     str(threads or args.threads), prompt], args.threads, env=env)
 
 
 class Busy:
@@ -388,8 +415,10 @@ ENGINES = {
     "ct2-spin10k": "CTranslate2 int8, PASSIVE + GOMP_SPINCOUNT=10000 (bounded spin)",
     # same rounds as the default: splits "the engine" from "our code around it"
     "ct2-raw": "CTranslate2 int8 alone (generate_tokens, no a4ps code)",
-    # the thread policy's alternative under contention
-    "ct2-1t": "CTranslate2 int8 (embedded default), 1 thread",
+    # the thread count the first-load probe did not choose (label set once it has run)
+    "ct2-other": "CTranslate2 int8 on the thread count not chosen",
+    # the peer on our chosen thread count, where that differs from the policy's N
+    "llama-chosen": "llama.cpp (peer) on our chosen thread count",
 }
 DEFAULT_KEY = {"ctranslate2": "ct2", "onnxruntime": "ort", "transformers": "torch"}
 
@@ -495,11 +524,15 @@ def main() -> None:
     ap.add_argument("--precision", default="int4", help=argparse.SUPPRESS)
     ap.add_argument("--methods", default="", help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--as-product", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.threads = resolve_threads(args.threads)
     args.skip_onnx = args.skip_onnx or args.skip_candidates
     if args.worker == "decisions":
         print(json.dumps(worker_decisions(args)))
+        return
+    if args.worker == "thread-choice":
+        print(json.dumps(worker_thread_choice(args)))
         return
     if args.worker == "ct2-raw":
         print(json.dumps(worker_ct2_raw(args)))
@@ -556,23 +589,43 @@ def main() -> None:
         prompt = ChatTokenizer(hf_dir).render(PROMPT)
         cache = work / "cache"
         py = None if args.skip_peer else ensure_peer()
+        # the product's first load on this machine: times 1 thread against the policy's
+        # N and remembers the faster for every later load (the ct2 rows, the ask row)
+        choice = run_json([sys.executable, __file__, "--worker", "thread-choice", "--cache",
+                           str(cache)], args.threads) or {}
+        chosen = int(choice.get("threads") or args.threads)
+        other = args.threads if chosen != args.threads else 1
+        rates = ", ".join(f"{k} thread(s) {v} tok/s"
+                          for k, v in (choice.get("tokens_per_s") or {}).items())
+        row("thread choice at first load (default engine, 1 vs the policy's N)",
+            f"{chosen} thread(s)", f"policy N = {args.threads}; {choice.get('source')}: "
+            f"{rates or 'not timed'}; that first load took {choice.get('load_s', 0):.2f} s "
+            f"with the probe; " + load_note())
+        ENGINES["ct2"] = f"CTranslate2 int8 (embedded default, as the product runs it: " \
+                         f"{chosen} thread(s))"
+        ENGINES["ct2-other"] = f"CTranslate2 int8 on {other} thread(s) (not chosen)"
+        ENGINES["llama"] = f"llama.cpp Q4_1 GGUF (peer), {args.threads} thread(s): the " \
+                           f"policy's N, as Ollama would run it here"
+        ENGINES["llama-chosen"] = f"llama.cpp (peer) on {chosen} thread(s), our chosen count"
 
         def run(key: str) -> dict | None:
             if key == "llama":
                 return peer(py, gguf, prompt, args) if py else None
+            if key == "llama-chosen":
+                return peer(py, gguf, prompt, args, threads=chosen) if py else None
             if key == "llama-omp":
                 return peer(py, gguf, prompt, args, env={"OMP_WAIT_POLICY": UNSET}) \
                     if py else None
             if key == "ct2":
-                return ours("ctranslate2", cache, args)
+                return ours("ctranslate2", cache, args, as_product=True)
             if key == "ort":
                 return ours("onnxruntime", cache, args, precision="int4")
             if key == "torch":
                 return ours("transformers", cache, args)
             if key == "ct2-raw":
-                return ours("ct2-raw", cache, args)
-            if key == "ct2-1t":
-                return ours("ctranslate2", cache, args, threads=1)
+                return ours("ct2-raw", cache, args, threads=chosen)
+            if key == "ct2-other":
+                return ours("ctranslate2", cache, args, threads=other)
             if key == "ct2-spin10k":
                 return ours("ctranslate2", cache, args, env={"GOMP_SPINCOUNT": "10000"})
             return ours("ctranslate2", cache, args, env={"OMP_WAIT_POLICY": "ACTIVE"})
@@ -587,9 +640,13 @@ def main() -> None:
                     out[k].append(res if res else {})
             return out
 
-        measured = [k for k in ("llama", "ct2", "ct2-raw", "ort", "ct2-1t", "llama-omp")
+        measured = [k for k in ("llama", "ct2", "ct2-raw", "ort", "ct2-other", "llama-omp",
+                                "llama-chosen")
                     if not (k.startswith("llama") and py is None)
-                    and not (k == "ort" and args.skip_onnx)]
+                    and not (k == "ort" and args.skip_onnx)
+                    and not (k == "ct2-other" and args.threads == 1)
+                    and not (k == "llama-chosen" and chosen == args.threads)]
+        peers = [k for k in ("llama", "llama-chosen") if k in measured]
         idle = rounds(measured)
         idle.update({k: [run(k) or {}] for k in ("torch", "ct2-spin", "ct2-spin10k")})
         with Busy(2):
@@ -607,7 +664,23 @@ def main() -> None:
                             for a, b in zip(runs[key], runs[peer_key])
                             if a.get("decode_tok_s") and b.get("decode_tok_s")])
 
+        def against_best_peer(runs: dict[str, list[dict]], key: str) -> float | None:
+            """Median over rounds of ``key``'s rate over the faster llama.cpp of that
+            round, on the policy's N threads or on our chosen count: the headline holds
+            whichever thread count llama.cpp is given."""
+            if key not in runs or not peers:
+                return None
+            out = []
+            for i, a in enumerate(runs[key]):
+                best = max((runs[p][i].get("decode_tok_s") or 0 for p in peers
+                            if i < len(runs[p])), default=0)
+                if a.get("decode_tok_s") and best:
+                    out.append(a["decode_tok_s"] / best)
+            return _median(out)
+
         for key, label in ENGINES.items():
+            if key in ("ct2-other", "llama-chosen") and key not in measured:
+                continue              # one thread count: the row would repeat another
             runs = idle.get(key)
             if not runs or not any(runs):
                 why = ort_note if key == "ort" else ("--skip-peer" if args.skip_peer else
@@ -637,7 +710,8 @@ def main() -> None:
         row("token check: every decode run produced the requested tokens",
             "yes" if not short else "NO", "; ".join(short) if short else
             f"{args.tokens} of {args.tokens} in every run of every engine")
-        for key in [k for k in measured if k not in ("ct2-1t", "llama-omp")] + ["torch"]:
+        for key in [k for k in measured if k not in ("ct2-other", "llama-omp", "llama-chosen")
+                    ] + ["torch"]:
             text = next((r.get("text") for r in idle.get(key, []) if r and r.get("text")), None)
             if text:
                 row(f"text decoded: {ENGINES[key]}", f"{len(text)} chars",
@@ -660,17 +734,24 @@ def main() -> None:
                     f"2 busy processes: {paired(contended, key, 'llama-omp') or 0:.2f}; "
                     f"median of per-round ratios")
         for key in measured:
-            if key in ("llama", "ct2-1t", "llama-omp"):
+            if key.startswith("llama"):
                 continue
-            ratios[f"{key}-idle"] = paired(idle, key)
-            ratios[f"{key}-busy"] = paired(contended, key)
+            ratios[f"{key}-idle"] = against_best_peer(idle, key)
+            ratios[f"{key}-busy"] = against_best_peer(contended, key)
+            for p in peers if key == default_key else ():
+                row(f"{ENGINES[key]} / {ENGINES[p]}",
+                    f"{paired(idle, key, p) or 0:.2f}",
+                    f"2 busy processes: {paired(contended, key, p) or 0:.2f}; median of "
+                    f"per-round ratios")
             i, c = med(idle.get(key, []), "decode_tok_s"), med(contended.get(key, []),
                                                                 "decode_tok_s")
             ratios[f"{key}-self"] = c / i if i and c else None
             for cond, name in (("idle", "idle"), ("busy", "2 busy processes")):
                 r = ratios[f"{key}-{cond}"]
                 row(f"{ENGINES[key]} / llama.cpp, {name}", f"{r:.2f}" if r else "n/a",
-                    "median of per-round ratios")
+                    "median of per-round ratios, each against the faster llama.cpp row "
+                    f"of the round ({' or '.join(ENGINES[p].split(',')[0] for p in peers)})"
+                    if len(peers) > 1 else "median of per-round ratios")
 
         if not args.skip_decisions:
             decided: dict[str, dict] = {}
@@ -713,7 +794,9 @@ def main() -> None:
 
     w = max(len(r[0]) for r in rows)
     v = max(len(r[1]) for r in rows)
-    print(f"\nModels benchmark ({args.threads} threads for every engine, {args.tokens} greedy "
+    print(f"\nModels benchmark ({args.threads} threads (the policy's N) unless a row says "
+          f"otherwise; the default engine runs as the product does, on the thread count "
+          f"timed at its first load; {args.tokens} greedy "
           f"tokens, {args.rounds} interleaved rounds, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}; {os.cpu_count()} CPUs, load "
           f"average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end: other work "
@@ -729,6 +812,12 @@ def main() -> None:
           "embedded/llama.cpp decode ratio: unavailable (peer or engine failed)")
     print(f"contended embedded/llama.cpp ratio: {busy_r:.2f}" if busy_r else
           "contended embedded/llama.cpp ratio: unavailable (peer or engine failed)")
+    if peers:
+        names = [ENGINES[p].split(':')[0].split(', our')[0] for p in peers]
+        print(f"(both ratios: {ENGINES[default_key]} against "
+              + (f"{names[0]} (our chosen count is the policy's N)" if len(names) == 1 else
+                 "in each round the faster of " + " and ".join(names)
+                 + "; the per-peer ratios are rows of the table") + ")")
     if ratios.get(f"{default_key}-self"):
         print(f"contended/idle embedded: {ratios[f'{default_key}-self']:.2f}")
     for key in ("ct2", "ort"):

@@ -4,7 +4,8 @@
 
 Settings come from the environment (A4PS_MEMORY__URI, A4PS_MEMORY__STORAGE_OPTIONS), as
 a daemon's would. Adds ``N`` rows one at a time, texts ``WHO-i``, with the hash embedder;
-prints ``done`` when all are committed.
+prints ``done`` when all are committed, with how many writes it had to run again
+because other writers kept winning the commit.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def main() -> int:
         mem.add(f"{who}-{i} remembers apples number {i}", kind="note", persona=who,
                 task_id=f"{who}-task-{i}", meta={"i": i, "who": who})
     mem.close()
-    print("done", flush=True)
+    print(f"done commit_retries={mem.commit_retries}", flush=True)
     return 0
 
 

@@ -34,9 +34,9 @@ from a4ps.models.ct2_convert import adapter_digest
 from a4ps.models.decide import Decider
 from a4ps.models.engine import TokenEngine, require_peft_adapter, run_generation, sampling_from
 from a4ps.models.errors import DecisionError, InvalidRequest, ModelLoadError, ModelNotFound
-from a4ps.models.threads import resolve_threads
+from a4ps.models.threads import default_threads, resolve_threads
 from a4ps.models.tokens import ChatTokenizer
-from a4ps.models.ct2_engine import CT2Engine
+from a4ps.models.ct2_engine import load_with_thread_choice
 from a4ps.models.torch_engine import TorchEngine
 from a4ps.models.gguf_import import UnsupportedGGUF, llama_checkpoint
 from a4ps.models.ort_convert import COMPLETE as ORT_COMPLETE
@@ -224,6 +224,13 @@ def ct2_dir(settings: Settings, adapter: Path | None = None) -> Path:
     if adapter is None:
         return cache / f"ct2-{stem}-{q}"
     return cache / "ct2-adapters" / f"{stem}-{adapter_digest(adapter)}-{q}"
+
+
+def ct2_threads_file(settings: Settings) -> Path:
+    """Where the measured thread choice is remembered: beside the base model (a merged
+    adapter has its base's shape, so it decodes at the same speed)."""
+    base = ct2_dir(settings)
+    return base.with_name(f"{base.name}.threads.json")
 
 
 def ensure_ct2_model(settings: Settings, adapter: Path | None = None,
@@ -439,14 +446,19 @@ class EmbeddedBackend:
         _report(progress, 0.92, "loading the int8 model")
         self.unload()
         tok = ChatTokenizer(path)
-        self.engine = CT2Engine(path, tok, threads=self.threads,
-                                compute_type=self.cfg.compute_type)
+        self.engine, choice = load_with_thread_choice(
+            path, tok, setting=self.cfg.threads, policy=default_threads(),
+            compute_type=self.cfg.compute_type, cache=ct2_threads_file(self.settings),
+            on_probe=lambda stage: _report(progress, 0.94, stage))
+        log.info("CTranslate2 runs on %s", choice.describe())
+        self.threads = choice.threads
         self.tok = tok
         self._engine_path = path
         self._active = model
         _report(progress, 1.0, "ready")
         return {"reused_base": False, "adapter": str(adapter) if adapter else None,
-                "engine": self.engine_kind, "threads": self.threads}
+                "engine": self.engine_kind, "threads": self.threads,
+                "thread_choice": choice.info()}
 
     def _load_ort(self, model: str, adapter: Path | None,
                   progress: Progress | None) -> dict[str, Any]:

@@ -80,6 +80,7 @@ class ModelManager:
             "generation_seconds": 0.0, "last_tokens_per_s": None, "last_ttft_s": None,
             "errors": 0, "embeddings": 0, "embed_seconds": 0.0,
             "decisions": 0, "decision_errors": 0,
+            "threads": None, "thread_choice": None,   # the resident model's (backend says)
         }
 
     @classmethod
@@ -225,6 +226,7 @@ class ModelManager:
         s["loads"] += 1
         s["load_seconds"] += seconds
         s["last_load_seconds"] = seconds
+        s["threads"], s["thread_choice"] = info.get("threads"), info.get("thread_choice")
         self.bus.publish("model.loaded", {"model": model, "progress": 1.0,
                                           "seconds": round(seconds, 3),
                                           "backend": self.backend.name, **info})
