@@ -125,6 +125,29 @@ def test_both_engines_agree_greedily_on_the_base(ct2_float32, torch_models):
     assert a.text == b.text
 
 
+# tasks from config/suite where the engines parted before they counted the same tokens
+_PERSONA_TASKS = ("What is the chemical symbol for water?", "Which ocean is the largest?",
+                  "What is the opposite of hot?")
+
+
+def test_persona_settings_mean_the_same_on_both_engines(ct2_float32, torch_models):
+    """ALFRED's seeded settings (repetition_penalty 1.15, no_repeat_ngram_size 4) count
+    the generated tokens only, on transformers as on CTranslate2: same weights, same
+    answer. (transformers' own processors count the prompt too; with them these answers
+    rambled: "The largest of the seven seas that make up our planet Earth...")"""
+    from a4ps.codex import Codex
+    from a4ps.cognition import generation
+    from a4ps.config import CODEX_PATH
+    system = Codex.from_toml(CODEX_PATH).system_prompt("ALFRED")
+    gen = generation.defaults_for("ALFRED")
+    assert gen["repetition_penalty"] > 1 and gen["no_repeat_ngram_size"] > 0
+    for task in _PERSONA_TASKS:
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": task}]
+        a = ct2_float32.generate(BASE_ID, msgs, **gen)
+        b = torch_models.generate(BASE_ID, msgs, **gen)
+        assert (a.text, a.tokens) == (b.text, b.tokens), task
+
+
 def test_lora_persona_on_ctranslate2_equals_transformers_plus_peft(
         embedded_models, ct2_float32, torch_models, random_adapter):
     """The adapter is merged and converted once (staged like the fine-tuner does);

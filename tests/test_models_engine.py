@@ -174,3 +174,43 @@ def test_every_backend_class_conforms_to_the_protocol():
     assert isinstance(EmbeddedBackend(settings), ChatBackend)
     from a4ps.models.scripted import demo_backend
     assert isinstance(demo_backend(), ChatBackend)
+
+
+# -- the repetition penalty and n-gram ban every engine applies alike -------------------
+
+def test_penalty_counts_generated_tokens_only_as_ctranslate2_does():
+    """A persona's repetition_penalty / no_repeat_ngram_size mean the same on every
+    engine: CTranslate2 (the default) penalises the tokens it has generated, not the
+    prompt; ORT GenAI's and transformers' own processors count the prompt too."""
+    import numpy as np
+    from a4ps.models.engine import GeneratedPenalty
+    p = GeneratedPenalty(Sampling(repetition_penalty=2.0, no_repeat_ngram_size=0))
+    row = np.array([4.0, -1.0, 3.0, 0.5], dtype=np.float32)
+    assert not p.active                   # nothing generated yet: the prompt is not counted
+    p.apply(row)
+    assert row.tolist() == [4.0, -1.0, 3.0, 0.5]
+    for t in (0, 1, 0):
+        p.push(t)
+    p.apply(row)
+    # seen tokens once each: a positive logit divided, a negative one multiplied
+    assert row.tolist() == [2.0, -2.0, 3.0, 0.5]
+
+
+def test_ngram_ban_blocks_what_would_complete_a_generated_ngram():
+    import numpy as np
+    from a4ps.models.engine import GeneratedPenalty
+    p = GeneratedPenalty(Sampling(no_repeat_ngram_size=3))
+    for t in (5, 6, 7, 5):
+        p.push(t)
+    row = np.zeros(10, dtype=np.float32)
+    p.apply(row)
+    assert np.isfinite(row).all()         # "6 7 5" and "7 5 ?": no 3-gram starts "7 5"
+    p.push(6)                             # last two "5 6": "5 6 7" was generated
+    p.apply(row)
+    assert row[7] == -np.inf and np.isfinite(np.delete(row, 7)).all()
+    one = GeneratedPenalty(Sampling(no_repeat_ngram_size=1))
+    for t in (2, 4):
+        one.push(t)
+    row = np.zeros(6, dtype=np.float32)
+    one.apply(row)
+    assert [i for i in range(6) if row[i] == -np.inf] == [2, 4]

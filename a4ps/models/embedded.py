@@ -397,7 +397,8 @@ class EmbeddedBackend:
         if self.engine_kind == "ctranslate2":
             per = 4 if self.cfg.compute_type == "float32" else 1
         elif self.engine_kind == "onnxruntime":
-            per = 1 if self.cfg.onnx_precision == "int4" else 2  # + scales, wider embeddings
+            # + scales, wider embeddings
+            per = {"int4": 1, "int8": 2}.get(self.cfg.onnx_precision, 4)
         else:
             per = 2 if self.cfg.dtype == "bfloat16" else 4
         size = 135_000_000 * per + 50_000_000        # + activations, KV cache, tokenizer

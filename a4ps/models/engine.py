@@ -19,6 +19,8 @@ from a4ps.models.errors import InvalidRequest, ModelNotFound
 from a4ps.models.tokens import ChatTokenizer, RepetitionGuard, TextStream
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from a4ps.config import EmbeddedModelSettings
 
 
@@ -34,6 +36,54 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return not self.temperature or self.temperature <= 0
+
+
+class GeneratedPenalty:
+    """The repetition penalty and n-gram ban over the tokens *generated* so far, not
+    the prompt: what CTranslate2 (the default engine) does, so a persona's
+    ``repetition_penalty`` / ``no_repeat_ngram_size`` mean the same on every engine.
+
+    Transformers' processors and ONNX Runtime GenAI's own search count the prompt too,
+    so a system prompt full of "." and "the" (and its ``<|im_end|>``) is penalised:
+    on SmolLM2 that turned "The capital of France is Paris." into a ramble that fills
+    the budget (measured: docs/architecture.md, "ONNX Runtime answer quality"). Engines
+    without a generated-only option apply this to the logits themselves.
+    """
+
+    def __init__(self, sampling: Sampling) -> None:
+        self.penalty = float(sampling.repetition_penalty)
+        self.n = int(sampling.no_repeat_ngram_size)
+        self.generated: list[int] = []
+        self._seen: dict[tuple[int, ...], set[int]] = {}    # (n-1)-gram -> next tokens
+
+    @property
+    def active(self) -> bool:
+        """Whether the logits need changing at all (never before the first token)."""
+        return bool(self.generated) and (self.penalty != 1.0 or self.n > 0)
+
+    def push(self, token: int) -> None:
+        self.generated.append(int(token))
+        if self.n > 0 and len(self.generated) >= self.n:
+            gram = self.generated[-self.n:]
+            self._seen.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+
+    def apply(self, logits: np.ndarray) -> None:
+        """Change one row of logits (vocab,) in place, as CTranslate2 does: a seen
+        token's logit is divided by the penalty (multiplied when negative), and a token
+        completing an n-gram already generated gets -inf."""
+        import numpy as np
+        if not self.generated:
+            return
+        if self.penalty != 1.0:
+            ids = np.unique(np.asarray(self.generated, dtype=np.int64))
+            ids = ids[ids < logits.shape[-1]]
+            s = logits[ids]
+            logits[ids] = np.where(s < 0, s * self.penalty, s / self.penalty)
+        if self.n > 0:
+            key = tuple(self.generated[-(self.n - 1):]) if self.n > 1 else ()
+            banned = [t for t in self._seen.get(key, ()) if t < logits.shape[-1]]
+            if banned:
+                logits[banned] = -np.inf
 
 
 class TokenEngine(Protocol):

@@ -7,7 +7,9 @@ onnxruntime_genai.models.builder -p int4 -e cpu``): it knows the contrib operato
 and is maintained with the runtime. It reads a Hugging Face directory through
 transformers, so a merged adapter is written as one first (numpy merge, shared with
 the CTranslate2 path). Output is built in a temp directory and renamed into place;
-the tokenizer files are ours (the same ids on every engine).
+the tokenizer files are ours (the same ids on every engine). The builder runs in a
+child (:func:`run_builder`) that hides scikit-learn and scipy, which transformers
+would import for nothing.
 """
 from __future__ import annotations
 
@@ -24,15 +26,17 @@ from a4ps.models.ct2_convert import Progress, _report, merge_lora
 from a4ps.models.errors import ModelLoadError
 
 COMPLETE = ".a4ps-complete"
+PRECISIONS = ("int4", "int8", "fp32")
 _OURS = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def convert_llama(hf_dir: Path, out_dir: Path, *, precision: str = "int4",
                   adapter: Path | None = None, progress: Progress | None = None) -> Path:
     """Build ``out_dir`` (an ONNX Runtime GenAI model, ``precision`` int4 or int8
-    weights in blocks of 32) from ``hf_dir``; atomic."""
-    if precision not in ("int4", "int8"):
-        raise ModelLoadError(f"onnx precision {precision!r}: use int4 or int8")
+    weights in blocks of 32, or fp32: the checkpoint's own numbers) from ``hf_dir``;
+    atomic."""
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"onnx precision {precision!r}: use int4, int8 or fp32")
     t0 = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -47,11 +51,13 @@ def convert_llama(hf_dir: Path, out_dir: Path, *, precision: str = "int4",
             _write_merged(hf_dir, adapter, src)
         _report(progress, 0.15, f"building the {precision} ONNX model")
         model = tmp / "model"
+        root = str(Path(__file__).resolve().parent.parent.parent)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-        r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder",
-                            "-i", str(src), "-o", str(model), "-p", precision, "-e", "cpu",
-                            "-c", str(tmp / "builder-cache")],
+                   OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                   PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH"))
+                                              if p))
+        r = subprocess.run([sys.executable, "-c", _RUN_BUILDER,
+                            *builder_args(src, model, precision, tmp / "builder-cache")],
                            capture_output=True, text=True, env=env)
         if r.returncode != 0 or not (model / "genai_config.json").is_file():
             tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
@@ -72,6 +78,31 @@ def convert_llama(hf_dir: Path, out_dir: Path, *, precision: str = "int4",
         shutil.rmtree(tmp, ignore_errors=True)
     _report(progress, 1.0, "converted")
     return out_dir
+
+
+_RUN_BUILDER = "import sys; from a4ps.models.ort_convert import run_builder; run_builder(sys.argv[1:])"
+
+
+def builder_args(src: Path, out: Path, precision: str, cache: Path) -> list[str]:
+    """The model builder's command line for ``precision``."""
+    return ["-i", str(src), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
+
+
+# transformers imports these only because they are installed (scikit-learn for
+# assisted decoding, scipy for object-detection losses), neither of which the builder
+# runs; each costs about what importing torch does (measured: ~10-17 s apiece on two
+# busy cores), so the builder child sees them as absent
+_UNUSED = ("sklearn", "scipy")
+
+
+def run_builder(argv: list[str]) -> None:
+    """ONNX Runtime GenAI's model builder CLI, in this (child) process, without the
+    packages it never uses (:data:`_UNUSED`)."""
+    import runpy
+    for unused in _UNUSED:
+        sys.modules.setdefault(unused, None)  # type: ignore[arg-type]  # find_spec -> None
+    sys.argv = ["onnxruntime_genai.models.builder", *argv]
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
 
 
 def _write_merged(hf_dir: Path, adapter: Path, out: Path) -> None:
@@ -96,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("hf_dir", type=Path)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--adapter", type=Path)
-    ap.add_argument("--precision", default="int4", choices=("int4", "int8"))
+    ap.add_argument("--precision", default="int4", choices=PRECISIONS)
     args = ap.parse_args(argv)
 
     def progress(f: float, stage: str) -> None:

@@ -12,7 +12,10 @@ it the default would take.
 model builder (MatMulNBits blocks of 32, fused attention and rotary) from the
 dequantized checkpoint (see :mod:`a4ps.models.ort_convert`). Decoding runs one
 ``generate_next_token`` per token in the calling thread, so stopping is simply not
-asking for the next one. A LoRA adapter is merged and the model rebuilt once per
+asking for the next one. The repetition penalty and n-gram ban are not ORT's (its
+search counts the prompt too, which is where its persona answers parted from
+CTranslate2's): :class:`GeneratedPenalty` changes the logits row between
+``get_logits`` and ``set_logits``, and ORT then picks greedily or samples. A LoRA adapter is merged and the model rebuilt once per
 adapter, like the CTranslate2 path (ORT GenAI's run-time adapters need a model
 exported with LoRA inputs and adapters in its own format: a later step).
 """
@@ -22,7 +25,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generator, Sequence
 
-from a4ps.models.engine import Sampling
+from a4ps.models.engine import GeneratedPenalty, Sampling
 from a4ps.models.errors import ModelLoadError
 from a4ps.models.threads import apply_openmp_policy, ort_session_options
 from a4ps.models.tokens import ChatTokenizer
@@ -74,25 +77,36 @@ class OrtEngine:
         """An ``og.Generator`` (the library is untyped)."""
         og = self._og
         params = og.GeneratorParams(self.model)
+        # the engine's own repetition penalty and n-gram ban stay off (1.0 / 0): they
+        # count the prompt; :class:`GeneratedPenalty` is applied to the logits instead
         opts: dict[str, Any] = {"max_length": min(int(max_length), self.context),
-                                "do_sample": False}
-        if sampling is not None:
-            opts.update(repetition_penalty=float(sampling.repetition_penalty),
-                        no_repeat_ngram_size=int(sampling.no_repeat_ngram_size))
-            if not sampling.greedy:
-                opts.update(do_sample=True, temperature=float(sampling.temperature),
-                            top_p=float(sampling.top_p), top_k=int(sampling.top_k or 0))
+                                "do_sample": False, "repetition_penalty": 1.0,
+                                "no_repeat_ngram_size": 0}
+        if sampling is not None and not sampling.greedy:
+            # top_k 0 = no top-k cut (genai_config's default would be 50)
+            opts.update(do_sample=True, temperature=float(sampling.temperature),
+                        top_p=float(sampling.top_p), top_k=int(sampling.top_k or 0))
         params.set_search_options(**opts)
         return og.Generator(self.model, params)
 
     def stream(self, ids: list[int], *, max_new: int,
                sampling: Sampling) -> Generator[int, None, None]:
+        import numpy as np
         gen = self._generator(len(ids) + int(max_new), sampling)
         gen.append_tokens(list(ids))
+        penalty = GeneratedPenalty(sampling)
         try:
             while not gen.is_done():
+                if penalty.active:
+                    # a copy of the next-token row; ORT then picks (greedy or sampled)
+                    # from what we hand back
+                    logits = np.array(gen.get_logits(), dtype=np.float32)
+                    penalty.apply(logits.reshape(-1))
+                    gen.set_logits(logits)
                 gen.generate_next_token()
-                yield int(gen.get_next_tokens()[0])
+                tid = int(gen.get_next_tokens()[0])
+                penalty.push(tid)
+                yield tid
         finally:
             del gen             # frees the KV cache now, not at the next collection
 

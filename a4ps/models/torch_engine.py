@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generator, Sequence, cast
 
-from a4ps.models.engine import Sampling, require_peft_adapter
+from a4ps.models.engine import GeneratedPenalty, Sampling, require_peft_adapter
 from a4ps.models.errors import ModelLoadError
 from a4ps.models.threads import apply_openmp_policy
 
@@ -91,14 +91,12 @@ class TorchEngine:
     def stream(self, ids: list[int], *, max_new: int,
                sampling: Sampling) -> Generator[int, None, None]:
         import torch
-        from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
-                                  RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+        from transformers import (LogitsProcessorList, TemperatureLogitsWarper,
                                   TopKLogitsWarper, TopPLogitsWarper)
+        # not transformers' repetition processors: they count the prompt too (see
+        # GeneratedPenalty), and every engine must mean the same by these settings
+        penalty = GeneratedPenalty(sampling)
         procs = LogitsProcessorList()
-        if sampling.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-        if sampling.no_repeat_ngram_size > 0:
-            procs.append(NoRepeatNGramLogitsProcessor(sampling.no_repeat_ngram_size))
         if not sampling.greedy:
             procs.append(TemperatureLogitsWarper(sampling.temperature))
             if sampling.top_k > 0:
@@ -113,12 +111,16 @@ class TorchEngine:
                 out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 # seq is a torch.long tensor: what transformers' LongTensor annotation means
-                logits = procs(cast("torch.LongTensor", seq), out.logits[:, -1, :].float())
+                row = out.logits[:, -1, :].float()
+                if penalty.active:
+                    penalty.apply(row[0].numpy())          # a view: changed in place
+                logits = procs(cast("torch.LongTensor", seq), row)
                 if sampling.greedy:
                     nxt = int(torch.argmax(logits, dim=-1))
                 else:
                     probs = torch.softmax(logits, dim=-1)
                     nxt = int(torch.multinomial(probs, 1))
+            penalty.push(nxt)
             seq = torch.cat([seq, torch.tensor([[nxt]])], dim=-1)
             step_input = seq[:, -1:]
             yield nxt
