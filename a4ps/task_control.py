@@ -119,7 +119,7 @@ class TaskSupervisor:
         watcher.start()
         try:
             if task.self_generated and self.tasks.pending_count(origin="user"):
-                self._preempt(task, stop, by=None)    # a user task was already waiting
+                self._preempt(task, stop, by=self._waiting_user_task())   # already waiting
             return fn(task, stop)
         finally:
             done.set()
@@ -135,6 +135,12 @@ class TaskSupervisor:
         if task is None or stop is None or task.id != str(task_id):
             return False
         return stop.set(CANCELLED, reason)
+
+    def _waiting_user_task(self) -> str | None:
+        """The id of the oldest queued user task (the one that runs next), so a
+        preemption found by reading the queue names its cause as the bus event does."""
+        waiting = [t for t in self.tasks.list("queued", limit=200) if t.origin == "user"]
+        return waiting[-1].id if waiting else None
 
     def _preempt(self, task: Task, stop: TaskStop, by: str | None) -> None:
         requeue = self.preempt == "requeue"
@@ -161,7 +167,7 @@ class TaskSupervisor:
                     stop.set(CANCELLED, "cancelled by request")
                     return
                 if task.self_generated and self.tasks.pending_count(origin="user"):
-                    self._preempt(task, stop, by=None)
+                    self._preempt(task, stop, by=self._waiting_user_task())
                     return
             except Exception:       # the queue closing under us: the run ends anyway
                 log.debug("task watcher: queue read failed", exc_info=True)

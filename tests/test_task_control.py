@@ -78,6 +78,37 @@ def test_task_stop_keeps_the_first_reason():
     assert stop.is_set() and stop.kind == "preempted" and stop.by == "u1" and stop.requeue
 
 
+
+def test_a_user_task_found_by_reading_the_queue_is_named_as_the_cause(data_dir):
+    """A user task another process queued (no bus event here) preempts a goal through
+    the watcher's queue read; the reason and the event name it, as the bus path does."""
+    from a4ps.tasks import SqliteTaskQueue
+    system = make_system(data_dir)
+    try:
+        sup = TaskSupervisor(system.tasks, system.bus, poll_s=0.05)
+        system.tasks.submit("Write slowly a checklist for proofs by induction.",
+                            origin="motivator")
+        goal = system.tasks.claim()
+        seen: list[TaskStop] = []
+
+        def until_stopped(task, stop):
+            seen.append(stop)
+            deadline = time.monotonic() + 10
+            while not stop.is_set() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        th = threading.Thread(target=sup.run, args=(goal, until_stopped), daemon=True)
+        th.start()
+        time.sleep(0.2)
+        other = SqliteTaskQueue(system.tasks.path)          # another process's queue
+        user = other.submit("How many legs has a spider?")  # (no bus: no task.queued here)
+        other.close()
+        th.join(10)
+        stop = seen[0]
+        assert stop.kind == "preempted" and stop.by == user.id
+        assert stop.reason == f"preempted by user task {user.id}"
+    finally:
+        system.stop()
+
 def test_cancel_during_a_generation_stops_it_within_a_bounded_time(data_dir):
     system = make_system(data_dir)
     try:
