@@ -137,10 +137,11 @@ class TaskSupervisor:
         return stop.set(CANCELLED, reason)
 
     def _waiting_user_task(self) -> str | None:
-        """The id of the oldest queued user task (the one that runs next), so a
-        preemption found by reading the queue names its cause as the bus event does."""
+        """The id of the queued user task that runs next (claim's order: priority,
+        then the oldest), so a preemption found by reading the queue names its cause
+        as the bus event does; None if it was claimed meanwhile."""
         waiting = [t for t in self.tasks.list("queued", limit=200) if t.origin == "user"]
-        return waiting[-1].id if waiting else None
+        return min(waiting, key=lambda t: (t.priority, t.created)).id if waiting else None
 
     def _preempt(self, task: Task, stop: TaskStop, by: str | None) -> None:
         requeue = self.preempt == "requeue"

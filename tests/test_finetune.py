@@ -589,3 +589,26 @@ def test_the_judge_changes_model_twice_not_once_per_sample(scripted_parts):
     assert ev.asked == 3 and ev.scored == 2 and ev.current_mean == ev.new_mean == 4
     assert "candidate fell over" in ev.samples[1]["error"]
     assert [s["task"] for s in ev.samples] == ["a", "bad", "c"]
+
+
+def test_the_gates_judge_asks_the_rubric_not_its_own_likelihood(scripted_parts, monkeypatch):
+    """Grounding scores an answer by ALFRED's model's own likelihood, so in the gate it
+    would favour the current model's answers (that model's own text) over every
+    candidate's; even on a backend that scores options, the gate asks the rubric."""
+    from a4ps.fine_tuning import unsloth_forge
+    from a4ps.fine_tuning.evaluation import Comparison, JudgeEvidence
+    settings, bus, protos, models = scripted_parts
+    monkeypatch.setattr(type(models.backend), "scores_options", True, raising=False)
+    ft = PersonaFinetuner(settings, bus, protos, models)
+    monkeypatch.setattr(ft, "_loss_comparison",
+                        lambda *a: Comparison("current", "candidate", passed=True))
+    judges = []
+
+    def judged(judge, *a, **kw):
+        judges.append(judge)
+        return JudgeEvidence()
+    monkeypatch.setattr(unsloth_forge, "judge_answers", judged)
+    items = [{"user": "q", "assistant": "a", "set": "heldout"}]
+    ft.compare({}, "current", "candidate", items, protos.get("BRICK"))
+    assert len(judges) == 1 and judges[0].method == "rubric"
+    assert not judges[0]._grounded() and "unfinished" in judges[0].ignore

@@ -63,6 +63,10 @@ def strict_everywhere(tmp_path_factory: pytest.TempPathFactory) -> dict[str, lis
     for m in re.finditer(r"^(a4ps/\S+)\.py:\d+: error.*$", r.stdout, re.M):
         mod = m.group(1).replace("/", ".").removesuffix(".__init__")
         errors.setdefault(mod, []).append(m.group(0))
+    # an error with no module line ("Duplicate module named ...") must not pass unseen
+    unplaced = [line for line in r.stdout.splitlines() if ": error:" in line
+                and not re.match(r"^a4ps/\S+\.py:\d+: error", line)]
+    assert not unplaced, "mypy errors outside a4ps modules:\n" + "\n".join(unplaced[:20])
     return errors
 
 

@@ -464,9 +464,13 @@ class PersonaFinetuner:
             samples = [{"user": it["user"], "assistant": it["assistant"]}
                        for it in items if it["set"] == "heldout"][:policy.judge_samples]
             # the gate cuts both models' answers at JUDGE_ANSWER_TOKENS itself: a cut-off
-            # sentence there is not the answer's fault (both would tie at the cap)
+            # sentence there is not the answer's fault (both would tie at the cap). Not
+            # grounding: it scores an answer by ALFRED's model's own likelihood, and the
+            # current model's greedy answers are that model's (or its base's) own text,
+            # so it would lean against every candidate; the rubric choice plus the
+            # checks has no side
             judge = Judge(self.models, self.protos, embedder=self.models.embedder,
-                          ignore=("unfinished",))
+                          method="rubric", ignore=("unfinished",))
             cmp.judge = judge_answers(judge, self._answer_with(proto),
                                       samples, current_model, candidate,
                                       proto.get("system_prompt") or None)

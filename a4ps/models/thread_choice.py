@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from a4ps.models.threads import available_cpus, cgroup_cpu_limit, physical_cores
+from a4ps.models.threads import (available_cpus, cgroup_cpu_limit, physical_cores,
+                                 spinning_allowed)
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,13 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
 def machine_key(policy: int, engine: str, model_shape: str) -> dict[str, Any]:
     """What would change the fastest thread count: the CPU, how much of it this process
-    may use, the policy's N, the engine (and its version) and the model's shape."""
+    may use, the policy's N, how idle threads wait (spinning changes the cost of waking
+    a thread per op, which is what decides 1 against N), the engine (and its version)
+    and the model's shape."""
     cpus = available_cpus()
     return {"cpu": cpu_model(), "cpus": len(cpus), "cores": physical_cores(cpus),
-            "cgroup": cgroup_cpu_limit(), "policy": int(policy), "engine": engine,
-            "model": model_shape}
+            "cgroup": cgroup_cpu_limit(), "policy": int(policy), "spin": spinning_allowed(),
+            "engine": engine, "model": model_shape}
 
 
 def measure(candidates: Sequence[int], timer: DecodeTimer, *, tokens: int = PROBE_TOKENS,
@@ -147,7 +150,9 @@ def choose_threads(setting: int, policy: int, cache: Path, key: dict[str, Any],
                    timer: DecodeTimer | None) -> ThreadChoice:
     """The threads to run with: the setting if given; the policy's N if it is 1 or there
     is nothing to time with; else the remembered choice for this key, or a fresh probe
-    of 1 against N (remembered)."""
+    of 1 against N (remembered). A probe that fails (the model ends its reply at once,
+    memory for a second engine runs out) costs only the choice: the policy's N, not
+    remembered, so the next load times it again."""
     if setting > 0:
         return ThreadChoice(int(setting), policy, "setting")
     if policy <= 1 or timer is None:
@@ -155,7 +160,12 @@ def choose_threads(setting: int, policy: int, cache: Path, key: dict[str, Any],
     cached = read_cached(cache, key)
     if cached is not None:
         return cached
-    rates = measure((1, policy), timer)
+    try:
+        rates = measure((1, policy), timer)
+    except Exception as e:
+        log.warning("timing the thread counts failed (%s: %s); running on the policy's %d",
+                    type(e).__name__, e, policy)
+        return ThreadChoice(policy, policy, "policy")
     choice = ThreadChoice(fastest(rates, policy), policy, "probe", rates, _load_average())
     write_cached(cache, key, choice)
     return choice
