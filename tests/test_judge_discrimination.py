@@ -239,7 +239,8 @@ def test_a_check_can_be_ignored_where_the_caller_made_the_shape(settings, bus):
     gate = _judge(settings, bus, backend, ignore=("unfinished",))
     assert gate.score("Why do we sleep?", cut).score == 5.0
     assert gate.score("Why do we sleep?", "Sleep. " * 4).flags == ["loop"]   # the rest apply
-    with pytest.raises(ValueError, match="unknown judge checks"):
+    with pytest.raises(ValueError,
+                       match=r"unknown judge checks \['unfinshed'\]; they are .*'unfinished'"):
         _judge(settings, bus, backend, ignore=("unfinshed",))
 
 

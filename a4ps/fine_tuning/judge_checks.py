@@ -185,14 +185,13 @@ def _evaluate(chain: str) -> float | None:
     """``chain`` ("2 + 3 * 4") with * and / before + and -; None where it cannot be read
     or divides by zero. Numbers and the four operators only (no eval)."""
     parts = _TERM.split(chain.strip())
-    numbers = [_number(p) for p in parts[0::2]]
+    read = [_number(p) for p in parts[0::2]]
+    numbers = [n for n in read if n is not None]
     ops = [_OPS[" ".join(p.lower().split())] for p in parts[1::2]]
-    if any(n is None for n in numbers) or len(numbers) != len(ops) + 1:
+    if len(numbers) != len(read) or len(numbers) != len(ops) + 1:
         return None
-    terms: list[float] = [numbers[0]]          # type: ignore[list-item]
-    signs: list[str] = []
+    terms, signs = [numbers[0]], []
     for op, n in zip(ops, numbers[1:]):
-        assert n is not None
         if op == "*":
             terms[-1] *= n
         elif op == "/":
