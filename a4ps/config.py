@@ -237,7 +237,8 @@ class CuratorSettings(_Section):
     enabled: bool = True
     interval_s: float = Field(900.0, gt=0)
     # keep an interaction whose judge score (1..5, a float) is at least this: a failed
-    # cheap check caps it at 1 (empty, loop, echo, refusal, off topic) or 2 (one word);
+    # cheap check caps it at 1 (empty, loop, echo, refusal, arithmetic, off topic) or 2
+    # (terse: one word; unfinished: cut off mid-sentence);
     # on the embedded model 4.0 means a grounding of about 12.4 nats (fine_tuning/judge.py)
     score_threshold: float = Field(4.0, ge=1, le=5)
     batch_size: int = Field(20, ge=1)

@@ -50,6 +50,24 @@ FLAGGED = [   # (task, answer, the check that must fail)
                                     "story of a tragic ball scene in the balcony of", "unfinished"),
     ("Why do we sleep?", "Sleep restores the body. During sleep the brain sorts the memories "
                          "of the day, which", "unfinished"),
+    # a wrong chain is still read whole; a right chain with a wrong sum after it is caught
+    ("What is 1 + 2 + 3?", "1 + 2 + 3 = 7", "arithmetic"),
+    ("What is 2 + 3 * 4?", "2 + 3 * 4 = 20", "arithmetic"),
+    ("What is 2 + 3 * 4?", "2 + 3 * 4 = 14, and 7 * 8 = 54.", "arithmetic"),
+    # Ollama/OpenAI models write curly apostrophes
+    ("Translate 'thank you' into Spanish.", "I\u2019m sorry, but I can\u2019t help with that.",
+     "refusal"),
+    ("Suggest a name for a cat.", "I\u2019m sorry, I can\u2019t suggest names.", "refusal"),
+    ("Why is the sky blue?", "I don\u2019t know how to answer that.", "refusal"),
+    ("Why is the sky blue?", "I don't want to answer.", "refusal"),
+    ("What is the capital of France?", "What is the capital of France? The capital of France?",
+     "echo"),
+    # a list item cut off on a word no sentence ends on is still unfinished
+    ("Give me tips for sleeping well.", "Tips:\n- Keep a regular bedtime\n- Keep the "
+                                        "bedroom dark and quiet and put away the", "unfinished"),
+    # the checks on a chain in bold, or in brackets
+    ("What is 7 times 8?", "**7 * 8 = 54**", "arithmetic"),
+    ("What is 7 times 8?", "The product (7 * 8 = 54) is even.", "arithmetic"),
 ]
 
 NOT_FLAGGED = [   # right answers in the shapes the checks must leave alone
@@ -78,6 +96,36 @@ NOT_FLAGGED = [   # right answers in the shapes the checks must leave alone
                             "and the day goes grey"),
     ("Write a short poem.", "Leaves fall slowly in the narrow lane\nthe quiet hush of the "
                             "falling rain\nand all the day goes soft and grey"),
+    # chained arithmetic is read whole, not by its tail ("2 + 3 = 6", "3 * 4 = 14")
+    ("What is 1 + 2 + 3?", "1 + 2 + 3 = 6"),
+    ("What is 2 + 3 * 4?", "2 + 3 * 4 = 14, since multiplication comes first."),
+    ("What is 10 - 2 - 3?", "10 - 2 - 3 = 5"),
+    ("What is 2 * 3 + 4?", "2 * 3 + 4 = 10"),
+    ("Add them up.", "Step by step: 1 + 2 = 3, then 3 + 3 = 6, so 1 + 2 + 3 = 6."),
+    # an answer that restates the task's words in another order answers it
+    ("Is the sun a star?", "The sun is a star."),
+    ("Is water wet?", "Water is wet."),
+    # "I don't/can't <verb>" that is not declining
+    ("Is the Earth flat?", "I don't think so: the Earth is round."),
+    ("Is this book good?", "I can't recommend this book enough!"),
+    ("Is this book good?", "I can\u2019t recommend this book enough!"),
+    ("Should I study?", "I can't stress this enough: yes, every day."),
+    ("Can I open the window?", "I don't mind at all, go ahead."),
+    ("Is it true?", "I don't agree with that, it is a myth."),
+    # an expression the check cannot read whole is left alone, not read by a piece
+    ("What is 2 to the power 3, plus 1?", "2^3 + 1 = 9"),
+    ("What is (1 + 2) * 3?", "(1 + 2) * 3 = 9"),
+    ("Show it is six.", "2 * 3 = 3 + 3 = 6"),
+    # a markdown list: its items need no full stop
+    ("Give me tips for sleeping well.", "Here are some tips for sleeping well:\n"
+                                        "- Keep a regular bedtime and wake time every day\n"
+                                        "- Keep the bedroom dark, quiet and cool at night "
+                                        "and put the phone in another room"),
+    ("List the steps to make tea.", "To make tea:\n1. Boil fresh water in the kettle\n"
+                                    "2. Pour it on the tea bag in the cup and wait three"
+                                    " minutes for it"),
+    ("Give me tips.", "Some tips:\n* Drink plenty of water through the day so that"
+                      " you are never thirsty at all"),
 ]
 
 
@@ -191,7 +239,8 @@ def test_a_check_can_be_ignored_where_the_caller_made_the_shape(settings, bus):
     gate = _judge(settings, bus, backend, ignore=("unfinished",))
     assert gate.score("Why do we sleep?", cut).score == 5.0
     assert gate.score("Why do we sleep?", "Sleep. " * 4).flags == ["loop"]   # the rest apply
-    with pytest.raises(ValueError, match="unknown judge checks"):
+    with pytest.raises(ValueError,
+                       match=r"unknown judge checks \['unfinshed'\]; they are .*'unfinished'"):
         _judge(settings, bus, backend, ignore=("unfinshed",))
 
 

@@ -18,9 +18,11 @@ between right answers and wrong, off-topic, empty, looping, refusing or echoing
 ones). So the score is now built from what such a model *can* tell:
 
 1. cheap checks first (:mod:`.judge_checks`): empty, repetition loop, task echo,
-   refusal, one word, off topic by MiniLM similarity. A failed check caps the score
-   and says why (``Verdict.flags`` / ``Verdict.reason``); a hard failure (cap 1) is
-   decided without asking the model at all;
+   refusal, a wrongly stated sum (``arithmetic``) and off topic by MiniLM similarity
+   cap it at 1; one word (``terse``) and prose cut off mid-sentence (``unfinished``)
+   at 2. A failed check caps the score and says why (``Verdict.flags`` /
+   ``Verdict.reason``); a hard failure (cap 1) is decided without asking the model
+   at all;
 2. on a backend that *scores* options (the embedded one), the **grounding**: how much
    more likely the judge model finds the answer as a reply to the task than as a reply
    to nothing (``choose`` over the single option ``answer``, whose calibrated score is
@@ -251,7 +253,10 @@ class Judge:
         self.method = method              # auto: grounding where the backend scores options
         self.checks = checks              # False: the bare model (the bench's "before")
         self.ignore = tuple(ignore)       # checks not to apply (judge_checks.CHECKS)
-        judge_checks.check("", "", ignore=self.ignore)     # an unknown name fails here
+        unknown = set(self.ignore) - set(judge_checks.CHECKS)
+        if unknown:
+            raise ValueError(f"unknown judge checks {sorted(unknown)}; "
+                             f"they are {judge_checks.CHECKS}")
 
     def _judge(self) -> tuple[str, str | None]:
         proto = self.protos.get(self.persona)

@@ -9,15 +9,20 @@ recorded) whatever the model says:
 * ``empty``: no word at all;
 * ``loop``: the same sentence three or more times, or mostly repeated word 4-grams
   (degenerate generation);
-* ``echo``: the answer's words are the task's words (the task given back);
+* ``echo``: the answer is the task's words in the task's order (the task given back,
+  whole or in part, once or repeated); not "The sun is a star." for "Is the sun a
+  star?", which has the task's words but answers it;
 * ``refusal``: a short answer that declines ("I'm sorry, but I can't help...", "As an
-  AI...", "I won't answer that"); not "I'm sorry to hear that" or "I'm sorry you
-  can't sleep", which are sympathy;
+  AI...", "I won't answer that"; curly apostrophes too); not "I'm sorry to hear that"
+  or "I'm sorry you can't sleep", which are sympathy, nor "I don't think so" or "I
+  can't recommend it enough", which are idioms;
 * ``terse``: a single bare word (too little to train a persona on, even when right;
   a number or a code such as a hash is left to the model);
-* ``arithmetic``: a sum stated wrongly ("7 * 8 = 54"): a small model's own answers
-  hold many, and it scores them as right (it wrote them);
+* ``arithmetic``: a sum stated wrongly ("7 * 8 = 54"; a chain such as "2 + 3 * 4 = 14"
+  is read whole, with * and / first): a small model's own answers hold many, and it
+  scores them as right (it wrote them);
 * ``unfinished``: prose cut off mid-sentence (a generation stopped at its token limit);
+  a markdown list's items need no full stop;
 * ``off_topic``: the answer's meaning is far from the task's (cosine of the
   embeddings under a floor); only with an embedder whose floor was measured
   (:data:`RELEVANCE_FLOOR`), and only for answers long enough to have a topic.
@@ -26,6 +31,7 @@ Each check returns a :class:`Flag` (name, cap, reason) or None.
 """
 from __future__ import annotations
 
+import difflib
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -47,6 +53,8 @@ RELEVANCE_FLOOR = {"MiniLMEmbedder": 0.05}
 RELEVANCE_MIN_WORDS = 4
 
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
+#: curly apostrophes (Ollama/OpenAI models write "I\u2019m sorry, I can\u2019t")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 _NEGATED = (r"\bi\s*(?:'m\s+|am\s+)?(?:can'?t|cannot|can not|won'?t|will not|unable to|"
             r"not able to|don'?t|do not)\s+")
@@ -57,9 +65,13 @@ _REFUSAL = re.compile(
     re.IGNORECASE)
 # "I can't <any verb>" in a short answer declines too ("I'm sorry, I can't suggest
 # names."), when it opens the answer (within its first words: not a quoted line further
-# on) and is not an idiom of sympathy ("I can't imagine how hard that is")
+# on) and is not an idiom of sympathy ("I can't imagine how hard that is") or of opinion
+# ("I don't think so", "I can't recommend it enough", "I don't mind")
+_IDIOMS = (r"imagine|believe|wait|stop|help\s+but|think|agree|disagree|recommend|stress|"
+           r"emphasi[sz]e|overstate|thank|praise|mind|doubt|blame|deny|see\s+why\s+not|"
+           r"care\s+(?:which|either)|remember\s+a\s+time|get\s+enough|wait")
 _DECLINES = re.compile(r"^\W*(?:[\w']+[\s,;:!-]+){0,4}?" + _NEGATED
-                       + r"(?!imagine|believe|wait|stop|help but)[a-z]+", re.IGNORECASE)
+                       + r"(?!(?:" + _IDIOMS + r")\b)[a-z]+", re.IGNORECASE)
 REFUSAL_MAX_WORDS = 40
 DECLINE_MAX_WORDS = 15
 
@@ -74,7 +86,7 @@ class Flag:
 
 
 def words(text: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(text or "")]
+    return [w.lower() for w in _WORD.findall((text or "").translate(_APOSTROPHES))]
 
 
 def empty(answer: str) -> Flag | None:
@@ -100,15 +112,33 @@ def loop(answer: str) -> Flag | None:
     return None
 
 
+def _is_run(part: list[str], whole: list[str]) -> bool:
+    """``part`` is a contiguous run of ``whole``'s words."""
+    n = len(part)
+    return any(whole[i:i + n] == part for i in range(len(whole) - n + 1))
+
+
 def echo(task: str, answer: str) -> Flag | None:
-    a, t = set(words(answer)), set(words(task))
-    if a and t and a <= t and len(a) >= 0.6 * len(t):
+    """The task given back: every sentence of the answer is the task's words in its
+    order (a contiguous run of them, or nearly all of them: SequenceMatcher ratio 0.9+),
+    and the longest is most of the task. Word order counts: "The sun is a star." for
+    "Is the sun a star?" uses the task's words but answers it."""
+    t = words(task)
+    parts = {tuple(words(s)) for s in _SENTENCE.split(answer or "")} - {()}
+    if not t or not parts:
+        return None
+    if max(len(p) for p in parts) < 0.6 * len(t):
+        return None
+    if all(_is_run(list(p), t) or difflib.SequenceMatcher(None, list(p), t,
+                                                          autojunk=False).ratio() >= 0.9
+           for p in parts):
         return Flag("echo", 1.0, "the answer gives the task back")
     return None
 
 
 def refusal(answer: str) -> Flag | None:
-    first = _SENTENCE.split((answer or "").strip(), maxsplit=1)[0]
+    answer = (answer or "").translate(_APOSTROPHES)
+    first = _SENTENCE.split(answer.strip(), maxsplit=1)[0]
     n = len(words(answer))
     if (n <= REFUSAL_MAX_WORDS and _REFUSAL.search(first)) or \
             (n <= DECLINE_MAX_WORDS and _DECLINES.match(first)):
@@ -126,9 +156,20 @@ def terse(answer: str) -> Flag | None:
 
 
 _NUM = r"(-?\d[\d,]*(?:\.\d+)?)"
+_OP = r"(?:\+|-|\*|×|x|/|÷|plus|minus|times|multiplied by|divided by)"
+# a chain "a op b [op c ...] = result", read whole (its tail alone, "2 + 3 = 6" of
+# "1 + 2 + 3 = 6", would be wrong)
 _ARITH = re.compile(
-    _NUM + r"\s+(\+|-|\*|×|x|/|÷|plus|minus|times|multiplied by|divided by)\s+" + _NUM
-    + r"\s*(?:=|\bis\b|\bequals\b|\bmakes\b|\bgives\b)\s*" + _NUM, re.IGNORECASE)
+    r"(" + _NUM.replace("(", "(?:", 1) + r"(?:\s+" + _OP + r"\s+" + _NUM.replace("(", "(?:", 1)
+    + r")+)" + r"\s*(?:=|\bis\b|\bequals\b|\bmakes\b|\bgives\b)\s*" + _NUM, re.IGNORECASE)
+_TERM = re.compile(r"\s+(" + _OP + r")\s+", re.IGNORECASE)
+# what before a chain's first number, or after its result, makes it part of a longer
+# expression the regex did not read ("2^3 + 1 = 9", "(1 + 2) * 3", "= 3 + 4")
+# (markdown's "**7 * 8 = 54**" is not an operator: one needs an operand before it)
+_OPERAND_BEFORE = re.compile(r"(?:[\d)]\s*(?:\*\*|[-+*/×÷^])|\^|\b(?:plus|minus|times|by|x))"
+                             r"\s*$", re.IGNORECASE)
+_OPERAND_AFTER = re.compile(r"^(?:\s*(?:\*\*|[-+*/×÷])\s*\(?\d|\s*[\^%]|\s+(?:plus|minus|"
+                            r"times|multiplied|divided|x)\s+\(?\d)", re.IGNORECASE)
 _OPS = {"+": "+", "plus": "+", "-": "-", "minus": "-", "*": "*", "×": "*", "x": "*",
         "times": "*", "multiplied by": "*", "/": "/", "÷": "/", "divided by": "/"}
 
@@ -140,22 +181,52 @@ def _number(text: str) -> float | None:
         return None
 
 
+def _evaluate(chain: str) -> float | None:
+    """``chain`` ("2 + 3 * 4") with * and / before + and -; None where it cannot be read
+    or divides by zero. Numbers and the four operators only (no eval)."""
+    parts = _TERM.split(chain.strip())
+    read = [_number(p) for p in parts[0::2]]
+    numbers = [n for n in read if n is not None]
+    ops = [_OPS[" ".join(p.lower().split())] for p in parts[1::2]]
+    if len(numbers) != len(read) or len(numbers) != len(ops) + 1:
+        return None
+    terms, signs = [numbers[0]], []
+    for op, n in zip(ops, numbers[1:]):
+        if op == "*":
+            terms[-1] *= n
+        elif op == "/":
+            if n == 0:
+                return None
+            terms[-1] /= n
+        else:
+            terms.append(n)
+            signs.append(op)
+    value = terms[0]
+    for sign, term in zip(signs, terms[1:]):
+        value = value + term if sign == "+" else value - term
+    return value
+
+
 def arithmetic(answer: str) -> Flag | None:
-    """A sum the answer states wrongly ("7 * 8 = 54", "7 multiplied by 8 is 54"): the
-    model that wrote it believes it, so only arithmetic can tell."""
-    for m in _ARITH.finditer(answer or ""):
-        a, b, said = _number(m.group(1)), _number(m.group(3)), _number(m.group(4))
-        op = _OPS[m.group(2).lower()]
-        if a is None or b is None or said is None or (op == "/" and b == 0):
+    """A sum the answer states wrongly ("7 * 8 = 54", "7 multiplied by 8 is 54",
+    "2 + 3 * 4 = 20"): the model that wrote it believes it, so only arithmetic can tell.
+    A chain is read whole; one that is part of a longer expression the regex cannot read
+    (brackets, powers, a result followed by more operators) is left alone."""
+    text = answer or ""
+    for m in _ARITH.finditer(text):
+        if _OPERAND_BEFORE.search(text[:m.start()]) or _OPERAND_AFTER.match(text[m.end():]):
             continue
-        value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else 0.0}[op]
-        decimals = len(m.group(4).partition(".")[2])
+        value, said = _evaluate(m.group(1)), _number(m.group(2))
+        if value is None or said is None:
+            continue
+        decimals = len(m.group(2).partition(".")[2])
         if round(value, decimals) != round(said, decimals) and abs(value - said) > 1e-9:
             shown = f"{value:.{decimals}f}" if decimals else f"{value:g}"
             return Flag("arithmetic", 1.0, f"states {m.group(0).strip()!r}, but it is {shown}")
     return None
 
 
+_LIST_ITEM = re.compile(r"^\s*(?:[-*+•]|\d+[.)])\s+")
 _END = re.compile(r"[.!?)\]\"'`*:;…]\s*$")
 _DANGLING = {"a", "an", "the", "of", "to", "in", "on", "at", "by", "for", "with", "from",
              "and", "or", "but", "is", "are", "was", "were", "which", "that", "who", "as",
@@ -165,11 +236,14 @@ _DANGLING = {"a", "an", "the", "of", "to", "in", "on", "at", "by", "for", "with"
 def unfinished(answer: str) -> Flag | None:
     """Prose cut off mid-sentence (a generation stopped by its token limit): the last
     line has no closing punctuation and is either a long sentence (12+ words; a poem's
-    lines are shorter) or ends on a word no sentence ends on ("of", "the", "which")."""
+    lines are shorter) or ends on a word no sentence ends on ("of", "the", "which").
+    A markdown list item ("- ...", "* ...", "2. ...") needs no full stop, however
+    long: only the word it ends on can show it was cut."""
     text = (answer or "").strip()
     last = text.splitlines()[-1] if text else ""
     lw = words(last)
-    cut = len(lw) >= 12 or (len(lw) >= 6 and lw[-1] in _DANGLING)
+    long_prose = len(lw) >= 12 and not _LIST_ITEM.match(last)
+    cut = long_prose or (len(lw) >= 6 and lw[-1] in _DANGLING)
     if len(words(text)) >= 12 and cut and not _END.search(last):
         return Flag("unfinished", 2.0, f"the answer stops mid-sentence: ...{last[-40:]!r}")
     return None

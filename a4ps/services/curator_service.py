@@ -10,8 +10,9 @@ by a semantic query) and:
    ``curator.dedup_similarity`` to a row already kept);
 3. asks ALFRED, through the judge (:class:`~a4ps.fine_tuning.judge.Judge`), for a
    score in 1..5 and which persona, BRICK or ROBIN, mattered more. The judge first
-   runs cheap checks (empty, repetition loop, task echo, refusal, one word, off topic
-   by embedding similarity) that cap the score with a reason, then asks the model
+   runs cheap checks that cap the score with a reason (at 1: empty, repetition loop,
+   task echo, refusal, a wrongly stated sum, off topic by embedding similarity; at 2:
+   one word, prose cut off mid-sentence), then asks the model
    (see judge.py for what a 135M model is asked). A judgement the model could not
    make is no score, never a default; why a sample was not kept is recorded
    (``ScoredSample.reason``, the ``curator.scored`` event);
