@@ -140,7 +140,9 @@ class MemorySettings(_Section):
     nprobes: int = Field(20, ge=1)
     refine_factor: int = Field(10, ge=1)
     # how long a write keeps retrying when other writers (daemons sharing the memory)
-    # keep winning the commit, past LanceDB's own ~30 s of retries; then it fails loudly
+    # keep winning the commit; then it fails loudly. The first attempt alone is LanceDB's
+    # own ~30 s of retries, and the deadline is checked between attempts, so an add gives
+    # up after about max(this, 30) + 13 s, an update/delete after about this + 42 s
     commit_retry_s: float = Field(120.0, ge=0)
     # on s3://, check at open that the store refuses a second put-if-absent of one key
     # (Lance's commits rely on it); a store that ignores it is refused

@@ -20,10 +20,24 @@ Design notes (lancedb 0.40):
 - Writers in other processes (daemons sharing one memory) race for each version: the
   loser's manifest put is refused (412) and Lance rebases and retries, for about 30 s.
   Past that it raises "Too many concurrent writers" / "Commit conflict"; :meth:`_commit`
-  then checks whether the write landed after all (an append is all-or-nothing, so one
-  id tells) and otherwise runs it again, until ``memory.commit_retry_s``; only then does
-  the caller get a :class:`MemoryStoreError`. A row is stored once or the caller hears
-  it was not: never dropped silently, never stored twice.
+  then waits, checks whether the write landed after all (an append is all-or-nothing,
+  so one id tells) and otherwise runs it again, until ``memory.commit_retry_s``. An
+  add's reruns insert only the ids not yet in the table (``merge_insert("id")``, given
+  the time left as its timeout), so an earlier attempt that lands late and is visible
+  by the time a rerun reads the table is not stored again. One window stays open: an
+  earlier attempt whose manifest put is still in flight (its response lost, or the
+  store slow) and only becomes visible after the rerun read the table. Lance does not
+  treat two inserts as conflicting, so both land and the row is stored twice; and a
+  put that lands after the final check makes the error below say nothing was visible
+  when the row is in fact stored. Both need a put to stay in flight for seconds.
+- The bound: the first attempt is a plain ``table.add`` (the fast path), which LanceDB
+  retries for ~30 s whatever ``commit_retry_s`` says; reruns of an add get the time
+  that is left (at least ``_RERUN_MIN_S``); reruns of an update, delete or index build
+  (no timeout in LanceDB's API for them) can each take ~30 s again, and the deadline is
+  only checked after each. So an add gives up after about ``max(commit_retry_s, 30 s)``
+  + 13 s (one backoff sleep, at most 12 s, and the 1 s minimum), an update or delete
+  after about ``commit_retry_s`` + 42 s; then the caller gets a
+  :class:`MemoryStoreError`. A row is never dropped silently.
 - All of that needs a store whose put-if-absent is atomic. On ``s3://`` the manager
   checks at open that a second put-if-absent of one probe key is refused, and refuses a
   store that ignores the header (``memory.check_put_if_absent``). Atomicity itself
@@ -80,6 +94,9 @@ _CONFLICT_MARKERS = ("too many concurrent writers", "commit conflict", "toomuchw
                      "commitconflict")
 _RETRY_FIRST_S = 1.0    # LanceDB already retried for ~30 s; a second more is nothing
 _RETRY_MAX_S = 8.0
+_RERUN_MIN_S = 1.0      # a rerun with less time than this left still gets this much
+_TIMED_OUT = "merge insert timed out"    # lancedb 0.40's text when a rerun's timeout hit
+_sleep = time.sleep     # the retry's backoff (tests replace it to order a late landing)
 _T = TypeVar("_T")
 
 
@@ -413,7 +430,8 @@ class MemoryManager:
         }, schema=self.schema)
         with self._wlock:
             self._commit(f"storing {len(ids)} memories", lambda: self.table.add(data),
-                         landed=lambda: self._has_id(ids[0]))
+                         landed=lambda: self._has_id(ids[0]),
+                         rerun=lambda left: self._insert_missing(data, left))
             self._adds += 1
             due = self.auto_maintain and self._adds % _MAINTAIN_EVERY == 0
         if due or (self.auto_maintain and not self._indexed and len(entries) > 1
@@ -445,23 +463,38 @@ class MemoryManager:
     def _has_id(self, memory_id: str) -> bool:
         return int(self.table.count_rows(f"id = {_quote(memory_id)}")) > 0
 
+    def _insert_missing(self, data: Any, timeout_s: float) -> Any:
+        """Insert the rows of ``data`` whose id is not in the table yet, within
+        ``timeout_s`` (an add's rerun: an earlier attempt may have landed meanwhile)."""
+        return (self.table.merge_insert("id").when_not_matched_insert_all()
+                .execute(data, timeout=timedelta(seconds=timeout_s)))
+
     def _commit(self, what: str, write: Callable[[], _T],
-                landed: Callable[[], bool] | None = None) -> _T | None:
+                landed: Callable[[], bool] | None = None,
+                rerun: Callable[[float], Any] | None = None) -> _T | None:
         """Run one LanceDB write; when other writers keep winning the commit, check
         ``landed`` (did it commit although LanceDB reported a conflict?) and otherwise
-        run it again with jittered backoff, for up to ``memory.commit_retry_s``."""
+        run it again with jittered backoff, for up to ``memory.commit_retry_s``.
+
+        ``rerun(seconds_left)``, when given, replaces ``write`` on the reruns: an add
+        passes an insert of the ids not yet present, bounded by the time left."""
         deadline = time.monotonic() + self.commit_retry_s
         delay, attempts = _RETRY_FIRST_S, 0
         while True:
             attempts += 1
             try:
-                return write()
+                if attempts == 1 or rerun is None:
+                    return write()
+                rerun(max(deadline - time.monotonic(), _RERUN_MIN_S))
+                return None
             except Exception as e:
-                if not is_commit_conflict(e):
+                # a rerun cancelled at its timeout may still land: treat it as lost
+                timed_out = attempts > 1 and rerun is not None and _TIMED_OUT in str(e)
+                if not (is_commit_conflict(e) or timed_out):
                     raise
                 # LanceDB's retry budget can expire with a manifest put still in flight:
                 # wait before looking, so a late landing is seen and not written twice
-                time.sleep(delay * random.uniform(0.5, 1.5))
+                _sleep(delay * random.uniform(0.5, 1.5))
                 if landed is not None and landed():
                     log.info("memory: %s committed although LanceDB reported: %s", what, e)
                     return None
@@ -469,7 +502,9 @@ class MemoryManager:
                     raise MemoryStoreError(
                         f"memory at {self.uri}: {what} failed: other writers won the commit "
                         f"{attempts} time(s) over {self.commit_retry_s:.0f} s (last: "
-                        f"{str(e)[:200]}); nothing was stored. Retry later, raise "
+                        f"{str(e)[:200]}); it had not taken effect when last checked, "
+                        f"though an attempt still in flight may yet land (look for it "
+                        f"before writing it again). Retry later, raise "
                         f"memory.commit_retry_s, or give fewer daemons this memory") from e
                 self.commit_retries += 1
                 log.info("memory: %s lost a commit to another writer (attempt %d), "

@@ -1,9 +1,11 @@
 """Memory writes when other writers win the commit (several daemons on one memory).
 
 LanceDB retries a lost commit itself for ~30 s, then raises "Too many concurrent
-writers" / "Commit conflict". MemoryManager must then store the row exactly once or
-say it could not: never drop it silently (the graph would log and move on), never store
-it twice (a commit can land although the store reported it failed).
+writers" / "Commit conflict". MemoryManager must then store the row or say it could
+not: never drop it silently (the graph would log and move on), and not store it twice
+when a commit lands although the store reported it failed (the retry waits, looks, and
+an add's rerun inserts only ids not yet present). The window that stays open (a commit
+visible only after the rerun read the table) is described in a4ps/memory.py.
 
 The fast tests here put a stand-in in front of the real LanceDB table that raises
 LanceDB's own error text (the real message, captured from a 4-writer run on S3) a given
@@ -44,18 +46,37 @@ class LosingTable:
                  land_anyway: bool = False) -> None:
         self._table, self.lose, self.error, self.land_anyway = table, lose, error, land_anyway
         self.calls = 0
+        self.merge_timeouts: list[float] = []   # the timeout each insert-missing rerun got
 
     def _write(self, name: str, *a, **kw):
+        return self._run(lambda: getattr(self._table, name)(*a, **kw))
+
+    def _run(self, do):
         self.calls += 1
         if self.lose > 0:
             self.lose -= 1
             if self.land_anyway:
-                getattr(self._table, name)(*a, **kw)
+                do()
             raise self.error
-        return getattr(self._table, name)(*a, **kw)
+        return do()
 
     def add(self, *a, **kw):
         return self._write("add", *a, **kw)
+
+    def merge_insert(self, on):
+        """An add's rerun: ``merge_insert(on).when_not_matched_insert_all().execute()``,
+        counted and lost like any other write."""
+        outer, builder = self, self._table.merge_insert(on)
+
+        class Builder:
+            def when_not_matched_insert_all(self):
+                builder.when_not_matched_insert_all()
+                return self
+
+            def execute(self, data, **kw):
+                outer.merge_timeouts.append(kw["timeout"].total_seconds())
+                return outer._run(lambda: builder.execute(data, **kw))
+        return Builder()
 
     def update(self, *a, **kw):
         return self._write("update", *a, **kw)
@@ -102,10 +123,60 @@ def test_endless_contention_fails_loudly_and_stores_nothing(data_dir):
     mem = MemoryManager(load_settings(data_dir=data_dir, memory={"commit_retry_s": 0.3}),
                         HashEmbedder(dim=64), auto_maintain=False)
     mem.table = LosingTable(mem.table, lose=10_000)
-    with pytest.raises(MemoryStoreError, match=r"other writers won the commit.*nothing was "
-                                               r"stored.*memory.commit_retry_s"):
+    with pytest.raises(MemoryStoreError, match=r"other writers won the commit.*had not taken "
+                                               r"effect.*may yet land.*memory.commit_retry_s"):
         mem.add("never lands")
     assert mem.table.calls >= 2 and mem.count() == 0
+    # the reruns were bounded by the time left (at least the 1 s minimum), not LanceDB's 30 s
+    assert mem.table.merge_timeouts and max(mem.table.merge_timeouts) <= 1.0
+
+
+def test_an_adds_reruns_get_the_time_left_as_their_timeout(mem):
+    mem.table = LosingTable(mem.table, lose=3)
+    mem.add("lost three times")
+    t = mem.table.merge_timeouts
+    assert mem.table.calls == 4 and len(t) == 3 and mem.count() == 1
+    assert all(0 < x <= 10 for x in t) and t == sorted(t, reverse=True)
+
+
+def test_a_rerun_that_hit_its_timeout_is_checked_and_run_again(mem):
+    class TimingOut(LosingTable):
+        def add(self, *a, **kw):
+            self.calls += 1
+            raise CONTENTION
+
+        def merge_insert(self, on):
+            if len(self.merge_timeouts) == 0:
+                self.error, self.lose = RuntimeError("Runtime error: merge insert timed out"), 1
+            return super().merge_insert(on)
+    mem.table = TimingOut(mem.table, lose=0)
+    mem.add("the rerun timed out once")
+    assert mem.table.calls == 3 and mem.count() == 1
+
+
+def test_a_rerun_does_not_insert_a_row_that_landed_after_the_check(mem, monkeypatch):
+    """The first attempt's commit becomes visible only after the retry looked (a
+    manifest put whose response was lost, or a slow store): the rerun inserts only the
+    ids not yet present, so the row is not stored twice."""
+    real, pending = mem.table, []
+
+    class LandsAfterTheCheck(LosingTable):
+        def add(self, *a, **kw):
+            self.calls += 1
+            pending.append(lambda: real.add(*a, **kw))
+            raise CONTENTION
+    has_id = mem._has_id
+
+    def check_then_land(memory_id):
+        seen = has_id(memory_id)
+        while pending:          # the late landing becomes visible just after the check
+            pending.pop()()
+        return seen
+    monkeypatch.setattr(mem, "_has_id", check_then_land)
+    mem.table = LandsAfterTheCheck(real, lose=0)
+    rid = mem.add("landed after the check")
+    assert mem.table.calls == 2 and mem.commit_retries == 1     # it was rerun ...
+    assert mem.count() == 1 and mem.get(rid).text == "landed after the check"  # ... once
 
 
 def test_other_errors_are_not_retried(mem):
@@ -194,19 +265,31 @@ def test_an_undo_delete_is_rerun_after_a_conflict(mem):
 
 def test_a_commit_landing_just_after_lancedb_gave_up_is_not_stored_twice(mem, monkeypatch):
     """LanceDB's retry budget can expire while its last manifest put is still in
-    flight; the put then lands a moment later. The retry waits before it looks."""
+    flight; the put then lands a moment later. The retry waits before it looks: the
+    landing is made to happen during that wait (the backoff sleep joins it), so a check
+    made before the wait would miss it and rerun (calls == 2)."""
     import a4ps.memory as memory_mod
 
-    monkeypatch.setattr(memory_mod, "_RETRY_FIRST_S", 0.6)
-    real = mem.table
+    real, landings, put_answered = mem.table, [], threading.Event()
+
+    def sleep_until_landed(_seconds):
+        put_answered.set()
+        for t in landings:
+            t.join(30)
+    monkeypatch.setattr(memory_mod, "_sleep", sleep_until_landed)
+
+    def land_late(*a, **kw):
+        put_answered.wait(30)       # the store answers the put only once the retry waits
+        real.add(*a, **kw)
 
     class LateLanding(LosingTable):
         def add(self, *a, **kw):
             self.calls += 1
             if self.calls == 1:
-                threading.Timer(0.1, lambda: real.add(*a, **kw)).start()
+                landings.append(threading.Thread(target=land_late, args=a, kwargs=kw))
+                landings[-1].start()    # in flight; lands during the backoff sleep
                 raise CONTENTION
             return real.add(*a, **kw)
     mem.table = LateLanding(real, lose=0)
     mem.add("landed late")
-    assert mem.table.calls == 1 and mem.count() == 1
+    assert mem.table.calls == 1 and mem.commit_retries == 0 and mem.count() == 1
