@@ -139,10 +139,10 @@ def test_the_key_holds_what_changes_the_answer(monkeypatch):
 
 # --- the real engine --------------------------------------------------------------------
 
+# three long answers (a difference in rounding shows sooner in 64 free tokens than in a
+# short fact; six prompts gave the same verdict at twice the suite time)
 PROMPTS = ["What is the capital of France?",
-           "Write a haiku about autumn leaves.",
            "Explain in two sentences why the sky is blue.",
-           "List three uses for a paperclip.",
            "Summarise the plot of Romeo and Juliet in one paragraph.",
            "What is 17 times 23? Think step by step."]
 
@@ -173,7 +173,7 @@ def test_the_text_does_not_change_with_the_thread_count(model_cache_dir, compute
     path = _converted(model_cache_dir, compute_type)
     tok = ChatTokenizer(path)
     one, two = (CT2Engine(path, tok, threads=n, compute_type=compute_type) for n in (1, 2))
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[1:]:
         msgs = [{"role": "user", "content": prompt}]
         a, b = (run_generation(e, tok, msgs, max_new=64, sampling=Sampling()).text
                 for e in (one, two))
