@@ -15,9 +15,10 @@ dequantized checkpoint (see :mod:`a4ps.models.ort_convert`). Decoding runs one
 asking for the next one. The repetition penalty and n-gram ban are not ORT's (its
 search counts the prompt too, which is where its persona answers parted from
 CTranslate2's): :class:`GeneratedPenalty` changes the logits row between
-``get_logits`` and ``set_logits``, and ORT then picks greedily or samples. A LoRA adapter is merged and the model rebuilt once per
-adapter, like the CTranslate2 path (ORT GenAI's run-time adapters need a model
-exported with LoRA inputs and adapters in its own format: a later step).
+``get_logits`` and ``set_logits``, and ORT then picks greedily or samples. A LoRA
+adapter is merged and the model rebuilt once per adapter, like the CTranslate2 path
+(ORT GenAI's run-time adapters need a model exported with LoRA inputs and adapters in
+its own format: a later step).
 """
 from __future__ import annotations
 
